@@ -1,0 +1,3 @@
+from dcfeat.cli import main
+
+main()

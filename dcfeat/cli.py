@@ -1,0 +1,148 @@
+"""Command line: parses options and calls one core function per stage."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from dcfeat.backbone import DEFAULT_MODEL, POOLINGS, BackboneError
+from dcfeat.labels import LabelError
+from dcfeat.store import StoreError
+
+DATA = Path("data")
+DEFAULT_STORE = DATA / "feats.h5"
+RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
+# Wide enough for the tables when piped (rich falls back to 80 columns without a terminal).
+stdout = Console(width=None if sys.stdout.isatty() else 160)
+
+# Errors a user can fix: shown as one clear message, exit code 2, no traceback.
+USER_ERRORS = (StoreError, LabelError, BackboneError)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from None
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dcfeat")
+def cli():
+    """Visual place recognition by classification (Divide&Classify) on cached DINOv2 features."""
+
+
+no_progress = click.option("--no-progress", is_flag=True, help="Do not draw progress bars on stderr.")
+
+
+@cli.command()
+@click.option("--images", type=click.Path(path_type=Path), help="Folder searched recursively for images "
+              "named @UTM_east@UTM_north@zone@letter@lat@lon@…@.jpg (SF-XL style); with --manifest, "
+              "the folder its paths are relative to.")
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV/Parquet with a path column and "
+              "utm_east, utm_north, utm_zone, utm_letter or lat, lon (optional heading) columns.")
+@click.option("--path-column", default="path", show_default=True, help="Manifest column holding image paths.")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
+              help="Feature store (HDF5); labels go to OUT's .labels/ folder beside it.")
+@click.option("--split", default="train", show_default=True, help="Split to write (train, val, test, test-db, …).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="DINOv2 hub id (facebook/dinov2-small|base|large|giant, …-with-registers-…) or local directory.")
+@click.option("--pooling", type=click.Choice(list(POOLINGS)), default="cls", show_default=True,
+              help="CLS token, mean or GeM of patch tokens, or CLS and mean concatenated.")
+@click.option("--image-size", default=224, show_default=True, help="Centre crop size (multiple of 14); "
+              "the shortest edge is first resized to size·256/224.")
+@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=int, default=None, help="DataLoader decoding processes [default: min(16, CPUs)].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--draft/--no-draft", default=True, show_default=True,
+              help="Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale before the bicubic resize.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the embeddings.")
+@click.option("--shard-rows", default=8192, show_default=True, help="Images per shard (the unit of resume).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing split made from other images or settings.")
+@no_progress
+def extract(images, manifest, path_column, out, split, model, pooling, image_size, batch_size, workers, device,
+            draft, dtype, shard_rows, overwrite, no_progress):
+    """Compute frozen DINOv2 features of images once and cache them in a feature store.
+
+    Resumable: after a crash, run the same command again. For several GPUs or
+    nodes run it under `torchrun --nproc-per-node K -m dcfeat extract …`.
+    """
+    from dcfeat.backbone import load_backbone
+    from dcfeat.extract import Ranks, extract as run_extract
+    from dcfeat.labels import collect_images
+
+    labelled = collect_images(images, manifest, path_column=path_column)
+    ranks = Ranks.from_env()
+    backbone = load_backbone(model, pooling=pooling, device=_rank_device(device, ranks))
+    result = run_extract(labelled, backbone, out, split, image_size=image_size, batch_size=batch_size,
+                         workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
+                         progress=not no_progress, ranks=ranks)
+    if ranks.rank:
+        return
+    if result.already_complete:
+        stdout.print(f"{out} split '{split}' is already complete ({result.rows} rows); nothing to do.")
+    else:
+        stdout.print(f"{out} split '{split}': {result.rows} rows written, {result.failures} failures, "
+                     f"{result.seconds:.1f} s, {result.images_per_s:.1f} images/s")
+    for image_id, reason in result.failed_examples:
+        stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)
+    if result.random_init:
+        stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")
+
+
+def _rank_device(device: str, ranks) -> str:
+    if device in ("auto", "cuda") and ranks.world > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{ranks.local_rank}"
+        return "cpu"
+    return device
+
+
+@cli.command()
+@click.argument("store", type=click.Path(path_type=Path), default=DEFAULT_STORE)
+@click.option("--failures", "show_failures", is_flag=True, help="List every skipped image with its reason.")
+def info(store, show_failures):
+    """Show the splits of a feature store: rows, dim, model, completeness, size, failures."""
+    from dcfeat.store import list_splits, read_failures
+
+    splits = list_splits(store)
+    table = Table(title=str(store))
+    for col in ("split", "rows", "dim", "dtype", "model", "pooling", "size", "complete", "disk", "failures",
+                "problems"):
+        table.add_column(col, justify="right" if col in ("rows", "dim", "disk", "failures") else "left")
+    for s in splits:
+        model = str(s.attrs.get("model", "?")) + (" (random init)" if s.attrs.get("backbone_random_init") else "")
+        table.add_row(s.name, f"{s.rows:,}", str(s.dim), s.dtype, model, str(s.attrs.get("pooling", "?")),
+                      str(s.attrs.get("image_size", "?")), "yes" if s.complete else "no",
+                      human_bytes(s.bytes_on_disk), str(s.failures), "; ".join(s.problems) or "-")
+    stdout.print(table)
+    if show_failures:
+        for s in splits:
+            for image_id, reason in read_failures(store, s.name):
+                stdout.print(f"{s.name}\t{image_id}\t{reason}", markup=False, highlight=False)
+    if not splits:
+        stdout.print("no splits")
+
+
+def main(argv=None):
+    cli.main(args=argv, prog_name="dcfeat")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

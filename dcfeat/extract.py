@@ -1,0 +1,183 @@
+"""`dcfeat extract`: images → frozen DINOv2 features in a feature store, once.
+
+DataLoader workers decode and crop while the model runs; results go into
+shards of the split's plan (dcfeat.shards), so a killed run resumes where it
+stopped. Under `torchrun` every rank takes a contiguous slice of the shard grid
+(and so of the sorted image list), writes its own shards, and rank 0 assembles
+the store once all ranks are done.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcfeat import __version__
+from dcfeat.backbone import Backbone
+from dcfeat.images import MAX_PIXELS, ImageDataset, collate
+from dcfeat.labels import LabelledImages
+from dcfeat.progress import progress_bar
+from dcfeat.shards import DEFAULT_SHARD_ROWS, Plan, assemble, load_plan, open_plan, shard_complete, write_shard
+from dcfeat.store import StoreError, read_failures, split_info, writer_lock
+
+
+@dataclass
+class ExtractResult:
+    store: Path
+    split: str
+    images: int
+    rows: int  # rows in the assembled split
+    failures: int
+    extracted: int  # images this run decoded and embedded (0 when the split was complete)
+    seconds: float
+    already_complete: bool
+    random_init: bool
+    failed_examples: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among `torchrun` processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "Ranks":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and not torch.distributed.is_initialized():
+            # gloo only carries barriers and a few small objects; NCCL is not needed.
+            torch.distributed.init_process_group("gloo")
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def share(self, obj):
+        """Rank 0's `obj`, on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def total(self, n: int) -> int:
+        """Sum of `n` over all ranks."""
+        if self.world == 1:
+            return n
+        t = torch.tensor([n], dtype=torch.int64)
+        torch.distributed.all_reduce(t)
+        return int(t.item())
+
+    def my_slice(self, items: list) -> list:
+        n = len(items)
+        return items[self.rank * n // self.world:(self.rank + 1) * n // self.world]
+
+
+class ShardBatches(torch.utils.data.Sampler):
+    """Batches of plan rows that never cross a shard boundary, shard after shard."""
+
+    def __init__(self, shards: list[tuple[int, int, int]], batch_size: int):
+        self.batches = [list(range(b, min(b + batch_size, stop)))
+                        for _, start, stop in shards for b in range(start, stop, batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: LabelledImages, draft: bool) -> dict:
+    """Everything that changes the features' content, recorded with them (STYLE 6)."""
+    return {"model": backbone.name, "model_fingerprint": backbone.fingerprint,
+            "backbone_random_init": backbone.random_init, "pooling": backbone.pooling,
+            "image_size": image_size, "dim": backbone.dim, "dtype": dtype, "draft": draft,
+            "images_root": str(Path(images.root).resolve()), "dcfeat_version": __version__}
+
+
+def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: LabelledImages, backbone: Backbone, *,
+                batch_size: int, workers: int, draft: bool, max_pixels: int, progress: bool) -> int:
+    image_size = int(plan.attrs["image_size"])
+    dataset = ImageDataset(images.paths, image_size, draft=draft, max_pixels=max_pixels)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=ShardBatches(shards, batch_size), num_workers=workers, collate_fn=collate,
+        pin_memory=backbone.device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if workers else None)
+    bounds = {index: (start, stop) for index, start, stop in shards}
+    shard_of = {start: index for index, start, _ in shards}
+    total = sum(stop - start for _, start, stop in shards)
+    done = 0
+    current, rows, outs, failures = None, [], [], []
+    with progress_bar(f"extract {plan.split}", total, enabled=progress) as advance:
+        for indices, batch, failed in loader:
+            first = min(indices + [i for i, _ in failed])
+            if current is None or first >= bounds[current][1]:
+                current = shard_of[first]
+            if batch is not None:
+                outs.append(backbone.embed(batch))
+                rows.extend(indices)
+            failures.extend(failed)
+            n = len(indices) + len(failed)
+            done += n
+            advance(n)
+            start, stop = bounds[current]
+            if len(rows) + len(failures) == stop - start:
+                emb = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, backbone.dim), np.float32)
+                write_shard(plan, current, np.array(rows, dtype=np.int64), emb, failures)
+                rows, outs, failures = [], [], []
+    return done
+
+
+def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str = "train", *,
+            image_size: int = 224, batch_size: int = 64, workers: int | None = None, draft: bool = True,
+            dtype: str = "float16", shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False,
+            max_pixels: int = MAX_PIXELS, progress: bool = True, ranks: Ranks | None = None) -> ExtractResult:
+    """Embed `images` into `split` of `store`, resuming any unfinished run of the same plan."""
+    if image_size % 14:
+        raise StoreError(f"--image-size {image_size}: DINOv2 needs a multiple of 14 (224, 336, 448, 518 …)")
+    ranks = ranks or Ranks()
+    workers = min(16, os.cpu_count() or 1) if workers is None else workers
+    store = Path(store)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    attrs = store_attrs(backbone, image_size, dtype, images, draft)
+    t0 = time.perf_counter()
+    with writer_lock(store) if ranks.rank == 0 else nullcontext():
+        shared = None
+        if ranks.rank == 0:
+            try:
+                plan, complete = open_plan(store, split, images.labels, attrs, shard_rows=shard_rows,
+                                           overwrite=overwrite)
+                shared = (plan.plan_id, complete, None)
+            except StoreError as e:
+                shared = (None, False, str(e))
+        plan_id, complete, error = ranks.share(shared)
+        if error:
+            raise StoreError(error)
+        plan = load_plan(store, split, plan_id)
+        extracted = 0
+        if not complete:
+            mine = [s for s in ranks.my_slice(plan.shards) if not shard_complete(plan, s[0])]
+            extracted = _run_shards(plan, mine, images, backbone, batch_size=batch_size, workers=workers,
+                                    draft=draft, max_pixels=max_pixels, progress=progress and ranks.rank == 0)
+            extracted = ranks.total(extracted)
+            if ranks.rank == 0:
+                assemble(plan)
+            ranks.barrier()
+    info = split_info(store, split)
+    failed = read_failures(store, split)
+    return ExtractResult(store=store, split=split, images=plan.rows, rows=info.rows, failures=info.failures,
+                         extracted=extracted, seconds=time.perf_counter() - t0, already_complete=complete,
+                         random_init=backbone.random_init, failed_examples=failed[:10])

@@ -1,0 +1,46 @@
+"""Seeded synthetic inputs for every test: tiny DINOv2, SF-XL-named JPEGs. No network."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never waits on the hub's retries
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dcfeat.backbone import save_random_dinov2
+
+
+def sfxl_name(east: float, north: float, zone: int = 10, letter: str = "S", heading: int = 0) -> str:
+    return f"@{east:010.2f}@{north:010.2f}@{zone}@{letter}@@@pano{int(east)}@@{heading}@@@@@@.jpg"
+
+
+def write_images(folder: Path, n: int, *, seed: int = 0, size: int = 96, subdirs: int = 2) -> list[Path]:
+    """n JPEGs with SF-XL names spread over a few hundred metres and a few subfolders."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        east, north = 550000 + rng.uniform(0, 300), 4180000 + rng.uniform(0, 300)
+        sub = folder / f"d{i % subdirs}"
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 255, (size, size + 16, 3), dtype=np.uint8)
+        path = sub / sfxl_name(east, north, heading=int(rng.integers(0, 360)))
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random DINOv2 saved with save_pretrained, loaded through the real path."""
+    return save_random_dinov2(tmp_path_factory.mktemp("model") / "tiny-dinov2", hidden_size=32, layers=2,
+                              heads=2, image_size=56)
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    write_images(folder, 24)
+    return folder
