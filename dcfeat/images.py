@@ -60,25 +60,26 @@ def load_image(path: Path, image_size: int, *, draft: bool = True,
     """Decode, orient, convert and crop one image to uint8 (S, S, 3); ImageProblem if unusable."""
     target = resize_size(image_size)
     try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise ImageProblem(f"decompression bomb: {w}x{h} pixels > {max_pixels}")
-            if draft and img.format == "JPEG":
-                # libjpeg's DCT scaling (1/2, 1/4, 1/8) decodes straight to a smaller size
-                # that still keeps the shortest edge >= target; bicubic does the rest.
-                # Measured in BENCHMARKS.md: faster decode, sub-1% feature change.
-                scale = min(w, h) / target
-                if scale >= 2:
-                    img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():
+            # The pixel limit is checked below, on the header, before anything is decoded.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise ImageProblem(f"decompression bomb: {w}x{h} pixels > {max_pixels}")
+                if draft and img.format == "JPEG":
+                    # libjpeg's DCT scaling (1/2, 1/4, 1/8) decodes straight to a smaller size
+                    # that still keeps the shortest edge >= target; bicubic does the rest.
+                    # Measured in BENCHMARKS.md: faster decode, sub-1% feature change.
+                    scale = min(w, h) / target
+                    if scale >= 2:
+                        img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
                 img.load()
-            img = ImageOps.exif_transpose(img)
-            img = _to_rgb(img)
+                img = ImageOps.exif_transpose(img)
+                img = _to_rgb(img)
     except ImageProblem:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ImageProblem(f"{type(e).__name__}: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageProblem(f"unreadable: {type(e).__name__}: {e}") from None

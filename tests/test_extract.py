@@ -1,0 +1,264 @@
+"""`dcfeat extract` and `dcfeat info` end to end on tiny JPEGs and a tiny random DINOv2."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dcfeat.cli import cli
+from dcfeat.store import list_splits, read_failures, read_split, writer_lock
+from tests.conftest import sfxl_name, write_images
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def extract_args(images, out, model, *extra):
+    return ["extract", "--images", images, "--out", out, "--model", model, "--image-size", 56,
+            "--workers", 0, "--batch-size", 4, "--shard-rows", 8, "--no-progress", *extra]
+
+
+def test_extract_writes_a_format_v1_store(images, tmp_path, tiny_model):
+    out = tmp_path / "f.h5"
+    r = run(*extract_args(images, out, tiny_model))
+    assert r.exit_code == 0, r.output
+    assert "24 rows written, 0 failures" in r.output and "RANDOM BACKBONE" in r.output
+    with h5py.File(out) as f:
+        assert f.attrs["dcfeat_format"] == 1
+        g = f["train"]
+        assert g["embeddings"].shape == (24, 32) and g["embeddings"].dtype == np.float16
+        ids = g["ids"].asstr()[()].tolist()
+        for key in ("model", "pooling", "image_size", "dim", "images_root", "complete"):
+            assert key in g.attrs
+        assert g.attrs["model"] == "tiny-dinov2" and bool(g.attrs["complete"])
+    assert ids == sorted(ids) and all(i.startswith("d") and "/" in i for i in ids)
+    # Labels: hive-partitioned Parquet that polars and pyarrow read directly.
+    labels = pl.scan_parquet(out.with_suffix(".labels") / "**/*.parquet", hive_partitioning=True).collect()
+    assert labels["split"].unique().to_list() == ["train"]
+    assert labels.sort("row")["image_id"].to_list() == ids
+    import pyarrow.dataset as ds
+    assert ds.dataset(out.with_suffix(".labels"), partitioning="hive").count_rows() == 24
+    split = read_split(out, "train")
+    assert np.isfinite(split.embeddings).all() and np.abs(split.embeddings).sum(1).min() > 0
+
+    info = run("info", out)
+    assert info.exit_code == 0
+    for word in ("train", "24", "32", "float16", "tiny-dinov2 (random init)", "cls", "56", "yes"):
+        assert word in info.output
+
+
+def test_rerun_is_a_no_op_and_a_second_split_leaves_the_first_intact(images, tmp_path, tiny_model):
+    out = tmp_path / "f.h5"
+    assert run(*extract_args(images, out, tiny_model)).exit_code == 0
+    before = read_split(out, "train").embeddings
+    r = run(*extract_args(images, out, tiny_model))
+    assert "already complete" in r.output
+    more = tmp_path / "more"
+    write_images(more, 5, seed=3)
+    assert run(*extract_args(more, out, tiny_model, "--split", "test")).exit_code == 0
+    assert [s.name for s in list_splits(out)] == ["test", "train"]
+    assert np.array_equal(read_split(out, "train").embeddings, before)
+    assert read_split(out, "test").embeddings.shape == (5, 32)
+
+
+def test_manifest_source(tmp_path, tiny_model):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = []
+    for i in range(6):
+        Image.fromarray(np.full((64, 80, 3), 40 * i, np.uint8)).save(folder / f"IMG_{i}.jpg")
+        rows.append(f"IMG_{i}.jpg,{37.70 + i * 1e-4},{-122.49}")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,lat,lon\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "f.h5"
+    r = run("extract", "--manifest", manifest, "--images", folder, "--out", out, "--model", tiny_model,
+            "--image-size", 56, "--workers", 0, "--no-progress")
+    assert r.exit_code == 0, r.output
+    labels = read_split(out, "train").labels
+    assert labels["utm_zone"].to_list() == [10] * 6 and labels["lat"][0] == pytest.approx(37.70)
+
+
+def test_unparseable_names_fail_clearly_and_write_nothing(tmp_path, tiny_model):
+    folder = tmp_path / "photos"
+    write_images(folder, 3)
+    Image.new("RGB", (64, 64)).save(folder / "holiday.jpg")
+    out = tmp_path / "f.h5"
+    r = CliRunner().invoke(cli, [str(a) for a in extract_args(folder, out, tiny_model)])
+    assert r.exit_code != 0
+    assert "holiday.jpg" in r.output and "@UTM_east@UTM_north" in r.output and "--manifest" in r.output
+    assert not out.exists() and not out.with_suffix(".shards").exists()
+
+
+def test_mixing_another_pooling_or_size_is_refused(images, tmp_path, tiny_model):
+    out = tmp_path / "f.h5"
+    assert run(*extract_args(images, out, tiny_model)).exit_code == 0
+    for extra, word in ((["--pooling", "gem"], "pooling"), (["--split", "x", "--pooling", "mean"], "pooling")):
+        r = CliRunner().invoke(cli, [str(a) for a in extract_args(images, out, tiny_model, *extra)])
+        assert r.exit_code != 0 and word in r.output, r.output
+    r = CliRunner().invoke(cli, ["extract", "--images", str(images), "--out", str(out), "--model", str(tiny_model),
+                                 "--image-size", "70", "--split", "y", "--workers", "0", "--no-progress"])
+    assert r.exit_code != 0 and "image_size" in r.output
+
+
+def test_second_concurrent_writer_is_refused(images, tmp_path, tiny_model):
+    out = tmp_path / "f.h5"
+    with writer_lock(out):
+        r = CliRunner().invoke(cli, [str(a) for a in extract_args(images, out, tiny_model)])
+    assert r.exit_code != 0 and "is being written by" in r.output
+    assert run(*extract_args(images, out, tiny_model)).exit_code == 0  # free again
+
+
+def test_offline_hub_id_says_how_to_use_a_local_copy(images, tmp_path):
+    r = CliRunner().invoke(cli, ["extract", "--images", str(images), "--out", str(tmp_path / "f.h5"),
+                                 "--model", "facebook/dinov2-small", "--no-progress"])
+    assert r.exit_code != 0 and "--model DIR" in r.output and "facebook/dinov2-small" in r.output
+
+
+def _bad_files(folder: Path) -> dict[str, str]:
+    """One file per awkward kind, SF-XL named; value = expected outcome."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    kinds = {}
+
+    def name(i, tag):
+        n = sfxl_name(551000 + i, 4181000 + i).replace("@@@@@@.jpg", f"@@@@{tag}@.jpg")
+        kinds[n] = tag
+        return folder / n
+
+    (name(0, "zero")).write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    name(1, "truncated").write_bytes(buf.getvalue()[:300])
+    name(2, "text").write_bytes(b"not an image at all\n" * 20)
+    Image.fromarray(rng.integers(0, 255, (90, 90), dtype=np.uint8), "L").save(name(3, "gray"), format="JPEG")
+    Image.new("CMYK", (90, 90), (10, 200, 30, 0)).save(name(4, "cmyk"), format="JPEG")
+    Image.fromarray(np.full((90, 90), 40000, np.uint16)).save(name(5, "wide").with_suffix(".png"), format="PNG")
+    kinds[name(5, "wide").with_suffix(".png").name] = kinds.pop(name(5, "wide").name)
+    Image.new("RGBA", (90, 90), (255, 0, 0, 0)).save(name(6, "alpha").with_suffix(".png"), format="PNG")
+    kinds[name(6, "alpha").with_suffix(".png").name] = kinds.pop(name(6, "alpha").name)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (120, 90), (0, 90, 0)).save(name(7, "rotated"), format="JPEG", exif=exif.tobytes())
+    Image.new("1", (10000, 10000)).save(name(8, "bomb").with_suffix(".png"), format="PNG")
+    kinds[name(8, "bomb").with_suffix(".png").name] = kinds.pop(name(8, "bomb").name)
+    return {k: v for k, v in kinds.items() if (folder / k).exists()}
+
+
+def test_bad_images_are_skipped_and_recorded_never_zero_rows(tmp_path, tiny_model):
+    folder = tmp_path / "bad"
+    kinds = _bad_files(folder)
+    write_images(folder / "good", 3)
+    out = tmp_path / "f.h5"
+    r = run(*extract_args(folder, out, tiny_model))
+    assert r.exit_code == 0, r.output
+    skipped = {k: v for k, v in kinds.items() if v in ("zero", "truncated", "text", "bomb")}
+    assert f"{len(skipped)} failures" in r.output
+    failures = dict(read_failures(out, "train"))
+    assert set(failures) == set(skipped)
+    assert "decompression bomb" in failures[next(k for k, v in skipped.items() if v == "bomb")]
+    split = read_split(out, "train")
+    assert split.embeddings.shape[0] == 3 + len(kinds) - len(skipped)
+    assert set(split.labels["image_id"].to_list()) >= {k for k, v in kinds.items() if k not in skipped}
+    assert np.isfinite(split.embeddings).all() and (np.abs(split.embeddings).sum(1) > 0).all()
+    info = run("info", out, "--failures")
+    assert "truncated" in info.output
+
+
+def _extract_cmd(images, out, model, *extra):
+    return [sys.executable, "-m", "dcfeat"] + [str(a) for a in extract_args(images, out, model, *extra)]
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
+    folder = tmp_path / "img"
+    write_images(folder, 64, size=160)
+    reference = tmp_path / "ref.h5"
+    assert run(*extract_args(folder, reference, tiny_model)).exit_code == 0
+    ref = read_split(reference, "train")
+
+    out = tmp_path / "f.h5"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    shards = out.with_suffix(".shards")
+    killed_with = []
+    for wanted in (1, 4):  # kill after the first shard, then again mid-run
+        proc = subprocess.Popen(_extract_cmd(folder, out, tiny_model), env=env, cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(shards.glob("train/*/0*.h5"))) >= wanted:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_with.append(len(list(shards.glob("train/*/0*.h5"))))
+        if out.exists():  # whatever is there must open
+            list_splits(out)
+    assert 0 < killed_with[0] < 8, killed_with  # the kill really happened mid-run
+    r = subprocess.run(_extract_cmd(folder, out, tiny_model), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = read_split(out, "train")
+    assert got.labels["image_id"].to_list() == ref.labels["image_id"].to_list()
+    assert np.array_equal(got.embeddings, ref.embeddings)
+    assert not list(tmp_path.glob("**/.*.tmp"))
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+def test_a_crash_while_replacing_the_store_keeps_the_old_one(images, tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "f.h5"
+    assert run(*extract_args(images, out, tiny_model)).exit_code == 0
+    before = read_split(out, "train").embeddings
+    import dcfeat.shards as shards
+
+    real = shards.replace_atomically
+
+    def crash_on_store(tmp, final):
+        if final == out:
+            raise SimulatedCrash("before the store is renamed into place")
+        real(tmp, final)
+
+    monkeypatch.setattr(shards, "replace_atomically", crash_on_store)
+    more = tmp_path / "more"
+    write_images(more, 4, seed=9)
+    with pytest.raises(SimulatedCrash):
+        CliRunner().invoke(cli, [str(a) for a in extract_args(more, out, tiny_model, "--split", "test")],
+                           catch_exceptions=False)
+    assert [s.name for s in list_splits(out)] == ["train"]
+    assert np.array_equal(read_split(out, "train").embeddings, before)
+    monkeypatch.setattr(shards, "replace_atomically", real)
+    assert run(*extract_args(more, out, tiny_model, "--split", "test")).exit_code == 0
+    assert read_split(out, "test").embeddings.shape[0] == 4
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tmp_path, tiny_model):
+    folder = tmp_path / "img"
+    write_images(folder, 40)
+    single = tmp_path / "one.h5"
+    assert run(*extract_args(folder, single, tiny_model)).exit_code == 0
+    out = tmp_path / "two.h5"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+           "-m", "dcfeat"] + [str(a) for a in extract_args(folder, out, tiny_model)]
+    r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("rows written") == 1  # rank 0 reports for all
+    a, b = read_split(single, "train"), read_split(out, "train")
+    assert a.labels.equals(b.labels)
+    assert np.array_equal(a.embeddings, b.embeddings)

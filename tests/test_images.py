@@ -1,0 +1,119 @@
+"""The DINOv2 evaluation transform and every kind of awkward image file."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dcfeat.images import IMAGENET_MEAN, ImageProblem, load_image, normalize
+
+
+def _save(img: Image.Image, path, **kw):
+    img.save(path, **kw)
+    return path
+
+
+def _noise(w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
+def test_transform_is_resize_shortest_edge_then_centre_crop(tmp_path):
+    img = _noise(512, 384)
+    path = _save(img, tmp_path / "a.png")
+    # torchvision Resize(256) on 512x384 → 341x256, CenterCrop(224) → left round(58.5)=58... top 16
+    ref = img.resize((341, 256), Image.Resampling.BICUBIC)
+    left, top = int(round((341 - 224) / 2.0)), int(round((256 - 224) / 2.0))
+    ref = np.asarray(ref.crop((left, top, left + 224, top + 224)))
+    got = load_image(path, 224)
+    assert got.shape == (224, 224, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, ref)
+
+
+def test_other_sizes_keep_the_256_over_224_ratio(tmp_path):
+    path = _save(_noise(600, 600), tmp_path / "a.png")
+    assert load_image(path, 448).shape == (448, 448, 3)
+
+
+def test_normalize_uses_imagenet_statistics():
+    x = torch.full((1, 4, 4, 3), 255, dtype=torch.uint8)
+    out = normalize(x, torch.float32)
+    assert out.shape == (1, 3, 4, 4)
+    assert out[0, 0, 0, 0].item() == pytest.approx((1 - 0.485) / 0.229, rel=1e-6)
+
+
+def test_draft_decoding_stays_close_to_full_decoding(tmp_path):
+    # A smooth photo-like image: draft (DCT scaling) vs full decode + bicubic.
+    yy, xx = np.mgrid[0:1024, 0:1024]
+    arr = np.stack([128 + 100 * np.sin(xx / 40.0), 128 + 100 * np.cos(yy / 55.0), (xx + yy) % 256], -1)
+    path = _save(Image.fromarray(arr.astype(np.uint8)), tmp_path / "a.jpg", quality=95)
+    full = load_image(path, 224, draft=False).astype(float)
+    draft = load_image(path, 224, draft=True).astype(float)
+    assert not np.array_equal(full, draft)  # draft really took another path
+    assert np.abs(full - draft).mean() < 1.0  # measured 0.29 grey levels (max 7)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "UnidentifiedImageError"),
+    (b"this is a text file, not an image\n" * 10, "UnidentifiedImageError"),
+])
+def test_non_images_are_problems(tmp_path, content, reason):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageProblem, match=reason):
+        load_image(path, 224)
+
+
+def test_truncated_jpeg_is_a_problem(tmp_path):
+    buf = io.BytesIO()
+    _noise(300, 300).save(buf, format="JPEG")
+    path = tmp_path / "t.jpg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ImageProblem, match="unreadable"):
+        load_image(path, 224)
+
+
+def test_decompression_bomb_is_a_problem_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    Image.new("1", (10000, 10000)).save(path)  # 100 Mpx > PIL's 89.5 Mpx limit, a few KB on disk
+    with pytest.raises(ImageProblem, match="decompression bomb"):
+        load_image(path, 224)
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    path = _save(_noise(256, 256, mode="L"), tmp_path / "g.png")
+    out = load_image(path, 224)
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 1], out[..., 2])
+
+
+def test_cmyk_jpeg_becomes_the_right_rgb(tmp_path):
+    path = _save(Image.new("RGB", (256, 256), (200, 40, 30)).convert("CMYK"), tmp_path / "c.jpg", quality=100)
+    out = load_image(path, 224).reshape(-1, 3).mean(0)
+    assert np.abs(out - [200, 40, 30]).max() < 6
+
+
+def test_16_bit_grayscale_is_rescaled_not_clipped(tmp_path):
+    arr = np.full((256, 256), 32896, dtype=np.uint16)  # 32896 / 65535 * 255 = 128
+    path = _save(Image.fromarray(arr), tmp_path / "w.png")
+    assert Image.open(path).mode.startswith("I")
+    out = load_image(path, 224)
+    assert np.all(out == 128)
+
+
+def test_transparent_pixels_become_the_neutral_mean_colour(tmp_path):
+    rgba = np.zeros((256, 256, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red hidden under alpha 0
+    path = _save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png")
+    out = load_image(path, 224)
+    assert np.all(out == [round(255 * c) for c in IMAGENET_MEAN])
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    img = _noise(320, 256)
+    upright = _save(img.transpose(Image.Transpose.ROTATE_270), tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    rotated = _save(img, tmp_path / "rot.png", exif=exif.tobytes())
+    assert np.array_equal(load_image(rotated, 224), load_image(upright, 224))
