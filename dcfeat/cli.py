@@ -12,9 +12,11 @@ from rich.table import Table
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS, BackboneError
 from dcfeat.labels import LabelError
 from dcfeat.store import StoreError
+from dcfeat.train import TrainConfig
 
 DATA = Path("data")
 DEFAULT_STORE = DATA / "feats.h5"
+TRAIN_DEFAULTS = TrainConfig()
 RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
 # Wide enough for the tables when piped (rich falls back to 80 columns without a terminal).
 stdout = Console(width=None if sys.stdout.isatty() else 160)
@@ -138,6 +140,53 @@ def info(store, show_failures):
                 stdout.print(f"{s.name}\t{image_id}\t{reason}", markup=False, highlight=False)
     if not splits:
         stdout.print("no splits")
+
+
+@cli.command()
+@click.option("--feats", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
+              help="Feature store to train on.")
+@click.option("--split", default="train", show_default=True, help="Training split.")
+@click.option("--val-split", default=None, help="Split for LR@1 after every epoch; the best epoch is kept.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder [default: runs/<timestamp> beside the store, and runs/latest points to it].")
+@click.option("--M", "M", type=float, default=20.0, show_default=True, help="Cell side in metres.")
+@click.option("--N", "N", type=int, default=2, show_default=True, help="N² groups; no two neighbouring cells "
+              "share a group. N=1: one classifier over all cells.")
+@click.option("--min-images-per-class", default=10, show_default=True,
+              help="Cells with fewer training images are not classes.")
+@click.option("--head", type=click.Choice(["aamc", "lmcc", "softmax"]), default="aamc", show_default=True,
+              help="AAMC (ArcFace, D&C), LMCC (CosFace, CosPlace) or a plain softmax layer.")
+@click.option("--s", "s", type=float, default=TRAIN_DEFAULTS.s, show_default=True, help="Logit scale s.")
+@click.option("--m", "m", type=float, default=TRAIN_DEFAULTS.m, show_default=True, help="Margin m.")
+@click.option("--dim", default=TRAIN_DEFAULTS.dim, show_default=True, help="Embedding dimension after projection.")
+@click.option("--epochs", default=TRAIN_DEFAULTS.epochs, show_default=True, help="Epochs (one epoch draws as "
+              "many samples as there are images in classes).")
+@click.option("--batch-size", default=TRAIN_DEFAULTS.batch_size, show_default=True, help="Samples per step.")
+@click.option("--lr-projection", default=TRAIN_DEFAULTS.lr_projection, show_default=True,
+              help="AdamW learning rate of the projection.")
+@click.option("--lr-heads", default=TRAIN_DEFAULTS.lr_heads, show_default=True,
+              help="AdamW learning rate of the prototypes.")
+@click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@no_progress
+def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, dim, epochs, batch_size,
+          lr_projection, lr_heads, seed, device, no_progress):
+    """Train the projection and one classifier per group on cached features."""
+    import shlex
+
+    from dcfeat.train import train_from_store
+
+    config = TrainConfig(M=M, N=N, min_images_per_class=min_images_per_class, head=head, s=s, m=m, dim=dim,
+                         epochs=epochs, batch_size=batch_size, lr_projection=lr_projection, lr_heads=lr_heads,
+                         seed=seed)
+    result = train_from_store(feats, split, config, out=out, val_split=val_split, device=device,
+                              progress=not no_progress, command=shlex.join(["dcfeat", *sys.argv[1:]]))
+    last = result.epochs[-1]
+    val = f", val LR@1 {100 * result.epochs[result.best_epoch - 1]['val_lr1']:.1f} % (best epoch " \
+          f"{result.best_epoch})" if "val_lr1" in last else ""
+    stdout.print(f"run {result.out}: {result.classes} classes from {result.images_used} images, "
+                 f"{len(result.epochs)} epochs in {result.seconds:.1f} s "
+                 f"({last['seconds']:.2f} s/epoch), train accuracy {100 * last['train_accuracy']:.1f} %{val}")
 
 
 def main(argv=None):

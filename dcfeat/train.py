@@ -1,0 +1,223 @@
+"""`dcfeat train`: Divide&Classify on cached features, seconds per epoch.
+
+The split is read into memory once (on the GPU when there is one). Groups take
+turns: step t trains group t mod N² on a class-balanced batch (a class drawn
+uniformly among the group's classes, then an image uniformly within it), and
+updates the projection and that group's prototypes only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+from dcfeat.metrics import localisation_recall
+from dcfeat.model import DCModel, save_run
+from dcfeat.partition import Partition, partition
+from dcfeat.progress import progress_bar
+from dcfeat.store import Split, StoreError
+
+
+@dataclass
+class TrainConfig:
+    M: float = 20.0
+    N: int = 2
+    min_images_per_class: int = 10
+    head: str = "aamc"
+    # s and m from the sweep in BENCHMARKS.md ("Training defaults"), not copied from a paper.
+    s: float = 30.0
+    m: float = 0.2
+    dim: int = 512
+    epochs: int = 10
+    batch_size: int = 256
+    lr_projection: float = 1e-3
+    lr_heads: float = 1e-2
+    weight_decay: float = 1e-4
+    seed: int = 0
+    threshold_m: float = 25.0
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: list[dict]
+    best_epoch: int
+    classes: int
+    images_used: int
+    seconds: float
+
+
+class BalancedSampler:
+    """Class-balanced batches of one group: class uniform, then image uniform in it."""
+
+    def __init__(self, part: Partition, device: torch.device, generator: torch.Generator):
+        self.generator = generator
+        self.groups = []
+        cls = part.class_index
+        for g in range(part.num_groups):
+            rows = np.flatnonzero((part.group == g) & (cls >= 0))
+            order = rows[np.argsort(cls[rows], kind="stable")]
+            counts = np.bincount(cls[order], minlength=part.classes_per_group[g])
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            self.groups.append(tuple(torch.as_tensor(a, device=device)
+                                     for a in (order, starts, counts)))
+
+    def batch(self, group: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row indices into the split, class index within the group)."""
+        order, starts, counts = self.groups[group]
+        gen, dev = self.generator, order.device
+        labels = torch.randint(len(counts), (size,), generator=gen, device=gen.device).to(dev)
+        within = (torch.rand(size, generator=gen, device=gen.device).to(dev) * counts[labels]).long()
+        return order[starts[labels] + within], labels
+
+
+def _class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
+    """Prototypes start at the class means of the initial embeddings: training then
+    sharpens a sensible classifier instead of first finding one (see the sweep)."""
+    with torch.no_grad():
+        for g, (order, starts, counts) in enumerate(sampler.groups):
+            if len(counts) == 0:
+                continue
+            h = torch.cat([model.projection(features[order[i:i + 65536]].float())
+                           for i in range(0, len(order), 65536)])
+            labels = torch.repeat_interleave(torch.arange(len(counts), device=h.device), counts)
+            sums = torch.zeros(len(counts), h.shape[1], device=h.device).index_add_(0, labels, h)
+            model.heads.init_prototypes_(g, sums / counts[:, None])
+
+
+def predict_cells(model: DCModel, features, classes: pl.DataFrame, k: int, device) -> dict[str, np.ndarray]:
+    """Top-k class ids and scores and their cell centres for a batch of cached features."""
+    ids, scores = model.topk(features, k, device=device)
+    return {"class": ids, "score": scores,
+            "east": classes["cell_east"].to_numpy()[ids], "north": classes["cell_north"].to_numpy()[ids],
+            "zone": classes["utm_zone"].to_numpy()[ids], "letter": classes["utm_letter"].to_numpy()[ids]}
+
+
+def val_recall(model: DCModel, val: Split, classes: pl.DataFrame, threshold_m: float, device) -> float:
+    pred = predict_cells(model, val.embeddings, classes, 1, device)
+    lab = val.labels
+    return localisation_recall(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
+                               pred["east"], pred["north"], pred["zone"], threshold_m=threshold_m, ks=(1,),
+                               q_letter=lab["utm_letter"].to_numpy(), p_letter=pred["letter"]).recall[1]
+
+
+def make_partition(split: Split, config: TrainConfig) -> Partition:
+    lab = split.labels
+    part = partition(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
+                     lab["utm_letter"].to_numpy(), M=config.M, N=config.N,
+                     min_images_per_class=config.min_images_per_class)
+    if len(part.classes) == 0:
+        raise StoreError(f"no class survives: {part.cell_stats()}. Lower --min-images-per-class "
+                         "or raise --M (cell side in metres).")
+    return part
+
+
+def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = None, device: str = "cpu",
+          progress: bool = True, run_config: dict | None = None) -> TrainResult:
+    """Train projection + group heads on one split's cached features; write the run to `out`."""
+    t_start = time.perf_counter()
+    if not np.isfinite(split.embeddings).all():
+        raise StoreError(f"split '{split.name}' holds non-finite embeddings; re-extract it")
+    dev = torch.device(device)
+    torch.manual_seed(config.seed)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    part = make_partition(split, config)
+    features = torch.as_tensor(split.embeddings).to(dev)
+    model = DCModel(features.shape[1], config.dim, part.classes_per_group, head=config.head, s=config.s,
+                    m=config.m).to(dev)
+    sampler = BalancedSampler(part, dev, gen)
+    _class_means(features, model, sampler, part)
+    opt = torch.optim.AdamW([
+        {"params": model.projection.parameters(), "lr": config.lr_projection},
+        {"params": model.heads.parameters(), "lr": config.lr_heads},
+    ], weight_decay=config.weight_decay)
+    groups = [g for g, c in enumerate(part.classes_per_group) if c > 0]
+    used = int((part.class_index >= 0).sum())
+    steps = max(len(groups), math.ceil(used / config.batch_size))
+    amp = dev.type == "cuda"
+    config_json = {**(run_config or {}), **asdict(config), "classes_per_group": part.classes_per_group,
+                   "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps}
+    out = Path(out)
+    log_path = out / "train_log.jsonl"
+    history, best, best_epoch = [], -1.0, 0
+    for epoch in range(1, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev)
+        with progress_bar(f"epoch {epoch}/{config.epochs}", steps, enabled=progress, unit="step") as advance:
+            for step in range(steps):
+                g = groups[step % len(groups)]
+                rows, labels = sampler.batch(g, config.batch_size)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                    logits = model.heads[str(g)](model.projection(features[rows]), labels)
+                    loss = F.cross_entropy(logits.float(), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach()
+                correct += (logits.detach().argmax(1) == labels).sum()
+                advance(1)
+        record = {"epoch": epoch, "loss": float(loss_sum) / steps,
+                  "train_accuracy": float(correct) / (steps * config.batch_size),
+                  "seconds": time.perf_counter() - t0}
+        if val is not None:
+            record["val_lr1"] = val_recall(model, val, part.classes, config.threshold_m, dev)
+        score = record.get("val_lr1", epoch)  # without val the last epoch is kept
+        if score > best:
+            best, best_epoch = score, epoch
+            save_run(out, model, {**config_json, "best_epoch": epoch}, part.classes)
+        history.append(record)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return TrainResult(out=out, epochs=history, best_epoch=best_epoch, classes=len(part.classes),
+                       images_used=used, seconds=time.perf_counter() - t_start)
+
+
+def new_run_dir(out: Path | None, runs: Path) -> Path:
+    """A fresh run folder (refusing to reuse one), default runs/<timestamp>."""
+    out = Path(out) if out else runs / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists():
+        raise StoreError(f"--out {out} exists; a run never overwrites another. Choose another --out")
+    out.mkdir(parents=True)
+    return out
+
+
+def point_latest(run: Path) -> None:
+    """runs/latest → the newest run, swapped atomically."""
+    latest = run.parent / "latest"
+    tmp = run.parent / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.name)
+    tmp.replace(latest)
+
+
+def train_from_store(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,
+                     val_split: str | None = None, device: str = "auto", progress: bool = True,
+                     command: str = "") -> TrainResult:
+    """Read the split(s), train, and leave a complete run folder (+ runs/latest)."""
+    from dcfeat.backbone import resolve_device
+    from dcfeat.model import FEATURE_KEYS
+    from dcfeat.store import read_split
+
+    dev = resolve_device(device)
+    data = read_split(feats, split)
+    val = read_split(feats, val_split) if val_split else None
+    make_partition(data, config)  # fail on a hopeless partition before creating the run folder
+    run = new_run_dir(out, Path(feats).parent / "runs")
+    (run / "command.txt").write_text(command + "\n")
+    features = {k: data.attrs.get(k) for k in (*FEATURE_KEYS, "backbone_random_init")}
+    run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
+                  "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev)}
+    result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config)
+    if out is None:
+        point_latest(run)
+    return result
