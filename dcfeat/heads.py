@@ -1,0 +1,156 @@
+"""Projection and classification heads: h = L2norm(W_proj f), one head per group.
+
+Margin heads keep L2-normalised prototypes, so the logit of class k is
+s·cos θ_k and training only moves angles. All margin arithmetic runs in
+float32 even under autocast: cos θ near ±1 and the sin θ derived from it lose
+everything in bf16 (8 bits of mantissa cannot tell cos 2° from 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-6  # keeps sin θ = sqrt(1 - cos² θ) and its gradient finite at cos θ = ±1
+
+
+class Projection(nn.Module):
+    """h = L2norm(W f): the learned map from cached backbone features to embeddings."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # Cached features are often float16; the output is float32 for the heads.
+        h = self.linear(features.to(self.linear.weight.dtype))
+        return F.normalize(h.float(), dim=1, eps=_EPS)
+
+
+class _MarginHead(nn.Module):
+    """Cosine classifier with scale s; subclasses define the target-logit margin."""
+
+    def __init__(self, dim: int, classes: int, s: float, m: float) -> None:
+        super().__init__()
+        self.dim, self.classes, self.s, self.m = dim, classes, s, m
+        self.weight = nn.Parameter(torch.empty(classes, dim))
+        if classes:  # a group can end up with no class; init refuses empty tensors
+            nn.init.xavier_uniform_(self.weight)
+
+    def cosine(self, h: torch.Tensor) -> torch.Tensor:
+        """cos θ (n, C) between embeddings and prototypes, float32."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(F.normalize(h.float(), dim=1, eps=_EPS), F.normalize(self.weight.float(), dim=1, eps=_EPS))
+
+    def margin(self, cos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits s·cos θ (n, C); with labels, the margin is applied to each target logit."""
+        cos = self.cosine(h)
+        if labels is not None:
+            target = labels.long().unsqueeze(1)
+            with torch.autocast(h.device.type, enabled=False):
+                cos = cos.scatter(1, target, self.margin(cos.gather(1, target)))
+        return self.s * cos
+
+    def extra_repr(self) -> str:
+        return f"classes={self.classes}, dim={self.dim}, s={self.s:g}, m={self.m:g}"
+
+
+class AAMC(_MarginHead):
+    """Additive angular margin (ArcFace, D&C's head): target logit s·cos(θ_y + m)."""
+
+    def margin(self, cos: torch.Tensor) -> torch.Tensor:
+        cos = cos.clamp(-1.0, 1.0)
+        sin = torch.sqrt((1.0 - cos * cos).clamp(min=_EPS))
+        shifted = cos * math.cos(self.m) - sin * math.sin(self.m)  # cos(θ + m), no acos
+        # Past θ = π - m, cos(θ + m) rises again and would reward the target
+        # prototype for moving further away. There ArcFace (insightface) uses
+        # cos θ - m·sin m, cos(θ + m) to first order in m at θ = π - m: a
+        # CosFace-like penalty that keeps the target logit falling in θ (it
+        # jumps by at most m²/2 at the switch, which training never notices).
+        # "Easy margin" (no margin while cos θ < 0) is the other known fix;
+        # it drops the margin for exactly the hardest examples, so not that.
+        return torch.where(cos > math.cos(math.pi - self.m), shifted, cos - self.m * math.sin(self.m))
+
+
+class LMCC(_MarginHead):
+    """Large margin cosine (CosFace, CosPlace's head): target logit s·(cos θ_y − m)."""
+
+    def margin(self, cos: torch.Tensor) -> torch.Tensor:
+        return cos - self.m
+
+
+class SoftmaxHead(nn.Module):
+    """Plain linear layer with bias (PlaNet-style ablation); no scale, no margin."""
+
+    def __init__(self, dim: int, classes: int) -> None:
+        super().__init__()
+        self.dim, self.classes = dim, classes
+        self.weight = nn.Parameter(torch.empty(classes, dim))
+        self.bias = nn.Parameter(torch.zeros(classes))
+        if classes:
+            nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits W h + b (n, C); labels are accepted for a common signature and ignored."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.weight.float(), self.bias.float())
+
+    def extra_repr(self) -> str:
+        return f"classes={self.classes}, dim={self.dim}"
+
+
+HEADS: dict[str, type[nn.Module]] = {"aamc": AAMC, "lmcc": LMCC, "softmax": SoftmaxHead}
+
+
+class GroupHeads(nn.ModuleDict):
+    """One head per group, keys "0", "1", ...; one flat state dict for the checkpoint.
+
+    Global class id = offsets[g] + index, the row of the class table.
+    """
+
+    def __init__(self, classes_per_group: list[int], *, head: str, dim: int, s: float, m: float) -> None:
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+        make = HEADS[head]
+        margin = issubclass(make, _MarginHead)
+        super().__init__(
+            {str(g): make(dim, c, s, m) if margin else make(dim, c) for g, c in enumerate(classes_per_group)}
+        )
+        self.head, self.classes_per_group = head, list(classes_per_group)
+        self.offsets = [0]
+        for c in self.classes_per_group:
+            self.offsets.append(self.offsets[-1] + c)
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        """Inference scores (n, total classes), groups concatenated in group order.
+
+        Margin heads: cos θ to every prototype, the D&C inference rule. Softmax
+        heads: log-softmax within each group. Raw logits of separately trained
+        softmax heads are not comparable: cross-entropy is blind to a constant
+        added to one group's logits, so each group carries an arbitrary offset;
+        log-probabilities remove it.
+        """
+        parts = []
+        for g in range(len(self.classes_per_group)):
+            head = self[str(g)]
+            if isinstance(head, _MarginHead):
+                parts.append(head.cosine(h))
+            else:
+                parts.append(F.log_softmax(head(h), dim=1))
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def init_prototypes_(self, group: int, means: torch.Tensor) -> None:
+        """Set group's prototypes to the given (C, d) class means, L2-normalised."""
+        head = self[str(group)]
+        if means.shape != head.weight.shape:
+            raise ValueError(f"group {group} has prototypes {tuple(head.weight.shape)}, got means {tuple(means.shape)}")
+        head.weight.copy_(F.normalize(means.to(head.weight), dim=1, eps=_EPS))
+        if isinstance(head, SoftmaxHead):
+            head.bias.zero_()

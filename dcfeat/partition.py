@@ -1,0 +1,231 @@
+"""Map cells and groups of Divide&Classify: UTM points → cells of side M → N² groups.
+
+A cell is keyed by (UTM zone, hemisphere, p, q). Keying by the zone keeps a cell
+inside one zone (p and q mean nothing across zones); keying by the hemisphere
+rather than the latitude-band letter keeps a cell whole where it straddles two
+8° bands, because northing runs on continuously across band boundaries.
+Everything is vectorised: one argsort over all points, no Python loop over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+# The UTM latitude bands (I and O are skipped); "N" onwards is northern.
+UTM_LETTERS = "CDEFGHJKLMNPQRSTUVWX"
+
+# Columns of the class table, in order. Row r of the table is global class r:
+# rows are sorted by group then index, so global id = offset[group] + index.
+CLASS_SCHEMA: dict[str, pl.DataType] = {
+    "group": pl.Int64,
+    "index": pl.Int64,
+    "utm_zone": pl.Int8,
+    "utm_letter": pl.String,
+    "p": pl.Int64,
+    "q": pl.Int64,
+    "cell_east": pl.Float64,
+    "cell_north": pl.Float64,
+    "images": pl.Int64,
+}
+
+
+def cell_of(east: np.ndarray, north: np.ndarray, M: float) -> tuple[np.ndarray, np.ndarray]:
+    """Cell indices (p, q) = (floor(e / M), floor(n / M)) as int64."""
+    p = np.floor(np.asarray(east, dtype=np.float64) / M).astype(np.int64)
+    q = np.floor(np.asarray(north, dtype=np.float64) / M).astype(np.int64)
+    return p, q
+
+
+def cell_centre(p: np.ndarray, q: np.ndarray, M: float) -> tuple[np.ndarray, np.ndarray]:
+    """Centre of cell (p, q) in metres: ((p + 0.5) M, (q + 0.5) M) (D&C's Class2UTM)."""
+    return (np.asarray(p) + 0.5) * M, (np.asarray(q) + 0.5) * M
+
+
+def group_of(p: np.ndarray, q: np.ndarray, N: int) -> np.ndarray:
+    """Group id (p mod N) · N + (q mod N); numpy's mod keeps negative p, q in 0..N-1."""
+    return (np.mod(p, N) * N + np.mod(q, N)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Cells, groups and classes of one training set; per-image arrays follow its rows."""
+
+    M: float
+    N: int
+    min_images_per_class: int
+    group: np.ndarray  # int64 per image: group of its cell, kept or dropped
+    class_index: np.ndarray  # int64 per image: index of its class in its group, -1 if dropped
+    classes: pl.DataFrame  # CLASS_SCHEMA, one row per class
+    cell_images: np.ndarray  # int64: images of every non-empty cell, kept or dropped
+
+    @property
+    def num_groups(self) -> int:
+        return self.N * self.N
+
+    @property
+    def classes_per_group(self) -> list[int]:
+        counts = np.bincount(self.classes["group"].to_numpy(), minlength=self.num_groups)
+        return [int(c) for c in counts]
+
+    def global_class(self) -> np.ndarray:
+        """Per image: row of its class in `classes` (offset[group] + index), -1 if dropped."""
+        offsets = np.concatenate([[0], np.cumsum(self.classes_per_group)])
+        kept = self.class_index >= 0
+        return np.where(kept, offsets[self.group] + self.class_index, -1)
+
+    def cell_stats(self) -> str:
+        """One-line histogram of images per cell, to explain why few or no classes survive."""
+        counts = self.cell_images
+        if counts.size == 0:
+            return "no images, hence no cells"
+        edges = [1, 2, 5, 10, 20, 50, 100]
+        bins = np.histogram(counts, bins=[*edges, max(int(counts.max()), edges[-1]) + 1])[0]
+        labels = [f"{lo}-{hi - 1}" if hi - lo > 1 else f"{lo}" for lo, hi in zip(edges, edges[1:])]
+        histogram = ", ".join(f"{label}: {b}" for label, b in zip([*labels, f"{edges[-1]}+"], bins) if b)
+        return (
+            f"{counts.size} non-empty cells of side M={self.M:g} m, images per cell "
+            f"min {counts.min()} / median {np.median(counts):g} / max {counts.max()} "
+            f"(cells by image count: {histogram}); {len(self.classes)} cells hold at least "
+            f"min_images_per_class={self.min_images_per_class} images"
+        )
+
+
+def _letter_codes(letter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(per-point code, the letters the codes index), in alphabetical order."""
+    letters = np.asarray(letter)
+    if letters.dtype.kind != "U":
+        letters = letters.astype(str)  # object arrays, e.g. polars' to_numpy() of strings
+    if letters.dtype.itemsize != 4:
+        long = letters[np.char.str_len(letters) != 1][:3]
+        raise ValueError(f"utm_letter must be one letter of {UTM_LETTERS!r}, got e.g. {long.tolist()}")
+    # A one-character unicode array is its code points; counting them is far
+    # cheaper than np.unique over tens of millions of strings.
+    points = letters.view(np.uint32)
+    present = np.flatnonzero(np.bincount(points, minlength=128))
+    found = "".join(map(chr, present))
+    if not set(found) <= set(UTM_LETTERS):
+        raise ValueError(f"utm_letter must be one of {UTM_LETTERS!r} (upper case), got {found!r}")
+    lookup = np.zeros(present.max() + 1, dtype=np.int64)
+    lookup[present] = np.arange(present.size)
+    return lookup[points], np.array(list(found))
+
+
+def _sort_cells(band: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Point order sorted by (band, p, q)."""
+    spans = [int(a.max() - a.min()) + 1 for a in (band, p, q)]
+    if spans[0] * spans[1] * spans[2] >= 2**63:
+        return np.lexsort((q, p, band))
+    # One packed int64 key sorts about twice as fast as a three-key lexsort.
+    key = ((band - band.min()) * spans[1] + (p - p.min())) * spans[2] + (q - q.min())
+    return np.argsort(key, kind="stable")
+
+
+def partition(
+    east: np.ndarray,
+    north: np.ndarray,
+    zone: np.ndarray,
+    letter: np.ndarray,
+    *,
+    M: float = 20.0,
+    N: int = 2,
+    min_images_per_class: int = 10,
+) -> Partition:
+    """Cells of side M over the images, their N² groups, and the cells kept as classes.
+
+    Classes within a group are ordered by (zone, hemisphere, p, q). A Partition
+    with no class is returned, not refused: the caller words the error, and
+    `Partition.cell_stats()` says why.
+    """
+    east, north = np.asarray(east, dtype=np.float64), np.asarray(north, dtype=np.float64)
+    zone = np.asarray(zone).astype(np.int64)
+    if not (east.shape == north.shape == zone.shape == np.shape(letter)) or east.ndim != 1:
+        raise ValueError("east, north, zone and letter must be 1-D arrays of one length")
+    if not (M > 0 and N >= 1 and min_images_per_class >= 1):
+        raise ValueError(f"need M > 0, N >= 1, min_images_per_class >= 1; got {M=}, {N=}, {min_images_per_class=}")
+    if not (np.isfinite(east).all() and np.isfinite(north).all()):
+        raise ValueError("utm_east and utm_north must be finite numbers")
+    if zone.size and not (zone.min() >= 1 and zone.max() <= 60):
+        raise ValueError(f"utm_zone must be in 1..60, got {zone.min()}..{zone.max()}")
+    if east.size == 0:
+        return Partition(M, N, min_images_per_class, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                         pl.DataFrame(schema=CLASS_SCHEMA), np.zeros(0, np.int64))
+
+    codes, letters = _letter_codes(letter)
+    band = zone * 2 + (letters >= "N")[codes]  # (zone, hemisphere) as one integer
+    p, q = cell_of(east, north, M)
+    order = _sort_cells(band, p, q)
+    band_s, p_s, q_s = band[order], p[order], q[order]
+    new = np.concatenate([[True], (band_s[1:] != band_s[:-1]) | (p_s[1:] != p_s[:-1]) | (q_s[1:] != q_s[:-1])])
+    starts = np.flatnonzero(new)
+    counts = np.diff(np.append(starts, east.size))
+    cell = np.empty(east.size, dtype=np.int64)
+    cell[order] = np.cumsum(new) - 1
+    cell_band, cell_p, cell_q = band_s[starts], p_s[starts], q_s[starts]
+
+    # The most frequent letter of each cell; ties go to the earlier letter.
+    codes_s = codes[order]
+    lo, hi = np.minimum.reduceat(codes_s, starts), np.maximum.reduceat(codes_s, starts)
+    cell_code = lo.copy()
+    mixed = np.flatnonzero(lo != hi)
+    if mixed.size:  # rare: only cells crossing a band boundary get here
+        compact = np.full(starts.size, -1)
+        compact[mixed] = np.arange(mixed.size)
+        point_cell = compact[cell]
+        sel = point_cell >= 0
+        votes = np.bincount(point_cell[sel] * letters.size + codes[sel], minlength=mixed.size * letters.size)
+        cell_code[mixed] = votes.reshape(mixed.size, letters.size).argmax(axis=1)
+
+    cell_group = group_of(cell_p, cell_q, N)
+    kept = np.flatnonzero(counts >= min_images_per_class)
+    kept = kept[np.argsort(cell_group[kept], kind="stable")]  # by group, then (band, p, q)
+    kept_group = cell_group[kept]
+    index = np.arange(kept.size) - np.searchsorted(kept_group, kept_group, side="left")
+    cell_class = np.full(starts.size, -1, dtype=np.int64)
+    cell_class[kept] = index
+
+    cell_east, cell_north = cell_centre(cell_p[kept], cell_q[kept], M)
+    classes = pl.DataFrame(
+        {
+            "group": kept_group,
+            "index": index,
+            "utm_zone": (cell_band[kept] // 2).astype(np.int8),
+            "utm_letter": letters[cell_code[kept]].astype(object),
+            "p": cell_p[kept],
+            "q": cell_q[kept],
+            "cell_east": cell_east,
+            "cell_north": cell_north,
+            "images": counts[kept].astype(np.int64),
+        },
+        schema=CLASS_SCHEMA,
+    )
+    return Partition(M, N, min_images_per_class, cell_group[cell], cell_class[cell], classes, counts.astype(np.int64))
+
+
+def _checked(df: pl.DataFrame, source: str) -> pl.DataFrame:
+    missing = [c for c in CLASS_SCHEMA if c not in df.columns]
+    if missing:
+        expected = ", ".join(f"{c} ({t})" for c, t in CLASS_SCHEMA.items())
+        raise ValueError(f"{source}: class table lacks columns {missing}; expected {expected}")
+    try:
+        df = df.select(pl.col(c).cast(t, strict=True) for c, t in CLASS_SCHEMA.items())
+    except pl.exceptions.InvalidOperationError as err:
+        raise ValueError(f"{source}: class table column of the wrong type ({err})") from err
+    group, index = df["group"].to_numpy(), df["index"].to_numpy()
+    first = np.searchsorted(group, group, side="left")
+    if np.any(np.diff(group) < 0) or np.any(index != np.arange(len(df)) - first):
+        raise ValueError(f"{source}: class table must be sorted by group with index 0, 1, ... within each group")
+    return df
+
+
+def save_classes(df: pl.DataFrame, path: str | Path) -> None:
+    """Write the class table (CLASS_SCHEMA) to Parquet."""
+    _checked(df, "class table to save").write_parquet(path)
+
+
+def load_classes(path: str | Path) -> pl.DataFrame:
+    """Read a class table written by `save_classes`, with its dtypes, checked."""
+    return _checked(pl.read_parquet(path), str(path))

@@ -1,0 +1,271 @@
+"""A seeded synthetic city of backbone *features* (no images) for tests and demos.
+
+Streets form a rotated square grid around San Francisco (UTM 10S). A capture
+spot every `spacing_m` metres along the streets is one panorama, seen at
+`headings` headings. A row's feature is the sum of three parts:
+
+* place: landmarks (random positions, random directions in a `place_dim`
+  subspace) seen through a visibility kernel, exp(-d²/2σ²) with σ =
+  `visibility_m`, weighted towards landmarks in front of the camera. Nearby
+  spots and similar headings share landmarks, so neighbouring cells alias.
+* condition: one vector per capture (time of day, season, camera) from a bank
+  of `conditions` plus jitter, in a `condition_dim` subspace orthogonal to the place one.
+  It is large, so raw-feature retrieval and class means suffer, and linear, so
+  a learned projection can remove it.
+* noise: isotropic, per row.
+
+Queries ("test", "val") are taken at random points and headings, under
+condition banks never used in "train", behind an occluder that hides a random
+sector of the view and replaces its share of the place signal, with more
+noise. "test-db" is a second drive along the same streets under train-like
+conditions. Embeddings are computed on demand, in blocks with their own
+seeds, so any row range is reproducible without holding a split in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import utm
+
+from dcfeat.labels import LABEL_SCHEMA
+
+SPLITS = ("train", "val", "test", "test-db")
+# A city small enough for unit tests: ~2.6 k train rows of dimension 64.
+SMALL = {"streets": 5, "block_m": 80.0, "dim": 64, "place_dim": 32, "queries": 200, "val_queries": 100}
+_BLOCK = 4096  # rows per noise seed; fixed so a row's noise does not depend on how it is read
+_CUTOFF = 3.0  # landmarks further than 3σ (weight < 1.2 %) are ignored
+_ROW = 2**32  # tile key = east index · _ROW + north index, so north neighbours are consecutive keys
+
+
+def _tile(east: np.ndarray, north: np.ndarray, visibility_m: float) -> np.ndarray:
+    """Square tiles of side 3σ: every landmark a point sees lies in its tile's 3×3 block."""
+    side = _CUTOFF * visibility_m
+    return np.floor(east / side).astype(np.int64) * _ROW + np.floor(north / side).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    east: np.ndarray  # float64, UTM metres
+    north: np.ndarray
+    heading: np.ndarray  # float32, compass degrees
+    capture: np.ndarray  # int64 row of `condition`: one capture = one panorama
+    condition: np.ndarray  # float32 (captures, condition_dim)
+    occlusion: np.ndarray  # float32 (rows, 2): hidden sector start and width, radians
+    noise: float
+
+
+@dataclass(frozen=True)
+class SyntheticCity:
+    """Geometry, landmarks and conditions of a city; features are computed on demand."""
+
+    seed: int
+    dim: int
+    visibility_m: float
+    landmark_east: np.ndarray  # sorted by _tile, for neighbourhood look-ups
+    landmark_north: np.ndarray
+    landmark_vector: np.ndarray  # float32 (landmarks, place_dim)
+    basis: np.ndarray  # float32 (dim, place_dim + condition_dim): orthonormal, place columns first
+    rows: dict[str, _Rows]
+
+    @property
+    def place_basis(self) -> np.ndarray:
+        return self.basis[:, : self.landmark_vector.shape[1]]
+
+    @property
+    def condition_basis(self) -> np.ndarray:
+        """The subspace conditions live in; projecting it out is what training should learn."""
+        return self.basis[:, self.landmark_vector.shape[1] :]
+
+    def size(self, name: str) -> int:
+        """Rows in a split."""
+        return self.rows[name].east.size
+
+    def place(self, east, north, heading, occlusion=None) -> tuple[np.ndarray, np.ndarray]:
+        """Unit place vectors (k, place_dim) of views, and the share of each view occluded.
+
+        `occlusion` (k, 2) gives a hidden sector per view (start, width, radians
+        clockwise from the heading); landmarks in it are not seen.
+        """
+        east, north = np.asarray(east, np.float64), np.asarray(north, np.float64)
+        phi = np.radians(np.asarray(heading, np.float32))
+        occlusion = np.zeros((east.size, 2), np.float32) if occlusion is None else occlusion
+        keys = _tile(self.landmark_east, self.landmark_north, self.visibility_m)
+        tiles = _tile(east, north, self.visibility_m)
+        order = np.argsort(tiles, kind="stable")
+        bounds = np.flatnonzero(np.diff(tiles[order])) + 1
+        place = np.zeros((east.size, self.landmark_vector.shape[1]), np.float32)
+        hidden = np.zeros(east.size, np.float32)
+        for at in np.split(order, bounds) if east.size else []:
+            # The 3×3 block is three runs of three consecutive keys.
+            column = tiles[at[0]] + np.array([-_ROW, 0, _ROW])
+            near = np.concatenate([
+                np.arange(lo, hi) for lo, hi in zip(np.searchsorted(keys, column - 1), np.searchsorted(keys, column + 2))
+            ])
+            dx = (self.landmark_east[near][None, :] - east[at, None]).astype(np.float32)
+            dy = (self.landmark_north[near][None, :] - north[at, None]).astype(np.float32)
+            d2 = dx * dx + dy * dy
+            view = phi[at, None]
+            ahead = (dx * np.sin(view) + dy * np.cos(view)) / np.sqrt(d2 + 1e-6)  # cos of bearing − heading
+            # Heading weight 1 ahead, 1/2 to the side, 0 behind. Its square made
+            # the headings of one spot too unlike to share a class (measured).
+            w = np.exp(d2 / (-2 * self.visibility_m**2)) * ((1 + ahead) / 2)
+            w[d2 > (_CUTOFF * self.visibility_m) ** 2] = 0
+            start, width = occlusion[at, :1], occlusion[at, 1:]
+            if width.any():
+                blocked = np.mod(np.arctan2(dx, dy) - view - start, 2 * np.pi) < width
+                total = w.sum(axis=1)
+                w[blocked] = 0
+                hidden[at] = 1 - w.sum(axis=1) / np.maximum(total, 1e-12)
+            # einsum, not matmul: thousands of tiny BLAS calls stall on waking
+            # BLAS threads when the CPUs are shared (measured 10x slower).
+            place[at] = np.einsum("rl,ld->rd", w, self.landmark_vector[near])
+        place /= np.maximum(np.linalg.norm(place, axis=1, keepdims=True), 1e-12)
+        return place, hidden
+
+    def clean_features(self, east, north, heading, condition) -> np.ndarray:
+        """Noise-free, unoccluded features (k, dim) of views under conditions (k, condition_dim)."""
+        place, _ = self.place(east, north, heading)
+        return np.concatenate([place, np.asarray(condition, np.float32)], axis=1) @ self.basis.T
+
+    def embeddings(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start..stop of a split's features, float32 (rows, dim)."""
+        r = self.rows[name]
+        stop = r.east.size if stop is None else min(stop, r.east.size)
+        out = np.empty((max(stop - start, 0), self.dim), np.float32)
+        for block in range(start // _BLOCK, -(-stop // _BLOCK)):
+            lo, hi = block * _BLOCK, min((block + 1) * _BLOCK, r.east.size)
+            a, b = max(lo, start), min(hi, stop)
+            rng = np.random.default_rng([self.seed, SPLITS.index(name), block])
+            occluder = rng.standard_normal((hi - lo, self.landmark_vector.shape[1]), np.float32)[a - lo : b - lo]
+            # Uniform noise with the variance of N(0, noise²/dim): four times
+            # cheaper to draw, and Gaussian again along any direction (CLT).
+            noise = rng.random((hi - lo, self.dim), np.float32)[a - lo : b - lo]
+            noise -= 0.5
+            noise *= r.noise * np.sqrt(12 / self.dim)
+            place, hidden = self.place(r.east[a:b], r.north[a:b], r.heading[a:b], r.occlusion[a:b])
+            occluder /= np.linalg.norm(occluder, axis=1, keepdims=True)
+            place += hidden[:, None] * (occluder - place)  # the occluder takes the hidden share
+            rows = out[a - start : b - start]
+            np.matmul(np.concatenate([place, r.condition[r.capture[a:b]]], axis=1), self.basis.T, out=rows)
+            rows += noise
+        return out
+
+    def label_frame(self, name: str) -> pl.DataFrame:
+        """The split's labels in the feature-store column order and types (without `row`)."""
+        r = self.rows[name]
+        lat, lon = utm.to_latlon(r.east, r.north, 10, "S")
+        image_id = [
+            f"@{e:010.2f}@{n:010.2f}@10@S@{la:09.5f}@{lo:010.5f}@{name}{c:07d}@@{h:03.0f}@@@@@@.jpg"
+            for e, n, la, lo, c, h in zip(r.east, r.north, lat, lon, r.capture, r.heading)
+        ]
+        return pl.DataFrame(
+            {
+                "image_id": image_id,
+                "utm_east": r.east,
+                "utm_north": r.north,
+                "utm_zone": np.full(r.east.size, 10, np.int8),
+                "utm_letter": ["S"] * r.east.size,
+                "lat": lat,
+                "lon": lon,
+                "heading": r.heading,
+            },
+            schema=LABEL_SCHEMA,
+        )
+
+    def split(self, name: str) -> dict[str, np.ndarray]:
+        """Embeddings and every label column of a split as numpy arrays."""
+        columns = {c: s.to_numpy() for c, s in self.label_frame(name).to_dict().items()}
+        return {"embeddings": self.embeddings(name), **columns}
+
+
+def _conditions(rng, bank: np.ndarray, captures: int, jitter: float) -> np.ndarray:
+    picked = bank[rng.integers(0, len(bank), captures)]
+    return (picked + rng.standard_normal(picked.shape) * jitter / np.sqrt(bank.shape[1])).astype(np.float32)
+
+
+def make_city(
+    *,
+    seed: int = 0,
+    streets: int = 10,
+    block_m: float = 100.0,
+    spacing_m: float = 5.0,
+    db_spacing_m: float = 10.0,
+    headings: int = 4,
+    rotation_deg: float = 17.0,
+    dim: int = 768,
+    place_dim: int = 64,
+    condition_dim: int = 16,
+    conditions: int = 32,
+    query_conditions: int = 4,
+    condition_strength: float = 1.5,
+    condition_jitter: float = 0.5,
+    landmark_spacing_m: float = 15.0,
+    visibility_m: float = 20.0,
+    queries: int = 500,
+    val_queries: int = 200,
+    max_occlusion_deg: float = 120.0,
+    noise: float = 0.3,
+    query_noise: float = 0.6,
+    origin: tuple[float, float] = (550_000.0, 4_180_000.0),
+) -> SyntheticCity:
+    """A `streets` × `streets` grid city; train rows ≈ 2·streets²·block_m/spacing_m·headings."""
+    if place_dim + condition_dim > dim:
+        raise ValueError(f"place_dim + condition_dim = {place_dim + condition_dim} exceeds dim = {dim}")
+    rng = np.random.default_rng(seed)
+    side = (streets - 1) * block_m
+    turn = np.radians(rotation_deg)
+    rotate = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+
+    def to_utm(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        e, n = rotate @ np.stack([u, v])
+        return origin[0] + e, origin[1] + n
+
+    def drive(step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Spots every `step` metres along every street: (u, v, street direction in degrees)."""
+        t = np.arange(0.0, side + 1e-9, step)
+        line = np.arange(streets) * block_m
+        u1, v1 = np.repeat(line, t.size), np.tile(t, streets)  # streets running along v
+        direction = np.r_[np.zeros(u1.size), np.full(u1.size, 90.0)]
+        return np.r_[u1, v1], np.r_[v1, u1], direction
+
+    def panoramas(step: float, bank: np.ndarray) -> _Rows:
+        u, v, direction = drive(step)
+        # Local axes v and u point at compass bearings -rotation and 90 - rotation.
+        compass = (direction - rotation_deg)[:, None] + np.arange(headings) * 360.0 / headings
+        e, n = to_utm(u, v)
+        captures = u.size
+        return _Rows(np.repeat(e, headings), np.repeat(n, headings), np.mod(compass, 360).ravel().astype(np.float32),
+                     np.repeat(np.arange(captures), headings), _conditions(rng, bank, captures, condition_jitter),
+                     np.zeros((captures * headings, 2), np.float32), noise)
+
+    def snapshots(count: int, bank: np.ndarray) -> _Rows:
+        along, street = rng.uniform(0, side, count), rng.integers(0, streets, count) * block_m
+        across = street + rng.normal(0.0, 2.0, count)  # a pedestrian is not on the centre line
+        vertical = rng.random(count) < 0.5
+        e, n = to_utm(np.where(vertical, across, along), np.where(vertical, along, across))
+        occlusion = np.stack([rng.uniform(0, 2 * np.pi, count), rng.uniform(0, np.radians(max_occlusion_deg), count)], 1)
+        return _Rows(e, n, rng.uniform(0, 360, count).astype(np.float32), np.arange(count),
+                     _conditions(rng, bank, count, condition_jitter), occlusion.astype(np.float32), query_noise)
+
+    def bank(count: int) -> np.ndarray:
+        return rng.standard_normal((count, condition_dim)) * condition_strength / np.sqrt(condition_dim)
+
+    basis = np.linalg.qr(rng.standard_normal((dim, place_dim + condition_dim)))[0].astype(np.float32)
+    margin = _CUTOFF * visibility_m
+    corners = np.array(to_utm(np.array([0, side, 0, side]), np.array([0, 0, side, side])))
+    low, high = corners.min(axis=1) - margin, corners.max(axis=1) + margin
+    count = int(np.prod(high - low) / landmark_spacing_m**2)
+    landmarks = rng.uniform(low, high, (count, 2))
+    vectors = rng.standard_normal((count, place_dim)).astype(np.float32)
+    train_bank = bank(conditions)
+    rows = {
+        "train": panoramas(spacing_m, train_bank),
+        "val": snapshots(val_queries, bank(query_conditions)),
+        "test": snapshots(queries, bank(query_conditions)),
+        "test-db": panoramas(db_spacing_m, train_bank),
+    }
+    order = np.argsort(_tile(landmarks[:, 0], landmarks[:, 1], visibility_m), kind="stable")
+    return SyntheticCity(seed, dim, visibility_m, landmarks[order, 0], landmarks[order, 1], vectors[order], basis, rows)
