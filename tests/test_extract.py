@@ -3,6 +3,7 @@
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -253,7 +254,10 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_model):
     single = tmp_path / "one.h5"
     assert run(*extract_args(folder, single, tiny_model)).exit_code == 0
     out = tmp_path / "two.h5"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    with socket.socket() as sock:  # a free port: tests may run beside other torchrun jobs
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
            "-m", "dcfeat"] + [str(a) for a in extract_args(folder, out, tiny_model)]
     r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
                        capture_output=True, text=True)
