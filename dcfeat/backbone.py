@@ -51,6 +51,7 @@ def resolve_device(device: str) -> torch.device:
 class Backbone:
     model: nn.Module
     name: str  # hub id, or the directory's name for a local checkpoint
+    source: str  # what to pass to load_backbone again: hub id or absolute directory
     fingerprint: str
     random_init: bool
     pooling: str
@@ -120,7 +121,8 @@ def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: s
         ) from None
     net.eval().requires_grad_(False).to(dev)
     random_init = bool(getattr(config, "dcfeat_random_init", False))
-    return Backbone(model=net, name=Path(model).name if local else model, fingerprint=_fingerprint(net),
+    return Backbone(model=net, name=Path(model).name if local else model,
+                    source=str(Path(model).resolve()) if local else model, fingerprint=_fingerprint(net),
                     random_init=random_init, pooling=pooling, device=dev, dtype=dtype)
 
 

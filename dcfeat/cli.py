@@ -11,13 +11,13 @@ from rich.table import Table
 
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS, BackboneError
 from dcfeat.labels import LabelError
+from dcfeat.reports import RANDOM_NOTICE
 from dcfeat.store import StoreError
 from dcfeat.train import TrainConfig
 
 DATA = Path("data")
 DEFAULT_STORE = DATA / "feats.h5"
 TRAIN_DEFAULTS = TrainConfig()
-RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
 # Wide enough for the tables when piped (rich falls back to 80 columns without a terminal).
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 
@@ -187,6 +187,84 @@ def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, 
     stdout.print(f"run {result.out}: {result.classes} classes from {result.images_used} images, "
                  f"{len(result.epochs)} epochs in {result.seconds:.1f} s "
                  f"({last['seconds']:.2f} s/epoch), train accuracy {100 * last['train_accuracy']:.1f} %{val}")
+
+
+@cli.command()
+@click.option("--split", default="test", show_default=True, help="Query split.")
+@click.option("--feats", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
+              help="Feature store holding the query (and database) split.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
+              show_default=True, help="Run folder written by `dcfeat train`.")
+@click.option("--database-split", default=None, help="Database split for retrieval and the hybrid "
+              "(e.g. test-db).")
+@click.option("--mode", type=click.Choice(["classify", "retrieve", "hybrid", "all"]), default=None,
+              help="[default: all with --database-split, else classify]")
+@click.option("--space", type=click.Choice(["projected", "raw"]), default="projected", show_default=True,
+              help="Retrieval descriptors: the run's learned embedding or the raw backbone features.")
+@click.option("--cells", default=5, show_default=True, help="Hybrid: retrieve among the top-c cells' images.")
+@click.option("--threshold", default=25.0, show_default=True, help="Metres within which a prediction is right.")
+@click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Comma-separated k of LR@k.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: RUN/eval/SPLIT].")
+def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshold, ks, device, out):
+    """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
+    from dcfeat.reports import evaluate_from_store, recall_table
+
+    try:
+        k_values = tuple(sorted({int(k) for k in ks.split(",")}))
+    except ValueError:
+        raise click.BadParameter(f"{ks!r}: expected comma-separated integers like 1,5,10,20", param_hint="--k")
+    modes = None if mode is None else (("classify", "retrieve", "hybrid") if mode == "all" else (mode,))
+    report, paths = evaluate_from_store(feats, run_dir, split, database_split=database_split, modes=modes,
+                                        ks=k_values, threshold_m=threshold, cells=cells, space=space,
+                                        device=device, out=out)
+    stdout.print(recall_table(report))
+    stdout.print(f"coverage {100 * report['coverage']:.1f} % of queries lie in a class cell; device {report['device']}")
+    for name, path in paths.items():
+        stdout.print(f"{name}: {path}", highlight=False)
+
+
+@cli.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
+              show_default=True, help="Run folder written by `dcfeat train`.")
+@click.option("--images", type=click.Path(path_type=Path), help="Folder of new images (any file names).")
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV/Parquet with a `path` column.")
+@click.option("--feats", type=click.Path(path_type=Path), help="Predict from a cached split of this store instead.")
+@click.option("--split", default=None, help="With --feats: the split to predict.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("predictions.parquet"), show_default=True,
+              help="Output file: .parquet, .csv or .geojson.")
+@click.option("--k", default=5, show_default=True, help="Cells per image, best first.")
+@click.option("--model", default=None, help="Backbone [default: the one the run's features came from]; its "
+              "weights must be the same (checked).")
+@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", default=0, show_default=True, help="DataLoader decoding processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@no_progress
+def predict(run_dir, images, manifest, feats, split, out, k, model, batch_size, workers, device, no_progress):
+    """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon."""
+    from dcfeat.model import check_features, load_run
+    from dcfeat.predict import predict_images, predictions, write_predictions
+    from dcfeat.store import read_split
+
+    run = load_run(run_dir)
+    failed = []
+    if feats is not None:
+        if not split:
+            raise click.BadParameter("--feats needs --split", param_hint="--split")
+        data = read_split(feats, split, dtype="float32")
+        check_features(run.features, data.attrs, what=f"split '{split}' of {feats}")
+        frame = predictions(run, data.labels["image_id"].to_list(), data.embeddings, k)
+    else:
+        frame, failed = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
+                                       workers=workers, device=device, progress=not no_progress)
+    random_backbone = bool(run.features.get("backbone_random_init"))
+    path = write_predictions(frame, out, random_backbone=random_backbone)
+    stdout.print(f"{frame['image_id'].n_unique()} images, top-{k} cells each → {path}")
+    for image_id, reason in failed:
+        stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)
+    if random_backbone:
+        stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")
 
 
 def main(argv=None):

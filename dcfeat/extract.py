@@ -102,7 +102,7 @@ class ShardBatches(torch.utils.data.Sampler):
 
 def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: LabelledImages, draft: bool) -> dict:
     """Everything that changes the features' content, recorded with them (STYLE 6)."""
-    return {"model": backbone.name, "model_fingerprint": backbone.fingerprint,
+    return {"model": backbone.name, "model_source": backbone.source, "model_fingerprint": backbone.fingerprint,
             "backbone_random_init": backbone.random_init, "pooling": backbone.pooling,
             "image_size": image_size, "dim": backbone.dim, "dtype": dtype, "draft": draft,
             "images_root": str(Path(images.root).resolve()), "dcfeat_version": __version__}

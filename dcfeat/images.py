@@ -12,6 +12,7 @@ caller records it and goes on. No image ever becomes a zero-filled row.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def load_image(path: Path, image_size: int, *, draft: bool = True,
                     # Measured in BENCHMARKS.md: faster decode, sub-1% feature change.
                     scale = min(w, h) / target
                     if scale >= 2:
-                        img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
+                        img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 img = _to_rgb(img)

@@ -269,3 +269,14 @@ def make_city(
     }
     order = np.argsort(_tile(landmarks[:, 0], landmarks[:, 1], visibility_m), kind="stable")
     return SyntheticCity(seed, dim, visibility_m, landmarks[order, 0], landmarks[order, 1], vectors[order], basis, rows)
+
+
+def write_city(city: SyntheticCity, store, *, splits: tuple[str, ...] = SPLITS, seed: int = 0,
+               dtype: str = "float16") -> None:
+    """Write the city as a format-v1 store (one split at a time), labelled as synthetic."""
+    from dcfeat.shards import write_split
+
+    attrs = {"model": "synthetic-city", "model_fingerprint": f"synthetic-seed{seed}-dim{city.dim}",
+             "pooling": "none", "image_size": 0, "backbone_random_init": False, "dtype": dtype}
+    for name in splits:
+        write_split(store, name, city.embeddings(name), city.label_frame(name), attrs)

@@ -143,9 +143,12 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     used = int((part.class_index >= 0).sum())
     steps = max(len(groups), math.ceil(used / config.batch_size))
     amp = dev.type == "cuda"
-    config_json = {**(run_config or {}), **asdict(config), "classes_per_group": part.classes_per_group,
-                   "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps}
+    run_config = run_config or {}
+    config_json = {**run_config, **asdict(config), "classes_per_group": part.classes_per_group,
+                   "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps,
+                   "features": {"dim": int(features.shape[1]), **run_config.get("features", {})}}
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
     history, best, best_epoch = [], -1.0, 0
     for epoch in range(1, config.epochs + 1):
@@ -214,7 +217,7 @@ def train_from_store(feats: Path, split: str, config: TrainConfig, *, out: Path 
     make_partition(data, config)  # fail on a hopeless partition before creating the run folder
     run = new_run_dir(out, Path(feats).parent / "runs")
     (run / "command.txt").write_text(command + "\n")
-    features = {k: data.attrs.get(k) for k in (*FEATURE_KEYS, "backbone_random_init")}
+    features = {k: data.attrs.get(k) for k in (*FEATURE_KEYS, "model_source", "backbone_random_init")}
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev)}
     result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config)

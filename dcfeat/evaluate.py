@@ -1,0 +1,191 @@
+"""`dcfeat evaluate`: localisation recall of classification, retrieval and the hybrid.
+
+* classify: top-k cells over every group's prototypes; prediction = cell centre.
+* retrieve: exact cosine k-NN against a database split (NetVLAD/CosPlace way),
+  in the run's learned space (`projected`) or on the raw backbone features.
+* hybrid (D&C): retrieval only among database images inside the top-c cells.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import torch
+
+from dcfeat.metrics import localisation_recall
+from dcfeat.model import Run
+from dcfeat.partition import cell_of
+from dcfeat.retrieval import topk_cosine, topk_cosine_restricted
+from dcfeat.store import Split, StoreError
+from dcfeat.train import predict_cells
+
+MODES = ("classify", "retrieve", "hybrid")
+SPACES = ("projected", "raw")
+
+
+@dataclass
+class Method:
+    """One method's ranked predictions for every query, and how long they took."""
+
+    name: str
+    east: np.ndarray  # (n, k); NaN where fewer than k candidates existed
+    north: np.ndarray
+    zone: np.ndarray
+    letter: np.ndarray
+    score: np.ndarray
+    ref: np.ndarray  # (n, k) class ids (classify) or database rows (retrieve, hybrid); -1 = none
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def _cell_keys(zone: np.ndarray, letter: np.ndarray, east: np.ndarray, north: np.ndarray, M: float) -> np.ndarray:
+    p, q = cell_of(east, north, M)
+    northern = np.asarray([str(x) >= "N" for x in letter])
+    # One int64 per cell: 20-bit p and q (±5e5 cells of 20 m span any zone), zone, hemisphere.
+    return ((zone.astype(np.int64) * 2 + northern) << 42) + ((p + (1 << 20)) << 21) + (q + (1 << 20))
+
+
+def coverage(run: Run, labels: pl.DataFrame) -> float:
+    """Share of queries whose true cell is one of the run's classes."""
+    M = run.config["M"]
+    c = run.classes
+    keys = _cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
+                      c["cell_north"].to_numpy(), M)
+    q = _cell_keys(labels["utm_zone"].to_numpy(), labels["utm_letter"].to_numpy(), labels["utm_east"].to_numpy(),
+                   labels["utm_north"].to_numpy(), M)
+    return float(np.isin(q, keys).mean())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _embed(run: Run, x: np.ndarray, device: torch.device, chunk: int = 65536) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([run.model.projection(torch.as_tensor(x[i:i + chunk]).to(device))
+                          for i in range(0, len(x), chunk)])
+
+
+def classify(run: Run, queries: Split, k: int, device: torch.device) -> Method:
+    t = time.perf_counter()
+    p = predict_cells(run.model, queries.embeddings, run.classes, k, device)
+    _sync(device)
+    return Method("classify", p["east"], p["north"], p["zone"], p["letter"], p["score"], p["class"],
+                  time.perf_counter() - t)
+
+
+def _db_method(name: str, db: Split, scores: np.ndarray, rows: np.ndarray, seconds: float, **extra) -> Method:
+    lab = db.labels
+    safe = np.where(rows >= 0, rows, 0)
+
+    def col(c, fill):
+        v = lab[c].to_numpy()[safe]
+        return np.where(rows >= 0, v, fill)
+
+    return Method(name, col("utm_east", np.nan), col("utm_north", np.nan), col("utm_zone", 0),
+                  col("utm_letter", ""), scores, rows, seconds, extra)
+
+
+def _spaces(run: Run, queries: Split, db: Split, space: str, device: torch.device):
+    """Query and database descriptors in the chosen space; database embedding time apart."""
+    if space == "raw":
+        return queries.embeddings, db.embeddings, 0.0
+    t = time.perf_counter()
+    d = _embed(run, db.embeddings, device)
+    _sync(device)
+    index_seconds = time.perf_counter() - t
+    return queries.embeddings, d, index_seconds
+
+
+def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected") -> Method:
+    q, d, index_seconds = _spaces(run, queries, db, space, device)
+    t = time.perf_counter()
+    if space == "projected":
+        q = _embed(run, q, device)
+    scores, rows = topk_cosine(q, d, k, device=device)
+    _sync(device)
+    return _db_method("retrieve", db, scores, rows, time.perf_counter() - t, space=space,
+                      database_embedding_seconds=index_seconds)
+
+
+def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
+           space: str = "projected") -> Method:
+    """Retrieval restricted to database images inside each query's top-`cells` classes."""
+    M = run.config["M"]
+    c = run.classes
+    class_keys = _cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
+                            c["cell_north"].to_numpy(), M)
+    lab = db.labels
+    db_keys = _cell_keys(lab["utm_zone"].to_numpy(), lab["utm_letter"].to_numpy(), lab["utm_east"].to_numpy(),
+                         lab["utm_north"].to_numpy(), M)
+    order = np.argsort(db_keys, kind="stable")  # database rows grouped by cell: the "index"
+    sorted_keys = db_keys[order]
+    q, d, index_seconds = _spaces(run, queries, db, space, device)
+    t = time.perf_counter()
+    top_classes = run.model.topk(queries.embeddings, cells, device=device)[0]
+    wanted = class_keys[top_classes]  # (n, cells)
+    lo = np.searchsorted(sorted_keys, wanted, side="left")
+    hi = np.searchsorted(sorted_keys, wanted, side="right")
+    allowed = [np.concatenate([order[a:b] for a, b in zip(lo[i], hi[i])]) for i in range(len(wanted))]
+    if space == "projected":
+        q = _embed(run, q, device)
+    scores, rows = topk_cosine_restricted(q, d, allowed, k, device=device)
+    _sync(device)
+    return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
+                      database_embedding_seconds=index_seconds,
+                      mean_candidates=float(np.mean([len(a) for a in allowed])))
+
+
+def score(method: Method, queries: Split, *, ks: tuple[int, ...], threshold_m: float):
+    lab = queries.labels
+    return localisation_recall(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
+                               method.east, method.north, method.zone, threshold_m=threshold_m, ks=ks,
+                               q_letter=lab["utm_letter"].to_numpy(), p_letter=method.letter)
+
+
+def check_zones(run: Run, queries: Split) -> None:
+    zones = set(run.classes["utm_zone"].unique().to_list())
+    q = set(queries.labels["utm_zone"].unique().to_list())
+    if not q & zones:
+        raise StoreError(f"split '{queries.name}' lies in UTM zone(s) {sorted(q)} but every class of the run lies "
+                         f"in zone(s) {sorted(zones)}: the queries are from another place than the training "
+                         "images, so every prediction would be kilometres off")
+
+
+def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
+             ks: tuple[int, ...] = (1, 5, 10, 20), threshold_m: float = 25.0, cells: int = 5,
+             space: str = "projected", device: str = "cpu") -> tuple[dict, list[Method], dict]:
+    """Run each mode on `queries`; (report, methods, LocalisationRecall per method)."""
+    dev = torch.device(device)
+    run.model.to(dev)
+    check_zones(run, queries)
+    if any(m in ("retrieve", "hybrid") for m in modes) and database is None:
+        raise StoreError("--mode retrieve/hybrid needs --database-split (the database images' split)")
+    k = max(ks)
+    methods = []
+    for mode in modes:
+        if mode == "classify":
+            methods.append(classify(run, queries, k, dev))
+        elif mode == "retrieve":
+            methods.append(retrieve(run, queries, database, k, dev, space))
+        else:
+            methods.append(hybrid(run, queries, database, k, cells, dev, space))
+    n = queries.embeddings.shape[0]
+    results, report_methods = {}, {}
+    for m in methods:
+        lr = score(m, queries, ks=ks, threshold_m=threshold_m)
+        results[m.name] = lr
+        report_methods[m.name] = {"recall": {str(k_): v for k_, v in lr.recall.items()}, "median_error_m": lr.median_m,
+                                  "mean_error_m": lr.mean_m, "seconds": m.seconds,
+                                  "queries_per_s": n / m.seconds if m.seconds > 0 else None,
+                                  "ms_per_query": 1000 * m.seconds / n if n else None, **m.extra}
+    report = {"split": queries.name, "queries": n, "database_split": database.name if database else None,
+              "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
+              "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells,
+              "coverage": coverage(run, queries.labels), "classes": len(run.classes),
+              "random_backbone": bool(run.features.get("backbone_random_init", False)), "methods": report_methods}
+    return report, methods, results

@@ -1,0 +1,121 @@
+"""Files of `dcfeat evaluate`: report.json, predictions.parquet, PNG plots, the table.
+
+All land in `<run>/eval/<split>/`, each written under a temporary name and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from rich.table import Table
+
+from dcfeat.evaluate import Method
+from dcfeat.store import replace_atomically
+
+RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
+
+
+def predictions_frame(labels: pl.DataFrame, methods: list[Method], results: dict) -> pl.DataFrame:
+    """One row per query: true UTM, then per method the ranked predictions and top-1 error."""
+    cols = {c: labels[c] for c in ("image_id", "utm_east", "utm_north", "utm_zone", "utm_letter")}
+    for m in methods:
+        ref = "class" if m.name == "classify" else "db_row"
+        cols[f"{m.name}_{ref}"] = pl.Series(m.ref.astype(np.int64).tolist(), dtype=pl.List(pl.Int64))
+        cols[f"{m.name}_score"] = pl.Series(m.score.astype(np.float32).tolist(), dtype=pl.List(pl.Float32))
+        cols[f"{m.name}_east"] = pl.Series(m.east.tolist(), dtype=pl.List(pl.Float64))
+        cols[f"{m.name}_north"] = pl.Series(m.north.tolist(), dtype=pl.List(pl.Float64))
+        cols[f"{m.name}_zone"] = pl.Series(m.zone.astype(np.int64).tolist(), dtype=pl.List(pl.Int8))
+        cols[f"{m.name}_error_m"] = pl.Series(results[m.name].distances_m.tolist(), dtype=pl.List(pl.Float64))
+        cols[f"{m.name}_top1_error_m"] = pl.Series(results[m.name].distances_m[:, 0], dtype=pl.Float64)
+    return pl.DataFrame(cols)
+
+
+def recall_from_predictions(frame: pl.DataFrame, method: str, ks: list[int], threshold_m: float) -> dict[str, float]:
+    """LR@k recomputed from predictions.parquet alone (the agreement check)."""
+    err = np.array(frame[f"{method}_error_m"].to_list(), dtype=np.float64)
+    hit = np.nan_to_num(err, nan=np.inf) <= threshold_m
+    return {str(k): float(hit[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[Method], results: dict,
+                  *, background: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Path]:
+    from dcfeat.plots import plot_error_cdf, plot_query_map
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    frame = predictions_frame(labels, methods, results)
+    tmp = out / ".predictions.parquet.tmp"
+    frame.write_parquet(tmp)
+    replace_atomically(tmp, out / "predictions.parquet")
+    paths["predictions"] = out / "predictions.parquet"
+    notice = f" — {RANDOM_NOTICE}" if report["random_backbone"] else ""
+    paths["error_cdf"] = plot_error_cdf({m: r.distances_m[:, 0] for m, r in results.items()}, out / "error_cdf.png",
+                                        threshold_m=report["threshold_m"],
+                                        title=f"Top-1 error, split {report['split']}{notice}")
+    east, north = labels["utm_east"].to_numpy(), labels["utm_north"].to_numpy()
+    for m in methods:
+        paths[f"map_{m.name}"] = plot_query_map(
+            east, north, results[m.name].correct[:, 0], m.east[:, 0], m.north[:, 0], out / f"map_{m.name}.png",
+            title=f"{m.name}: queries of '{report['split']}' correct (green) / wrong (red) at "
+                  f"{report['threshold_m']:g} m{notice}", background=background)
+    report = {**report, "files": {k: p.name for k, p in paths.items()}}
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    replace_atomically(tmp, out / "report.json")
+    paths["report"] = out / "report.json"
+    return paths
+
+
+def recall_table(report: dict) -> Table:
+    ks = report["ks"]
+    title = f"split {report['split']}: {report['queries']} queries, LR@k at {report['threshold_m']:g} m"
+    if report.get("database_rows"):
+        title += f", database {report['database_split']} ({report['database_rows']:,} rows)"
+    table = Table(title=title, caption=RANDOM_NOTICE if report["random_backbone"] else None)
+    table.add_column("method")
+    for k in ks:
+        table.add_column(f"LR@{k}", justify="right")
+    for col in ("median err", "ms/query", "queries/s"):
+        table.add_column(col, justify="right")
+    for name, m in report["methods"].items():
+        label = name if name == "classify" else f"{name} ({m['space']})"
+        table.add_row(label, *[f"{100 * m['recall'][str(k)]:.1f}" for k in ks], f"{m['median_error_m']:.1f} m",
+                      f"{m['ms_per_query']:.3f}", f"{m['queries_per_s']:,.0f}")
+    return table
+
+
+def evaluate_from_store(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
+                        modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = (1, 5, 10, 20),
+                        threshold_m: float = 25.0, cells: int = 5, space: str = "projected",
+                        device: str = "auto", out: Path | None = None) -> tuple[dict, dict[str, Path]]:
+    """Read the splits and the run, check they belong together, evaluate, write the files."""
+    from dcfeat.backbone import resolve_device
+    from dcfeat.evaluate import evaluate
+    from dcfeat.model import check_features, load_run
+    from dcfeat.store import read_split
+
+    run = load_run(run_dir)
+    queries = read_split(feats, split, dtype=np.float32)
+    check_features(run.features, queries.attrs, what=f"split '{split}' of {feats}")
+    database = None
+    if database_split:
+        database = read_split(feats, database_split)
+        check_features(run.features, database.attrs, what=f"split '{database_split}' of {feats}")
+    if modes is None:
+        modes = ("classify", "retrieve", "hybrid") if database_split else ("classify",)
+    dev = resolve_device(device)
+    report, methods, results = evaluate(run, queries, database=database, modes=modes, ks=ks,
+                                        threshold_m=threshold_m, cells=cells, space=space, device=str(dev))
+    report = {**report, "run": str(Path(run_dir).resolve()), "store": str(Path(feats).resolve()),
+              "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
+                          "space": space, "device": device}}
+    background = None
+    if database is not None:
+        background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
+    paths = write_outputs(Path(out) if out else Path(run_dir) / "eval" / split, report, queries.labels, methods,
+                          results, background=background)
+    return report, paths
