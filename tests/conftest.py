@@ -44,3 +44,30 @@ def images(tmp_path) -> Path:
     folder = tmp_path / "images"
     write_images(folder, 24)
     return folder
+
+
+@pytest.fixture(scope="session")
+def city_store(tmp_path_factory) -> Path:
+    """The SMALL synthetic city as a format-v1 store: train 2600, val 100, test 200, test-db 1320 rows."""
+    from dcfeat.synthetic import SMALL, make_city, write_city
+
+    store = tmp_path_factory.mktemp("city") / "feats.h5"
+    write_city(make_city(seed=0, **SMALL), store)
+    return store
+
+
+# Settings of the measured margins below: 6 epochs of 10 steps, 128 dims, m = 0.4.
+FAST_TRAIN = ["--epochs", "6", "--dim", "128", "--m", "0.4", "--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def city_run(city_store, tmp_path_factory) -> Path:
+    from click.testing import CliRunner
+
+    from dcfeat.cli import cli
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    r = CliRunner().invoke(cli, ["train", "--feats", str(city_store), "--val-split", "val", "--out", str(out),
+                                 *FAST_TRAIN], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    return out

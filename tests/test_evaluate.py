@@ -1,0 +1,130 @@
+"""`dcfeat evaluate` and `dcfeat predict` on the synthetic city and on extracted images."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from dcfeat.cli import cli
+from dcfeat.reports import recall_from_predictions
+from dcfeat.shards import write_split
+from dcfeat.store import read_split
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def evaluated(city_store, city_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--split", "test", "--database-split",
+               "test-db", "--out", out)
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+def test_all_modes_side_by_side(evaluated):
+    out, output = evaluated
+    for word in ("classify", "retrieve (projected)", "hybrid (projected)", "LR@1", "LR@20", "ms/query", "coverage"):
+        assert word in output
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == {"classify", "retrieve", "hybrid"}
+    for m in report["methods"].values():
+        assert set(m["recall"]) == {"1", "5", "10", "20"} and m["queries_per_s"] > 0
+        assert m["recall"]["1"] <= m["recall"]["5"] <= m["recall"]["20"]
+    # Learned classification and the hybrid are far above chance (134 classes); measured 0.62 / 0.67.
+    assert report["methods"]["classify"]["recall"]["1"] > 0.4
+    assert report["methods"]["hybrid"]["recall"]["1"] > 0.4
+    assert 0.8 < report["coverage"] <= 1.0  # measured 0.90
+    assert report["queries"] == 200 and report["database_rows"] == 1320 and not report["random_backbone"]
+    for name in ("error_cdf.png", "map_classify.png", "map_retrieve.png", "map_hybrid.png"):
+        assert Image.open(out / name).format == "PNG"
+
+
+def test_recall_from_predictions_equals_the_report(evaluated):
+    out, _ = evaluated
+    report = json.loads((out / "report.json").read_text())
+    frame = pl.read_parquet(out / "predictions.parquet")
+    assert frame.height == 200
+    for method in report["methods"]:
+        assert recall_from_predictions(frame, method, report["ks"], report["threshold_m"]) == \
+            report["methods"][method]["recall"]
+    first = frame.row(0, named=True)
+    assert len(first["classify_class"]) == 20 and first["classify_score"] == sorted(first["classify_score"],
+                                                                                    reverse=True)
+
+
+def test_raw_space_and_classify_only(city_store, city_run, tmp_path):
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", tmp_path / "a")
+    assert r.exit_code == 0 and "retrieve" not in r.output
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--database-split", "test-db", "--mode",
+               "retrieve", "--space", "raw", "--out", tmp_path / "b")
+    assert r.exit_code == 0 and "retrieve (raw)" in r.output
+
+
+def test_bad_inputs_fail_clearly(city_store, city_run, tmp_path):
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--split", "nope")
+    assert r.exit_code != 0 and "no split 'nope'" in r.output
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--mode", "hybrid")
+    assert r.exit_code != 0 and "--database-split" in r.output
+    r = invoke("evaluate", "--feats", city_store, "--run", tmp_path / "norun")
+    assert r.exit_code != 0 and "not a complete run folder" in r.output
+
+    test = read_split(city_store, "test")
+    other = tmp_path / "other.h5"
+    write_split(other, "test", test.embeddings, test.labels.drop("row"),
+                {"model": "another-backbone", "pooling": "cls", "image_size": 224})
+    r = invoke("evaluate", "--feats", other, "--run", city_run)
+    assert r.exit_code != 0 and "another backbone" in r.output and "another-backbone" in r.output
+
+    far = tmp_path / "far.h5"
+    write_split(far, "test", test.embeddings, test.labels.drop("row").with_columns(utm_zone=pl.lit(33, pl.Int8)),
+                {"model": "synthetic-city", "pooling": "none", "image_size": 0,
+                 "model_fingerprint": "synthetic-seed0-dim64"})
+    r = invoke("evaluate", "--feats", far, "--run", city_run)
+    assert r.exit_code != 0 and "UTM zone(s) [33]" in r.output and "[10]" in r.output
+
+
+def test_predict_from_cached_features_writes_latlon(city_store, city_run, tmp_path):
+    for name in ("p.parquet", "p.csv", "p.geojson"):
+        r = invoke("predict", "--run", city_run, "--feats", city_store, "--split", "test", "--k", "3",
+                   "--out", tmp_path / name)
+        assert r.exit_code == 0, r.output
+    frame = pl.read_parquet(tmp_path / "p.parquet")
+    assert frame.height == 600 and frame["rank"].to_list()[:3] == [1, 2, 3]
+    assert frame["lat"].is_between(37.0, 38.5).all() and frame["lon"].is_between(-123.5, -121.5).all()
+    probs = frame.group_by("image_id").agg(pl.col("probability").sum())["probability"]
+    assert ((probs > 0) & (probs <= 1.0 + 1e-5)).all()
+    assert pl.read_csv(tmp_path / "p.csv").height == 600
+    geo = json.loads((tmp_path / "p.geojson").read_text())
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 600
+    lon, lat = geo["features"][0]["geometry"]["coordinates"]
+    assert lat == pytest.approx(frame["lat"][0]) and lon == pytest.approx(frame["lon"][0])
+
+
+def test_predict_new_images_through_the_backbone(images, tiny_model, tmp_path):
+    store = tmp_path / "f.h5"
+    assert invoke("extract", "--images", images, "--out", store, "--model", tiny_model, "--image-size", 56,
+                  "--workers", 0, "--no-progress").exit_code == 0
+    assert invoke("train", "--feats", store, "--M", 200, "--min-images-per-class", 1, "--epochs", 1, "--dim", 8,
+                  "--out", tmp_path / "run", "--no-progress").exit_code == 0
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((70, 90, 3), 60 * i, np.uint8)).save(new / f"photo{i}.jpg")
+    (new / "broken.jpg").write_bytes(b"nope")
+    r = invoke("predict", "--run", tmp_path / "run", "--images", new, "--out", tmp_path / "p.geojson", "--k", "1",
+               "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "skipped broken.jpg" in r.output and "RANDOM BACKBONE" in r.output
+    geo = json.loads((tmp_path / "p.geojson").read_text())
+    assert len(geo["features"]) == 3 and "RANDOM BACKBONE" in geo["dcfeat_notice"]
+    # The run's features came from tiny-dinov2; another random model is refused.
+    from dcfeat.backbone import save_random_dinov2
+    other = save_random_dinov2(tmp_path / "other", hidden_size=32, layers=2, heads=2, image_size=56, seed=5)
+    r = invoke("predict", "--run", tmp_path / "run", "--images", new, "--model", other, "--out", tmp_path / "q.csv")
+    assert r.exit_code != 0 and "model_fingerprint" in r.output and not (tmp_path / "q.csv").exists()
