@@ -122,3 +122,158 @@ def bench_extraction(model_dir: Path, paths: list[Path], *, batch_size: int, dev
     return {"device": str(backbone.device), "batch_size": batch_size, "images": n,
             "workers": workers if workers is not None else min(16, os.cpu_count() or 1),
             "backbone_only_img_s": model_rate, "end_to_end_img_s": e2e_rate, "ratio": e2e_rate / model_rate}
+
+
+def _grid_labels(rows: int, classes: int, M: float = 20.0, seed: int = 0):
+    """UTM labels putting `rows` images evenly into `classes` cells of a square grid."""
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(classes)))
+    cell = np.arange(rows) % classes
+    east = 550_000 + (cell % side + rng.uniform(0.05, 0.95, rows)) * M
+    north = 4_180_000 + (cell // side + rng.uniform(0.05, 0.95, rows)) * M
+    return pl.DataFrame({"row": np.arange(rows), "image_id": np.arange(rows).astype(str), "utm_east": east,
+                         "utm_north": north, "utm_zone": np.full(rows, 10, np.int8), "utm_letter": ["S"] * rows})
+
+
+def _random_split(name: str, rows: int, dim: int, classes: int, device: torch.device, seed: int = 0):
+    from dcfeat.store import Split
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    emb = torch.randn(rows, dim, generator=gen, device=device, dtype=torch.float16)
+    return Split(name=name, embeddings=emb, labels=_grid_labels(rows, classes, seed=seed), attrs={})
+
+
+def bench_train(rows: int, dim: int, classes: int, *, batch_size: int = 256, epochs: int = 3,
+                device: str = "cpu") -> dict:
+    """Seconds per epoch of `train` on random features with `classes` classes (timing only)."""
+    from dcfeat.train import TrainConfig, train
+
+    dev = torch.device(device)
+    split = _random_split("train", rows, dim, classes, dev)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(split, TrainConfig(epochs=epochs, batch_size=batch_size), Path(tmp), device=device,
+                    progress=False)
+    seconds = statistics.median(e["seconds"] for e in res.epochs[1:]) if epochs > 1 else res.epochs[0]["seconds"]
+    steps = res.epochs[0].get("steps") or int(np.ceil(rows / batch_size))
+    return {"rows": rows, "dim": dim, "classes": res.classes, "batch_size": batch_size, "device": str(dev),
+            "seconds_per_epoch": seconds, "samples_per_s": steps * batch_size / seconds,
+            "first_epoch_seconds": res.epochs[0]["seconds"]}
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_step(*, batch_size: int, in_dim: int, dim: int = 512, classes_per_group: int, device: str = "cpu",
+               repeats: int = 10) -> dict:
+    """One cached training step vs the same matrix products alone (`torch.mm` at the same shapes)."""
+    import torch.nn.functional as F
+
+    from dcfeat.model import DCModel
+
+    dev = torch.device(device)
+    model = DCModel(in_dim, dim, [classes_per_group], head="aamc", s=30.0, m=0.2).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=dev.type == "cuda")
+    x = torch.randn(batch_size, in_dim, device=dev, dtype=torch.float16)
+    y = torch.randint(classes_per_group, (batch_size,), device=dev)
+    amp = dev.type == "cuda"
+
+    def step():
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model.heads["0"](model.projection(x), y).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    dt = torch.bfloat16 if amp else torch.float32
+    a, w = torch.randn(batch_size, in_dim, device=dev, dtype=dt), torch.randn(dim, in_dim, device=dev, dtype=dt)
+    h, p = torch.randn(batch_size, dim, device=dev, dtype=dt), torch.randn(classes_per_group, dim, device=dev, dtype=dt)
+    g = torch.randn(batch_size, classes_per_group, device=dev, dtype=dt)
+
+    def mms():  # forward h = a wᵀ, logits = h pᵀ; backward dW = gᵀa (proj), dh = g p, dP = gᵀh
+        torch.mm(a, w.t()), torch.mm(h, p.t()), torch.mm(h.t(), a), torch.mm(g, p), torch.mm(g.t(), h)
+
+    flops = 2 * batch_size * (2 * in_dim * dim + 3 * dim * classes_per_group)
+    t_step, t_mm = _time(step, repeats, dev), _time(mms, repeats, dev)
+    return {"batch_size": batch_size, "in_dim": in_dim, "dim": dim, "classes_per_group": classes_per_group,
+            "device": str(dev), "step_ms": 1000 * t_step, "mm_ms": 1000 * t_mm,
+            "step_tflops": flops / t_step / 1e12, "mm_tflops": flops / t_mm / 1e12, "fraction_of_mm": t_mm / t_step}
+
+
+def bench_backbone_in_loop(*, batch_size: int, shape: str = "vits14", in_dim: int = 768,
+                           classes_per_group: int = 2500, device: str = "cpu", repeats: int = 3) -> dict:
+    """Samples/s of the cached step vs the same step with a DINOv2 forward per sample."""
+    from dcfeat.backbone import load_backbone
+
+    dev = torch.device(device)
+    cached = bench_step(batch_size=batch_size, in_dim=in_dim, classes_per_group=classes_per_group, device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone = load_backbone(str(random_backbone(shape, Path(tmp) / shape)), device=device)
+    crops = torch.randint(0, 256, (batch_size, 224, 224, 3), dtype=torch.uint8, device=dev)
+    t_backbone = _time(lambda: backbone.embed(crops), repeats, dev)
+    t_loop = t_backbone + cached["step_ms"] / 1000
+    return {"batch_size": batch_size, "device": str(dev), "backbone": shape,
+            "cached_samples_per_s": batch_size / (cached["step_ms"] / 1000),
+            "backbone_in_loop_samples_per_s": batch_size / t_loop,
+            "ratio": t_loop / (cached["step_ms"] / 1000)}
+
+
+def bench_queries(*, db_rows: int, queries: int, in_dim: int, classes: int, device: str = "cpu",
+                  cells: int = 5, repeats: int = 3) -> dict:
+    """ms/query of classify, retrieve (projected) and hybrid at a database size (timing only)."""
+    from dcfeat.evaluate import evaluate
+    from dcfeat.model import DCModel, Run
+    from dcfeat.partition import partition
+
+    dev = torch.device(device)
+    db = _random_split("test-db", db_rows, in_dim, classes, dev, seed=1)
+    q = _random_split("test", queries, in_dim, classes, dev, seed=2)
+    lab = db.labels
+    part = partition(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
+                     lab["utm_letter"].to_numpy(), M=20.0, N=2, min_images_per_class=1)
+    model = DCModel(in_dim, 512, part.classes_per_group, head="aamc", s=30.0, m=0.2).to(dev).eval()
+    run = Run(directory=Path("."), model=model, classes=part.classes,
+              config={"M": 20.0, "s": 30.0, "head": "aamc", "features": {}})
+    out = {"db_rows": db_rows, "queries": queries, "classes": len(part.classes), "device": str(dev)}
+    for mode in ("classify", "retrieve", "hybrid"):
+        secs = []
+        for _ in range(repeats + 1):
+            report, _, _ = evaluate(run, q, database=db, modes=(mode,), ks=(1, 5, 10, 20), cells=cells,
+                                    device=device)
+            secs.append(report["methods"][mode]["seconds"])
+        out[f"{mode}_ms_per_query"] = 1000 * statistics.median(secs[1:]) / queries
+    out["retrieve_over_classify"] = out["retrieve_ms_per_query"] / out["classify_ms_per_query"]
+    out["retrieve_over_hybrid"] = out["retrieve_ms_per_query"] / out["hybrid_ms_per_query"]
+    return out
+
+
+def check_cuda_against_cpu(model_dir: Path, paths: list[Path], *, rows: int = 100_000, dim: int = 768) -> dict:
+    """Agreement of the CUDA paths with the CPU reference: bf16 backbone, fp16 retrieval."""
+    from dcfeat.backbone import load_backbone
+    from dcfeat.images import load_image
+    from dcfeat.retrieval import topk_cosine
+
+    crops = torch.from_numpy(np.stack([load_image(p, 224) for p in paths[:64]]))
+    ref = load_backbone(str(model_dir), device="cpu").embed(crops).double()
+    got = load_backbone(str(model_dir), device="cuda").embed(crops).double().cpu()
+    cos = torch.nn.functional.cosine_similarity(ref, got, dim=1)
+    gen = torch.Generator().manual_seed(0)
+    db = torch.randn(rows, dim, generator=gen).half()
+    q = torch.randn(1000, dim, generator=gen).half()
+    s_cpu, i_cpu = topk_cosine(q.numpy(), db.numpy(), 10)
+    s_gpu, i_gpu = topk_cosine(q.cuda(), db.cuda(), 10, device="cuda")
+    return {"backbone_bf16_rel_err": float((got - ref).norm() / ref.norm()), "backbone_min_cosine": float(cos.min()),
+            "retrieval_top1_agreement": float((i_cpu[:, 0] == i_gpu[:, 0]).mean()),
+            "retrieval_top10_set_agreement": float(np.mean([len(set(a) & set(b)) / 10
+                                                            for a, b in zip(i_cpu, i_gpu)])),
+            "retrieval_max_score_diff": float(np.abs(s_cpu - s_gpu).max())}

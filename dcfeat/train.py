@@ -73,9 +73,9 @@ class BalancedSampler:
     def batch(self, group: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row indices into the split, class index within the group)."""
         order, starts, counts = self.groups[group]
-        gen, dev = self.generator, order.device
-        labels = torch.randint(len(counts), (size,), generator=gen, device=gen.device).to(dev)
-        within = (torch.rand(size, generator=gen, device=gen.device).to(dev) * counts[labels]).long()
+        gen = self.generator
+        labels = torch.randint(len(counts), (size,), generator=gen, device=order.device)
+        within = (torch.rand(size, generator=gen, device=order.device) * counts[labels]).long()
         return order[starts[labels] + within], labels
 
 
@@ -124,13 +124,14 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
           progress: bool = True, run_config: dict | None = None) -> TrainResult:
     """Train projection + group heads on one split's cached features; write the run to `out`."""
     t_start = time.perf_counter()
-    if not np.isfinite(split.embeddings).all():
-        raise StoreError(f"split '{split.name}' holds non-finite embeddings; re-extract it")
     dev = torch.device(device)
+    features = torch.as_tensor(split.embeddings).to(dev)  # numpy, or a tensor already in place
+    if not torch.isfinite(features).all():
+        raise StoreError(f"split '{split.name}' holds non-finite embeddings; re-extract it")
     torch.manual_seed(config.seed)
-    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    # Sampling on the training device: a CPU generator would force a blocking copy per step.
+    gen = torch.Generator(device=dev).manual_seed(config.seed)
     part = make_partition(split, config)
-    features = torch.as_tensor(split.embeddings).to(dev)
     model = DCModel(features.shape[1], config.dim, part.classes_per_group, head=config.head, s=config.s,
                     m=config.m).to(dev)
     sampler = BalancedSampler(part, dev, gen)
@@ -138,7 +139,7 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     opt = torch.optim.AdamW([
         {"params": model.projection.parameters(), "lr": config.lr_projection},
         {"params": model.heads.parameters(), "lr": config.lr_heads},
-    ], weight_decay=config.weight_decay)
+    ], weight_decay=config.weight_decay, fused=dev.type == "cuda")
     groups = [g for g, c in enumerate(part.classes_per_group) if c > 0]
     used = int((part.class_index >= 0).sum())
     steps = max(len(groups), math.ceil(used / config.batch_size))
