@@ -44,7 +44,8 @@ class DCModel(nn.Module):
         self.eval()
         ids, scores = [], []
         for start in range(0, len(features), chunk):
-            x = torch.as_tensor(np.asarray(features[start:start + chunk])).to(device)
+            rows = features[start:start + chunk]
+            x = (rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))).to(device)
             s = self.heads.scores(self.projection(x))
             top = s.topk(min(k, s.shape[1]), dim=1)
             ids.append(top.indices.cpu().numpy())

@@ -56,8 +56,8 @@ def city_store(tmp_path_factory) -> Path:
     return store
 
 
-# Settings of the measured margins below: 6 epochs of 10 steps, 128 dims, m = 0.4.
-FAST_TRAIN = ["--epochs", "6", "--dim", "128", "--m", "0.4", "--no-progress"]
+# Settings of the measured margins in the tests: 6 epochs of 10 steps, 128 dims, m = 0.4, head lr 1e-2.
+FAST_TRAIN = ["--epochs", "6", "--dim", "128", "--m", "0.4", "--lr-heads", "1e-2", "--no-progress"]
 
 
 @pytest.fixture(scope="session")
