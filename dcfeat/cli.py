@@ -267,6 +267,30 @@ def predict(run_dir, images, manifest, feats, split, out, k, model, batch_size, 
         stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")
 
 
+@cli.command()
+@click.option("--root", type=click.Path(path_type=Path), default=DATA / "demo", show_default=True,
+              help="Folder for the rendered images, the store and the runs.")
+@click.option("--streets", default=4, show_default=True, help="Streets per side of the city grid.")
+@click.option("--image-size", default=224, show_default=True, help="Backbone crop size (multiple of 14).")
+@click.option("--epochs", default=10, show_default=True, help="Training epochs.")
+@click.option("--workers", type=int, default=None, help="Decoding processes [default: min(16, CPUs)].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--random-backbone", is_flag=True, help="Use the random DINOv2 even if pretrained weights are cached.")
+@no_progress
+def demo(root, streets, image_size, epochs, workers, device, random_backbone, no_progress):
+    """Render a synthetic city, then extract, train and evaluate on it, offline."""
+    from dcfeat.demo import run_demo
+    from dcfeat.reports import recall_table
+
+    result = run_demo(root, streets=streets, image_size=image_size, epochs=epochs, workers=workers, device=device,
+                      progress=not no_progress, prefer_pretrained=not random_backbone)
+    stdout.print(recall_table(result.report))
+    stdout.print("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+                 + f"; backbone {result.model}")
+    for name, path in result.paths.items():
+        stdout.print(f"{name}: {path}", highlight=False)
+
+
 def main(argv=None):
     cli.main(args=argv, prog_name="dcfeat")
 

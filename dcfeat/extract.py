@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +122,16 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
     total = sum(stop - start for _, start, stop in shards)
     done = 0
     current, rows, outs, failures = None, [], [], []
-    with progress_bar(f"extract {plan.split}", total, enabled=progress) as advance:
+
+    def finish(index, rows, outs, failures):
+        emb = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, backbone.dim), np.float32)
+        write_shard(plan, index, np.array(rows, dtype=np.int64), emb, failures)
+
+    # Shards are written (device→host copy, HDF5, fsync) by one background thread while
+    # the model goes on; at most one write is pending, which bounds the memory held.
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as writer, \
+            progress_bar(f"extract {plan.split}", total, enabled=progress) as advance:
         for indices, batch, failed in loader:
             first = min(indices + [i for i, _ in failed])
             if current is None or first >= bounds[current][1]:
@@ -135,9 +145,12 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
             advance(n)
             start, stop = bounds[current]
             if len(rows) + len(failures) == stop - start:
-                emb = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, backbone.dim), np.float32)
-                write_shard(plan, current, np.array(rows, dtype=np.int64), emb, failures)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(finish, current, rows, outs, failures)
                 rows, outs, failures = [], [], []
+        if pending is not None:
+            pending.result()
     return done
 
 
