@@ -291,6 +291,15 @@ def demo(root, streets, image_size, epochs, workers, device, random_backbone, no
         stdout.print(f"{name}: {path}", highlight=False)
 
 
+def reference() -> str:
+    """The CLI reference of the README: every command's --help, at a fixed width."""
+    parts = []
+    for name, command in cli.commands.items():
+        ctx = click.Context(command, info_name=f"dcfeat {name}", terminal_width=100, max_content_width=100)
+        parts.append(f"### `dcfeat {name}`\n\n```\n{command.get_help(ctx)}\n```\n")
+    return "\n".join(parts)
+
+
 def main(argv=None):
     cli.main(args=argv, prog_name="dcfeat")
 

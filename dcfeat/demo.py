@@ -71,8 +71,9 @@ def run_demo(root: Path = Path("data/demo"), *, streets: int = 4, spacing_m: flo
     model = model or demo_backbone(root, prefer_pretrained=prefer_pretrained)
     backbone = load_backbone(model, device=device)
     if backbone.random_init:
-        stderr.print(f"[yellow]{PRETRAINED} is not in the local cache: using a randomly initialised DINOv2-S/14. "
-                     "The numbers below measure the pipeline, not DINOv2.[/yellow]")
+        stderr.print(f"[yellow]Backbone {backbone.name} is randomly initialised ({PRETRAINED} is not in the "
+                     "local cache, or --random-backbone): the numbers below measure the pipeline, not "
+                     "DINOv2.[/yellow]")
     for split in SPLITS:
         stderr.print(f"[bold]2/4 extract[/bold] {split} with {backbone.name}")
         extract(collect_images(images / split), backbone, store, split, image_size=image_size, workers=workers,

@@ -42,7 +42,7 @@ def recall_from_predictions(frame: pl.DataFrame, method: str, ks: list[int], thr
 
 
 def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[Method], results: dict,
-                  *, background: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Path]:
+                  *, background: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, dict[str, Path]]:
     from dcfeat.plots import plot_error_cdf, plot_query_map
 
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[M
     tmp.write_text(json.dumps(report, indent=1))
     replace_atomically(tmp, out / "report.json")
     paths["report"] = out / "report.json"
-    return paths
+    return report, paths
 
 
 def recall_table(report: dict) -> Table:
@@ -116,6 +116,5 @@ def evaluate_from_store(feats: Path, run_dir: Path, split: str, *, database_spli
     background = None
     if database is not None:
         background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
-    paths = write_outputs(Path(out) if out else Path(run_dir) / "eval" / split, report, queries.labels, methods,
-                          results, background=background)
-    return report, paths
+    return write_outputs(Path(out) if out else Path(run_dir) / "eval" / split, report, queries.labels, methods,
+                         results, background=background)

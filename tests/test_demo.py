@@ -1,0 +1,63 @@
+"""The README's two commands: `make demo` (the demo, at a tiny size here) and `make test`."""
+
+import json
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from dcfeat.cli import cli, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    block = re.search(r"```\n(.*?)```", README, flags=re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    assert readme_commands() == ["make demo", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo: install\n\t\$\(PYTHON\) -m dcfeat demo$", makefile, flags=re.M)
+    assert re.search(r"^test: install\n\t\$\(PYTHON\) -m pytest", makefile, flags=re.M)
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_cli_reference_is_current():
+    block = README.split("<!-- cli-reference:start -->\n")[1].split("<!-- cli-reference:end -->")[0]
+    assert block == reference(), "run `python pipelines/readme.py`"
+
+
+def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model):
+    from dcfeat.demo import run_demo
+
+    result = run_demo(tmp_path / "demo", streets=2, image_size=56, epochs=3, workers=0, progress=False,
+                      model=str(tiny_model))
+    report = result.report
+    assert set(report["methods"]) == {"classify", "retrieve", "hybrid"} and report["random_backbone"]
+    for m in report["methods"].values():
+        assert set(m) >= {"recall", "median_error_m", "mean_error_m", "queries_per_s", "ms_per_query"}
+        assert set(m["recall"]) == {"1", "5", "10", "20"}
+    for key in ("coverage", "queries", "database_rows", "threshold_m", "device", "options", "files", "classes"):
+        assert key in report
+    on_disk = json.loads(result.paths["report"].read_text())
+    assert on_disk["methods"] == report["methods"]
+    assert all(p.is_file() for p in result.paths.values())
+    # A second run reuses the rendered images and the complete store, and makes a new run folder.
+    again = run_demo(tmp_path / "demo", streets=2, image_size=56, epochs=1, workers=0, progress=False,
+                     model=str(tiny_model))
+    assert again.report["queries"] == report["queries"]
+    assert len(list((tmp_path / "demo" / "runs").glob("2*"))) == 2
+
+
+def test_demo_command_prints_the_table(tmp_path, tiny_model, monkeypatch):
+    import dcfeat.demo
+
+    monkeypatch.setattr(dcfeat.demo, "demo_backbone", lambda root, prefer_pretrained=True: str(tiny_model))
+    r = CliRunner().invoke(cli, ["demo", "--root", str(tmp_path / "d"), "--streets", "2", "--image-size", "56",
+                                 "--epochs", "2", "--workers", "0", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    for word in ("classify", "retrieve (projected)", "hybrid (projected)", "LR@1", "RANDOM BACKBONE", "error_cdf"):
+        assert word in r.output
