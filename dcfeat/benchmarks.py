@@ -206,7 +206,8 @@ def bench_step(*, batch_size: int, in_dim: int, dim: int = 512, classes_per_grou
 
     def step():
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model.heads["0"](model.projection(x), y).float(), y)
+            logits = model.heads["0"](model.projection(x), y)
+        loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -56,13 +56,22 @@ class _MarginHead(nn.Module):
         raise NotImplementedError
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits s·cos θ (n, C); with labels, the margin is applied to each target logit."""
-        cos = self.cosine(h)
-        if labels is not None:
-            target = labels.long().unsqueeze(1)
-            with torch.autocast(h.device.type, enabled=False):
-                cos = cos.scatter(1, target, self.margin(cos.gather(1, target)))
-        return self.s * cos
+        """Logits s·cos θ (n, C); with labels, the margin is applied to each target logit.
+
+        Training logits stay in the autocast dtype: s is folded into the product and
+        only the n target logits are recomputed, in float32 from their own rows, and
+        written in place. Every full (n, C) float32 pass that this avoids cost as much
+        as the matrix product itself on a GPU (BENCHMARKS.md).
+        """
+        if labels is None:
+            return self.s * self.cosine(h)
+        h = F.normalize(h.float(), dim=1, eps=_EPS)
+        w = F.normalize(self.weight.float(), dim=1, eps=_EPS)
+        labels = labels.long()
+        logits = F.linear(h * self.s, w)
+        with torch.autocast(h.device.type, enabled=False):
+            target = self.s * self.margin((h * w[labels]).sum(dim=1).clamp(-1.0, 1.0))
+        return logits.scatter_(1, labels.unsqueeze(1), target.unsqueeze(1).to(logits.dtype))
 
     def extra_repr(self) -> str:
         return f"classes={self.classes}, dim={self.dim}, s={self.s:g}, m={self.m:g}"

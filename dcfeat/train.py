@@ -163,7 +163,9 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
                 rows, labels = sampler.batch(g, config.batch_size)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     logits = model.heads[str(g)](model.projection(features[rows]), labels)
-                    loss = F.cross_entropy(logits.float(), labels)
+                # Outside autocast, which would copy the (batch × classes) logits to float32:
+                # the CUDA kernels accumulate in float32 over bf16 logits anyway.
+                loss = F.cross_entropy(logits, labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
