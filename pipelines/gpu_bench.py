@@ -19,6 +19,9 @@ import click
 import torch
 
 from dcfeat import benchmarks as B
+from dcfeat.quality import city_benchmark
+from dcfeat.synthetic import make_city
+from dcfeat.train import TrainConfig
 
 
 def _jpegs(args):
@@ -35,7 +38,7 @@ def _jpegs(args):
 @click.option("--db-rows", default=2_800_000, show_default=True)
 @click.option("--device", default="cuda", show_default=True, help="cpu only for a smoke test of this script.")
 @click.option("--shape", default="vitb14", show_default=True, help="Backbone shape for extraction.")
-@click.option("--steps", default="env,extract,step,train,queries,loop", show_default=True)
+@click.option("--steps", default="env,quality,extract,step,train,queries,loop", show_default=True)
 def main(out, images, unique, train_rows, train_classes, db_rows, device, shape, steps):
     steps = steps.split(",")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +58,9 @@ def main(out, images, unique, train_rows, train_classes, db_rows, device, shape,
     if "env" in steps:
         emit("env", {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else "none", "torch": torch.__version__, "python": platform.python_version(),
                      "cpus": os.cpu_count()})
+    if "quality" in steps:  # the bf16 training path must learn as well as the float32 CPU one
+        emit("quality", lambda: {k: v for k, v in city_benchmark(make_city(seed=0), TrainConfig(),
+                                                                 device=device).items()})
     t = time.perf_counter()
     workers = min(16, os.cpu_count() or 1)
     # Encoding is slow (~70 ms per photo-like 512² image): encode `unique` and copy the rest.
