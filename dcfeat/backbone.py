@@ -39,6 +39,14 @@ POOLINGS = {
 }
 
 
+def pool(sequence: torch.Tensor, pooling: str, registers: int) -> torch.Tensor:
+    """(B, dim) float32 pooled feature of final-layer-normed tokens (B, T, hidden).
+
+    Token 0 is CLS (`pooler_output` is exactly it), then `registers` register tokens, then patches.
+    """
+    return POOLINGS[pooling][1](sequence[:, 0], sequence[:, 1 + registers:]).float()
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,15 +78,26 @@ class Backbone:
     def num_register_tokens(self) -> int:
         return getattr(self.model.config, "num_register_tokens", 0) or 0
 
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    def tokens_per_image(self, image_size: int) -> int:
+        return 1 + self.num_register_tokens + (image_size // self.model.config.patch_size) ** 2
+
     @torch.inference_mode()
-    def embed(self, batch_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, S, S, 3) uint8 crops → (B, dim) float32 pooled features."""
+    def embed(self, batch_uint8: torch.Tensor, *, cache_tokens: int = 0):
+        """(B, S, S, 3) uint8 crops → (B, dim) float32 pooled features.
+
+        With `cache_tokens=K`, also the hidden states entering block L − K (B, T, hidden), in the
+        model's dtype: `hidden_states[0]` is the embeddings' output and `hidden_states[i]` block i's.
+        """
         x = normalize(batch_uint8.to(self.device, non_blocking=True), self.dtype)
-        out = self.model(pixel_values=x)
-        tokens = out.last_hidden_state
-        cls = out.pooler_output  # = layernormed last_hidden_state[:, 0]
-        patches = tokens[:, 1 + self.num_register_tokens:]
-        return POOLINGS[self.pooling][1](cls, patches).float()
+        out = self.model(pixel_values=x, output_hidden_states=bool(cache_tokens))
+        pooled = pool(out.last_hidden_state, self.pooling, self.num_register_tokens)
+        if not cache_tokens:
+            return pooled
+        return pooled, out.hidden_states[self.num_layers - cache_tokens]
 
 
 def _fingerprint(model: nn.Module) -> str:
@@ -134,6 +153,9 @@ def save_random_dinov2(directory: Path, *, hidden_size: int = 384, layers: int =
     ViT-S/14 shape by default; tests pass tiny sizes.
     """
     from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     kwargs = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
                   intermediate_size=4 * hidden_size, patch_size=patch_size, image_size=image_size)

@@ -41,6 +41,9 @@ def _save_atomic(fig: Figure, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fig.savefig(fh, format="png")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot is for sharing
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

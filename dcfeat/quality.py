@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcfeat.evaluate import evaluate, score
-from dcfeat.evaluate import Method
+from dcfeat.evaluate import Method, evaluate, score
 from dcfeat.model import load_run
 from dcfeat.store import Split
 from dcfeat.train import TrainConfig, make_partition, train
@@ -45,8 +44,15 @@ def nearest_class_mean(train_split: Split, queries: Split, config: TrainConfig, 
                   c["utm_zone"].to_numpy()[ids], c["utm_letter"].to_numpy()[ids], scores.numpy(), ids, seconds)
 
 
-def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 10, 20), cells: int = 5) -> dict:
-    """Train on the city, then LR@k and ms/query of every method on its test queries."""
+def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 10, 20), cells: int = 5,
+                   plots_dir: Path | None = None) -> dict:
+    """Train on the city, then LR@k and ms/query of every method on its test queries.
+
+    With `plots_dir`, the projected-space evaluation's files (report, predictions,
+    PNG plots) are written there as `dcfeat evaluate` writes them.
+    """
+    from dcfeat.reports import write_outputs
+
     train_split, val, test, db = (_split(city, s) for s in ("train", "val", "test", "test-db"))
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
@@ -56,9 +62,12 @@ def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 
     run.config["features"] = {}
     rows = {}
     for space in ("projected", "raw"):
-        report, methods, _ = evaluate(run, test, database=db, ks=ks, cells=cells, space=space, device=device,
-                                      modes=("classify", "retrieve", "hybrid") if space == "projected"
-                                      else ("retrieve",))
+        report, methods, results = evaluate(run, test, database=db, ks=ks, cells=cells, space=space,
+                                            device=device, modes=("classify", "retrieve", "hybrid")
+                                            if space == "projected" else ("retrieve",))
+        if plots_dir is not None and space == "projected":
+            write_outputs(Path(plots_dir), report, test.labels, methods, results,
+                          background=(db.labels["utm_east"].to_numpy(), db.labels["utm_north"].to_numpy()))
         for name, m in report["methods"].items():
             rows[name if name == "classify" else f"{name} ({space})"] = m
     ncm = nearest_class_mean(train_split, test, config, max(ks))

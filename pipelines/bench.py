@@ -42,7 +42,7 @@ def measure() -> dict:
     out["train_200k"] = B.bench_train(200_000, 768, 10_000, batch_size=256, epochs=3)
     out["step"] = B.bench_step(batch_size=256, in_dim=768, classes_per_group=2_500)
     out["backbone_in_loop"] = B.bench_backbone_in_loop(batch_size=32, classes_per_group=2_500)
-    out["city"] = city_benchmark(make_city(seed=0), TrainConfig())
+    out["city"] = city_benchmark(make_city(seed=0), TrainConfig(), plots_dir=RESULTS / "city")
     out["city_1m"] = city_benchmark(make_city(seed=0, streets=40, db_spacing_m=1.0), TrainConfig())
     return out
 
