@@ -75,9 +75,12 @@ no_progress = click.option("--no-progress", is_flag=True, help="Do not draw prog
               help="Storage type of the embeddings.")
 @click.option("--shard-rows", default=8192, show_default=True, help="Images per shard (the unit of resume).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing split made from other images or settings.")
+@click.option("--cache-tokens", default=0, show_default=True, help="Also store every image's tokens entering "
+              "the last K blocks, for `dcfeat train --finetune-blocks K` (ViT-B/14 at 224: 386 KB per image; "
+              "a shard's tokens are held in memory, so lower --shard-rows, e.g. 1024).")
 @no_progress
 def extract(images, manifest, path_column, out, split, model, pooling, image_size, batch_size, workers, device,
-            draft, dtype, shard_rows, overwrite, no_progress):
+            draft, dtype, shard_rows, overwrite, cache_tokens, no_progress):
     """Compute frozen DINOv2 features of images once and cache them in a feature store.
 
     Resumable: after a crash, run the same command again. For several GPUs or
@@ -92,7 +95,7 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     backbone = load_backbone(model, pooling=pooling, device=_rank_device(device, ranks))
     result = run_extract(labelled, backbone, out, split, image_size=image_size, batch_size=batch_size,
                          workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
-                         progress=not no_progress, ranks=ranks)
+                         progress=not no_progress, ranks=ranks, cache_tokens=cache_tokens)
     if ranks.rank:
         return
     if result.already_complete:
@@ -125,14 +128,16 @@ def info(store, show_failures):
 
     splits = list_splits(store)
     table = Table(title=str(store))
-    for col in ("split", "rows", "dim", "dtype", "model", "pooling", "size", "complete", "disk", "failures",
-                "problems"):
+    for col in ("split", "rows", "dim", "dtype", "model", "pooling", "size", "complete", "disk", "tokens",
+                "failures", "problems"):
         table.add_column(col, justify="right" if col in ("rows", "dim", "disk", "failures") else "left")
     for s in splits:
         model = str(s.attrs.get("model", "?")) + (" (random init)" if s.attrs.get("backbone_random_init") else "")
+        tokens = (f"K={s.cache_tokens}, {human_bytes(s.token_bytes_per_image)}/image"
+                  if s.cache_tokens else "-")
         table.add_row(s.name, f"{s.rows:,}", str(s.dim), s.dtype, model, str(s.attrs.get("pooling", "?")),
                       str(s.attrs.get("image_size", "?")), "yes" if s.complete else "no",
-                      human_bytes(s.bytes_on_disk), str(s.failures), "; ".join(s.problems) or "-")
+                      human_bytes(s.bytes_on_disk), tokens, str(s.failures), "; ".join(s.problems) or "-")
     stdout.print(table)
     if show_failures:
         for s in splits:
@@ -166,11 +171,15 @@ def info(store, show_failures):
               help="AdamW learning rate of the projection.")
 @click.option("--lr-heads", default=TRAIN_DEFAULTS.lr_heads, show_default=True,
               help="AdamW learning rate of the prototypes.")
+@click.option("--finetune-blocks", default=0, show_default=True, help="Also tune the last K DINOv2 blocks and "
+              "the final layer norm on the split's cached tokens (`dcfeat extract --cache-tokens K` or more).")
+@click.option("--lr-blocks", default=TRAIN_DEFAULTS.lr_blocks, show_default=True,
+              help="AdamW learning rate of the tuned blocks.")
 @click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
 def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, dim, epochs, batch_size,
-          lr_projection, lr_heads, seed, device, no_progress):
+          lr_projection, lr_heads, finetune_blocks, lr_blocks, seed, device, no_progress):
     """Train the projection and one classifier per group on cached features."""
     import shlex
 
@@ -178,7 +187,7 @@ def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, 
 
     config = TrainConfig(M=M, N=N, min_images_per_class=min_images_per_class, head=head, s=s, m=m, dim=dim,
                          epochs=epochs, batch_size=batch_size, lr_projection=lr_projection, lr_heads=lr_heads,
-                         seed=seed)
+                         finetune_blocks=finetune_blocks, lr_blocks=lr_blocks, seed=seed)
     result = train_from_store(feats, split, config, out=out, val_split=val_split, device=device,
                               progress=not no_progress, command=shlex.join(["dcfeat", *sys.argv[1:]]))
     last = result.epochs[-1]
@@ -254,6 +263,11 @@ def predict(run_dir, images, manifest, feats, split, out, k, model, batch_size, 
             raise click.BadParameter("--feats needs --split", param_hint="--split")
         data = read_split(feats, split, dtype="float32")
         check_features(run.features, data.attrs, what=f"split '{split}' of {feats}")
+        if run.config.get("finetune_blocks"):
+            from dcfeat.backbone import resolve_device
+            from dcfeat.finetune import tuned_splits
+
+            [data] = tuned_splits(run, feats, [data], resolve_device(device))
         frame = predictions(run, data.labels["image_id"].to_list(), data.embeddings, k)
     else:
         frame, failed = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
@@ -295,7 +309,10 @@ def reference() -> str:
     """The CLI reference of the README: every command's --help, at a fixed width."""
     parts = []
     for name, command in cli.commands.items():
-        ctx = click.Context(command, info_name=f"dcfeat {name}", terminal_width=100, max_content_width=100)
+        # The group's help names (-h too): click caches a command's help option the first time it
+        # is built, so a reference built with other names would depend on what ran before it.
+        ctx = click.Context(command, info_name=f"dcfeat {name}", terminal_width=100, max_content_width=100,
+                            help_option_names=cli.context_settings["help_option_names"])
         parts.append(f"### `dcfeat {name}`\n\n```\n{command.get_help(ctx)}\n```\n")
     return "\n".join(parts)
 

@@ -101,12 +101,17 @@ class ShardBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
-def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: LabelledImages, draft: bool) -> dict:
+def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: LabelledImages, draft: bool,
+                cache_tokens: int = 0) -> dict:
     """Everything that changes the features' content, recorded with them (STYLE 6)."""
-    return {"model": backbone.name, "model_source": backbone.source, "model_fingerprint": backbone.fingerprint,
-            "backbone_random_init": backbone.random_init, "pooling": backbone.pooling,
-            "image_size": image_size, "dim": backbone.dim, "dtype": dtype, "draft": draft,
-            "images_root": str(Path(images.root).resolve()), "dcfeat_version": __version__}
+    attrs = {"model": backbone.name, "model_source": backbone.source, "model_fingerprint": backbone.fingerprint,
+             "backbone_random_init": backbone.random_init, "pooling": backbone.pooling,
+             "image_size": image_size, "dim": backbone.dim, "dtype": dtype, "draft": draft,
+             "images_root": str(Path(images.root).resolve()), "dcfeat_version": __version__}
+    if cache_tokens:  # only then: plans (and so resumes) of splits without tokens are unchanged
+        attrs.update(cache_tokens=cache_tokens,
+                     tokens_shape=[backbone.tokens_per_image(image_size), backbone.hidden_size])
+    return attrs
 
 
 def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: LabelledImages, backbone: Backbone, *,
@@ -121,11 +126,16 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
     shard_of = {start: index for index, start, _ in shards}
     total = sum(stop - start for _, start, stop in shards)
     done = 0
-    current, rows, outs, failures = None, [], [], []
+    current, rows, outs, failures, toks = None, [], [], [], []
+    cache_tokens = int(plan.attrs.get("cache_tokens", 0))
+    token_dtype = getattr(torch, plan.attrs["dtype"])
 
-    def finish(index, rows, outs, failures):
+    def finish(index, rows, outs, failures, toks):
         emb = torch.cat(outs).cpu().numpy() if outs else np.zeros((0, backbone.dim), np.float32)
-        write_shard(plan, index, np.array(rows, dtype=np.int64), emb, failures)
+        tokens = None
+        if cache_tokens:
+            tokens = torch.cat(toks).numpy() if toks else np.zeros((0, *plan.attrs["tokens_shape"]), np.float16)
+        write_shard(plan, index, np.array(rows, dtype=np.int64), emb, failures, tokens=tokens)
 
     # Shards are written (device→host copy, HDF5, fsync) by one background thread while
     # the model goes on; at most one write is pending, which bounds the memory held.
@@ -137,7 +147,14 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
             if current is None or first >= bounds[current][1]:
                 current = shard_of[first]
             if batch is not None:
-                outs.append(backbone.embed(batch))
+                if cache_tokens:
+                    # Tokens go to the host per batch, in the storage dtype: a shard of them
+                    # would not fit on the GPU (8192 ViT-B/14 images: 3.2 GB at fp16).
+                    emb, tokens = backbone.embed(batch, cache_tokens=cache_tokens)
+                    toks.append(tokens.to(token_dtype).cpu())
+                else:
+                    emb = backbone.embed(batch)
+                outs.append(emb)
                 rows.extend(indices)
             failures.extend(failed)
             n = len(indices) + len(failed)
@@ -147,8 +164,8 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
             if len(rows) + len(failures) == stop - start:
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(finish, current, rows, outs, failures)
-                rows, outs, failures = [], [], []
+                pending = writer.submit(finish, current, rows, outs, failures, toks)
+                rows, outs, failures, toks = [], [], [], []
         if pending is not None:
             pending.result()
     return done
@@ -157,15 +174,22 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
 def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str = "train", *,
             image_size: int = 224, batch_size: int = 64, workers: int | None = None, draft: bool = True,
             dtype: str = "float16", shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False,
-            max_pixels: int = MAX_PIXELS, progress: bool = True, ranks: Ranks | None = None) -> ExtractResult:
-    """Embed `images` into `split` of `store`, resuming any unfinished run of the same plan."""
+            max_pixels: int = MAX_PIXELS, progress: bool = True, ranks: Ranks | None = None,
+            cache_tokens: int = 0) -> ExtractResult:
+    """Embed `images` into `split` of `store`, resuming any unfinished run of the same plan.
+
+    `cache_tokens=K` also stores every image's hidden states entering block L − K (dcfeat.finetune).
+    """
     if image_size % 14:
         raise StoreError(f"--image-size {image_size}: DINOv2 needs a multiple of 14 (224, 336, 448, 518 …)")
+    if not 0 <= cache_tokens <= backbone.num_layers:
+        raise StoreError(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
+                         f"choose 0 to {backbone.num_layers}")
     ranks = ranks or Ranks()
     workers = min(16, os.cpu_count() or 1) if workers is None else workers
     store = Path(store)
     store.parent.mkdir(parents=True, exist_ok=True)
-    attrs = store_attrs(backbone, image_size, dtype, images, draft)
+    attrs = store_attrs(backbone, image_size, dtype, images, draft, cache_tokens)
     t0 = time.perf_counter()
     with writer_lock(store) if ranks.rank == 0 else nullcontext():
         shared = None

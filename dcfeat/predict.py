@@ -126,6 +126,10 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
     backbone = load_backbone(source, pooling=feats_attrs["pooling"], device=device)
     check_features(feats_attrs, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
                                  "dim": backbone.dim}, what=f"backbone '{source}'")
+    if run.config.get("finetune_blocks"):
+        from dcfeat.finetune import use_tuned_blocks
+
+        use_tuned_blocks(backbone, run)
     feats, kept, failed = embed_images([root / i for i in ids], backbone, int(feats_attrs["image_size"]),
                                        batch_size=batch_size, workers=workers, progress=progress)
     frame = predictions(run, [ids[i] for i in kept], feats, k, str(backbone.device))

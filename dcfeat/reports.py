@@ -108,6 +108,11 @@ def evaluate_from_store(feats: Path, run_dir: Path, split: str, *, database_spli
     if modes is None:
         modes = ("classify", "retrieve", "hybrid") if database_split else ("classify",)
     dev = resolve_device(device)
+    if run.config.get("finetune_blocks"):
+        from dcfeat.finetune import tuned_splits
+
+        queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
+        database = rest[0] if rest else None
     report, methods, results = evaluate(run, queries, database=database, modes=modes, ks=ks,
                                         threshold_m=threshold_m, cells=cells, space=space, device=str(dev))
     report = {**report, "run": str(Path(run_dir).resolve()), "store": str(Path(feats).resolve()),

@@ -23,8 +23,8 @@ import h5py
 import numpy as np
 import polars as pl
 
-from dcfeat.store import (FORMAT_VERSION, StoreError, check_compatible, labels_dir, replace_atomically,
-                          shards_dir, writer_lock)
+from dcfeat.store import (FORMAT_VERSION, StoreError, attr_value, check_compatible, labels_dir,
+                          replace_atomically, shards_dir, writer_lock)
 
 DEFAULT_SHARD_ROWS = 8192
 _TMP = ".tmp"
@@ -73,8 +73,7 @@ def existing_split_attrs(store: Path) -> dict[str, dict]:
     if not Path(store).is_file():
         return {}
     with h5py.File(store, "r") as f:
-        return {name: {k: (v.decode() if isinstance(v, bytes) else v.item() if hasattr(v, "item") else v)
-                       for k, v in g.attrs.items()}
+        return {name: {k: attr_value(v) for k, v in g.attrs.items()}
                 for name, g in f.items() if isinstance(g, h5py.Group)}
 
 
@@ -143,14 +142,21 @@ def shard_complete(plan: Plan, index: int) -> bool:
 
 
 def write_shard(plan: Plan, index: int, rows: np.ndarray, embeddings: np.ndarray,
-                failures: list[tuple[int, str]]) -> Path:
-    """Write shard `index` (plan rows `rows` succeeded, `failures` did not) atomically."""
+                failures: list[tuple[int, str]], *, tokens: np.ndarray | None = None) -> Path:
+    """Write shard `index` (plan rows `rows` succeeded, `failures` did not) atomically.
+
+    `tokens` (rows, T, hidden): the hidden states a plan with `cache_tokens` keeps per image.
+    """
     _, start, stop = plan.shards[index]
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) + len(failures) != stop - start or len(rows) != len(embeddings):
         raise ValueError(f"shard {index}: {len(rows)} rows + {len(failures)} failures != {stop - start} images")
     if not np.isfinite(embeddings).all():
         raise ValueError(f"shard {index}: non-finite embeddings; refusing to store them")
+    token_shape = tuple(plan.attrs.get("tokens_shape", ()))
+    if token_shape and (tokens is None or tokens.shape != (len(rows), *token_shape)):
+        raise ValueError(f"shard {index}: the plan caches tokens {token_shape} per image; got "
+                         f"{None if tokens is None else tokens.shape}")
     final = plan.shard_path(index)
     tmp = final.with_name("." + final.name + _TMP)
     dtype = np.dtype(plan.attrs["dtype"])
@@ -160,6 +166,12 @@ def write_shard(plan: Plan, index: int, rows: np.ndarray, embeddings: np.ndarray
         chunk = (max(1, min(len(rows), (1 << 20) // (embeddings.shape[1] * dtype.itemsize))), embeddings.shape[1])
         f.create_dataset("embeddings", data=embeddings.astype(dtype), chunks=chunk if len(rows) else None,
                          maxshape=(None, embeddings.shape[1]))
+        if token_shape:
+            stored = tokens.astype(dtype)
+            if not np.isfinite(stored).all():
+                raise ValueError(f"shard {index}: tokens overflow {dtype}; extract with --dtype float32")
+            # One image per chunk: training and evaluation read runs of whole images.
+            f.create_dataset("tokens", data=stored, chunks=(1, *token_shape) if len(rows) else None)
         f.create_dataset("ids", data=np.array([i.encode() for i in plan.ids[rows]], dtype=f"S{plan.id_bytes}"))
         f.create_dataset("rows", data=rows)
         f.create_dataset("failures/rows", data=np.array([r for r, _ in failures], dtype=np.int64))
@@ -176,8 +188,13 @@ def _check_shard(plan: Plan, index: int, start: int, stop: int, dim: int) -> dic
                   and int(f.attrs["stop"]) == stop and f["embeddings"].shape[1:] == (dim,)
                   and f["ids"].shape[0] == f["embeddings"].shape[0] == f["rows"].shape[0])
             n = f["embeddings"].shape[0]
+            token_shape = tuple(plan.attrs.get("tokens_shape", ()))
+            if token_shape:
+                ok = ok and "tokens" in f and f["tokens"].shape == (n, *token_shape)
             if ok and n:
                 f["embeddings"][n - 1]  # readable to its last row
+                if token_shape:
+                    f["tokens"][n - 1]
             return {"n": n, "rows": f["rows"][()], "failed_rows": f["failures/rows"][()],
                     "reasons": f["failures/reasons"].asstr()[()]} if ok else {}
     except (OSError, KeyError) as e:
@@ -197,12 +214,16 @@ def assemble(plan: Plan) -> int:
     total = sum(m["n"] for _, m in checked)
     emb = h5py.VirtualLayout((total, dim), np.dtype(plan.attrs["dtype"]))
     ids = h5py.VirtualLayout((total,), np.dtype(f"S{plan.id_bytes}"))
+    token_shape = tuple(plan.attrs.get("tokens_shape", ()))
+    tokens = h5py.VirtualLayout((total, *token_shape), np.dtype(plan.attrs["dtype"])) if token_shape else None
     at = 0
     for index, meta in checked:
         if meta["n"]:
             rel = os.path.relpath(plan.shard_path(index), store.parent)
             emb[at:at + meta["n"]] = h5py.VirtualSource(rel, "embeddings", shape=(meta["n"], dim))
             ids[at:at + meta["n"]] = h5py.VirtualSource(rel, "ids", shape=(meta["n"],))
+            if tokens is not None:
+                tokens[at:at + meta["n"]] = h5py.VirtualSource(rel, "tokens", shape=(meta["n"], *token_shape))
             at += meta["n"]
     kept = np.concatenate([m["rows"] for _, m in checked]) if checked else np.zeros(0, np.int64)
     failed = np.concatenate([m["failed_rows"] for _, m in checked]) if checked else np.zeros(0, np.int64)
@@ -226,6 +247,8 @@ def assemble(plan: Plan) -> int:
         g = new.create_group(plan.split)
         g.create_virtual_dataset("embeddings", emb, fillvalue=np.nan)
         g.create_virtual_dataset("ids", ids)
+        if tokens is not None:
+            g.create_virtual_dataset("tokens", tokens, fillvalue=np.nan)
         g.create_dataset("failures/ids", data=plan_labels["image_id"].to_numpy()[failed].tolist(),
                          dtype=h5py.string_dtype())
         g.create_dataset("failures/reasons", data=reasons, dtype=h5py.string_dtype())

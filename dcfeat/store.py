@@ -2,7 +2,9 @@
 
 `NAME.h5` holds one group per split with `embeddings` (rows, D) and `ids`
 (rows,); `NAME.labels/split=<split>/*.parquet` holds one label row per
-embedding row. Any program that writes that layout is read here.
+embedding row. Any program that writes that layout is read here. Extension: a split
+may also hold `tokens` (rows, T, hidden) with attributes `cache_tokens` and
+`tokens_shape` (`dcfeat extract --cache-tokens`, read by dcfeat.finetune).
 
 dcfeat itself writes crash-safely: work goes into shard files under
 `NAME.shards/<split>/<plan>/`, each written to a temporary name and renamed
@@ -63,8 +65,13 @@ def replace_atomically(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def _attr(value):
-    return value.decode() if isinstance(value, bytes) else value.item() if hasattr(value, "item") else value
+def attr_value(value):
+    """An HDF5 attribute as a plain Python value (arrays, e.g. `tokens_shape`, as lists)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.ndim:
+        return value.tolist()
+    return value.item() if hasattr(value, "item") else value
 
 
 @contextmanager
@@ -105,6 +112,13 @@ class SplitInfo:
     failures: int
     missing_sources: list[str] = field(default_factory=list)
     labels_rows: int | None = None
+    tokens_shape: tuple[int, ...] | None = None  # (rows, T, hidden) of the cached tokens, if any
+    token_bytes_per_image: int = 0
+
+    @property
+    def cache_tokens(self) -> int:
+        """K: the split holds the hidden states entering the last K blocks (0: none)."""
+        return int(self.attrs.get("cache_tokens", 0)) if self.tokens_shape else 0
 
     @property
     def problems(self) -> list[str]:
@@ -117,6 +131,8 @@ class SplitInfo:
             out.append(f"{self.labels_rows} label rows for {self.rows} embeddings")
         if not self.complete:
             out.append("incomplete")
+        if self.tokens_shape and self.tokens_shape[0] != self.rows:
+            out.append(f"{self.tokens_shape[0]} token rows for {self.rows} embeddings")
         return out
 
 
@@ -136,14 +152,14 @@ def _open(store: Path) -> h5py.File:
         f = h5py.File(store, "r")
     except OSError as e:
         raise StoreError(f"{store}: not a readable HDF5 file ({e})") from None
-    if _attr(f.attrs.get("dcfeat_format", -1)) != FORMAT_VERSION:
+    if attr_value(f.attrs.get("dcfeat_format", -1)) != FORMAT_VERSION:
         f.close()
         raise StoreError(f"{store}: root attribute dcfeat_format is not {FORMAT_VERSION}; not a dcfeat store")
     return f
 
 
 def _split_attrs(group: h5py.Group) -> dict:
-    return {k: _attr(v) for k, v in group.attrs.items()}
+    return {k: attr_value(v) for k, v in group.attrs.items()}
 
 
 def _missing_sources(store: Path, ds: h5py.Dataset) -> list[str]:
@@ -177,13 +193,17 @@ def list_splits(store: Path) -> list[SplitInfo]:
             files = label_files(store, name)
             labels_rows = pl.scan_parquet(files).select(pl.len()).collect().item() if files else None
             fail = group.get("failures/ids")
+            tokens = group.get("tokens")
             out.append(SplitInfo(
                 name=name, rows=ds.shape[0], dim=ds.shape[1], dtype=str(ds.dtype), attrs=attrs,
                 complete=bool(attrs.get("complete", True)),
                 bytes_on_disk=_source_bytes(store, ds) + _source_bytes(store, group["ids"])
                 + sum(p.stat().st_size for p in files),
                 failures=0 if fail is None else fail.shape[0],
-                missing_sources=_missing_sources(store, ds), labels_rows=labels_rows))
+                missing_sources=_missing_sources(store, ds), labels_rows=labels_rows,
+                tokens_shape=None if tokens is None else tokens.shape,
+                token_bytes_per_image=0 if tokens is None else
+                int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize))
     return out
 
 

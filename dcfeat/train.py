@@ -43,6 +43,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     threshold_m: float = 25.0
+    # K > 0: also tune the last K DINOv2 blocks on cached tokens (dcfeat.finetune). Their rate is
+    # 100× below the projection's, as CosPlace tunes its backbone (1e-5) beside 1e-2 heads: the
+    # pretrained blocks move little, so the prototypes initialised on their output stay valid.
+    finetune_blocks: int = 0
+    lr_blocks: float = 1e-5
 
 
 @dataclass
@@ -56,34 +61,52 @@ class TrainResult:
 
 
 class BalancedSampler:
-    """Class-balanced batches of one group: class uniform, then image uniform in it."""
+    """Class-balanced batches of one group: class uniform, then image uniform in it.
 
-    def __init__(self, part: Partition, device: torch.device, generator: torch.Generator):
+    With `rows`, only those rows of the split (a streamed buffer of tokens): classes with no
+    image among them are not drawn, and indices are positions within `rows`.
+    """
+
+    def __init__(self, part: Partition, device: torch.device, generator: torch.Generator,
+                 rows: np.ndarray | None = None):
         self.generator = generator
         self.groups = []
-        cls = part.class_index
+        cls = part.class_index if rows is None else part.class_index[rows]
+        group = part.group if rows is None else part.group[rows]
         for g in range(part.num_groups):
-            rows = np.flatnonzero((part.group == g) & (cls >= 0))
-            order = rows[np.argsort(cls[rows], kind="stable")]
+            mine = np.flatnonzero((group == g) & (cls >= 0))
+            order = mine[np.argsort(cls[mine], kind="stable")]
             counts = np.bincount(cls[order], minlength=part.classes_per_group[g])
             starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
             self.groups.append(tuple(torch.as_tensor(a, device=device)
-                                     for a in (order, starts, counts)))
+                                     for a in (order, starts, counts, np.flatnonzero(counts))))
 
     def batch(self, group: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(row indices into the split, class index within the group)."""
-        order, starts, counts = self.groups[group]
+        order, starts, counts, present = self.groups[group]
         gen = self.generator
-        labels = torch.randint(len(counts), (size,), generator=gen, device=order.device)
+        labels = present[torch.randint(len(present), (size,), generator=gen, device=order.device)]
         within = (torch.rand(size, generator=gen, device=order.device) * counts[labels]).long()
         return order[starts[labels] + within], labels
+
+
+class CachedBatches:
+    """Step t: a class-balanced batch of group t mod (groups with classes), from rows of `features`."""
+
+    def __init__(self, features: torch.Tensor, sampler: BalancedSampler, groups: list[int], size: int):
+        self.features, self.sampler, self.groups, self.size = features, sampler, groups, size
+
+    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        g = self.groups[step % len(self.groups)]
+        rows, labels = self.sampler.batch(g, self.size)
+        return g, self.features[rows], labels
 
 
 def _class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
     """Prototypes start at the class means of the initial embeddings: training then
     sharpens a sensible classifier instead of first finding one (see the sweep)."""
     with torch.no_grad():
-        for g, (order, starts, counts) in enumerate(sampler.groups):
+        for g, (order, starts, counts, _) in enumerate(sampler.groups):
             if len(counts) == 0:
                 continue
             h = torch.cat([model.projection(features[order[i:i + 65536]].float())
@@ -121,8 +144,12 @@ def make_partition(split: Split, config: TrainConfig) -> Partition:
 
 
 def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = None, device: str = "cpu",
-          progress: bool = True, run_config: dict | None = None) -> TrainResult:
-    """Train projection + group heads on one split's cached features; write the run to `out`."""
+          progress: bool = True, run_config: dict | None = None, tail=None) -> TrainResult:
+    """Train projection + group heads on one split's cached features; write the run to `out`.
+
+    `tail` (a dcfeat.finetune.TokenTraining) trains the last blocks too: it supplies the batches
+    from cached tokens, its parameter group, the val features, and saves the blocks with the run.
+    """
     t_start = time.perf_counter()
     dev = torch.device(device)
     features = torch.as_tensor(split.embeddings).to(dev)  # numpy, or a tensor already in place
@@ -139,10 +166,13 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     opt = torch.optim.AdamW([
         {"params": model.projection.parameters(), "lr": config.lr_projection},
         {"params": model.heads.parameters(), "lr": config.lr_heads},
+        *(tail.param_groups() if tail else []),
     ], weight_decay=config.weight_decay, fused=dev.type == "cuda")
     groups = [g for g, c in enumerate(part.classes_per_group) if c > 0]
     used = int((part.class_index >= 0).sum())
     steps = max(len(groups), math.ceil(used / config.batch_size))
+    batches = (CachedBatches(features, sampler, groups, config.batch_size) if tail is None
+               else tail.start(part, sampler, groups, steps, config, dev))
     amp = dev.type == "cuda"
     run_config = run_config or {}
     config_json = {**run_config, **asdict(config), "classes_per_group": part.classes_per_group,
@@ -159,10 +189,9 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
         correct = torch.zeros((), device=dev)
         with progress_bar(f"epoch {epoch}/{config.epochs}", steps, enabled=progress, unit="step") as advance:
             for step in range(steps):
-                g = groups[step % len(groups)]
-                rows, labels = sampler.batch(g, config.batch_size)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model.heads[str(g)](model.projection(features[rows]), labels)
+                    g, x, labels = batches(step)
+                    logits = model.heads[str(g)](model.projection(x), labels)
                 # Outside autocast, which would copy the (batch × classes) logits to float32:
                 # the CUDA kernels accumulate in float32 over bf16 logits anyway.
                 loss = F.cross_entropy(logits, labels)
@@ -176,11 +205,15 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
                   "train_accuracy": float(correct) / (steps * config.batch_size),
                   "seconds": time.perf_counter() - t0}
         if val is not None:
-            record["val_lr1"] = val_recall(model, val, part.classes, config.threshold_m, dev)
+            record["val_lr1"] = val_recall(model, tail.features_of(val) if tail else val, part.classes,
+                                           config.threshold_m, dev)
         score = record.get("val_lr1", epoch)  # without val the last epoch is kept
         if score > best:
             best, best_epoch = score, epoch
-            save_run(out, model, {**config_json, "best_epoch": epoch}, part.classes)
+            if tail:
+                tail.save(out)
+            save_run(out, model, {**config_json, **(tail.config() if tail else {}), "best_epoch": epoch},
+                     part.classes)
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -218,12 +251,18 @@ def train_from_store(feats: Path, split: str, config: TrainConfig, *, out: Path 
     data = read_split(feats, split)
     val = read_split(feats, val_split) if val_split else None
     make_partition(data, config)  # fail on a hopeless partition before creating the run folder
+    tail = None
+    if config.finetune_blocks:
+        from dcfeat.finetune import TokenTraining
+
+        tail = TokenTraining.open(feats, split, val_split, data.attrs, config.finetune_blocks, config.lr_blocks)
     run = new_run_dir(out, Path(feats).parent / "runs")
     (run / "command.txt").write_text(command + "\n")
     features = {k: data.attrs.get(k) for k in (*FEATURE_KEYS, "model_source", "backbone_random_init")}
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev)}
-    result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config)
+    result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config,
+                   tail=tail)
     if out is None:
         point_latest(run)
     return result

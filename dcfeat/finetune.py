@@ -1,0 +1,256 @@
+"""Fine-tuning the last K DINOv2 blocks on cached tokens (`--cache-tokens K`, `--finetune-blocks K`).
+
+`dcfeat extract --cache-tokens K` stores, per image, the hidden states entering block L − K
+(`/<split>/tokens`, rows × T × hidden). Training then runs only those K blocks, the final layer
+norm and the pooling (`TailBlocks`) on the cache, tuned with the projection and the heads: the
+first L − K blocks never run again. A split cached deeper (K' > K) is fine: its extra K' − K
+blocks run frozen. The run keeps the tuned blocks and layer norm in `blocks.safetensors`;
+evaluation embeds cached tokens through them, prediction swaps them into the full backbone.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dcfeat.backbone import POOLINGS, Backbone, load_backbone, pool
+from dcfeat.store import Split, StoreError, replace_atomically, split_info
+
+BLOCKS_FILE = "blocks.safetensors"
+# Splits whose tokens take at most this much are trained from memory (on the training device);
+# larger ones are streamed. ViT-B/14 at 224: 20 k images.
+MEMORY_BYTES = 8 << 30
+# Streaming reads CHUNK_ROWS contiguous images per h5py call (200 MB of ViT-B/14 tokens) and
+# trains on BUFFER_CHUNKS such chunks at a time, drawn at random over the split.
+CHUNK_ROWS = 512
+BUFFER_CHUNKS = 16
+EMBED_ROWS = 256  # images per forward pass when embedding a split's tokens
+
+
+class TailBlocks(nn.Module):
+    """Last blocks of a DINOv2 + final layer norm + pooling: cached tokens → pooled features.
+
+    `frozen` blocks run first without gradients (tokens cached deeper than the tuned depth),
+    then the `tuned` ones; only `tuned.*` and `layernorm.*` are the run's (`tuned_state`).
+    """
+
+    def __init__(self, frozen: list[nn.Module], tuned: list[nn.Module], layernorm: nn.Module, pooling: str,
+                 registers: int):
+        super().__init__()
+        self.frozen = nn.ModuleList(frozen).requires_grad_(False)
+        self.tuned = nn.ModuleList(tuned)
+        self.layernorm = layernorm
+        self.pooling, self.registers = pooling, registers
+
+    @property
+    def depth(self) -> int:
+        """Deepest cache this tail accepts: tokens entering the last `depth` blocks."""
+        return len(self.frozen) + len(self.tuned)
+
+    def forward(self, tokens: torch.Tensor, cached: int | None = None) -> torch.Tensor:
+        """(B, T, hidden) tokens entering the last `cached` blocks → (B, dim) float32."""
+        cached = self.depth if cached is None else cached
+        x = tokens.to(self.layernorm.weight.dtype)
+        with torch.no_grad():
+            for block in self.frozen[self.depth - cached:]:
+                x = block(x)
+        for block in self.tuned:
+            x = block(x)
+        return pool(self.layernorm(x), self.pooling, self.registers)
+
+    def tuned_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                if not k.startswith("frozen.")}
+
+
+def require_tokens(store: Path, split: str, blocks: int) -> int:
+    """K' of the split's cached tokens, refusing a split that holds none or too few blocks' worth."""
+    have = split_info(store, split).cache_tokens
+    if have < blocks:
+        what = f"tokens entering only the last {have} blocks" if have else "no cached tokens"
+        raise StoreError(f"split '{split}' of {store} has {what}, and the run tunes the last {blocks} blocks. "
+                         f"Add them with `dcfeat extract --split {split} --out {store} --cache-tokens {blocks} "
+                         "--overwrite` and the split's other options as before")
+    return have
+
+
+def load_tail(features: dict, cached: int, tuned: int) -> TailBlocks:
+    """The last `cached` blocks of the features' own checkpoint (checked), the last `tuned` trainable; fp32, CPU."""
+    source = features.get("model_source") or features.get("model")
+    backbone = load_backbone(source, pooling=features["pooling"], device="cpu")
+    if backbone.fingerprint != features.get("model_fingerprint"):
+        raise StoreError(f"checkpoint '{source}' holds other weights than the model that cached the tokens "
+                         f"(fingerprint {backbone.fingerprint} vs {features.get('model_fingerprint')}): tuned "
+                         "blocks must start from the very same checkpoint. Restore it, or re-extract with "
+                         f"--model {source}")
+    L = backbone.num_layers
+    if not 0 < tuned <= cached <= L:
+        raise StoreError(f"--finetune-blocks {tuned}: choose 1 to {min(cached, L)} (the split caches the tokens "
+                         f"entering the last {cached} of {L} blocks)")
+    layers = backbone.model.encoder.layer
+    tail = TailBlocks(list(layers[L - cached:L - tuned]), list(layers[L - tuned:]), backbone.model.layernorm,
+                      backbone.pooling, backbone.num_register_tokens)
+    tail.tuned.requires_grad_(True)
+    tail.layernorm.requires_grad_(True)
+    return tail
+
+
+def read_tokens(store: Path, split: str, chunks: list[tuple[int, int]]) -> np.ndarray:
+    """Rows [start, stop) of each chunk of the split's tokens, concatenated: one h5py read per chunk."""
+    with h5py.File(store, "r") as f:
+        ds = f[split]["tokens"]
+        return np.concatenate([ds[a:b] for a, b in chunks]) if chunks else np.zeros((0, *ds.shape[1:]), ds.dtype)
+
+
+@torch.no_grad()
+def embed_tokens(tail: TailBlocks, store: Path, split: str, cached: int, device: torch.device,
+                 rows: int = EMBED_ROWS) -> np.ndarray:
+    """(rows, dim) float32 features of a split's cached tokens through `tail`."""
+    was_training = tail.training
+    tail.eval()
+    n = split_info(store, split).rows
+    out = []
+    for start in range(0, n, rows):
+        x = torch.from_numpy(read_tokens(store, split, [(start, min(start + rows, n))])).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(tail(x, cached).float().cpu().numpy())
+    tail.train(was_training)
+    dim = POOLINGS[tail.pooling][0] * tail.layernorm.normalized_shape[0]
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
+class TokenTraining:
+    """train.train's hook when the last K blocks are tuned: batches of cached tokens through the tail."""
+
+    def __init__(self, store: Path, split: str, tail: TailBlocks, lr: float, cached: dict[str, int]):
+        self.store, self.split, self.tail, self.lr, self.cached = Path(store), split, tail, lr, cached
+        self.streamed = False
+
+    @classmethod
+    def open(cls, store: Path, split: str, val_split: str | None, features: dict, blocks: int,
+             lr: float) -> "TokenTraining":
+        cached = {s: require_tokens(store, s, blocks) for s in (split, val_split) if s}
+        return cls(store, split, load_tail(features, max(cached.values()), blocks), lr, cached)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [*self.tail.tuned.parameters(), *self.tail.layernorm.parameters()], "lr": self.lr}]
+
+    def start(self, part, sampler, groups: list[int], steps: int, config, device: torch.device):
+        """The batch source of train.train: (group, pooled features with gradients, labels) per step."""
+        from dcfeat.train import CachedBatches
+
+        self.tail.to(device).train()
+        info = split_info(self.store, self.split)
+        cached = self.cached[self.split]
+        if info.rows * info.token_bytes_per_image <= MEMORY_BYTES:
+            tokens = torch.from_numpy(read_tokens(self.store, self.split, [(0, info.rows)])).to(device)
+            source = CachedBatches(tokens, sampler, groups, config.batch_size)
+        else:
+            self.streamed = True
+            source = StreamedBatches(self.store, self.split, info.rows, part, steps, config.batch_size, device,
+                                     sampler.generator, config.seed)
+
+        def batches(step: int):
+            g, tokens, labels = source(step)
+            return g, self.tail(tokens, cached), labels
+
+        return batches
+
+    def features_of(self, split: Split) -> Split:
+        dev = self.tail.layernorm.weight.device
+        return replace(split, embeddings=embed_tokens(self.tail, self.store, split.name, self.cached[split.name], dev))
+
+    def save(self, out: Path) -> None:
+        tmp = Path(out) / f".{BLOCKS_FILE}.tmp"
+        save_file(self.tail.tuned_state(), str(tmp))
+        replace_atomically(tmp, Path(out) / BLOCKS_FILE)
+
+    def config(self) -> dict:
+        tokens = {"cached": self.cached, "streamed": self.streamed}
+        if self.streamed:
+            tokens.update(chunk_rows=CHUNK_ROWS, buffer_chunks=BUFFER_CHUNKS)
+        return {"tokens": tokens}
+
+
+class StreamedBatches:
+    """Class-balanced batches from tokens that do not fit in memory, read in large contiguous chunks.
+
+    Rows are sorted by image id, and SF-XL ids by UTM east: one chunk is a strip of the city
+    with few classes. So every epoch shuffles the chunks and trains on BUFFER_CHUNKS of them
+    at a time (many places, many classes), sampling class-balanced among the buffer's rows; a
+    buffer gets a share of the epoch's steps equal to its share of the rows in classes, so an
+    epoch still sees every image about once. The next buffer is read while this one trains.
+    """
+
+    def __init__(self, store: Path, split: str, rows: int, part, steps: int, size: int, device: torch.device,
+                 generator: torch.Generator, seed: int):
+        self.store, self.split, self.rows, self.part = store, split, rows, part
+        self.steps, self.size, self.device, self.generator = steps, size, device, generator
+        self.order_generator = torch.Generator().manual_seed(seed)
+        self.pool = ThreadPoolExecutor(max_workers=1)
+
+    def _epoch(self) -> list[tuple[list[tuple[int, int]], int]]:
+        """(chunks, steps) of every buffer of an epoch."""
+        starts = torch.randperm(-(-self.rows // CHUNK_ROWS), generator=self.order_generator).numpy() * CHUNK_ROWS
+        used = self.part.class_index >= 0
+        buffers = [sorted((int(a), min(int(a) + CHUNK_ROWS, self.rows)) for a in starts[i:i + BUFFER_CHUNKS])
+                   for i in range(0, len(starts), BUFFER_CHUNKS)]
+        share = np.cumsum([sum(int(used[a:b].sum()) for a, b in chunks) for chunks in buffers])
+        ends = np.round(share / share[-1] * self.steps).astype(int)
+        counts = np.diff(np.concatenate([[0], ends]))
+        return [(chunks, int(n)) for chunks, n in zip(buffers, counts) if n > 0]
+
+    def _next_buffer(self) -> None:
+        from dcfeat.train import BalancedSampler
+
+        chunks, self.left = self.plan[self.index]
+        tokens = self.pending.result()
+        self.index += 1
+        if self.index < len(self.plan):
+            self.pending = self.pool.submit(read_tokens, self.store, self.split, self.plan[self.index][0])
+        rows = np.concatenate([np.arange(a, b) for a, b in chunks])
+        self.tokens = torch.from_numpy(tokens).to(self.device)
+        self.sampler = BalancedSampler(self.part, self.device, self.generator, rows=rows)
+        self.groups = [g for g, (*_, present) in enumerate(self.sampler.groups) if len(present)]
+        self.turn = 0
+
+    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        if step == 0:
+            self.plan, self.index, self.left = self._epoch(), 0, 0
+            self.pending = self.pool.submit(read_tokens, self.store, self.split, self.plan[0][0])
+        while self.left == 0:
+            self._next_buffer()
+        self.left -= 1
+        g = self.groups[self.turn % len(self.groups)]
+        self.turn += 1
+        rows, labels = self.sampler.batch(g, self.size)
+        return g, self.tokens[rows], labels
+
+
+def tuned_splits(run, store: Path, splits: list[Split], device: torch.device) -> list[Split]:
+    """The splits with their features recomputed from cached tokens through the run's tuned blocks."""
+    blocks = int(run.config["finetune_blocks"])
+    cached = [require_tokens(store, s.name, blocks) for s in splits]
+    tail = load_tail(run.features, max(cached), blocks)
+    missing, unexpected = tail.load_state_dict(load_file(str(Path(run.directory) / BLOCKS_FILE)), strict=False)
+    if unexpected or any(not k.startswith("frozen.") for k in missing):
+        raise StoreError(f"{run.directory / BLOCKS_FILE} does not hold the run's last {blocks} blocks")
+    tail.to(device)
+    return [replace(s, embeddings=embed_tokens(tail, store, s.name, c, device)) for s, c in zip(splits, cached)]
+
+
+def use_tuned_blocks(backbone: Backbone, run) -> None:
+    """Replace the backbone's last K blocks and final layer norm by the run's tuned ones, in place."""
+    blocks = int(run.config["finetune_blocks"])
+    layers = backbone.model.encoder.layer
+    target = nn.Module()
+    target.tuned = nn.ModuleList(layers[len(layers) - blocks:])
+    target.layernorm = backbone.model.layernorm
+    target.load_state_dict(load_file(str(Path(run.directory) / BLOCKS_FILE)))
