@@ -94,6 +94,11 @@ def gpu_section() -> list[str]:
               f"| training step with a ViT-S/14 forward per sample vs cached, batch {loop['batch_size']} | "
               f"{loop['backbone_in_loop_samples_per_s']:,.0f} vs {loop['cached_samples_per_s']:,.0f} samples/s: "
               f"**{loop['ratio']:.0f}×** | ≥ 100× |"]
+    lines += ["", "Made before two changes aimed at the misses above, which are so far measured on the CPU only: "
+              "training logits kept in bf16 with only the target logits recomputed in float32 (the step "
+              "spent ~75 % of its time in elementwise passes over the batch × classes logits), and shard "
+              "writes moved to a background thread during extraction. A third GPU run to measure them was "
+              "lost when the lent machine stopped answering, and no device time was left for another."]
     first = RESULTS / "gpu_h100_first.jsonl"
     if "check" in {json.loads(x)["step"] for x in first.read_text().splitlines()} if first.is_file() else False:
         check = next(json.loads(x) for x in first.read_text().splitlines() if json.loads(x)["step"] == "check")
