@@ -1,0 +1,116 @@
+"""Measurements for fine-tuning the last blocks from cached tokens (BENCHMARKS.md).
+
+`step_speed` times one training step on cached tokens against the same step
+with the frozen first L − K blocks run on decoded images; `city_comparison`
+extracts the rendered street city once with tokens and trains K = 0, 1, 2
+side by side, each training in its own process so its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dcfeat.backbone import load_backbone
+from dcfeat.finetune import load_tail
+from dcfeat.images import normalize
+from dcfeat.model import DCModel
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def step_speed(model_dir: Path, K: int, *, batch_size: int = 32, image_size: int = 224, classes: int = 1000,
+               repeats: int = 3) -> dict:
+    """Samples/s of a K-block fine-tuning step on cached tokens vs on decoded images (CPU)."""
+    backbone = load_backbone(str(model_dir), device="cpu")
+    tail = load_tail({"model_source": str(model_dir), "pooling": "cls", "model_fingerprint": backbone.fingerprint},
+                     K, K)
+    model = DCModel(backbone.dim, 512, [classes], head="aamc", s=30.0, m=0.4)
+    params = [*model.parameters(), *tail.tuned.parameters(), *tail.layernorm.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    crops = torch.randint(0, 256, (batch_size, image_size, image_size, 3), dtype=torch.uint8)
+    labels = torch.randint(classes, (batch_size,))
+    net = backbone.model
+    L = backbone.num_layers
+    with torch.no_grad():
+        tokens = net.embeddings(normalize(crops, torch.float32))
+        for layer in net.encoder.layer[:L - K]:
+            tokens = layer(tokens)
+
+    def update(feats):
+        loss = F.cross_entropy(model.heads["0"](model.projection(feats), labels), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def from_images():
+        with torch.no_grad():
+            x = net.embeddings(normalize(crops, torch.float32))
+            for layer in net.encoder.layer[:L - K]:
+                x = layer(x)
+        update(tail(x))
+
+    cached = _median_seconds(lambda: update(tail(tokens)), repeats)
+    full = _median_seconds(from_images, repeats)
+    return {"K": K, "layers": L, "batch_size": batch_size, "tokens_samples_per_s": batch_size / cached,
+            "images_samples_per_s": batch_size / full, "speedup": full / cached, "ideal": L / K}
+
+
+def _dcfeat(*args) -> dict:
+    """Run a dcfeat command in a child process; its wall time and its own peak RSS (wait4)."""
+    t = time.perf_counter()
+    quiet = ["--no-progress"] if args[0] in ("extract", "train") else []
+    proc = subprocess.Popen([sys.executable, "-m", "dcfeat", *map(str, args), *quiet], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    return {"seconds": time.perf_counter() - t, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def city_comparison(root: Path, model_dir: Path, *, image_size: int = 112, epochs: int = 10,
+                    blocks: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """LR@1 on the rendered city's test queries after training with K = 0, 1, 2 tuned blocks."""
+    from dcfeat.store import split_info
+    from dcfeat.streets import render_city
+
+    root = Path(root)
+    images, store = root / "images", root / "feats.h5"
+    if not (images / "city.json").is_file():
+        render_city(images)
+    depth = max(blocks)
+    for split in ("train", "val", "test"):
+        _dcfeat("extract", "--images", images / split, "--out", store, "--split", split, "--model", model_dir,
+                "--image-size", image_size, "--cache-tokens", depth)
+    info = split_info(store, "train")
+    out = {"image_size": image_size, "epochs": epochs, "train_rows": info.rows,
+           "token_bytes_per_image": int(info.attrs["tokens_shape"][0]) * int(info.attrs["tokens_shape"][1]) * 2,
+           "runs": {}}
+    for K in blocks:
+        run = root / f"run-K{K}"
+        stats = _dcfeat("train", "--feats", store, "--val-split", "val", "--epochs", epochs, "--out", run,
+                        "--finetune-blocks", K)
+        _dcfeat("evaluate", "--feats", store, "--run", run, "--split", "test")
+        report = json.loads((run / "eval" / "test" / "report.json").read_text())
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        out["runs"][K] = {**stats, "test_lr1": report["methods"]["classify"]["recall"]["1"],
+                          "test_lr5": report["methods"]["classify"]["recall"]["5"],
+                          "best_val_lr1": max(e["val_lr1"] for e in log),
+                          "seconds_per_epoch": statistics.median(e["seconds"] for e in log)}
+    return out
