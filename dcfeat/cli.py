@@ -252,23 +252,15 @@ def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshol
 @no_progress
 def predict(run_dir, images, manifest, feats, split, out, k, model, batch_size, workers, device, no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon."""
-    from dcfeat.model import check_features, load_run
-    from dcfeat.predict import predict_images, predictions, write_predictions
-    from dcfeat.store import read_split
+    from dcfeat.model import load_run
+    from dcfeat.predict import predict_cached, predict_images, write_predictions
 
     run = load_run(run_dir)
     failed = []
     if feats is not None:
         if not split:
             raise click.BadParameter("--feats needs --split", param_hint="--split")
-        data = read_split(feats, split, dtype="float32")
-        check_features(run.features, data.attrs, what=f"split '{split}' of {feats}")
-        if run.config.get("finetune_blocks"):
-            from dcfeat.backbone import resolve_device
-            from dcfeat.finetune import tuned_splits
-
-            [data] = tuned_splits(run, feats, [data], resolve_device(device))
-        frame = predictions(run, data.labels["image_id"].to_list(), data.embeddings, k)
+        frame = predict_cached(run, feats, split, k=k, device=device)
     else:
         frame, failed = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
                                        workers=workers, device=device, progress=not no_progress)

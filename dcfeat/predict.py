@@ -134,3 +134,17 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
                                        batch_size=batch_size, workers=workers, progress=progress)
     frame = predictions(run, [ids[i] for i in kept], feats, k, str(backbone.device))
     return frame, [(ids[i], reason) for i, reason in failed]
+
+
+def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "auto") -> pl.DataFrame:
+    """Predictions for a cached split (through the run's tuned blocks when it has them)."""
+    from dcfeat.backbone import resolve_device
+    from dcfeat.store import read_split
+
+    data = read_split(feats, split, dtype="float32")
+    check_features(run.features, data.attrs, what=f"split '{split}' of {feats}")
+    if run.config.get("finetune_blocks"):
+        from dcfeat.finetune import tuned_splits
+
+        [data] = tuned_splits(run, feats, [data], resolve_device(device))
+    return predictions(run, data.labels["image_id"].to_list(), data.embeddings, k)
