@@ -229,11 +229,6 @@ def read_labels(store: Path, split: str) -> pl.DataFrame:
     return frame
 
 
-def read_ids(store: Path, split: str) -> list[str]:
-    with _open(store) as f:
-        return [s.decode() if isinstance(s, bytes) else s for s in f[split]["ids"][()]]
-
-
 def read_split(store: Path, split: str, *, dtype=None, allow_incomplete: bool = False,
                chunk_rows: int = 1 << 16) -> Split:
     """One split in memory: embeddings as one array, labels as a polars frame, checked."""

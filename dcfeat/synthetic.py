@@ -71,10 +71,6 @@ class SyntheticCity:
     rows: dict[str, _Rows]
 
     @property
-    def place_basis(self) -> np.ndarray:
-        return self.basis[:, : self.landmark_vector.shape[1]]
-
-    @property
     def condition_basis(self) -> np.ndarray:
         """The subspace conditions live in; projecting it out is what training should learn."""
         return self.basis[:, self.landmark_vector.shape[1] :]
