@@ -102,6 +102,19 @@ class CachedBatches:
         return g, self.features[rows], labels
 
 
+def _hits(head, h: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each sample's own class scores highest *without* the margin.
+
+    The training logits carry the margin on the target, so their argmax understates accuracy
+    (on hard data to 0 %). The margin only lowers the target logit, so the target wins
+    without it exactly when s·cos θ_y is at least the largest training logit.
+    """
+    if not hasattr(head, "m"):
+        return logits.argmax(1) == labels
+    cos_y = (F.normalize(h.float(), dim=1) * F.normalize(head.weight.detach().float()[labels], dim=1)).sum(1)
+    return head.s * cos_y >= logits.float().max(1).values
+
+
 def _class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
     """Prototypes start at the class means of the initial embeddings: training then
     sharpens a sensible classifier instead of first finding one (see the sweep)."""
@@ -191,7 +204,8 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
             for step in range(steps):
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                     g, x, labels = batches(step)
-                    logits = model.heads[str(g)](model.projection(x), labels)
+                    h = model.projection(x)
+                    logits = model.heads[str(g)](h, labels)
                 # Outside autocast, which would copy the (batch × classes) logits to float32:
                 # the CUDA kernels accumulate in float32 over bf16 logits anyway.
                 loss = F.cross_entropy(logits, labels)
@@ -199,7 +213,7 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
                 loss.backward()
                 opt.step()
                 loss_sum += loss.detach()
-                correct += (logits.detach().argmax(1) == labels).sum()
+                correct += _hits(model.heads[str(g)], h.detach(), logits.detach(), labels).sum()
                 advance(1)
         record = {"epoch": epoch, "loss": float(loss_sum) / steps,
                   "train_accuracy": float(correct) / (steps * config.batch_size),

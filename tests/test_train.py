@@ -27,7 +27,7 @@ def test_training_learns_well_above_chance(city_run):
     assert len(log) == 6 and config["classes"] == 134  # chance = 0.7 %
     assert set(log[0]) == {"epoch", "loss", "train_accuracy", "seconds", "val_lr1"}
     assert log[-1]["loss"] < log[0]["loss"] / 2  # measured 6.8 → 2.1
-    assert log[-1]["train_accuracy"] > 0.35  # measured 0.55
+    assert log[-1]["train_accuracy"] > 0.8  # measured 0.98 (without the margin; 0.55 with it)
     assert max(e["val_lr1"] for e in log) > 0.45  # measured 0.66
     assert config["best_epoch"] == max(log, key=lambda e: e["val_lr1"])["epoch"]
 
