@@ -7,7 +7,6 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS, BackboneError
 from dcfeat.labels import LabelError
@@ -31,14 +30,6 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -124,20 +115,11 @@ def _rank_device(device: str, ranks) -> str:
 @click.option("--failures", "show_failures", is_flag=True, help="List every skipped image with its reason.")
 def info(store, show_failures):
     """Show the splits of a feature store: rows, dim, model, completeness, size, failures."""
+    from dcfeat.info import splits_table
     from dcfeat.store import list_splits, read_failures
 
     splits = list_splits(store)
-    table = Table(title=str(store))
-    for col in ("split", "rows", "dim", "dtype", "model", "pooling", "size", "complete", "disk", "tokens",
-                "failures", "problems"):
-        table.add_column(col, justify="right" if col in ("rows", "dim", "disk", "failures") else "left")
-    for s in splits:
-        model = str(s.attrs.get("model", "?")) + (" (random init)" if s.attrs.get("backbone_random_init") else "")
-        tokens = (f"K={s.cache_tokens}, {human_bytes(s.token_bytes_per_image)}/image"
-                  if s.cache_tokens else "-")
-        table.add_row(s.name, f"{s.rows:,}", str(s.dim), s.dtype, model, str(s.attrs.get("pooling", "?")),
-                      str(s.attrs.get("image_size", "?")), "yes" if s.complete else "no",
-                      human_bytes(s.bytes_on_disk), tokens, str(s.failures), "; ".join(s.problems) or "-")
+    table = splits_table(store, splits)
     stdout.print(table)
     if show_failures:
         for s in splits:

@@ -275,3 +275,4 @@ def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
     if diff:
         shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
         raise StoreError(f"{what} do not belong together ({shown}). {fix}")
+

@@ -1,0 +1,33 @@
+"""`dcfeat info`: what a feature store holds, as a table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from dcfeat.store import SplitInfo
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def splits_table(store: Path, splits: list[SplitInfo]):
+    """`dcfeat info`'s table: one row per split with what identifies and what is wrong with it."""
+    table = Table(title=str(store))
+    for col in ("split", "rows", "dim", "dtype", "model", "pooling", "size", "complete", "disk", "tokens",
+                "failures", "problems"):
+        table.add_column(col, justify="right" if col in ("rows", "dim", "disk", "failures") else "left")
+    for s in splits:
+        model = str(s.attrs.get("model", "?")) + (" (random init)" if s.attrs.get("backbone_random_init") else "")
+        tokens = (f"K={s.cache_tokens}, {human_bytes(s.token_bytes_per_image)}/image"
+                  if s.cache_tokens else "-")
+        table.add_row(s.name, f"{s.rows:,}", str(s.dim), s.dtype, model, str(s.attrs.get("pooling", "?")),
+                      str(s.attrs.get("image_size", "?")), "yes" if s.complete else "no",
+                      human_bytes(s.bytes_on_disk), tokens, str(s.failures), "; ".join(s.problems) or "-")
+    return table
