@@ -128,3 +128,19 @@ def test_predict_new_images_through_the_backbone(images, tiny_model, tmp_path):
     other = save_random_dinov2(tmp_path / "other", hidden_size=32, layers=2, heads=2, image_size=56, seed=5)
     r = invoke("predict", "--run", tmp_path / "run", "--images", new, "--model", other, "--out", tmp_path / "q.csv")
     assert r.exit_code != 0 and "model_fingerprint" in r.output and not (tmp_path / "q.csv").exists()
+
+
+def test_extract_train_evaluate_with_default_paths(images, tiny_model, tmp_path, monkeypatch):
+    """`dcfeat evaluate --split test` needs no other option after `extract` and `train`."""
+    monkeypatch.chdir(tmp_path)
+    assert invoke("extract", "--images", images, "--model", tiny_model, "--image-size", 56, "--workers", 0,
+                  "--no-progress").exit_code == 0
+    assert invoke("extract", "--images", images, "--split", "test", "--model", tiny_model, "--image-size", 56,
+                  "--workers", 0, "--no-progress").exit_code == 0
+    r = invoke("train", "--M", 200, "--min-images-per-class", 1, "--epochs", 1, "--dim", 8, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "data" / "runs" / "latest" / "model.safetensors").is_file()
+    r = invoke("evaluate", "--split", "test")
+    assert r.exit_code == 0, r.output
+    assert "LR@1" in r.output and "RANDOM BACKBONE" in r.output
+    assert (tmp_path / "data" / "runs" / "latest" / "eval" / "test" / "report.json").is_file()
