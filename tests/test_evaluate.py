@@ -144,3 +144,15 @@ def test_extract_train_evaluate_with_default_paths(images, tiny_model, tmp_path,
     assert r.exit_code == 0, r.output
     assert "LR@1" in r.output and "RANDOM BACKBONE" in r.output
     assert (tmp_path / "data" / "runs" / "latest" / "eval" / "test" / "report.json").is_file()
+
+
+def test_more_bad_options_fail_clearly(city_store, city_run, images, tiny_model, tmp_path):
+    r = invoke("predict", "--run", city_run, "--feats", city_store, "--split", "test", "--out", tmp_path / "p.txt")
+    assert r.exit_code != 0 and ".geojson" in r.output and not (tmp_path / "p.txt").exists()
+    r = invoke("predict", "--run", city_run, "--feats", city_store, "--out", tmp_path / "p.csv")
+    assert r.exit_code != 0 and "--split" in r.output
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--k", "1,five")
+    assert r.exit_code != 0 and "comma-separated integers" in r.output
+    r = invoke("extract", "--images", images, "--out", tmp_path / "f.h5", "--model", tiny_model, "--image-size", 100,
+               "--no-progress")
+    assert r.exit_code != 0 and "multiple of 14" in r.output and not (tmp_path / "f.h5").exists()
