@@ -43,7 +43,7 @@ class Method:
 
 def _cell_keys(zone: np.ndarray, letter: np.ndarray, east: np.ndarray, north: np.ndarray, M: float) -> np.ndarray:
     p, q = cell_of(east, north, M)
-    northern = np.asarray([str(x) >= "N" for x in letter])
+    northern = np.asarray(letter, dtype="U1") >= "N"
     # One int64 per cell: 20-bit p and q (±5e5 cells of 20 m span any zone), zone, hemisphere.
     return ((zone.astype(np.int64) * 2 + northern) << 42) + ((p + (1 << 20)) << 21) + (q + (1 << 20))
 
