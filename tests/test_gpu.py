@@ -1,0 +1,43 @@
+"""CUDA paths (bf16 backbone, bf16 training logits, GPU retrieval); skipped without a GPU.
+
+Run on a lent GPU with `python -m pytest -q -m gpu`.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dcfeat.cli import cli
+from dcfeat.store import read_split
+from tests.conftest import FAST_TRAIN
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_bf16_extraction_matches_the_cpu(images, tiny_model, tmp_path):
+    for device in ("cpu", "cuda"):
+        r = invoke("extract", "--images", images, "--out", tmp_path / f"{device}.h5", "--model", tiny_model,
+                   "--image-size", 56, "--device", device, "--workers", 0, "--no-progress")
+        assert r.exit_code == 0, r.output
+    a = read_split(tmp_path / "cpu.h5", "train", dtype=np.float32).embeddings
+    b = read_split(tmp_path / "cuda.h5", "train", dtype=np.float32).embeddings
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99
+
+
+def test_cuda_training_learns_like_the_cpu(city_store, city_run, tmp_path):
+    r = invoke("train", "--feats", city_store, "--val-split", "val", "--out", tmp_path / "gpu", "--device", "cuda",
+               *FAST_TRAIN)
+    assert r.exit_code == 0, r.output
+    best = lambda run: max(json.loads(x)["val_lr1"] for x in (run / "train_log.jsonl").read_text().splitlines())
+    assert best(tmp_path / "gpu") > best(city_run) - 0.1  # bf16 logits: within 10 points of float32
+    r = invoke("evaluate", "--feats", city_store, "--run", tmp_path / "gpu", "--database-split", "test-db",
+               "--device", "cuda", "--out", tmp_path / "eval")
+    assert r.exit_code == 0, r.output
