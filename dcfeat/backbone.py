@@ -47,6 +47,12 @@ def pool(sequence: torch.Tensor, pooling: str, registers: int) -> torch.Tensor:
     return POOLINGS[pooling][1](sequence[:, 0], sequence[:, 1 + registers:]).float()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a host clock read after it times that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dcfeat.backbone import synchronize
+
 # name → (hidden size, layers, heads): the shapes of the public DINOv2 checkpoints.
 VIT_SHAPES = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16)}
 
@@ -96,11 +98,6 @@ def random_backbone(shape: str, directory: Path, **kw) -> Path:
     return save_random_dinov2(directory, hidden_size=hidden, layers=layers, heads=heads, **kw)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_extraction(model_dir: Path, paths: list[Path], *, batch_size: int, device: str = "auto",
                      workers: int | None = None, image_size: int = 224, repeats: int = 3) -> dict:
     """End-to-end `extract` images/s over backbone-only images/s on in-memory crops.
@@ -123,7 +120,7 @@ def bench_extraction(model_dir: Path, paths: list[Path], *, batch_size: int, dev
     def backbone_only():
         for _ in range(batches):
             backbone.embed(crops)
-        _sync(backbone.device)
+        synchronize(backbone.device)
 
     backbone_only()  # warm-up: kernels, allocator, SDPA choice
     model_rate = _median_rate(backbone_only, batches * batch_size, repeats)
@@ -180,12 +177,12 @@ def bench_train(rows: int, dim: int, classes: int, *, batch_size: int = 256, epo
 
 def _time(fn, repeats: int, device: torch.device) -> float:
     fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from dcfeat.backbone import synchronize
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import Run
 from dcfeat.partition import cell_of
@@ -59,11 +60,6 @@ def coverage(run: Run, labels: pl.DataFrame) -> float:
     return float(np.isin(q, keys).mean())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _embed(run: Run, x: np.ndarray, device: torch.device, chunk: int = 65536) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([run.model.projection(torch.as_tensor(x[i:i + chunk]).to(device))
@@ -73,7 +69,7 @@ def _embed(run: Run, x: np.ndarray, device: torch.device, chunk: int = 65536) ->
 def classify(run: Run, queries: Split, k: int, device: torch.device) -> Method:
     t = time.perf_counter()
     p = predict_cells(run.model, queries.embeddings, run.classes, k, device)
-    _sync(device)
+    synchronize(device)
     return Method("classify", p["east"], p["north"], p["zone"], p["letter"], p["score"], p["class"],
                   time.perf_counter() - t)
 
@@ -96,7 +92,7 @@ def _spaces(run: Run, queries: Split, db: Split, space: str, device: torch.devic
         return queries.embeddings, db.embeddings, 0.0
     t = time.perf_counter()
     d = _embed(run, db.embeddings, device)
-    _sync(device)
+    synchronize(device)
     index_seconds = time.perf_counter() - t
     return queries.embeddings, d, index_seconds
 
@@ -107,7 +103,7 @@ def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, 
     if space == "projected":
         q = _embed(run, q, device)
     scores, rows = topk_cosine(q, d, k, device=device)
-    _sync(device)
+    synchronize(device)
     return _db_method("retrieve", db, scores, rows, time.perf_counter() - t, space=space,
                       database_embedding_seconds=index_seconds)
 
@@ -134,7 +130,7 @@ def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torc
     if space == "projected":
         q = _embed(run, q, device)
     scores, rows = topk_cosine_restricted(q, d, allowed, k, device=device)
-    _sync(device)
+    synchronize(device)
     return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
                       database_embedding_seconds=index_seconds,
                       mean_candidates=float(np.mean([len(a) for a in allowed])))

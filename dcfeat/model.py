@@ -38,8 +38,12 @@ class DCModel(nn.Module):
 
     @torch.no_grad()
     def topk(self, features: torch.Tensor | np.ndarray, k: int, *, chunk: int = 4096,
-             device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-        """Global class ids (rows of classes.parquet) and scores of the top-k classes, best first."""
+             device: torch.device | str = "cpu", softmax_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Global class ids (rows of classes.parquet) and scores of the top-k classes, best first.
+
+        With `softmax_scale`, the scores are softmax probabilities of scale × score over every
+        class of every group.
+        """
         was_training = self.training
         self.eval()
         ids, scores = [], []
@@ -47,6 +51,8 @@ class DCModel(nn.Module):
             rows = features[start:start + chunk]
             x = (rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))).to(device)
             s = self.heads.scores(self.projection(x))
+            if softmax_scale is not None:
+                s = torch.softmax(softmax_scale * s.float(), dim=1)
             top = s.topk(min(k, s.shape[1]), dim=1)
             ids.append(top.indices.cpu().numpy())
             scores.append(top.values.float().cpu().numpy())

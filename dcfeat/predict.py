@@ -45,15 +45,7 @@ def embed_images(paths: list[Path], backbone, image_size: int, *, batch_size: in
 def cell_probabilities(run: Run, features: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Top-k class ids and their softmax probabilities over every class of every group."""
     scale = run.config["s"] if run.config["head"] != "softmax" else 1.0
-    ids, probs = [], []
-    with torch.no_grad():
-        for start in range(0, len(features), 4096):
-            x = torch.as_tensor(features[start:start + 4096]).to(device)
-            p = torch.softmax(scale * run.model.heads.scores(run.model.projection(x)).float(), dim=1)
-            top = p.topk(min(k, p.shape[1]), dim=1)
-            ids.append(top.indices.cpu().numpy())
-            probs.append(top.values.cpu().numpy())
-    return np.concatenate(ids), np.concatenate(probs)
+    return run.model.topk(features, k, device=device, softmax_scale=scale)
 
 
 def to_latlon(east: np.ndarray, north: np.ndarray, zone: np.ndarray, letter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

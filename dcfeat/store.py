@@ -180,39 +180,44 @@ def label_files(store: Path, split: str) -> list[Path]:
     return sorted((labels_dir(store) / f"split={split}").glob("*.parquet"))
 
 
+def _info(store: Path, name: str, group: h5py.Group) -> SplitInfo:
+    ds = group["embeddings"]
+    attrs = _split_attrs(group)
+    files = label_files(store, name)
+    fail = group.get("failures/ids")
+    tokens = group.get("tokens")
+    return SplitInfo(
+        name=name, rows=ds.shape[0], dim=ds.shape[1], dtype=str(ds.dtype), attrs=attrs,
+        complete=bool(attrs.get("complete", True)),
+        bytes_on_disk=_source_bytes(store, ds) + _source_bytes(store, group["ids"])
+        + sum(p.stat().st_size for p in files),
+        failures=0 if fail is None else fail.shape[0],
+        missing_sources=_missing_sources(store, ds),
+        labels_rows=pl.scan_parquet(files).select(pl.len()).collect().item() if files else None,
+        tokens_shape=None if tokens is None else tokens.shape,
+        token_bytes_per_image=0 if tokens is None else int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize)
+
+
+def _is_split(group) -> bool:
+    return isinstance(group, h5py.Group) and "embeddings" in group
+
+
 def list_splits(store: Path) -> list[SplitInfo]:
     """Every split of the store with its size, attributes and any problem found."""
     store = Path(store)
-    out = []
     with _open(store) as f:
-        for name, group in f.items():
-            if not isinstance(group, h5py.Group) or "embeddings" not in group:
-                continue
-            ds = group["embeddings"]
-            attrs = _split_attrs(group)
-            files = label_files(store, name)
-            labels_rows = pl.scan_parquet(files).select(pl.len()).collect().item() if files else None
-            fail = group.get("failures/ids")
-            tokens = group.get("tokens")
-            out.append(SplitInfo(
-                name=name, rows=ds.shape[0], dim=ds.shape[1], dtype=str(ds.dtype), attrs=attrs,
-                complete=bool(attrs.get("complete", True)),
-                bytes_on_disk=_source_bytes(store, ds) + _source_bytes(store, group["ids"])
-                + sum(p.stat().st_size for p in files),
-                failures=0 if fail is None else fail.shape[0],
-                missing_sources=_missing_sources(store, ds), labels_rows=labels_rows,
-                tokens_shape=None if tokens is None else tokens.shape,
-                token_bytes_per_image=0 if tokens is None else
-                int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize))
-    return out
+        return [_info(store, name, group) for name, group in f.items() if _is_split(group)]
 
 
 def split_info(store: Path, split: str) -> SplitInfo:
-    infos = {s.name: s for s in list_splits(store)}
-    if split not in infos:
-        raise StoreError(f"{store} has no split '{split}' (it has: {', '.join(infos) or 'none'}); "
-                         f"add it with `dcfeat extract --split {split} --out {store} --images DIR`")
-    return infos[split]
+    """One split's SplitInfo; the other splits' labels and shards are not looked at."""
+    store = Path(store)
+    with _open(store) as f:
+        if not _is_split(f.get(split)):
+            names = [name for name, group in f.items() if _is_split(group)]
+            raise StoreError(f"{store} has no split '{split}' (it has: {', '.join(names) or 'none'}); "
+                             f"add it with `dcfeat extract --split {split} --out {store} --images DIR`")
+        return _info(store, split, f[split])
 
 
 def read_labels(store: Path, split: str) -> pl.DataFrame:
