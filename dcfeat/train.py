@@ -236,12 +236,27 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
 
 
 def new_run_dir(out: Path | None, runs: Path) -> Path:
-    """A fresh run folder (refusing to reuse one), default runs/<timestamp>."""
-    out = Path(out) if out else runs / time.strftime("%Y%m%d-%H%M%S")
-    if out.exists():
-        raise StoreError(f"--out {out} exists; a run never overwrites another. Choose another --out")
-    out.mkdir(parents=True)
-    return out
+    """A fresh run folder (refusing to reuse one), default runs/<timestamp>.
+
+    Two default runs started within one second get <timestamp>-2, -3, …; mkdir without
+    exist_ok is the atomic claim, so concurrent runs cannot share a folder either.
+    """
+    if out:
+        out = Path(out)
+        if out.exists():
+            raise StoreError(f"--out {out} exists; a run never overwrites another. Choose another --out")
+        out.mkdir(parents=True)
+        return out
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        out = runs / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise StoreError(f"{runs}: could not find a free run folder name for {stamp}")
 
 
 def point_latest(run: Path) -> None:

@@ -146,3 +146,10 @@ def test_train_on_a_store_made_by_extract(images, tmp_path, tiny_model):
     assert r.exit_code == 0, r.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["features"]["model"] == "tiny-dinov2" and config["features"]["backbone_random_init"]
+
+
+def test_default_run_folders_started_in_one_second_do_not_collide(tmp_path):
+    from dcfeat.train import new_run_dir
+
+    names = [new_run_dir(None, tmp_path / "runs").name for _ in range(3)]
+    assert len(set(names)) == 3 and all((tmp_path / "runs" / n).is_dir() for n in names)
