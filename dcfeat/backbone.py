@@ -8,6 +8,8 @@ the tests'); every number made with it is labelled as such.
 
 from __future__ import annotations
 
+from dcfeat.errors import EnvironmentProblem
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
 DEFAULT_MODEL = "facebook/dinov2-base"
 
 
-class BackboneError(RuntimeError):
+class BackboneError(EnvironmentProblem):
     """The backbone could not be loaded; the message says how to fix it."""
 
 

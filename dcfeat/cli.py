@@ -8,10 +8,9 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from dcfeat.backbone import DEFAULT_MODEL, POOLINGS, BackboneError
-from dcfeat.labels import LabelError
+from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
+from dcfeat.errors import DcfeatError, disk_full, is_disk_full
 from dcfeat.reports import RANDOM_NOTICE
-from dcfeat.store import StoreError
 from dcfeat.train import TrainConfig
 
 DATA = Path("data")
@@ -20,16 +19,26 @@ TRAIN_DEFAULTS = TrainConfig()
 # Wide enough for the tables when piped (rich falls back to 80 columns without a terminal).
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 
-# Errors a user can fix: shown as one clear message, exit code 2, no traceback.
-USER_ERRORS = (StoreError, LabelError, BackboneError)
+
+
+class _UserError(click.ClickException):
+    """A DcfeatError as click shows it: "Error: <message>", exit code of its kind (dcfeat.errors)."""
+
+    def __init__(self, error: DcfeatError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
 
 
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as e:
-            raise click.ClickException(str(e)) from None
+        except DcfeatError as e:
+            raise _UserError(e) from None
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise _UserError(disk_full(Path(e.filename).parent if e.filename else Path.cwd())) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

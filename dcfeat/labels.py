@@ -9,6 +9,8 @@ forced.
 
 from __future__ import annotations
 
+from dcfeat.errors import BadInput
+
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ LABEL_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-class LabelError(ValueError):
+class LabelError(BadInput):
     """Labels could not be read; the message names the files and the fix."""
 
 

@@ -16,6 +16,8 @@ existing splits keep pointing at shards nobody touches.
 
 from __future__ import annotations
 
+from dcfeat.errors import BadInput
+
 import fcntl
 import json
 import os
@@ -37,7 +39,7 @@ IDENTITY_ATTRS = ("model", "model_fingerprint", "pooling", "image_size", "dim")
 LABEL_COLUMNS = {"row": pl.Int64, **LABEL_SCHEMA}
 
 
-class StoreError(RuntimeError):
+class StoreError(BadInput):
     """The store cannot be used as asked; the message names the file and the fix."""
 
 
