@@ -4,20 +4,22 @@ Every image gets the label columns of the feature store (DESIGN.md, "Labels"):
 utm_east, utm_north, utm_zone, utm_letter, lat, lon, heading. lat/lon → UTM is
 done zone-correctly per point: the `utm` package takes the zone of the first
 element of an array, so points are grouped by their own zone and the zone is
-forced.
+forced. Labels are checked (`check_labels`) before anything is written, so a
+NaN or an impossible zone is refused naming the file to fix, not met later.
 """
 
 from __future__ import annotations
 
-from dcfeat.errors import BadInput
-
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import utm
+
+from dcfeat.errors import BadInput
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -39,8 +41,13 @@ LABEL_SCHEMA: dict[str, pl.DataType] = {
 }
 
 
-class LabelError(BadInput):
-    """Labels could not be read; the message names the files and the fix."""
+UTM_COLUMNS = ("utm_east", "utm_north", "utm_zone", "utm_letter")
+UTM_LETTERS = "CDEFGHJKLMNPQRSTUVWX"  # latitude bands C..X; I and O are not used
+LABEL_RULES = (f"utm_east in (0, 1,000,000) and utm_north in [0, 10,000,000] metres, utm_zone an integer 1..60, "
+               f"utm_letter one of {UTM_LETTERS}, lat in [-90, 90], lon in [-180, 180], heading a finite number; "
+               "empty UTM fields need lat within [-80, 84] and lon to derive them from")
+# a relative path that posixpath.normpath would change: ./ or ../ parts, //, a trailing /
+_UNNORMALISED = r"(?:^|/)\.{1,2}(?:/|$)|//|^/|/$"
 
 
 @dataclass(frozen=True)
@@ -59,17 +66,30 @@ class LabelledImages:
 
 
 def find_images(root: Path) -> list[str]:
-    """Image ids (paths relative to root, '/' separators) found recursively, sorted."""
+    """Image ids (paths relative to root, '/' separators) found recursively, sorted.
+
+    Links to directories are followed, but each real directory is listed once, and
+    under its own path where it lies in the tree: the real tree is walked before any
+    link, since a link back up the tree repeats its images and two never end.
+    """
     root = Path(root)
     if not root.is_dir():
-        raise LabelError(f"--images {root}: no such directory")
+        raise BadInput(f"--images {root}: no such directory")
     found: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        rel = Path(dirpath).relative_to(root)
-        for name in filenames:
-            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
-                found.append((rel / name).as_posix())
+    walked: set[tuple[int, int]] = set()  # (st_dev, st_ino) of each directory listed
+    tops = [root]
+    while tops:
+        for dirpath, dirnames, filenames in os.walk(tops.pop(0)):  # does not descend into links
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in walked:
+                dirnames.clear()
+                continue
+            walked.add((st.st_dev, st.st_ino))
+            dirnames.sort()
+            tops += [Path(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+            rel = Path(dirpath).relative_to(root)
+            found += [(rel / name).as_posix() for name in filenames
+                      if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
     found.sort()
     return found
 
@@ -78,15 +98,15 @@ def _float_field(parts: pl.Expr, index: int) -> pl.Expr:
     return parts.list.get(index, null_on_oob=True).replace("", None).cast(pl.Float64, strict=False)
 
 
-def parse_sfxl_names(image_ids: list[str]) -> pl.DataFrame:
-    """Labels from `@`-separated file names; LabelError naming the first bad files."""
+def parse_sfxl_names(image_ids: list[str], source: str = "image file names") -> pl.DataFrame:
+    """Labels from `@`-separated file names; BadInput naming `source` and the first bad files."""
     frame = pl.DataFrame({"image_id": image_ids}, schema={"image_id": pl.String})
     stem = pl.col("image_id").str.split("/").list.last()
     parts = stem.str.split("@")
     frame = frame.with_columns(
         utm_east=_float_field(parts, 1),
         utm_north=_float_field(parts, 2),
-        utm_zone=_float_field(parts, 3),
+        utm_zone=_float_field(parts, 3),  # float until checked: a zone of 10.5 must not truncate to 10
         utm_letter=parts.list.get(4, null_on_oob=True).replace("", None).str.to_uppercase(),
         lat=_float_field(parts, 5),
         lon=_float_field(parts, 6),
@@ -102,15 +122,53 @@ def parse_sfxl_names(image_ids: list[str]) -> pl.DataFrame:
     )
     if bad.height:
         shown = "\n  ".join(bad["image_id"].head(5).to_list())
-        raise LabelError(
-            f"{bad.height} of {frame.height} image file names do not carry a position:\n  {shown}\n"
+        raise BadInput(
+            f"{bad.height} of {frame.height} {source} do not carry a position:\n  {shown}\n"
             f"Expected SF-XL style names {SFXL_PATTERN}\n  e.g. {SFXL_EXAMPLE}\n"
             "(UTM east and north required; zone and letter, or lat and lon, needed too).\n"
             "For other names pass --manifest FILE.csv|.parquet with a `path` column and "
             "utm_east/utm_north/utm_zone/utm_letter or lat/lon columns."
         )
     frame = frame.drop("_at")
+    check_labels(frame, source)
     return _complete_utm(frame)
+
+
+def _label_faults() -> dict[str, pl.Expr]:
+    """Per rule, True where a row breaks it; null (a value not given) counts as no fault."""
+    east, north, lat, lon = pl.col("utm_east"), pl.col("utm_north"), pl.col("lat"), pl.col("lon")
+    zone = pl.col("utm_zone").cast(pl.Float64)
+    derivable = lat.is_between(-80, 84) & lon.is_not_null()  # the latitudes UTM covers (utm.from_latlon)
+    return {
+        "utm_east": ~(east.is_finite() & (east > 0) & (east < 1_000_000)),
+        "utm_north": ~(north.is_finite() & north.is_between(0, 10_000_000)),
+        "utm_zone": ~(zone.is_finite() & (zone.round() == zone) & zone.is_between(1, 60)),
+        "utm_letter": ~pl.col("utm_letter").str.to_uppercase().is_in(list(UTM_LETTERS)),
+        "lat": ~(lat.is_finite() & lat.is_between(-90, 90)),
+        "lon": ~(lon.is_finite() & lon.is_between(-180, 180)),
+        "heading": ~pl.col("heading").is_finite(),
+        "position": pl.any_horizontal(pl.col(UTM_COLUMNS).is_null()) & ~derivable.fill_null(False),
+    }
+
+
+def _describe_fault(row: dict, faults: list[str]) -> str:
+    return f"{row['image_id']}: " + ", ".join(
+        f"{k}={row[k]!r}" if k != "position" else "empty UTM fields and no lat/lon to derive them from"
+        for k in faults if row[f"_bad_{k}"])
+
+
+def check_labels(frame: pl.DataFrame, source: str) -> None:
+    """Refuse impossible labels (NaN, infinities, a zone 10.5 or letter Z, lat 95…) with BadInput
+    naming `source`, the first bad rows and the rule, before anything is written."""
+    frame = frame.with_columns(pl.lit(None, LABEL_SCHEMA[c]).alias(c)
+                               for c in ("lat", "lon", "heading") if c not in frame.columns)
+    faults = _label_faults()
+    marked = frame.with_columns(rule.fill_null(False).alias(f"_bad_{k}") for k, rule in faults.items())
+    bad = marked.filter(pl.any_horizontal(pl.col(f"_bad_{k}") for k in faults))
+    if bad.height:
+        shown = "\n  ".join(_describe_fault(row, list(faults)) for row in bad.head(5).iter_rows(named=True))
+        raise BadInput(f"{source}: {bad.height} of {frame.height} rows have impossible labels, first:\n  {shown}\n"
+                       f"Each needs {LABEL_RULES}. Correct or remove them.")
 
 
 def _zone_numbers(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -122,9 +180,9 @@ def latlon_to_utm(lat: np.ndarray, lon: np.ndarray) -> pl.DataFrame:
     lat = np.asarray(lat, dtype=np.float64)
     lon = np.asarray(lon, dtype=np.float64)
     if not (np.isfinite(lat).all() and np.isfinite(lon).all()):
-        raise LabelError("lat/lon contain missing or non-finite values")
-    if (np.abs(lat) > 84).any() or (np.abs(lon) > 180).any():
-        raise LabelError("lat must lie in [-84, 84] and lon in [-180, 180] for UTM")
+        raise BadInput("lat/lon contain missing or non-finite values")
+    if (lat < -80).any() or (lat > 84).any() or (np.abs(lon) > 180).any():
+        raise BadInput("lat must lie in [-80, 84] and lon in [-180, 180] for UTM")
     zone = _zone_numbers(lat, lon)
     east = np.empty_like(lat)
     north = np.empty_like(lat)
@@ -136,69 +194,114 @@ def latlon_to_utm(lat: np.ndarray, lon: np.ndarray) -> pl.DataFrame:
         letter[sel] = [utm.latitude_to_zone_letter(a) for a in lat[sel]]
     return pl.DataFrame(
         {"utm_east": east, "utm_north": north, "utm_zone": zone, "utm_letter": list(letter)},
-        schema={k: LABEL_SCHEMA[k] for k in ("utm_east", "utm_north", "utm_zone", "utm_letter")},
+        schema={k: LABEL_SCHEMA[k] for k in UTM_COLUMNS},
     )
 
 
 def _complete_utm(frame: pl.DataFrame) -> pl.DataFrame:
-    """Fill zone/letter from lat/lon where the source left them empty; cast to LABEL_SCHEMA."""
-    missing = frame["utm_zone"].is_null() | frame["utm_letter"].is_null()
-    if missing.any():
-        sub = frame.filter(missing)
-        derived = latlon_to_utm(sub["lat"].to_numpy(), sub["lon"].to_numpy())
-        idx = np.flatnonzero(missing.to_numpy())
-        zone = frame["utm_zone"].to_numpy().copy()
-        letter = frame["utm_letter"].to_list()
-        zone[idx] = derived["utm_zone"].to_numpy()
-        for i, v in zip(idx, derived["utm_letter"].to_list()):
-            letter[i] = v
-        frame = frame.with_columns(utm_zone=pl.Series(zone), utm_letter=pl.Series(letter, dtype=pl.String))
-    zones = frame["utm_zone"]
-    if ((zones < 1) | (zones > 60)).any():
-        raise LabelError("UTM zone numbers must lie in 1..60")
-    return frame.select([pl.col(c).cast(t) for c, t in LABEL_SCHEMA.items()])
+    """Cast checked labels to LABEL_SCHEMA and fill the UTM fields the source left empty from lat/lon."""
+    frame = frame.select([pl.col(c).cast(t) for c, t in LABEL_SCHEMA.items()])
+    idx = np.flatnonzero(frame.select(pl.any_horizontal(pl.col(UTM_COLUMNS).is_null())).to_series().to_numpy())
+    if len(idx):
+        derived = latlon_to_utm(frame["lat"].to_numpy()[idx], frame["lon"].to_numpy()[idx])
+        frame = frame.with_columns(
+            pl.coalesce(c, pl.Series([None] * frame.height, dtype=LABEL_SCHEMA[c]).scatter(idx, derived[c]))
+            for c in UTM_COLUMNS)
+    return frame
 
 
-def read_manifest(path: Path, *, path_column: str = "path") -> pl.DataFrame:
-    """Labels from a CSV or Parquet manifest with UTM or lat/lon columns."""
-    path = Path(path)
+def _read_table(path: Path) -> pl.DataFrame:
+    suffix = path.suffix.lower()
     if not path.is_file():
-        raise LabelError(f"--manifest {path}: no such file")
-    if path.suffix.lower() == ".parquet":
-        frame = pl.read_parquet(path)
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        frame = pl.read_csv(path, separator="\t" if path.suffix.lower() == ".tsv" else ",",
-                            infer_schema_length=10000)
-    else:
-        raise LabelError(f"--manifest {path}: expected a .csv, .tsv or .parquet file")
+        raise BadInput(f"--manifest {path}: no such file")
+    if suffix not in (".csv", ".tsv", ".parquet"):
+        raise BadInput(f"--manifest {path}: expected a .csv, .tsv or .parquet file")
+    try:
+        if suffix == ".parquet":
+            return pl.read_parquet(path)
+        # every cell as text: `_numbers` then names a cell that is not a number instead of polars failing
+        return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput(f"--manifest {path}: cannot be read as {suffix[1:]} ({first}). Write it as UTF-8 "
+                       f"{suffix[1:]} with a header row, or convert it to .parquet") from None
+
+
+def _numbers(column: pl.Series, where: str) -> pl.Series:
+    raw = column.str.strip_chars().replace("", None) if column.dtype == pl.String else column
+    try:
+        values = raw.cast(pl.Float64, strict=False)
+    except pl.exceptions.PolarsError:  # a list or struct column
+        raise BadInput(f"{where}: column `{column.name}` holds {column.dtype}, not numbers") from None
+    bad = raw.filter(raw.is_not_null() & values.is_null())
+    if bad.len():
+        raise BadInput(f"{where}: column `{column.name}` has {bad.len()} cells that are not numbers, first: "
+                       f"{bad.head(3).to_list()}. Write decimal numbers (leave a cell empty where unknown).")
+    return values
+
+
+def _relative_id(path: str, prefixes: tuple[str, ...]) -> str | None:
+    """`path` normalised and relative to the images root; None where it lies outside."""
+    path = posixpath.normpath(path)
+    if path.startswith("/"):
+        return next((path[len(p):] for p in prefixes if path.startswith(p)), None)
+    return None if path == ".." or path.startswith("../") else path
+
+
+def _image_ids(paths: pl.Series, root: Path, where: str) -> pl.Series:
+    """Manifest paths as store ids: relative to the images root, '/' separators (DESIGN.md, store `ids`)."""
+    try:
+        raw = paths.cast(pl.String).str.replace_all("\\", "/", literal=True).replace("", None)
+    except pl.exceptions.PolarsError:
+        raise BadInput(f"{where}: column `{paths.name}` holds {paths.dtype}, not image paths") from None
+    if raw.null_count():
+        rows = (np.flatnonzero(raw.is_null().to_numpy())[:3] + 1).tolist()
+        raise BadInput(f"{where}: {raw.null_count()} rows have no `{paths.name}`, first data rows {rows}. "
+                       "Give every row the image path.")
+    # absolute paths may spell --images with or without its links resolved
+    prefixes = tuple({Path(p).as_posix().rstrip("/") + "/" for p in (os.path.abspath(root), os.path.realpath(root))})
+    idx = np.flatnonzero(raw.str.contains(_UNNORMALISED).to_numpy())  # only these can change: fast on clean paths
+    fixed = pl.Series([_relative_id(p, prefixes) for p in raw.gather(idx).to_list()], dtype=pl.String)
+    outside = raw.gather(idx).filter(fixed.is_null())
+    if outside.len():
+        raise BadInput(f"{where}: {outside.len()} paths lie outside the images folder {root}, first: "
+                       f"{outside.head(3).to_list()}. Paths must lie under --images (default: the manifest's "
+                       "folder): write them relative to it, or pass the --images folder that holds them.")
+    ids = (raw.scatter(idx, fixed) if len(idx) else raw).alias("image_id")
+    dup = ids.filter(ids.is_duplicated()).unique(maintain_order=True)
+    if dup.len():
+        raise BadInput(f"{where}: {dup.len()} images are listed more than once (after normalising ./, ../ and //), "
+                       f"first: {dup.head(3).to_list()}. List each image once.")
+    return ids
+
+
+def read_manifest(path: Path, *, path_column: str = "path", positions: bool = True,
+                  images: Path | None = None) -> pl.DataFrame:
+    """Labels (LABEL_SCHEMA) from a CSV, TSV or Parquet manifest with UTM or lat/lon columns.
+
+    With positions=False only `image_id`, for images without labels (`predict`). Paths
+    become ids relative to `images` (default: the manifest's folder).
+    """
+    path = Path(path)
+    where = f"--manifest {path}"
+    frame = _read_table(path)
     cols = set(frame.columns)
-    has_utm = {"utm_east", "utm_north", "utm_zone", "utm_letter"} <= cols
-    has_latlon = {"lat", "lon"} <= cols
-    if path_column not in cols or not (has_utm or has_latlon):
-        raise LabelError(
-            f"--manifest {path}: columns {sorted(cols)}; expected a `{path_column}` column "
-            "(image path relative to --images) and either utm_east, utm_north, utm_zone, "
-            "utm_letter or lat, lon (optional: heading)."
-        )
-    out = frame.select(pl.col(path_column).cast(pl.String).str.replace_all("\\\\", "/").alias("image_id"))
-    for c in ("lat", "lon"):
-        out = out.with_columns((frame[c].cast(pl.Float64) if c in cols else pl.lit(None, pl.Float64)).alias(c))
-    out = out.with_columns(
-        heading=frame["heading"].cast(pl.Float32) if "heading" in cols else pl.lit(None, pl.Float32)
-    )
-    if has_utm:
-        out = out.with_columns(
-            utm_east=frame["utm_east"].cast(pl.Float64),
-            utm_north=frame["utm_north"].cast(pl.Float64),
-            utm_zone=frame["utm_zone"].cast(pl.Int64),
-            utm_letter=frame["utm_letter"].cast(pl.String).str.to_uppercase(),
-        )
-    else:
-        out = pl.concat([out, latlon_to_utm(out["lat"].to_numpy(), out["lon"].to_numpy())], how="horizontal")
-    nulls = out.filter(pl.any_horizontal(pl.col("image_id", "utm_east", "utm_north").is_null()))
-    if nulls.height:
-        raise LabelError(f"--manifest {path}: {nulls.height} rows lack a path or position, "
-                         f"first: {nulls.head(3).to_dicts()}")
+    if path_column not in cols or (positions and not (set(UTM_COLUMNS) <= cols or {"lat", "lon"} <= cols)):
+        need = (" and either utm_east, utm_north, utm_zone, utm_letter or lat, lon (optional: heading)"
+                if positions else "")
+        raise BadInput(f"{where}: columns {sorted(cols)}; expected a `{path_column}` column (image path "
+                       f"relative to --images; another name with --path-column){need}.")
+    if frame.height == 0:
+        raise BadInput(f"{where}: lists no images. Add one row per image below the header.")
+    ids = _image_ids(frame[path_column], Path(images) if images is not None else path.parent, where)
+    if not positions:
+        return ids.to_frame()
+    numeric = ("utm_east", "utm_north", "utm_zone", "lat", "lon", "heading")
+    out = ids.to_frame().with_columns(
+        [_numbers(frame[c], where) if c in cols else pl.lit(None, pl.Float64).alias(c) for c in numeric]
+        + [frame["utm_letter"].cast(pl.String).str.strip_chars().str.to_uppercase() if "utm_letter" in cols
+           else pl.lit(None, pl.String).alias("utm_letter")])
+    check_labels(out, where)
     return _complete_utm(out)
 
 
@@ -206,23 +309,18 @@ def collect_images(images: Path | None, manifest: Path | None = None, *,
                    path_column: str = "path") -> LabelledImages:
     """The labelled image list for `extract`: from file names under `images` or a manifest."""
     if manifest is not None:
-        labels = read_manifest(manifest, path_column=path_column)
         root = Path(images) if images is not None else Path(manifest).parent
+        labels = read_manifest(manifest, path_column=path_column, images=root)
         missing = [i for i in labels["image_id"].to_list() if not (root / i).is_file()]
         if missing:
-            raise LabelError(
-                f"--manifest {manifest}: {len(missing)} listed images are not under {root}, first: "
-                f"{missing[:3]}. Paths are relative to --images (default: the manifest's folder)."
-            )
+            raise BadInput(f"--manifest {manifest}: {len(missing)} listed images are not under {root}, first: "
+                           f"{missing[:3]}. Paths are relative to --images (default: the manifest's folder).")
     else:
         if images is None:
-            raise LabelError("pass --images DIR (SF-XL style file names) or --manifest FILE")
+            raise BadInput("pass --images DIR (SF-XL style file names) or --manifest FILE")
         ids = find_images(images)
         if not ids:
-            raise LabelError(f"--images {images}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-        labels = parse_sfxl_names(ids)
+            raise BadInput(f"--images {images}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+        labels = parse_sfxl_names(ids, f"image file names under {images}")
         root = Path(images)
-    dup = labels.filter(pl.col("image_id").is_duplicated())
-    if dup.height:
-        raise LabelError(f"duplicate image ids: {dup['image_id'].unique().head(3).to_list()}")
     return LabelledImages(root=root, labels=labels.sort("image_id"))

@@ -3,7 +3,8 @@ import polars as pl
 import pytest
 import utm
 
-from dcfeat.labels import LabelError, collect_images, latlon_to_utm, parse_sfxl_names, read_manifest
+from dcfeat.errors import BadInput
+from dcfeat.labels import collect_images, latlon_to_utm, parse_sfxl_names, read_manifest
 
 
 def test_sfxl_names_with_empty_fields_and_folders():
@@ -26,7 +27,7 @@ def test_zone_comes_from_lat_lon_when_the_name_leaves_it_empty():
 
 
 def test_unparseable_names_are_named_with_the_pattern_and_the_manifest_alternative():
-    with pytest.raises(LabelError) as e:
+    with pytest.raises(BadInput) as e:
         parse_sfxl_names(["ok/@1@2@10@S@@@@@@@@@@@.jpg", "x/IMG_0001.jpg", "y/@abc@@10@S@@@@@@@@@@@.jpg"])
     msg = str(e.value)
     assert "2 of 3" in msg and "x/IMG_0001.jpg" in msg and "y/@abc" in msg
@@ -66,16 +67,16 @@ def test_manifest_csv_with_latlon_and_parquet_with_utm(tmp_path):
 def test_manifest_errors_name_the_columns_and_missing_files(tmp_path):
     bad = tmp_path / "m.csv"
     bad.write_text("file,x,y\na.jpg,1,2\n")
-    with pytest.raises(LabelError, match="expected a `path` column"):
+    with pytest.raises(BadInput, match="expected a `path` column"):
         read_manifest(bad)
     missing = tmp_path / "n.csv"
     missing.write_text("path,lat,lon\nnope.jpg,37.7,-122.5\n")
-    with pytest.raises(LabelError, match="nope.jpg"):
+    with pytest.raises(BadInput, match="nope.jpg"):
         collect_images(None, missing)
 
 
 def test_images_folder_errors(tmp_path):
-    with pytest.raises(LabelError, match="no such directory"):
+    with pytest.raises(BadInput, match="no such directory"):
         collect_images(tmp_path / "nope")
-    with pytest.raises(LabelError, match="no image files"):
+    with pytest.raises(BadInput, match="no image files"):
         collect_images(tmp_path)
