@@ -9,7 +9,8 @@ import click
 from rich.console import Console
 
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
-from dcfeat.errors import DcfeatError, disk_full, is_disk_full
+from dcfeat.errors import DamagedStore, DcfeatError, disk_full, is_disk_full
+from dcfeat.options import AT_LEAST_0, AT_LEAST_1, MARGIN, POSITIVE, KList, patch_multiple, split_name
 from dcfeat.reports import RANDOM_NOTICE
 from dcfeat.train import TrainConfig
 
@@ -59,23 +60,26 @@ no_progress = click.option("--no-progress", is_flag=True, help="Do not draw prog
 @click.option("--path-column", default="path", show_default=True, help="Manifest column holding image paths.")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
               help="Feature store (HDF5); labels go to OUT's .labels/ folder beside it.")
-@click.option("--split", default="train", show_default=True, help="Split to write (train, val, test, test-db, …).")
+@click.option("--split", default="train", show_default=True, callback=split_name,
+              help="Split to write (train, val, test, test-db, …).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="DINOv2 hub id (facebook/dinov2-small|base|large|giant, …-with-registers-…) or local directory.")
 @click.option("--pooling", type=click.Choice(list(POOLINGS)), default="cls", show_default=True,
               help="CLS token, mean or GeM of patch tokens, or CLS and mean concatenated.")
-@click.option("--image-size", default=224, show_default=True, help="Centre crop size (multiple of 14); "
+@click.option("--image-size", type=click.IntRange(min=14), default=224, show_default=True, callback=patch_multiple,
+              help="Centre crop size (multiple of 14); "
               "the shortest edge is first resized to size·256/224.")
-@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=int, default=None, help="DataLoader decoding processes [default: min(16, CPUs)].")
+@click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=AT_LEAST_0, default=None,
+              help="DataLoader decoding processes [default: min(16, CPUs)].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--draft/--no-draft", default=True, show_default=True,
               help="Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale before the bicubic resize.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="Storage type of the embeddings.")
-@click.option("--shard-rows", default=8192, show_default=True, help="Images per shard (the unit of resume).")
+@click.option("--shard-rows", type=AT_LEAST_1, default=8192, show_default=True, help="Images per shard (the unit of resume).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing split made from other images or settings.")
-@click.option("--cache-tokens", default=0, show_default=True, help="Also store every image's tokens entering "
+@click.option("--cache-tokens", type=AT_LEAST_0, default=0, show_default=True, help="Also store every image's tokens entering "
               "the last K blocks, for `dcfeat train --finetune-blocks K` (ViT-B/14 at 224: 386 KB per image; "
               "a shard's tokens are held in memory, so lower --shard-rows, e.g. 1024).")
 @no_progress
@@ -122,51 +126,64 @@ def _rank_device(device: str, ranks) -> str:
 @cli.command()
 @click.argument("store", type=click.Path(path_type=Path), default=DEFAULT_STORE)
 @click.option("--failures", "show_failures", is_flag=True, help="List every skipped image with its reason.")
-def info(store, show_failures):
+@click.option("--verify", is_flag=True, help="Open every shard and check its rows and checksum and the labels; "
+              "list each problem with what to do (exit code 3 when the store is damaged).")
+def info(store, show_failures, verify):
     """Show the splits of a feature store: rows, dim, model, completeness, size, failures."""
-    from dcfeat.info import splits_table
+    from dcfeat.info import problems_table, splits_table
     from dcfeat.store import list_splits, read_failures
+    from dcfeat.verify import verify_store
 
     splits = list_splits(store)
-    table = splits_table(store, splits)
-    stdout.print(table)
+    stdout.print(splits_table(store, splits))
     if show_failures:
         for s in splits:
             for image_id, reason in read_failures(store, s.name):
                 stdout.print(f"{s.name}\t{image_id}\t{reason}", markup=False, highlight=False)
     if not splits:
         stdout.print("no splits")
+    if verify:
+        _, problems = verify_store(store)
+        if problems:
+            stdout.print(problems_table(problems))
+        serious = [p for p in problems if p.serious]
+        if serious:
+            first = serious[0]
+            raise DamagedStore(f"{store}: {len(serious)} problem(s) found, each listed above with what to do; "
+                               f"the first: {first.where}: {first.what}")
+        stdout.print(f"verified: every shard of {store} opens, holds the rows the store expects and matches "
+                     "its checksum; the labels match the embeddings")
 
 
 @cli.command()
 @click.option("--feats", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
               help="Feature store to train on.")
-@click.option("--split", default="train", show_default=True, help="Training split.")
-@click.option("--val-split", default=None, help="Split for LR@1 after every epoch; the best epoch is kept.")
+@click.option("--split", default="train", show_default=True, callback=split_name, help="Training split.")
+@click.option("--val-split", default=None, callback=split_name, help="Split for LR@1 after every epoch; the best epoch is kept.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder [default: runs/<timestamp> beside the store, and runs/latest points to it].")
-@click.option("--M", "M", type=float, default=20.0, show_default=True, help="Cell side in metres.")
-@click.option("--N", "N", type=int, default=2, show_default=True, help="N² groups; no two neighbouring cells "
+@click.option("--M", "M", type=POSITIVE, default=TRAIN_DEFAULTS.M, show_default=True, help="Cell side in metres.")
+@click.option("--N", "N", type=AT_LEAST_1, default=TRAIN_DEFAULTS.N, show_default=True, help="N² groups; no two neighbouring cells "
               "share a group. N=1: one classifier over all cells.")
-@click.option("--min-images-per-class", default=10, show_default=True,
+@click.option("--min-images-per-class", type=AT_LEAST_1, default=TRAIN_DEFAULTS.min_images_per_class, show_default=True,
               help="Cells with fewer training images are not classes.")
-@click.option("--head", type=click.Choice(["aamc", "lmcc", "softmax"]), default="aamc", show_default=True,
+@click.option("--head", type=click.Choice(["aamc", "lmcc", "softmax"]), default=TRAIN_DEFAULTS.head, show_default=True,
               help="AAMC (ArcFace, D&C), LMCC (CosFace, CosPlace) or a plain softmax layer.")
-@click.option("--s", "s", type=float, default=TRAIN_DEFAULTS.s, show_default=True, help="Logit scale s.")
-@click.option("--m", "m", type=float, default=TRAIN_DEFAULTS.m, show_default=True, help="Margin m.")
-@click.option("--dim", default=TRAIN_DEFAULTS.dim, show_default=True, help="Embedding dimension after projection.")
-@click.option("--epochs", default=TRAIN_DEFAULTS.epochs, show_default=True, help="Epochs (one epoch draws as "
+@click.option("--s", "s", type=POSITIVE, default=TRAIN_DEFAULTS.s, show_default=True, help="Logit scale s.")
+@click.option("--m", "m", type=MARGIN, default=TRAIN_DEFAULTS.m, show_default=True, help="Margin m.")
+@click.option("--dim", type=AT_LEAST_1, default=TRAIN_DEFAULTS.dim, show_default=True, help="Embedding dimension after projection.")
+@click.option("--epochs", type=AT_LEAST_1, default=TRAIN_DEFAULTS.epochs, show_default=True, help="Epochs (one epoch draws as "
               "many samples as there are images in classes).")
-@click.option("--batch-size", default=TRAIN_DEFAULTS.batch_size, show_default=True, help="Samples per step.")
-@click.option("--lr-projection", default=TRAIN_DEFAULTS.lr_projection, show_default=True,
+@click.option("--batch-size", type=AT_LEAST_1, default=TRAIN_DEFAULTS.batch_size, show_default=True, help="Samples per step.")
+@click.option("--lr-projection", type=POSITIVE, default=TRAIN_DEFAULTS.lr_projection, show_default=True,
               help="AdamW learning rate of the projection.")
-@click.option("--lr-heads", default=TRAIN_DEFAULTS.lr_heads, show_default=True,
+@click.option("--lr-heads", type=POSITIVE, default=TRAIN_DEFAULTS.lr_heads, show_default=True,
               help="AdamW learning rate of the prototypes.")
-@click.option("--finetune-blocks", default=0, show_default=True, help="Also tune the last K DINOv2 blocks and "
+@click.option("--finetune-blocks", type=AT_LEAST_0, default=TRAIN_DEFAULTS.finetune_blocks, show_default=True, help="Also tune the last K DINOv2 blocks and "
               "the final layer norm on the split's cached tokens (`dcfeat extract --cache-tokens K` or more).")
-@click.option("--lr-blocks", default=TRAIN_DEFAULTS.lr_blocks, show_default=True,
+@click.option("--lr-blocks", type=POSITIVE, default=TRAIN_DEFAULTS.lr_blocks, show_default=True,
               help="AdamW learning rate of the tuned blocks.")
-@click.option("--seed", default=0, show_default=True, help="Seed of initialisation and sampling.")
+@click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True, help="Seed of initialisation and sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
 def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, dim, epochs, batch_size,
@@ -190,20 +207,20 @@ def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, 
 
 
 @cli.command()
-@click.option("--split", default="test", show_default=True, help="Query split.")
+@click.option("--split", default="test", show_default=True, callback=split_name, help="Query split.")
 @click.option("--feats", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
               help="Feature store holding the query (and database) split.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
               show_default=True, help="Run folder written by `dcfeat train`.")
-@click.option("--database-split", default=None, help="Database split for retrieval and the hybrid "
+@click.option("--database-split", default=None, callback=split_name, help="Database split for retrieval and the hybrid "
               "(e.g. test-db).")
 @click.option("--mode", type=click.Choice(["classify", "retrieve", "hybrid", "all"]), default=None,
               help="[default: all with --database-split, else classify]")
 @click.option("--space", type=click.Choice(["projected", "raw"]), default="projected", show_default=True,
               help="Retrieval descriptors: the run's learned embedding or the raw backbone features.")
-@click.option("--cells", default=5, show_default=True, help="Hybrid: retrieve among the top-c cells' images.")
-@click.option("--threshold", default=25.0, show_default=True, help="Metres within which a prediction is right.")
-@click.option("--k", "ks", default="1,5,10,20", show_default=True, help="Comma-separated k of LR@k.")
+@click.option("--cells", type=AT_LEAST_1, default=5, show_default=True, help="Hybrid: retrieve among the top-c cells' images.")
+@click.option("--threshold", type=POSITIVE, default=25.0, show_default=True, help="Metres within which a prediction is right.")
+@click.option("--k", "ks", type=KList(), default="1,5,10,20", show_default=True, help="Comma-separated k of LR@k.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: RUN/eval/SPLIT].")
@@ -211,10 +228,7 @@ def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshol
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
     from dcfeat.reports import evaluate_from_store, recall_table
 
-    try:
-        k_values = tuple(sorted({int(k) for k in ks.split(",")}))
-    except ValueError:
-        raise click.BadParameter(f"{ks!r}: expected comma-separated integers like 1,5,10,20", param_hint="--k")
+    k_values = ks
     modes = None if mode is None else (("classify", "retrieve", "hybrid") if mode == "all" else (mode,))
     report, paths = evaluate_from_store(feats, run_dir, split, database_split=database_split, modes=modes,
                                         ks=k_values, threshold_m=threshold, cells=cells, space=space,
@@ -231,14 +245,14 @@ def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshol
 @click.option("--images", type=click.Path(path_type=Path), help="Folder of new images (any file names).")
 @click.option("--manifest", type=click.Path(path_type=Path), help="CSV/Parquet with a `path` column.")
 @click.option("--feats", type=click.Path(path_type=Path), help="Predict from a cached split of this store instead.")
-@click.option("--split", default=None, help="With --feats: the split to predict.")
+@click.option("--split", default=None, callback=split_name, help="With --feats: the split to predict.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("predictions.parquet"), show_default=True,
               help="Output file: .parquet, .csv or .geojson.")
-@click.option("--k", default=5, show_default=True, help="Cells per image, best first.")
+@click.option("--k", type=AT_LEAST_1, default=5, show_default=True, help="Cells per image, best first.")
 @click.option("--model", default=None, help="Backbone [default: the one the run's features came from]; its "
               "weights must be the same (checked).")
-@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
-@click.option("--workers", default=0, show_default=True, help="DataLoader decoding processes.")
+@click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=AT_LEAST_0, default=0, show_default=True, help="DataLoader decoding processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
 def predict(run_dir, images, manifest, feats, split, out, k, model, batch_size, workers, device, no_progress):
@@ -267,10 +281,11 @@ def predict(run_dir, images, manifest, feats, split, out, k, model, batch_size, 
 @cli.command()
 @click.option("--root", type=click.Path(path_type=Path), default=DATA / "demo", show_default=True,
               help="Folder for the rendered images, the store and the runs.")
-@click.option("--streets", default=4, show_default=True, help="Streets per side of the city grid.")
-@click.option("--image-size", default=224, show_default=True, help="Backbone crop size (multiple of 14).")
-@click.option("--epochs", default=10, show_default=True, help="Training epochs.")
-@click.option("--workers", type=int, default=None, help="Decoding processes [default: min(16, CPUs)].")
+@click.option("--streets", type=click.IntRange(min=2), default=4, show_default=True, help="Streets per side of the city grid.")
+@click.option("--image-size", type=click.IntRange(min=14), default=224, show_default=True, callback=patch_multiple,
+              help="Backbone crop size (multiple of 14).")
+@click.option("--epochs", type=AT_LEAST_1, default=10, show_default=True, help="Training epochs.")
+@click.option("--workers", type=AT_LEAST_0, default=None, help="Decoding processes [default: min(16, CPUs)].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--random-backbone", is_flag=True, help="Use the random DINOv2 even if pretrained weights are cached.")
 @no_progress

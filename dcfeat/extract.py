@@ -24,8 +24,10 @@ from dcfeat.backbone import Backbone
 from dcfeat.images import MAX_PIXELS, ImageDataset, collate
 from dcfeat.labels import LabelledImages
 from dcfeat.progress import progress_bar
-from dcfeat.shards import DEFAULT_SHARD_ROWS, Plan, assemble, load_plan, open_plan, shard_complete, write_shard
-from dcfeat.store import StoreError, read_failures, split_info, writer_lock
+from dcfeat.errors import BadInput, DcfeatError, check_free_space
+from dcfeat.shards import (DEFAULT_SHARD_ROWS, Plan, assemble, load_plan, open_plan, shard_complete, write_shard,
+                           writer_lock)
+from dcfeat.store import check_split_name, check_store_path, read_failures, split_info
 
 
 @dataclass
@@ -180,14 +182,15 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
 
     `cache_tokens=K` also stores every image's hidden states entering block L − K (dcfeat.finetune).
     """
-    if image_size % 14:
-        raise StoreError(f"--image-size {image_size}: DINOv2 needs a multiple of 14 (224, 336, 448, 518 …)")
+    check_split_name(split)
+    store = check_store_path(store)
+    if image_size < 14 or image_size % 14:
+        raise BadInput(f"--image-size {image_size}: DINOv2 needs a multiple of 14 (224, 336, 448, 518 …)")
     if not 0 <= cache_tokens <= backbone.num_layers:
-        raise StoreError(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
+        raise BadInput(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
                          f"choose 0 to {backbone.num_layers}")
     ranks = ranks or Ranks()
     workers = min(16, os.cpu_count() or 1) if workers is None else workers
-    store = Path(store)
     store.parent.mkdir(parents=True, exist_ok=True)
     attrs = store_attrs(backbone, image_size, dtype, images, draft, cache_tokens)
     t0 = time.perf_counter()
@@ -198,15 +201,16 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
                 plan, complete = open_plan(store, split, images.labels, attrs, shard_rows=shard_rows,
                                            overwrite=overwrite)
                 shared = (plan.plan_id, complete, None)
-            except StoreError as e:
-                shared = (None, False, str(e))
+            except DcfeatError as e:  # every rank raises it, not only rank 0
+                shared = (None, False, e)
         plan_id, complete, error = ranks.share(shared)
         if error:
-            raise StoreError(error)
+            raise error
         plan = load_plan(store, split, plan_id)
         extracted = 0
         if not complete:
             mine = [s for s in ranks.my_slice(plan.shards) if not shard_complete(plan, s[0])]
+            check_free_space(plan.directory, sum(plan.shard_bytes(stop - start) for _, start, stop in mine))
             extracted = _run_shards(plan, mine, images, backbone, batch_size=batch_size, workers=workers,
                                     draft=draft, max_pixels=max_pixels, progress=progress and ranks.rank == 0)
             extracted = ranks.total(extracted)

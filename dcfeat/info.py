@@ -6,15 +6,10 @@ from pathlib import Path
 
 from rich.table import Table
 
+from dcfeat.errors import human_bytes
 from dcfeat.store import SplitInfo
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def splits_table(store: Path, splits: list[SplitInfo]):
@@ -30,4 +25,14 @@ def splits_table(store: Path, splits: list[SplitInfo]):
         table.add_row(s.name, f"{s.rows:,}", str(s.dim), s.dtype, model, str(s.attrs.get("pooling", "?")),
                       str(s.attrs.get("image_size", "?")), "yes" if s.complete else "no",
                       human_bytes(s.bytes_on_disk), tokens, str(s.failures), "; ".join(s.problems) or "-")
+    return table
+
+
+def problems_table(problems) -> Table:
+    """`dcfeat info --verify`'s findings: where, what, and what to do."""
+    table = Table(title="problems")
+    for col in ("split", "where", "problem", "what to do"):
+        table.add_column(col, overflow="fold")
+    for p in problems:
+        table.add_row(p.split, p.where, p.what if p.serious else f"{p.what} (harmless)", p.fix)
     return table

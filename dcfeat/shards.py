@@ -7,14 +7,26 @@ so a run resumed with another `torchrun` size, or by a single process, fills
 the same shards, and the assembled split is the same.
 
 Layout: `NAME.shards/<split>/<plan_id>/{plan.json, labels.parquet, 000000.h5, …}`.
+
+Replacing a split is a transaction whose commit is the rename of `NAME.h5`:
+the new labels go to their own file (`part-<plan_id>.parquet`, named by the
+plan), the store is renamed into place, and only then are the old labels and
+shards removed. A crash anywhere leaves the old split or the new one, each
+with its own labels; the next writer removes what the crash left over.
+HDF5 files are built in memory and written with plain file I/O, so a full disk
+is an ordinary error and never reaches the HDF5 library mid-write.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,11 +35,16 @@ import h5py
 import numpy as np
 import polars as pl
 
-from dcfeat.store import (FORMAT_VERSION, StoreError, attr_value, check_compatible, labels_dir,
-                          replace_atomically, shards_dir, writer_lock)
+from dcfeat.atomic import TMP_SUFFIX, atomic_write, write_bytes
+from dcfeat.errors import BadInput, DamagedStore, EnvironmentProblem, check_free_space
+from dcfeat.store import (FORMAT_VERSION, attr_value, check_compatible, check_split_name, check_store_path,
+                          label_part, labels_dir, read_ids, shards_dir)
 
 DEFAULT_SHARD_ROWS = 8192
-_TMP = ".tmp"
+# HDF5 images up to this size are built in memory; larger shards (cached tokens) are written
+# by HDF5 directly after a free-space check, so as not to hold them twice.
+IN_MEMORY_BYTES = 512 << 20
+SHARD_OVERHEAD = 16 << 10  # superblock, object headers and chunk index of a shard (measured ~15 KB)
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,17 @@ class Plan:
         return [(i, s, min(s + self.shard_rows, self.rows))
                 for i, s in enumerate(range(0, self.rows, self.shard_rows))]
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes a stored image costs in a shard: embedding, id, row index, cached tokens."""
+        item = np.dtype(self.attrs["dtype"]).itemsize
+        tokens = int(np.prod(self.attrs.get("tokens_shape", [0]))) * item
+        return int(self.attrs["dim"]) * item + self.id_bytes + 8 + tokens
+
+    def shard_bytes(self, rows: int) -> int:
+        """Disk a shard of `rows` images takes, about (HDF5's own structures included)."""
+        return rows * self.row_bytes + SHARD_OVERHEAD
+
     @cached_property
     def labels(self) -> pl.DataFrame:
         return pl.read_parquet(self.directory / "labels.parquet")
@@ -69,6 +97,35 @@ def _plan_id(ids: list[str], attrs: dict, shard_rows: int) -> str:
     return h.hexdigest()[:12]
 
 
+@contextmanager
+def writer_lock(store: Path):
+    """One writer per store; a second one is refused at once instead of waiting.
+
+    The holder also removes what killed writers left behind (temporary files, uncommitted
+    label parts), which is safe exactly because nobody else writes.
+    """
+    check_store_path(store)
+    lock_path = shards_dir(store) / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise EnvironmentProblem(f"{store} is being written by {holder} ({lock_path}); wait for it to finish "
+                                     "or write to another --out") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        try:
+            clean_stale_files(store)
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def existing_split_attrs(store: Path) -> dict[str, dict]:
     if not Path(store).is_file():
         return {}
@@ -77,14 +134,46 @@ def existing_split_attrs(store: Path) -> dict[str, dict]:
                 for name, g in f.items() if isinstance(g, h5py.Group)}
 
 
+def clean_stale_files(store: Path) -> list[Path]:
+    """Remove what killed writers left: temporary files, and label parts no split of the store names."""
+    store = Path(store)
+    stale = list(store.parent.glob(f".{store.name}.*{TMP_SUFFIX}"))
+    for folder in (labels_dir(store), shards_dir(store)):
+        if folder.is_dir():
+            stale += folder.glob(f"*/**/.*{TMP_SUFFIX}")
+    committed = {name: a.get("plan_id") for name, a in existing_split_attrs(store).items()}
+    for name, plan_id in committed.items():
+        part = labels_dir(store) / f"split={name}"
+        if plan_id and (part / label_part(plan_id)).is_file():
+            stale += [p for p in part.glob("*.parquet") if p.name != label_part(plan_id)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _remove_plan(store: Path, directory: Path) -> None:
+    """rmtree, but only of a plan folder inside this store's own shards folder."""
+    root = shards_dir(store).resolve()
+    target = directory.resolve()
+    if target.parent.parent != root or not target.is_dir():
+        raise RuntimeError(f"refusing to remove {directory}: not a plan folder of {store}")
+    shutil.rmtree(target)
+
+
 def open_plan(store: Path, split: str, labels: pl.DataFrame, attrs: dict, *,
               shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False) -> tuple[Plan, bool]:
     """The plan for writing `split`, created or resumed; (plan, already_complete).
 
     `labels` are in plan order (image_id first). Refuses to mix with the store's
-    other splits and to replace a finished split unless `overwrite`.
+    other splits and to replace a finished split unless `overwrite`. A finished split
+    whose shards or labels were damaged since is not complete: the caller repairs it.
     """
-    store = Path(store)
+    store = check_store_path(store)
+    check_split_name(split)
+    if shard_rows < 1:
+        raise BadInput(f"--shard-rows {shard_rows}: a shard holds at least one image")
+    if labels.height == 0:
+        raise BadInput(f"split '{split}': no images to write")
     ids = labels["image_id"].to_list()
     plan_id = _plan_id(ids, attrs, shard_rows)
     existing = existing_split_attrs(store)
@@ -92,25 +181,34 @@ def open_plan(store: Path, split: str, labels: pl.DataFrame, attrs: dict, *,
         if name != split:
             check_compatible(other, attrs, what=f"split '{split}' and split '{name}' of {store}",
                              fix="Use the same --model/--pooling/--image-size as the store, or another --out.")
-    if split in existing:
-        if existing[split].get("plan_id") == plan_id and existing[split].get("complete", False):
-            return load_plan(store, split, plan_id), True
-        if not overwrite:
-            raise StoreError(f"{store} already has a split '{split}' made from other images or settings; "
-                             "pass --overwrite to replace it, or choose another --split")
+    same_plan = split in existing and existing[split].get("plan_id") == plan_id
+    if split in existing and not same_plan and not overwrite:
+        raise BadInput(f"{store} already has a split '{split}' made from other images or settings; "
+                       "pass --overwrite to replace it, or choose another --split")
     plan = Plan(store=store, split=split, plan_id=plan_id, attrs=attrs, rows=len(ids), shard_rows=shard_rows,
                 id_bytes=max([len(i.encode()) for i in ids] + [1]))
-    plan_file = plan.directory / "plan.json"
-    if not plan_file.is_file():
-        plan.directory.mkdir(parents=True, exist_ok=True)
-        tmp = plan.directory / (".labels.parquet" + _TMP)
-        labels.write_parquet(tmp)
-        replace_atomically(tmp, plan.directory / "labels.parquet")
-        tmp = plan.directory / (".plan.json" + _TMP)
-        tmp.write_text(json.dumps({"split": split, "plan_id": plan_id, "attrs": attrs, "rows": plan.rows,
-                                   "shard_rows": shard_rows, "id_bytes": plan.id_bytes}, indent=1))
-        replace_atomically(tmp, plan_file)
-    return plan, False
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    if not (plan.directory / "labels.parquet").is_file():
+        _write_parquet(labels, plan.directory / "labels.parquet")
+    if not (plan.directory / "plan.json").is_file():
+        meta = {"split": split, "plan_id": plan_id, "attrs": attrs, "rows": plan.rows, "shard_rows": shard_rows,
+                "id_bytes": plan.id_bytes}
+        write_bytes(plan.directory / "plan.json", json.dumps(meta, indent=1).encode())
+    damaged = [i for i, _, _ in plan.shards if plan.shard_path(i).exists() and shard_problem(plan, i)]
+    for index in damaged:
+        plan.shard_path(index).unlink()
+    complete = (same_plan and bool(existing[split].get("complete", False)) and not damaged
+                and all(plan.shard_path(i).is_file() for i, _, _ in plan.shards)
+                and (labels_dir(store) / f"split={split}" / label_part(plan_id)).is_file())
+    return plan, complete
+
+
+def load_plan(store: Path, split: str, plan_id: str) -> Plan:
+    """A plan written earlier (by this process, or by rank 0 before a barrier)."""
+    directory = shards_dir(store) / split / plan_id
+    meta = json.loads((directory / "plan.json").read_text())
+    return Plan(store=Path(store), split=split, plan_id=plan_id, attrs=meta["attrs"], rows=meta["rows"],
+                shard_rows=meta["shard_rows"], id_bytes=meta["id_bytes"])
 
 
 def write_split(store: Path, split: str, embeddings: np.ndarray, labels: pl.DataFrame, attrs: dict, *,
@@ -129,16 +227,65 @@ def write_split(store: Path, split: str, embeddings: np.ndarray, labels: pl.Data
     return labels.height
 
 
-def load_plan(store: Path, split: str, plan_id: str) -> Plan:
-    """A plan written earlier (by this process, or by rank 0 before a barrier)."""
-    directory = shards_dir(store) / split / plan_id
-    meta = json.loads((directory / "plan.json").read_text())
-    return Plan(store=Path(store), split=split, plan_id=plan_id, attrs=meta["attrs"], rows=meta["rows"],
-                shard_rows=meta["shard_rows"], id_bytes=meta["id_bytes"])
+def shard_checksum(f: h5py.File) -> str:
+    """CRC-32 over every dataset of a shard, in a fixed order (damage detection, not security)."""
+    crc = 0
+    for name in ("embeddings", "ids", "rows", "tokens", "failures/rows"):
+        if name in f:
+            crc = zlib.crc32(np.ascontiguousarray(f[name][()]).tobytes(), crc)
+    return f"crc32:{crc:08x}"
+
+
+def shard_problem(plan: Plan, index: int) -> str | None:
+    """Why shard `index` cannot be used (None when it can): a quick check, no checksum."""
+    _, start, stop = plan.shards[index]
+    path = plan.shard_path(index)
+    if not path.is_file():
+        return "missing"
+    try:
+        with h5py.File(path, "r") as f:
+            n = f["embeddings"].shape[0]
+            if (f.attrs["plan_id"] != plan.plan_id or int(f.attrs["start"]) != start or int(f.attrs["stop"]) != stop
+                    or f["embeddings"].shape[1:] != (int(plan.attrs["dim"]),)
+                    or not f["ids"].shape[0] == f["rows"].shape[0] == n
+                    or n + f["failures/rows"].shape[0] != stop - start):
+                return "does not belong to this plan"
+            token_shape = tuple(plan.attrs.get("tokens_shape", ()))
+            if token_shape and ("tokens" not in f or f["tokens"].shape != (n, *token_shape)):
+                return "lacks the plan's cached tokens"
+            if n:  # readable to its last row
+                f["embeddings"][n - 1]
+                if token_shape:
+                    f["tokens"][n - 1]
+    except (OSError, KeyError) as e:
+        return f"unreadable ({e})"
+    return None
 
 
 def shard_complete(plan: Plan, index: int) -> bool:
     return plan.shard_path(index).is_file()
+
+
+def _write_parquet(frame: pl.DataFrame, final: Path) -> None:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    write_bytes(final, buffer.getvalue())
+
+
+@contextmanager
+def _hdf5_file(final: Path, needed: int):
+    """An HDF5 file to fill, landing at `final` atomically; in memory up to IN_MEMORY_BYTES."""
+    check_free_space(final.parent, needed)
+    if needed <= IN_MEMORY_BYTES:
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as f:
+            yield f
+        with atomic_write(final, needed=needed) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+    else:
+        with atomic_write(final, needed=needed) as tmp:
+            with h5py.File(tmp, "w") as f:
+                yield f
 
 
 def write_shard(plan: Plan, index: int, rows: np.ndarray, embeddings: np.ndarray,
@@ -157,10 +304,9 @@ def write_shard(plan: Plan, index: int, rows: np.ndarray, embeddings: np.ndarray
     if token_shape and (tokens is None or tokens.shape != (len(rows), *token_shape)):
         raise ValueError(f"shard {index}: the plan caches tokens {token_shape} per image; got "
                          f"{None if tokens is None else tokens.shape}")
-    final = plan.shard_path(index)
-    tmp = final.with_name("." + final.name + _TMP)
     dtype = np.dtype(plan.attrs["dtype"])
-    with h5py.File(tmp, "w") as f:
+    final = plan.shard_path(index)
+    with _hdf5_file(final, plan.shard_bytes(stop - start)) as f:
         f.attrs.update({"plan_id": plan.plan_id, "index": index, "start": start, "stop": stop})
         # Chunks of ~1 MB along rows; no compression: DINOv2 features do not compress.
         chunk = (max(1, min(len(rows), (1 << 20) // (embeddings.shape[1] * dtype.itemsize))), embeddings.shape[1])
@@ -172,78 +318,66 @@ def write_shard(plan: Plan, index: int, rows: np.ndarray, embeddings: np.ndarray
                 raise ValueError(f"shard {index}: tokens overflow {dtype}; extract with --dtype float32")
             # One image per chunk: training and evaluation read runs of whole images.
             f.create_dataset("tokens", data=stored, chunks=(1, *token_shape) if len(rows) else None)
-        f.create_dataset("ids", data=np.array([i.encode() for i in plan.ids[rows]], dtype=f"S{plan.id_bytes}"))
+        # UTF-8, fixed length: virtual datasets need one fixed type across shards.
+        id_type = h5py.string_dtype("utf-8", plan.id_bytes)
+        f.create_dataset("ids", data=np.array([i.encode() for i in plan.ids[rows]], dtype=id_type))
         f.create_dataset("rows", data=rows)
         f.create_dataset("failures/rows", data=np.array([r for r, _ in failures], dtype=np.int64))
         f.create_dataset("failures/reasons", data=[r for _, r in failures], dtype=h5py.string_dtype())
-    replace_atomically(tmp, final)
+        f.attrs["checksum"] = shard_checksum(f)
     return final
 
 
-def _check_shard(plan: Plan, index: int, start: int, stop: int, dim: int) -> dict:
-    path = plan.shard_path(index)
-    try:
-        with h5py.File(path, "r") as f:
-            ok = (f.attrs["plan_id"] == plan.plan_id and int(f.attrs["start"]) == start
-                  and int(f.attrs["stop"]) == stop and f["embeddings"].shape[1:] == (dim,)
-                  and f["ids"].shape[0] == f["embeddings"].shape[0] == f["rows"].shape[0])
-            n = f["embeddings"].shape[0]
-            token_shape = tuple(plan.attrs.get("tokens_shape", ()))
-            if token_shape:
-                ok = ok and "tokens" in f and f["tokens"].shape == (n, *token_shape)
-            if ok and n:
-                f["embeddings"][n - 1]  # readable to its last row
-                if token_shape:
-                    f["tokens"][n - 1]
-            return {"n": n, "rows": f["rows"][()], "failed_rows": f["failures/rows"][()],
-                    "reasons": f["failures/reasons"].asstr()[()]} if ok else {}
-    except (OSError, KeyError) as e:
-        raise StoreError(f"shard {path} is unreadable ({e}); delete it and re-run the same command") from None
+def _shard_meta(plan: Plan, index: int) -> dict:
+    problem = shard_problem(plan, index)
+    if problem:
+        raise DamagedStore(f"shard {plan.shard_path(index)} is {problem}; run the same `dcfeat extract` command "
+                           "again: it re-extracts the shard")
+    with h5py.File(plan.shard_path(index), "r") as f:
+        return {"n": f["embeddings"].shape[0], "rows": f["rows"][()], "failed_rows": f["failures/rows"][()],
+                "reasons": read_ids(f["failures/reasons"]).tolist(), "checksum": attr_value(f.attrs["checksum"])}
 
 
 def assemble(plan: Plan) -> int:
-    """Link every checked shard into `NAME.h5` and write the split's labels; returns rows."""
+    """Link every checked shard into `NAME.h5` and commit the split with its labels; returns rows."""
     store = plan.store
     dim = int(plan.attrs["dim"])
-    checked = []
-    for index, start, stop in plan.shards:
-        meta = _check_shard(plan, index, start, stop, dim)
-        if not meta:
-            raise StoreError(f"shard {plan.shard_path(index)} does not belong to this plan; delete it and re-run")
-        checked.append((index, meta))
+    checked = [(index, _shard_meta(plan, index)) for index, _, _ in plan.shards]
     total = sum(m["n"] for _, m in checked)
-    emb = h5py.VirtualLayout((total, dim), np.dtype(plan.attrs["dtype"]))
-    ids = h5py.VirtualLayout((total,), np.dtype(f"S{plan.id_bytes}"))
+    dtype = np.dtype(plan.attrs["dtype"])
+    id_type = h5py.string_dtype("utf-8", plan.id_bytes)
+    emb = h5py.VirtualLayout((total, dim), dtype)
+    ids = h5py.VirtualLayout((total,), id_type)
     token_shape = tuple(plan.attrs.get("tokens_shape", ()))
-    tokens = h5py.VirtualLayout((total, *token_shape), np.dtype(plan.attrs["dtype"])) if token_shape else None
+    tokens = h5py.VirtualLayout((total, *token_shape), dtype) if token_shape else None
     at = 0
-    for index, meta in checked:
+    files = [os.path.relpath(plan.shard_path(index), store.parent) for index, _ in checked]
+    for rel, (index, meta) in zip(files, checked):
         if meta["n"]:
-            rel = os.path.relpath(plan.shard_path(index), store.parent)
             emb[at:at + meta["n"]] = h5py.VirtualSource(rel, "embeddings", shape=(meta["n"], dim))
-            ids[at:at + meta["n"]] = h5py.VirtualSource(rel, "ids", shape=(meta["n"],))
+            ids[at:at + meta["n"]] = h5py.VirtualSource(rel, "ids", shape=(meta["n"],), dtype=id_type)
             if tokens is not None:
                 tokens[at:at + meta["n"]] = h5py.VirtualSource(rel, "tokens", shape=(meta["n"], *token_shape))
             at += meta["n"]
-    kept = np.concatenate([m["rows"] for _, m in checked]) if checked else np.zeros(0, np.int64)
-    failed = np.concatenate([m["failed_rows"] for _, m in checked]) if checked else np.zeros(0, np.int64)
+    kept = np.concatenate([m["rows"] for _, m in checked])
+    failed = np.concatenate([m["failed_rows"] for _, m in checked])
     reasons = [r for _, m in checked for r in m["reasons"]]
     plan_labels = plan.labels
-
     labels = plan_labels[kept.tolist()].with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
     part = labels_dir(store) / f"split={plan.split}"
     part.mkdir(parents=True, exist_ok=True)
-    tmp = part / (".part-0.parquet" + _TMP)
-    labels.write_parquet(tmp)
+    _write_parquet(labels, part / label_part(plan.plan_id))
 
-    tmp_h5 = store.with_name("." + store.name + f".{os.getpid()}" + _TMP)
-    with h5py.File(tmp_h5, "w") as new:
+    old_splits = []
+    if store.is_file():
+        with h5py.File(store, "r") as old:
+            old_splits = [name for name in old if name != plan.split]
+    with _hdf5_file(store, SHARD_OVERHEAD + 300 * len(checked) + 200 * len(reasons)) as new:
         new.attrs["dcfeat_format"] = FORMAT_VERSION
-        if store.is_file():
+        if old_splits:
             with h5py.File(store, "r") as old:
-                for name in old:
-                    if name != plan.split:
-                        old.copy(old[name], new, name=name)
+                for name in old_splits:
+                    old.copy(old[name], new, name=name)
         g = new.create_group(plan.split)
         g.create_virtual_dataset("embeddings", emb, fillvalue=np.nan)
         g.create_virtual_dataset("ids", ids)
@@ -252,16 +386,16 @@ def assemble(plan: Plan) -> int:
         g.create_dataset("failures/ids", data=plan_labels["image_id"].to_numpy()[failed].tolist(),
                          dtype=h5py.string_dtype())
         g.create_dataset("failures/reasons", data=reasons, dtype=h5py.string_dtype())
+        # What `dcfeat info --verify` checks every shard against.
+        g.create_dataset("shards/files", data=files, dtype=h5py.string_dtype())
+        g.create_dataset("shards/rows", data=np.array([m["n"] for _, m in checked], dtype=np.int64))
+        g.create_dataset("shards/checksums", data=[m["checksum"] for _, m in checked], dtype=h5py.string_dtype())
         g.attrs.update({**plan.attrs, "plan_id": plan.plan_id, "complete": True, "failures": len(reasons)})
-    # Labels first, then the store: a crash in between leaves the old store, and the
-    # re-run rewrites both. Stale label parts of this split go only after both are in place.
-    final_part = part / "part-0.parquet"
-    replace_atomically(tmp, final_part)
-    replace_atomically(tmp_h5, store)
+    # Committed: what the old split had is now unreferenced.
     for stale in part.glob("*.parquet"):
-        if stale != final_part:
+        if stale.name != label_part(plan.plan_id):
             stale.unlink()
     for old_plan in (shards_dir(store) / plan.split).iterdir():
         if old_plan.is_dir() and old_plan.name != plan.plan_id:
-            shutil.rmtree(old_plan)
+            _remove_plan(store, old_plan)
     return total

@@ -16,13 +16,7 @@ existing splits keep pointing at shards nobody touches.
 
 from __future__ import annotations
 
-from dcfeat.errors import BadInput
-
-import fcntl
-import json
-import os
-import shutil
-from contextlib import contextmanager
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,17 +24,47 @@ import h5py
 import numpy as np
 import polars as pl
 
+from dcfeat.atomic import replace_atomically  # noqa: F401  (old import path, until every caller moves)
+from dcfeat.errors import BadInput, DamagedStore, IncompatibleFeatures
 from dcfeat.labels import LABEL_SCHEMA
 
 FORMAT_VERSION = 1
-# Attributes that must agree between splits of one store: features made with another
-# model, pooling or resolution live in another space and must not be mixed.
+# Attributes that must agree between splits of one store, and between a run's training features
+# and the features it is applied to: features made with another model, pooling or resolution
+# live in another space and must not be mixed.
 IDENTITY_ATTRS = ("model", "model_fingerprint", "pooling", "image_size", "dim")
 LABEL_COLUMNS = {"row": pl.Int64, **LABEL_SCHEMA}
+STORE_SUFFIXES = (".h5", ".hdf5")
+# A split name becomes an HDF5 group and a folder name: no separators, no "." or "..", no hidden names.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class StoreError(BadInput):
-    """The store cannot be used as asked; the message names the file and the fix."""
+class StoreError(DamagedStore):
+    """Deprecated catch-all; raise one of dcfeat.errors' kinds instead."""
+
+
+def check_split_name(split: str) -> str:
+    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split) or split in (".", ".."):
+        raise BadInput(f"--split {split!r}: a split name is letters, digits, '.', '_' and '-', starting with a "
+                       "letter or digit (train, val, test, test-db, …); no '/' and no '..'")
+    return split
+
+
+def check_store_path(store: Path) -> Path:
+    """NAME.h5 or NAME.hdf5, not a folder, and no other store sharing its NAME.labels/ and NAME.shards/."""
+    store = Path(store)
+    if store.suffix.lower() not in STORE_SUFFIXES:
+        raise BadInput(f"--out {store}: a feature store is a NAME.h5 (or .hdf5) file, its labels and shards go to "
+                       "NAME.labels/ and NAME.shards/ beside it. Choose a name ending in .h5")
+    if store.is_dir():
+        raise BadInput(f"--out {store} is a folder; name the store file inside it, e.g. {store / 'feats.h5'}")
+    if store.parent.is_dir():
+        others = [p.name for p in store.parent.iterdir()
+                  if p.stem == store.stem and p.suffix.lower() in STORE_SUFFIXES and p.name != store.name]
+        if others:
+            raise BadInput(f"{store}: {others[0]} in the same folder already uses {store.stem}.labels/ and "
+                           f"{store.stem}.shards/; two stores cannot share them. Choose another name for --out")
+    return store
 
 
 def labels_dir(store: Path) -> Path:
@@ -51,20 +75,10 @@ def shards_dir(store: Path) -> Path:
     return Path(store).with_suffix(".shards")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def replace_atomically(tmp: Path, final: Path) -> None:
-    """Make a finished temporary file durable, then give it its final name."""
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+def label_part(plan_id: str) -> str:
+    """The label file of one plan of a split. The store's rename is the commit point of a split: the
+    label file it names (by its plan_id) is the split's, and any other part is stale or unfinished."""
+    return f"part-{plan_id}.parquet"
 
 
 def attr_value(value):
@@ -76,30 +90,11 @@ def attr_value(value):
     return value.item() if hasattr(value, "item") else value
 
 
-@contextmanager
-def writer_lock(store: Path):
-    """One writer per store; a second one is refused at once instead of waiting."""
-    lock_path = shards_dir(store) / ".lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise StoreError(f"{store} is being written by {holder} ({lock_path}); wait for it to finish "
-                             "or write to another --out") from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-# ---------------------------------------------------------------- reading
+def read_ids(ds: h5py.Dataset, selection=()) -> np.ndarray:
+    """Image ids as str, decoded as UTF-8 whatever charset the file declares (older stores said ASCII)."""
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return np.asarray(ds.asstr(encoding="utf-8")[selection], dtype=object)
+    return np.asarray(ds[selection], dtype=object)
 
 
 @dataclass
@@ -146,17 +141,19 @@ class Split:
     attrs: dict
 
 
-def _open(store: Path) -> h5py.File:
+def open_store(store: Path) -> h5py.File:
+    """The store opened for reading, checked to be a dcfeat format-v1 file."""
     store = Path(store)
     if not store.is_file():
-        raise StoreError(f"{store}: no such feature store; create it with `dcfeat extract --out {store}`")
+        raise BadInput(f"{store}: no such feature store; create it with `dcfeat extract --out {store}`")
     try:
         f = h5py.File(store, "r")
     except OSError as e:
-        raise StoreError(f"{store}: not a readable HDF5 file ({e})") from None
+        raise DamagedStore(f"{store}: not a readable HDF5 file ({e}); restore it, or re-run the `dcfeat extract` "
+                           "commands that made it (their shards are reused)") from None
     if attr_value(f.attrs.get("dcfeat_format", -1)) != FORMAT_VERSION:
         f.close()
-        raise StoreError(f"{store}: root attribute dcfeat_format is not {FORMAT_VERSION}; not a dcfeat store")
+        raise BadInput(f"{store}: root attribute dcfeat_format is not {FORMAT_VERSION}; not a dcfeat store")
     return f
 
 
@@ -164,38 +161,46 @@ def _split_attrs(group: h5py.Group) -> dict:
     return {k: attr_value(v) for k, v in group.attrs.items()}
 
 
-def _missing_sources(store: Path, ds: h5py.Dataset) -> list[str]:
+def source_files(store: Path, ds: h5py.Dataset) -> list[Path]:
+    """The shard files a virtual dataset reads from (none for an ordinary dataset)."""
     if not ds.is_virtual:
         return []
-    names = {m.file_name for m in ds.virtual_sources()}
-    return sorted(n for n in names if n != "." and not (Path(store).parent / n).is_file())
+    names = sorted({m.file_name for m in ds.virtual_sources()} - {"."})
+    return [Path(store).parent / n for n in names]
 
 
 def _source_bytes(store: Path, ds: h5py.Dataset) -> int:
     if not ds.is_virtual:
         return ds.id.get_storage_size()
-    names = {m.file_name for m in ds.virtual_sources()} - {"."}
-    return sum((Path(store).parent / n).stat().st_size for n in names if (Path(store).parent / n).is_file())
+    return sum(p.stat().st_size for p in source_files(store, ds) if p.is_file())
 
 
-def label_files(store: Path, split: str) -> list[Path]:
-    return sorted((labels_dir(store) / f"split={split}").glob("*.parquet"))
+def label_files(store: Path, split: str, plan_id: str | None = None) -> list[Path]:
+    """The split's label files: the part its plan committed, or (stores written by others) every part."""
+    part = labels_dir(store) / f"split={split}"
+    if plan_id and (part / label_part(plan_id)).is_file():
+        return [part / label_part(plan_id)]
+    return sorted(p for p in part.glob("*.parquet") if not p.name.startswith("."))
 
 
 def _info(store: Path, name: str, group: h5py.Group) -> SplitInfo:
     ds = group["embeddings"]
     attrs = _split_attrs(group)
-    files = label_files(store, name)
+    files = label_files(store, name, attrs.get("plan_id"))
     fail = group.get("failures/ids")
     tokens = group.get("tokens")
+    try:
+        labels_rows = pl.scan_parquet(files).select(pl.len()).collect().item() if files else None
+    except (OSError, pl.exceptions.PolarsError):
+        labels_rows = -1
     return SplitInfo(
         name=name, rows=ds.shape[0], dim=ds.shape[1], dtype=str(ds.dtype), attrs=attrs,
         complete=bool(attrs.get("complete", True)),
         bytes_on_disk=_source_bytes(store, ds) + _source_bytes(store, group["ids"])
         + sum(p.stat().st_size for p in files),
         failures=0 if fail is None else fail.shape[0],
-        missing_sources=_missing_sources(store, ds),
-        labels_rows=pl.scan_parquet(files).select(pl.len()).collect().item() if files else None,
+        missing_sources=[str(p.relative_to(Path(store).parent)) for p in source_files(store, ds) if not p.is_file()],
+        labels_rows=labels_rows,
         tokens_shape=None if tokens is None else tokens.shape,
         token_bytes_per_image=0 if tokens is None else int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize)
 
@@ -207,72 +212,113 @@ def _is_split(group) -> bool:
 def list_splits(store: Path) -> list[SplitInfo]:
     """Every split of the store with its size, attributes and any problem found."""
     store = Path(store)
-    with _open(store) as f:
+    with open_store(store) as f:
         return [_info(store, name, group) for name, group in f.items() if _is_split(group)]
 
 
 def split_info(store: Path, split: str) -> SplitInfo:
     """One split's SplitInfo; the other splits' labels and shards are not looked at."""
     store = Path(store)
-    with _open(store) as f:
+    check_split_name(split)
+    with open_store(store) as f:
         if not _is_split(f.get(split)):
             names = [name for name, group in f.items() if _is_split(group)]
-            raise StoreError(f"{store} has no split '{split}' (it has: {', '.join(names) or 'none'}); "
-                             f"add it with `dcfeat extract --split {split} --out {store} --images DIR`")
+            raise BadInput(f"{store} has no split '{split}' (it has: {', '.join(names) or 'none'}); "
+                           f"add it with `dcfeat extract --split {split} --out {store} --images DIR`")
         return _info(store, split, f[split])
 
 
-def read_labels(store: Path, split: str) -> pl.DataFrame:
-    files = label_files(store, split)
+def _labels_problem(store: Path, split: str, problem: str) -> DamagedStore:
+    return DamagedStore(f"{labels_dir(store) / f'split={split}'}: {problem}. Re-run the `dcfeat extract` command "
+                        f"of split '{split}' to rewrite its labels (`dcfeat info --verify {store}` lists every "
+                        "problem)")
+
+
+def read_labels(store: Path, split: str, plan_id: str | None = None) -> pl.DataFrame:
+    files = label_files(store, split, plan_id)
     if not files:
-        raise StoreError(f"{store}: split '{split}' has no labels under {labels_dir(store) / f'split={split}'}")
-    frame = pl.read_parquet(files, hive_partitioning=False)
+        raise _labels_problem(store, split, "no labels")
+    try:
+        frame = pl.read_parquet(files, hive_partitioning=False)
+    except (OSError, pl.exceptions.PolarsError) as e:
+        raise _labels_problem(store, split, f"unreadable label file ({type(e).__name__}: {e})") from None
     missing = [c for c in LABEL_COLUMNS if c not in frame.columns]
     if missing:
-        raise StoreError(f"{labels_dir(store)}: split '{split}' labels lack columns {missing}")
+        raise _labels_problem(store, split, f"labels lack columns {missing}")
     frame = frame.select([pl.col(c).cast(t) for c, t in LABEL_COLUMNS.items()]).sort("row")
     if not np.array_equal(frame["row"].to_numpy(), np.arange(frame.height)):
-        raise StoreError(f"{labels_dir(store)}: split '{split}' label rows are not 0..n-1 exactly once")
+        raise _labels_problem(store, split, "label rows are not 0..n-1 exactly once")
     return frame
+
+
+def unreadable_sources(store: Path, split: str) -> list[tuple[Path, str]]:
+    """(shard, why) for every shard of the split that is missing or does not open: a quick check.
+
+    A virtual dataset reads a missing or unreadable source as fill values, silently, so every
+    reader looks first. `dcfeat info --verify` also checks row counts and checksums.
+    """
+    with open_store(store) as f:
+        sources = source_files(store, f[split]["embeddings"])
+    bad = []
+    for path in sources:
+        if not path.is_file():
+            bad.append((path, "missing"))
+            continue
+        try:
+            with h5py.File(path, "r") as shard:
+                n = shard["embeddings"].shape[0]
+                if n:
+                    shard["embeddings"][n - 1]
+        except (OSError, KeyError) as e:
+            bad.append((path, f"unreadable ({e})"))
+    return bad
+
+
+def damaged_split(store: Path, split: str, bad: list[tuple[Path, str]]) -> DamagedStore:
+    shown = "; ".join(f"{p} {why}" for p, why in bad[:3])
+    return DamagedStore(f"{store}: split '{split}' has {len(bad)} damaged or missing shard file(s): {shown}. Re-run "
+                        f"the same `dcfeat extract` command: it re-extracts them. A store moved without its "
+                        f"{shards_dir(store).name}/ folder needs that folder copied beside it")
 
 
 def read_split(store: Path, split: str, *, dtype=None, allow_incomplete: bool = False,
                chunk_rows: int = 1 << 16) -> Split:
     """One split in memory: embeddings as one array, labels as a polars frame, checked."""
     info = split_info(store, split)
-    if info.missing_sources:
-        raise StoreError(f"{store}: split '{split}' points at missing shard files, e.g. "
-                         f"{info.missing_sources[0]}; the store was moved or copied without "
-                         f"{shards_dir(store).name}/. Copy that folder beside it.")
+    bad = unreadable_sources(store, split)
+    if bad:
+        raise damaged_split(store, split, bad)
     if not info.complete and not allow_incomplete:
-        raise StoreError(f"{store}: split '{split}' is incomplete; re-run the same `dcfeat extract` to finish it")
-    labels = read_labels(store, split)
+        raise DamagedStore(f"{store}: split '{split}' is incomplete; re-run the same `dcfeat extract` to finish it")
+    labels = read_labels(store, split, info.attrs.get("plan_id"))
     if labels.height != info.rows:
-        raise StoreError(f"{store}: split '{split}' has {info.rows} embeddings but {labels.height} label rows "
-                         f"in {labels_dir(store)}; re-run `dcfeat extract` for this split")
-    with _open(store) as f:
-        ds = f[split]["embeddings"]
-        out = np.empty(ds.shape, dtype=dtype or ds.dtype)
-        for start in range(0, ds.shape[0], chunk_rows):
-            stop = min(start + chunk_rows, ds.shape[0])
-            out[start:stop] = ds[start:stop]
-        ids = f[split]["ids"].asstr()[()] if h5py.check_string_dtype(f[split]["ids"].dtype) else f[split]["ids"][()]
-    if not np.array_equal(np.asarray(ids, dtype=object), labels["image_id"].to_numpy()):
-        raise StoreError(f"{store}: split '{split}' ids differ from the image_id column of its labels")
-    bad = ~np.isfinite(out).all(axis=1)
-    if bad.any():
-        raise StoreError(f"{store}: split '{split}' has {int(bad.sum())} rows with non-finite values "
-                         f"(first: row {int(np.flatnonzero(bad)[0])}); re-extract it")
+        raise _labels_problem(store, split, f"{labels.height} label rows for {info.rows} embeddings")
+    try:
+        with open_store(store) as f:
+            ds = f[split]["embeddings"]
+            out = np.empty(ds.shape, dtype=dtype or ds.dtype)
+            for start in range(0, ds.shape[0], chunk_rows):
+                stop = min(start + chunk_rows, ds.shape[0])
+                out[start:stop] = ds[start:stop]
+            ids = read_ids(f[split]["ids"])
+    except OSError as e:
+        raise damaged_split(store, split, [(Path(store), f"unreadable ({e})")]) from None
+    if not np.array_equal(ids, labels["image_id"].to_numpy()):
+        raise _labels_problem(store, split, "the ids of the embeddings differ from the image_id column")
+    bad_rows = ~np.isfinite(out).all(axis=1)
+    if bad_rows.any():
+        raise DamagedStore(f"{store}: split '{split}' has {int(bad_rows.sum())} rows with non-finite values "
+                           f"(first: row {int(np.flatnonzero(bad_rows)[0])}); re-extract it")
     return Split(name=split, embeddings=out, labels=labels, attrs=info.attrs)
 
 
 def read_failures(store: Path, split: str) -> list[tuple[str, str]]:
     """(image id, reason) of every image the split's extraction skipped."""
-    with _open(store) as f:
+    with open_store(store) as f:
         g = f[split].get("failures")
         if g is None:
             return []
-        return list(zip(g["ids"].asstr()[()].tolist(), g["reasons"].asstr()[()].tolist()))
+        return list(zip(read_ids(g["ids"]).tolist(), read_ids(g["reasons"]).tolist()))
 
 
 def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
@@ -281,5 +327,4 @@ def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
             if k in existing and k in new and existing.get(k) != new.get(k)}
     if diff:
         shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
-        raise StoreError(f"{what} do not belong together ({shown}). {fix}")
-
+        raise IncompatibleFeatures(f"{what} do not belong together ({shown}). {fix}")

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dcfeat.cli import cli
-from dcfeat.store import list_splits, read_failures, read_split, writer_lock
+from dcfeat.shards import writer_lock
+from dcfeat.store import list_splits, read_failures, read_split
 from tests.conftest import sfxl_name, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,16 +226,16 @@ def test_a_crash_while_replacing_the_store_keeps_the_old_one(images, tmp_path, t
     out = tmp_path / "f.h5"
     assert run(*extract_args(images, out, tiny_model)).exit_code == 0
     before = read_split(out, "train").embeddings
-    import dcfeat.shards as shards
+    import dcfeat.atomic as atomic
 
-    real = shards.replace_atomically
+    real = atomic.replace_atomically
 
     def crash_on_store(tmp, final):
         if final == out:
             raise SimulatedCrash("before the store is renamed into place")
         real(tmp, final)
 
-    monkeypatch.setattr(shards, "replace_atomically", crash_on_store)
+    monkeypatch.setattr(atomic, "replace_atomically", crash_on_store)
     more = tmp_path / "more"
     write_images(more, 4, seed=9)
     with pytest.raises(SimulatedCrash):
@@ -242,7 +243,7 @@ def test_a_crash_while_replacing_the_store_keeps_the_old_one(images, tmp_path, t
                            catch_exceptions=False)
     assert [s.name for s in list_splits(out)] == ["train"]
     assert np.array_equal(read_split(out, "train").embeddings, before)
-    monkeypatch.setattr(shards, "replace_atomically", real)
+    monkeypatch.setattr(atomic, "replace_atomically", real)
     assert run(*extract_args(more, out, tiny_model, "--split", "test")).exit_code == 0
     assert read_split(out, "test").embeddings.shape[0] == 4
 

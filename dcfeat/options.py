@@ -1,0 +1,62 @@
+"""Checked command-line values: every option is range-checked by click before anything is created."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from dcfeat.errors import BadInput
+from dcfeat.store import check_split_name
+
+
+class Finite(click.FloatRange):
+    """A float in a range that is also finite (click's FloatRange lets NaN through every bound)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+class KList(click.ParamType):
+    """Comma-separated k of LR@k, each >= 1: "1,5,10,20" → (1, 5, 10, 20), sorted, unique."""
+
+    name = "k,k,…"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            ks = tuple(sorted({int(k) for k in str(value).split(",")}))
+        except ValueError:
+            self.fail(f"{value!r}: expected comma-separated integers like 1,5,10,20", param, ctx)
+        if ks[0] < 1:
+            self.fail(f"{value!r}: every k must be at least 1", param, ctx)
+        return ks
+
+
+def split_name(ctx, param, value):
+    """click callback: a split name that is safe as an HDF5 group and a folder name (or None)."""
+    if value is None:
+        return None
+    try:
+        return check_split_name(value)
+    except BadInput as e:
+        raise click.BadParameter(str(e).split(": ", 1)[1], ctx, param) from None
+
+
+def patch_multiple(ctx, param, value):
+    if value is not None and value % 14:
+        raise click.BadParameter(f"{value} is not a multiple of 14, DINOv2's patch size (224, 336, 448, 518 …)",
+                                 ctx, param)
+    return value
+
+
+POSITIVE = Finite(min=0, min_open=True)
+AT_LEAST_1 = click.IntRange(min=1)
+AT_LEAST_0 = click.IntRange(min=0)
+# Near π/2 an additive angular margin pushes every target past the orthogonal, and CosFace's margin
+# lives on cosines in [-1, 1]: either way a margin that large cannot train (the papers use 0.1-0.5).
+MARGIN = Finite(min=0, max=1.5)

@@ -1,0 +1,337 @@
+"""Hostile and careless use of `extract`, `info` and the store: clear errors, nothing lost, self-repair.
+
+Each test names the defect of the adversarial pass it covers (issue "Trustworthy under bad input
+and crashes"); all of them failed on 0.1.0.
+"""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dcfeat.cli import cli
+from dcfeat.errors import BadInput, DamagedStore, EnvironmentProblem, IncompatibleFeatures
+from dcfeat.shards import _remove_plan, open_plan
+from dcfeat.store import label_files, list_splits, read_split
+from dcfeat.verify import verify_store
+from tests.conftest import sfxl_name, write_images
+from tests.test_extract import ROOT, extract_args
+
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_user_error(result, code: int, *words: str):
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in result.output, result.output
+
+
+def verified(store: Path) -> bool:
+    return not [p for p in verify_store(store)[1] if p.serious]
+
+
+@pytest.fixture
+def store(images, tmp_path, tiny_model) -> Path:
+    out = tmp_path / "f.h5"
+    assert run(*extract_args(images, out, tiny_model)).exit_code == 0
+    return out
+
+
+# 1 ------------------------------------------------------------------ split names
+
+
+@pytest.mark.parametrize("split", ["..", ".", "../../x", "a/b", "/abs", ".hidden", "", "a\\b"])
+def test_bad_split_names_are_refused_before_anything_is_touched(store, tmp_path, tiny_model, images, split):
+    beside = tmp_path / "precious"
+    beside.mkdir()
+    (beside / "data.txt").write_text("keep me")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert_user_error(run(*extract_args(images, store, tiny_model, "--split", split)), 2, "--split")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert verified(store)
+    with pytest.raises(BadInput):
+        open_plan(store, split, read_split(store, "train").labels.drop("row"), {})
+
+
+def test_plan_removal_never_leaves_the_store_own_shards_folder(store, tmp_path):
+    with pytest.raises(RuntimeError):
+        _remove_plan(store, tmp_path)
+    with pytest.raises(RuntimeError):
+        _remove_plan(store, store.with_suffix(".shards"))
+    assert store.with_suffix(".shards").is_dir() and store.with_suffix(".labels").is_dir()
+
+
+# 2, 18 -------------------------------------------------------------- store names
+
+
+def test_two_stores_never_share_sidecar_folders(store, images, tiny_model):
+    before = read_split(store, "train").embeddings
+    assert_user_error(run(*extract_args(images, store.with_suffix(".hdf5"), tiny_model)), 2, "f.h5",
+                      "Choose another name")
+    assert not store.with_suffix(".hdf5").exists() and verified(store)
+    assert np.array_equal(read_split(store, "train").embeddings, before)
+
+
+@pytest.mark.parametrize("name", ["x.labels", "x.shards", "x", "x.parquet"])
+def test_a_store_name_that_is_not_h5_is_refused(tmp_path, images, tiny_model, name):
+    assert_user_error(run(*extract_args(images, tmp_path / name, tiny_model)), 2, ".h5")
+    assert list(tmp_path.iterdir()) == [images]
+
+
+def test_a_folder_as_store_is_refused(tmp_path, images, tiny_model):
+    (tmp_path / "d.h5").mkdir()
+    assert_user_error(run(*extract_args(images, tmp_path / "d.h5", tiny_model)), 2, "is a folder")
+
+
+# 3 ------------------------------------------------------------------ --overwrite is a transaction
+
+
+class SimulatedCrash(BaseException):
+    pass
+
+
+def test_a_crash_between_labels_and_store_of_an_overwrite_rolls_back(store, tmp_path, tiny_model, monkeypatch):
+    import dcfeat.atomic as atomic
+
+    old = read_split(store, "train")
+    fewer = tmp_path / "fewer"
+    write_images(fewer, 6, seed=5)
+    real = atomic.replace_atomically
+
+    def crash_on_store(tmp, final):
+        if Path(final) == store:  # the new labels are in place; the store is not
+            raise SimulatedCrash
+        real(tmp, final)
+
+    monkeypatch.setattr(atomic, "replace_atomically", crash_on_store)
+    with pytest.raises(SimulatedCrash):
+        CliRunner().invoke(cli, [str(a) for a in extract_args(fewer, store, tiny_model, "--overwrite")],
+                           catch_exceptions=False)
+    monkeypatch.setattr(atomic, "replace_atomically", real)
+    after = read_split(store, "train")  # the old split with its own labels, as if nothing happened
+    assert after.labels.equals(old.labels) and np.array_equal(after.embeddings, old.embeddings)
+    assert verified(store)
+    r = run(*extract_args(fewer, store, tiny_model, "--overwrite"))
+    assert r.exit_code == 0 and "6 rows written" in r.output, r.output
+    assert read_split(store, "train").labels.height == 6 and verified(store)
+    assert len(label_files(store, "train")) == 1 and len(list(store.with_suffix(".shards").glob("train/*"))) == 1
+
+
+@pytest.mark.slow
+def test_kill_9_during_overwrite_then_the_same_command_leaves_a_verified_store(store, tmp_path, tiny_model):
+    other = tmp_path / "other"
+    write_images(other, 48, seed=7, size=160)
+    reference = tmp_path / "ref.h5"
+    assert run(*extract_args(other, reference, tiny_model)).exit_code == 0
+    cmd = [os.sys.executable, "-m", "dcfeat", *map(str, extract_args(other, store, tiny_model, "--overwrite"))]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    shards = store.with_suffix(".shards")
+    for wanted in (3, 5):  # kill once the new plan has that many shards
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(shards.glob("train/*/0*.h5"))) >= wanted:
+                break
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert verified(store)  # whatever the kill hit, the store verifies (old split or new)
+    assert subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True).returncode == 0
+    got, ref = read_split(store, "train"), read_split(reference, "train")
+    assert got.labels.equals(ref.labels) and np.array_equal(got.embeddings, ref.embeddings)
+    assert verified(store) and not list(tmp_path.glob("**/.*.tmp"))
+
+
+# 5, 9 --------------------------------------------------------------- numeric options
+
+
+@pytest.mark.parametrize("option", [("--shard-rows", -5), ("--shard-rows", 0), ("--batch-size", 0),
+                                    ("--workers", -1), ("--image-size", 0), ("--image-size", -14),
+                                    ("--image-size", 50), ("--cache-tokens", -1)])
+def test_extract_options_out_of_range_create_nothing(tmp_path, images, tiny_model, option):
+    out = tmp_path / "s" / "f.h5"
+    assert_user_error(run(*extract_args(images, out, tiny_model), *option), 2, option[0])
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("option", [("--M", 0), ("--M", -5), ("--M", "nan"), ("--N", 0), ("--epochs", 0),
+                                    ("--dim", 0), ("--s", 0), ("--m", 10), ("--m", -0.1), ("--batch-size", 0),
+                                    ("--lr-heads", "inf"), ("--min-images-per-class", 0),
+                                    ("--finetune-blocks", -1), ("--split", "../x")])
+def test_train_options_out_of_range_create_no_run_folder(city_store, tmp_path, option):
+    out = tmp_path / "run"
+    assert_user_error(run("train", "--feats", city_store, "--out", out, "--no-progress", *option), 2, option[0])
+    assert not out.exists() and not (city_store.parent / "runs").exists()
+
+
+@pytest.mark.parametrize("option", [("--k", "0"), ("--k", "-1,5"), ("--k", "a"), ("--cells", 0),
+                                    ("--threshold", -1), ("--threshold", "nan")])
+def test_evaluate_options_out_of_range(city_store, city_run, tmp_path, option):
+    out = tmp_path / "eval"
+    assert_user_error(run("evaluate", "--feats", city_store, "--run", city_run, "--out", out, *option), 2,
+                      option[0])
+    assert not out.exists()
+
+
+# 7 ------------------------------------------------------------------ non-ASCII ids
+
+
+def test_non_ascii_file_names_survive_extract_train_evaluate(tmp_path, tiny_model):
+    folder = tmp_path / "ímages"
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for i in range(12):
+        sub = folder / ("straße" if i % 2 else "日本")
+        sub.mkdir(parents=True, exist_ok=True)
+        name = sfxl_name(550000 + 5 * (i % 3), 4180000).replace("@.jpg", f"café{i}@.jpg")
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(sub / name)
+    out = tmp_path / "f.h5"
+    assert run(*extract_args(folder, out, tiny_model)).exit_code == 0
+    ids = read_split(out, "train").labels["image_id"].to_list()
+    assert any("café" in i and "straße" in i for i in ids) and any("日本" in i for i in ids)
+    with h5py.File(out) as f:
+        assert f["train"]["ids"].asstr()[()].tolist() == ids  # UTF-8 for any HDF5 reader
+    r = run("train", "--feats", out, "--min-images-per-class", "1", "--epochs", "1", "--no-progress",
+            "--out", tmp_path / "run")
+    assert r.exit_code == 0, r.output
+    assert run("evaluate", "--feats", out, "--run", tmp_path / "run", "--split", "train").exit_code == 0
+
+
+# 10 ----------------------------------------------------------------- verify and repair
+
+
+def _shard(store: Path, index: int) -> Path:
+    return sorted(store.with_suffix(".shards").glob(f"train/*/{index:06d}.h5"))[0]
+
+
+def test_verify_passes_a_sound_store(store):
+    r = run("info", store, "--verify")
+    assert r.exit_code == 0 and "verified" in r.output, r.output
+
+
+def test_a_truncated_shard_is_found_refused_and_repaired(store, images, tiny_model, tmp_path):
+    before = read_split(store, "train")
+    shard = _shard(store, 1)
+    shard.write_bytes(shard.read_bytes()[:3000])
+    assert_user_error(run("info", store, "--verify"), 3, shard.name, "re-run")
+    assert_user_error(run("train", "--feats", store, "--out", tmp_path / "run", "--no-progress"), 3, shard.name,
+                      "extract")
+    assert not (tmp_path / "run").exists()
+    r = run(*extract_args(images, store, tiny_model))
+    assert r.exit_code == 0 and "already complete" not in r.output, r.output
+    assert verified(store) and np.array_equal(read_split(store, "train").embeddings, before.embeddings)
+
+
+@pytest.mark.parametrize("damage", ["shard", "labels", "plan"])
+def test_the_same_extract_repairs_deleted_parts(store, images, tiny_model, damage):
+    before = read_split(store, "train")
+    if damage == "shard":
+        _shard(store, 0).unlink()
+    elif damage == "labels":
+        shutil.rmtree(store.with_suffix(".labels"))
+    else:
+        shutil.rmtree(_shard(store, 0).parent)
+    assert not verified(store)
+    assert run(*extract_args(images, store, tiny_model)).exit_code == 0
+    assert verified(store)
+    after = read_split(store, "train")
+    assert after.labels.equals(before.labels) and np.array_equal(after.embeddings, before.embeddings)
+
+
+def test_a_changed_shard_fails_its_checksum(store):
+    with h5py.File(_shard(store, 0), "r+") as f:
+        f["embeddings"][0, 0] += 1
+    r = run("info", store, "--verify")
+    assert_user_error(r, 3, "checksum", "delete")
+
+
+# 12 ----------------------------------------------------------------- full disk
+
+
+def test_a_full_disk_stops_with_one_message_and_no_tmp_files(images, tmp_path, tiny_model, monkeypatch):
+    import dcfeat.atomic as atomic
+
+    out = tmp_path / "f.h5"
+    real = atomic.replace_atomically
+    calls = []
+
+    def full_after_two(tmp, final):
+        calls.append(final)
+        if len(calls) > 4:  # plan files and two shards fit, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        real(tmp, final)
+
+    monkeypatch.setattr(atomic, "replace_atomically", full_after_two)
+    assert_user_error(run(*extract_args(images, out, tiny_model)), 6, "no space left", str(tmp_path))
+    assert not list(tmp_path.glob("**/.*.tmp"))
+    monkeypatch.setattr(atomic, "replace_atomically", real)
+    assert run(*extract_args(images, out, tiny_model)).exit_code == 0 and verified(out)
+
+
+def test_not_enough_free_space_is_refused_before_writing(images, tmp_path, tiny_model, monkeypatch):
+    import shutil as sh
+
+    usage = sh.disk_usage(tmp_path)
+    monkeypatch.setattr("dcfeat.errors.shutil.disk_usage", lambda p: usage._replace(free=1000))
+    assert_user_error(run(*extract_args(images, tmp_path / "f.h5", tiny_model)), 6, "needed", "free")
+    assert not list(tmp_path.glob("f.shards/train/*/0*.h5"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_real_full_tmpfs(images, tmp_path, tiny_model):
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        args = extract_args(images, small / "f.h5", tiny_model, "--dtype", "float32")
+        assert_user_error(run(*args), 6, "no space left")
+        assert not list(small.glob("**/.*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=4m", str(small)], check=True)
+        assert run(*args).exit_code == 0 and verified(small / "f.h5")
+    finally:
+        subprocess.run(["umount", str(small)])
+
+
+# 19 ----------------------------------------------------------------- leftovers of crashes
+
+
+def test_tmp_files_of_killed_writers_are_removed_by_the_next_writer(store, images, tiny_model):
+    leftovers = [store.with_name(f".{store.name}.4242.tmp"), _shard(store, 0).with_name(".000009.h5.tmp"),
+                 store.with_suffix(".labels") / "split=train" / ".part-x.parquet.tmp"]
+    for p in leftovers:
+        p.write_bytes(b"half")
+    assert any(not p.serious for p in verify_store(store)[1]) and verified(store)
+    assert "already complete" in run(*extract_args(images, store, tiny_model)).output
+    assert not any(p.exists() for p in leftovers)
+
+
+# 20 ----------------------------------------------------------------- exit codes
+
+
+def test_each_error_kind_has_its_documented_exit_code(store, images, tiny_model, tmp_path):
+    assert (BadInput.exit_code, DamagedStore.exit_code, IncompatibleFeatures.exit_code,
+            EnvironmentProblem.exit_code) == (2, 3, 5, 6)
+    assert_user_error(run("train", "--feats", tmp_path / "none.h5"), 2, "no such feature store")
+    assert_user_error(run(*extract_args(images, store, tiny_model, "--pooling", "mean", "--split", "t")), 5,
+                      "pooling")
+    from dcfeat.shards import writer_lock
+
+    with writer_lock(store):
+        assert_user_error(run(*extract_args(images, store, tiny_model)), 6, "is being written")
+    assert [s.name for s in list_splits(store)] == ["train"]
