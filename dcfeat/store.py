@@ -26,7 +26,7 @@ import polars as pl
 
 from dcfeat.atomic import replace_atomically  # noqa: F401  (old import path, until every caller moves)
 from dcfeat.errors import BadInput, DamagedStore, IncompatibleFeatures
-from dcfeat.labels import LABEL_SCHEMA
+from dcfeat.labels import LABEL_SCHEMA, check_labels
 
 FORMAT_VERSION = 1
 # Attributes that must agree between splits of one store, and between a run's training features
@@ -245,7 +245,11 @@ def read_labels(store: Path, split: str, plan_id: str | None = None) -> pl.DataF
     missing = [c for c in LABEL_COLUMNS if c not in frame.columns]
     if missing:
         raise _labels_problem(store, split, f"labels lack columns {missing}")
-    frame = frame.select([pl.col(c).cast(t) for c, t in LABEL_COLUMNS.items()]).sort("row")
+    try:
+        frame = frame.select([pl.col(c).cast(t) for c, t in LABEL_COLUMNS.items()]).sort("row")
+        check_labels(frame, "labels")
+    except (pl.exceptions.PolarsError, BadInput) as e:  # written by another program: checked like ours
+        raise _labels_problem(store, split, str(e).replace("\n", " ")) from None
     if not np.array_equal(frame["row"].to_numpy(), np.arange(frame.height)):
         raise _labels_problem(store, split, "label rows are not 0..n-1 exactly once")
     return frame

@@ -335,3 +335,16 @@ def test_each_error_kind_has_its_documented_exit_code(store, images, tiny_model,
     with writer_lock(store):
         assert_user_error(run(*extract_args(images, store, tiny_model)), 6, "is being written")
     assert [s.name for s in list_splits(store)] == ["train"]
+
+
+# 8 ------------------------------------------------------------------ labels written by another program
+
+
+def test_impossible_labels_in_a_foreign_store_are_a_damaged_store(store, tmp_path):
+    import polars as pl
+
+    [part] = label_files(store, "train", list_splits(store)[0].attrs["plan_id"])
+    labels = pl.read_parquet(part)
+    labels.with_columns(utm_letter=pl.lit("Z")).write_parquet(part)
+    assert_user_error(run("train", "--feats", store, "--out", tmp_path / "run", "--no-progress"), 3, "Z",
+                      "labels")
