@@ -54,7 +54,7 @@ def run_demo(root: Path = Path("data/demo"), *, streets: int = 4, spacing_m: flo
     from dcfeat.extract import extract
     from dcfeat.labels import collect_images
     from dcfeat.reports import evaluate_from_store
-    from dcfeat.streets import render_city
+    from dcfeat.synthetic.photos import render_city
     from dcfeat.train import TrainConfig, train_from_store
 
     root = Path(root)

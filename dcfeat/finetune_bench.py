@@ -93,7 +93,7 @@ def city_comparison(root: Path, model_dir: Path, *, image_size: int = 112, epoch
                     settings: tuple[tuple[int, float | None], ...] = SETTINGS) -> dict:
     """LR@1 on the rendered city's test queries after training with each (K, lr_blocks) setting."""
     from dcfeat.store import split_info
-    from dcfeat.streets import render_city
+    from dcfeat.synthetic.photos import render_city
 
     root = Path(root)
     images, store = root / "images", root / "feats.h5"

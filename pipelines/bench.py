@@ -24,7 +24,7 @@ import torch
 from dcfeat import __version__
 from dcfeat import benchmarks as B
 from dcfeat.quality import city_benchmark
-from dcfeat.synthetic import make_city
+from dcfeat.synthetic.features import make_city
 from dcfeat.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]

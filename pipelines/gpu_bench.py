@@ -20,7 +20,7 @@ import torch
 
 from dcfeat import benchmarks as B
 from dcfeat.quality import city_benchmark
-from dcfeat.synthetic import make_city
+from dcfeat.synthetic.features import make_city
 from dcfeat.train import TrainConfig
 
 

@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from dcfeat.store import read_split
-from dcfeat.synthetic import make_city, write_city
+from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import TrainConfig, train, val_recall
 
 GRID = {

@@ -49,7 +49,7 @@ def images(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def city_store(tmp_path_factory) -> Path:
     """The SMALL synthetic city as a format-v1 store: train 2600, val 100, test 200, test-db 1320 rows."""
-    from dcfeat.synthetic import SMALL, make_city, write_city
+    from dcfeat.synthetic.features import SMALL, make_city, write_city
 
     store = tmp_path_factory.mktemp("city") / "feats.h5"
     write_city(make_city(seed=0, **SMALL), store)

@@ -6,7 +6,8 @@ import utm
 from PIL import Image
 
 from dcfeat.labels import find_images, parse_sfxl_names
-from dcfeat.streets import ROAD_M, make_streets, render_city, render_view
+from dcfeat.synthetic.photos import render_city
+from dcfeat.synthetic.streets import ROAD_M, make_streets, render_view
 
 # Two streets each way, 120 m long: pairs 100+ m apart exist, and it renders in ~0.4 s.
 SMALL = {"streets": 2, "block_m": 120.0, "headings": (0, 90), "size": 96, "queries": 8, "val_queries": 4}

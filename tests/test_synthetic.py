@@ -3,7 +3,7 @@ import polars as pl
 import pytest
 
 from dcfeat.labels import LABEL_SCHEMA as LABELS
-from dcfeat.synthetic import SMALL, SPLITS, make_city
+from dcfeat.synthetic.features import SMALL, SPLITS, make_city
 
 
 @pytest.fixture(scope="module")

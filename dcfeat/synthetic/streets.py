@@ -1,4 +1,4 @@
-"""A seeded synthetic city of street-level *photos* (SF-XL named JPEGs) for demos and tests.
+"""A seeded synthetic city of streets, rendered as street-level views for demos and tests.
 
 Streets form a rotated square grid around San Francisco (UTM 10S), lined on
 both sides by procedurally textured buildings (colour, window grid, shop sign,
@@ -8,24 +8,14 @@ facade plane, or leaves through a crossing and meets a facade of the cross
 street; rows below the horizon that meet the ground first show road or
 sidewalk. A step along the street scrolls the facades (nearby spots alias, far
 spots differ) and the heading chooses between looking down the street and at
-a facade.
-
-"train" is a drive every `spacing_m` metres at fixed headings relative to the
-street, "test-db" a second drive every `database_spacing_m` metres, both in
-daylight with small variation. Queries ("test", "val") stand at random points
-and random compass headings, off the centre line, at dusk, blurred, behind
-cars and pedestrians, with a tilted horizon.
+a facade. dcfeat.synthetic.photos turns views into an SF-XL-named image set.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import utm
-from PIL import Image, ImageFilter
 
 ORIGIN = (550_000.0, 4_180_000.0)  # UTM 10S, San Francisco
 ROAD_M = 5.0  # half width of the carriageway
@@ -83,7 +73,7 @@ class City:
         return self.streets[n:] if index < n else self.streets[:n]
 
 
-def _saturated(rng: np.random.Generator, n: int) -> np.ndarray:
+def saturated(rng: np.random.Generator, n: int) -> np.ndarray:
     c = rng.random((n, 3))
     return (c - c.min(1, keepdims=True)) / np.ptp(c, axis=1, keepdims=True).clip(1e-6)
 
@@ -111,7 +101,7 @@ def _buildings(rng: np.random.Generator, length: float, block_m: float) -> np.nd
     out["pitch_m"], out["window_w"], out["window_h"] = rng.uniform([2.5, 0.35, 0.4], [4.0, 0.7, 0.7], (n, 3)).T
     out["base"] = (PALETTE[rng.integers(0, len(PALETTE), n)] * rng.uniform(0.8, 1.1, (n, 1))).clip(0, 1)
     out["window"] = np.array([0.15, 0.2, 0.28]) + rng.uniform(-0.08, 0.25, (n, 3))
-    out["sign"], out["awning"] = _saturated(rng, n), _saturated(rng, n) * 0.8
+    out["sign"], out["awning"] = saturated(rng, n), saturated(rng, n) * 0.8
     return out
 
 
@@ -178,7 +168,7 @@ def _walls(city: City, index: int, along: float, across: float, sin: np.ndarray,
     return found, wall, u.astype(np.float32), reach.astype(np.float32), facing
 
 
-def _palette_view(city: City, index: int, along: float, across: float, heading: float, size: int,
+def palette_view(city: City, index: int, along: float, across: float, heading: float, size: int,
                   horizon_px: float = 0.0, fov_deg: float = 90.0) -> tuple[np.ndarray, np.ndarray]:
     """A view as a colour table (n, 3) and a (size, size) index into it.
 
@@ -229,94 +219,5 @@ def _palette_view(city: City, index: int, along: float, across: float, heading: 
 def render_view(city: City, index: int, along: float, across: float, heading: float, *, size: int = 224,
                 horizon_px: float = 0.0, fov_deg: float = 90.0) -> np.ndarray:
     """A (size, size, 3) float32 RGB view in [0, 1] from a point of street `index` at a compass heading."""
-    table, pixels = _palette_view(city, index, along, across, heading, size, horizon_px, fov_deg)
+    table, pixels = palette_view(city, index, along, across, heading, size, horizon_px, fov_deg)
     return np.take(table, pixels, axis=0)
-
-
-def _occlude(rng: np.random.Generator, img: np.ndarray) -> None:
-    """Paint 1-3 cars (wide, low, with a darker window band) or pedestrians (tall, narrow)."""
-    size = img.shape[0]
-    for _ in range(rng.integers(1, 4)):
-        car = rng.random() < 0.5
-        w, h = rng.uniform([0.25, 0.12], [0.45, 0.2]) if car else rng.uniform([0.04, 0.25], [0.07, 0.4])
-        w, h = int(w * size), int(h * size)
-        x, bottom = rng.integers(-w // 2, size - w // 2), int(rng.uniform(0.6, 1.0) * size)
-        x0, y0 = max(x, 0), max(bottom - h, 0)
-        img[y0:bottom, x0:x + w] = _saturated(rng, 1)[0] * rng.uniform(0.3, 0.9)
-        if car:
-            img[y0:y0 + h // 3, x0:x + w] *= 0.4
-
-
-def _photo(table: np.ndarray, pixels: np.ndarray, rng: np.random.Generator, query: bool) -> Image.Image:
-    """Daylight with a little exposure and white-balance variation, or a noisy, blurred dusk photo."""
-    if not query:
-        gain = rng.uniform(0.93, 1.07) * rng.normal(1.0, 0.02, 3)
-        return Image.fromarray(np.take(np.clip(table * gain * 255 + 0.5, 0, 255).astype(np.uint8), pixels, axis=0))
-    img = np.take(table, pixels, axis=0)
-    _occlude(rng, img)
-    img *= (rng.uniform(0.45, 0.7) * DUSK * 255).astype(np.float32)
-    img += rng.normal(0, 4.0, img.shape).astype(np.float32)  # sensor noise of a dark exposure
-    photo = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
-    return photo.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.6) * img.shape[0] / 224))
-
-
-def sfxl_name(east: float, north: float, pano: str, heading: int) -> str:
-    """`@UTM_east@UTM_north@10@S@lat@lon@pano_id@@heading@@@@@@.jpg`, the SF-XL file name of a photo."""
-    lat, lon = utm.to_latlon(east, north, 10, "S")
-    return f"@{east:010.2f}@{north:010.2f}@10@S@{lat:.5f}@{lon:.5f}@{pano}@@{heading}@@@@@@.jpg"
-
-
-def _drive(city: City, step: float) -> list[tuple[int, float]]:
-    """(street, along) every `step` metres along every street; a crossing is kept once, on its first street."""
-    spots = []
-    for index, street in enumerate(city.streets):
-        for along in np.arange(0.0, street.length + 1e-6, step):
-            on_crossing = abs(along / city.block_m - round(along / city.block_m)) < 1e-9
-            if index < len(city.streets) // 2 or not on_crossing:
-                spots.append((index, float(along)))
-    return spots
-
-
-def render_city(out_dir: Path, *, seed: int = 0, streets: int = 4, block_m: float = 60.0, spacing_m: float = 4.0,
-                headings: tuple[int, ...] = (0, 90, 180, 270), size: int = 224, queries: int = 40,
-                val_queries: int = 10, database_spacing_m: float = 8.0, quality: int = 90,
-                rotation_deg: float = 17.0) -> dict[str, list[Path]]:
-    """Write train/, test-db/, test/ and val/ JPEGs and city.json under out_dir; return each split's paths.
-
-    Train and database headings are relative to the street (0: looking along
-    it, 90: at its right facades); the file names carry compass headings.
-    """
-    if not 16 <= size <= 512:
-        raise ValueError(f"size={size}: choose an image size from 16 to 512 pixels")
-    out_dir = Path(out_dir)
-    if any(out_dir.glob("*/*.jpg")):
-        raise FileExistsError(f"{out_dir} already holds images; pass an empty or new folder")
-    city = make_streets(seed=seed, streets=streets, block_m=block_m, rotation_deg=rotation_deg)
-    rng = np.random.default_rng([seed, 99])  # conditions and queries; buildings have their own seeds
-    paths: dict[str, list[Path]] = {}
-
-    def save(split: str, pano: str, index: int, along: float, across: float, heading: int, horizon_px: float) -> None:
-        view = _palette_view(city, index, along, across, heading, size, horizon_px)
-        photo = _photo(*view, rng, query=split in ("test", "val"))
-        east, north = city.streets[index].utm_of(along, across)
-        path = out_dir / split / sfxl_name(float(east), float(north), pano, heading)
-        photo.save(path, quality=quality)
-        paths.setdefault(split, []).append(path)
-
-    for split, step in (("train", spacing_m), ("test-db", database_spacing_m)):
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        for k, (index, along) in enumerate(_drive(city, step)):
-            for rel in headings:
-                save(split, f"p{k:06d}", index, along, 0.0, int(round(city.streets[index].bearing + rel)) % 360, 0.0)
-    for split, count in (("test", queries), ("val", val_queries)):
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
-        for k in range(count):
-            index = int(rng.integers(len(city.streets)))
-            # Off the centre line (a pedestrian, another lane), any heading, a tilted horizon.
-            along, across = rng.uniform(0, city.streets[index].length), rng.uniform(-0.6, 0.6) * ROAD_M
-            save(split, f"p{k:06d}", index, along, across, int(rng.integers(360)), rng.normal(0, size * 0.03))
-    settings = dict(seed=seed, streets=streets, block_m=block_m, spacing_m=spacing_m, headings=list(headings),
-                    size=size, queries=queries, val_queries=val_queries, database_spacing_m=database_spacing_m,
-                    quality=quality, rotation_deg=rotation_deg, origin=list(ORIGIN))
-    (out_dir / "city.json").write_text(json.dumps(settings, indent=1))
-    return {split: paths.get(split, []) for split in ("train", "test-db", "test", "val")}

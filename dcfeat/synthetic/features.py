@@ -31,6 +31,7 @@ import polars as pl
 import utm
 
 from dcfeat.labels import LABEL_SCHEMA
+from dcfeat.shards import write_split
 
 SPLITS = ("train", "val", "test", "test-db")
 # A city small enough for unit tests: ~2.6 k train rows of dimension 64.
@@ -270,8 +271,6 @@ def make_city(
 def write_city(city: SyntheticCity, store, *, splits: tuple[str, ...] = SPLITS, seed: int = 0,
                dtype: str = "float16") -> None:
     """Write the city as a format-v1 store (one split at a time), labelled as synthetic."""
-    from dcfeat.shards import write_split
-
     attrs = {"model": "synthetic-city", "model_fingerprint": f"synthetic-seed{seed}-dim{city.dim}",
              "pooling": "none", "image_size": 0, "backbone_random_init": False, "dtype": dtype}
     for name in splits:
