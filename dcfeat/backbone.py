@@ -1,31 +1,33 @@
 """The frozen DINOv2 backbone: loading, pooling, and what identifies its features.
 
 Any checkpoint `transformers.AutoModel` loads as DINOv2 (hub id or local
-directory, with or without registers). A local directory whose config.json has
+directory, with or without registers), from safetensors only: a pickled
+`pytorch_model.bin` can run code when loaded. A local directory whose config.json has
 `"dcfeat_random_init": true` is a randomly initialised model (the demo's and
 the tests'); every number made with it is labelled as such.
 """
 
 from __future__ import annotations
 
-from dcfeat.errors import EnvironmentProblem
-
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dcfeat.errors import BadInput, EnvironmentProblem
 from dcfeat.images import normalize
 
 DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
 DEFAULT_MODEL = "facebook/dinov2-base"
-
-
-class BackboneError(EnvironmentProblem):
-    """The backbone could not be loaded; the message says how to fix it."""
+FINGERPRINT_VERSION = "v2"  # v1 hashed the path and 8 tensors; the prefix keeps v1 values from ever matching
+# Config keys that do not change the function the weights compute (bookkeeping, dtype, output switches).
+_NOT_ARCHITECTURE = {"transformers_version", "torch_dtype", "dtype", "architectures", "attn_implementation",
+                     "return_dict", "output_hidden_states", "output_attentions", "use_cache", "id2label",
+                     "label2id"}
 
 
 def _gem(tokens: torch.Tensor, p: float = 3.0) -> torch.Tensor:
@@ -59,7 +61,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackboneError("--device cuda asked for, but torch sees no CUDA device")
+        raise EnvironmentProblem(f"--device {device}: torch sees no CUDA device here; pass --device cpu, "
+                                 "or install a CUDA build of torch on a machine with an NVIDIA GPU")
     return torch.device(device)
 
 
@@ -108,48 +111,109 @@ class Backbone:
         return pooled, out.hidden_states[self.num_layers - cache_tokens]
 
 
-def _fingerprint(model: nn.Module) -> str:
-    """Identifies the weights cheaply: config + a few whole tensors, not the full file."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+def _fingerprint(model: nn.Module, *, hash_name: str = "sha256") -> str:
+    """Identifies the function the weights compute: every tensor and the architecture, never a path.
+
+    Hash the state dict in the dtype the checkpoint stores, before any cast to the run's dtype, so a
+    bf16 GPU run and an fp32 CPU run of one checkpoint agree. sha256 because OpenSSL's SHA-NI path
+    hashes ~3x faster than blake2b on these CPUs (pipelines/bench_fingerprint.py).
+    """
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in _NOT_ARCHITECTURE}
+    h = hashlib.new(hash_name, json.dumps(config, sort_keys=True, default=str).encode())
     state = model.state_dict()
-    for key in sorted(state)[:4] + sorted(state)[-4:]:
-        h.update(state[key].detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        # Raw bytes through the buffer protocol: no float copy; a uint8 view also covers bf16.
+        h.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return f"{FINGERPRINT_VERSION}-{h.hexdigest()[:16]}"
 
 
-def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: str = "auto") -> Backbone:
-    """Load a DINOv2 checkpoint frozen, in eval mode, SDPA attention, bf16 on CUDA."""
+def _looks_like_path(model: str) -> bool:
+    """A hub id is `name` or `owner/name`; anything else the user typed is meant as a folder."""
+    return (Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
+            or (os.sep != "/" and os.sep in model))
+
+
+def _safetensors_fix(where: str) -> str:
+    return (f"{where} holds no safetensors weights, and dcfeat does not unpickle pytorch_model.bin (loading a "
+            "pickle can run any code). Convert a checkpoint you trust once: `python -c \"from transformers "
+            "import AutoModel; AutoModel.from_pretrained('DIR', use_safetensors=False)"
+            ".save_pretrained('DIR-safe')\"` and pass --model DIR-safe")
+
+
+def _not_dinov2(where: str, model_type) -> BadInput:
+    return BadInput(f"--model {where}: a '{model_type}' checkpoint; dcfeat supports {', '.join(DINOV2_TYPES)} "
+                    "checkpoints (e.g. facebook/dinov2-base)")
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a local folder that is not a DINOv2 safetensors checkpoint, before transformers reads it."""
+    config_file = folder / "config.json"
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise BadInput(f"--model {folder}: cannot read {config_file} ({type(e).__name__}); a checkpoint folder "
+                       "holds config.json and model.safetensors, as `hf download facebook/dinov2-base "
+                       f"--local-dir {folder}` writes them") from None
+    if model_type not in DINOV2_TYPES:
+        raise _not_dinov2(str(folder), model_type)
+    if not any(folder.glob("*.safetensors")):
+        raise BadInput(_safetensors_fix(f"--model {folder}"))
+
+
+def _load_dinov2(model: str, *, local: bool) -> nn.Module:
+    """The checkpoint on the CPU in the dtype it stores; errors name the option and the fix."""
+    from huggingface_hub import is_offline_mode
     from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+        if config.model_type not in DINOV2_TYPES:
+            raise _not_dinov2(model, config.model_type)
+        return AutoModel.from_pretrained(model, config=config, attn_implementation="sdpa", dtype="auto",
+                                         use_safetensors=True)
+    except (OSError, ValueError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if local:
+            raise BadInput(f"--model {model}: cannot load this checkpoint folder ({reason}). Download it again "
+                           f"where there is network (`hf download facebook/dinov2-base --local-dir {model}`)") from None
+        # Offline, a weights file missing from the cache reads the same as a repo without safetensors.
+        if "cannot be loaded with `safetensors`" in str(e) and not is_offline_mode():
+            raise BadInput(_safetensors_fix(f"--model {model} (hub)")) from None
+        raise EnvironmentProblem(
+            f"--model {model}: missing weights, neither fetched from the Hugging Face hub nor found in its "
+            f"local cache ({reason}). Where there is network, download them once (`hf download {model} "
+            "--local-dir DIR`) and pass --model DIR, or set HF_HOME to a cache that holds them") from None
+
+
+def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: str = "auto",
+                  _dtype: torch.dtype | None = None) -> Backbone:
+    """Load a DINOv2 checkpoint frozen, in eval mode, SDPA attention, bf16 on CUDA (`_dtype`: tests)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     if pooling not in POOLINGS:
-        raise BackboneError(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
+        raise BadInput(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
     dev = resolve_device(device)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    local = Path(model).is_dir()
-    try:
-        config = AutoConfig.from_pretrained(model)
-        if config.model_type not in DINOV2_TYPES:
-            raise BackboneError(f"--model {model}: a '{config.model_type}' checkpoint, not DINOv2 "
-                                f"({', '.join(DINOV2_TYPES)})")
-        net = AutoModel.from_pretrained(model, attn_implementation="sdpa", dtype=dtype)
-    except BackboneError:
-        raise
-    except (OSError, ValueError) as e:
-        where = "the directory" if local else "the Hugging Face hub or its local cache"
-        raise BackboneError(
-            f"could not load DINOv2 weights '{model}' from {where}: {type(e).__name__}: "
-            f"{str(e).splitlines()[0]}\n"
-            "Without network access, download them once where there is network "
-            f"(`hf download {model if not local else 'facebook/dinov2-base'} --local-dir DIR`) "
-            "and pass --model DIR, or set HF_HOME to a cache that holds them."
-        ) from None
-    net.eval().requires_grad_(False).to(dev)
-    random_init = bool(getattr(config, "dcfeat_random_init", False))
-    return Backbone(model=net, name=Path(model).name if local else model,
-                    source=str(Path(model).resolve()) if local else model, fingerprint=_fingerprint(net),
+    dtype = _dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    folder = Path(model).expanduser()
+    local = folder.is_dir()
+    if not local and _looks_like_path(model):
+        what = "not a directory" if folder.exists() else "no such directory"
+        raise BadInput(f"--model {model}: {what}. Pass a checkpoint folder, or download one there where there is "
+                       f"network (`hf download facebook/dinov2-base --local-dir {model}`)")
+    if local:
+        folder = folder.resolve()
+        _check_folder(folder)
+    source = str(folder) if local else model
+    net = _load_dinov2(source, local=local)
+    fingerprint = _fingerprint(net)  # before the cast: the stored dtype's bytes
+    net.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    random_init = bool(getattr(net.config, "dcfeat_random_init", False))
+    return Backbone(model=net, name=folder.name if local else model, source=source, fingerprint=fingerprint,
                     random_init=random_init, pooling=pooling, device=dev, dtype=dtype)
 
 
@@ -160,13 +224,18 @@ def save_random_dinov2(directory: Path, *, hidden_size: int = 384, layers: int =
 
     ViT-S/14 shape by default; tests pass tiny sizes.
     """
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
-    kwargs = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=4 * hidden_size, patch_size=patch_size, image_size=image_size)
+    kwargs = {"hidden_size": hidden_size, "num_hidden_layers": layers, "num_attention_heads": heads,
+              "intermediate_size": 4 * hidden_size, "patch_size": patch_size, "image_size": image_size}
     torch.manual_seed(seed)
     if registers:
         config = Dinov2WithRegistersConfig(num_register_tokens=registers, **kwargs)

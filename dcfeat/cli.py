@@ -1,4 +1,9 @@
-"""Command line: parses options and calls one core function per stage."""
+"""Command line: parses options and calls one core function per stage.
+
+Exit codes: 0 success; 2 bad input (click's usage errors too); 3 damaged store; 4 damaged run;
+5 incompatible features; 6 environment (missing weights, no CUDA, full disk, store locked) —
+the kinds of dcfeat.errors, each printed as one message. 1 with a traceback is a bug.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import click
 from rich.console import Console
 
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
-from dcfeat.errors import DamagedStore, DcfeatError, disk_full, is_disk_full
+from dcfeat.errors import DamagedRun, DamagedStore, DcfeatError, disk_full, is_disk_full
 from dcfeat.options import AT_LEAST_0, AT_LEAST_1, MARGIN, POSITIVE, KList, patch_multiple, split_name
 from dcfeat.reports import RANDOM_NOTICE
 from dcfeat.train import TrainConfig
@@ -19,7 +24,6 @@ DEFAULT_STORE = DATA / "feats.h5"
 TRAIN_DEFAULTS = TrainConfig()
 # Wide enough for the tables when piped (rich falls back to 80 columns without a terminal).
 stdout = Console(width=None if sys.stdout.isatty() else 160)
-
 
 
 class _UserError(click.ClickException):
@@ -124,16 +128,19 @@ def _rank_device(device: str, ranks) -> str:
 
 
 @cli.command()
-@click.argument("store", type=click.Path(path_type=Path), default=DEFAULT_STORE)
+@click.argument("store", metavar="STORE|RUN", type=click.Path(path_type=Path), default=DEFAULT_STORE)
 @click.option("--failures", "show_failures", is_flag=True, help="List every skipped image with its reason.")
 @click.option("--verify", is_flag=True, help="Open every shard and check its rows and checksum and the labels; "
               "list each problem with what to do (exit code 3 when the store is damaged).")
 def info(store, show_failures, verify):
-    """Show the splits of a feature store: rows, dim, model, completeness, size, failures."""
+    """Show the splits of a feature store (rows, dim, model, completeness, size, failures), or check a run folder."""
     from dcfeat.info import problems_table, splits_table
     from dcfeat.store import list_splits, read_failures
     from dcfeat.verify import verify_store
 
+    if store.is_dir():
+        _check_run(store)
+        return
     splits = list_splits(store)
     stdout.print(splits_table(store, splits))
     if show_failures:
@@ -153,6 +160,18 @@ def info(store, show_failures, verify):
                                f"the first: {first.where}: {first.what}")
         stdout.print(f"verified: every shard of {store} opens, holds the rows the store expects and matches "
                      "its checksum; the labels match the embeddings")
+
+
+def _check_run(directory: Path) -> None:
+    """`dcfeat info RUN_DIR`: every file of the run loads and fits, and training finished."""
+    from dcfeat.model import load_run
+
+    run = load_run(directory)  # raises DamagedRun naming the file
+    if run.status_line():
+        raise DamagedRun(f"{directory}: {run.status_line()}; re-run its command ({directory / 'command.txt'}) "
+                         "to train it to the end")
+    stdout.print(f"verified: run {directory} loads ({len(run.classes)} classes, {run.epochs_done} epochs) and "
+                 "finished training")
 
 
 @cli.command()
@@ -243,7 +262,8 @@ def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshol
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
               show_default=True, help="Run folder written by `dcfeat train`.")
 @click.option("--images", type=click.Path(path_type=Path), help="Folder of new images (any file names).")
-@click.option("--manifest", type=click.Path(path_type=Path), help="CSV/Parquet with a `path` column.")
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV/TSV/Parquet listing the images to predict.")
+@click.option("--path-column", default="path", show_default=True, help="Manifest column holding image paths.")
 @click.option("--feats", type=click.Path(path_type=Path), help="Predict from a cached split of this store instead.")
 @click.option("--split", default=None, callback=split_name, help="With --feats: the split to predict.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("predictions.parquet"), show_default=True,
@@ -255,27 +275,21 @@ def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshol
 @click.option("--workers", type=AT_LEAST_0, default=0, show_default=True, help="DataLoader decoding processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
-def predict(run_dir, images, manifest, feats, split, out, k, model, batch_size, workers, device, no_progress):
+def predict(run_dir, images, manifest, path_column, feats, split, out, k, model, batch_size, workers, device,
+            no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon."""
-    from dcfeat.model import load_run
-    from dcfeat.predict import predict_cached, predict_images, write_predictions
+    from dcfeat.predict import predict_files
 
-    run = load_run(run_dir)
-    failed = []
-    if feats is not None:
-        if not split:
-            raise click.BadParameter("--feats needs --split", param_hint="--split")
-        frame = predict_cached(run, feats, split, k=k, device=device)
-    else:
-        frame, failed = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
-                                       workers=workers, device=device, progress=not no_progress)
-    random_backbone = bool(run.features.get("backbone_random_init"))
-    path = write_predictions(frame, out, random_backbone=random_backbone)
-    stdout.print(f"{frame['image_id'].n_unique()} images, top-{k} cells each → {path}")
-    for image_id, reason in failed:
+    result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
+                           split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
+                           progress=not no_progress)
+    stdout.print(f"{result.frame['image_id'].n_unique()} images, top-{k} cells each → {result.path}")
+    for image_id, reason in result.skipped:
         stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)
-    if random_backbone:
+    if result.random_backbone:
         stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")
+    if result.run.status_line():
+        stdout.print(f"[yellow]{result.run.status_line()}[/yellow]")
 
 
 @cli.command()

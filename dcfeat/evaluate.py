@@ -16,11 +16,12 @@ import polars as pl
 import torch
 
 from dcfeat.backbone import synchronize
+from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import Run
 from dcfeat.partition import cell_of
 from dcfeat.retrieval import topk_cosine, topk_cosine_restricted
-from dcfeat.store import Split, StoreError
+from dcfeat.store import Split
 from dcfeat.train import predict_cells
 
 MODES = ("classify", "retrieve", "hybrid")
@@ -68,7 +69,7 @@ def _embed(run: Run, x: np.ndarray, device: torch.device, chunk: int = 65536) ->
 
 def classify(run: Run, queries: Split, k: int, device: torch.device) -> Method:
     t = time.perf_counter()
-    p = predict_cells(run.model, queries.embeddings, run.classes, k, device)
+    p = predict_cells(run.model, queries.embeddings, run.classes, k)
     synchronize(device)
     return Method("classify", p["east"], p["north"], p["zone"], p["letter"], p["score"], p["class"],
                   time.perf_counter() - t)
@@ -122,7 +123,7 @@ def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torc
     sorted_keys = db_keys[order]
     q, d, index_seconds = _spaces(run, queries, db, space, device)
     t = time.perf_counter()
-    top_classes = run.model.topk(queries.embeddings, cells, device=device)[0]
+    top_classes = run.model.topk(queries.embeddings, cells)[0]
     wanted = class_keys[top_classes]  # (n, cells)
     lo = np.searchsorted(sorted_keys, wanted, side="left")
     hi = np.searchsorted(sorted_keys, wanted, side="right")
@@ -147,20 +148,26 @@ def check_zones(run: Run, queries: Split) -> None:
     zones = set(run.classes["utm_zone"].unique().to_list())
     q = set(queries.labels["utm_zone"].unique().to_list())
     if not q & zones:
-        raise StoreError(f"split '{queries.name}' lies in UTM zone(s) {sorted(q)} but every class of the run lies "
-                         f"in zone(s) {sorted(zones)}: the queries are from another place than the training "
-                         "images, so every prediction would be kilometres off")
+        raise IncompatibleFeatures(f"split '{queries.name}' lies in UTM zone(s) {sorted(q)} but every class of the "
+                                   f"run lies in zone(s) {sorted(zones)}: the queries are from another place than "
+                                   "the training images, so every prediction would be kilometres off. Evaluate "
+                                   "on a split of the same city, or train a run on this place")
+
+
+def check_modes(modes: tuple[str, ...], database_split) -> None:
+    if any(m in ("retrieve", "hybrid") for m in modes) and database_split is None:
+        raise BadInput(f"--mode {'/'.join(m for m in modes if m != 'classify')} needs --database-split (the "
+                       "database images' split, e.g. test-db)")
 
 
 def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
              ks: tuple[int, ...] = (1, 5, 10, 20), threshold_m: float = 25.0, cells: int = 5,
              space: str = "projected", device: str = "cpu") -> tuple[dict, list[Method], dict]:
     """Run each mode on `queries`; (report, methods, LocalisationRecall per method)."""
+    check_modes(modes, database.name if database is not None else None)
     dev = torch.device(device)
     run.model.to(dev)
     check_zones(run, queries)
-    if any(m in ("retrieve", "hybrid") for m in modes) and database is None:
-        raise StoreError("--mode retrieve/hybrid needs --database-split (the database images' split)")
     k = max(ks)
     methods = []
     for mode in modes:
@@ -183,5 +190,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
               "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
               "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells,
               "coverage": coverage(run, queries.labels), "classes": len(run.classes),
-              "random_backbone": bool(run.features.get("backbone_random_init", False)), "methods": report_methods}
+              "random_backbone": bool(run.features.get("backbone_random_init", False)),
+              "run_complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,
+              "run_status": run.status_line(), "methods": report_methods}
     return report, methods, results

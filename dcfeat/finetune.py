@@ -17,13 +17,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from dcfeat.atomic import atomic_write
 from dcfeat.backbone import POOLINGS, Backbone, load_backbone, pool
-from dcfeat.store import Split, StoreError, replace_atomically, split_info
+from dcfeat.errors import BadInput, DamagedRun, IncompatibleFeatures
+from dcfeat.model import BLOCKS_FILE
+from dcfeat.store import Split, split_info
 
-BLOCKS_FILE = "blocks.safetensors"
 # Splits whose tokens take at most this much are trained from memory (on the training device);
 # larger ones are streamed. ViT-B/14 at 224: 20 k images.
 MEMORY_BYTES = 8 << 30
@@ -75,10 +77,23 @@ def require_tokens(store: Path, split: str, blocks: int) -> int:
     have = split_info(store, split).cache_tokens
     if have < blocks:
         what = f"tokens entering only the last {have} blocks" if have else "no cached tokens"
-        raise StoreError(f"split '{split}' of {store} has {what}, and the run tunes the last {blocks} blocks. "
-                         f"Add them with `dcfeat extract --split {split} --out {store} --cache-tokens {blocks} "
-                         "--overwrite` and the split's other options as before")
+        raise IncompatibleFeatures(f"split '{split}' of {store} has {what}, and the run tunes the last {blocks} "
+                                   f"blocks. Add them with `dcfeat extract --split {split} --out {store} "
+                                   f"--cache-tokens {blocks} --overwrite` and the split's other options as before")
     return have
+
+
+def check_blocks(store: Path, split: str, blocks: int) -> None:
+    """Refuse --finetune-blocks below 1, naming the depth the split's cached tokens allow."""
+    if blocks >= 1:
+        return
+    have = split_info(store, split).cache_tokens
+    if have:
+        raise BadInput(f"--finetune-blocks {blocks}: choose 1 to {have} (split '{split}' of {store} caches the "
+                       f"tokens entering the last {have} blocks), or 0 to tune no block")
+    raise BadInput(f"--finetune-blocks {blocks}: choose 0 (tune no block), or 1 to K after caching tokens with "
+                   f"`dcfeat extract --split {split} --out {store} --cache-tokens K --overwrite` (split '{split}' "
+                   "caches none)")
 
 
 def load_tail(features: dict, cached: int, tuned: int) -> TailBlocks:
@@ -86,14 +101,17 @@ def load_tail(features: dict, cached: int, tuned: int) -> TailBlocks:
     source = features.get("model_source") or features.get("model")
     backbone = load_backbone(source, pooling=features["pooling"], device="cpu")
     if backbone.fingerprint != features.get("model_fingerprint"):
-        raise StoreError(f"checkpoint '{source}' holds other weights than the model that cached the tokens "
-                         f"(fingerprint {backbone.fingerprint} vs {features.get('model_fingerprint')}): tuned "
-                         "blocks must start from the very same checkpoint. Restore it, or re-extract with "
-                         f"--model {source}")
+        raise IncompatibleFeatures(f"checkpoint '{source}' holds other weights than the model that cached the "
+                                   f"tokens (fingerprint {backbone.fingerprint} vs "
+                                   f"{features.get('model_fingerprint')}): tuned blocks must start from the very "
+                                   f"same checkpoint. Restore it, or re-extract with --model {source}")
     L = backbone.num_layers
-    if not 0 < tuned <= cached <= L:
-        raise StoreError(f"--finetune-blocks {tuned}: choose 1 to {min(cached, L)} (the split caches the tokens "
-                         f"entering the last {cached} of {L} blocks)")
+    if not 0 < tuned <= cached:
+        raise BadInput(f"--finetune-blocks {tuned}: choose 1 to {cached} (the split caches the tokens entering "
+                       f"the last {cached} of {L} blocks)")
+    if cached > L:
+        raise IncompatibleFeatures(f"the split caches the tokens entering the last {cached} blocks, but checkpoint "
+                                   f"'{source}' has {L}: re-extract the split with --model {source}")
     layers = backbone.model.encoder.layer
     tail = TailBlocks(list(layers[L - cached:L - tuned]), list(layers[L - tuned:]), backbone.model.layernorm,
                       backbone.pooling, backbone.num_register_tokens)
@@ -135,7 +153,8 @@ class TokenTraining:
 
     @classmethod
     def open(cls, store: Path, split: str, val_split: str | None, features: dict, blocks: int,
-             lr: float) -> "TokenTraining":
+             lr: float) -> TokenTraining:
+        check_blocks(store, split, blocks)
         cached = {s: require_tokens(store, s, blocks) for s in (split, val_split) if s}
         return cls(store, split, load_tail(features, max(cached.values()), blocks), lr, cached)
 
@@ -168,9 +187,8 @@ class TokenTraining:
         return replace(split, embeddings=embed_tokens(self.tail, self.store, split.name, self.cached[split.name], dev))
 
     def save(self, out: Path) -> None:
-        tmp = Path(out) / f".{BLOCKS_FILE}.tmp"
-        save_file(self.tail.tuned_state(), str(tmp))
-        replace_atomically(tmp, Path(out) / BLOCKS_FILE)
+        with atomic_write(Path(out) / BLOCKS_FILE) as tmp:
+            save_file(self.tail.tuned_state(), str(tmp))
 
     def config(self) -> dict:
         tokens = {"cached": self.cached, "streamed": self.streamed}
@@ -239,9 +257,7 @@ def tuned_splits(run, store: Path, splits: list[Split], device: torch.device) ->
     blocks = int(run.config["finetune_blocks"])
     cached = [require_tokens(store, s.name, blocks) for s in splits]
     tail = load_tail(run.features, max(cached), blocks)
-    missing, unexpected = tail.load_state_dict(load_file(str(Path(run.directory) / BLOCKS_FILE)), strict=False)
-    if unexpected or any(not k.startswith("frozen.") for k in missing):
-        raise StoreError(f"{run.directory / BLOCKS_FILE} does not hold the run's last {blocks} blocks")
+    load_blocks(tail, run, strict=False)
     tail.to(device)
     return [replace(s, embeddings=embed_tokens(tail, store, s.name, c, device)) for s, c in zip(splits, cached)]
 
@@ -253,4 +269,18 @@ def use_tuned_blocks(backbone: Backbone, run) -> None:
     target = nn.Module()
     target.tuned = nn.ModuleList(layers[len(layers) - blocks:])
     target.layernorm = backbone.model.layernorm
-    target.load_state_dict(load_file(str(Path(run.directory) / BLOCKS_FILE)))
+    load_blocks(target, run)
+
+
+def load_blocks(module: nn.Module, run, *, strict: bool = True) -> None:
+    """The run's tuned blocks (`tuned.*`, `layernorm.*`) into `module`; a file that does not fit is damaged."""
+    try:
+        missing, unexpected = module.load_state_dict(run.blocks, strict=strict)
+    except RuntimeError as e:  # shapes, or (strict) keys
+        missing, unexpected = [str(e).strip().splitlines()[-1].strip()], []
+    missing = [k for k in missing if not k.startswith("frozen.")]
+    if missing or unexpected:
+        path = Path(run.directory) / BLOCKS_FILE
+        raise DamagedRun(f"{path} does not fit the last {run.config['finetune_blocks']} blocks of the run's "
+                         f"backbone ({(missing + unexpected)[0]}): it was edited or damaged. Restore it from a copy "
+                         "of the run, or train the run again with the command in its command.txt")

@@ -44,7 +44,8 @@ def split_name(ctx, param, value):
     try:
         return check_split_name(value)
     except BadInput as e:
-        raise click.BadParameter(str(e).split(": ", 1)[1], ctx, param) from None
+        raise click.BadParameter(str(e).split(": ", 1)[1].replace("a split name", f"{value!r}: a split name", 1),
+                                 ctx, param) from None
 
 
 def patch_multiple(ctx, param, value):

@@ -2,12 +2,16 @@
 
 Images go through the same backbone, pooling and crop as the run's training
 features (checked by the weights' fingerprint), then the run's classifier.
-Output is Parquet, CSV or GeoJSON, by the file's extension.
+Output is Parquet, CSV or GeoJSON, by the file's extension. Parquet (key-value
+metadata `dcfeat`) and GeoJSON (member `dcfeat`) also say which run made them and
+whether its training finished (`run_complete`, `epochs_done`); CSV has no place for it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +19,13 @@ import polars as pl
 import torch
 import utm
 
-from dcfeat.labels import find_images
-from dcfeat.model import Run, check_features
-from dcfeat.store import StoreError, replace_atomically
+from dcfeat.atomic import atomic_write
+from dcfeat.errors import BadInput
+from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest
+from dcfeat.model import Run, check_features, load_run
 
 FORMATS = (".parquet", ".csv", ".geojson")
+SHOWN_FAILURES = 5  # unreadable images named in the error when none could be read
 
 
 def embed_images(paths: list[Path], backbone, image_size: int, *, batch_size: int = 64, workers: int = 0,
@@ -42,10 +48,10 @@ def embed_images(paths: list[Path], backbone, image_size: int, *, batch_size: in
     return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), kept, failed
 
 
-def cell_probabilities(run: Run, features: np.ndarray, k: int, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Top-k class ids and their softmax probabilities over every class of every group."""
+def cell_probabilities(run: Run, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k class ids and their softmax probabilities over every class of every group (on the model's device)."""
     scale = run.config["s"] if run.config["head"] != "softmax" else 1.0
-    return run.model.topk(features, k, device=device, softmax_scale=scale)
+    return run.model.topk(features, k, softmax_scale=scale)
 
 
 def to_latlon(east: np.ndarray, north: np.ndarray, zone: np.ndarray, letter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,9 +64,9 @@ def to_latlon(east: np.ndarray, north: np.ndarray, zone: np.ndarray, letter: np.
     return lat, lon
 
 
-def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, device: str = "cpu") -> pl.DataFrame:
+def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int) -> pl.DataFrame:
     """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon."""
-    ids, probs = cell_probabilities(run, features, k, device)
+    ids, probs = cell_probabilities(run, features, k)
     n, kk = ids.shape
     flat = ids.reshape(-1)
     c = run.classes
@@ -73,47 +79,75 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, de
         "cell_east": east, "cell_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon})
 
 
-def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool) -> Path:
+def check_out(out: Path) -> Path:
+    """Refuse an output file that could not be written, before any work is done."""
     out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in FORMATS:
-        raise StoreError(f"--out {out}: choose a .parquet, .csv or .geojson file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name("." + out.name + ".tmp")
-    if suffix == ".parquet":
-        frame.write_parquet(tmp)
-    elif suffix == ".csv":
-        frame.write_csv(tmp)
-    else:
-        features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
-                     "properties": {k: v for k, v in r.items() if k not in ("lat", "lon")}}
-                    for r in frame.iter_rows(named=True)]
-        doc = {"type": "FeatureCollection", "features": features}
-        if random_backbone:
-            doc["dcfeat_notice"] = "RANDOM BACKBONE: these predictions measure the pipeline, not DINOv2"
-        tmp.write_text(json.dumps(doc))
-    replace_atomically(tmp, out)
+    if out.suffix.lower() not in FORMATS:
+        raise BadInput(f"--out {out}: choose a .parquet, .csv or .geojson file")
+    if out.is_dir():
+        raise BadInput(f"--out {out} is a folder; name a file in it, e.g. {out / ('predictions' + out.suffix)}")
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BadInput(f"--out {out}: {folder} is a file, not a folder. Choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"--out {out}: {folder} is not writable (permission denied). Choose a folder you can "
+                       "write to, or make this one writable")
     return out
 
 
+def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, run: Run | None = None) -> Path:
+    """The table as Parquet, CSV or GeoJSON (by `out`'s extension), written atomically."""
+    out = check_out(out)
+    meta = {**(run.status() if run is not None else {}), "random_backbone": random_backbone}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(out) as tmp, open(tmp, "wb") as f:
+            if out.suffix.lower() == ".parquet":
+                frame.write_parquet(f, metadata={"dcfeat": json.dumps(meta)})
+            elif out.suffix.lower() == ".csv":
+                frame.write_csv(f)
+            else:
+                f.write(json.dumps(geojson(frame, meta)).encode())
+    except PermissionError as e:
+        raise BadInput(f"--out {out}: cannot write in {out.parent} ({e.strerror or 'permission denied'}). Choose "
+                       "a folder you can write to, or make this one writable") from None
+    return out
+
+
+def geojson(frame: pl.DataFrame, meta: dict) -> dict:
+    features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
+                 "properties": {k: v for k, v in r.items() if k not in ("lat", "lon")}}
+                for r in frame.iter_rows(named=True)]
+    doc = {"type": "FeatureCollection", "features": features, "dcfeat": meta}
+    if meta.get("random_backbone"):
+        doc["dcfeat_notice"] = "RANDOM BACKBONE: these predictions measure the pipeline, not DINOv2"
+    return doc
+
+
+def _image_list(images: Path | None, manifest: Path | None, path_column: str) -> tuple[Path, list[str], str]:
+    """(root, image ids under it, how the user named them)."""
+    if manifest is not None:
+        root = Path(images) if images is not None else Path(manifest).parent
+        ids = read_manifest(manifest, path_column=path_column, positions=False, images=root)
+        return root, ids["image_id"].to_list(), f"--manifest {manifest}"
+    if images is not None:
+        ids = find_images(images)
+        if not ids:
+            raise BadInput(f"--images {images}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+        return Path(images), ids, f"--images {images}"
+    raise BadInput("pass --images DIR, --manifest FILE, or --feats STORE --split SPLIT")
+
+
 def predict_images(run: Run, images: Path | None, manifest: Path | None, *, model: str | None, k: int,
-                   batch_size: int, workers: int, device: str, progress: bool) -> tuple[pl.DataFrame, list]:
-    """Embed image files with the run's backbone and classify them."""
+                   batch_size: int, workers: int, device: str, progress: bool,
+                   path_column: str = "path") -> tuple[pl.DataFrame, list]:
+    """Embed image files with the run's backbone and classify them; (table, [(image id, reason)] skipped)."""
     from dcfeat.backbone import load_backbone
 
     feats_attrs = run.features
-    if manifest is not None:
-        frame = pl.read_parquet(manifest) if Path(manifest).suffix == ".parquet" else pl.read_csv(manifest)
-        if "path" not in frame.columns:
-            raise StoreError(f"--manifest {manifest}: needs a `path` column")
-        root = Path(images) if images else Path(manifest).parent
-        ids = frame["path"].cast(pl.String).to_list()
-    elif images is not None:
-        root, ids = Path(images), find_images(images)
-        if not ids:
-            raise StoreError(f"--images {images}: no image files found")
-    else:
-        raise StoreError("pass --images DIR, --manifest FILE, or --feats STORE --split SPLIT")
+    root, ids, where = _image_list(images, manifest, path_column)
     source = model or feats_attrs.get("model_source") or feats_attrs.get("model")
     backbone = load_backbone(source, pooling=feats_attrs["pooling"], device=device)
     check_features(feats_attrs, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
@@ -124,8 +158,13 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
         use_tuned_blocks(backbone, run)
     feats, kept, failed = embed_images([root / i for i in ids], backbone, int(feats_attrs["image_size"]),
                                        batch_size=batch_size, workers=workers, progress=progress)
-    frame = predictions(run, [ids[i] for i in kept], feats, k, str(backbone.device))
-    return frame, [(ids[i], reason) for i, reason in failed]
+    skipped = [(ids[i], reason) for i, reason in failed]
+    if not kept:
+        shown = "\n  ".join(f"{i}: {reason}" for i, reason in skipped[:SHOWN_FAILURES])
+        raise BadInput(f"{where}: none of the {len(ids)} images could be read, first:\n  {shown}\n"
+                       f"Pass image files ({', '.join(IMAGE_SUFFIXES)}) that open, at least {feats_attrs['image_size']}"
+                       " pixels on the short side")
+    return predictions(run, [ids[i] for i in kept], feats, k), skipped
 
 
 def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "auto") -> pl.DataFrame:
@@ -140,3 +179,39 @@ def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "
 
         [data] = tuned_splits(run, feats, [data], resolve_device(device))
     return predictions(run, data.labels["image_id"].to_list(), data.embeddings, k)
+
+
+@dataclass
+class Prediction:
+    path: Path
+    frame: pl.DataFrame  # predictions(): one row per image and rank
+    skipped: list[tuple[str, str]]  # (image id, reason) of images that could not be read
+    run: Run  # its status_line() says whether training finished
+
+    @property
+    def random_backbone(self) -> bool:
+        return bool(self.run.features.get("backbone_random_init"))
+
+
+def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manifest: Path | None = None,
+                  path_column: str = "path", feats: Path | None = None, split: str | None = None, k: int = 5,
+                  model: str | None = None, batch_size: int = 64, workers: int = 0, device: str = "auto",
+                  progress: bool = True) -> Prediction:
+    """`dcfeat predict`: check the options and output, load the run, predict, write `out`."""
+    from dcfeat.backbone import resolve_device
+
+    out = check_out(out)
+    if feats is not None and not split:
+        raise BadInput("--feats needs --split (the cached split to predict)")
+    dev = resolve_device(device)
+    run = load_run(run_dir, dev)
+    skipped = []
+    if feats is not None:
+        frame = predict_cached(run, feats, split, k=k, device=str(dev))
+    else:
+        frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
+                                        workers=workers, device=str(dev), progress=progress,
+                                        path_column=path_column)
+    random_backbone = bool(run.features.get("backbone_random_init"))
+    path = write_predictions(frame, out, random_backbone=random_backbone, run=run)
+    return Prediction(path=path, frame=frame, skipped=skipped, run=run)

@@ -1,7 +1,8 @@
 """Files of `dcfeat evaluate`: report.json, predictions.parquet, PNG plots, the table.
 
 All land in `<run>/eval/<split>/`, each written under a temporary name and
-renamed into place.
+renamed into place. A run whose training stopped early says so in the report
+(`run_complete`, `epochs_done`, `run_status`) and under the table.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import numpy as np
 import polars as pl
 from rich.table import Table
 
+from dcfeat.atomic import atomic_write, write_text
 from dcfeat.evaluate import Method
-from dcfeat.store import replace_atomically
 
 RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
 
@@ -48,9 +49,8 @@ def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[M
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     frame = predictions_frame(labels, methods, results)
-    tmp = out / ".predictions.parquet.tmp"
-    frame.write_parquet(tmp)
-    replace_atomically(tmp, out / "predictions.parquet")
+    with atomic_write(out / "predictions.parquet") as tmp:
+        frame.write_parquet(tmp)
     paths["predictions"] = out / "predictions.parquet"
     notice = f" — {RANDOM_NOTICE}" if report["random_backbone"] else ""
     paths["error_cdf"] = plot_error_cdf({m: r.distances_m[:, 0] for m, r in results.items()}, out / "error_cdf.png",
@@ -63,9 +63,7 @@ def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[M
             title=f"{m.name}: queries of '{report['split']}' correct (green) / wrong (red) at "
                   f"{report['threshold_m']:g} m{notice}", background=background)
     report = {**report, "files": {k: p.name for k, p in paths.items()}}
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    replace_atomically(tmp, out / "report.json")
+    write_text(out / "report.json", json.dumps(report, indent=1))
     paths["report"] = out / "report.json"
     return report, paths
 
@@ -75,7 +73,8 @@ def recall_table(report: dict) -> Table:
     title = f"split {report['split']}: {report['queries']} queries, LR@k at {report['threshold_m']:g} m"
     if report.get("database_rows"):
         title += f", database {report['database_split']} ({report['database_rows']:,} rows)"
-    table = Table(title=title, caption=RANDOM_NOTICE if report["random_backbone"] else None)
+    notes = [n for n in (report.get("run_status"), RANDOM_NOTICE if report["random_backbone"] else None) if n]
+    table = Table(title=title, caption="\n".join(notes) or None)
     table.add_column("method")
     for k in ks:
         table.add_column(f"LR@{k}", justify="right")
@@ -94,20 +93,21 @@ def evaluate_from_store(feats: Path, run_dir: Path, split: str, *, database_spli
                         device: str = "auto", out: Path | None = None) -> tuple[dict, dict[str, Path]]:
     """Read the splits and the run, check they belong together, evaluate, write the files."""
     from dcfeat.backbone import resolve_device
-    from dcfeat.evaluate import evaluate
+    from dcfeat.evaluate import check_modes, evaluate
     from dcfeat.model import check_features, load_run
     from dcfeat.store import read_split
 
-    run = load_run(run_dir)
+    if modes is None:
+        modes = ("classify", "retrieve", "hybrid") if database_split else ("classify",)
+    check_modes(modes, database_split)
+    dev = resolve_device(device)
+    run = load_run(run_dir, dev)
     queries = read_split(feats, split, dtype=np.float32)
     check_features(run.features, queries.attrs, what=f"split '{split}' of {feats}")
     database = None
     if database_split:
         database = read_split(feats, database_split)
         check_features(run.features, database.attrs, what=f"split '{database_split}' of {feats}")
-    if modes is None:
-        modes = ("classify", "retrieve", "hybrid") if database_split else ("classify",)
-    dev = resolve_device(device)
     if run.config.get("finetune_blocks"):
         from dcfeat.finetune import tuned_splits
 

@@ -24,7 +24,6 @@ import h5py
 import numpy as np
 import polars as pl
 
-from dcfeat.atomic import replace_atomically  # noqa: F401  (old import path, until every caller moves)
 from dcfeat.errors import BadInput, DamagedStore, IncompatibleFeatures
 from dcfeat.labels import LABEL_SCHEMA, check_labels
 
@@ -37,10 +36,6 @@ LABEL_COLUMNS = {"row": pl.Int64, **LABEL_SCHEMA}
 STORE_SUFFIXES = (".h5", ".hdf5")
 # A split name becomes an HDF5 group and a folder name: no separators, no "." or "..", no hidden names.
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class StoreError(DamagedStore):
-    """Deprecated catch-all; raise one of dcfeat.errors' kinds instead."""
 
 
 def check_split_name(split: str) -> str:

@@ -19,11 +19,22 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from dcfeat.atomic import write_text
+from dcfeat.errors import BadInput, DamagedStore, EnvironmentProblem
 from dcfeat.metrics import localisation_recall
-from dcfeat.model import DCModel, save_run
+from dcfeat.model import (
+    COMMAND_FILE,
+    FEATURE_KEYS,
+    LOG_FILE,
+    DCModel,
+    clear_unfinished_run,
+    save_model,
+    unfinished_run,
+    write_config,
+)
 from dcfeat.partition import Partition, partition
 from dcfeat.progress import progress_bar
-from dcfeat.store import Split, StoreError
+from dcfeat.store import Split
 
 
 @dataclass
@@ -129,16 +140,20 @@ def _class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSample
             model.heads.init_prototypes_(g, sums / counts[:, None])
 
 
-def predict_cells(model: DCModel, features, classes: pl.DataFrame, k: int, device) -> dict[str, np.ndarray]:
-    """Top-k class ids and scores and their cell centres for a batch of cached features."""
-    ids, scores = model.topk(features, k, device=device)
+def predict_cells(model: DCModel, features, classes: pl.DataFrame, k: int, device=None) -> dict[str, np.ndarray]:
+    """Top-k class ids and scores and their cell centres for a batch of cached features.
+
+    Scoring runs on the model's device; `device` is ignored (kept for callers of the old signature).
+    """
+    ids, scores = model.topk(features, k)
     return {"class": ids, "score": scores,
             "east": classes["cell_east"].to_numpy()[ids], "north": classes["cell_north"].to_numpy()[ids],
             "zone": classes["utm_zone"].to_numpy()[ids], "letter": classes["utm_letter"].to_numpy()[ids]}
 
 
-def val_recall(model: DCModel, val: Split, classes: pl.DataFrame, threshold_m: float, device) -> float:
-    pred = predict_cells(model, val.embeddings, classes, 1, device)
+def val_recall(model: DCModel, val: Split, classes: pl.DataFrame, threshold_m: float, device=None) -> float:
+    """LR@1 of the model (on its own device) on a split; `device` is ignored, as in predict_cells."""
+    pred = predict_cells(model, val.embeddings, classes, 1)
     lab = val.labels
     return localisation_recall(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
                                pred["east"], pred["north"], pred["zone"], threshold_m=threshold_m, ks=(1,),
@@ -151,8 +166,8 @@ def make_partition(split: Split, config: TrainConfig) -> Partition:
                      lab["utm_letter"].to_numpy(), M=config.M, N=config.N,
                      min_images_per_class=config.min_images_per_class)
     if len(part.classes) == 0:
-        raise StoreError(f"no class survives: {part.cell_stats()}. Lower --min-images-per-class "
-                         "or raise --M (cell side in metres).")
+        raise BadInput(f"no class survives: {part.cell_stats()}. Lower --min-images-per-class "
+                       "or raise --M (cell side in metres).")
     return part
 
 
@@ -160,14 +175,21 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
           progress: bool = True, run_config: dict | None = None, tail=None) -> TrainResult:
     """Train projection + group heads on one split's cached features; write the run to `out`.
 
+    After every epoch config.json says how far training got (`complete`, `epochs_done`), and
+    the best epoch's model is kept.
+
     `tail` (a dcfeat.finetune.TokenTraining) trains the last blocks too: it supplies the batches
     from cached tokens, its parameter group, the val features, and saves the blocks with the run.
     """
     t_start = time.perf_counter()
     dev = torch.device(device)
     features = torch.as_tensor(split.embeddings).to(dev)  # numpy, or a tensor already in place
-    if not torch.isfinite(features).all():
-        raise StoreError(f"split '{split.name}' holds non-finite embeddings; re-extract it")
+    finite = torch.isfinite(features).all(dim=1)
+    if not finite.all():
+        rows = torch.nonzero(~finite).flatten()[:3].tolist()
+        raise DamagedStore(f"split '{split.name}' holds non-finite embeddings (NaN or infinity) in "
+                           f"{int((~finite).sum())} rows, first {rows}; re-extract it with `dcfeat extract --split "
+                           f"{split.name} --overwrite`")
     torch.manual_seed(config.seed)
     # Sampling on the training device: a CPU generator would force a blocking copy per step.
     gen = torch.Generator(device=dev).manual_seed(config.seed)
@@ -193,7 +215,7 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
                    "features": {"dim": int(features.shape[1]), **run_config.get("features", {})}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.jsonl"
+    log_path = out / LOG_FILE
     history, best, best_epoch = [], -1.0, 0
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
@@ -226,11 +248,13 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
             best, best_epoch = score, epoch
             if tail:
                 tail.save(out)
-            save_run(out, model, {**config_json, **(tail.config() if tail else {}), "best_epoch": epoch},
-                     part.classes)
+            save_model(out, model, part.classes)
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        # Last, so that a run killed at any point reads as stopped after the epochs it finished.
+        write_config(out, {**config_json, **(tail.config() if tail else {}), "best_epoch": best_epoch,
+                           "epochs_done": epoch, "complete": epoch == config.epochs})
     return TrainResult(out=out, epochs=history, best_epoch=best_epoch, classes=len(part.classes),
                        images_used=used, seconds=time.perf_counter() - t_start)
 
@@ -238,13 +262,22 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
 def new_run_dir(out: Path | None, runs: Path) -> Path:
     """A fresh run folder (refusing to reuse one), default runs/<timestamp>.
 
-    Two default runs started within one second get <timestamp>-2, -3, …; mkdir without
-    exist_ok is the atomic claim, so concurrent runs cannot share a folder either.
+    An explicit `out` holding a run that `dcfeat train` started and never finished (killed, out
+    of memory) is cleared and reused, so that the same command runs again after a crash; so is
+    an empty folder. A finished run, or a folder holding anything else, is refused. Two default
+    runs started within one second get <timestamp>-2, -3, …; mkdir without exist_ok is the
+    atomic claim, so concurrent runs cannot share a folder either.
     """
     if out:
         out = Path(out)
+        if out.is_dir() and unfinished_run(out):
+            clear_unfinished_run(out)
+            return out
+        if out.is_dir() and not any(out.iterdir()):  # made beforehand, or a kill before command.txt
+            return out
         if out.exists():
-            raise StoreError(f"--out {out} exists; a run never overwrites another. Choose another --out")
+            what = "a finished run" if (out / COMMAND_FILE).is_file() else "not a run folder of dcfeat"
+            raise BadInput(f"--out {out} exists ({what}); a run never overwrites another. Choose another --out")
         out.mkdir(parents=True)
         return out
     runs.mkdir(parents=True, exist_ok=True)
@@ -256,7 +289,8 @@ def new_run_dir(out: Path | None, runs: Path) -> Path:
             return out
         except FileExistsError:
             continue
-    raise StoreError(f"{runs}: could not find a free run folder name for {stamp}")
+    raise EnvironmentProblem(f"{runs}: could not find a free run folder name for {stamp} among 999; remove "
+                             "old runs there or pass --out")
 
 
 def point_latest(run: Path) -> None:
@@ -273,7 +307,6 @@ def train_from_store(feats: Path, split: str, config: TrainConfig, *, out: Path 
                      command: str = "") -> TrainResult:
     """Read the split(s), train, and leave a complete run folder (+ runs/latest)."""
     from dcfeat.backbone import resolve_device
-    from dcfeat.model import FEATURE_KEYS
     from dcfeat.store import read_split
 
     dev = resolve_device(device)
@@ -286,7 +319,7 @@ def train_from_store(feats: Path, split: str, config: TrainConfig, *, out: Path 
 
         tail = TokenTraining.open(feats, split, val_split, data.attrs, config.finetune_blocks, config.lr_blocks)
     run = new_run_dir(out, Path(feats).parent / "runs")
-    (run / "command.txt").write_text(command + "\n")
+    write_text(run / COMMAND_FILE, command + "\n")
     features = {k: data.attrs.get(k) for k in (*FEATURE_KEYS, "model_source", "backbone_random_init")}
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev)}

@@ -41,3 +41,32 @@ def test_cuda_training_learns_like_the_cpu(city_store, city_run, tmp_path):
     r = invoke("evaluate", "--feats", city_store, "--run", tmp_path / "gpu", "--database-split", "test-db",
                "--device", "cuda", "--out", tmp_path / "eval")
     assert r.exit_code == 0, r.output
+
+
+def test_predict_images_on_cuda(images, tiny_model, tmp_path):
+    """The classifier follows the backbone's device: `predict --images --device cuda` end to end."""
+    import polars as pl
+    from PIL import Image
+
+    store = tmp_path / "f.h5"
+    r = invoke("extract", "--images", images, "--out", store, "--model", tiny_model, "--image-size", 56,
+               "--workers", 0, "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = invoke("train", "--feats", store, "--M", 200, "--min-images-per-class", 1, "--epochs", 1, "--dim", 8,
+               "--out", tmp_path / "run", "--device", "cpu", "--no-progress")
+    assert r.exit_code == 0, r.output
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((70, 90, 3), 60 * i, np.uint8)).save(new / f"photo{i}.jpg")
+    frames = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"{device}.parquet"
+        r = invoke("predict", "--run", tmp_path / "run", "--images", new, "--out", out, "--k", 3, "--device", device,
+                   "--no-progress")
+        assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+        frames[device] = pl.read_parquet(out).sort("image_id", "rank")
+    assert frames["cuda"].height == frames["cpu"].height == 9
+    # bf16 backbone vs float32: the same best cell for most photos
+    top = [f.filter(pl.col("rank") == 1)["class"].to_list() for f in frames.values()]
+    assert sum(a == b for a, b in zip(*top)) >= 2

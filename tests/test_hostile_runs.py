@@ -1,0 +1,315 @@
+"""Damaged, edited and unfinished run folders; error kinds of train and evaluate (DESIGN.md, "Errors", "Runs")."""
+
+import inspect
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from dcfeat import train as train_module
+from dcfeat.cli import cli
+from dcfeat.errors import BadInput, DamagedRun, DamagedStore
+from dcfeat.finetune import TokenTraining
+from dcfeat.model import DCModel, load_run
+from dcfeat.predict import predict_files
+from dcfeat.shards import write_split
+from dcfeat.store import Split, read_split, split_info
+from dcfeat.train import TrainConfig, predict_cells, train
+from tests.conftest import FAST_TRAIN, write_images
+
+EXIT = {"bad input": 2, "damaged store": 3, "damaged run": 4, "incompatible": 5}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def refused(r, kind: str, *words: str) -> None:
+    """Exit code of the kind, one message, no traceback, and the words in it."""
+    assert r.exit_code == EXIT[kind], r.output
+    assert "Traceback" not in r.output and "Error:" in r.output, r.output
+    for w in words:
+        assert w in r.output, (w, r.output)
+
+
+@pytest.fixture
+def run_copy(city_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(city_run, out, ignore=shutil.ignore_patterns("eval"))
+    return out
+
+
+def _edit_config(run, **changes):
+    config = json.loads((run / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            config.pop(k)
+        else:
+            config[k] = v
+    (run / "config.json").write_text(json.dumps(config))
+
+
+def _more_classes(run):
+    cpg = json.loads((run / "config.json").read_text())["classes_per_group"]
+    _edit_config(run, classes_per_group=[cpg[0] + 1, *cpg[1:]])
+
+
+def _wrong_shape(run):
+    state = load_file(str(run / "model.safetensors"))
+    state["heads.0.weight"] = state["heads.0.weight"][:-1].contiguous()
+    save_file(state, str(run / "model.safetensors"))
+
+
+def _truncate(run, name="model.safetensors"):
+    data = (run / name).read_bytes()
+    (run / name).write_bytes(data[:len(data) // 2])
+
+
+def _drop_class_rows(run):
+    classes = pl.read_parquet(run / "classes.parquet")
+    classes.head(classes.height - 3).write_parquet(run / "classes.parquet")
+
+
+def _no_classes(run):
+    pl.read_parquet(run / "classes.parquet").head(0).write_parquet(run / "classes.parquet")
+
+
+DAMAGE = {
+    "edited classes_per_group": (_more_classes, ["classes.parquet", "config.json", "classes_per_group"]),
+    "tensor of another shape": (_wrong_shape, ["model.safetensors", "heads.0.weight"]),
+    "truncated model": (_truncate, ["model.safetensors", "cannot be read"]),
+    "missing class rows": (_drop_class_rows, ["classes.parquet", "classes per group"]),
+    "empty class table": (_no_classes, ["classes.parquet", "holds no classes"]),
+    "malformed config": (lambda run: (run / "config.json").write_text('{"M": 20, "N": '),
+                         ["config.json", "not valid JSON"]),
+    "config without head": (lambda run: _edit_config(run, head=None), ["config.json", "`head` missing"]),
+    "class table that is not Parquet": (lambda run: (run / "classes.parquet").write_bytes(b"PAR1 nonsense"),
+                                        ["classes.parquet", "cannot be read"]),
+    "model file deleted": (lambda run: (run / "model.safetensors").unlink(), ["model.safetensors missing"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_run_is_refused_naming_the_file_and_the_fix(city_store, run_copy, tmp_path, damage):
+    tamper, words = DAMAGE[damage]
+    tamper(run_copy)
+    for command in (["evaluate", "--feats", city_store, "--run", run_copy, "--out", tmp_path / "eval"],
+                    ["predict", "--run", run_copy, "--feats", city_store, "--split", "test", "--out",
+                     tmp_path / "p.parquet"]):
+        r = invoke(*command)
+        refused(r, "damaged run", *words)
+        assert "train" in r.output and "command.txt" in r.output  # the fix: restore, or train again
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "p.parquet").exists()
+
+
+def test_a_missing_folder_is_bad_input(tmp_path):
+    refused(invoke("evaluate", "--run", tmp_path / "nothing"), "bad input", "no such folder", "dcfeat train")
+    (tmp_path / "mine").mkdir()
+    refused(invoke("evaluate", "--run", tmp_path / "mine"), "bad input", "holds none of")
+
+
+# --- finetuned runs: blocks.safetensors -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_store(tiny_model, tmp_path_factory):
+    """Tiny-DINOv2 store: `train` caches the tokens entering the last block, `plain` caches none."""
+    root = tmp_path_factory.mktemp("hostile-ft")
+    write_images(root / "img", 24)
+    store = root / "f.h5"
+    for split, extra in (("train", ["--cache-tokens", 1]), ("plain", [])):
+        r = invoke("extract", "--images", root / "img", "--out", store, "--split", split, "--model", tiny_model,
+                   "--image-size", 56, "--workers", 0, "--dtype", "float32", "--no-progress", *extra)
+        assert r.exit_code == 0, r.output
+    return store
+
+
+@pytest.fixture(scope="module")
+def ft_run(tiny_store):
+    out = tiny_store.parent / "ft-run"
+    r = invoke("train", "--feats", tiny_store, "--out", out, "--M", 200, "--min-images-per-class", 1, "--epochs", 1,
+               "--dim", 8, "--finetune-blocks", 1, "--no-progress")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_damaged_tuned_blocks_are_refused(tiny_store, ft_run, tmp_path):
+    run = tmp_path / "run"
+    evaluate = ["evaluate", "--feats", tiny_store, "--run", run, "--split", "train", "--out", tmp_path / "e"]
+    shutil.copytree(ft_run, run)
+    assert invoke(*evaluate).exit_code == 0
+
+    state = load_file(str(run / "blocks.safetensors"))
+    state["tuned.0.mlp.fc1.weight"] = state["tuned.0.mlp.fc1.weight"][:, :5].contiguous()
+    save_file(state, str(run / "blocks.safetensors"))
+    refused(invoke(*evaluate), "damaged run", "blocks.safetensors", "command.txt")
+
+    _truncate(run, "blocks.safetensors")
+    refused(invoke(*evaluate), "damaged run", "blocks.safetensors", "cannot be read")
+
+    save_file({"tuned.3.mlp.fc1.weight": torch.zeros(2, 2)}, str(run / "blocks.safetensors"))
+    refused(invoke(*evaluate), "damaged run", "blocks.safetensors", "last 1 tuned blocks")
+
+    (run / "blocks.safetensors").unlink()
+    refused(invoke(*evaluate), "damaged run", "blocks.safetensors missing")
+
+
+def test_finetune_blocks_below_one_names_the_cache_depth(tiny_store):
+    attrs = split_info(tiny_store, "train").attrs
+    for split, words in (("train", ["choose 1 to 1", "last 1 blocks"]), ("plain", ["--cache-tokens K", "none"])):
+        with pytest.raises(BadInput) as e:
+            TokenTraining.open(tiny_store, split, None, attrs, -1, 1e-3)
+        assert "1 to 0" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+# --- unfinished runs ------------------------------------------------------------------------------------------
+
+class Killed(BaseException):
+    """What kill -9 does to the training loop, minus the process."""
+
+
+def test_a_killed_run_says_so_everywhere_and_the_same_command_restarts_it(city_store, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    command = ["train", "--feats", city_store, "--val-split", "val", "--out", run, *FAST_TRAIN]
+    real, calls = train_module.val_recall, []
+
+    def val_recall_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # during epoch 3 of 6: epochs 1 and 2 are written
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "val_recall", val_recall_then_die)
+    with pytest.raises(Killed):
+        invoke(*command)
+    monkeypatch.undo()
+    (run / "notes.txt").write_text("mine")
+
+    config = json.loads((run / "config.json").read_text())
+    assert (config["complete"], config["epochs_done"], config["epochs"]) == (False, 2, 6)
+    loaded = load_run(run)
+    assert not loaded.complete and loaded.epochs_done == 2
+    assert loaded.status_line().startswith("INCOMPLETE RUN: training stopped after epoch 2 of 6")
+
+    r = invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "eval")
+    assert r.exit_code == 0, r.output
+    assert "INCOMPLETE RUN: training stopped after epoch 2 of 6" in r.output  # under the table
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert (report["run_complete"], report["epochs_done"], report["epochs"]) == (False, 2, 6)
+    assert report["run_status"].startswith("INCOMPLETE RUN")
+
+    result = predict_files(run, tmp_path / "p.parquet", feats=city_store, split="test", k=2, device="cpu")
+    meta = json.loads(pl.read_parquet_metadata(result.path)["dcfeat"])
+    assert (meta["run_complete"], meta["epochs_done"], meta["epochs"]) == (False, 2, 6)
+    assert result.run.status_line().startswith("INCOMPLETE RUN")
+    result = predict_files(run, tmp_path / "p.geojson", feats=city_store, split="test", k=1, device="cpu")
+    assert json.loads(result.path.read_text())["dcfeat"]["run_complete"] is False
+
+    r = invoke(*command)  # the same command again: trains the run from the start, in full
+    assert r.exit_code == 0, r.output
+    config = json.loads((run / "config.json").read_text())
+    assert (config["complete"], config["epochs_done"]) == (True, 6)
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 6
+    assert (run / "notes.txt").read_text() == "mine"  # only dcfeat's own files were cleared
+    assert load_run(run).status_line() is None
+    r = invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "eval2")
+    assert r.exit_code == 0 and "INCOMPLETE" not in r.output
+    assert json.loads((tmp_path / "eval2" / "report.json").read_text())["run_complete"] is True
+
+
+def test_a_run_that_never_finished_an_epoch_is_refused_then_restarted(city_store, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "command.txt").write_text("dcfeat train --out run\n")
+    (run / ".model.safetensors.tmp").write_bytes(b"half a file")  # what a kill while saving leaves
+    r = invoke("evaluate", "--feats", city_store, "--run", run)
+    refused(r, "damaged run", "never finished an epoch", "dcfeat train")
+    r = invoke("train", "--feats", city_store, "--out", run, "--epochs", 1, "--dim", 16, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert not (run / ".model.safetensors.tmp").exists() and load_run(run).complete
+
+
+def test_a_finished_run_or_a_foreign_folder_is_never_overwritten(city_store, run_copy, tmp_path):
+    before = (run_copy / "model.safetensors").read_bytes()
+    refused(invoke("train", "--feats", city_store, "--out", run_copy, "--epochs", 1), "bad input", "exists",
+            "finished run")
+    assert (run_copy / "model.safetensors").read_bytes() == before
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"complete": false}')  # no command.txt: not a run of dcfeat
+    refused(invoke("train", "--feats", city_store, "--out", foreign, "--epochs", 1), "bad input", "exists",
+            "not a run folder")
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json"]
+    (tmp_path / "empty").mkdir()  # nothing to overwrite
+    assert invoke("train", "--feats", city_store, "--out", tmp_path / "empty", "--epochs", 1, "--dim", 16,
+                  "--no-progress").exit_code == 0
+
+
+def test_a_run_written_before_completeness_was_recorded_loads(run_copy):
+    _edit_config(run_copy, complete=None, epochs_done=None)
+    run = load_run(run_copy)
+    assert run.complete and run.epochs_done == 6 and run.status_line() is None
+    (run_copy / "train_log.jsonl").write_text("{}\n{}\n")  # an old run killed after 2 of 6 epochs
+    assert load_run(run_copy).status_line().startswith("INCOMPLETE RUN: training stopped after epoch 2 of 6")
+
+
+# --- devices --------------------------------------------------------------------------------------------------
+
+def test_load_run_places_the_model_and_topk_follows_it(city_store, city_run):
+    val = read_split(city_store, "val", dtype=np.float32)
+    run = load_run(city_run, "cpu")
+    assert run.model.device == torch.device("cpu")
+    ids, scores = run.model.topk(val.embeddings, 5)
+    assert ids.shape == (100, 5) and (np.diff(scores, axis=1) <= 0).all()
+    assert np.array_equal(predict_cells(run.model, val.embeddings, run.classes, 5)["class"], ids)
+    assert "device" not in inspect.signature(DCModel.topk).parameters
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(module, args):
+        seen.append(args[0].device)
+        raise Stop
+
+    run.model.to("meta")  # a device the model moved to after loading: inputs must follow it there
+    run.model.projection.register_forward_pre_hook(record)
+    with pytest.raises(Stop):
+        run.model.topk(val.embeddings, 5)
+    assert seen == [torch.device("meta")]
+
+
+# --- error kinds of train and evaluate ------------------------------------------------------------------------
+
+def test_train_and_evaluate_errors_have_their_kinds(city_store, city_run, tmp_path):
+    refused(invoke("train", "--feats", city_store, "--min-images-per-class", 500, "--out", tmp_path / "a"),
+            "bad input", "no class survives")
+    refused(invoke("evaluate", "--feats", city_store, "--run", city_run, "--mode", "hybrid"), "bad input",
+            "--database-split")
+    test = read_split(city_store, "test")
+    other = tmp_path / "other.h5"
+    write_split(other, "test", test.embeddings, test.labels.drop("row"),
+                {"model": "another-backbone", "pooling": "cls", "image_size": 224})
+    refused(invoke("evaluate", "--feats", other, "--run", city_run), "incompatible", "another-backbone")
+    far = tmp_path / "far.h5"
+    write_split(far, "test", test.embeddings, test.labels.drop("row").with_columns(utm_zone=pl.lit(33, pl.Int8)),
+                {"model": "synthetic-city", "pooling": "none", "image_size": 0,
+                 "model_fingerprint": "synthetic-seed0-dim64"})
+    refused(invoke("evaluate", "--feats", far, "--run", city_run), "incompatible", "UTM zone(s) [33]")
+
+    split = read_split(city_store, "train")
+    bad = split.embeddings.astype(np.float32)
+    bad[7, 3] = np.inf
+    with pytest.raises(DamagedStore, match=r"non-finite embeddings .* first \[7\]"):
+        train(Split("train", bad, split.labels, split.attrs), TrainConfig(epochs=1), tmp_path / "r", progress=False)
+
+
+def test_load_run_errors_are_damaged_run_or_bad_input(run_copy):
+    _edit_config(run_copy, dim="wide")
+    with pytest.raises(DamagedRun, match="`dim` is 'wide'"):
+        load_run(run_copy)
