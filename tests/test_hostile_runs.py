@@ -194,6 +194,8 @@ def test_a_killed_run_says_so_everywhere_and_the_same_command_restarts_it(city_s
     loaded = load_run(run)
     assert not loaded.complete and loaded.epochs_done == 2
     assert loaded.status_line().startswith("INCOMPLETE RUN: training stopped after epoch 2 of 6")
+    r = invoke("info", run, "--verify")
+    assert r.exit_code == 4 and "INCOMPLETE RUN" in r.output, r.output
 
     r = invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "eval")
     assert r.exit_code == 0, r.output
@@ -216,6 +218,7 @@ def test_a_killed_run_says_so_everywhere_and_the_same_command_restarts_it(city_s
     assert len((run / "train_log.jsonl").read_text().splitlines()) == 6
     assert (run / "notes.txt").read_text() == "mine"  # only dcfeat's own files were cleared
     assert load_run(run).status_line() is None
+    assert invoke("info", run, "--verify").exit_code == 0
     r = invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "eval2")
     assert r.exit_code == 0 and "INCOMPLETE" not in r.output
     assert json.loads((tmp_path / "eval2" / "report.json").read_text())["run_complete"] is True
