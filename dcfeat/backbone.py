@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dcfeat.devices import compute_dtype, resolve_device
 from dcfeat.errors import BadInput, EnvironmentProblem
 from dcfeat.images import normalize
 
@@ -49,21 +50,6 @@ def pool(sequence: torch.Tensor, pooling: str, registers: int) -> torch.Tensor:
     Token 0 is CLS (`pooler_output` is exactly it), then `registers` register tokens, then patches.
     """
     return POOLINGS[pooling][1](sequence[:, 0], sequence[:, 1 + registers:]).float()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a host clock read after it times that work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EnvironmentProblem(f"--device {device}: torch sees no CUDA device here; pass --device cpu, "
-                                 "or install a CUDA build of torch on a machine with an NVIDIA GPU")
-    return torch.device(device)
 
 
 @dataclass
@@ -198,7 +184,7 @@ def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: s
     if pooling not in POOLINGS:
         raise BadInput(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
     dev = resolve_device(device)
-    dtype = _dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype = _dtype or compute_dtype(dev)
     folder = Path(model).expanduser()
     local = folder.is_dir()
     if not local and _looks_like_path(model):
@@ -215,6 +201,16 @@ def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: s
     random_init = bool(getattr(net.config, "dcfeat_random_init", False))
     return Backbone(model=net, name=folder.name if local else model, source=source, fingerprint=fingerprint,
                     random_init=random_init, pooling=pooling, device=dev, dtype=dtype)
+
+
+# name → (hidden size, layers, heads): the shapes of the public DINOv2 checkpoints.
+VIT_SHAPES = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16)}
+
+
+def save_random_vit(shape: str, directory: Path, **kw) -> Path:
+    """`save_random_dinov2` at the shape of a public checkpoint ("vits14", "vitb14", "vitl14")."""
+    hidden, layers, heads = VIT_SHAPES[shape]
+    return save_random_dinov2(directory, hidden_size=hidden, layers=layers, heads=heads, **kw)
 
 
 def save_random_dinov2(directory: Path, *, hidden_size: int = 384, layers: int = 12, heads: int = 6,

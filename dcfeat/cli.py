@@ -7,6 +7,7 @@ the kinds of dcfeat.errors, each printed as one message. 1 with a traceback is a
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -14,10 +15,28 @@ import click
 from rich.console import Console
 
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
-from dcfeat.errors import DamagedRun, DamagedStore, DcfeatError, disk_full, is_disk_full
-from dcfeat.options import AT_LEAST_0, AT_LEAST_1, MARGIN, POSITIVE, KList, patch_multiple, split_name
-from dcfeat.reports import RANDOM_NOTICE
-from dcfeat.train import TrainConfig
+from dcfeat.demo import run_demo
+from dcfeat.errors import DamagedStore
+from dcfeat.evaluate import evaluate_files
+from dcfeat.extract import extract_files
+from dcfeat.info import problems_table, splits_table
+from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
+from dcfeat.options import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    MARGIN,
+    POSITIVE,
+    KList,
+    UserErrorsGroup,
+    patch_multiple,
+    split_name,
+)
+from dcfeat.predict import predict_files
+from dcfeat.reports import RANDOM_NOTICE, recall_table
+from dcfeat.runs import verified_run
+from dcfeat.store import list_splits, read_failures
+from dcfeat.train import TrainConfig, train_files
+from dcfeat.verify import verify_store
 
 DATA = Path("data")
 DEFAULT_STORE = DATA / "feats.h5"
@@ -26,27 +45,7 @@ TRAIN_DEFAULTS = TrainConfig()
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 
 
-class _UserError(click.ClickException):
-    """A DcfeatError as click shows it: "Error: <message>", exit code of its kind (dcfeat.errors)."""
-
-    def __init__(self, error: DcfeatError):
-        super().__init__(str(error))
-        self.exit_code = error.exit_code
-
-
-class _Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except DcfeatError as e:
-            raise _UserError(e) from None
-        except OSError as e:
-            if not is_disk_full(e):
-                raise
-            raise _UserError(disk_full(Path(e.filename).parent if e.filename else Path.cwd())) from None
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=UserErrorsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="dcfeat")
 def cli():
     """Visual place recognition by classification (Divide&Classify) on cached DINOv2 features."""
@@ -94,17 +93,11 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     Resumable: after a crash, run the same command again. For several GPUs or
     nodes run it under `torchrun --nproc-per-node K -m dcfeat extract …`.
     """
-    from dcfeat.backbone import load_backbone
-    from dcfeat.extract import Ranks, extract as run_extract
-    from dcfeat.labels import collect_images
-
-    labelled = collect_images(images, manifest, path_column=path_column)
-    ranks = Ranks.from_env()
-    backbone = load_backbone(model, pooling=pooling, device=_rank_device(device, ranks))
-    result = run_extract(labelled, backbone, out, split, image_size=image_size, batch_size=batch_size,
-                         workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
-                         progress=not no_progress, ranks=ranks, cache_tokens=cache_tokens)
-    if ranks.rank:
+    result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
+                           pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
+                           workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
+                           progress=not no_progress, cache_tokens=cache_tokens)
+    if result.rank:
         return
     if result.already_complete:
         stdout.print(f"{out} split '{split}' is already complete ({result.rows} rows); nothing to do.")
@@ -117,16 +110,6 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
         stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")
 
 
-def _rank_device(device: str, ranks) -> str:
-    if device in ("auto", "cuda") and ranks.world > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{ranks.local_rank}"
-        return "cpu"
-    return device
-
-
 @cli.command()
 @click.argument("store", metavar="STORE|RUN", type=click.Path(path_type=Path), default=DEFAULT_STORE)
 @click.option("--failures", "show_failures", is_flag=True, help="List every skipped image with its reason.")
@@ -134,12 +117,11 @@ def _rank_device(device: str, ranks) -> str:
               "list each problem with what to do (exit code 3 when the store is damaged).")
 def info(store, show_failures, verify):
     """Show the splits of a feature store (rows, dim, model, completeness, size, failures), or check a run folder."""
-    from dcfeat.info import problems_table, splits_table
-    from dcfeat.store import list_splits, read_failures
-    from dcfeat.verify import verify_store
 
     if store.is_dir():
-        _check_run(store)
+        run = verified_run(store)
+        stdout.print(f"verified: run {store} loads ({len(run.classes)} classes, {run.epochs_done} epochs) and "
+                     "finished training")
         return
     splits = list_splits(store)
     stdout.print(splits_table(store, splits))
@@ -160,18 +142,6 @@ def info(store, show_failures, verify):
                                f"the first: {first.where}: {first.what}")
         stdout.print(f"verified: every shard of {store} opens, holds the rows the store expects and matches "
                      "its checksum; the labels match the embeddings")
-
-
-def _check_run(directory: Path) -> None:
-    """`dcfeat info RUN_DIR`: every file of the run loads and fits, and training finished."""
-    from dcfeat.model import load_run
-
-    run = load_run(directory)  # raises DamagedRun naming the file
-    if run.status_line():
-        raise DamagedRun(f"{directory}: {run.status_line()}; re-run its command ({directory / 'command.txt'}) "
-                         "to train it to the end")
-    stdout.print(f"verified: run {directory} loads ({len(run.classes)} classes, {run.epochs_done} epochs) and "
-                 "finished training")
 
 
 @cli.command()
@@ -208,14 +178,11 @@ def _check_run(directory: Path) -> None:
 def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, dim, epochs, batch_size,
           lr_projection, lr_heads, finetune_blocks, lr_blocks, seed, device, no_progress):
     """Train the projection and one classifier per group on cached features."""
-    import shlex
-
-    from dcfeat.train import train_from_store
 
     config = TrainConfig(M=M, N=N, min_images_per_class=min_images_per_class, head=head, s=s, m=m, dim=dim,
                          epochs=epochs, batch_size=batch_size, lr_projection=lr_projection, lr_heads=lr_heads,
                          finetune_blocks=finetune_blocks, lr_blocks=lr_blocks, seed=seed)
-    result = train_from_store(feats, split, config, out=out, val_split=val_split, device=device,
+    result = train_files(feats, split, config, out=out, val_split=val_split, device=device,
                               progress=not no_progress, command=shlex.join(["dcfeat", *sys.argv[1:]]))
     last = result.epochs[-1]
     val = f", val LR@1 {100 * result.epochs[result.best_epoch - 1]['val_lr1']:.1f} % (best epoch " \
@@ -238,18 +205,17 @@ def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, 
 @click.option("--space", type=click.Choice(["projected", "raw"]), default="projected", show_default=True,
               help="Retrieval descriptors: the run's learned embedding or the raw backbone features.")
 @click.option("--cells", type=AT_LEAST_1, default=5, show_default=True, help="Hybrid: retrieve among the top-c cells' images.")
-@click.option("--threshold", type=POSITIVE, default=25.0, show_default=True, help="Metres within which a prediction is right.")
-@click.option("--k", "ks", type=KList(), default="1,5,10,20", show_default=True, help="Comma-separated k of LR@k.")
+@click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True, help="Metres within which a prediction is right.")
+@click.option("--k", "ks", type=KList(), default=",".join(map(str, DEFAULT_KS)), show_default=True, help="Comma-separated k of LR@k.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: RUN/eval/SPLIT].")
 def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshold, ks, device, out):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
-    from dcfeat.reports import evaluate_from_store, recall_table
 
     k_values = ks
     modes = None if mode is None else (("classify", "retrieve", "hybrid") if mode == "all" else (mode,))
-    report, paths = evaluate_from_store(feats, run_dir, split, database_split=database_split, modes=modes,
+    report, paths = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes,
                                         ks=k_values, threshold_m=threshold, cells=cells, space=space,
                                         device=device, out=out)
     stdout.print(recall_table(report))
@@ -278,7 +244,6 @@ def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshol
 def predict(run_dir, images, manifest, path_column, feats, split, out, k, model, batch_size, workers, device,
             no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon."""
-    from dcfeat.predict import predict_files
 
     result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
                            split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
@@ -305,8 +270,6 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, model,
 @no_progress
 def demo(root, streets, image_size, epochs, workers, device, random_backbone, no_progress):
     """Render a synthetic city, then extract, train and evaluate on it, offline."""
-    from dcfeat.demo import run_demo
-    from dcfeat.reports import recall_table
 
     result = run_demo(root, streets=streets, image_size=image_size, epochs=epochs, workers=workers, device=device,
                       progress=not no_progress, prefer_pretrained=not random_backbone)
@@ -315,18 +278,6 @@ def demo(root, streets, image_size, epochs, workers, device, random_backbone, no
                  + f"; backbone {result.model}")
     for name, path in result.paths.items():
         stdout.print(f"{name}: {path}", highlight=False)
-
-
-def reference() -> str:
-    """The CLI reference of the README: every command's --help, at a fixed width."""
-    parts = []
-    for name, command in cli.commands.items():
-        # The group's help names (-h too): click caches a command's help option the first time it
-        # is built, so a reference built with other names would depend on what ran before it.
-        ctx = click.Context(command, info_name=f"dcfeat {name}", terminal_width=100, max_content_width=100,
-                            help_option_names=cli.context_settings["help_option_names"])
-        parts.append(f"### `dcfeat {name}`\n\n```\n{command.get_help(ctx)}\n```\n")
-    return "\n".join(parts)
 
 
 def main(argv=None):

@@ -13,7 +13,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dcfeat.backbone import save_random_vit
+from dcfeat.evaluate import evaluate_files
+from dcfeat.extract import extract_files
 from dcfeat.progress import stderr
+from dcfeat.synthetic.photos import render_city
+from dcfeat.train import TrainConfig, train_files
 
 PRETRAINED = "facebook/dinov2-small"
 SPLITS = ("train", "val", "test", "test-db")
@@ -38,11 +43,9 @@ def demo_backbone(root: Path, *, prefer_pretrained: bool = True) -> str:
                 return PRETRAINED
         except ImportError:
             pass
-    from dcfeat.benchmarks import random_backbone
-
     path = root / "dinov2-small-random"
     if not (path / "config.json").is_file():
-        random_backbone("vits14", path)
+        save_random_vit("vits14", path)
     return str(path)
 
 
@@ -50,13 +53,6 @@ def run_demo(root: Path = Path("data/demo"), *, streets: int = 4, spacing_m: flo
              epochs: int = 10, workers: int | None = None, device: str = "auto", progress: bool = True,
              prefer_pretrained: bool = True, model: str | None = None) -> DemoResult:
     """Render (once), extract (resumable), train a new run, evaluate all modes."""
-    from dcfeat.backbone import load_backbone
-    from dcfeat.extract import extract
-    from dcfeat.labels import collect_images
-    from dcfeat.reports import evaluate_from_store
-    from dcfeat.synthetic.photos import render_city
-    from dcfeat.train import TrainConfig, train_from_store
-
     root = Path(root)
     images = root / "images"
     store = root / "feats.h5"
@@ -69,26 +65,24 @@ def run_demo(root: Path = Path("data/demo"), *, streets: int = 4, spacing_m: flo
 
     t = time.perf_counter()
     model = model or demo_backbone(root, prefer_pretrained=prefer_pretrained)
-    backbone = load_backbone(model, device=device)
-    if backbone.random_init:
-        stderr.print(f"[yellow]Backbone {backbone.name} is randomly initialised ({PRETRAINED} is not in the "
-                     "local cache, or --random-backbone): the numbers below measure the pipeline, not "
-                     "DINOv2.[/yellow]")
     for split in SPLITS:
-        stderr.print(f"[bold]2/4 extract[/bold] {split} with {backbone.name}")
-        extract(collect_images(images / split), backbone, store, split, image_size=image_size, workers=workers,
-                progress=progress)
+        stderr.print(f"[bold]2/4 extract[/bold] {split} with {model}")
+        extracted = extract_files(images / split, store, split, model=model, device=device, image_size=image_size,
+                                  workers=workers, progress=progress)
+    if extracted.random_init:
+        stderr.print(f"[yellow]Backbone {model} is randomly initialised ({PRETRAINED} is not in the local cache, "
+                     "or --random-backbone): the numbers below measure the pipeline, not DINOv2.[/yellow]")
     seconds["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
     stderr.print("[bold]3/4 train[/bold]")
-    result = train_from_store(store, "train", TrainConfig(epochs=epochs), val_split="val", device=device,
-                              progress=progress, command="dcfeat demo")
+    result = train_files(store, "train", TrainConfig(epochs=epochs), val_split="val", device=device,
+                         progress=progress, command="dcfeat demo")
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
     stderr.print("[bold]4/4 evaluate[/bold] test queries against test-db")
-    report, paths = evaluate_from_store(store, result.out, "test", database_split="test-db", device=device)
+    report, paths = evaluate_files(store, result.out, "test", database_split="test-db", device=device)
     seconds["evaluate"] = time.perf_counter() - t
-    return DemoResult(report=report, paths=paths, seconds=seconds, model=backbone.name,
-                      random_backbone=backbone.random_init)
+    return DemoResult(report=report, paths=paths, seconds=seconds, model=Path(model).name if Path(model).is_dir()
+                      else model, random_backbone=extracted.random_init)

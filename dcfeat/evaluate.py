@@ -9,54 +9,34 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
-from dcfeat.backbone import synchronize
+from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures
-from dcfeat.metrics import localisation_recall
-from dcfeat.model import Run
-from dcfeat.partition import cell_of
+from dcfeat.finetune import tuned_splits
+from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M, localisation_recall
+from dcfeat.model import check_features, top_cells
+from dcfeat.partition import cell_keys
+from dcfeat.reports import Ranking, write_outputs
 from dcfeat.retrieval import topk_cosine, topk_cosine_restricted
-from dcfeat.store import Split
-from dcfeat.train import predict_cells
+from dcfeat.runs import Run, load_run
+from dcfeat.store import Split, read_split
 
 MODES = ("classify", "retrieve", "hybrid")
 SPACES = ("projected", "raw")
-
-
-@dataclass
-class Method:
-    """One method's ranked predictions for every query, and how long they took."""
-
-    name: str
-    east: np.ndarray  # (n, k); NaN where fewer than k candidates existed
-    north: np.ndarray
-    zone: np.ndarray
-    letter: np.ndarray
-    score: np.ndarray
-    ref: np.ndarray  # (n, k) class ids (classify) or database rows (retrieve, hybrid); -1 = none
-    seconds: float
-    extra: dict = field(default_factory=dict)
-
-
-def _cell_keys(zone: np.ndarray, letter: np.ndarray, east: np.ndarray, north: np.ndarray, M: float) -> np.ndarray:
-    p, q = cell_of(east, north, M)
-    northern = np.asarray(letter, dtype="U1") >= "N"
-    # One int64 per cell: 20-bit p and q (±5e5 cells of 20 m span any zone), zone, hemisphere.
-    return ((zone.astype(np.int64) * 2 + northern) << 42) + ((p + (1 << 20)) << 21) + (q + (1 << 20))
 
 
 def coverage(run: Run, labels: pl.DataFrame) -> float:
     """Share of queries whose true cell is one of the run's classes."""
     M = run.config["M"]
     c = run.classes
-    keys = _cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
+    keys = cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
                       c["cell_north"].to_numpy(), M)
-    q = _cell_keys(labels["utm_zone"].to_numpy(), labels["utm_letter"].to_numpy(), labels["utm_east"].to_numpy(),
+    q = cell_keys(labels["utm_zone"].to_numpy(), labels["utm_letter"].to_numpy(), labels["utm_east"].to_numpy(),
                    labels["utm_north"].to_numpy(), M)
     return float(np.isin(q, keys).mean())
 
@@ -67,15 +47,15 @@ def _embed(run: Run, x: np.ndarray, device: torch.device, chunk: int = 65536) ->
                           for i in range(0, len(x), chunk)])
 
 
-def classify(run: Run, queries: Split, k: int, device: torch.device) -> Method:
+def classify(run: Run, queries: Split, k: int, device: torch.device) -> Ranking:
     t = time.perf_counter()
-    p = predict_cells(run.model, queries.embeddings, run.classes, k)
+    p = top_cells(run.model, queries.embeddings, run.classes, k)
     synchronize(device)
-    return Method("classify", p["east"], p["north"], p["zone"], p["letter"], p["score"], p["class"],
+    return Ranking("classify", p["east"], p["north"], p["zone"], p["letter"], p["score"], p["class"],
                   time.perf_counter() - t)
 
 
-def _db_method(name: str, db: Split, scores: np.ndarray, rows: np.ndarray, seconds: float, **extra) -> Method:
+def _db_method(name: str, db: Split, scores: np.ndarray, rows: np.ndarray, seconds: float, **extra) -> Ranking:
     lab = db.labels
     safe = np.where(rows >= 0, rows, 0)
 
@@ -83,7 +63,7 @@ def _db_method(name: str, db: Split, scores: np.ndarray, rows: np.ndarray, secon
         v = lab[c].to_numpy()[safe]
         return np.where(rows >= 0, v, fill)
 
-    return Method(name, col("utm_east", np.nan), col("utm_north", np.nan), col("utm_zone", 0),
+    return Ranking(name, col("utm_east", np.nan), col("utm_north", np.nan), col("utm_zone", 0),
                   col("utm_letter", ""), scores, rows, seconds, extra)
 
 
@@ -98,7 +78,7 @@ def _spaces(run: Run, queries: Split, db: Split, space: str, device: torch.devic
     return queries.embeddings, d, index_seconds
 
 
-def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected") -> Method:
+def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected") -> Ranking:
     q, d, index_seconds = _spaces(run, queries, db, space, device)
     t = time.perf_counter()
     if space == "projected":
@@ -110,14 +90,14 @@ def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, 
 
 
 def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
-           space: str = "projected") -> Method:
+           space: str = "projected") -> Ranking:
     """Retrieval restricted to database images inside each query's top-`cells` classes."""
     M = run.config["M"]
     c = run.classes
-    class_keys = _cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
+    class_keys = cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
                             c["cell_north"].to_numpy(), M)
     lab = db.labels
-    db_keys = _cell_keys(lab["utm_zone"].to_numpy(), lab["utm_letter"].to_numpy(), lab["utm_east"].to_numpy(),
+    db_keys = cell_keys(lab["utm_zone"].to_numpy(), lab["utm_letter"].to_numpy(), lab["utm_east"].to_numpy(),
                          lab["utm_north"].to_numpy(), M)
     order = np.argsort(db_keys, kind="stable")  # database rows grouped by cell: the "index"
     sorted_keys = db_keys[order]
@@ -137,7 +117,7 @@ def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torc
                       mean_candidates=float(np.mean([len(a) for a in allowed])))
 
 
-def score(method: Method, queries: Split, *, ks: tuple[int, ...], threshold_m: float):
+def score(method: Ranking, queries: Split, *, ks: tuple[int, ...], threshold_m: float):
     lab = queries.labels
     return localisation_recall(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
                                method.east, method.north, method.zone, threshold_m=threshold_m, ks=ks,
@@ -161,8 +141,8 @@ def check_modes(modes: tuple[str, ...], database_split) -> None:
 
 
 def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
-             ks: tuple[int, ...] = (1, 5, 10, 20), threshold_m: float = 25.0, cells: int = 5,
-             space: str = "projected", device: str = "cpu") -> tuple[dict, list[Method], dict]:
+             ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int = 5,
+             space: str = "projected", device: str = "cpu") -> tuple[dict, list[Ranking], dict]:
     """Run each mode on `queries`; (report, methods, LocalisationRecall per method)."""
     check_modes(modes, database.name if database is not None else None)
     dev = torch.device(device)
@@ -194,3 +174,34 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
               "run_complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,
               "run_status": run.status_line(), "methods": report_methods}
     return report, methods, results
+
+
+def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
+                        modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
+                        threshold_m: float = THRESHOLD_M, cells: int = 5, space: str = "projected",
+                        device: str = "auto", out: Path | None = None) -> tuple[dict, dict[str, Path]]:
+    """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files."""
+    if modes is None:
+        modes = ("classify", "retrieve", "hybrid") if database_split else ("classify",)
+    check_modes(modes, database_split)
+    dev = resolve_device(device)
+    run = load_run(run_dir, dev)
+    queries = read_split(feats, split, dtype=np.float32)
+    check_features(run.features, queries.attrs, what=f"split '{split}' of {feats}")
+    database = None
+    if database_split:
+        database = read_split(feats, database_split)
+        check_features(run.features, database.attrs, what=f"split '{database_split}' of {feats}")
+    if run.config.get("finetune_blocks"):
+        queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
+        database = rest[0] if rest else None
+    report, methods, results = evaluate(run, queries, database=database, modes=modes, ks=ks,
+                                        threshold_m=threshold_m, cells=cells, space=space, device=str(dev))
+    report = {**report, "run": str(Path(run_dir).resolve()), "store": str(Path(feats).resolve()),
+              "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
+                          "space": space, "device": device}}
+    background = None
+    if database is not None:
+        background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
+    return write_outputs(Path(out) if out else Path(run_dir) / "eval" / split, report, queries.labels, methods,
+                         results, background=background)

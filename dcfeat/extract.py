@@ -20,14 +20,17 @@ import numpy as np
 import torch
 
 from dcfeat import __version__
-from dcfeat.backbone import Backbone
-from dcfeat.images import MAX_PIXELS, ImageDataset, collate
-from dcfeat.labels import LabelledImages
-from dcfeat.progress import progress_bar
+from dcfeat.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from dcfeat.devices import is_cuda, resolve_device
 from dcfeat.errors import BadInput, DcfeatError, check_free_space
-from dcfeat.shards import (DEFAULT_SHARD_ROWS, Plan, assemble, load_plan, open_plan, shard_complete, write_shard,
-                           writer_lock)
-from dcfeat.store import check_split_name, check_store_path, read_failures, split_info
+from dcfeat.images import MAX_PIXELS, ImageDataset, collate
+from dcfeat.labels import LabelledImages, collect_images
+from dcfeat.layout import check_split_name, check_store_path
+from dcfeat.locking import writer_lock
+from dcfeat.progress import progress_bar
+from dcfeat.shard_files import Plan, shard_complete, write_shard
+from dcfeat.shards import DEFAULT_SHARD_ROWS, assemble, load_plan, open_plan
+from dcfeat.store import read_failures, split_info
 
 
 @dataclass
@@ -37,15 +40,16 @@ class ExtractResult:
     images: int
     rows: int  # rows in the assembled split
     failures: int
-    extracted: int  # images this run decoded and embedded (0 when the split was complete)
+    processed: int  # images this run read: embedded or skipped (0 when the split was complete)
     seconds: float
     already_complete: bool
     random_init: bool
     failed_examples: list[tuple[str, str]] = field(default_factory=list)
+    rank: int = 0  # under torchrun only rank 0 reports
 
     @property
     def images_per_s(self) -> float:
-        return self.extracted / self.seconds if self.seconds > 0 else 0.0
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
     dataset = ImageDataset(images.paths, image_size, draft=draft, max_pixels=max_pixels)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=ShardBatches(shards, batch_size), num_workers=workers, collate_fn=collate,
-        pin_memory=backbone.device.type == "cuda", persistent_workers=False,
+        pin_memory=is_cuda(backbone.device), persistent_workers=False,
         prefetch_factor=4 if workers else None)
     bounds = {index: (start, stop) for index, start, stop in shards}
     shard_of = {start: index for index, start, _ in shards}
@@ -207,18 +211,34 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
         if error:
             raise error
         plan = load_plan(store, split, plan_id)
-        extracted = 0
+        processed = 0
         if not complete:
             mine = [s for s in ranks.my_slice(plan.shards) if not shard_complete(plan, s[0])]
             check_free_space(plan.directory, sum(plan.shard_bytes(stop - start) for _, start, stop in mine))
-            extracted = _run_shards(plan, mine, images, backbone, batch_size=batch_size, workers=workers,
+            processed = _run_shards(plan, mine, images, backbone, batch_size=batch_size, workers=workers,
                                     draft=draft, max_pixels=max_pixels, progress=progress and ranks.rank == 0)
-            extracted = ranks.total(extracted)
+            processed = ranks.total(processed)
             if ranks.rank == 0:
                 assemble(plan)
             ranks.barrier()
     info = split_info(store, split)
     failed = read_failures(store, split)
     return ExtractResult(store=store, split=split, images=plan.rows, rows=info.rows, failures=info.failures,
-                         extracted=extracted, seconds=time.perf_counter() - t0, already_complete=complete,
-                         random_init=backbone.random_init, failed_examples=failed[:10])
+                         processed=processed, seconds=time.perf_counter() - t0, already_complete=complete,
+                         random_init=backbone.random_init, failed_examples=failed[:10], rank=ranks.rank)
+
+
+def extract_files(images: Path | None, out: Path, split: str = "train", *, manifest: Path | None = None,
+                  path_column: str = "path", model: str = DEFAULT_MODEL, pooling: str = "cls", device: str = "auto",
+                  **options) -> ExtractResult:
+    """`dcfeat extract`: label the images, load the backbone (each torchrun process on its own GPU), embed.
+
+    `options` are those of `extract` (image_size, batch_size, workers, draft, dtype, shard_rows, …).
+    """
+    check_split_name(split)
+    out = check_store_path(out)
+    labelled = collect_images(images, manifest, path_column=path_column)
+    ranks = Ranks.from_env()
+    backbone = load_backbone(model, pooling=pooling,
+                             device=resolve_device(device, local_rank=ranks.local_rank, world=ranks.world))
+    return extract(labelled, backbone, out, split, ranks=ranks, **options)

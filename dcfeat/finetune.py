@@ -10,29 +10,25 @@ evaluation embeds cached tokens through them, prediction swaps them into the ful
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from dcfeat import sampling
 from dcfeat.atomic import atomic_write
 from dcfeat.backbone import POOLINGS, Backbone, load_backbone, pool
 from dcfeat.errors import BadInput, DamagedRun, IncompatibleFeatures
-from dcfeat.model import BLOCKS_FILE
+from dcfeat.runfiles import BLOCKS_FILE
+from dcfeat.sampling import InMemoryBatches, StreamedBatches, read_rows
 from dcfeat.store import Split, split_info
 
 # Splits whose tokens take at most this much are trained from memory (on the training device);
 # larger ones are streamed. ViT-B/14 at 224: 20 k images.
 MEMORY_BYTES = 8 << 30
-# Streaming reads CHUNK_ROWS contiguous images per h5py call (200 MB of ViT-B/14 tokens) and
-# trains on BUFFER_CHUNKS such chunks at a time, drawn at random over the split.
-CHUNK_ROWS = 512
-BUFFER_CHUNKS = 16
 EMBED_ROWS = 256  # images per forward pass when embedding a split's tokens
 
 
@@ -120,13 +116,6 @@ def load_tail(features: dict, cached: int, tuned: int) -> TailBlocks:
     return tail
 
 
-def read_tokens(store: Path, split: str, chunks: list[tuple[int, int]]) -> np.ndarray:
-    """Rows [start, stop) of each chunk of the split's tokens, concatenated: one h5py read per chunk."""
-    with h5py.File(store, "r") as f:
-        ds = f[split]["tokens"]
-        return np.concatenate([ds[a:b] for a, b in chunks]) if chunks else np.zeros((0, *ds.shape[1:]), ds.dtype)
-
-
 @torch.no_grad()
 def embed_tokens(tail: TailBlocks, store: Path, split: str, cached: int, device: torch.device,
                  rows: int = EMBED_ROWS) -> np.ndarray:
@@ -136,7 +125,7 @@ def embed_tokens(tail: TailBlocks, store: Path, split: str, cached: int, device:
     n = split_info(store, split).rows
     out = []
     for start in range(0, n, rows):
-        x = torch.from_numpy(read_tokens(store, split, [(start, min(start + rows, n))])).to(device)
+        x = torch.from_numpy(read_rows(store, split, "tokens", [(start, min(start + rows, n))])).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out.append(tail(x, cached).float().cpu().numpy())
     tail.train(was_training)
@@ -163,17 +152,15 @@ class TokenTraining:
 
     def start(self, part, sampler, groups: list[int], steps: int, config, device: torch.device):
         """The batch source of train.train: (group, pooled features with gradients, labels) per step."""
-        from dcfeat.train import CachedBatches
-
         self.tail.to(device).train()
         info = split_info(self.store, self.split)
         cached = self.cached[self.split]
         if info.rows * info.token_bytes_per_image <= MEMORY_BYTES:
-            tokens = torch.from_numpy(read_tokens(self.store, self.split, [(0, info.rows)])).to(device)
-            source = CachedBatches(tokens, sampler, groups, config.batch_size)
+            tokens = torch.from_numpy(read_rows(self.store, self.split, "tokens", [(0, info.rows)])).to(device)
+            source = InMemoryBatches(tokens, sampler, groups, config.batch_size)
         else:
             self.streamed = True
-            source = StreamedBatches(self.store, self.split, info.rows, part, steps, config.batch_size, device,
+            source = StreamedBatches(self.store, self.split, "tokens", info.rows, part, steps, config.batch_size, device,
                                      sampler.generator, config.seed)
 
         def batches(step: int):
@@ -193,63 +180,8 @@ class TokenTraining:
     def config(self) -> dict:
         tokens = {"cached": self.cached, "streamed": self.streamed}
         if self.streamed:
-            tokens.update(chunk_rows=CHUNK_ROWS, buffer_chunks=BUFFER_CHUNKS)
+            tokens.update(chunk_rows=sampling.CHUNK_ROWS, buffer_chunks=sampling.BUFFER_CHUNKS)
         return {"tokens": tokens}
-
-
-class StreamedBatches:
-    """Class-balanced batches from tokens that do not fit in memory, read in large contiguous chunks.
-
-    Rows are sorted by image id, and SF-XL ids by UTM east: one chunk is a strip of the city
-    with few classes. So every epoch shuffles the chunks and trains on BUFFER_CHUNKS of them
-    at a time (many places, many classes), sampling class-balanced among the buffer's rows; a
-    buffer gets a share of the epoch's steps equal to its share of the rows in classes, so an
-    epoch still sees every image about once. The next buffer is read while this one trains.
-    """
-
-    def __init__(self, store: Path, split: str, rows: int, part, steps: int, size: int, device: torch.device,
-                 generator: torch.Generator, seed: int):
-        self.store, self.split, self.rows, self.part = store, split, rows, part
-        self.steps, self.size, self.device, self.generator = steps, size, device, generator
-        self.order_generator = torch.Generator().manual_seed(seed)
-        self.pool = ThreadPoolExecutor(max_workers=1)
-
-    def _epoch(self) -> list[tuple[list[tuple[int, int]], int]]:
-        """(chunks, steps) of every buffer of an epoch."""
-        starts = torch.randperm(-(-self.rows // CHUNK_ROWS), generator=self.order_generator).numpy() * CHUNK_ROWS
-        used = self.part.class_index >= 0
-        buffers = [sorted((int(a), min(int(a) + CHUNK_ROWS, self.rows)) for a in starts[i:i + BUFFER_CHUNKS])
-                   for i in range(0, len(starts), BUFFER_CHUNKS)]
-        share = np.cumsum([sum(int(used[a:b].sum()) for a, b in chunks) for chunks in buffers])
-        ends = np.round(share / share[-1] * self.steps).astype(int)
-        counts = np.diff(np.concatenate([[0], ends]))
-        return [(chunks, int(n)) for chunks, n in zip(buffers, counts) if n > 0]
-
-    def _next_buffer(self) -> None:
-        from dcfeat.train import BalancedSampler
-
-        chunks, self.left = self.plan[self.index]
-        tokens = self.pending.result()
-        self.index += 1
-        if self.index < len(self.plan):
-            self.pending = self.pool.submit(read_tokens, self.store, self.split, self.plan[self.index][0])
-        rows = np.concatenate([np.arange(a, b) for a, b in chunks])
-        self.tokens = torch.from_numpy(tokens).to(self.device)
-        self.sampler = BalancedSampler(self.part, self.device, self.generator, rows=rows)
-        self.groups = [g for g, (*_, present) in enumerate(self.sampler.groups) if len(present)]
-        self.turn = 0
-
-    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        if step == 0:
-            self.plan, self.index, self.left = self._epoch(), 0, 0
-            self.pending = self.pool.submit(read_tokens, self.store, self.split, self.plan[0][0])
-        while self.left == 0:
-            self._next_buffer()
-        self.left -= 1
-        g = self.groups[self.turn % len(self.groups)]
-        self.turn += 1
-        rows, labels = self.sampler.batch(g, self.size)
-        return g, self.tokens[rows], labels
 
 
 def tuned_splits(run, store: Path, splits: list[Split], device: torch.device) -> list[Split]:

@@ -10,8 +10,6 @@ from dcfeat.errors import human_bytes
 from dcfeat.store import SplitInfo
 
 
-
-
 def splits_table(store: Path, splits: list[SplitInfo]):
     """`dcfeat info`'s table: one row per split with what identifies and what is wrong with it."""
     table = Table(title=str(store))

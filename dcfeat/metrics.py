@@ -11,13 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import utm
+
+from dcfeat.geo import is_northern, utm_to_latlon
 
 # Mean Earth radius (IUGG R1). The spherical error against the ellipsoid is
 # below 0.5 %, far under the 25 m threshold at city scale.
 EARTH_RADIUS_M = 6_371_008.8
 
+# Recall is reported at these k, and a prediction within THRESHOLD_M metres is right (the VPR literature's).
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
+THRESHOLD_M = 25.0
 
 
 def haversine_m(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
@@ -31,23 +34,9 @@ def haversine_m(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.n
 
 
 def _northern(letter: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    # UTM latitude bands C..M are south of the equator, N..X north of it.
     if letter is None:
         return np.ones(shape, dtype=bool)
-    return np.char.upper(np.broadcast_to(np.asarray(letter, dtype=str), shape)) >= "N"
-
-
-def _to_latlon(
-    east: np.ndarray, north: np.ndarray, zone: np.ndarray, northern: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    lat = np.empty(east.shape)
-    lon = np.empty(east.shape)
-    # `utm.to_latlon` takes one zone per call, so convert zone by zone.
-    for z, hemi in {(int(z), bool(h)) for z, h in zip(zone, northern)}:
-        sel = (zone == z) & (northern == hemi)
-        # strict=False: a cell centre may sit just outside its zone's easting range.
-        lat[sel], lon[sel] = utm.to_latlon(east[sel], north[sel], z, northern=hemi, strict=False)
-    return lat, lon
+    return np.broadcast_to(is_northern(letter), shape)
 
 
 def distances_m(
@@ -108,18 +97,18 @@ def distances_m(
         return out
 
     if q_lat is None or q_lon is None:
-        la, lo = _to_latlon(qe[cross], qn[cross], qz[cross], q_hemi[cross])
+        la, lo = utm_to_latlon(qe[cross], qn[cross], qz[cross], q_hemi[cross])
     else:
         la, lo = per_query(q_lat)[cross], per_query(q_lon)[cross]
     if p_lat is None or p_lon is None:
-        lb, lob = _to_latlon(p_east[cross], pn[cross], pz[cross], p_hemi[cross])
+        lb, lob = utm_to_latlon(p_east[cross], pn[cross], pz[cross], p_hemi[cross])
     else:
         lb, lob = per_pred(p_lat)[cross], per_pred(p_lon)[cross]
     out[cross] = haversine_m(la, lo, lb, lob)
     return out
 
 
-def correct_at_k(dist: np.ndarray, threshold_m: float = 25.0) -> np.ndarray:
+def correct_at_k(dist: np.ndarray, threshold_m: float = THRESHOLD_M) -> np.ndarray:
     """Whether each prediction lies within ``threshold_m`` metres, shape of ``dist``.
 
     Inclusive (``<=``): a prediction exactly 25.0 m away counts, matching the
@@ -174,7 +163,7 @@ def localisation_recall(
     p_north: np.ndarray,
     p_zone: np.ndarray | int,
     *,
-    threshold_m: float = 25.0,
+    threshold_m: float = THRESHOLD_M,
     ks: Sequence[int] = DEFAULT_KS,
     q_letter: np.ndarray | str | None = None,
     p_letter: np.ndarray | str | None = None,

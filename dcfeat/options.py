@@ -1,13 +1,14 @@
-"""Checked command-line values: every option is range-checked by click before anything is created."""
+"""Checked command-line values (range-checked by click before anything is created) and how user errors print."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import click
 
-from dcfeat.errors import BadInput
-from dcfeat.store import check_split_name
+from dcfeat.errors import BadInput, DcfeatError, disk_full, is_disk_full
+from dcfeat.layout import check_split_name
 
 
 class Finite(click.FloatRange):
@@ -61,3 +62,25 @@ AT_LEAST_0 = click.IntRange(min=0)
 # Near π/2 an additive angular margin pushes every target past the orthogonal, and CosFace's margin
 # lives on cosines in [-1, 1]: either way a margin that large cannot train (the papers use 0.1-0.5).
 MARGIN = Finite(min=0, max=1.5)
+
+
+class _UserError(click.ClickException):
+    """A DcfeatError as click shows it: "Error: <message>", exit code of its kind (dcfeat.errors)."""
+
+    def __init__(self, error: DcfeatError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+class UserErrorsGroup(click.Group):
+    """Runs a command; a DcfeatError (or a full disk) becomes one message and its kind's exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DcfeatError as e:
+            raise _UserError(e) from None
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            raise _UserError(disk_full(Path(e.filename).parent if e.filename else Path.cwd())) from None

@@ -8,7 +8,6 @@ backend or state (and works on machines without a display).
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
-from dcfeat.metrics import correct_at_k
+from dcfeat.atomic import atomic_write
+from dcfeat.metrics import THRESHOLD_M, correct_at_k
 
 # Errors below this are drawn at it: a log axis cannot show an exact hit (0 m).
 MIN_PLOTTED_ERROR_M = 0.1
@@ -35,27 +35,17 @@ def _new_figure(title: str, size: tuple[float, float]) -> tuple[Figure, Axes]:
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write a PNG next to ``path`` and rename it into place, so a crash never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a plot is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    """Write the PNG crash-safely. The file gets the umask's permissions (0644 as a rule): a plot is for sharing."""
+    with atomic_write(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
 
 
 def plot_error_cdf(
     errors_by_method: dict[str, np.ndarray],
     path: str | os.PathLike,
     *,
-    threshold_m: float = 25.0,
+    threshold_m: float = THRESHOLD_M,
     title: str = "Top-1 localisation error",
 ) -> Path:
     """Cumulative fraction of queries against top-1 error (m, log axis), one curve per method.

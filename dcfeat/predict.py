@@ -17,23 +17,28 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import utm
 
 from dcfeat.atomic import atomic_write
+from dcfeat.backbone import Backbone, load_backbone
+from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput
+from dcfeat.finetune import tuned_splits, use_tuned_blocks
+from dcfeat.geo import utm_to_latlon
+from dcfeat.images import ImageDataset, collate
 from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest
-from dcfeat.model import Run, check_features, load_run
+from dcfeat.model import check_features
+from dcfeat.progress import progress_bar
+from dcfeat.runs import Run, load_run
+from dcfeat.store import read_split
 
 FORMATS = (".parquet", ".csv", ".geojson")
 SHOWN_FAILURES = 5  # unreadable images named in the error when none could be read
 
 
-def embed_images(paths: list[Path], backbone, image_size: int, *, batch_size: int = 64, workers: int = 0,
-                 progress: bool = True) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Backbone features of image files; (features of the readable ones, [(index, reason)] of the rest)."""
-    from dcfeat.images import ImageDataset, collate
-    from dcfeat.progress import progress_bar
-
+def embed_images(paths: list[Path], backbone: Backbone, image_size: int, *, batch_size: int = 64,
+                 workers: int = 0, progress: bool = True) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Backbone features of image files: (features of the readable ones, their indices into `paths`,
+    [(index, reason)] of the rest)."""
     loader = torch.utils.data.DataLoader(ImageDataset(paths, image_size), batch_size=batch_size,
                                          num_workers=workers, collate_fn=collate)
     feats, kept, failed = [], [], []
@@ -54,16 +59,6 @@ def cell_probabilities(run: Run, features: np.ndarray, k: int) -> tuple[np.ndarr
     return run.model.topk(features, k, softmax_scale=scale)
 
 
-def to_latlon(east: np.ndarray, north: np.ndarray, zone: np.ndarray, letter: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    lat, lon = np.empty_like(east), np.empty_like(east)
-    keys = np.char.add(zone.astype(str), letter.astype(str))
-    for key in np.unique(keys):
-        sel = keys == key
-        la, lo = utm.to_latlon(east[sel], north[sel], int(zone[sel][0]), str(letter[sel][0]), strict=False)
-        lat[sel], lon[sel] = la, lo
-    return lat, lon
-
-
 def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int) -> pl.DataFrame:
     """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon."""
     ids, probs = cell_probabilities(run, features, k)
@@ -72,7 +67,7 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int) ->
     c = run.classes
     east, north = c["cell_east"].to_numpy()[flat], c["cell_north"].to_numpy()[flat]
     zone, letter = c["utm_zone"].to_numpy()[flat], c["utm_letter"].to_numpy()[flat]
-    lat, lon = to_latlon(east, north, zone, letter) if n else (east, north)
+    lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
     return pl.DataFrame({
         "image_id": np.repeat(np.asarray(image_ids, dtype=object), kk), "rank": np.tile(np.arange(1, kk + 1), n),
         "class": flat.astype(np.int64), "group": c["group"].to_numpy()[flat], "probability": probs.reshape(-1),
@@ -144,7 +139,6 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
                    batch_size: int, workers: int, device: str, progress: bool,
                    path_column: str = "path") -> tuple[pl.DataFrame, list]:
     """Embed image files with the run's backbone and classify them; (table, [(image id, reason)] skipped)."""
-    from dcfeat.backbone import load_backbone
 
     feats_attrs = run.features
     root, ids, where = _image_list(images, manifest, path_column)
@@ -153,8 +147,6 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
     check_features(feats_attrs, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
                                  "dim": backbone.dim}, what=f"backbone '{source}'")
     if run.config.get("finetune_blocks"):
-        from dcfeat.finetune import use_tuned_blocks
-
         use_tuned_blocks(backbone, run)
     feats, kept, failed = embed_images([root / i for i in ids], backbone, int(feats_attrs["image_size"]),
                                        batch_size=batch_size, workers=workers, progress=progress)
@@ -169,14 +161,10 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
 
 def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "auto") -> pl.DataFrame:
     """Predictions for a cached split (through the run's tuned blocks when it has them)."""
-    from dcfeat.backbone import resolve_device
-    from dcfeat.store import read_split
 
     data = read_split(feats, split, dtype="float32")
     check_features(run.features, data.attrs, what=f"split '{split}' of {feats}")
     if run.config.get("finetune_blocks"):
-        from dcfeat.finetune import tuned_splits
-
         [data] = tuned_splits(run, feats, [data], resolve_device(device))
     return predictions(run, data.labels["image_id"].to_list(), data.embeddings, k)
 
@@ -198,7 +186,6 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
                   model: str | None = None, batch_size: int = 64, workers: int = 0, device: str = "auto",
                   progress: bool = True) -> Prediction:
     """`dcfeat predict`: check the options and output, load the run, predict, write `out`."""
-    from dcfeat.backbone import resolve_device
 
     out = check_out(out)
     if feats is not None and not split:

@@ -8,6 +8,7 @@ renamed into place. A run whose training stopped early says so in the report
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,26 @@ import polars as pl
 from rich.table import Table
 
 from dcfeat.atomic import atomic_write, write_text
-from dcfeat.evaluate import Method
 
 RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
 
 
-def predictions_frame(labels: pl.DataFrame, methods: list[Method], results: dict) -> pl.DataFrame:
+@dataclass
+class Ranking:
+    """What one method (classify, retrieve, hybrid) answered: ranked predictions per query, and its time."""
+
+    name: str
+    east: np.ndarray  # (n, k); NaN where fewer than k candidates existed
+    north: np.ndarray
+    zone: np.ndarray
+    letter: np.ndarray
+    score: np.ndarray
+    ref: np.ndarray  # (n, k) class ids (classify) or database rows (retrieve, hybrid); -1 = none
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+def predictions_frame(labels: pl.DataFrame, methods: list[Ranking], results: dict) -> pl.DataFrame:
     """One row per query: true UTM, then per method the ranked predictions and top-1 error."""
     cols = {c: labels[c] for c in ("image_id", "utm_east", "utm_north", "utm_zone", "utm_letter")}
     for m in methods:
@@ -42,7 +57,7 @@ def recall_from_predictions(frame: pl.DataFrame, method: str, ks: list[int], thr
     return {str(k): float(hit[:, :k].any(axis=1).mean()) for k in ks}
 
 
-def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[Method], results: dict,
+def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[Ranking], results: dict,
                   *, background: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, dict[str, Path]]:
     from dcfeat.plots import plot_error_cdf, plot_query_map
 
@@ -85,41 +100,3 @@ def recall_table(report: dict) -> Table:
         table.add_row(label, *[f"{100 * m['recall'][str(k)]:.1f}" for k in ks], f"{m['median_error_m']:.1f} m",
                       f"{m['ms_per_query']:.3f}", f"{m['queries_per_s']:,.0f}")
     return table
-
-
-def evaluate_from_store(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
-                        modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = (1, 5, 10, 20),
-                        threshold_m: float = 25.0, cells: int = 5, space: str = "projected",
-                        device: str = "auto", out: Path | None = None) -> tuple[dict, dict[str, Path]]:
-    """Read the splits and the run, check they belong together, evaluate, write the files."""
-    from dcfeat.backbone import resolve_device
-    from dcfeat.evaluate import check_modes, evaluate
-    from dcfeat.model import check_features, load_run
-    from dcfeat.store import read_split
-
-    if modes is None:
-        modes = ("classify", "retrieve", "hybrid") if database_split else ("classify",)
-    check_modes(modes, database_split)
-    dev = resolve_device(device)
-    run = load_run(run_dir, dev)
-    queries = read_split(feats, split, dtype=np.float32)
-    check_features(run.features, queries.attrs, what=f"split '{split}' of {feats}")
-    database = None
-    if database_split:
-        database = read_split(feats, database_split)
-        check_features(run.features, database.attrs, what=f"split '{database_split}' of {feats}")
-    if run.config.get("finetune_blocks"):
-        from dcfeat.finetune import tuned_splits
-
-        queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
-        database = rest[0] if rest else None
-    report, methods, results = evaluate(run, queries, database=database, modes=modes, ks=ks,
-                                        threshold_m=threshold_m, cells=cells, space=space, device=str(dev))
-    report = {**report, "run": str(Path(run_dir).resolve()), "store": str(Path(feats).resolve()),
-              "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
-                          "space": space, "device": device}}
-    background = None
-    if database is not None:
-        background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
-    return write_outputs(Path(out) if out else Path(run_dir) / "eval" / split, report, queries.labels, methods,
-                         results, background=background)

@@ -14,27 +14,28 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
 
 from dcfeat.atomic import write_text
-from dcfeat.errors import BadInput, DamagedStore, EnvironmentProblem
-from dcfeat.metrics import localisation_recall
-from dcfeat.model import (
-    COMMAND_FILE,
-    FEATURE_KEYS,
-    LOG_FILE,
-    DCModel,
-    clear_unfinished_run,
-    save_model,
-    unfinished_run,
-    write_config,
-)
+from dcfeat.devices import autocast, is_cuda, resolve_device
+from dcfeat.errors import BadInput, DamagedStore
+from dcfeat.finetune import TokenTraining
+from dcfeat.layout import IDENTITY_ATTRS
+from dcfeat.metrics import THRESHOLD_M, localisation_recall
+from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
 from dcfeat.progress import progress_bar
-from dcfeat.store import Split
+from dcfeat.runfiles import COMMAND_FILE, LOG_FILE
+from dcfeat.runs import (
+    new_run_dir,
+    point_latest,
+    save_model,
+    write_config,
+)
+from dcfeat.sampling import BalancedSampler, InMemoryBatches
+from dcfeat.store import Split, read_split
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainConfig:
     lr_heads: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0
-    threshold_m: float = 25.0
+    threshold_m: float = THRESHOLD_M
     # K > 0: also tune the last K DINOv2 blocks on cached tokens (dcfeat.finetune). Their rate is
     # 100× below the projection's, as CosPlace tunes its backbone (1e-5) beside 1e-2 heads: the
     # pretrained blocks move little, so the prototypes initialised on their output stay valid.
@@ -71,48 +72,6 @@ class TrainResult:
     seconds: float
 
 
-class BalancedSampler:
-    """Class-balanced batches of one group: class uniform, then image uniform in it.
-
-    With `rows`, only those rows of the split (a streamed buffer of tokens): classes with no
-    image among them are not drawn, and indices are positions within `rows`.
-    """
-
-    def __init__(self, part: Partition, device: torch.device, generator: torch.Generator,
-                 rows: np.ndarray | None = None):
-        self.generator = generator
-        self.groups = []
-        cls = part.class_index if rows is None else part.class_index[rows]
-        group = part.group if rows is None else part.group[rows]
-        for g in range(part.num_groups):
-            mine = np.flatnonzero((group == g) & (cls >= 0))
-            order = mine[np.argsort(cls[mine], kind="stable")]
-            counts = np.bincount(cls[order], minlength=part.classes_per_group[g])
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            self.groups.append(tuple(torch.as_tensor(a, device=device)
-                                     for a in (order, starts, counts, np.flatnonzero(counts))))
-
-    def batch(self, group: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row indices into the split, class index within the group)."""
-        order, starts, counts, present = self.groups[group]
-        gen = self.generator
-        labels = present[torch.randint(len(present), (size,), generator=gen, device=order.device)]
-        within = (torch.rand(size, generator=gen, device=order.device) * counts[labels]).long()
-        return order[starts[labels] + within], labels
-
-
-class CachedBatches:
-    """Step t: a class-balanced batch of group t mod (groups with classes), from rows of `features`."""
-
-    def __init__(self, features: torch.Tensor, sampler: BalancedSampler, groups: list[int], size: int):
-        self.features, self.sampler, self.groups, self.size = features, sampler, groups, size
-
-    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        g = self.groups[step % len(self.groups)]
-        rows, labels = self.sampler.batch(g, self.size)
-        return g, self.features[rows], labels
-
-
 def _hits(head, h: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Whether each sample's own class scores highest *without* the margin.
 
@@ -124,6 +83,24 @@ def _hits(head, h: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> 
         return logits.argmax(1) == labels
     cos_y = (F.normalize(h.float(), dim=1) * F.normalize(head.weight.detach().float()[labels], dim=1)).sum(1)
     return head.s * cos_y >= logits.float().max(1).values
+
+
+def train_step(model: DCModel, optimizer: torch.optim.Optimizer, group: int, features: torch.Tensor,
+               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update of the projection and group `group`'s prototypes; (loss, hits), both detached.
+
+    The benchmarks time this very function. On CUDA the products run under bf16 autocast.
+    """
+    with autocast(model.device):
+        h = model.projection(features)
+        logits = model.heads[str(group)](h, labels)
+    # Outside autocast, which would copy the (batch × classes) logits to float32:
+    # the CUDA kernels accumulate in float32 over bf16 logits anyway.
+    loss = F.cross_entropy(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), _hits(model.heads[str(group)], h.detach(), logits.detach(), labels)
 
 
 def _class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
@@ -140,21 +117,10 @@ def _class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSample
             model.heads.init_prototypes_(g, sums / counts[:, None])
 
 
-def predict_cells(model: DCModel, features, classes: pl.DataFrame, k: int, device=None) -> dict[str, np.ndarray]:
-    """Top-k class ids and scores and their cell centres for a batch of cached features.
-
-    Scoring runs on the model's device; `device` is ignored (kept for callers of the old signature).
-    """
-    ids, scores = model.topk(features, k)
-    return {"class": ids, "score": scores,
-            "east": classes["cell_east"].to_numpy()[ids], "north": classes["cell_north"].to_numpy()[ids],
-            "zone": classes["utm_zone"].to_numpy()[ids], "letter": classes["utm_letter"].to_numpy()[ids]}
-
-
-def val_recall(model: DCModel, val: Split, classes: pl.DataFrame, threshold_m: float, device=None) -> float:
-    """LR@1 of the model (on its own device) on a split; `device` is ignored, as in predict_cells."""
-    pred = predict_cells(model, val.embeddings, classes, 1)
-    lab = val.labels
+def recall_at_1(model: DCModel, split: Split, classes: pl.DataFrame, threshold_m: float) -> float:
+    """LR@1 of the model (on its own device) on a split: the validation score of an epoch."""
+    pred = top_cells(model, split.embeddings, classes, 1)
+    lab = split.labels
     return localisation_recall(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
                                pred["east"], pred["north"], pred["zone"], threshold_m=threshold_m, ks=(1,),
                                q_letter=lab["utm_letter"].to_numpy(), p_letter=pred["letter"]).recall[1]
@@ -172,14 +138,14 @@ def make_partition(split: Split, config: TrainConfig) -> Partition:
 
 
 def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = None, device: str = "cpu",
-          progress: bool = True, run_config: dict | None = None, tail=None) -> TrainResult:
+          progress: bool = True, run_config: dict | None = None, tail: TokenTraining | None = None) -> TrainResult:
     """Train projection + group heads on one split's cached features; write the run to `out`.
 
     After every epoch config.json says how far training got (`complete`, `epochs_done`), and
     the best epoch's model is kept.
 
-    `tail` (a dcfeat.finetune.TokenTraining) trains the last blocks too: it supplies the batches
-    from cached tokens, its parameter group, the val features, and saves the blocks with the run.
+    With `tail` the last backbone blocks train too: it is the batch source (cached tokens through
+    the blocks), adds their parameters, embeds the val split, and saves the blocks with the run.
     """
     t_start = time.perf_counter()
     dev = torch.device(device)
@@ -202,13 +168,12 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
         {"params": model.projection.parameters(), "lr": config.lr_projection},
         {"params": model.heads.parameters(), "lr": config.lr_heads},
         *(tail.param_groups() if tail else []),
-    ], weight_decay=config.weight_decay, fused=dev.type == "cuda")
+    ], weight_decay=config.weight_decay, fused=is_cuda(dev))
     groups = [g for g, c in enumerate(part.classes_per_group) if c > 0]
     used = int((part.class_index >= 0).sum())
     steps = max(len(groups), math.ceil(used / config.batch_size))
-    batches = (CachedBatches(features, sampler, groups, config.batch_size) if tail is None
+    batches = (InMemoryBatches(features, sampler, groups, config.batch_size) if tail is None
                else tail.start(part, sampler, groups, steps, config, dev))
-    amp = dev.type == "cuda"
     run_config = run_config or {}
     config_json = {**run_config, **asdict(config), "classes_per_group": part.classes_per_group,
                    "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps,
@@ -224,25 +189,18 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
         correct = torch.zeros((), device=dev)
         with progress_bar(f"epoch {epoch}/{config.epochs}", steps, enabled=progress, unit="step") as advance:
             for step in range(steps):
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                with autocast(dev):
                     g, x, labels = batches(step)
-                    h = model.projection(x)
-                    logits = model.heads[str(g)](h, labels)
-                # Outside autocast, which would copy the (batch × classes) logits to float32:
-                # the CUDA kernels accumulate in float32 over bf16 logits anyway.
-                loss = F.cross_entropy(logits, labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach()
-                correct += _hits(model.heads[str(g)], h.detach(), logits.detach(), labels).sum()
+                loss, hits = train_step(model, opt, g, x, labels)
+                loss_sum += loss
+                correct += hits.sum()
                 advance(1)
         record = {"epoch": epoch, "loss": float(loss_sum) / steps,
                   "train_accuracy": float(correct) / (steps * config.batch_size),
                   "seconds": time.perf_counter() - t0}
         if val is not None:
-            record["val_lr1"] = val_recall(model, tail.features_of(val) if tail else val, part.classes,
-                                           config.threshold_m, dev)
+            record["val_lr1"] = recall_at_1(model, tail.features_of(val) if tail else val, part.classes,
+                                           config.threshold_m)
         score = record.get("val_lr1", epoch)  # without val the last epoch is kept
         if score > best:
             best, best_epoch = score, epoch
@@ -259,68 +217,20 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
                        images_used=used, seconds=time.perf_counter() - t_start)
 
 
-def new_run_dir(out: Path | None, runs: Path) -> Path:
-    """A fresh run folder (refusing to reuse one), default runs/<timestamp>.
-
-    An explicit `out` holding a run that `dcfeat train` started and never finished (killed, out
-    of memory) is cleared and reused, so that the same command runs again after a crash; so is
-    an empty folder. A finished run, or a folder holding anything else, is refused. Two default
-    runs started within one second get <timestamp>-2, -3, …; mkdir without exist_ok is the
-    atomic claim, so concurrent runs cannot share a folder either.
-    """
-    if out:
-        out = Path(out)
-        if out.is_dir() and unfinished_run(out):
-            clear_unfinished_run(out)
-            return out
-        if out.is_dir() and not any(out.iterdir()):  # made beforehand, or a kill before command.txt
-            return out
-        if out.exists():
-            what = "a finished run" if (out / COMMAND_FILE).is_file() else "not a run folder of dcfeat"
-            raise BadInput(f"--out {out} exists ({what}); a run never overwrites another. Choose another --out")
-        out.mkdir(parents=True)
-        return out
-    runs.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 1000):
-        out = runs / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            out.mkdir()
-            return out
-        except FileExistsError:
-            continue
-    raise EnvironmentProblem(f"{runs}: could not find a free run folder name for {stamp} among 999; remove "
-                             "old runs there or pass --out")
-
-
-def point_latest(run: Path) -> None:
-    """runs/latest → the newest run, swapped atomically."""
-    latest = run.parent / "latest"
-    tmp = run.parent / ".latest.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run.name)
-    tmp.replace(latest)
-
-
-def train_from_store(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,
-                     val_split: str | None = None, device: str = "auto", progress: bool = True,
-                     command: str = "") -> TrainResult:
-    """Read the split(s), train, and leave a complete run folder (+ runs/latest)."""
-    from dcfeat.backbone import resolve_device
-    from dcfeat.store import read_split
-
+def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,
+                val_split: str | None = None, device: str = "auto", progress: bool = True,
+                command: str = "") -> TrainResult:
+    """`dcfeat train`: read the split(s), train, and leave a complete run folder (+ runs/latest)."""
     dev = resolve_device(device)
     data = read_split(feats, split)
     val = read_split(feats, val_split) if val_split else None
     make_partition(data, config)  # fail on a hopeless partition before creating the run folder
     tail = None
     if config.finetune_blocks:
-        from dcfeat.finetune import TokenTraining
-
         tail = TokenTraining.open(feats, split, val_split, data.attrs, config.finetune_blocks, config.lr_blocks)
     run = new_run_dir(out, Path(feats).parent / "runs")
     write_text(run / COMMAND_FILE, command + "\n")
-    features = {k: data.attrs.get(k) for k in (*FEATURE_KEYS, "model_source", "backbone_random_init")}
+    features = {k: data.attrs.get(k) for k in (*IDENTITY_ATTRS, "model_source", "backbone_random_init")}
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev)}
     result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config,

@@ -2,20 +2,26 @@
 
 Inputs: none (the street city is rendered, the backbone is the demo's random
 DINOv2-S/14). Output: pipelines/results/finetune.json, which pipelines/bench.py
-renders into BENCHMARKS.md. Run: `python pipelines/bench_finetune.py` (~10 min on 2 cores).
+renders into BENCHMARKS.md. Run from the repository root: `python pipelines/bench_finetune.py`
+(~10 min on 2 cores). Like every script in pipelines/, it is run by path and puts the
+repository root on sys.path.
 """
 
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for `pipelines.bench`, the measurement code
 
 import click
 
-from dcfeat.benchmarks import random_backbone
-from dcfeat.finetune_bench import city_comparison, step_speed
+from dcfeat.backbone import save_random_vit
+from pipelines.bench.finetune import city_comparison, step_speed
 
-RESULTS = Path(__file__).resolve().parents[1] / "pipelines" / "results"
+RESULTS = ROOT / "pipelines" / "results"
 
 
 @click.command()
@@ -23,8 +29,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "pipelines" / "results"
 @click.option("--epochs", default=5, show_default=True)
 def main(image_size, epochs):
     with tempfile.TemporaryDirectory() as tmp:
-        model = random_backbone("vits14", Path(tmp) / "dinov2-small-random")
-        out = {"step": [step_speed(model, K) for K in (1, 2)],
+        model = save_random_vit("vits14", Path(tmp) / "dinov2-small-random")
+        out = {"date": time.strftime("%Y-%m-%d"), "step": [step_speed(model, K) for K in (1, 2)],
                "city": city_comparison(Path(tmp) / "city", model, image_size=image_size, epochs=epochs)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "finetune.json").write_text(json.dumps(out, indent=1))

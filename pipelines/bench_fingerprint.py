@@ -4,7 +4,9 @@ Inputs: none (a random DINOv2 ViT-B/14, hidden 768, 12 layers, 12 heads, saved t
 temporary folder like a real checkpoint). Output: pipelines/results/fingerprint.json with
 the fingerprint's seconds (median of 3) with sha256, the hash it uses, and with blake2b
 for comparison, and the seconds of the whole `load_backbone` on the CPU (median of 3).
-Run: `python pipelines/bench_fingerprint.py` (~20 s on 2 cores, ~1 GB of memory).
+Run from the repository root: `python pipelines/bench_fingerprint.py` (~20 s on 2 cores,
+~1 GB of memory); it needs only the package, so unlike the scripts using pipelines/bench/
+it leaves sys.path alone.
 """
 
 import json
@@ -15,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dcfeat.backbone import _fingerprint, load_backbone, save_random_dinov2
+from dcfeat.backbone import _fingerprint, load_backbone, save_random_vit
 
 RESULTS = Path(__file__).resolve().parents[1] / "pipelines" / "results"
 REPEATS = 3
@@ -32,10 +34,10 @@ def median_seconds(fn) -> float:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        model = save_random_dinov2(Path(tmp) / "dinov2-base-random", hidden_size=768, layers=12, heads=12)
+        model = save_random_vit("vitb14", Path(tmp) / "dinov2-base-random")
         load_s = median_seconds(lambda: load_backbone(str(model), device="cpu"))
         net = load_backbone(str(model), device="cpu").model
-        out = {"model": "random DINOv2 ViT-B/14 (hidden 768, 12 layers, 12 heads)", "device": "cpu",
+        out = {"date": time.strftime("%Y-%m-%d"), "model": "random DINOv2 ViT-B/14 (hidden 768, 12 layers, 12 heads)", "device": "cpu",
                "cpu": platform.processor() or platform.machine(), "repeats": REPEATS,
                "tensor_bytes": sum(t.numel() * t.element_size() for t in net.state_dict().values()),
                "fingerprint_s": {name: median_seconds(lambda name=name: _fingerprint(net, hash_name=name))

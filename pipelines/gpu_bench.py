@@ -3,7 +3,9 @@
 Inputs: none (images and features are generated, backbones are randomly
 initialised DINOv2 architectures: speed only). Output: JSON lines on stdout and
 in --out, one per step, written as soon as each step ends so a timeout keeps
-what finished. Run: `python pipelines/gpu_bench.py --out $OUT/gpu_bench.jsonl`.
+what finished. Run from the repository root: `python pipelines/gpu_bench.py --out
+$OUT/gpu_bench.jsonl` (a CPU smoke test: `--device cpu` with small sizes). Like every
+script in pipelines/, it is run by path and puts the repository root on sys.path.
 """
 
 import json
@@ -15,18 +17,22 @@ import time
 from multiprocessing import Pool
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for `pipelines.bench`, the measurement code
+
 import click
 import torch
 
-from dcfeat import benchmarks as B
-from dcfeat.quality import city_benchmark
+from dcfeat.backbone import save_random_vit
 from dcfeat.synthetic.features import make_city
 from dcfeat.train import TrainConfig
+from pipelines.bench import speed
+from pipelines.bench.quality import city_benchmark
 
 
 def _jpegs(args):
     folder, n, seed = args
-    return B.make_jpegs(Path(folder), n, seed=seed)
+    return speed.make_jpegs(Path(folder), n, seed=seed)
 
 
 @click.command()
@@ -56,8 +62,8 @@ def main(out, images, unique, train_rows, train_classes, db_rows, device, shape,
 
     tmp = Path(tempfile.mkdtemp())
     if "env" in steps:
-        emit("env", {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else "none", "torch": torch.__version__, "python": platform.python_version(),
-                     "cpus": os.cpu_count()})
+        emit("env", {"gpu": torch.cuda.get_device_name(0) if device == "cuda" else "none", "torch": torch.__version__,
+                     "python": platform.python_version(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")})
     if "quality" in steps:  # the bf16 training path must learn as well as the float32 CPU one
         emit("quality", lambda: {k: v for k, v in city_benchmark(make_city(seed=0), TrainConfig(),
                                                                  device=device).items()})
@@ -67,27 +73,28 @@ def main(out, images, unique, train_rows, train_classes, db_rows, device, shape,
     per = unique // workers
     with Pool(workers) as pool:
         uniques = [p for part in pool.map(_jpegs, [(tmp / "src", per, i) for i in range(workers)]) for p in part]
-    paths = B.clone_jpegs(uniques, images, tmp / "img")
+    paths = speed.clone_jpegs(uniques, images, tmp / "img")
     emit("jpegs", {"images": len(paths), "seconds": time.perf_counter() - t})
-    vitb = B.random_backbone(shape, tmp / shape)
+    vitb = save_random_vit(shape, tmp / shape)
     if "check" in steps:
-        emit("check", lambda: B.check_cuda_against_cpu(vitb, paths))
+        emit("check", lambda: speed.check_cuda_against_cpu(vitb, paths))
     if "extract" in steps:
-        emit("decode_per_core", lambda: B.bench_decode(paths[:256]))
-        emit(f"extract_{shape}", lambda: B.bench_extraction(vitb, paths, batch_size=256, device=device,
-                                                    workers=workers))
+        emit("decode_per_core", lambda: speed.bench_decode(paths[:256]))
+        emit(f"extract_{shape}", lambda: speed.bench_extraction(vitb, paths, batch_size=256, device=device,
+                                                                workers=workers))
     if "step" in steps:
         for batch in (4096, 16384):
-            emit("step", lambda: B.bench_step(batch_size=batch, in_dim=768, classes_per_group=train_classes // 4,
-                                      device=device))
+            emit("step", lambda batch=batch: speed.bench_step(
+                batch_size=batch, in_dim=768, classes_per_group=train_classes // 4, device=device))
     if "train" in steps:
         for batch in (4096, 16384):
-            emit("train", lambda: B.bench_train(train_rows, 768, train_classes, batch_size=batch, epochs=3, device=device))
+            emit("train", lambda batch=batch: speed.bench_train(
+                train_rows, 768, train_classes, batch_size=batch, epochs=3, device=device))
     if "queries" in steps:
-        emit("queries", lambda: B.bench_queries(db_rows=db_rows, queries=1000, in_dim=768, classes=db_rows // 20,
-                                        device=device))
+        emit("queries", lambda: speed.bench_queries(db_rows=db_rows, queries=1000, in_dim=768,
+                                                    classes=db_rows // 20, device=device))
     if "loop" in steps:
-        emit("backbone_in_loop", lambda: B.bench_backbone_in_loop(batch_size=256, device=device))
+        emit("backbone_in_loop", lambda: speed.bench_backbone_in_loop(batch_size=256, device=device))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Inputs: none (the city is generated, seeded). Output: one JSON line per setting
 on stdout and in --out (default data/sweep_train.jsonl), with val LR@1 (used to
-choose) and test LR@1 (reported only). Run: `python pipelines/sweep_train.py`.
+choose) and test LR@1 (reported only). Run from the repository root:
+`python pipelines/sweep_train.py`.
 """
 
 import itertools
@@ -15,9 +16,10 @@ from pathlib import Path
 import click
 import numpy as np
 
+from dcfeat.runs import load_run
 from dcfeat.store import read_split
 from dcfeat.synthetic.features import make_city, write_city
-from dcfeat.train import TrainConfig, train, val_recall
+from dcfeat.train import TrainConfig, recall_at_1, train
 
 GRID = {
     "dim": [128, 512],
@@ -42,12 +44,10 @@ def main(streets, epochs, out):
         for values in itertools.product(*GRID.values()):
             config = replace(TrainConfig(epochs=epochs), **dict(zip(GRID, values)))
             res = train(tr, config, Path(tmp) / f"run{hash(values)}", val=val, progress=False)
-            from dcfeat.model import load_run
-
             run = load_run(res.out)
             row = {**{k: v for k, v in asdict(config).items() if k in GRID}, "epochs": epochs,
                    "best_epoch": res.best_epoch, "val_lr1": res.epochs[res.best_epoch - 1]["val_lr1"],
-                   "test_lr1": val_recall(run.model, test, run.classes, 25.0, "cpu"),
+                   "test_lr1": recall_at_1(run.model, test, run.classes, 25.0),
                    "s_per_epoch": float(np.median([e["seconds"] for e in res.epochs]))}
             line = json.dumps(row)
             print(line, flush=True)

@@ -1,6 +1,9 @@
 """Seeded synthetic inputs for every test: tiny DINOv2, SF-XL-named JPEGs. No network."""
 
 import os
+import signal
+import subprocess
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never waits on the hub's retries
 
@@ -71,3 +74,19 @@ def city_run(city_store, tmp_path_factory) -> Path:
                                  *FAST_TRAIN], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return out
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill_9_after(cmd: list[str], shards: Path, wanted: int, timeout_s: float = 120) -> None:
+    """Run `cmd` (a dcfeat command line) and kill -9 it once `shards` holds `wanted` shard files."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(shards.glob("train/*/0*.h5"))) >= wanted:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -2,11 +2,9 @@
 
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -17,9 +15,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dcfeat.cli import cli
-from dcfeat.shards import writer_lock
+from dcfeat.locking import writer_lock
 from dcfeat.store import list_splits, read_failures, read_split
-from tests.conftest import sfxl_name, write_images
+from tests.conftest import kill_9_after, sfxl_name, write_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,15 +195,7 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, 
     shards = out.with_suffix(".shards")
     killed_with = []
     for wanted in (1, 4):  # kill after the first shard, then again mid-run
-        proc = subprocess.Popen(_extract_cmd(folder, out, tiny_model), env=env, cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(list(shards.glob("train/*/0*.h5"))) >= wanted:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_9_after(_extract_cmd(folder, out, tiny_model), shards, wanted)
         killed_with.append(len(list(shards.glob("train/*/0*.h5"))))
         if out.exists():  # whatever is there must open
             list_splits(out)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from dcfeat import finetune
+from dcfeat import finetune, sampling
 from dcfeat.backbone import load_backbone, save_random_dinov2
 from dcfeat.cli import cli
 from dcfeat.finetune import BLOCKS_FILE, TokenTraining, load_tail
@@ -132,11 +132,11 @@ def test_streamed_tokens_train_like_in_memory_ones(store, tmp_path, monkeypatch)
 
     memory, _ = run("memory")
     monkeypatch.setattr(finetune, "MEMORY_BYTES", 0)
-    monkeypatch.setattr(finetune, "CHUNK_ROWS", 8)
-    monkeypatch.setattr(finetune, "BUFFER_CHUNKS", 100)  # one buffer holds the split: the same batches
+    monkeypatch.setattr(sampling, "CHUNK_ROWS", 8)
+    monkeypatch.setattr(sampling, "BUFFER_CHUNKS", 100)  # one buffer holds the split: the same batches
     streamed, config_json = run("one-buffer")
     assert config_json["tokens"]["streamed"] and all(torch.equal(memory[k], streamed[k]) for k in memory)
-    monkeypatch.setattr(finetune, "BUFFER_CHUNKS", 2)  # 3 buffers of 16 rows, shuffled every epoch
+    monkeypatch.setattr(sampling, "BUFFER_CHUNKS", 2)  # 3 buffers of 16 rows, shuffled every epoch
     small, _ = run("small-buffers")
     assert not all(torch.equal(memory[k], small[k]) for k in memory)
     log = [json.loads(line) for line in (tmp_path / "small-buffers" / "train_log.jsonl").read_text().splitlines()]

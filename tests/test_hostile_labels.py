@@ -9,7 +9,13 @@ from click.testing import CliRunner
 
 from dcfeat.cli import cli
 from dcfeat.errors import BadInput
-from dcfeat.labels import check_labels, collect_images, find_images, parse_sfxl_names, read_manifest
+from dcfeat.labels import (
+    check_labels,
+    collect_images,
+    find_images,
+    parse_sfxl_names,
+    read_manifest,
+)
 
 GOOD = "@0544388.51@4172758.25@10@S@037.70098@-122.49646@pano@@210@@@@201606@@.jpg"
 

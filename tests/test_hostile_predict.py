@@ -13,8 +13,8 @@ from PIL import Image
 
 from dcfeat.cli import cli
 from dcfeat.errors import BadInput
-from dcfeat.model import load_run
 from dcfeat.predict import predict_files, predict_images
+from dcfeat.runs import load_run
 from tests.conftest import write_images
 
 

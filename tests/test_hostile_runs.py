@@ -15,11 +15,12 @@ from dcfeat import train as train_module
 from dcfeat.cli import cli
 from dcfeat.errors import BadInput, DamagedRun, DamagedStore
 from dcfeat.finetune import TokenTraining
-from dcfeat.model import DCModel, load_run
+from dcfeat.model import DCModel, top_cells
 from dcfeat.predict import predict_files
+from dcfeat.runs import load_run
 from dcfeat.shards import write_split
 from dcfeat.store import Split, read_split, split_info
-from dcfeat.train import TrainConfig, predict_cells, train
+from dcfeat.train import TrainConfig, train
 from tests.conftest import FAST_TRAIN, write_images
 
 EXIT = {"bad input": 2, "damaged store": 3, "damaged run": 4, "incompatible": 5}
@@ -175,7 +176,7 @@ class Killed(BaseException):
 def test_a_killed_run_says_so_everywhere_and_the_same_command_restarts_it(city_store, tmp_path, monkeypatch):
     run = tmp_path / "run"
     command = ["train", "--feats", city_store, "--val-split", "val", "--out", run, *FAST_TRAIN]
-    real, calls = train_module.val_recall, []
+    real, calls = train_module.recall_at_1, []
 
     def val_recall_then_die(*args, **kwargs):
         calls.append(1)
@@ -183,7 +184,7 @@ def test_a_killed_run_says_so_everywhere_and_the_same_command_restarts_it(city_s
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "val_recall", val_recall_then_die)
+    monkeypatch.setattr(train_module, "recall_at_1", val_recall_then_die)
     with pytest.raises(Killed):
         invoke(*command)
     monkeypatch.undo()
@@ -268,7 +269,7 @@ def test_load_run_places_the_model_and_topk_follows_it(city_store, city_run):
     assert run.model.device == torch.device("cpu")
     ids, scores = run.model.topk(val.embeddings, 5)
     assert ids.shape == (100, 5) and (np.diff(scores, axis=1) <= 0).all()
-    assert np.array_equal(predict_cells(run.model, val.embeddings, run.classes, 5)["class"], ids)
+    assert np.array_equal(top_cells(run.model, val.embeddings, run.classes, 5)["class"], ids)
     assert "device" not in inspect.signature(DCModel.topk).parameters
 
     seen = []

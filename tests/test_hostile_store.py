@@ -7,9 +7,7 @@ and crashes"); all of them failed on 0.1.0.
 import errno
 import os
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import h5py
@@ -18,11 +16,17 @@ import pytest
 from click.testing import CliRunner
 
 from dcfeat.cli import cli
-from dcfeat.errors import BadInput, DamagedStore, EnvironmentProblem, IncompatibleFeatures
-from dcfeat.shards import _remove_plan, open_plan
+from dcfeat.errors import (
+    BadInput,
+    DamagedStore,
+    EnvironmentProblem,
+    IncompatibleFeatures,
+)
+from dcfeat.locking import remove_plan, writer_lock
+from dcfeat.shards import open_plan
 from dcfeat.store import label_files, list_splits, read_split
 from dcfeat.verify import verify_store
-from tests.conftest import sfxl_name, write_images
+from tests.conftest import kill_9_after, sfxl_name, write_images
 from tests.test_extract import ROOT, extract_args
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -69,9 +73,9 @@ def test_bad_split_names_are_refused_before_anything_is_touched(store, tmp_path,
 
 def test_plan_removal_never_leaves_the_store_own_shards_folder(store, tmp_path):
     with pytest.raises(RuntimeError):
-        _remove_plan(store, tmp_path)
+        remove_plan(store, tmp_path)
     with pytest.raises(RuntimeError):
-        _remove_plan(store, store.with_suffix(".shards"))
+        remove_plan(store, store.with_suffix(".shards"))
     assert store.with_suffix(".shards").is_dir() and store.with_suffix(".labels").is_dir()
 
 
@@ -141,14 +145,7 @@ def test_kill_9_during_overwrite_then_the_same_command_leaves_a_verified_store(s
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     shards = store.with_suffix(".shards")
     for wanted in (3, 5):  # kill once the new plan has that many shards
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(list(shards.glob("train/*/0*.h5"))) >= wanted:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_9_after(cmd, shards, wanted)
         assert verified(store)  # whatever the kill hit, the store verifies (old split or new)
     assert subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True).returncode == 0
     got, ref = read_split(store, "train"), read_split(reference, "train")
@@ -330,8 +327,6 @@ def test_each_error_kind_has_its_documented_exit_code(store, images, tiny_model,
     assert_user_error(run("train", "--feats", tmp_path / "none.h5"), 2, "no such feature store")
     assert_user_error(run(*extract_args(images, store, tiny_model, "--pooling", "mean", "--split", "t")), 5,
                       "pooling")
-    from dcfeat.shards import writer_lock
-
     with writer_lock(store):
         assert_user_error(run(*extract_args(images, store, tiny_model)), 6, "is being written")
     assert [s.name for s in list_splits(store)] == ["train"]

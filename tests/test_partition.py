@@ -10,6 +10,7 @@ from hypothesis.extra import numpy as hnp
 from dcfeat.partition import (
     CLASS_SCHEMA,
     cell_centre,
+    cell_keys,
     cell_of,
     group_of,
     load_classes,
@@ -167,3 +168,27 @@ def test_load_refuses_an_unsorted_table(tmp_path):
     part.classes.reverse().write_parquet(path)
     with pytest.raises(ValueError, match="sorted by group"):
         load_classes(path)
+
+
+def test_cell_keys_by_hand():
+    # M = 20: the first two points share cell (0, 1) of zone 10 north (letters S and t); the others
+    # differ by zone, by hemisphere (M is southern), and by p either side of zero.
+    zone = np.array([10, 10, 11, 10, 10, 10])
+    letter = np.array(["S", "t", "S", "M", "S", "S"])
+    east = np.array([19.9, 0.0, 19.9, 19.9, -0.1, 40.0])
+    north = np.array([20.0, 39.9, 20.0, 20.0, 20.0, 20.0])
+    keys = cell_keys(zone, letter, east, north, 20.0)
+
+    def key(band, p, q):  # band = zone * 2 + northern; p and q offset by 2^27 in 28 bits each
+        return (band << 56) + ((p + (1 << 27)) << 28) + (q + (1 << 27))
+
+    assert keys.dtype == np.int64
+    assert keys.tolist() == [key(21, 0, 1), key(21, 0, 1), key(23, 0, 1), key(20, 0, 1), key(21, -1, 1),
+                             key(21, 2, 1)]
+    # sorted keys follow (zone, hemisphere, p, q)
+    assert np.argsort(keys, kind="stable").tolist() == [3, 4, 0, 1, 5, 2]
+
+
+def test_cell_keys_refuse_cells_beyond_their_bits():
+    with pytest.raises(ValueError, match="M too small"):
+        cell_keys(np.array([10]), np.array(["S"]), np.array([500_000.0]), np.array([9e6]), 0.01)

@@ -11,10 +11,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dcfeat.cli import cli
-from dcfeat.model import load_run
+from dcfeat.model import top_cells
+from dcfeat.runs import load_run
 from dcfeat.shards import write_split
 from dcfeat.store import read_split
-from dcfeat.train import TrainConfig, predict_cells, train
+from dcfeat.train import TrainConfig, train
 
 
 def invoke(*args):
@@ -52,8 +53,8 @@ def test_saved_run_gives_identical_predictions(city_store, tmp_path):
     # Without a val split the last epoch is the one saved.
     run = load_run(result.out)
     again = train(train_split, config, tmp_path / "r2", progress=False)  # same seed → same model
-    a = predict_cells(run.model, val.embeddings, run.classes, 5, "cpu")
-    b = predict_cells(load_run(again.out).model, val.embeddings, run.classes, 5, "cpu")
+    a = top_cells(run.model, val.embeddings, run.classes, 5)
+    b = top_cells(load_run(again.out).model, val.embeddings, run.classes, 5)
     assert np.array_equal(a["class"], b["class"]) and np.array_equal(a["score"], b["score"])
     sa, sb = load_file(str(result.out / "model.safetensors")), load_file(str(again.out / "model.safetensors"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # deterministic for a fixed seed on CPU
@@ -149,7 +150,7 @@ def test_train_on_a_store_made_by_extract(images, tmp_path, tiny_model):
 
 
 def test_default_run_folders_started_in_one_second_do_not_collide(tmp_path):
-    from dcfeat.train import new_run_dir
+    from dcfeat.runs import new_run_dir
 
     names = [new_run_dir(None, tmp_path / "runs").name for _ in range(3)]
     assert len(set(names)) == 3 and all((tmp_path / "runs" / n).is_dir() for n in names)

@@ -16,7 +16,15 @@ import numpy as np
 import utm
 from PIL import Image, ImageFilter
 
-from dcfeat.synthetic.streets import DUSK, ORIGIN, ROAD_M, City, make_streets, palette_view, saturated
+from dcfeat.synthetic.streets import (
+    DUSK,
+    ORIGIN,
+    ROAD_M,
+    City,
+    make_streets,
+    palette_view,
+    saturated,
+)
 
 
 def _occlude(rng: np.random.Generator, img: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Measurements behind BENCHMARKS.md; `pipelines/bench.py` runs them and writes the file.
+"""Speed measurements behind BENCHMARKS.md; `pipelines/bench.py` and `pipelines/gpu_bench.py` run them.
 
 Each function returns plain numbers (medians of several runs); none asserts a
 time. The random DINOv2 models used here have the real architectures and
@@ -8,20 +8,31 @@ made with them are labelled as random.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import torch
 from PIL import Image
 
-from dcfeat.backbone import synchronize
-
-# name → (hidden size, layers, heads): the shapes of the public DINOv2 checkpoints.
-VIT_SHAPES = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16)}
+from dcfeat.backbone import load_backbone, save_random_vit
+from dcfeat.devices import synchronize
+from dcfeat.evaluate import evaluate
+from dcfeat.extract import extract
+from dcfeat.images import load_image
+from dcfeat.labels import collect_images
+from dcfeat.model import DCModel
+from dcfeat.partition import partition
+from dcfeat.retrieval import topk_cosine
+from dcfeat.runs import Run
+from dcfeat.store import Split
+from dcfeat.train import TrainConfig, train, train_step
 
 
 def _sfxl_name(i: int, rng: np.random.Generator) -> str:
@@ -54,8 +65,6 @@ def make_jpegs(folder: Path, n: int, *, size: int = 512, seed: int = 0, quality:
 def clone_jpegs(paths: list[Path], total: int, folder: Path, *, seed: int = 1) -> list[Path]:
     """`total` files under new SF-XL names, cycling through `paths`' bytes: a large
     image set at the decoding cost of real JPEGs without encoding each one."""
-    import shutil
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -78,24 +87,15 @@ def _median_rate(fn, items: int, repeats: int) -> float:
 
 def bench_decode(paths: list[Path], *, image_size: int = 224, repeats: int = 3) -> dict:
     """Decode + preprocess images/s in one process (= per CPU core), with and without draft."""
-    from dcfeat.images import load_image
-
     out = {}
     for draft in (False, True):
         load_image(paths[0], image_size, draft=draft)
         out["draft" if draft else "full"] = _median_rate(
-            lambda: [load_image(p, image_size, draft=draft) for p in paths], len(paths), repeats)
+            lambda draft=draft: [load_image(p, image_size, draft=draft) for p in paths], len(paths), repeats)
     full = np.stack([load_image(p, image_size, draft=False) for p in paths[:32]]).astype(np.float32)
     drafted = np.stack([load_image(p, image_size, draft=True) for p in paths[:32]]).astype(np.float32)
     out["draft_mean_abs_diff_grey_levels"] = float(np.abs(full - drafted).mean())
     return out
-
-
-def random_backbone(shape: str, directory: Path, **kw) -> Path:
-    from dcfeat.backbone import save_random_dinov2
-
-    hidden, layers, heads = VIT_SHAPES[shape]
-    return save_random_dinov2(directory, hidden_size=hidden, layers=layers, heads=heads, **kw)
 
 
 def bench_extraction(model_dir: Path, paths: list[Path], *, batch_size: int, device: str = "auto",
@@ -105,10 +105,6 @@ def bench_extraction(model_dir: Path, paths: list[Path], *, batch_size: int, dev
     Same model, batch and images; the ratio says how much decoding, transfer and
     writing cost on top of the model.
     """
-    from dcfeat.backbone import load_backbone
-    from dcfeat.extract import extract
-    from dcfeat.labels import collect_images
-
     backbone = load_backbone(str(model_dir), device=device)
     images = collect_images(paths[0].parent)
     n = len(images)
@@ -139,8 +135,6 @@ def bench_extraction(model_dir: Path, paths: list[Path], *, batch_size: int, dev
 
 def _grid_labels(rows: int, classes: int, M: float = 20.0, seed: int = 0):
     """UTM labels putting `rows` images evenly into `classes` cells of a square grid."""
-    import polars as pl
-
     rng = np.random.default_rng(seed)
     side = int(np.ceil(np.sqrt(classes)))
     cell = np.arange(rows) % classes
@@ -151,8 +145,6 @@ def _grid_labels(rows: int, classes: int, M: float = 20.0, seed: int = 0):
 
 
 def _random_split(name: str, rows: int, dim: int, classes: int, device: torch.device, seed: int = 0):
-    from dcfeat.store import Split
-
     gen = torch.Generator(device=device).manual_seed(seed)
     emb = torch.randn(rows, dim, generator=gen, device=device, dtype=torch.float16)
     return Split(name=name, embeddings=emb, labels=_grid_labels(rows, classes, seed=seed), attrs={})
@@ -161,17 +153,15 @@ def _random_split(name: str, rows: int, dim: int, classes: int, device: torch.de
 def bench_train(rows: int, dim: int, classes: int, *, batch_size: int = 256, epochs: int = 3,
                 device: str = "cpu") -> dict:
     """Seconds per epoch of `train` on random features with `classes` classes (timing only)."""
-    from dcfeat.train import TrainConfig, train
-
     dev = torch.device(device)
     split = _random_split("train", rows, dim, classes, dev)
     with tempfile.TemporaryDirectory() as tmp:
         res = train(split, TrainConfig(epochs=epochs, batch_size=batch_size), Path(tmp), device=device,
                     progress=False)
+        steps = json.loads((Path(tmp) / "config.json").read_text())["steps_per_epoch"]  # as train counts them
     seconds = statistics.median(e["seconds"] for e in res.epochs[1:]) if epochs > 1 else res.epochs[0]["seconds"]
-    steps = res.epochs[0].get("steps") or int(np.ceil(rows / batch_size))
     return {"rows": rows, "dim": dim, "classes": res.classes, "batch_size": batch_size, "device": str(dev),
-            "seconds_per_epoch": seconds, "samples_per_s": steps * batch_size / seconds,
+            "steps_per_epoch": steps, "seconds_per_epoch": seconds, "samples_per_s": steps * batch_size / seconds,
             "first_epoch_seconds": res.epochs[0]["seconds"]}
 
 
@@ -189,27 +179,18 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 def bench_step(*, batch_size: int, in_dim: int, dim: int = 512, classes_per_group: int, device: str = "cpu",
                repeats: int = 10) -> dict:
-    """One cached training step vs the same matrix products alone (`torch.mm` at the same shapes)."""
-    import torch.nn.functional as F
-
-    from dcfeat.model import DCModel
-
+    """One cached training step (`dcfeat.train.train_step`, as `train` runs it) vs the same matrix
+    products alone (`torch.mm` at the same shapes)."""
     dev = torch.device(device)
     model = DCModel(in_dim, dim, [classes_per_group], head="aamc", s=30.0, m=0.2).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=dev.type == "cuda")
     x = torch.randn(batch_size, in_dim, device=dev, dtype=torch.float16)
     y = torch.randint(classes_per_group, (batch_size,), device=dev)
-    amp = dev.type == "cuda"
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model.heads["0"](model.projection(x), y)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, 0, x, y)
 
-    dt = torch.bfloat16 if amp else torch.float32
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32  # the dtype train_step's autocast computes in
     a, w = torch.randn(batch_size, in_dim, device=dev, dtype=dt), torch.randn(dim, in_dim, device=dev, dtype=dt)
     h, p = torch.randn(batch_size, dim, device=dev, dtype=dt), torch.randn(classes_per_group, dim, device=dev, dtype=dt)
     g = torch.randn(batch_size, classes_per_group, device=dev, dtype=dt)
@@ -227,12 +208,10 @@ def bench_step(*, batch_size: int, in_dim: int, dim: int = 512, classes_per_grou
 def bench_backbone_in_loop(*, batch_size: int, shape: str = "vits14", in_dim: int = 768,
                            classes_per_group: int = 2500, device: str = "cpu", repeats: int = 3) -> dict:
     """Samples/s of the cached step vs the same step with a DINOv2 forward per sample."""
-    from dcfeat.backbone import load_backbone
-
     dev = torch.device(device)
     cached = bench_step(batch_size=batch_size, in_dim=in_dim, classes_per_group=classes_per_group, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        backbone = load_backbone(str(random_backbone(shape, Path(tmp) / shape)), device=device)
+        backbone = load_backbone(str(save_random_vit(shape, Path(tmp) / shape)), device=device)
     crops = torch.randint(0, 256, (batch_size, 224, 224, 3), dtype=torch.uint8, device=dev)
     t_backbone = _time(lambda: backbone.embed(crops), repeats, dev)
     t_loop = t_backbone + cached["step_ms"] / 1000
@@ -245,10 +224,6 @@ def bench_backbone_in_loop(*, batch_size: int, shape: str = "vits14", in_dim: in
 def bench_queries(*, db_rows: int, queries: int, in_dim: int, classes: int, device: str = "cpu",
                   cells: int = 5, repeats: int = 3) -> dict:
     """ms/query of classify, retrieve (projected) and hybrid at a database size (timing only)."""
-    from dcfeat.evaluate import evaluate
-    from dcfeat.model import DCModel, Run
-    from dcfeat.partition import partition
-
     dev = torch.device(device)
     db = _random_split("test-db", db_rows, in_dim, classes, dev, seed=1)
     q = _random_split("test", queries, in_dim, classes, dev, seed=2)
@@ -257,7 +232,7 @@ def bench_queries(*, db_rows: int, queries: int, in_dim: int, classes: int, devi
                      lab["utm_letter"].to_numpy(), M=20.0, N=2, min_images_per_class=1)
     model = DCModel(in_dim, 512, part.classes_per_group, head="aamc", s=30.0, m=0.2).to(dev).eval()
     run = Run(directory=Path("."), model=model, classes=part.classes,
-              config={"M": 20.0, "s": 30.0, "head": "aamc", "features": {}})
+              config={"M": 20.0, "s": 30.0, "head": "aamc", "features": {"dim": in_dim}})
     out = {"db_rows": db_rows, "queries": queries, "classes": len(part.classes), "device": str(dev)}
     for mode in ("classify", "retrieve", "hybrid"):
         secs = []
@@ -273,10 +248,6 @@ def bench_queries(*, db_rows: int, queries: int, in_dim: int, classes: int, devi
 
 def check_cuda_against_cpu(model_dir: Path, paths: list[Path], *, rows: int = 100_000, dim: int = 768) -> dict:
     """Agreement of the CUDA paths with the CPU reference: bf16 backbone, fp16 retrieval."""
-    from dcfeat.backbone import load_backbone
-    from dcfeat.images import load_image
-    from dcfeat.retrieval import topk_cosine
-
     crops = torch.from_numpy(np.stack([load_image(p, 224) for p in paths[:64]]))
     ref = load_backbone(str(model_dir), device="cpu").embed(crops).double()
     got = load_backbone(str(model_dir), device="cuda").embed(crops).double().cpu()

@@ -15,18 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcfeat.evaluate import Method, evaluate, score
-from dcfeat.model import load_run
+from dcfeat.evaluate import evaluate, score
+from dcfeat.model import check_features
+from dcfeat.reports import Ranking, write_outputs
+from dcfeat.runs import load_run
 from dcfeat.store import Split
 from dcfeat.train import TrainConfig, make_partition, train
 
 
+def _attrs(city) -> dict:
+    """The identity a stored city carries (`write_city`), so that the run trained on it matches its splits."""
+    return {"model": "synthetic-city", "model_fingerprint": f"synthetic-seed{city.seed}-dim{city.dim}",
+            "pooling": "none", "image_size": 0, "dim": city.dim, "backbone_random_init": False}
+
+
 def _split(city, name: str) -> Split:
     labels = city.label_frame(name).with_row_index("row")
-    return Split(name=name, embeddings=city.embeddings(name), labels=labels, attrs={})
+    return Split(name=name, embeddings=city.embeddings(name), labels=labels, attrs=_attrs(city))
 
 
-def nearest_class_mean(train_split: Split, queries: Split, config: TrainConfig, k: int) -> Method:
+def nearest_class_mean(train_split: Split, queries: Split, config: TrainConfig, k: int) -> Ranking:
     """Class = cell whose mean raw feature is closest in cosine: no learning at all."""
     part = make_partition(train_split, config)
     gc = part.global_class()
@@ -40,7 +48,7 @@ def nearest_class_mean(train_split: Split, queries: Split, config: TrainConfig, 
     scores, ids = (q @ means.T).topk(k, dim=1)
     seconds = time.perf_counter() - t
     c, ids = part.classes, ids.numpy()
-    return Method("class-mean (raw)", c["cell_east"].to_numpy()[ids], c["cell_north"].to_numpy()[ids],
+    return Ranking("class-mean (raw)", c["cell_east"].to_numpy()[ids], c["cell_north"].to_numpy()[ids],
                   c["utm_zone"].to_numpy()[ids], c["utm_letter"].to_numpy()[ids], scores.numpy(), ids, seconds)
 
 
@@ -51,15 +59,15 @@ def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 
     With `plots_dir`, the projected-space evaluation's files (report, predictions,
     PNG plots) are written there as `dcfeat evaluate` writes them.
     """
-    from dcfeat.reports import write_outputs
-
     train_split, val, test, db = (_split(city, s) for s in ("train", "val", "test", "test-db"))
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        result = train(train_split, config, Path(tmp) / "run", val=val, device=device, progress=False)
+        result = train(train_split, config, Path(tmp) / "run", val=val, device=device, progress=False,
+                       run_config={"features": train_split.attrs})
         train_seconds = time.perf_counter() - t
         run = load_run(result.out)
-    run.config["features"] = {}
+    for split in (test, db):  # as `dcfeat evaluate` checks them
+        check_features(run.features, split.attrs, what=f"synthetic split '{split.name}'")
     rows = {}
     for space in ("projected", "raw"):
         report, methods, results = evaluate(run, test, database=db, ks=ks, cells=cells, space=space,

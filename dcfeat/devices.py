@@ -1,0 +1,52 @@
+"""Where computation runs: device choice, mixed precision and timing barriers, in one place.
+
+On CUDA the backbone runs in bf16 and training under bf16 autocast; on the CPU
+everything stays float32 (CPU half-precision matmuls are many times slower).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+
+from dcfeat.errors import BadInput, EnvironmentProblem
+
+
+def resolve_device(device: str | torch.device = "auto", *, local_rank: int = 0, world: int = 1) -> torch.device:
+    """"auto" → CUDA when there is one; under torchrun each process takes its own GPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto" or (device == "cuda" and world > 1):
+        if torch.cuda.is_available():
+            return torch.device(f"cuda:{local_rank}" if world > 1 else "cuda")
+        if device == "auto":
+            return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EnvironmentProblem(f"--device {device}: torch sees no CUDA device here; pass --device cpu, "
+                                 "or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise BadInput(f"--device {device}: choose auto, cpu, cuda or cuda:N") from None
+
+
+def is_cuda(device: torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the frozen backbone runs in on `device`."""
+    return torch.bfloat16 if is_cuda(device) else torch.float32
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA, a no-op elsewhere."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=is_cuda(device))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a host clock read after it times that work."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)

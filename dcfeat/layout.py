@@ -1,0 +1,89 @@
+"""Paths and names of the feature store, format version 1 (DESIGN.md, "Feature store").
+
+`NAME.h5` sits beside `NAME.labels/split=<split>/part-<plan_id>.parquet` and
+`NAME.shards/<split>/<plan_id>/`; a split is an HDF5 group whose attributes say
+what made its features. Readers (dcfeat.store), writers (dcfeat.shards) and
+`dcfeat info --verify` all take these names from here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dcfeat.errors import BadInput, IncompatibleFeatures
+
+FORMAT_VERSION = 1
+# Attributes that must agree between splits of one store, and between a run's training features
+# and the features it is applied to: features made with another model, pooling or resolution
+# live in another space and must not be mixed.
+IDENTITY_ATTRS = ("model", "model_fingerprint", "pooling", "image_size", "dim")
+STORE_SUFFIXES = (".h5", ".hdf5")
+# A split name becomes an HDF5 group and a folder name: no separators, no "." or "..", no hidden names.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_split_name(split: str) -> str:
+    if not isinstance(split, str) or not SPLIT_NAME.fullmatch(split) or split in (".", ".."):
+        raise BadInput(f"--split {split!r}: a split name is letters, digits, '.', '_' and '-', starting with a "
+                       "letter or digit (train, val, test, test-db, …); no '/' and no '..'")
+    return split
+
+
+def check_store_path(store: Path) -> Path:
+    """NAME.h5 or NAME.hdf5, not a folder, and no other store sharing its NAME.labels/ and NAME.shards/."""
+    store = Path(store)
+    if store.suffix.lower() not in STORE_SUFFIXES:
+        raise BadInput(f"--out {store}: a feature store is a NAME.h5 (or .hdf5) file, its labels and shards go to "
+                       "NAME.labels/ and NAME.shards/ beside it. Choose a name ending in .h5")
+    if store.is_dir():
+        raise BadInput(f"--out {store} is a folder; name the store file inside it, e.g. {store / 'feats.h5'}")
+    if store.parent.is_dir():
+        others = [p.name for p in store.parent.iterdir()
+                  if p.stem == store.stem and p.suffix.lower() in STORE_SUFFIXES and p.name != store.name]
+        if others:
+            raise BadInput(f"{store}: {others[0]} in the same folder already uses {store.stem}.labels/ and "
+                           f"{store.stem}.shards/; two stores cannot share them. Choose another name for --out")
+    return store
+
+
+def labels_dir(store: Path) -> Path:
+    return Path(store).with_suffix(".labels")
+
+
+def shards_dir(store: Path) -> Path:
+    return Path(store).with_suffix(".shards")
+
+
+def label_part(plan_id: str) -> str:
+    """The label file of one plan of a split. The store's rename is the commit point of a split: the
+    label file it names (by its plan_id) is the split's, and any other part is stale or unfinished."""
+    return f"part-{plan_id}.parquet"
+
+
+def attr_value(value):
+    """An HDF5 attribute as a plain Python value (arrays, e.g. `tokens_shape`, as lists)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.ndim:
+        return value.tolist()
+    return value.item() if hasattr(value, "item") else value
+
+
+def read_ids(ds: h5py.Dataset, selection=()) -> np.ndarray:
+    """Image ids as str, decoded as UTF-8 whatever charset the file declares (older stores said ASCII)."""
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return np.asarray(ds.asstr(encoding="utf-8")[selection], dtype=object)
+    return np.asarray(ds[selection], dtype=object)
+
+
+def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
+    """Refuse mixing features that do not belong together (another model, pooling, size, dim)."""
+    diff = {k: (existing.get(k), new.get(k)) for k in IDENTITY_ATTRS
+            if k in existing and k in new and existing.get(k) != new.get(k)}
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
+        raise IncompatibleFeatures(f"{what} do not belong together ({shown}). {fix}")

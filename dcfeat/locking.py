@@ -1,0 +1,89 @@
+"""One writer per store, and the clean-up that only the one writer may do.
+
+A writer killed mid-way leaves temporary files and label parts that no split
+names; the next writer removes them under the lock, when nobody else can be
+halfway through writing them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+
+from dcfeat.atomic import TMP_SUFFIX
+from dcfeat.errors import EnvironmentProblem
+from dcfeat.layout import (
+    attr_value,
+    check_store_path,
+    label_part,
+    labels_dir,
+    shards_dir,
+)
+
+
+@contextmanager
+def writer_lock(store: Path):
+    """One writer per store; a second one is refused at once instead of waiting.
+
+    The holder also removes what killed writers left behind (temporary files, uncommitted
+    label parts), which is safe exactly because nobody else writes.
+    """
+    check_store_path(store)
+    lock_path = shards_dir(store) / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise EnvironmentProblem(f"{store} is being written by {holder} ({lock_path}); wait for it to finish "
+                                     "or write to another --out") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
+        f.flush()
+        try:
+            clean_stale_files(store)
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def existing_split_attrs(store: Path) -> dict[str, dict]:
+    if not Path(store).is_file():
+        return {}
+    with h5py.File(store, "r") as f:
+        return {name: {k: attr_value(v) for k, v in g.attrs.items()}
+                for name, g in f.items() if isinstance(g, h5py.Group)}
+
+
+def clean_stale_files(store: Path) -> list[Path]:
+    """Remove what killed writers left: temporary files, and label parts no split of the store names."""
+    store = Path(store)
+    stale = list(store.parent.glob(f".{store.name}.*{TMP_SUFFIX}"))
+    for folder in (labels_dir(store), shards_dir(store)):
+        if folder.is_dir():
+            stale += folder.glob(f"*/**/.*{TMP_SUFFIX}")
+    committed = {name: a.get("plan_id") for name, a in existing_split_attrs(store).items()}
+    for name, plan_id in committed.items():
+        part = labels_dir(store) / f"split={name}"
+        if plan_id and (part / label_part(plan_id)).is_file():
+            stale += [p for p in part.glob("*.parquet") if p.name != label_part(plan_id)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def remove_plan(store: Path, directory: Path) -> None:
+    """rmtree, but only of a plan folder inside this store's own shards folder."""
+    root = shards_dir(store).resolve()
+    target = directory.resolve()
+    if target.parent.parent != root or not target.is_dir():
+        raise RuntimeError(f"refusing to remove {directory}: not a plan folder of {store}")
+    shutil.rmtree(target)

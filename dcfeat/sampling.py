@@ -1,0 +1,133 @@
+"""Batch sources for training: class-balanced batches of one group per step, in memory or streamed.
+
+Every source is called with the step number and returns (group, rows of the
+batch, class index within the group); step 0 starts an epoch. Groups take
+turns, and within a group a class is drawn uniformly, then an image uniformly
+within it (D&C's sampling).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from dcfeat.partition import Partition
+from dcfeat.store import open_store
+
+# Streaming reads CHUNK_ROWS contiguous rows per h5py call (200 MB of ViT-B/14 tokens) and
+# trains on BUFFER_CHUNKS such chunks at a time, drawn at random over the split.
+CHUNK_ROWS = 512
+BUFFER_CHUNKS = 16
+
+
+class BatchSource(Protocol):
+    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(group, the batch's rows, their class index within the group) of step `step`."""
+
+
+class BalancedSampler:
+    """Class-balanced batches of one group: class uniform, then image uniform in it.
+
+    With `rows`, only those rows of the split (a streamed buffer of tokens): classes with no
+    image among them are not drawn, and indices are positions within `rows`.
+    """
+
+    def __init__(self, part: Partition, device: torch.device, generator: torch.Generator,
+                 rows: np.ndarray | None = None):
+        self.generator = generator
+        self.groups = []
+        cls = part.class_index if rows is None else part.class_index[rows]
+        group = part.group if rows is None else part.group[rows]
+        for g in range(part.num_groups):
+            mine = np.flatnonzero((group == g) & (cls >= 0))
+            order = mine[np.argsort(cls[mine], kind="stable")]
+            counts = np.bincount(cls[order], minlength=part.classes_per_group[g])
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            self.groups.append(tuple(torch.as_tensor(a, device=device)
+                                     for a in (order, starts, counts, np.flatnonzero(counts))))
+
+    def batch(self, group: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row indices into the split, class index within the group)."""
+        order, starts, counts, present = self.groups[group]
+        gen = self.generator
+        labels = present[torch.randint(len(present), (size,), generator=gen, device=order.device)]
+        within = (torch.rand(size, generator=gen, device=order.device) * counts[labels]).long()
+        return order[starts[labels] + within], labels
+
+
+class InMemoryBatches:
+    """Step t: a class-balanced batch of group t mod (groups with classes), from rows of `features`."""
+
+    def __init__(self, features: torch.Tensor, sampler: BalancedSampler, groups: list[int], size: int):
+        self.features, self.sampler, self.groups, self.size = features, sampler, groups, size
+
+    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        g = self.groups[step % len(self.groups)]
+        rows, labels = self.sampler.batch(g, self.size)
+        return g, self.features[rows], labels
+
+
+def read_rows(store: Path, split: str, dataset: str, chunks: list[tuple[int, int]]) -> np.ndarray:
+    """Rows [start, stop) of each chunk of a split's `embeddings` or `tokens`, concatenated: one h5py
+    read per chunk (random row access costs ~40 µs a call; a contiguous chunk reads at disk speed)."""
+    with open_store(store) as f:
+        ds = f[split][dataset]
+        return np.concatenate([ds[a:b] for a, b in chunks]) if chunks else np.zeros((0, *ds.shape[1:]), ds.dtype)
+
+
+
+class StreamedBatches:
+    """Class-balanced batches from rows (embeddings or tokens) that do not fit in memory, read in large contiguous chunks.
+
+    Rows are sorted by image id, and SF-XL ids by UTM east: one chunk is a strip of the city
+    with few classes. So every epoch shuffles the chunks and trains on BUFFER_CHUNKS of them
+    at a time (many places, many classes), sampling class-balanced among the buffer's rows; a
+    buffer gets a share of the epoch's steps equal to its share of the rows in classes, so an
+    epoch still sees every image about once. The next buffer is read while this one trains.
+    """
+
+    def __init__(self, store: Path, split: str, dataset: str, rows: int, part: Partition, steps: int, size: int,
+                 device: torch.device, generator: torch.Generator, seed: int):
+        self.store, self.split, self.dataset, self.rows, self.part = store, split, dataset, rows, part
+        self.steps, self.size, self.device, self.generator = steps, size, device, generator
+        self.order_generator = torch.Generator().manual_seed(seed)
+        self.pool = ThreadPoolExecutor(max_workers=1)
+
+    def _epoch(self) -> list[tuple[list[tuple[int, int]], int]]:
+        """(chunks, steps) of every buffer of an epoch."""
+        starts = torch.randperm(-(-self.rows // CHUNK_ROWS), generator=self.order_generator).numpy() * CHUNK_ROWS
+        used = self.part.class_index >= 0
+        buffers = [sorted((int(a), min(int(a) + CHUNK_ROWS, self.rows)) for a in starts[i:i + BUFFER_CHUNKS])
+                   for i in range(0, len(starts), BUFFER_CHUNKS)]
+        share = np.cumsum([sum(int(used[a:b].sum()) for a, b in chunks) for chunks in buffers])
+        ends = np.round(share / share[-1] * self.steps).astype(int)
+        counts = np.diff(np.concatenate([[0], ends]))
+        return [(chunks, int(n)) for chunks, n in zip(buffers, counts) if n > 0]
+
+    def _next_buffer(self) -> None:
+        chunks, self.left = self.plan[self.index]
+        tokens = self.pending.result()
+        self.index += 1
+        if self.index < len(self.plan):
+            self.pending = self.pool.submit(read_rows, self.store, self.split, self.dataset, self.plan[self.index][0])
+        rows = np.concatenate([np.arange(a, b) for a, b in chunks])
+        self.tokens = torch.from_numpy(tokens).to(self.device)
+        self.sampler = BalancedSampler(self.part, self.device, self.generator, rows=rows)
+        self.groups = [g for g, (*_, present) in enumerate(self.sampler.groups) if len(present)]
+        self.turn = 0
+
+    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        if step == 0:
+            self.plan, self.index, self.left = self._epoch(), 0, 0
+            self.pending = self.pool.submit(read_rows, self.store, self.split, self.dataset, self.plan[0][0])
+        while self.left == 0:
+            self._next_buffer()
+        self.left -= 1
+        g = self.groups[self.turn % len(self.groups)]
+        self.turn += 1
+        rows, labels = self.sampler.batch(g, self.size)
+        return g, self.tokens[rows], labels

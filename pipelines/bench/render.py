@@ -1,0 +1,220 @@
+"""BENCHMARKS.md from the recorded results in pipelines/results/ (no measuring here).
+
+Each section turns one results file into a caption and a table; the longer
+prose lives in BENCHMARKS.template.md, whose `$name` placeholders the sections
+fill. A result without a recorded date says so instead of taking today's.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from string import Template
+
+import h5py
+import numpy as np
+import polars as pl
+import torch
+
+from dcfeat import __version__
+
+TEMPLATE = Path(__file__).with_name("BENCHMARKS.template.md")
+# cpu.json was first recorded without its date and software; these are the ones the
+# BENCHMARKS.md written by that run stated.
+FIRST_CPU_RUN = {"date": "2026-11-26", "env": {"dcfeat": "0.1.0", "python": "3.11.7", "torch": "2.13.0+cpu",
+                                               "numpy": "2.4.6", "h5py": "3.16.0", "hdf5": "2.0.0"}}
+
+
+def rendered_with() -> dict:
+    """The software this process runs: what `measure` records with its results."""
+    return {"dcfeat": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}
+
+
+def _versions(env: dict) -> str:
+    return (f"dcfeat {env['dcfeat']}, Python {env['python']}, torch {env['torch']}, numpy {env['numpy']}, "
+            f"h5py {env['h5py']} (HDF5 {env['hdf5']})")
+
+
+def header(cpu: dict) -> str:
+    cpu = {**FIRST_CPU_RUN, **cpu}
+    return (f"CPU figures measured {cpu['date']} with {_versions(cpu['env'])}. Every section is rendered by "
+            "`pipelines/bench.py` from the results recorded in `pipelines/results/`, each with its own date "
+            "where one was recorded.")
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
+
+
+def extraction(cpu: dict) -> str:
+    dec, ex = cpu["decode"], cpu["extract"]
+    return table(["what", "measured"], [
+        ["decode + preprocess 512×512 JPEG → 224 crop, one process (= per core)",
+         (f"full decode {dec['full']:.0f} img/s; draft decode {dec['draft']:.0f} img/s "
+          f"(**{dec['draft'] / dec['full']:.1f}×**)")],
+        ["draft vs full decode, same crops", (f"mean absolute difference "
+                                              f"{dec['draft_mean_abs_diff_grey_levels']:.2f} grey levels (of 255): "
+                                              "draft is on by default")],
+        [(f"extraction end to end / backbone only, ViT-S/14 on CPU, batch {ex['batch_size']}, {ex['workers']} "
+          f"workers, {ex['images']} images"),
+         f"{ex['end_to_end_img_s']:.1f} / {ex['backbone_only_img_s']:.1f} img/s = **{ex['ratio']:.2f}**"]])
+
+
+def training(cpu: dict) -> str:
+    tr, st, loop = cpu["train_200k"], cpu["step"], cpu["backbone_in_loop"]
+    return table(["what", "measured", "goal"], [
+        [f"epoch, {tr['rows']:,} rows × 768, {tr['classes']:,} classes, batch {tr['batch_size']}, CPU",
+         f"**{tr['seconds_per_epoch']:.1f} s/epoch**, {tr['samples_per_s']:,.0f} samples/s", "seconds"],
+        [f"same step with a ViT-S/14 forward per sample, batch {loop['batch_size']}, CPU",
+         (f"{loop['backbone_in_loop_samples_per_s']:.1f} vs {loop['cached_samples_per_s']:,.0f} samples/s: "
+          f"**{loop['ratio']:,.0f}×**"), "≥ 100×"],
+        [(f"cached step vs `torch.mm` at the same shapes (batch {st['batch_size']}, 768→512, "
+          f"{st['classes_per_group']:,} classes), CPU"),
+         f"{st['step_ms']:.1f} ms vs {st['mm_ms']:.1f} ms: fraction **{st['fraction_of_mm']:.2f}**", "≥ 0.5"]])
+
+
+def methods_table(city: dict) -> str:
+    return table(["method", "LR@1", "LR@5", "LR@10", "LR@20", "median error", "ms/query"], [
+        [name, *(f"{100 * m['recall'][k]:.1f}" for k in ("1", "5", "10", "20")), f"{m['median_error_m']:.1f} m",
+         f"{m['ms_per_query']:.4f}"] for name, m in city["methods"].items()])
+
+
+def city(cpu: dict) -> str:
+    c = cpu["city"]
+    return (f"`make_city(seed=0)`: {c['train_rows']:,} train rows, {c['classes']} classes, {c['queries']} test "
+            f"queries under unseen conditions, {c['database_rows']:,}-row database; default `TrainConfig` "
+            f"({c['train_seconds']:.0f} s of training, best epoch {c['best_epoch']}). Same queries for every row:"
+            f"\n\n{methods_table(c)}")
+
+
+def city_1m(cpu: dict) -> str:
+    big = cpu["city_1m"]
+    m = big["methods"]
+    over = {space: m[f"retrieve ({space})"]["ms_per_query"] / m["classify"]["ms_per_query"]
+            for space in ("projected", "raw")}
+    return (f"`make_city(seed=0, streets=40, db_spacing_m=1)`: {big['database_rows']:,}-row database × 768, "
+            f"{big['train_rows']:,} train rows, {big['classes']:,} classes, {big['queries']} queries; CPU, same run:"
+            f"\n\n{methods_table(big)}\n\nClassification answers **{over['projected']:.0f}×** faster than exact "
+            f"retrieval in the learned space and **{over['raw']:.0f}×** faster than on raw features (goal ≥ 20×).")
+
+
+def sweep(path: Path) -> str:
+    if not path.is_file():
+        return "(no sweep recorded: run pipelines/sweep_train.py)"
+    d = pl.read_ndjson(path)
+    rows = []
+    for col in ("s", "m", "dim", "batch_size", "lr_projection", "lr_heads"):
+        for row in d.group_by(col).agg(pl.col("val_lr1").mean(), pl.col("test_lr1").mean()).sort(col).iter_rows():
+            rows.append([col, f"{row[0]:g}", f"{100 * row[1]:.1f}", f"{100 * row[2]:.1f}"])
+    best = d.sort("val_lr1", descending=True).head(3).select(
+        "s", "m", "dim", "batch_size", "lr_projection", "lr_heads", "val_lr1", "test_lr1")
+    return (f"{d.height} settings, 8 epochs each, on `make_city(seed=0)` (14 480 train rows, 745 classes); chosen "
+            "by val LR@1, test LR@1 shown for information. Mean over the other settings for each value:\n\n"
+            + table(["parameter", "value", "mean val LR@1", "mean test LR@1"], rows)
+            + f"\n\nBest three by val LR@1:\n\n```\n{best}\n```")
+
+
+def finetune(path: Path) -> str:
+    if not path.is_file():
+        return "Not measured yet: run `python pipelines/bench_finetune.py`."
+    ft = json.loads(path.read_text())
+    c = ft["city"]
+    runs = table(["tuned blocks K", "block lr", "test LR@1", "test LR@5", "best val LR@1", "s/epoch",
+                  "peak RSS of `dcfeat train`"],
+                 [[r["K"], r["lr_blocks"] or "1e-05 (default)", f"{100 * r['test_lr1']:.1f}", f"{100 * r['test_lr5']:.1f}",
+                   f"{100 * r['best_val_lr1']:.1f}", f"{r['seconds_per_epoch']:.2f}", f"{r['peak_rss_mb']:.0f} MB"]
+                  for r in c["runs"].values()])
+    steps = table(["K", "step on cached tokens", "same step from decoded images (first L − K blocks frozen)",
+                   "speed-up", "L/K", "(L + 2K)/3K"],
+                  [[s["K"], f"{s['tokens_samples_per_s']:.1f} samples/s", f"{s['images_samples_per_s']:.1f} samples/s",
+                    f"**{s['speedup']:.1f}×**", f"{s['layers'] / s['K']:.0f}",
+                    f"{(s['layers'] + 2 * s['K']) / (3 * s['K']):.1f}"] for s in ft["step"]])
+    return (f"Rendered street city (`dcfeat.streets`, {c['train_rows']:,} train images, 40 test queries at dusk), "
+            f"crop {c['image_size']}, the demo's **randomly initialised** DINOv2-S/14 (no pretrained weights here: "
+            f"these LR@1 measure whether tuning works through the pipeline, not what it gains on DINOv2), "
+            f"{c['epochs']} epochs, default projection and head rates, one process per run{_measured(ft)}:\n\n{runs}"
+            f"\n\nDisk per image for the cached tokens: {c['token_bytes_per_image']:,} B at this crop (the tokens "
+            "entering block L − K have the same shape for every K; ViT-B/14 at 224: 257 × 768 × 2 B = 394,752 B)."
+            f"\n\n{steps}\n\nViT-S/14 at 224, batch 32, CPU, median of 3 steps after a warm-up.")
+
+
+def _measured(record: dict) -> str:
+    return f", measured {record['date']}" if "date" in record else ", date not recorded"
+
+
+def fingerprint(path: Path) -> str:
+    if not path.is_file():
+        return "Not measured yet: run `python pipelines/bench_fingerprint.py`."
+    fp = json.loads(path.read_text())
+    secs = fp["fingerprint_s"]
+    return (f"{fp['model']}, {fp['tensor_bytes'] / 1e6:,.0f} MB of tensors, {fp['device']} ({fp['cpu']}), median "
+            f"of {fp['repeats']}{_measured(fp)} (`pipelines/bench_fingerprint.py`):\n\n"
+            + table(["what", "measured"], [
+                ["fingerprint of every tensor + the architecture, sha256 (the hash used)", f"{secs['sha256']:.2f} s"],
+                ["the same with blake2b, for comparison", f"{secs['blake2b']:.2f} s"],
+                ["`load_backbone` in full (fingerprint included)", f"{fp['load_backbone_s']:.2f} s"]]))
+
+
+def _steps(path: Path) -> dict[str, list[dict]]:
+    steps = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            steps.setdefault(row["step"], []).append(row)
+    return steps
+
+
+def gpu(path: Path) -> str:
+    steps = _steps(path)
+    if not steps:
+        return (f"No GPU run recorded yet: run `python pipelines/gpu_bench.py --out {path}` on a CUDA machine.")
+    env, ex, dec = steps["env"][0], steps["extract_vitb14"][0], steps["decode_per_core"][0]
+    q, loop = steps["queries"][0], steps["backbone_in_loop"][0]
+    rows = [["decode + preprocess, one core, 512² JPEG", f"{dec['full']:.0f} img/s full, {dec['draft']:.0f} img/s draft",
+             ""],
+            [f"extraction ViT-B/14, 224, bf16, batch {ex['batch_size']}, {ex['workers']} workers, {ex['images']:,} images",
+             (f"backbone only {ex['backbone_only_img_s']:,.0f} img/s; end to end {ex['end_to_end_img_s']:,.0f} "
+              f"img/s; ratio **{ex['ratio']:.2f}**"), "≥ 0.85 and ≥ 4000 img/s"]]
+    rows += [[f"cached training step, batch {s['batch_size']}, 768→512, {s['classes_per_group']:,} classes per group",
+              (f"{s['step_ms']:.2f} ms ({s['step_tflops']:.0f} TFLOP/s); the same matmuls alone {s['mm_ms']:.2f} ms "
+               f"({s['mm_tflops']:.0f} TFLOP/s); fraction **{s['fraction_of_mm']:.2f}**"), "≥ 0.5"]
+             for s in steps.get("step", [])]
+    rows += [[f"training epoch, {t['rows']:,} rows × 768, {t['classes']:,} classes, batch {t['batch_size']}",
+              f"**{t['seconds_per_epoch']:.1f} s/epoch** ({t['samples_per_s']:,.0f} samples/s)", "≤ 5 s"]
+             for t in steps.get("train", [])]
+    rows += [[f"{q['db_rows']:,}-row database, {q['queries']} queries, {q['classes']:,} classes",
+              (f"classify {q['classify_ms_per_query']:.4f} ms/query, retrieve {q['retrieve_ms_per_query']:.4f}, "
+               f"hybrid {q['hybrid_ms_per_query']:.4f}; classify **{q['retrieve_over_classify']:.0f}×** faster than "
+               "retrieval"),
+              "≥ 20×"],
+             [f"training step with a ViT-S/14 forward per sample vs cached, batch {loop['batch_size']}",
+              (f"{loop['backbone_in_loop_samples_per_s']:,.0f} vs {loop['cached_samples_per_s']:,.0f} samples/s: "
+               f"**{loop['ratio']:.0f}×**"), "≥ 100×"]]
+    return (f"Device: {env['gpu']}, {env['cpus']} CPU cores, torch {env['torch']}, Python {env['python']} (one run "
+            f"of `pipelines/gpu_bench.py`{_measured(env)}; each figure a median of 3 timed repeats after a warm-up). "
+            "Backbones are randomly initialised DINOv2 architectures: speed only.\n\n"
+            + table(["what", "measured", "goal"], rows))
+
+
+def gpu_check(path: Path) -> str:
+    check = _steps(path).get("check")
+    if not check:
+        return ""
+    c = check[0]
+    return (f"Correctness on the GPU (first run): bf16 ViT-B/14 embeddings vs fp32 CPU, relative error "
+            f"{c['backbone_bf16_rel_err']:.4f}, lowest cosine {c['backbone_min_cosine']:.5f}; CUDA fp16 retrieval vs "
+            f"CPU, top-1 agreement {c['retrieval_top1_agreement']:.3f}, top-10 set agreement "
+            f"{c['retrieval_top10_set_agreement']:.4f}.")
+
+
+def render(cpu: dict, results: Path) -> str:
+    """BENCHMARKS.md from the CPU results and the other files recorded under `results`."""
+    text = Template(TEMPLATE.read_text()).substitute(
+        header=header(cpu), extraction=extraction(cpu), training=training(cpu), city=city(cpu),
+        city_1m=city_1m(cpu), sweep=sweep(results / "sweep_train.jsonl"), finetune=finetune(results / "finetune.json"),
+        fingerprint=fingerprint(results / "fingerprint.json"), gpu=gpu(results / "gpu_h100.jsonl"),
+        gpu_check=gpu_check(results / "gpu_h100_first.jsonl"))
+    return text.rstrip("\n") + "\n"
