@@ -170,7 +170,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
               "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
               "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells,
               "coverage": coverage(run, queries.labels), "classes": len(run.classes),
-              "random_backbone": bool(run.features.get("backbone_random_init", False)),
+              "random_backbone": bool(run.feature_identity.get("backbone_random_init", False)),
               "run_complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,
               "run_status": run.status_line(), "methods": report_methods}
     return report, methods, results
@@ -187,11 +187,11 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
     queries = read_split(feats, split, dtype=np.float32)
-    check_features(run.features, queries.attrs, what=f"split '{split}' of {feats}")
+    check_features(run.feature_identity, queries.attrs, what=f"split '{split}' of {feats}")
     database = None
     if database_split:
         database = read_split(feats, database_split)
-        check_features(run.features, database.attrs, what=f"split '{database_split}' of {feats}")
+        check_features(run.feature_identity, database.attrs, what=f"split '{database_split}' of {feats}")
     if run.config.get("finetune_blocks"):
         queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
         database = rest[0] if rest else None

@@ -188,7 +188,7 @@ def tuned_splits(run, store: Path, splits: list[Split], device: torch.device) ->
     """The splits with their features recomputed from cached tokens through the run's tuned blocks."""
     blocks = int(run.config["finetune_blocks"])
     cached = [require_tokens(store, s.name, blocks) for s in splits]
-    tail = load_tail(run.features, max(cached), blocks)
+    tail = load_tail(run.feature_identity, max(cached), blocks)
     load_blocks(tail, run, strict=False)
     tail.to(device)
     return [replace(s, embeddings=embed_tokens(tail, store, s.name, c, device)) for s, c in zip(splits, cached)]

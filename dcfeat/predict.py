@@ -140,7 +140,7 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
                    path_column: str = "path") -> tuple[pl.DataFrame, list]:
     """Embed image files with the run's backbone and classify them; (table, [(image id, reason)] skipped)."""
 
-    feats_attrs = run.features
+    feats_attrs = run.feature_identity
     root, ids, where = _image_list(images, manifest, path_column)
     source = model or feats_attrs.get("model_source") or feats_attrs.get("model")
     backbone = load_backbone(source, pooling=feats_attrs["pooling"], device=device)
@@ -163,7 +163,7 @@ def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "
     """Predictions for a cached split (through the run's tuned blocks when it has them)."""
 
     data = read_split(feats, split, dtype="float32")
-    check_features(run.features, data.attrs, what=f"split '{split}' of {feats}")
+    check_features(run.feature_identity, data.attrs, what=f"split '{split}' of {feats}")
     if run.config.get("finetune_blocks"):
         [data] = tuned_splits(run, feats, [data], resolve_device(device))
     return predictions(run, data.labels["image_id"].to_list(), data.embeddings, k)
@@ -178,7 +178,7 @@ class Prediction:
 
     @property
     def random_backbone(self) -> bool:
-        return bool(self.run.features.get("backbone_random_init"))
+        return bool(self.run.feature_identity.get("backbone_random_init"))
 
 
 def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manifest: Path | None = None,
@@ -199,6 +199,6 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
         frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
                                         workers=workers, device=str(dev), progress=progress,
                                         path_column=path_column)
-    random_backbone = bool(run.features.get("backbone_random_init"))
+    random_backbone = bool(run.feature_identity.get("backbone_random_init"))
     path = write_predictions(frame, out, random_backbone=random_backbone, run=run)
     return Prediction(path=path, frame=frame, skipped=skipped, run=run)

@@ -16,6 +16,7 @@ import polars as pl
 from rich.table import Table
 
 from dcfeat.atomic import atomic_write, write_text
+from dcfeat.plots import plot_error_cdf, plot_query_map
 
 RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
 
@@ -59,7 +60,6 @@ def recall_from_predictions(frame: pl.DataFrame, method: str, ks: list[int], thr
 
 def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[Ranking], results: dict,
                   *, background: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, dict[str, Path]]:
-    from dcfeat.plots import plot_error_cdf, plot_query_map
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {}

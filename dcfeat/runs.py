@@ -53,7 +53,9 @@ class Run:
     epochs_done: int | None = None
 
     @property
-    def features(self) -> dict:
+    def feature_identity(self) -> dict:
+        """What the training features were made with (model, fingerprint, pooling, size, dim, …):
+        features a run is applied to must match it."""
         return self.config["features"]
 
     @property

@@ -67,7 +67,7 @@ def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 
         train_seconds = time.perf_counter() - t
         run = load_run(result.out)
     for split in (test, db):  # as `dcfeat evaluate` checks them
-        check_features(run.features, split.attrs, what=f"synthetic split '{split.name}'")
+        check_features(run.feature_identity, split.attrs, what=f"synthetic split '{split.name}'")
     rows = {}
     for space in ("projected", "raw"):
         report, methods, results = evaluate(run, test, database=db, ks=ks, cells=cells, space=space,

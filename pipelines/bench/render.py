@@ -132,7 +132,7 @@ def finetune(path: Path) -> str:
                   [[s["K"], f"{s['tokens_samples_per_s']:.1f} samples/s", f"{s['images_samples_per_s']:.1f} samples/s",
                     f"**{s['speedup']:.1f}×**", f"{s['layers'] / s['K']:.0f}",
                     f"{(s['layers'] + 2 * s['K']) / (3 * s['K']):.1f}"] for s in ft["step"]])
-    return (f"Rendered street city (`dcfeat.streets`, {c['train_rows']:,} train images, 40 test queries at dusk), "
+    return (f"Rendered street city (`dcfeat.synthetic.streets`, {c['train_rows']:,} train images, 40 test queries at dusk), "
             f"crop {c['image_size']}, the demo's **randomly initialised** DINOv2-S/14 (no pretrained weights here: "
             f"these LR@1 measure whether tuning works through the pipeline, not what it gains on DINOv2), "
             f"{c['epochs']} epochs, default projection and head rates, one process per run{_measured(ft)}:\n\n{runs}"
