@@ -1,10 +1,10 @@
-"""The frozen DINOv2 backbone: loading, pooling, and what identifies its features.
+"""The frozen ViT backbone: loading, pooling, and what identifies its features.
 
-Any checkpoint `transformers.AutoModel` loads as DINOv2 (hub id or local
-directory, with or without registers), from safetensors only: a pickled
-`pytorch_model.bin` can run code when loaded. A local directory whose config.json has
-`"dcfeat_random_init": true` is a randomly initialised model (the demo's and
-the tests'); every number made with it is labelled as such.
+Any checkpoint `transformers.AutoModel` loads as one of `FAMILIES` (hub id or local directory):
+DINOv2 with or without registers, DINOv3 ViT; patch size, registers and depth come from its config.
+Weights load from safetensors only: a pickled `pytorch_model.bin` can run code when loaded. A local
+directory whose config.json has `"dcfeat_random_init": true` is a randomly initialised model (the
+demo's and the tests'); every number made with it is labelled as such.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -22,7 +23,23 @@ from dcfeat.devices import compute_dtype, resolve_device
 from dcfeat.errors import BadInput, EnvironmentProblem
 from dcfeat.images import normalize
 
-DINOV2_TYPES = ("dinov2", "dinov2_with_registers")
+
+@dataclass(frozen=True)
+class Family:
+    """Where one transformers model type keeps its parts (submodule paths), for the tuned tail."""
+
+    blocks: str  # the transformer blocks, in order; hidden_states[i] is block i's output
+    norm: str  # the final layer norm, whose output is pooled
+    rope: str | None  # module whose output every block takes as `position_embeddings` (RoPE), if any
+    example: str  # a hub id of the family, for messages
+
+
+# model_type → Family. Token order is the same in all: CLS, then registers, then patches.
+FAMILIES = {
+    "dinov2": Family("encoder.layer", "layernorm", None, "facebook/dinov2-base"),
+    "dinov2_with_registers": Family("encoder.layer", "layernorm", None, "facebook/dinov2-with-registers-base"),
+    "dinov3_vit": Family("model.layer", "norm", "rope_embeddings", "facebook/dinov3-vitb16-pretrain-lvd1689m"),
+}
 DEFAULT_MODEL = "facebook/dinov2-base"
 FINGERPRINT_VERSION = "v2"  # v1 hashed the path and 8 tensors; the prefix keeps v1 values from ever matching
 # Config keys that do not change the function the weights compute (bookkeeping, dtype, output switches).
@@ -79,8 +96,28 @@ class Backbone:
     def num_layers(self) -> int:
         return self.model.config.num_hidden_layers
 
+    @property
+    def patch_size(self) -> int:
+        return self.model.config.patch_size
+
+    @cached_property
+    def family(self) -> Family:
+        return FAMILIES[self.model.config.model_type]
+
+    @property
+    def blocks(self) -> nn.ModuleList:  # the model's own modules: tuning them tunes the backbone
+        return self.model.get_submodule(self.family.blocks)
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.model.get_submodule(self.family.norm)
+
+    @property
+    def rope(self) -> nn.Module | None:
+        return self.model.get_submodule(self.family.rope) if self.family.rope else None
+
     def tokens_per_image(self, image_size: int) -> int:
-        return 1 + self.num_register_tokens + (image_size // self.model.config.patch_size) ** 2
+        return 1 + self.num_register_tokens + (image_size // self.patch_size) ** 2
 
     @torch.inference_mode()
     def embed(self, batch_uint8: torch.Tensor, *, cache_tokens: int = 0):
@@ -129,13 +166,14 @@ def _safetensors_fix(where: str) -> str:
             ".save_pretrained('DIR-safe')\"` and pass --model DIR-safe")
 
 
-def _not_dinov2(where: str, model_type) -> BadInput:
-    return BadInput(f"--model {where}: a '{model_type}' checkpoint; dcfeat supports {', '.join(DINOV2_TYPES)} "
-                    "checkpoints (e.g. facebook/dinov2-base)")
+def _unsupported(where: str, model_type) -> BadInput:
+    examples = ", ".join(f.example for f in FAMILIES.values())
+    return BadInput(f"--model {where}: a '{model_type}' checkpoint; dcfeat supports {', '.join(FAMILIES)} "
+                    f"checkpoints (e.g. {examples})")
 
 
 def _check_folder(folder: Path) -> None:
-    """Refuse a local folder that is not a DINOv2 safetensors checkpoint, before transformers reads it."""
+    """Refuse a local folder that is not a supported safetensors checkpoint, before transformers reads it."""
     config_file = folder / "config.json"
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
@@ -143,21 +181,21 @@ def _check_folder(folder: Path) -> None:
         raise BadInput(f"--model {folder}: cannot read {config_file} ({type(e).__name__}); a checkpoint folder "
                        "holds config.json and model.safetensors, as `hf download facebook/dinov2-base "
                        f"--local-dir {folder}` writes them") from None
-    if model_type not in DINOV2_TYPES:
-        raise _not_dinov2(str(folder), model_type)
+    if model_type not in FAMILIES:
+        raise _unsupported(str(folder), model_type)
     if not any(folder.glob("*.safetensors")):
         raise BadInput(_safetensors_fix(f"--model {folder}"))
 
 
-def _load_dinov2(model: str, *, local: bool) -> nn.Module:
+def _load_model(model: str, *, local: bool) -> nn.Module:
     """The checkpoint on the CPU in the dtype it stores; errors name the option and the fix."""
     from huggingface_hub import is_offline_mode
     from transformers import AutoConfig, AutoModel
 
     try:
         config = AutoConfig.from_pretrained(model)
-        if config.model_type not in DINOV2_TYPES:
-            raise _not_dinov2(model, config.model_type)
+        if config.model_type not in FAMILIES:
+            raise _unsupported(model, config.model_type)
         return AutoModel.from_pretrained(model, config=config, attn_implementation="sdpa", dtype="auto",
                                          use_safetensors=True)
     except (OSError, ValueError) as e:
@@ -176,7 +214,7 @@ def _load_dinov2(model: str, *, local: bool) -> nn.Module:
 
 def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: str = "auto",
                   _dtype: torch.dtype | None = None) -> Backbone:
-    """Load a DINOv2 checkpoint frozen, in eval mode, SDPA attention, bf16 on CUDA (`_dtype`: tests)."""
+    """Load a checkpoint of one of FAMILIES frozen, in eval mode, SDPA attention, bf16 on CUDA (`_dtype`: tests)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -195,7 +233,7 @@ def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: s
         folder = folder.resolve()
         _check_folder(folder)
     source = str(folder) if local else model
-    net = _load_dinov2(source, local=local)
+    net = _load_model(source, local=local)
     fingerprint = _fingerprint(net)  # before the cast: the stored dtype's bytes
     net.to(device=dev, dtype=dtype).eval().requires_grad_(False)
     random_init = bool(getattr(net.config, "dcfeat_random_init", False))
@@ -226,9 +264,6 @@ def save_random_dinov2(directory: Path, *, hidden_size: int = 384, layers: int =
         Dinov2WithRegistersConfig,
         Dinov2WithRegistersModel,
     )
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
     kwargs = {"hidden_size": hidden_size, "num_hidden_layers": layers, "num_attention_heads": heads,
               "intermediate_size": 4 * hidden_size, "patch_size": patch_size, "image_size": image_size}
@@ -239,6 +274,25 @@ def save_random_dinov2(directory: Path, *, hidden_size: int = 384, layers: int =
     else:
         config = Dinov2Config(**kwargs)
         net = Dinov2Model(config)
+    return _save_random(net, directory)
+
+
+def save_random_dinov3(directory: Path, *, hidden_size: int = 384, layers: int = 12, heads: int = 6,
+                       patch_size: int = 16, image_size: int = 224, registers: int = 4, seed: int = 0) -> Path:
+    """A randomly initialised DINOv3 ViT (RoPE, registers) saved like a real checkpoint, marked as random."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    config = DINOv3ViTConfig(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                             intermediate_size=4 * hidden_size, patch_size=patch_size, image_size=image_size,
+                             num_register_tokens=registers)
+    torch.manual_seed(seed)
+    return _save_random(DINOv3ViTModel(config), directory)
+
+
+def _save_random(net: nn.Module, directory: Path) -> Path:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     net.config.dcfeat_random_init = True
     net.save_pretrained(directory)
     return Path(directory)

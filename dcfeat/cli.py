@@ -28,7 +28,6 @@ from dcfeat.options import (
     POSITIVE,
     KList,
     UserErrorsGroup,
-    patch_multiple,
     split_name,
 )
 from dcfeat.predict import predict_files
@@ -66,11 +65,12 @@ no_progress = click.option("--no-progress", is_flag=True, help="Do not draw prog
 @click.option("--split", default="train", show_default=True, callback=split_name,
               help="Split to write (train, val, test, test-db, …).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="DINOv2 hub id (facebook/dinov2-small|base|large|giant, …-with-registers-…) or local directory.")
+              help="DINOv2 or DINOv3 ViT hub id (facebook/dinov2-small|base|large|giant, …-with-registers-…, "
+              "facebook/dinov3-vit*16-…) or local directory.")
 @click.option("--pooling", type=click.Choice(list(POOLINGS)), default="cls", show_default=True,
               help="CLS token, mean or GeM of patch tokens, or CLS and mean concatenated.")
-@click.option("--image-size", type=click.IntRange(min=14), default=224, show_default=True, callback=patch_multiple,
-              help="Centre crop size (multiple of 14); "
+@click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
+              help="Centre crop size, a multiple of the model's patch size (14 for DINOv2, 16 for DINOv3); "
               "the shortest edge is first resized to size·256/224.")
 @click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=AT_LEAST_0, default=None,
@@ -88,7 +88,7 @@ no_progress = click.option("--no-progress", is_flag=True, help="Do not draw prog
 @no_progress
 def extract(images, manifest, path_column, out, split, model, pooling, image_size, batch_size, workers, device,
             draft, dtype, shard_rows, overwrite, cache_tokens, no_progress):
-    """Compute frozen DINOv2 features of images once and cache them in a feature store.
+    """Compute frozen DINOv2/DINOv3 features of images once and cache them in a feature store.
 
     Resumable: after a crash, run the same command again. For several GPUs or
     nodes run it under `torchrun --nproc-per-node K -m dcfeat extract …`.
@@ -261,8 +261,8 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, model,
 @click.option("--root", type=click.Path(path_type=Path), default=DATA / "demo", show_default=True,
               help="Folder for the rendered images, the store and the runs.")
 @click.option("--streets", type=click.IntRange(min=2), default=4, show_default=True, help="Streets per side of the city grid.")
-@click.option("--image-size", type=click.IntRange(min=14), default=224, show_default=True, callback=patch_multiple,
-              help="Backbone crop size (multiple of 14).")
+@click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
+              help="Backbone crop size (a multiple of the model's patch size).")
 @click.option("--epochs", type=AT_LEAST_1, default=10, show_default=True, help="Training epochs.")
 @click.option("--workers", type=AT_LEAST_0, default=None, help="Decoding processes [default: min(16, CPUs)].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -1,4 +1,4 @@
-"""`dcfeat extract`: images → frozen DINOv2 features in a feature store, once.
+"""`dcfeat extract`: images → frozen ViT (DINOv2, DINOv3) features in a feature store, once.
 
 DataLoader workers decode and crop while the model runs; results go into
 shards of the split's plan (dcfeat.shards), so a killed run resumes where it
@@ -188,8 +188,12 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
     """
     check_split_name(split)
     store = check_store_path(store)
-    if image_size < 14 or image_size % 14:
-        raise BadInput(f"--image-size {image_size}: DINOv2 needs a multiple of 14 (224, 336, 448, 518 …)")
+    patch = backbone.patch_size
+    if image_size < patch or image_size % patch:
+        near = sorted({max(patch, image_size // patch * patch), (image_size // patch + 1) * patch})
+        raise BadInput(f"--image-size {image_size}: {backbone.name} has patch size {patch}; choose a multiple of "
+                       f"{patch} (nearest: {' or '.join(map(str, near))}; e.g. {16 * patch}, {24 * patch}, "
+                       f"{32 * patch})")
     if not 0 <= cache_tokens <= backbone.num_layers:
         raise BadInput(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
                          f"choose 0 to {backbone.num_layers}")

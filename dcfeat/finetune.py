@@ -1,15 +1,17 @@
-"""Fine-tuning the last K DINOv2 blocks on cached tokens (`--cache-tokens K`, `--finetune-blocks K`).
+"""Fine-tuning the last K ViT blocks on cached tokens (`--cache-tokens K`, `--finetune-blocks K`).
 
 `dcfeat extract --cache-tokens K` stores, per image, the hidden states entering block L − K
 (`/<split>/tokens`, rows × T × hidden). Training then runs only those K blocks, the final layer
 norm and the pooling (`TailBlocks`) on the cache, tuned with the projection and the heads: the
 first L − K blocks never run again. A split cached deeper (K' > K) is fine: its extra K' − K
-blocks run frozen. The run keeps the tuned blocks and layer norm in `blocks.safetensors`;
+blocks run frozen. DINOv3's blocks also take RoPE position embeddings, recomputed from
+the patch grid the cached tokens imply (square crops). The run keeps the tuned blocks and layer norm in `blocks.safetensors`;
 evaluation embeds cached tokens through them, prediction swaps them into the full backbone.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,19 +35,44 @@ EMBED_ROWS = 256  # images per forward pass when embedding a split's tokens
 
 
 class TailBlocks(nn.Module):
-    """Last blocks of a DINOv2 + final layer norm + pooling: cached tokens → pooled features.
+    """Last blocks of a ViT + final layer norm + pooling: cached tokens → pooled features.
 
     `frozen` blocks run first without gradients (tokens cached deeper than the tuned depth),
     then the `tuned` ones; only `tuned.*` and `layernorm.*` are the run's (`tuned_state`).
+    `rope` (DINOv3) gives every block its position embeddings; it has no weights.
     """
 
     def __init__(self, frozen: list[nn.Module], tuned: list[nn.Module], layernorm: nn.Module, pooling: str,
-                 registers: int):
+                 registers: int, rope: nn.Module | None = None, patch_size: int = 14):
         super().__init__()
         self.frozen = nn.ModuleList(frozen).requires_grad_(False)
         self.tuned = nn.ModuleList(tuned)
         self.layernorm = layernorm
-        self.pooling, self.registers = pooling, registers
+        self.rope = rope
+        self.pooling, self.registers, self.patch_size = pooling, registers, patch_size
+
+    def train(self, mode: bool = True) -> TailBlocks:
+        # In training mode DINOv3's RoPE jitters and rescales patch coordinates; the cached tokens
+        # were made without that, and evaluation runs without it, so positions stay as in eval.
+        super().train(mode)
+        if self.rope is not None:
+            self.rope.eval()
+        return self
+
+    def _block_inputs(self, x: torch.Tensor) -> dict:
+        if self.rope is None:
+            return {}
+        patches = x.shape[1] - 1 - self.registers
+        side = math.isqrt(patches)
+        if side * side != patches:
+            raise BadInput(f"cached tokens of {x.shape[1]} per image do not form a square patch grid after CLS "
+                           f"and {self.registers} registers; DINOv3 tails need square crops")
+        # RoPE reads only the grid's shape; its cos/sin take the grid's dtype, which is bf16 under autocast as
+        # in the bf16 backbone (fp32 cos/sin beside bf16 values would make attention's inputs disagree).
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        grid = x.new_empty(1, 1, side * self.patch_size, side * self.patch_size, dtype=dtype)
+        return {"position_embeddings": self.rope(grid)}
 
     @property
     def depth(self) -> int:
@@ -56,11 +83,12 @@ class TailBlocks(nn.Module):
         """(B, T, hidden) tokens entering the last `cached` blocks → (B, dim) float32."""
         cached = self.depth if cached is None else cached
         x = tokens.to(self.layernorm.weight.dtype)
+        extra = self._block_inputs(x)
         with torch.no_grad():
             for block in self.frozen[self.depth - cached:]:
-                x = block(x)
+                x = block(x, **extra)
         for block in self.tuned:
-            x = block(x)
+            x = block(x, **extra)
         return pool(self.layernorm(x), self.pooling, self.registers)
 
     def tuned_state(self) -> dict[str, torch.Tensor]:
@@ -108,9 +136,9 @@ def load_tail(features: dict, cached: int, tuned: int) -> TailBlocks:
     if cached > L:
         raise IncompatibleFeatures(f"the split caches the tokens entering the last {cached} blocks, but checkpoint "
                                    f"'{source}' has {L}: re-extract the split with --model {source}")
-    layers = backbone.model.encoder.layer
-    tail = TailBlocks(list(layers[L - cached:L - tuned]), list(layers[L - tuned:]), backbone.model.layernorm,
-                      backbone.pooling, backbone.num_register_tokens)
+    layers = backbone.blocks
+    tail = TailBlocks(list(layers[L - cached:L - tuned]), list(layers[L - tuned:]), backbone.norm,
+                      backbone.pooling, backbone.num_register_tokens, backbone.rope, backbone.patch_size)
     tail.tuned.requires_grad_(True)
     tail.layernorm.requires_grad_(True)
     return tail
@@ -197,10 +225,10 @@ def tuned_splits(run, store: Path, splits: list[Split], device: torch.device) ->
 def use_tuned_blocks(backbone: Backbone, run) -> None:
     """Replace the backbone's last K blocks and final layer norm by the run's tuned ones, in place."""
     blocks = int(run.config["finetune_blocks"])
-    layers = backbone.model.encoder.layer
+    layers = backbone.blocks
     target = nn.Module()
     target.tuned = nn.ModuleList(layers[len(layers) - blocks:])
-    target.layernorm = backbone.model.layernorm
+    target.layernorm = backbone.norm
     load_blocks(target, run)
 
 

@@ -49,13 +49,6 @@ def split_name(ctx, param, value):
                                  ctx, param) from None
 
 
-def patch_multiple(ctx, param, value):
-    if value is not None and value % 14:
-        raise click.BadParameter(f"{value} is not a multiple of 14, DINOv2's patch size (224, 336, 448, 518 …)",
-                                 ctx, param)
-    return value
-
-
 POSITIVE = Finite(min=0, min_open=True)
 AT_LEAST_1 = click.IntRange(min=1)
 AT_LEAST_0 = click.IntRange(min=0)
