@@ -19,6 +19,7 @@ from dcfeat.demo import run_demo
 from dcfeat.errors import DamagedStore
 from dcfeat.evaluate import evaluate_files
 from dcfeat.extract import extract_files
+from dcfeat.heads import SCORINGS
 from dcfeat.info import problems_table, splits_table
 from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
 from dcfeat.options import (
@@ -204,20 +205,20 @@ def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, 
               help="[default: all with --database-split, else classify]")
 @click.option("--space", type=click.Choice(["projected", "raw"]), default="projected", show_default=True,
               help="Retrieval descriptors: the run's learned embedding or the raw backbone features.")
+@click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
+              help="Rank cells by cosine to the prototypes, or by each group's softmax probability (D&C Eq. 4.19-4.20).")
 @click.option("--cells", type=AT_LEAST_1, default=5, show_default=True, help="Hybrid: retrieve among the top-c cells' images.")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True, help="Metres within which a prediction is right.")
 @click.option("--k", "ks", type=KList(), default=",".join(map(str, DEFAULT_KS)), show_default=True, help="Comma-separated k of LR@k.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: RUN/eval/SPLIT].")
-def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshold, ks, device, out):
+def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, threshold, ks, device, out):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
-
-    k_values = ks
     modes = None if mode is None else (("classify", "retrieve", "hybrid") if mode == "all" else (mode,))
-    report, paths = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes,
-                                        ks=k_values, threshold_m=threshold, cells=cells, space=space,
-                                        device=device, out=out)
+    report, paths = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
+                                   threshold_m=threshold, cells=cells, space=space, scoring=scoring,
+                                   device=device, out=out)
     stdout.print(recall_table(report))
     stdout.print(f"coverage {100 * report['coverage']:.1f} % of queries lie in a class cell; device {report['device']}")
     for name, path in paths.items():
@@ -235,19 +236,22 @@ def evaluate(split, feats, run_dir, database_split, mode, space, cells, threshol
 @click.option("--out", type=click.Path(path_type=Path), default=Path("predictions.parquet"), show_default=True,
               help="Output file: .parquet, .csv or .geojson.")
 @click.option("--k", type=AT_LEAST_1, default=5, show_default=True, help="Cells per image, best first.")
+@click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
+              help="cosine: probability = softmax at scale s over all cells; group-softmax: each cell's probability "
+              "under its own group's classifier (D&C Eq. 4.19-4.20), also used to rank.")
 @click.option("--model", default=None, help="Backbone [default: the one the run's features came from]; its "
               "weights must be the same (checked).")
 @click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=AT_LEAST_0, default=0, show_default=True, help="DataLoader decoding processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
-def predict(run_dir, images, manifest, path_column, feats, split, out, k, model, batch_size, workers, device,
-            no_progress):
+def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, batch_size, workers,
+            device, no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon."""
 
     result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
                            split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
-                           progress=not no_progress)
+                           progress=not no_progress, scoring=scoring)
     stdout.print(f"{result.frame['image_id'].n_unique()} images, top-{k} cells each → {result.path}")
     for image_id, reason in result.skipped:
         stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)

@@ -47,9 +47,9 @@ def _embed(run: Run, x: np.ndarray, device: torch.device, chunk: int = 65536) ->
                           for i in range(0, len(x), chunk)])
 
 
-def classify(run: Run, queries: Split, k: int, device: torch.device) -> Ranking:
+def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: str = "cosine") -> Ranking:
     t = time.perf_counter()
-    p = top_cells(run.model, queries.embeddings, run.classes, k)
+    p = top_cells(run.model, queries.embeddings, run.classes, k, scoring)
     synchronize(device)
     return Ranking("classify", p["east"], p["north"], p["zone"], p["letter"], p["score"], p["class"],
                   time.perf_counter() - t)
@@ -90,7 +90,7 @@ def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, 
 
 
 def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
-           space: str = "projected") -> Ranking:
+           space: str = "projected", scoring: str = "cosine") -> Ranking:
     """Retrieval restricted to database images inside each query's top-`cells` classes."""
     M = run.config["M"]
     c = run.classes
@@ -103,7 +103,7 @@ def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torc
     sorted_keys = db_keys[order]
     q, d, index_seconds = _spaces(run, queries, db, space, device)
     t = time.perf_counter()
-    top_classes = run.model.topk(queries.embeddings, cells)[0]
+    top_classes = run.model.topk(queries.embeddings, cells, scoring=scoring)[0]
     wanted = class_keys[top_classes]  # (n, cells)
     lo = np.searchsorted(sorted_keys, wanted, side="left")
     hi = np.searchsorted(sorted_keys, wanted, side="right")
@@ -142,7 +142,7 @@ def check_modes(modes: tuple[str, ...], database_split) -> None:
 
 def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
              ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int = 5,
-             space: str = "projected", device: str = "cpu") -> tuple[dict, list[Ranking], dict]:
+             space: str = "projected", device: str = "cpu", scoring: str = "cosine") -> tuple[dict, list[Ranking], dict]:
     """Run each mode on `queries`; (report, methods, LocalisationRecall per method)."""
     check_modes(modes, database.name if database is not None else None)
     dev = torch.device(device)
@@ -152,11 +152,11 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     methods = []
     for mode in modes:
         if mode == "classify":
-            methods.append(classify(run, queries, k, dev))
+            methods.append(classify(run, queries, k, dev, scoring))
         elif mode == "retrieve":
             methods.append(retrieve(run, queries, database, k, dev, space))
         else:
-            methods.append(hybrid(run, queries, database, k, cells, dev, space))
+            methods.append(hybrid(run, queries, database, k, cells, dev, space, scoring))
     n = queries.embeddings.shape[0]
     results, report_methods = {}, {}
     for m in methods:
@@ -168,7 +168,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
                                   "ms_per_query": 1000 * m.seconds / n if n else None, **m.extra}
     report = {"split": queries.name, "queries": n, "database_split": database.name if database else None,
               "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
-              "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells,
+              "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells, "scoring": scoring,
               "coverage": coverage(run, queries.labels), "classes": len(run.classes),
               "random_backbone": bool(run.feature_identity.get("backbone_random_init", False)),
               "run_complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,
@@ -179,6 +179,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
 def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
                         modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
                         threshold_m: float = THRESHOLD_M, cells: int = 5, space: str = "projected",
+                        scoring: str = "cosine",
                         device: str = "auto", out: Path | None = None) -> tuple[dict, dict[str, Path]]:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files."""
     if modes is None:
@@ -195,11 +196,11 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
     if run.config.get("finetune_blocks"):
         queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
         database = rest[0] if rest else None
-    report, methods, results = evaluate(run, queries, database=database, modes=modes, ks=ks,
+    report, methods, results = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring,
                                         threshold_m=threshold_m, cells=cells, space=space, device=str(dev))
     report = {**report, "run": str(Path(run_dir).resolve()), "store": str(Path(feats).resolve()),
               "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
-                          "space": space, "device": device}}
+                          "space": space, "device": device, "scoring": scoring}}
     background = None
     if database is not None:
         background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())

@@ -122,6 +122,8 @@ class SoftmaxHead(nn.Module):
 
 
 HEADS: dict[str, type[nn.Module]] = {"aamc": AAMC, "lmcc": LMCC, "softmax": SoftmaxHead}
+# How a query's cells are ranked across groups (GroupHeads.scores).
+SCORINGS = ("cosine", "group-softmax")
 
 
 class GroupHeads(nn.ModuleDict):
@@ -143,20 +145,24 @@ class GroupHeads(nn.ModuleDict):
         for c in self.classes_per_group:
             self.offsets.append(self.offsets[-1] + c)
 
-    def scores(self, h: torch.Tensor) -> torch.Tensor:
+    def scores(self, h: torch.Tensor, scoring: str = "cosine") -> torch.Tensor:
         """Inference scores (n, total classes), groups concatenated in group order.
 
-        Margin heads: cos θ to every prototype, the D&C inference rule. Softmax
-        heads: log-softmax within each group. Raw logits of separately trained
-        softmax heads are not comparable: cross-entropy is blind to a constant
-        added to one group's logits, so each group carries an arbitrary offset;
-        log-probabilities remove it.
+        "cosine": margin heads score cos θ to every prototype, the D&C inference rule.
+        "group-softmax": the log of each group's own softmax probability at scale s, P(u, v) of
+        D&C's Eq. 4.19-4.20: a cell wins by how sure its group's classifier is, not by its raw
+        cosine. Softmax heads always score log-softmax within each group: raw logits of
+        separately trained softmax heads are not comparable (cross-entropy is blind to a
+        constant added to one group's logits), log-probabilities remove that offset.
         """
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
         parts = []
         for g in range(len(self.classes_per_group)):
             head = self[str(g)]
             if isinstance(head, _MarginHead):
-                parts.append(head.cosine(h))
+                cos = head.cosine(h)
+                parts.append(cos if scoring == "cosine" else F.log_softmax(head.s * cos, dim=1))
             else:
                 parts.append(F.log_softmax(head(h), dim=1))
         return torch.cat(parts, dim=1)

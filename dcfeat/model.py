@@ -9,9 +9,8 @@ from torch import nn
 
 from dcfeat.errors import IncompatibleFeatures
 from dcfeat.heads import GroupHeads, Projection
+from dcfeat.layout import IDENTITY_ATTRS
 
-# What the features a run was trained on must share with the features it is applied to.
-FEATURE_KEYS = ("model", "model_fingerprint", "pooling", "image_size", "dim")
 
 class DCModel(nn.Module):
     """Projection + group heads; scores every class of every group for a batch of features."""
@@ -30,12 +29,12 @@ class DCModel(nn.Module):
 
     @torch.no_grad()
     def topk(self, features: torch.Tensor | np.ndarray, k: int, *, chunk: int = 4096,
-             softmax_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+             softmax_scale: float | None = None, scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
         """Global class ids (rows of classes.parquet) and scores of the top-k classes, best first.
 
         Scores where the model is: features go to the model's device chunk by chunk. With
         `softmax_scale`, the scores are softmax probabilities of scale × score over every
-        class of every group.
+        class of every group. `scoring`: "cosine" or "group-softmax" (GroupHeads.scores).
         """
         was_training = self.training
         self.eval()
@@ -43,7 +42,7 @@ class DCModel(nn.Module):
         for start in range(0, len(features), chunk):
             rows = features[start:start + chunk]
             x = (rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))).to(self.device)
-            s = self.heads.scores(self.projection(x))
+            s = self.heads.scores(self.projection(x), scoring)
             if softmax_scale is not None:
                 s = torch.softmax(softmax_scale * s.float(), dim=1)
             top = s.topk(min(k, s.shape[1]), dim=1)
@@ -56,9 +55,9 @@ class DCModel(nn.Module):
         return np.concatenate(ids), np.concatenate(scores)
 
 
-def top_cells(model: DCModel, features, classes: pl.DataFrame, k: int) -> dict[str, np.ndarray]:
+def top_cells(model: DCModel, features, classes: pl.DataFrame, k: int, scoring: str = "cosine") -> dict[str, np.ndarray]:
     """Top-k class ids and scores and their cell centres (UTM) for a batch of cached features."""
-    ids, scores = model.topk(features, k)
+    ids, scores = model.topk(features, k, scoring=scoring)
     return {"class": ids, "score": scores,
             "east": classes["cell_east"].to_numpy()[ids], "north": classes["cell_north"].to_numpy()[ids],
             "zone": classes["utm_zone"].to_numpy()[ids], "letter": classes["utm_letter"].to_numpy()[ids]}
@@ -66,7 +65,7 @@ def top_cells(model: DCModel, features, classes: pl.DataFrame, k: int) -> dict[s
 
 def check_features(run_features: dict, split_attrs: dict, *, what: str) -> None:
     """Refuse to apply a run to features from another backbone, pooling, size or dim."""
-    diff = [f"{k}: run {run_features.get(k)!r} vs {split_attrs.get(k)!r}" for k in FEATURE_KEYS
+    diff = [f"{k}: run {run_features.get(k)!r} vs {split_attrs.get(k)!r}" for k in IDENTITY_ATTRS
             if k in run_features and k in split_attrs and run_features[k] != split_attrs[k]]
     if diff:
         raise IncompatibleFeatures(f"{what} was made by another backbone or setting than the run's training "

@@ -53,15 +53,22 @@ def embed_images(paths: list[Path], backbone: Backbone, image_size: int, *, batc
     return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), kept, failed
 
 
-def cell_probabilities(run: Run, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k class ids and their softmax probabilities over every class of every group (on the model's device)."""
+def cell_probabilities(run: Run, features: np.ndarray, k: int, scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """Top-k class ids and their probabilities, on the model's device.
+
+    "cosine": a softmax at scale s over every class of every group (a ranking score);
+    "group-softmax": each cell's probability under its own group's classifier (D&C Eq. 4.19-4.20).
+    """
+    if scoring == "group-softmax":
+        ids, log_p = run.model.topk(features, k, scoring=scoring)
+        return ids, np.exp(log_p)
     scale = run.config["s"] if run.config["head"] != "softmax" else 1.0
     return run.model.topk(features, k, softmax_scale=scale)
 
 
-def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int) -> pl.DataFrame:
+def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
     """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon."""
-    ids, probs = cell_probabilities(run, features, k)
+    ids, probs = cell_probabilities(run, features, k, scoring)
     n, kk = ids.shape
     flat = ids.reshape(-1)
     c = run.classes
@@ -137,7 +144,7 @@ def _image_list(images: Path | None, manifest: Path | None, path_column: str) ->
 
 def predict_images(run: Run, images: Path | None, manifest: Path | None, *, model: str | None, k: int,
                    batch_size: int, workers: int, device: str, progress: bool,
-                   path_column: str = "path") -> tuple[pl.DataFrame, list]:
+                   path_column: str = "path", scoring: str = "cosine") -> tuple[pl.DataFrame, list]:
     """Embed image files with the run's backbone and classify them; (table, [(image id, reason)] skipped)."""
 
     feats_attrs = run.feature_identity
@@ -156,17 +163,18 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
         raise BadInput(f"{where}: none of the {len(ids)} images could be read, first:\n  {shown}\n"
                        f"Pass image files ({', '.join(IMAGE_SUFFIXES)}) that open, at least {feats_attrs['image_size']}"
                        " pixels on the short side")
-    return predictions(run, [ids[i] for i in kept], feats, k), skipped
+    return predictions(run, [ids[i] for i in kept], feats, k, scoring), skipped
 
 
-def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "auto") -> pl.DataFrame:
+def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "auto",
+                   scoring: str = "cosine") -> pl.DataFrame:
     """Predictions for a cached split (through the run's tuned blocks when it has them)."""
 
     data = read_split(feats, split, dtype="float32")
     check_features(run.feature_identity, data.attrs, what=f"split '{split}' of {feats}")
     if run.config.get("finetune_blocks"):
         [data] = tuned_splits(run, feats, [data], resolve_device(device))
-    return predictions(run, data.labels["image_id"].to_list(), data.embeddings, k)
+    return predictions(run, data.labels["image_id"].to_list(), data.embeddings, k, scoring)
 
 
 @dataclass
@@ -184,7 +192,7 @@ class Prediction:
 def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manifest: Path | None = None,
                   path_column: str = "path", feats: Path | None = None, split: str | None = None, k: int = 5,
                   model: str | None = None, batch_size: int = 64, workers: int = 0, device: str = "auto",
-                  progress: bool = True) -> Prediction:
+                  progress: bool = True, scoring: str = "cosine") -> Prediction:
     """`dcfeat predict`: check the options and output, load the run, predict, write `out`."""
 
     out = check_out(out)
@@ -194,11 +202,11 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
     run = load_run(run_dir, dev)
     skipped = []
     if feats is not None:
-        frame = predict_cached(run, feats, split, k=k, device=str(dev))
+        frame = predict_cached(run, feats, split, k=k, device=str(dev), scoring=scoring)
     else:
         frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
                                         workers=workers, device=str(dev), progress=progress,
-                                        path_column=path_column)
+                                        path_column=path_column, scoring=scoring)
     random_backbone = bool(run.feature_identity.get("backbone_random_init"))
     path = write_predictions(frame, out, random_backbone=random_backbone, run=run)
     return Prediction(path=path, frame=frame, skipped=skipped, run=run)

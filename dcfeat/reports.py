@@ -86,6 +86,8 @@ def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[R
 def recall_table(report: dict) -> Table:
     ks = report["ks"]
     title = f"split {report['split']}: {report['queries']} queries, LR@k at {report['threshold_m']:g} m"
+    if report.get("scoring", "cosine") != "cosine":
+        title += f", cells ranked by {report['scoring']}"
     if report.get("database_rows"):
         title += f", database {report['database_split']} ({report['database_rows']:,} rows)"
     notes = [n for n in (report.get("run_status"), RANDOM_NOTICE if report["random_backbone"] else None) if n]

@@ -210,11 +210,23 @@ def gpu_check(path: Path) -> str:
             f"{c['retrieval_top10_set_agreement']:.4f}.")
 
 
+def scoring(path: Path) -> str:
+    if not path.is_file():
+        return "Not measured yet: run `python pipelines/bench_scoring.py`."
+    sc = json.loads(path.read_text())
+    rows = [[f"{method} ({name})", *(f"{100 * m['recall'][k]:.1f}" for k in ("1", "5", "10", "20")),
+             f"{m['median_error_m']:.1f} m"]
+            for name, methods in sc["scorings"].items() for method, m in methods.items()]
+    return (f"`{sc['city']}`, one trained run (default `TrainConfig`), the same 500 test queries and database for "
+            f"both rankings{_measured(sc)} (`pipelines/bench_scoring.py`):\n\n"
+            + table(["method (cells ranked by)", "LR@1", "LR@5", "LR@10", "LR@20", "median error"], rows))
+
+
 def render(cpu: dict, results: Path) -> str:
     """BENCHMARKS.md from the CPU results and the other files recorded under `results`."""
     text = Template(TEMPLATE.read_text()).substitute(
         header=header(cpu), extraction=extraction(cpu), training=training(cpu), city=city(cpu),
         city_1m=city_1m(cpu), sweep=sweep(results / "sweep_train.jsonl"), finetune=finetune(results / "finetune.json"),
-        fingerprint=fingerprint(results / "fingerprint.json"), gpu=gpu(results / "gpu_h100.jsonl"),
+        fingerprint=fingerprint(results / "fingerprint.json"), scoring=scoring(results / "scoring.json"), gpu=gpu(results / "gpu_h100.jsonl"),
         gpu_check=gpu_check(results / "gpu_h100_first.jsonl"))
     return text.rstrip("\n") + "\n"
