@@ -25,6 +25,7 @@ from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
 from dcfeat.options import (
     AT_LEAST_0,
     AT_LEAST_1,
+    FRACTION,
     MARGIN,
     POSITIVE,
     KList,
@@ -173,16 +174,20 @@ def info(store, show_failures, verify):
               "the final layer norm on the split's cached tokens (`dcfeat extract --cache-tokens K` or more).")
 @click.option("--lr-blocks", type=POSITIVE, default=TRAIN_DEFAULTS.lr_blocks, show_default=True,
               help="AdamW learning rate of the tuned blocks.")
+@click.option("--negative-fraction", type=FRACTION, default=TRAIN_DEFAULTS.negative_fraction, show_default=True,
+              help="Score the batch's classes plus this share of the group's other classes per step (PartialFC); "
+              "below 1 only for groups of ~100 k classes or more, where the exact loss dominates a step.")
 @click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True, help="Seed of initialisation and sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
 def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, dim, epochs, batch_size,
-          lr_projection, lr_heads, finetune_blocks, lr_blocks, seed, device, no_progress):
+          lr_projection, lr_heads, finetune_blocks, lr_blocks, negative_fraction, seed, device, no_progress):
     """Train the projection and one classifier per group on cached features."""
 
     config = TrainConfig(M=M, N=N, min_images_per_class=min_images_per_class, head=head, s=s, m=m, dim=dim,
                          epochs=epochs, batch_size=batch_size, lr_projection=lr_projection, lr_heads=lr_heads,
-                         finetune_blocks=finetune_blocks, lr_blocks=lr_blocks, seed=seed)
+                         finetune_blocks=finetune_blocks, lr_blocks=lr_blocks, seed=seed,
+                         negative_fraction=negative_fraction)
     result = train_files(feats, split, config, out=out, val_split=val_split, device=device,
                               progress=not no_progress, command=shlex.join(["dcfeat", *sys.argv[1:]]))
     last = result.epochs[-1]

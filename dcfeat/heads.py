@@ -55,8 +55,11 @@ class _MarginHead(nn.Module):
     def margin(self, cos: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                classes: torch.Tensor | None = None) -> torch.Tensor:
         """Logits s·cos θ (n, C); with labels, the margin is applied to each target logit.
+
+        `classes` (sampled negatives): score only those prototypes; `labels` then index into them.
 
         Training logits stay in the autocast dtype: s is folded into the product and
         only the n target logits are recomputed, in float32 from their own rows, and
@@ -66,7 +69,8 @@ class _MarginHead(nn.Module):
         if labels is None:
             return self.s * self.cosine(h)
         h = F.normalize(h.float(), dim=1, eps=_EPS)
-        w = F.normalize(self.weight.float(), dim=1, eps=_EPS)
+        weight = self.weight if classes is None else self.weight[classes]
+        w = F.normalize(weight.float(), dim=1, eps=_EPS)
         labels = labels.long()
         logits = F.linear(h * self.s, w)
         with torch.autocast(h.device.type, enabled=False):
@@ -112,13 +116,30 @@ class SoftmaxHead(nn.Module):
         if classes:
             nn.init.xavier_uniform_(self.weight)
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits W h + b (n, C); labels are accepted for a common signature and ignored."""
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None,
+                classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits W h + b (n, C), or of `classes` only; labels are accepted for a common signature and ignored."""
+        weight, bias = (self.weight, self.bias) if classes is None else (self.weight[classes], self.bias[classes])
         with torch.autocast(h.device.type, enabled=False):
-            return F.linear(h.float(), self.weight.float(), self.bias.float())
+            return F.linear(h.float(), weight.float(), bias.float())
 
     def extra_repr(self) -> str:
         return f"classes={self.classes}, dim={self.dim}"
+
+
+def sample_negatives(labels: torch.Tensor, classes: int, fraction: float,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PartialFC-style class sampling: (classes to score, labels as positions among them).
+
+    Every class present in the batch is kept, and each other class with probability `fraction`,
+    so a step costs about fraction × the classes of the group instead of all of them.
+    """
+    keep = torch.rand(classes, generator=generator, device=labels.device) < fraction
+    keep[labels] = True
+    subset = torch.nonzero(keep).squeeze(1)
+    position = torch.full((classes,), -1, dtype=torch.long, device=labels.device)
+    position[subset] = torch.arange(len(subset), device=labels.device)
+    return subset, position[labels]
 
 
 HEADS: dict[str, type[nn.Module]] = {"aamc": AAMC, "lmcc": LMCC, "softmax": SoftmaxHead}

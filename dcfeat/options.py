@@ -50,6 +50,7 @@ def split_name(ctx, param, value):
 
 
 POSITIVE = Finite(min=0, min_open=True)
+FRACTION = Finite(min=0, max=1, min_open=True)
 AT_LEAST_1 = click.IntRange(min=1)
 AT_LEAST_0 = click.IntRange(min=0)
 # Near π/2 an additive angular margin pushes every target past the orthogonal, and CosFace's margin

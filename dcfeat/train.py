@@ -22,6 +22,7 @@ from dcfeat.atomic import write_text
 from dcfeat.devices import autocast, is_cuda, resolve_device
 from dcfeat.errors import BadInput, DamagedStore
 from dcfeat.finetune import TokenTraining
+from dcfeat.heads import sample_negatives
 from dcfeat.layout import IDENTITY_ATTRS
 from dcfeat.metrics import THRESHOLD_M, localisation_recall
 from dcfeat.model import DCModel, top_cells
@@ -60,6 +61,9 @@ class TrainConfig:
     # pretrained blocks move little, so the prototypes initialised on their output stay valid.
     finetune_blocks: int = 0
     lr_blocks: float = 1e-5
+    # r < 1: each step scores the batch's classes plus a random r of the group's other classes
+    # (PartialFC); for groups of hundreds of thousands of classes. 1 is the exact loss.
+    negative_fraction: float = 1.0
 
 
 @dataclass
@@ -72,35 +76,44 @@ class TrainResult:
     seconds: float
 
 
-def _hits(head, h: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _hits(head, h: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Whether each sample's own class scores highest *without* the margin.
 
     The training logits carry the margin on the target, so their argmax understates accuracy
     (on hard data to 0 %). The margin only lowers the target logit, so the target wins
-    without it exactly when s·cos θ_y is at least the largest training logit.
+    without it exactly when s·cos θ_y is at least the largest training logit. `target` is the
+    label's column in `logits` (they differ when negatives are sampled: then the hits are among
+    the scored classes).
     """
     if not hasattr(head, "m"):
-        return logits.argmax(1) == labels
+        return logits.argmax(1) == target
     cos_y = (F.normalize(h.float(), dim=1) * F.normalize(head.weight.detach().float()[labels], dim=1)).sum(1)
     return head.s * cos_y >= logits.float().max(1).values
 
 
 def train_step(model: DCModel, optimizer: torch.optim.Optimizer, group: int, features: torch.Tensor,
-               labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               labels: torch.Tensor, *, negative_fraction: float = 1.0,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One update of the projection and group `group`'s prototypes; (loss, hits), both detached.
 
-    The benchmarks time this very function. On CUDA the products run under bf16 autocast.
+    With `negative_fraction` r < 1 the loss scores the batch's classes plus a random r of the
+    group's others (heads.sample_negatives); r = 1 is the exact loss. The benchmarks time this
+    very function. On CUDA the products run under bf16 autocast.
     """
+    head = model.heads[str(group)]
+    classes, target = None, labels
+    if negative_fraction < 1:
+        classes, target = sample_negatives(labels, head.classes, negative_fraction, generator)
     with autocast(model.device):
         h = model.projection(features)
-        logits = model.heads[str(group)](h, labels)
+        logits = head(h, target, classes=classes)
     # Outside autocast, which would copy the (batch × classes) logits to float32:
     # the CUDA kernels accumulate in float32 over bf16 logits anyway.
-    loss = F.cross_entropy(logits, labels)
+    loss = F.cross_entropy(logits, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach(), _hits(model.heads[str(group)], h.detach(), logits.detach(), labels)
+    return loss.detach(), _hits(head, h.detach(), logits.detach(), target, labels)
 
 
 def _class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
@@ -191,7 +204,8 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
             for step in range(steps):
                 with autocast(dev):
                     g, x, labels = batches(step)
-                loss, hits = train_step(model, opt, g, x, labels)
+                loss, hits = train_step(model, opt, g, x, labels, negative_fraction=config.negative_fraction,
+                                        generator=gen)
                 loss_sum += loss
                 correct += hits.sum()
                 advance(1)

@@ -222,11 +222,26 @@ def scoring(path: Path) -> str:
             + table(["method (cells ranked by)", "LR@1", "LR@5", "LR@10", "LR@20", "median error"], rows))
 
 
+def negatives(path: Path) -> str:
+    if not path.is_file():
+        return "Not measured yet: run `python pipelines/bench_negatives.py`."
+    ng = json.loads(path.read_text())
+    full, sampled = ng["step_s"]["1.0"], ng["step_s"]["0.1"]
+    rows = [[f"training step, batch {ng['batch']}, 768→512, {ng['classes']:,} classes in one group",
+             f"r = 1: {full:.1f} s; r = 0.1: {sampled:.1f} s; **{full / sampled:.1f}×**", "≥ 3×"],
+            *[[f"`make_city(seed=0)`, default `TrainConfig`, r = {r}", f"best val LR@1 {100 * c['best_val_lr1']:.1f}, "
+               f"{c['seconds_per_epoch']:.2f} s/epoch", "r = 0.2 within 1 point of r = 1"]
+              for r, c in ng["city"].items()]]
+    return (f"CPU, median of 3 steps after one that allocates AdamW's state{_measured(ng)} "
+            "(`pipelines/bench_negatives.py`, timing `train.train_step`):\n\n" + table(["what", "measured", "goal"], rows))
+
+
 def render(cpu: dict, results: Path) -> str:
     """BENCHMARKS.md from the CPU results and the other files recorded under `results`."""
     text = Template(TEMPLATE.read_text()).substitute(
         header=header(cpu), extraction=extraction(cpu), training=training(cpu), city=city(cpu),
         city_1m=city_1m(cpu), sweep=sweep(results / "sweep_train.jsonl"), finetune=finetune(results / "finetune.json"),
-        fingerprint=fingerprint(results / "fingerprint.json"), scoring=scoring(results / "scoring.json"), gpu=gpu(results / "gpu_h100.jsonl"),
+        fingerprint=fingerprint(results / "fingerprint.json"), scoring=scoring(results / "scoring.json"),
+        negatives=negatives(results / "negatives.json"), gpu=gpu(results / "gpu_h100.jsonl"),
         gpu_check=gpu_check(results / "gpu_h100_first.jsonl"))
     return text.rstrip("\n") + "\n"
