@@ -275,10 +275,11 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
 @click.option("--epochs", type=AT_LEAST_1, default=10, show_default=True, help="Training epochs.")
 @click.option("--workers", type=AT_LEAST_0, default=None, help="Decoding processes [default: min(16, CPUs)].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--random-backbone", is_flag=True, help="Use the random DINOv2 even if pretrained weights are cached.")
+@click.option("--random-backbone", is_flag=True, help="Use a random DINOv2-S/14 instead of pretrained "
+              "facebook/dinov2-small (downloaded once, ~90 MB, where the network allows).")
 @no_progress
 def demo(root, streets, image_size, epochs, workers, device, random_backbone, no_progress):
-    """Render a synthetic city, then extract, train and evaluate on it, offline."""
+    """Render a synthetic city, then extract, train and evaluate on it."""
 
     result = run_demo(root, streets=streets, image_size=image_size, epochs=epochs, workers=workers, device=device,
                       progress=not no_progress, prefer_pretrained=not random_backbone)

@@ -62,3 +62,32 @@ def test_demo_command_prints_the_table(tmp_path, tiny_model, monkeypatch):
     assert r.exit_code == 0, r.output
     for word in ("classify", "retrieve (projected)", "hybrid (projected)", "LR@1", "RANDOM BACKBONE", "error_cdf"):
         assert word in r.output
+
+
+def test_the_demo_backbone_says_which_case_applied(tmp_path, monkeypatch, capsys):
+    import dcfeat.demo as demo
+
+    def fake_random(shape, path):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+
+    monkeypatch.setattr(demo, "save_random_vit", fake_random)
+    monkeypatch.setattr(demo, "try_to_load_from_cache", lambda repo, name: None)
+    calls = []
+
+    def no_route(repo, **kw):
+        calls.append(repo)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(demo, "snapshot_download", no_route)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert demo.demo_backbone(tmp_path).endswith("dinov2-small-random") and not calls  # offline: never tried
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert demo.demo_backbone(tmp_path).endswith("dinov2-small-random") and calls == [demo.PRETRAINED]
+    assert demo.demo_backbone(tmp_path, prefer_pretrained=False).endswith("dinov2-small-random")
+    monkeypatch.setattr(demo, "snapshot_download", lambda repo, **kw: calls.append("ok"))
+    assert demo.demo_backbone(tmp_path) == demo.PRETRAINED
+    err = capsys.readouterr().err
+    for why in ("HF_HUB_OFFLINE is set", "no connection", "Network is unreachable", "--random-backbone",
+                "downloaded"):
+        assert why in err, err
