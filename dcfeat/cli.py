@@ -16,7 +16,7 @@ from rich.console import Console
 
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
 from dcfeat.demo import run_demo
-from dcfeat.errors import DamagedStore
+from dcfeat.errors import DamagedStore, human_bytes
 from dcfeat.evaluate import evaluate_files
 from dcfeat.extract import extract_files
 from dcfeat.heads import SCORINGS
@@ -29,6 +29,7 @@ from dcfeat.options import (
     MARGIN,
     POSITIVE,
     KList,
+    Size,
     UserErrorsGroup,
     split_name,
 )
@@ -119,11 +120,9 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
               "list each problem with what to do (exit code 3 when the store is damaged).")
 def info(store, show_failures, verify):
     """Show the splits of a feature store (rows, dim, model, completeness, size, failures), or check a run folder."""
-
     if store.is_dir():
         run = verified_run(store)
-        stdout.print(f"verified: run {store} loads ({len(run.classes)} classes, {run.epochs_done} epochs) and "
-                     "finished training")
+        stdout.print(f"verified: run {store} loads ({len(run.classes)} classes) and finished training")
         return
     splits = list_splits(store)
     stdout.print(splits_table(store, splits))
@@ -177,25 +176,30 @@ def info(store, show_failures, verify):
 @click.option("--negative-fraction", type=FRACTION, default=TRAIN_DEFAULTS.negative_fraction, show_default=True,
               help="Score the batch's classes plus this share of the group's other classes per step (PartialFC); "
               "below 1 only for groups of ~100 k classes or more, where the exact loss dominates a step.")
+@click.option("--memory-budget", type=Size(), default=None, help="Largest split held in memory, e.g. 512MB, "
+              "2GB; a larger one is streamed from disk in shuffled chunks [default: half the free memory].")
 @click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True, help="Seed of initialisation and sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
 def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, dim, epochs, batch_size,
-          lr_projection, lr_heads, finetune_blocks, lr_blocks, negative_fraction, seed, device, no_progress):
+          lr_projection, lr_heads, finetune_blocks, lr_blocks, negative_fraction, memory_budget, seed, device,
+          no_progress):
     """Train the projection and one classifier per group on cached features."""
-
     config = TrainConfig(M=M, N=N, min_images_per_class=min_images_per_class, head=head, s=s, m=m, dim=dim,
                          epochs=epochs, batch_size=batch_size, lr_projection=lr_projection, lr_heads=lr_heads,
                          finetune_blocks=finetune_blocks, lr_blocks=lr_blocks, seed=seed,
                          negative_fraction=negative_fraction)
     result = train_files(feats, split, config, out=out, val_split=val_split, device=device,
-                              progress=not no_progress, command=shlex.join(["dcfeat", *sys.argv[1:]]))
+                         progress=not no_progress, command=shlex.join(["dcfeat", *sys.argv[1:]]),
+                         memory_budget=memory_budget)
     last = result.epochs[-1]
     val = f", val LR@1 {100 * result.epochs[result.best_epoch - 1]['val_lr1']:.1f} % (best epoch " \
           f"{result.best_epoch})" if "val_lr1" in last else ""
     stdout.print(f"run {result.out}: {result.classes} classes from {result.images_used} images, "
                  f"{len(result.epochs)} epochs in {result.seconds:.1f} s "
-                 f"({last['seconds']:.2f} s/epoch), train accuracy {100 * last['train_accuracy']:.1f} %{val}")
+                 f"({last['seconds']:.2f} s/epoch), train accuracy {100 * last['train_accuracy']:.1f} %{val}; "
+                 f"split {'streamed from disk' if result.streamed else 'in memory'}, "
+                 f"budget {human_bytes(result.memory_budget)}")
 
 
 @cli.command()
@@ -253,7 +257,6 @@ def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells,
 def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, batch_size, workers,
             device, no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon."""
-
     result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
                            split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
                            progress=not no_progress, scoring=scoring)
@@ -280,7 +283,6 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
 @no_progress
 def demo(root, streets, image_size, epochs, workers, device, random_backbone, no_progress):
     """Render a synthetic city, then extract, train and evaluate on it."""
-
     result = run_demo(root, streets=streets, image_size=image_size, epochs=epochs, workers=workers, device=device,
                       progress=not no_progress, prefer_pretrained=not random_backbone)
     stdout.print(recall_table(result.report))

@@ -6,6 +6,7 @@ everything stays float32 (CPU half-precision matmuls are many times slower).
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 
 import torch
@@ -50,3 +51,16 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a host clock read after it times that work."""
     if is_cuda(device):
         torch.cuda.synchronize(device)
+
+
+def memory_budget(device: torch.device, share: float = 0.5) -> int:
+    """Bytes of a split that training may hold: `share` of the free memory where the features live
+    (the GPU's free memory on CUDA, the host's available memory otherwise)."""
+    if is_cuda(device):
+        return int(torch.cuda.mem_get_info(device)[0] * share)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return int(info["MemAvailable"] * share)
+    except (OSError, KeyError, ValueError):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * share)

@@ -38,6 +38,27 @@ class KList(click.ParamType):
         return ks
 
 
+class Size(click.ParamType):
+    """A size in bytes with a unit: 512MB, 2GB, 1.5G, 800k (binary multiples); or "auto" (None)."""
+
+    name = "size"
+    UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
+             "t": 1 << 40, "tb": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or str(value).lower() == "auto":
+            return None if value is None or str(value).lower() == "auto" else value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtb")
+        try:
+            size = float(number) * self.UNITS[text[len(number):]]
+        except (ValueError, KeyError):
+            self.fail(f"{value!r}: expected a size with a unit, like 512MB or 2GB", param, ctx)
+        if not math.isfinite(size) or size < 1:
+            self.fail(f"{value!r}: a size must be positive", param, ctx)
+        return int(size)
+
+
 def split_name(ctx, param, value):
     """click callback: a split name that is safe as an HDF5 group and a folder name (or None)."""
     if value is None:

@@ -9,12 +9,15 @@ within it (D&C's sampling).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
+from dcfeat.errors import DamagedStore
+from dcfeat.model import DCModel
 from dcfeat.partition import Partition
 from dcfeat.store import open_store
 
@@ -80,6 +83,22 @@ def read_rows(store: Path, split: str, dataset: str, chunks: list[tuple[int, int
 
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A split trained from disk: its store, and how it is read (rows per read, reads held at once)."""
+
+    store: Path
+    chunk_rows: int
+    buffer_chunks: int
+
+    @classmethod
+    def within(cls, store: Path, budget: int, row_bytes: int) -> "Streamed":
+        """Reads sized so that two buffers (the one training, the one being read) fit `budget`."""
+        rows = max(1, budget // (2 * row_bytes))
+        chunk = max(1, min(65536, rows // 16))  # ≥ 16 places per buffer; ~40 µs per read is then noise
+        return cls(Path(store), chunk, max(1, rows // chunk))
+
+
 class StreamedBatches:
     """Class-balanced batches from rows (embeddings or tokens) that do not fit in memory, read in large contiguous chunks.
 
@@ -91,18 +110,22 @@ class StreamedBatches:
     """
 
     def __init__(self, store: Path, split: str, dataset: str, rows: int, part: Partition, steps: int, size: int,
-                 device: torch.device, generator: torch.Generator, seed: int):
+                 device: torch.device, generator: torch.Generator, seed: int, *, chunk_rows: int | None = None,
+                 buffer_chunks: int | None = None):
         self.store, self.split, self.dataset, self.rows, self.part = store, split, dataset, rows, part
+        self.chunk_rows = chunk_rows or CHUNK_ROWS
+        self.buffer_chunks = buffer_chunks or BUFFER_CHUNKS
         self.steps, self.size, self.device, self.generator = steps, size, device, generator
         self.order_generator = torch.Generator().manual_seed(seed)
         self.pool = ThreadPoolExecutor(max_workers=1)
 
     def _epoch(self) -> list[tuple[list[tuple[int, int]], int]]:
         """(chunks, steps) of every buffer of an epoch."""
-        starts = torch.randperm(-(-self.rows // CHUNK_ROWS), generator=self.order_generator).numpy() * CHUNK_ROWS
+        chunk, per_buffer = self.chunk_rows, self.buffer_chunks
+        starts = torch.randperm(-(-self.rows // chunk), generator=self.order_generator).numpy() * chunk
         used = self.part.class_index >= 0
-        buffers = [sorted((int(a), min(int(a) + CHUNK_ROWS, self.rows)) for a in starts[i:i + BUFFER_CHUNKS])
-                   for i in range(0, len(starts), BUFFER_CHUNKS)]
+        buffers = [sorted((int(a), min(int(a) + chunk, self.rows)) for a in starts[i:i + per_buffer])
+                   for i in range(0, len(starts), per_buffer)]
         share = np.cumsum([sum(int(used[a:b].sum()) for a, b in chunks) for chunks in buffers])
         ends = np.round(share / share[-1] * self.steps).astype(int)
         counts = np.diff(np.concatenate([[0], ends]))
@@ -118,11 +141,12 @@ class StreamedBatches:
         self.tokens = torch.from_numpy(tokens).to(self.device)
         self.sampler = BalancedSampler(self.part, self.device, self.generator, rows=rows)
         self.groups = [g for g, (*_, present) in enumerate(self.sampler.groups) if len(present)]
-        self.turn = 0
 
     def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         if step == 0:
-            self.plan, self.index, self.left = self._epoch(), 0, 0
+            # Groups take turns across buffers: a buffer may last a step or two, and restarting the
+            # turn at each one would train the first groups only.
+            self.plan, self.index, self.left, self.turn = self._epoch(), 0, 0, 0
             self.pending = self.pool.submit(read_rows, self.store, self.split, self.dataset, self.plan[0][0])
         while self.left == 0:
             self._next_buffer()
@@ -131,3 +155,48 @@ class StreamedBatches:
         self.turn += 1
         rows, labels = self.sampler.batch(g, self.size)
         return g, self.tokens[rows], labels
+
+
+def class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
+    """Prototypes start at the class means of the initial embeddings: training then
+    sharpens a sensible classifier instead of first finding one (see the sweep)."""
+    with torch.no_grad():
+        for g, (order, starts, counts, _) in enumerate(sampler.groups):
+            if len(counts) == 0:
+                continue
+            h = torch.cat([model.projection(features[order[i:i + 65536]].float())
+                           for i in range(0, len(order), 65536)])
+            labels = torch.repeat_interleave(torch.arange(len(counts), device=h.device), counts)
+            sums = torch.zeros(len(counts), h.shape[1], device=h.device).index_add_(0, labels, h)
+            model.heads.init_prototypes_(g, sums / counts[:, None])
+
+
+def check_finite(x: torch.Tensor | np.ndarray, split: str, first_row: int = 0) -> None:
+    finite = torch.isfinite(torch.as_tensor(x)).all(dim=1)
+    if not finite.all():
+        rows = (torch.nonzero(~finite).flatten()[:3] + first_row).tolist()
+        raise DamagedStore(f"split '{split}' holds non-finite embeddings (NaN or infinity) in "
+                           f"{int((~finite).sum())} rows, first {rows}; re-extract it with `dcfeat extract --split "
+                           f"{split} --overwrite`")
+
+
+def streamed_class_means(streamed: Streamed, split: str, model: DCModel, part: Partition) -> None:
+    """Class means as `class_means` computes them, over the split read once in contiguous chunks."""
+    gc = torch.as_tensor(part.global_class())
+    total, rows = len(part.classes), len(gc)
+    sums = torch.zeros(total, model.projection.linear.out_features, device=model.device)
+    counts = torch.zeros(total, device=model.device)
+    with torch.no_grad():
+        for start in range(0, rows, streamed.chunk_rows * streamed.buffer_chunks):
+            stop = min(start + streamed.chunk_rows * streamed.buffer_chunks, rows)
+            x = read_rows(streamed.store, split, "embeddings", [(start, stop)])
+            check_finite(x, split, start)
+            keep = gc[start:stop] >= 0
+            h = model.projection(torch.from_numpy(x[keep.numpy()]).to(model.device).float())
+            labels = gc[start:stop][keep].to(model.device)
+            sums.index_add_(0, labels, h)
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+    offsets = model.heads.offsets
+    for g in range(len(offsets) - 1):
+        if offsets[g + 1] > offsets[g]:
+            model.heads.init_prototypes_(g, sums[offsets[g]:offsets[g + 1]] / counts[offsets[g]:offsets[g + 1], None])

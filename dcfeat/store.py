@@ -77,7 +77,7 @@ class SplitInfo:
 @dataclass
 class Split:
     name: str
-    embeddings: np.ndarray  # (rows, dim)
+    embeddings: np.ndarray | None  # (rows, dim); None for a split trained from disk
     labels: pl.DataFrame  # LABEL_COLUMNS, row == position
     attrs: dict
 
@@ -227,8 +227,12 @@ def damaged_split(store: Path, split: str, bad: list[tuple[Path, str]]) -> Damag
 
 
 def read_split(store: Path, split: str, *, dtype=None, allow_incomplete: bool = False,
-               chunk_rows: int = 1 << 16) -> Split:
-    """One split in memory: embeddings as one array, labels as a polars frame, checked."""
+               chunk_rows: int = 1 << 16, embeddings: bool = True) -> Split:
+    """One split in memory: embeddings as one array, labels as a polars frame, checked.
+
+    `embeddings=False`: the labels only, for a split trained from disk (`embeddings` is None;
+    the shards are checked, the ids are not compared, streaming checks the values it reads).
+    """
     info = split_info(store, split)
     bad = unreadable_sources(store, split)
     if bad:
@@ -238,6 +242,8 @@ def read_split(store: Path, split: str, *, dtype=None, allow_incomplete: bool = 
     labels = read_labels(store, split, info.attrs.get("plan_id"))
     if labels.height != info.rows:
         raise _labels_problem(store, split, f"{labels.height} label rows for {info.rows} embeddings")
+    if not embeddings:
+        return Split(name=split, embeddings=None, labels=labels, attrs={**info.attrs, "dim": info.dim})
     try:
         with open_store(store) as f:
             ds = f[split]["embeddings"]

@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
 
+from dcfeat import devices
 from dcfeat.atomic import write_text
 from dcfeat.devices import autocast, is_cuda, resolve_device
-from dcfeat.errors import BadInput, DamagedStore
+from dcfeat.errors import BadInput
 from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
 from dcfeat.layout import IDENTITY_ATTRS
@@ -35,8 +37,16 @@ from dcfeat.runs import (
     save_model,
     write_config,
 )
-from dcfeat.sampling import BalancedSampler, InMemoryBatches
-from dcfeat.store import Split, read_split
+from dcfeat.sampling import (
+    BalancedSampler,
+    InMemoryBatches,
+    Streamed,
+    StreamedBatches,
+    check_finite,
+    class_means,
+    streamed_class_means,
+)
+from dcfeat.store import Split, read_split, split_info
 
 
 @dataclass
@@ -74,6 +84,8 @@ class TrainResult:
     classes: int
     images_used: int
     seconds: float
+    memory_budget: int | None = None  # bytes a split could take in memory (train_files)
+    streamed: bool = False  # the split was read from disk in chunks instead
 
 
 def _hits(head, h: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -116,20 +128,6 @@ def train_step(model: DCModel, optimizer: torch.optim.Optimizer, group: int, fea
     return loss.detach(), _hits(head, h.detach(), logits.detach(), target, labels)
 
 
-def _class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
-    """Prototypes start at the class means of the initial embeddings: training then
-    sharpens a sensible classifier instead of first finding one (see the sweep)."""
-    with torch.no_grad():
-        for g, (order, starts, counts, _) in enumerate(sampler.groups):
-            if len(counts) == 0:
-                continue
-            h = torch.cat([model.projection(features[order[i:i + 65536]].float())
-                           for i in range(0, len(order), 65536)])
-            labels = torch.repeat_interleave(torch.arange(len(counts), device=h.device), counts)
-            sums = torch.zeros(len(counts), h.shape[1], device=h.device).index_add_(0, labels, h)
-            model.heads.init_prototypes_(g, sums / counts[:, None])
-
-
 def recall_at_1(model: DCModel, split: Split, classes: pl.DataFrame, threshold_m: float) -> float:
     """LR@1 of the model (on its own device) on a split: the validation score of an epoch."""
     pred = top_cells(model, split.embeddings, classes, 1)
@@ -151,7 +149,8 @@ def make_partition(split: Split, config: TrainConfig) -> Partition:
 
 
 def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = None, device: str = "cpu",
-          progress: bool = True, run_config: dict | None = None, tail: TokenTraining | None = None) -> TrainResult:
+          progress: bool = True, run_config: dict | None = None, tail: TokenTraining | None = None,
+          streamed: Streamed | None = None) -> TrainResult:
     """Train projection + group heads on one split's cached features; write the run to `out`.
 
     After every epoch config.json says how far training got (`complete`, `epochs_done`), and
@@ -159,24 +158,25 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
 
     With `tail` the last backbone blocks train too: it is the batch source (cached tokens through
     the blocks), adds their parameters, embeds the val split, and saves the blocks with the run.
+    With `streamed` the split's embeddings stay on disk (`split.embeddings` is None) and are read
+    in shuffled contiguous chunks, a memory budget's worth at a time.
     """
     t_start = time.perf_counter()
     dev = torch.device(device)
-    features = torch.as_tensor(split.embeddings).to(dev)  # numpy, or a tensor already in place
-    finite = torch.isfinite(features).all(dim=1)
-    if not finite.all():
-        rows = torch.nonzero(~finite).flatten()[:3].tolist()
-        raise DamagedStore(f"split '{split.name}' holds non-finite embeddings (NaN or infinity) in "
-                           f"{int((~finite).sum())} rows, first {rows}; re-extract it with `dcfeat extract --split "
-                           f"{split.name} --overwrite`")
     torch.manual_seed(config.seed)
     # Sampling on the training device: a CPU generator would force a blocking copy per step.
     gen = torch.Generator(device=dev).manual_seed(config.seed)
     part = make_partition(split, config)
-    model = DCModel(features.shape[1], config.dim, part.classes_per_group, head=config.head, s=config.s,
-                    m=config.m).to(dev)
+    if streamed is None:
+        features = torch.as_tensor(split.embeddings).to(dev)  # numpy, or a tensor already in place
+        check_finite(features, split.name)
+    in_dim = int(split.attrs["dim"]) if streamed is not None else features.shape[1]
+    model = DCModel(in_dim, config.dim, part.classes_per_group, head=config.head, s=config.s, m=config.m).to(dev)
     sampler = BalancedSampler(part, dev, gen)
-    _class_means(features, model, sampler, part)
+    if streamed is None:
+        class_means(features, model, sampler, part)
+    else:
+        streamed_class_means(streamed, split.name, model, part)
     opt = torch.optim.AdamW([
         {"params": model.projection.parameters(), "lr": config.lr_projection},
         {"params": model.heads.parameters(), "lr": config.lr_heads},
@@ -185,12 +185,20 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     groups = [g for g, c in enumerate(part.classes_per_group) if c > 0]
     used = int((part.class_index >= 0).sum())
     steps = max(len(groups), math.ceil(used / config.batch_size))
-    batches = (InMemoryBatches(features, sampler, groups, config.batch_size) if tail is None
-               else tail.start(part, sampler, groups, steps, config, dev))
+    if tail is not None:
+        batches = tail.start(part, sampler, groups, steps, config, dev)
+    elif streamed is not None:
+        batches = StreamedBatches(streamed.store, split.name, "embeddings", len(part.group), part, steps,
+                                  config.batch_size, dev, gen, config.seed, chunk_rows=streamed.chunk_rows,
+                                  buffer_chunks=streamed.buffer_chunks)
+    else:
+        batches = InMemoryBatches(features, sampler, groups, config.batch_size)
     run_config = run_config or {}
     config_json = {**run_config, **asdict(config), "classes_per_group": part.classes_per_group,
                    "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps,
-                   "features": {"dim": int(features.shape[1]), **run_config.get("features", {})}}
+                   "features": {"dim": in_dim, **run_config.get("features", {})},
+                   "streamed": None if streamed is None else {"chunk_rows": streamed.chunk_rows,
+                                                               "buffer_chunks": streamed.buffer_chunks}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
@@ -233,10 +241,20 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
 
 def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,
                 val_split: str | None = None, device: str = "auto", progress: bool = True,
-                command: str = "") -> TrainResult:
-    """`dcfeat train`: read the split(s), train, and leave a complete run folder (+ runs/latest)."""
+                command: str = "", memory_budget: int | None = None) -> TrainResult:
+    """`dcfeat train`: read the split(s), train, and leave a complete run folder (+ runs/latest).
+
+    A split larger than `memory_budget` bytes (default: half the free memory where training runs)
+    is streamed from disk instead of read into memory.
+    """
     dev = resolve_device(device)
-    data = read_split(feats, split)
+    budget = memory_budget or devices.memory_budget(dev)
+    info = split_info(feats, split)
+    row_bytes = info.dim * np.dtype(info.dtype).itemsize
+    streamed = None
+    if info.rows * row_bytes > budget and not config.finetune_blocks:
+        streamed = Streamed.within(feats, budget, row_bytes)
+    data = read_split(feats, split, embeddings=streamed is None)
     val = read_split(feats, val_split) if val_split else None
     make_partition(data, config)  # fail on a hopeless partition before creating the run folder
     tail = None
@@ -246,9 +264,10 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
     write_text(run / COMMAND_FILE, command + "\n")
     features = {k: data.attrs.get(k) for k in (*IDENTITY_ATTRS, "model_source", "backbone_random_init")}
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
-                  "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev)}
+                  "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev),
+                  "memory_budget": budget}
     result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config,
-                   tail=tail)
+                   tail=tail, streamed=streamed)
     if out is None:
         point_latest(run)
-    return result
+    return replace(result, memory_budget=budget, streamed=streamed is not None)

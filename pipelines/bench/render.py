@@ -236,12 +236,25 @@ def negatives(path: Path) -> str:
             "(`pipelines/bench_negatives.py`, timing `train.train_step`):\n\n" + table(["what", "measured", "goal"], rows))
 
 
+def streamed(path: Path) -> str:
+    if not path.is_file():
+        return "Not measured yet: run `python pipelines/bench_streamed.py`."
+    st = json.loads(path.read_text())
+    rows = [[f"{name.replace('_', ' ')} (`--memory-budget {r['budget']}`)", f"{r['samples_per_s']:,.0f}",
+             f"{r['peak_rss_mb']:,.0f} MB", f"{100 * r['best_val_lr1']:.1f}"]
+            for name, r in (("in_memory", st["in_memory"]), ("streamed", st["streamed"]))]
+    return (f"`{st['city']}`: {st['rows']:,} train rows, {st['split_mb']:.0f} MB of float16 features; default "
+            f"`TrainConfig`, each run its own `dcfeat train` process{_measured(st)} (`pipelines/bench_streamed.py`). "
+            f"Streamed samples/s ÷ in-memory: **{st['samples_ratio']:.2f}** (goal ≥ 0.8); peak RSS within the "
+            "budget + 1.5 GB (goal):\n\n" + table(["split", "samples/s", "peak RSS", "best val LR@1"], rows))
+
+
 def render(cpu: dict, results: Path) -> str:
     """BENCHMARKS.md from the CPU results and the other files recorded under `results`."""
     text = Template(TEMPLATE.read_text()).substitute(
         header=header(cpu), extraction=extraction(cpu), training=training(cpu), city=city(cpu),
         city_1m=city_1m(cpu), sweep=sweep(results / "sweep_train.jsonl"), finetune=finetune(results / "finetune.json"),
         fingerprint=fingerprint(results / "fingerprint.json"), scoring=scoring(results / "scoring.json"),
-        negatives=negatives(results / "negatives.json"), gpu=gpu(results / "gpu_h100.jsonl"),
+        negatives=negatives(results / "negatives.json"), streamed=streamed(results / "streamed.json"), gpu=gpu(results / "gpu_h100.jsonl"),
         gpu_check=gpu_check(results / "gpu_h100_first.jsonl"))
     return text.rstrip("\n") + "\n"
