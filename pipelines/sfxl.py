@@ -13,8 +13,8 @@ Folders as SF-XL's own README lays them out (file names carry the UTM labels,
 
 This is the `dcfeat` recipe (dcfeat's defaults, processed/train). It is NOT the D&C paper's protocol,
 which builds its classes from raw/train/database (41.2 M crops, ~63 GB of ViT-B features), validates on
-queries_v2 and uses the paper's optimiser and margins; that needs `train --preset dc-paper` and
-streamed training, which dcfeat does not have yet (README, "Limits").
+queries_v2 and uses the paper's optimiser and margins; that needs `train --preset dc-paper`, not
+built yet (its 63 GB of features would train streamed, `train --memory-budget`).
 
 Outputs per backbone under OUT/<backbone>/: feats.h5 (+ labels and shards), runs/dc/, and
 OUT/summary.md with LR@1/5/10/20 and ms/query of classify, retrieve and hybrid for every backbone and
