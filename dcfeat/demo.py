@@ -17,7 +17,7 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download, try_to_load_from_cache
 
-from dcfeat.backbone import save_random_vit
+from dcfeat.backbone import load_backbone, save_random_vit
 from dcfeat.evaluate import evaluate_files
 from dcfeat.extract import extract_files
 from dcfeat.progress import stderr
@@ -82,11 +82,12 @@ def run_demo(root: Path = Path("data/demo"), *, streets: int = 4, spacing_m: flo
 
     t = time.perf_counter()
     model = model or demo_backbone(root, prefer_pretrained=prefer_pretrained)
+    backbone = load_backbone(model, device=device)
     for split in SPLITS:
         stderr.print(f"[bold]2/4 extract[/bold] {split} with {model}")
-        extracted = extract_files(images / split, store, split, model=model, device=device, image_size=image_size,
+        extract_files(images / split, store, split, backbone=backbone, image_size=image_size,
                                   workers=workers, progress=progress)
-    if extracted.random_init:
+    if backbone.random_init:
         stderr.print(f"[yellow]Backbone {model} is randomly initialised: the numbers below measure the pipeline, "
                      "not DINOv2.[/yellow]")
     seconds["extract"] = time.perf_counter() - t
@@ -101,5 +102,5 @@ def run_demo(root: Path = Path("data/demo"), *, streets: int = 4, spacing_m: flo
     stderr.print("[bold]4/4 evaluate[/bold] test queries against test-db")
     report, paths = evaluate_files(store, result.out, "test", database_split="test-db", device=device)
     seconds["evaluate"] = time.perf_counter() - t
-    return DemoResult(report=report, paths=paths, seconds=seconds, model=Path(model).name if Path(model).is_dir()
-                      else model, random_backbone=extracted.random_init)
+    return DemoResult(report=report, paths=paths, seconds=seconds, model=backbone.name,
+                      random_backbone=backbone.random_init)

@@ -170,7 +170,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
               "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
               "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells, "scoring": scoring,
               "coverage": coverage(run, queries.labels), "classes": len(run.classes),
-              "random_backbone": bool(run.feature_identity.get("backbone_random_init", False)),
+              "random_backbone": run.random_backbone,
               "run_complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,
               "run_status": run.status_line(), "methods": report_methods}
     return report, methods, results

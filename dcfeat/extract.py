@@ -234,15 +234,16 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
 
 def extract_files(images: Path | None, out: Path, split: str = "train", *, manifest: Path | None = None,
                   path_column: str = "path", model: str = DEFAULT_MODEL, pooling: str = "cls", device: str = "auto",
-                  **options) -> ExtractResult:
+                  backbone: Backbone | None = None, **options) -> ExtractResult:
     """`dcfeat extract`: label the images, load the backbone (each torchrun process on its own GPU), embed.
 
-    `options` are those of `extract` (image_size, batch_size, workers, draft, dtype, shard_rows, …).
+    `backbone`: one already loaded (several splits, one load). `options` are those of `extract`
+    (image_size, batch_size, workers, draft, dtype, shard_rows, …).
     """
     check_split_name(split)
     out = check_store_path(out)
     labelled = collect_images(images, manifest, path_column=path_column)
     ranks = Ranks.from_env()
-    backbone = load_backbone(model, pooling=pooling,
-                             device=resolve_device(device, local_rank=ranks.local_rank, world=ranks.world))
+    backbone = backbone or load_backbone(model, pooling=pooling, device=resolve_device(
+        device, local_rank=ranks.local_rank, world=ranks.world))
     return extract(labelled, backbone, out, split, ranks=ranks, **options)

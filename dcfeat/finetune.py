@@ -23,6 +23,7 @@ from torch import nn
 from dcfeat import sampling
 from dcfeat.atomic import atomic_write
 from dcfeat.backbone import POOLINGS, Backbone, load_backbone, pool
+from dcfeat.devices import autocast
 from dcfeat.errors import BadInput, DamagedRun, IncompatibleFeatures
 from dcfeat.runfiles import BLOCKS_FILE
 from dcfeat.sampling import InMemoryBatches, StreamedBatches, read_rows
@@ -154,7 +155,7 @@ def embed_tokens(tail: TailBlocks, store: Path, split: str, cached: int, device:
     out = []
     for start in range(0, n, rows):
         x = torch.from_numpy(read_rows(store, split, "tokens", [(start, min(start + rows, n))])).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             out.append(tail(x, cached).float().cpu().numpy())
     tail.train(was_training)
     dim = POOLINGS[tail.pooling][0] * tail.layernorm.normalized_shape[0]

@@ -8,6 +8,7 @@ what made its features. Readers (dcfeat.store), writers (dcfeat.shards) and
 
 from __future__ import annotations
 
+import glob
 import re
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def check_store_path(store: Path) -> Path:
     if store.is_dir():
         raise BadInput(f"--out {store} is a folder; name the store file inside it, e.g. {store / 'feats.h5'}")
     if store.parent.is_dir():
-        others = [p.name for p in store.parent.iterdir()
-                  if p.stem == store.stem and p.suffix.lower() in STORE_SUFFIXES and p.name != store.name]
+        others = [p.name for p in store.parent.glob(f"{glob.escape(store.stem)}.*")
+                  if p.suffix.lower() in STORE_SUFFIXES and p.name != store.name]
         if others:
             raise BadInput(f"{store}: {others[0]} in the same folder already uses {store.stem}.labels/ and "
                            f"{store.stem}.shards/; two stores cannot share them. Choose another name for --out")

@@ -186,7 +186,7 @@ class Prediction:
 
     @property
     def random_backbone(self) -> bool:
-        return bool(self.run.feature_identity.get("backbone_random_init"))
+        return self.run.random_backbone
 
 
 def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manifest: Path | None = None,
@@ -207,6 +207,5 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
         frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
                                         workers=workers, device=str(dev), progress=progress,
                                         path_column=path_column, scoring=scoring)
-    random_backbone = bool(run.feature_identity.get("backbone_random_init"))
-    path = write_predictions(frame, out, random_backbone=random_backbone, run=run)
+    path = write_predictions(frame, out, random_backbone=run.random_backbone, run=run)
     return Prediction(path=path, frame=frame, skipped=skipped, run=run)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dcfeat.devices import is_cuda
+
 Array = np.ndarray | torch.Tensor
 
 # 32768 x 768 rows are 96 MiB as float32, and a 1024-query block of scores
@@ -28,7 +30,7 @@ def _compute_dtype(source: Array, device: torch.device) -> torch.dtype:
     # CPU fp16/bf16 matmul is many times slower than fp32, so upcast there;
     # on CUDA the half types are what the tensor cores want.
     dtype = source.dtype if isinstance(source, torch.Tensor) else torch.from_numpy(np.empty(0, source.dtype)).dtype
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+    if is_cuda(device) and dtype in (torch.float16, torch.bfloat16):
         return dtype
     return torch.float32
 

@@ -53,6 +53,11 @@ class Run:
     epochs_done: int | None = None
 
     @property
+    def random_backbone(self) -> bool:
+        """The run's features came from a randomly initialised backbone: its numbers measure the pipeline."""
+        return bool(self.config["features"].get("backbone_random_init"))
+
+    @property
     def feature_identity(self) -> dict:
         """What the training features were made with (model, fingerprint, pooling, size, dim, …):
         features a run is applied to must match it."""

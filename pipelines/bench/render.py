@@ -76,10 +76,14 @@ def training(cpu: dict) -> str:
          f"{st['step_ms']:.1f} ms vs {st['mm_ms']:.1f} ms: fraction **{st['fraction_of_mm']:.2f}**", "≥ 0.5"]])
 
 
+def recall_cells(m: dict) -> list[str]:
+    """LR@1/5/10/20 in % and the median error of one method's report entry."""
+    return [*(f"{100 * m['recall'][k]:.1f}" for k in ("1", "5", "10", "20")), f"{m['median_error_m']:.1f} m"]
+
+
 def methods_table(city: dict) -> str:
     return table(["method", "LR@1", "LR@5", "LR@10", "LR@20", "median error", "ms/query"], [
-        [name, *(f"{100 * m['recall'][k]:.1f}" for k in ("1", "5", "10", "20")), f"{m['median_error_m']:.1f} m",
-         f"{m['ms_per_query']:.4f}"] for name, m in city["methods"].items()])
+        [name, *recall_cells(m), f"{m['ms_per_query']:.4f}"] for name, m in city["methods"].items()])
 
 
 def city(cpu: dict) -> str:
@@ -214,8 +218,7 @@ def scoring(path: Path) -> str:
     if not path.is_file():
         return "Not measured yet: run `python pipelines/bench_scoring.py`."
     sc = json.loads(path.read_text())
-    rows = [[f"{method} ({name})", *(f"{100 * m['recall'][k]:.1f}" for k in ("1", "5", "10", "20")),
-             f"{m['median_error_m']:.1f} m"]
+    rows = [[f"{method} ({name})", *recall_cells(m)]
             for name, methods in sc["scorings"].items() for method, m in methods.items()]
     return (f"`{sc['city']}`, one trained run (default `TrainConfig`), the same 500 test queries and database for "
             f"both rankings{_measured(sc)} (`pipelines/bench_scoring.py`):\n\n"
