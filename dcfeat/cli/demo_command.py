@@ -1,0 +1,38 @@
+"""`dcfeat demo`: the synthetic city end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dcfeat.cli.common import DATA, no_progress, stdout
+from dcfeat.demo import run_demo
+from dcfeat.options import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+)
+from dcfeat.reports import recall_table
+
+
+@click.command()
+@click.option("--root", type=click.Path(path_type=Path), default=DATA / "demo", show_default=True,
+              help="Folder for the rendered images, the store and the runs.")
+@click.option("--streets", type=click.IntRange(min=2), default=4, show_default=True, help="Streets per side of the city grid.")
+@click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
+              help="Backbone crop size (a multiple of the model's patch size).")
+@click.option("--epochs", type=AT_LEAST_1, default=10, show_default=True, help="Training epochs.")
+@click.option("--workers", type=AT_LEAST_0, default=None, help="Decoding processes [default: min(16, CPUs)].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--random-backbone", is_flag=True, help="Use a random DINOv2-S/14 instead of pretrained "
+              "facebook/dinov2-small (downloaded once, ~90 MB, where the network allows).")
+@no_progress
+def demo(root, streets, image_size, epochs, workers, device, random_backbone, no_progress):
+    """Render a synthetic city, then extract, train and evaluate on it."""
+    result = run_demo(root, streets=streets, image_size=image_size, epochs=epochs, workers=workers, device=device,
+                      progress=not no_progress, prefer_pretrained=not random_backbone)
+    stdout.print(recall_table(result.report))
+    stdout.print("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+                 + f"; backbone {result.model}")
+    for name, path in result.paths.items():
+        stdout.print(f"{name}: {path}", highlight=False)

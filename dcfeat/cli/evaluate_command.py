@@ -1,0 +1,51 @@
+"""`dcfeat evaluate`: options of the evaluation stage, its recall table and output paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout
+from dcfeat.evaluate import evaluate_files
+from dcfeat.heads import SCORINGS
+from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
+from dcfeat.options import (
+    AT_LEAST_1,
+    POSITIVE,
+    KList,
+    split_name,
+)
+from dcfeat.reports import recall_table
+
+
+@click.command()
+@click.option("--split", default="test", show_default=True, callback=split_name, help="Query split.")
+@click.option("--feats", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
+              help="Feature store holding the query (and database) split.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
+              show_default=True, help="Run folder written by `dcfeat train`.")
+@click.option("--database-split", default=None, callback=split_name, help="Database split for retrieval and the hybrid "
+              "(e.g. test-db).")
+@click.option("--mode", type=click.Choice(["classify", "retrieve", "hybrid", "all"]), default=None,
+              help="[default: all with --database-split, else classify]")
+@click.option("--space", type=click.Choice(["projected", "raw"]), default="projected", show_default=True,
+              help="Retrieval descriptors: the run's learned embedding or the raw backbone features.")
+@click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
+              help="Rank cells by cosine to the prototypes, or by each group's softmax probability (D&C Eq. 4.19-4.20).")
+@click.option("--cells", type=AT_LEAST_1, default=5, show_default=True, help="Hybrid: retrieve among the top-c cells' images.")
+@click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True, help="Metres within which a prediction is right.")
+@click.option("--k", "ks", type=KList(), default=",".join(map(str, DEFAULT_KS)), show_default=True, help="Comma-separated k of LR@k.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Output folder [default: RUN/eval/SPLIT].")
+def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, threshold, ks, device, out):
+    """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
+    modes = None if mode is None else (("classify", "retrieve", "hybrid") if mode == "all" else (mode,))
+    report, paths = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
+                                   threshold_m=threshold, cells=cells, space=space, scoring=scoring,
+                                   device=device, out=out)
+    stdout.print(recall_table(report))
+    stdout.print(f"coverage {100 * report['coverage']:.1f} % of queries lie in a class cell; device {report['device']}")
+    for name, path in paths.items():
+        stdout.print(f"{name}: {path}", highlight=False)

@@ -1,0 +1,74 @@
+"""`dcfeat extract`: options of the extraction stage, and its summary line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
+from dcfeat.cli.common import DEFAULT_STORE, no_progress, stdout
+from dcfeat.extract import extract_files
+from dcfeat.options import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    split_name,
+)
+from dcfeat.reports import RANDOM_NOTICE
+
+
+@click.command()
+@click.option("--images", type=click.Path(path_type=Path), help="Folder searched recursively for images "
+              "named @UTM_east@UTM_north@zone@letter@lat@lon@…@.jpg (SF-XL style); with --manifest, "
+              "the folder its paths are relative to.")
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV/Parquet with a path column and "
+              "utm_east, utm_north, utm_zone, utm_letter or lat, lon (optional heading) columns.")
+@click.option("--path-column", default="path", show_default=True, help="Manifest column holding image paths.")
+@click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
+              help="Feature store (HDF5); labels go to OUT's .labels/ folder beside it.")
+@click.option("--split", default="train", show_default=True, callback=split_name,
+              help="Split to write (train, val, test, test-db, …).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="DINOv2 or DINOv3 ViT hub id (facebook/dinov2-small|base|large|giant, …-with-registers-…, "
+              "facebook/dinov3-vit*16-…) or local directory.")
+@click.option("--pooling", type=click.Choice(list(POOLINGS)), default="cls", show_default=True,
+              help="CLS token, mean or GeM of patch tokens, or CLS and mean concatenated.")
+@click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
+              help="Centre crop size, a multiple of the model's patch size (14 for DINOv2, 16 for DINOv3); "
+              "the shortest edge is first resized to size·256/224.")
+@click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=AT_LEAST_0, default=None,
+              help="DataLoader decoding processes [default: min(16, CPUs)].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--draft/--no-draft", default=True, show_default=True,
+              help="Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale before the bicubic resize.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage type of the embeddings.")
+@click.option("--shard-rows", type=AT_LEAST_1, default=8192, show_default=True, help="Images per shard (the unit of resume).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing split made from other images or settings.")
+@click.option("--cache-tokens", type=AT_LEAST_0, default=0, show_default=True, help="Also store every image's tokens entering "
+              "the last K blocks, for `dcfeat train --finetune-blocks K` (ViT-B/14 at 224: 386 KB per image; "
+              "a shard's tokens are held in memory, so lower --shard-rows, e.g. 1024).")
+@no_progress
+def extract(images, manifest, path_column, out, split, model, pooling, image_size, batch_size, workers, device,
+            draft, dtype, shard_rows, overwrite, cache_tokens, no_progress):
+    """Compute frozen DINOv2/DINOv3 features of images once and cache them in a feature store.
+
+    Resumable: after a crash, run the same command again. For several GPUs or
+    nodes run it under `torchrun --nproc-per-node K -m dcfeat extract …`.
+    """
+    result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
+                           pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
+                           workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
+                           progress=not no_progress, cache_tokens=cache_tokens)
+    if result.rank:
+        return
+    if result.already_complete:
+        stdout.print(f"{out} split '{split}' is already complete ({result.rows} rows); nothing to do.")
+    else:
+        stdout.print(f"{out} split '{split}': {result.rows} rows written, {result.failures} failures, "
+                     f"{result.seconds:.1f} s, {result.images_per_s:.1f} images/s")
+    for image_id, reason in result.failed_examples:
+        stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)
+    if result.random_init:
+        stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")

@@ -1,0 +1,46 @@
+"""`dcfeat info`: a store's splits, failures and verification, or a run folder's check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dcfeat.cli.common import DEFAULT_STORE, stdout
+from dcfeat.errors import DamagedStore
+from dcfeat.info import problems_table, splits_table
+from dcfeat.runs import verified_run
+from dcfeat.store import list_splits, read_failures
+from dcfeat.verify import verify_store
+
+
+@click.command()
+@click.argument("store", metavar="STORE|RUN", type=click.Path(path_type=Path), default=DEFAULT_STORE)
+@click.option("--failures", "show_failures", is_flag=True, help="List every skipped image with its reason.")
+@click.option("--verify", is_flag=True, help="Open every shard and check its rows and checksum and the labels; "
+              "list each problem with what to do (exit code 3 when the store is damaged).")
+def info(store, show_failures, verify):
+    """Show the splits of a feature store (rows, dim, model, completeness, size, failures), or check a run folder."""
+    if store.is_dir():
+        run = verified_run(store)
+        stdout.print(f"verified: run {store} loads ({len(run.classes)} classes) and finished training")
+        return
+    splits = list_splits(store)
+    stdout.print(splits_table(store, splits))
+    if show_failures:
+        for s in splits:
+            for image_id, reason in read_failures(store, s.name):
+                stdout.print(f"{s.name}\t{image_id}\t{reason}", markup=False, highlight=False)
+    if not splits:
+        stdout.print("no splits")
+    if verify:
+        _, problems = verify_store(store)
+        if problems:
+            stdout.print(problems_table(problems))
+        serious = [p for p in problems if p.serious]
+        if serious:
+            first = serious[0]
+            raise DamagedStore(f"{store}: {len(serious)} problem(s) found, each listed above with what to do; "
+                               f"the first: {first.where}: {first.what}")
+        stdout.print(f"verified: every shard of {store} opens, holds the rows the store expects and matches "
+                     "its checksum; the labels match the embeddings")

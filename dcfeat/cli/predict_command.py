@@ -1,0 +1,52 @@
+"""`dcfeat predict`: options of the prediction stage, and what it wrote or skipped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dcfeat.cli.common import DATA, no_progress, stdout
+from dcfeat.heads import SCORINGS
+from dcfeat.options import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    split_name,
+)
+from dcfeat.predict import predict_files
+from dcfeat.reports import RANDOM_NOTICE
+
+
+@click.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
+              show_default=True, help="Run folder written by `dcfeat train`.")
+@click.option("--images", type=click.Path(path_type=Path), help="Folder of new images (any file names).")
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV/TSV/Parquet listing the images to predict.")
+@click.option("--path-column", default="path", show_default=True, help="Manifest column holding image paths.")
+@click.option("--feats", type=click.Path(path_type=Path), help="Predict from a cached split of this store instead.")
+@click.option("--split", default=None, callback=split_name, help="With --feats: the split to predict.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("predictions.parquet"), show_default=True,
+              help="Output file: .parquet, .csv or .geojson.")
+@click.option("--k", type=AT_LEAST_1, default=5, show_default=True, help="Cells per image, best first.")
+@click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
+              help="cosine: probability = softmax at scale s over all cells; group-softmax: each cell's probability "
+              "under its own group's classifier (D&C Eq. 4.19-4.20), also used to rank.")
+@click.option("--model", default=None, help="Backbone [default: the one the run's features came from]; its "
+              "weights must be the same (checked).")
+@click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
+@click.option("--workers", type=AT_LEAST_0, default=0, show_default=True, help="DataLoader decoding processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@no_progress
+def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, batch_size, workers,
+            device, no_progress):
+    """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon."""
+    result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
+                           split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
+                           progress=not no_progress, scoring=scoring)
+    stdout.print(f"{result.frame['image_id'].n_unique()} images, top-{k} cells each → {result.path}")
+    for image_id, reason in result.skipped:
+        stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)
+    if result.random_backbone:
+        stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")
+    if result.run.status_line():
+        stdout.print(f"[yellow]{result.run.status_line()}[/yellow]")
