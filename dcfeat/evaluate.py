@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+import torch.nn.functional as F
 
 from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures
@@ -22,7 +23,7 @@ from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M, localisation_recall
 from dcfeat.model import check_features, top_cells
 from dcfeat.partition import cell_keys
 from dcfeat.reports import Ranking, write_outputs
-from dcfeat.retrieval import topk_cosine, topk_cosine_restricted
+from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
 from dcfeat.runs import Run, load_run
 from dcfeat.store import Split, read_split
 
@@ -89,32 +90,33 @@ def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, 
                       database_embedding_seconds=index_seconds)
 
 
+def cell_index(run: Run, db: Split, device: torch.device) -> CellIndex:
+    """The database's rows grouped by the run's class cells (built once per database and run)."""
+    M = run.config["M"]
+    c, lab = run.classes, db.labels
+    class_keys = cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
+                           c["cell_north"].to_numpy(), M)
+    row_keys = cell_keys(lab["utm_zone"].to_numpy(), lab["utm_letter"].to_numpy(), lab["utm_east"].to_numpy(),
+                         lab["utm_north"].to_numpy(), M)
+    return CellIndex.build(class_keys, row_keys, device)
+
+
 def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
            space: str = "projected", scoring: str = "cosine") -> Ranking:
     """Retrieval restricted to database images inside each query's top-`cells` classes."""
-    M = run.config["M"]
-    c = run.classes
-    class_keys = cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
-                            c["cell_north"].to_numpy(), M)
-    lab = db.labels
-    db_keys = cell_keys(lab["utm_zone"].to_numpy(), lab["utm_letter"].to_numpy(), lab["utm_east"].to_numpy(),
-                         lab["utm_north"].to_numpy(), M)
-    order = np.argsort(db_keys, kind="stable")  # database rows grouped by cell: the "index"
-    sorted_keys = db_keys[order]
     q, d, index_seconds = _spaces(run, queries, db, space, device)
     t = time.perf_counter()
+    d, index = normalised(d, device, in_place=space == "projected"), cell_index(run, db, device)
+    synchronize(device)
+    index_seconds += time.perf_counter() - t
+    t = time.perf_counter()
     top_classes = run.model.topk(queries.embeddings, cells, scoring=scoring)[0]
-    wanted = class_keys[top_classes]  # (n, cells)
-    lo = np.searchsorted(sorted_keys, wanted, side="left")
-    hi = np.searchsorted(sorted_keys, wanted, side="right")
-    allowed = [np.concatenate([order[a:b] for a, b in zip(lo[i], hi[i])]) for i in range(len(wanted))]
-    if space == "projected":
-        q = _embed(run, q, device)
-    scores, rows = topk_cosine_restricted(q, d, allowed, k, device=device)
+    q = _embed(run, q, device) if space == "projected" else torch.as_tensor(q).to(device)
+    scores, rows = topk_in_cells(F.normalize(q.float(), dim=1), d, index, top_classes, k)
     synchronize(device)
     return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
                       database_embedding_seconds=index_seconds,
-                      mean_candidates=float(np.mean([len(a) for a in allowed])))
+                      mean_candidates=float(index.counts[torch.as_tensor(top_classes).to(device)].sum(1).float().mean()))
 
 
 def score(method: Ranking, queries: Split, *, ks: tuple[int, ...], threshold_m: float):

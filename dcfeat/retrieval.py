@@ -9,7 +9,7 @@ Any row-sliceable array works as the database, an h5py dataset included
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -109,93 +109,80 @@ def topk_cosine(
     return best_s.cpu().numpy(), best_i.cpu().numpy()
 
 
-def _plan_groups(allowed: Sequence[np.ndarray], nd: int, max_queries: int, max_union: int, waste: float) -> list[list[int]]:
-    """Group queries whose (sorted, unique) candidate sets overlap, so one gather serves several.
+def normalised(database: Array, device: str | torch.device, *, db_chunk: int = DEFAULT_DB_CHUNK,
+               in_place: bool = False) -> torch.Tensor:
+    """Unit-length rows on `device`, in the search's compute type (fp16/bf16 kept on CUDA), chunk by chunk.
 
-    Queries are ordered by their smallest candidate (identical sets, the common
-    case in hybrid mode where nearby queries pick the same cells, become
-    neighbours) and added greedily while the dense (queries x union) score
-    block stays within ``waste`` times the useful work and ``max_union`` rows.
+    `in_place`: a tensor already on `device` in that type is overwritten rather than copied (a
+    projected database the caller owns: 1.25 M x 512 float32 is 2.6 GB).
     """
-    mins = np.array([a[0] if len(a) else nd for a in allowed])
-    order = np.argsort(mins, kind="stable")
-    marked = np.zeros(nd, dtype=bool)
-    groups: list[list[int]] = []
-    current: list[int] = []
-    union: list[np.ndarray] = []
-    union_size = useful = 0
-    for qi in order.tolist():
-        cand = allowed[qi]
-        fresh = cand[~marked[cand]]
-        new_union, new_useful = union_size + len(fresh), useful + len(cand)
-        fits = len(current) < max_queries and new_union <= max_union
-        if current and not (fits and (len(current) + 1) * new_union <= waste * new_useful):
-            groups.append(current)
-            for u in union:
-                marked[u] = False
-            current, union, union_size, useful = [], [], 0, 0
-            fresh = cand
-            new_union, new_useful = len(cand), len(cand)
-        current.append(qi)
-        union.append(fresh)
-        marked[fresh] = True
-        union_size, useful = new_union, new_useful
-    if current:
-        groups.append(current)
-    return groups
-
-
-def topk_cosine_restricted(
-    queries: Array,
-    database: Array,
-    allowed: Sequence[np.ndarray],
-    k: int,
-    *,
-    device: str | torch.device = "cpu",
-    normalize: bool = True,
-    max_group_queries: int = 256,
-    max_union_rows: int = 65536,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by cosine for query i among ``database[allowed[i]]`` only.
-
-    Returns scores float32 (nq, k) and global database indices int64 (nq, k);
-    where a query has fewer than k candidates the tail is index -1, score -inf.
-    Duplicate indices in a candidate set count once.
-    """
-    nq, nd = _check_shapes(queries, database, k)
-    if len(allowed) != nq:
-        raise ValueError(f"need one candidate array per query: {nq} queries, {len(allowed)} arrays")
-    allowed = [np.unique(np.asarray(a, dtype=np.int64)) for a in allowed]
-    for qi, a in enumerate(allowed):
-        if len(a) and (a[0] < 0 or a[-1] >= nd):
-            raise ValueError(f"query {qi}: candidate index outside the database (0..{nd - 1})")
-    device = torch.device(device)
+    device = torch.empty(0, device=device).device  # "cuda" → "cuda:0", as tensors report it
     dtype = _compute_dtype(database, device)
-    q_all = _to_tensor(queries[:], device, torch.float32)
-    q_all = F.normalize(q_all, dim=1) if normalize else q_all
-    out_s = np.full((nq, k), -np.inf, dtype=np.float32)
-    out_i = np.full((nq, k), -1, dtype=np.int64)
+    reuse = in_place and isinstance(database, torch.Tensor) and database.device == device and database.dtype == dtype
+    out = database if reuse else torch.empty(database.shape, dtype=dtype, device=device)
+    for start in range(0, database.shape[0], db_chunk):
+        block = _to_tensor(database[start:start + db_chunk], device, torch.float32)
+        out[start:start + len(block)] = F.normalize(block, dim=1).to(dtype)
+    return out
 
-    # Waste 1.5: two queries whose sets half overlap still share one gather
-    # (gathering and converting rows, not the matmul, dominate on CPU), while
-    # disjoint sets stay apart so their dense score blocks do not double.
+
+@dataclass
+class CellIndex:
+    """Database rows grouped by cell, built once per database: class c's rows are
+    ``rows[starts[c] : starts[c] + counts[c]]`` (ascending row order within a cell)."""
+
+    rows: torch.Tensor  # int64 (database rows that lie in some class cell,)
+    starts: torch.Tensor  # int64 (classes,)
+    counts: torch.Tensor  # int64 (classes,)
+
+    @classmethod
+    def build(cls, class_keys: np.ndarray, row_keys: np.ndarray, device: str | torch.device = "cpu") -> CellIndex:
+        """`class_keys`: one cell key per class (dcfeat.partition.cell_keys); `row_keys`: one per database row."""
+        order = np.argsort(row_keys, kind="stable")
+        sorted_keys = row_keys[order]
+        lo = np.searchsorted(sorted_keys, class_keys, side="left")
+        hi = np.searchsorted(sorted_keys, class_keys, side="right")
+        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
+        return cls(as_tensor(order), as_tensor(lo), as_tensor(hi - lo))
+
+
+def topk_in_cells(queries: torch.Tensor, database: torch.Tensor, index: CellIndex, cells: torch.Tensor | np.ndarray,
+                  k: int, *, max_elements: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k database rows by inner product for query i among the rows of its classes ``cells[i]`` only.
+
+    `queries` (nq, D) and `database` (nd, D) are unit rows on one device (see `normalised`), so the
+    inner product is the cosine. Queries go in blocks: each block's candidates are laid out as one
+    padded (block, L) index, gathered at once and scored with one batched matmul, where L is the
+    block's largest candidate count; no Python loop runs per query. Returns scores float32 (nq, k)
+    and global database rows int64 (nq, k); past a query's candidates, index -1 and score -inf.
+    """
+    device = database.device
+    cells = torch.as_tensor(cells, dtype=torch.int64).to(device)
+    nq = len(queries)
+    out_s = torch.full((nq, k), -torch.inf, device=device)
+    out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+    counts = index.counts[cells]  # (nq, C)
+    totals = counts.sum(1)
+    # A block of queries holds about `max_elements` gathered values (128 MiB as float32).
+    per_query = max(1, int(totals.max()) if nq else 1) * database.shape[1]
+    block = max(1, max_elements // per_query)
     with torch.inference_mode():
-        for group in _plan_groups(allowed, nd, max_group_queries, max_union_rows, waste=1.5):
-            union = np.unique(np.concatenate([allowed[qi] for qi in group]))
-            if len(union) == 0:
+        for qs in range(0, nq, block):
+            c, n = counts[qs:qs + block], totals[qs:qs + block]
+            width = int(n.max())
+            if width == 0:
                 continue
-            # Sorted fancy indexing: what h5py requires, and cache friendly for numpy.
-            block = _to_tensor(database[union], device, torch.float32)
-            block = (F.normalize(block, dim=1) if normalize else block).to(dtype)
-            mask = torch.zeros((len(group), len(union)), dtype=torch.bool)
-            for row, qi in enumerate(group):
-                mask[row, torch.from_numpy(np.searchsorted(union, allowed[qi]))] = True
-            s = _scores(q_all[group].to(dtype), block).float()
-            s = s.masked_fill(~mask.to(device), -torch.inf)
-            kk = min(k, len(union))
+            ends = c.cumsum(1)  # (b, C): end of each cell's run in the query's candidate list
+            j = torch.arange(width, device=device).expand(len(c), width)
+            slot = torch.searchsorted(ends, j.contiguous(), right=True).clamp_(max=c.shape[1] - 1)
+            offset = j - (ends - c).gather(1, slot)
+            valid = j < n[:, None]
+            pos = (index.starts[cells[qs:qs + block]].gather(1, slot) + offset).masked_fill_(~valid, 0)
+            rows = index.rows[pos]  # (b, L) database rows
+            cand = database[rows].float()  # (b, L, D); float32 scores, as in topk_cosine
+            s = torch.bmm(cand, queries[qs:qs + block].float()[:, :, None])[:, :, 0].masked_fill_(~valid, -torch.inf)
+            kk = min(k, width)
             top_s, top_p = torch.topk(s, kk, dim=1)
-            top_s, top_p = top_s.cpu().numpy(), top_p.cpu().numpy()
-            top_i = np.where(np.isneginf(top_s), -1, union[top_p])
-            out_s[group, :kk] = top_s
-            out_i[group, :kk] = top_i
-    return out_s, out_i
+            out_s[qs:qs + block, :kk] = top_s
+            out_i[qs:qs + block, :kk] = torch.where(torch.isneginf(top_s), -1, rows.gather(1, top_p))
+    return out_s.cpu().numpy(), out_i.cpu().numpy()
