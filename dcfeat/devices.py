@@ -47,6 +47,18 @@ def autocast(device: torch.device) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=is_cuda(device))
 
 
+def inner_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T as float32. On CUDA from float16 operands on the tensor cores, with float32 output
+    (torch >= 2.8; else a float32 product): half-precision outputs only resolve cosines to ~5e-4,
+    enough to swap near-tied neighbours or cells. Elsewhere the operands' own dtype (float32 on CPU)."""
+    if not is_cuda(a.device) or a.dtype not in (torch.float16, torch.float32) or a.dtype != b.dtype:
+        return (a @ b.T).float()
+    try:
+        return torch.mm(a.half(), b.half().T, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return a.float() @ b.float().T
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that a host clock read after it times that work."""
     if is_cuda(device):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcfeat.devices import inner_products
+
 _EPS = 1e-6  # keeps sin θ = sqrt(1 - cos² θ) and its gradient finite at cos θ = ±1
 
 
@@ -179,10 +181,12 @@ class GroupHeads(nn.ModuleDict):
         if scoring not in SCORINGS:
             raise ValueError(f"scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
         parts = []
+        unit = F.normalize(h.float(), dim=1, eps=_EPS)
         for g in range(len(self.classes_per_group)):
             head = self[str(g)]
             if isinstance(head, _MarginHead):
-                cos = head.cosine(h)
+                # float16 operands, float32 cosines on CUDA: 5x the float32 product's speed
+                cos = inner_products(unit, F.normalize(head.weight.float(), dim=1, eps=_EPS))
                 parts.append(cos if scoring == "cosine" else F.log_softmax(head.s * cos, dim=1))
             else:
                 parts.append(F.log_softmax(head(h), dim=1))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcfeat.devices import is_cuda
+from dcfeat.devices import inner_products, is_cuda
 
 Array = np.ndarray | torch.Tensor
 
@@ -38,18 +38,6 @@ def _compute_dtype(source: Array, device: torch.device) -> torch.dtype:
 def _to_tensor(block: Array, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(block))
     return block.to(device=device, dtype=dtype)
-
-
-def _scores(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    if q.dtype == torch.float32:
-        return q @ d.T
-    # Half-precision outputs only resolve cosines to ~5e-4, enough to swap
-    # near-duplicate neighbours; ask for float32 output (torch >= 2.8 on
-    # CUDA) and otherwise pay for a float32 matmul.
-    try:
-        return torch.mm(q, d.T, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return q.float() @ d.float().T
 
 
 def _check_shapes(queries: Array, database: Array, k: int) -> tuple[int, int]:
@@ -104,7 +92,7 @@ def topk_cosine(
             kk = min(k, stop - start)
             for qs in range(0, nq, query_chunk):
                 qe = min(qs + query_chunk, nq)
-                s, i = torch.topk(_scores(q_all[qs:qe], block), kk, dim=1)
+                s, i = torch.topk(inner_products(q_all[qs:qe], block), kk, dim=1)
                 best_s[qs:qe], best_i[qs:qe] = _merge(best_s[qs:qe], best_i[qs:qe], s, i + start, k)
     return best_s.cpu().numpy(), best_i.cpu().numpy()
 

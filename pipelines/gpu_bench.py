@@ -42,11 +42,12 @@ def _jpegs(args):
 @click.option("--train-rows", default=5_600_000, show_default=True)
 @click.option("--train-classes", default=150_000, show_default=True)
 @click.option("--db-rows", default=2_800_000, show_default=True)
+@click.option("--train-batches", default="4096,16384", show_default=True, help="Batch sizes of the epoch benchmark.")
 @click.option("--device", default="cuda", show_default=True, help="cpu only for a smoke test of this script.")
 @click.option("--shape", default="vitb14", show_default=True, help="Backbone shape for extraction.")
 @click.option("--steps", default="env,queries,train,step,extract,loop,quality", show_default=True,
               help="Comma-separated, run in this order (also: check).")
-def main(out, images, unique, train_rows, train_classes, db_rows, device, shape, steps):
+def main(out, images, unique, train_rows, train_classes, db_rows, train_batches, device, shape, steps):
     steps = steps.split(",")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -100,7 +101,7 @@ def main(out, images, unique, train_rows, train_classes, db_rows, device, shape,
                 batch_size=batch, in_dim=768, classes_per_group=train_classes // 4, device=device))
 
     def train():
-        for batch in (4096, 16384):
+        for batch in map(int, train_batches.split(",")):
             emit("train", lambda batch=batch: speed.bench_train(
                 train_rows, 768, train_classes, batch_size=batch, epochs=3, device=device))
 
