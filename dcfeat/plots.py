@@ -1,4 +1,5 @@
-"""Evaluation figures: error CDF per method and a map of right and wrong queries.
+"""Evaluation figures: error CDF per method, a map of right and wrong queries, and how
+well a confidence sorts them (risk-coverage curve, reliability diagram).
 
 Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, never
 through pyplot, so importing or calling this module changes no global
@@ -128,4 +129,86 @@ def plot_query_map(
     ax.set_xlabel(f"east - {e0:.0f} (m)")
     ax.set_ylabel(f"north - {n0:.0f} (m)")
     ax.legend(loc="best", fontsize=8, markerscale=2)
+    return _save_atomic(fig, path)
+
+
+def _no_queries(ax: Axes) -> None:
+    ax.text(0.5, 0.5, "no queries", transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
+def plot_risk_coverage(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    *,
+    title: str,
+) -> Path:
+    """LR@1 (%) of the most confident fraction of queries against the fraction kept, one line per signal.
+
+    ``curves`` maps a name to ``confidence_metrics.risk_coverage``'s (coverage,
+    accuracy). A dotted line in the curve's colour marks its LR@1 over all
+    queries, which every curve reaches at coverage 1: the higher a curve
+    stands above its line, the more keeping only confident answers pays.
+    """
+    arrays = {name: [np.asarray(a, dtype=np.float64).ravel() for a in c] for name, c in curves.items()}
+    for name, (coverage, accuracy) in arrays.items():
+        if coverage.size != accuracy.size:
+            raise ValueError(f"curve {name!r}: coverage and accuracy differ in length: "
+                             f"{coverage.size} vs {accuracy.size}")
+
+    fig, ax = _new_figure(title, (7.0, 4.5))
+    drawn = {name: c for name, c in arrays.items() if c[0].size}
+    for name, (coverage, accuracy) in drawn.items():
+        (line,) = ax.plot(coverage, 100 * accuracy, label=f"{name} (LR@1 {100 * accuracy[-1]:.1f} % at all)")
+        ax.axhline(100 * accuracy[-1], color=line.get_color(), linestyle=":", linewidth=1)
+    if not drawn:
+        _no_queries(ax)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 101)
+    ax.set_xlabel("fraction of queries kept (most confident first)")
+    ax.set_ylabel("LR@1 of the kept queries (%)")
+    ax.grid(True, alpha=0.3)
+    if drawn:
+        ax.legend(loc="lower left", fontsize=8)
+    return _save_atomic(fig, path)
+
+
+def plot_reliability(
+    bins: dict[str, np.ndarray],
+    path: str | os.PathLike,
+    *,
+    title: str,
+    ece: float | None = None,
+) -> Path:
+    """Reliability diagram: fraction right against mean confidence per bin, with the diagonal.
+
+    ``bins`` is ``confidence_metrics.reliability_bins``'s dict. A point on the
+    diagonal is calibrated; the red stroke to it is the bin's gap, which ECE
+    averages. Marker area follows the bin's query count, also given in the legend.
+    """
+    conf, acc, count = (np.asarray(bins[key], dtype=np.float64).ravel() for key in ("confidence", "accuracy", "count"))
+    if not conf.size == acc.size == count.size:
+        raise ValueError(f"bins need one confidence, accuracy and count per bin; got lengths "
+                         f"{conf.size}, {acc.size}, {count.size}")
+
+    # As wide as the other figures, so a wrapped notice in the title fits.
+    fig, ax = _new_figure(title, (7.0, 6.5))
+    ax.plot([0, 1], [0, 1], color="0.3", linestyle="--", linewidth=1, label="calibrated")
+    if conf.size:
+        ax.vlines(conf, np.minimum(conf, acc), np.maximum(conf, acc), colors="tab:red", linewidth=1.5, label="gap")
+        sizes = 20 + 100 * count / count.max() if count.max() > 0 else 20
+        lo, hi = int(count.min()), int(count.max())
+        per_bin = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        ece_text = "" if ece is None else f", ECE {ece:.3f}"
+        ax.scatter(conf, acc, s=sizes, c="tab:blue", zorder=3,
+                   label=f"{conf.size} bins of {per_bin} queries{ece_text}")
+    else:
+        _no_queries(ax)
+    # A little past [0, 1]: a bin at 0 or 1 would otherwise be cut in half by the frame.
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel("mean confidence")
+    ax.set_ylabel("fraction right (LR@1)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
     return _save_atomic(fig, path)
