@@ -16,18 +16,20 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from dcfeat.assess import assess_confidence, write_confidence_plots
+from dcfeat.calibrate import signals_of
 from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import tuned_splits
 from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M, localisation_recall
 from dcfeat.model import check_features, top_cells
 from dcfeat.partition import cell_keys
-from dcfeat.reports import Ranking, write_outputs
+from dcfeat.reports import RANDOM_NOTICE, Ranking, write_outputs
 from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
 from dcfeat.runs import Run, load_run
 from dcfeat.store import Split, read_split
 
-MODES = ("classify", "retrieve", "hybrid")
+MODES = ("classify", "retrieve", "hybrid", "adaptive")
 SPACES = ("projected", "raw")
 
 
@@ -101,22 +103,60 @@ def cell_index(run: Run, db: Split, device: torch.device) -> CellIndex:
     return CellIndex.build(class_keys, row_keys, device)
 
 
-def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
-           space: str = "projected", scoring: str = "cosine") -> Ranking:
-    """Retrieval restricted to database images inside each query's top-`cells` classes."""
+def _searchable(run: Run, queries: Split, db: Split, space: str, device: torch.device):
+    """Queries, unit database rows and the cell index in the chosen space; their preparation time."""
     q, d, index_seconds = _spaces(run, queries, db, space, device)
     t = time.perf_counter()
     d, index = normalised(d, device, in_place=space == "projected"), cell_index(run, db, device)
     synchronize(device)
-    index_seconds += time.perf_counter() - t
+    return q, d, index, index_seconds + time.perf_counter() - t
+
+
+def _unit_queries(run: Run, q, space: str, device: torch.device) -> torch.Tensor:
+    q = _embed(run, q, device) if space == "projected" else torch.as_tensor(q).to(device)
+    return F.normalize(q.float(), dim=1)
+
+
+def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
+           space: str = "projected", scoring: str = "cosine") -> Ranking:
+    """Retrieval restricted to database images inside each query's top-`cells` classes."""
+    q, d, index, index_seconds = _searchable(run, queries, db, space, device)
     t = time.perf_counter()
     top_classes = run.model.topk(queries.embeddings, cells, scoring=scoring)[0]
-    q = _embed(run, q, device) if space == "projected" else torch.as_tensor(q).to(device)
-    scores, rows = topk_in_cells(F.normalize(q.float(), dim=1), d, index, top_classes, k)
+    scores, rows = topk_in_cells(_unit_queries(run, q, space, device), d, index, top_classes, k)
     synchronize(device)
+    candidates = index.counts[torch.as_tensor(top_classes).to(device)].sum(1)
     return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
-                      database_embedding_seconds=index_seconds,
-                      mean_candidates=float(index.counts[torch.as_tensor(top_classes).to(device)].sum(1).float().mean()))
+                      database_embedding_seconds=index_seconds, mean_candidates=float(candidates.float().mean()))
+
+
+def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
+             space: str = "projected") -> Ranking:
+    """The hybrid, widened to `widen_factor` × `cells` cells for unsure queries and exact retrieval
+    for the least sure (thresholds: val quantiles of the confidence, in calibration.json)."""
+    rule = run.calibration.hybrid
+    q, d, index, index_seconds = _searchable(run, queries, db, space, device)
+    t = time.perf_counter()
+    sig = signals_of(run, queries.embeddings)
+    conf = run.calibration.confidence(sig.values)
+    wide = cells * int(rule["widen_factor"])
+    top = sig.top_classes if sig.top_classes.shape[1] >= wide else run.model.topk(queries.embeddings, wide)[0]
+    n_cells = np.where(conf < rule["widen_below"], wide, cells)
+    top = np.where(np.arange(top.shape[1] if len(top) else 0) < n_cells[:, None], top, -1)[:, :wide]
+    fallback = conf < rule["fallback_below"]
+    top[fallback] = -1
+    unit = _unit_queries(run, q, space, device)
+    scores, rows = topk_in_cells(unit, d, index, top, k)
+    if fallback.any():
+        scores[fallback], rows[fallback] = topk_cosine(unit[torch.as_tensor(fallback).to(device)], d, k,
+                                                       device=device, normalize=False)
+    synchronize(device)
+    used = torch.as_tensor(top).to(device)
+    counts = torch.where(used >= 0, index.counts[used.clamp(min=0)], 0).sum(1).cpu().numpy()
+    candidates = np.where(fallback, len(d), counts)
+    return _db_method("adaptive", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
+                      database_embedding_seconds=index_seconds, mean_candidates=float(candidates.mean()),
+                      fallback_share=float(fallback.mean()), widened_share=float((n_cells > cells).mean()))
 
 
 def score(method: Ranking, queries: Split, *, ks: tuple[int, ...], threshold_m: float):
@@ -136,17 +176,27 @@ def check_zones(run: Run, queries: Split) -> None:
                                    "on a split of the same city, or train a run on this place")
 
 
-def check_modes(modes: tuple[str, ...], database_split) -> None:
-    if any(m in ("retrieve", "hybrid") for m in modes) and database_split is None:
+def check_modes(modes: tuple[str, ...], database_split, run: Run | None = None) -> None:
+    if any(m != "classify" for m in modes) and database_split is None:
         raise BadInput(f"--mode {'/'.join(m for m in modes if m != 'classify')} needs --database-split (the "
                        "database images' split, e.g. test-db)")
+    if "adaptive" in modes and run is not None and run.calibration is None:
+        raise BadInput(f"--mode adaptive needs a calibrated run, and {run.directory} has no calibration.json: fit "
+                       f"one with `dcfeat calibrate --run {run.directory} --split val`")
+
+
+def default_modes(database_split, run: Run) -> tuple[str, ...]:
+    """Every mode the inputs allow: the adaptive hybrid only for a calibrated run."""
+    if not database_split:
+        return ("classify",)
+    return ("classify", "retrieve", "hybrid") + (("adaptive",) if run.calibration is not None else ())
 
 
 def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
              ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int = 5,
              space: str = "projected", device: str = "cpu", scoring: str = "cosine") -> tuple[dict, list[Ranking], dict]:
     """Run each mode on `queries`; (report, methods, LocalisationRecall per method)."""
-    check_modes(modes, database.name if database is not None else None)
+    check_modes(modes, database.name if database is not None else None, run)
     dev = torch.device(device)
     run.model.to(dev)
     check_zones(run, queries)
@@ -157,8 +207,10 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
             methods.append(classify(run, queries, k, dev, scoring))
         elif mode == "retrieve":
             methods.append(retrieve(run, queries, database, k, dev, space))
-        else:
+        elif mode == "hybrid":
             methods.append(hybrid(run, queries, database, k, cells, dev, space, scoring))
+        else:
+            methods.append(adaptive(run, queries, database, k, cells, dev, space))
     n = queries.embeddings.shape[0]
     results, report_methods = {}, {}
     for m in methods:
@@ -184,11 +236,10 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
                         scoring: str = "cosine",
                         device: str = "auto", out: Path | None = None) -> tuple[dict, dict[str, Path]]:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files."""
-    if modes is None:
-        modes = ("classify", "retrieve", "hybrid") if database_split else ("classify",)
-    check_modes(modes, database_split)
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
+    modes = default_modes(database_split, run) if modes is None else modes
+    check_modes(modes, database_split, run)
     queries = read_split(feats, split, dtype=np.float32)
     check_features(run.feature_identity, queries.attrs, what=f"split '{split}' of {feats}")
     database = None
@@ -203,8 +254,15 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
     report = {**report, "run": str(Path(run_dir).resolve()), "store": str(Path(feats).resolve()),
               "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
                           "space": space, "device": device, "scoring": scoring}}
+    retrieved = next((m for m in methods if m.name == "retrieve"), None)
+    section, plots = assess_confidence(run, queries, threshold_m=threshold_m, retrieval_top1=None if retrieved is None
+                                       else (retrieved.east[:, 0], retrieved.north[:, 0], retrieved.zone[:, 0],
+                                             retrieved.letter[:, 0]))
+    out = Path(out) if out else Path(run_dir) / "eval" / split
+    out.mkdir(parents=True, exist_ok=True)
+    extra = write_confidence_plots(out, plots, split=split, notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")
     background = None
     if database is not None:
         background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
-    return write_outputs(Path(out) if out else Path(run_dir) / "eval" / split, report, queries.labels, methods,
-                         results, background=background)
+    return write_outputs(out, {**report, "confidence": section}, queries.labels, methods, results,
+                         background=background, extra_files=extra)

@@ -20,6 +20,7 @@ import torch
 
 from dcfeat.atomic import atomic_write
 from dcfeat.backbone import Backbone, load_backbone
+from dcfeat.calibrate import signals_of
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput
 from dcfeat.finetune import tuned_splits, use_tuned_blocks
@@ -67,7 +68,8 @@ def cell_probabilities(run: Run, features: np.ndarray, k: int, scoring: str = "c
 
 
 def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
-    """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon."""
+    """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon, and per
+    image the calibrated confidence and the 90 % radius (null for an uncalibrated run)."""
     ids, probs = cell_probabilities(run, features, k, scoring)
     n, kk = ids.shape
     flat = ids.reshape(-1)
@@ -75,10 +77,23 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
     east, north = c["cell_east"].to_numpy()[flat], c["cell_north"].to_numpy()[flat]
     zone, letter = c["utm_zone"].to_numpy()[flat], c["utm_letter"].to_numpy()[flat]
     lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
+    confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
+    if run.calibration is not None and n:
+        sig = signals_of(run, features)
+        confidence, radius = run.calibration.confidence(sig.values), run.calibration.radius_m(sig.base_radius_m)
+    per_image = lambda v: np.repeat(v, kk)  # noqa: E731
     return pl.DataFrame({
         "image_id": np.repeat(np.asarray(image_ids, dtype=object), kk), "rank": np.tile(np.arange(1, kk + 1), n),
         "class": flat.astype(np.int64), "group": c["group"].to_numpy()[flat], "probability": probs.reshape(-1),
-        "cell_east": east, "cell_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon})
+        "cell_east": east, "cell_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon,
+        "confidence": per_image(confidence), "radius_m": per_image(radius),
+    }).with_columns(pl.col("confidence", "radius_m").fill_nan(None))
+
+
+def abstain(frame: pl.DataFrame, min_confidence: float | None) -> pl.DataFrame:
+    """Mark images whose confidence is below `min_confidence` (`abstained`); they stay in the table."""
+    below = pl.col("confidence") < min_confidence if min_confidence is not None else pl.lit(False)
+    return frame.with_columns(abstained=below.fill_null(False))
 
 
 def check_out(out: Path) -> Path:
@@ -102,7 +117,8 @@ def check_out(out: Path) -> Path:
 def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, run: Run | None = None) -> Path:
     """The table as Parquet, CSV or GeoJSON (by `out`'s extension), written atomically."""
     out = check_out(out)
-    meta = {**(run.status() if run is not None else {}), "random_backbone": random_backbone}
+    meta = {**(run.status() if run is not None else {}), "random_backbone": random_backbone,
+            "calibrated": run is not None and run.calibration is not None}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(out) as tmp, open(tmp, "wb") as f:
@@ -192,7 +208,7 @@ class Prediction:
 def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manifest: Path | None = None,
                   path_column: str = "path", feats: Path | None = None, split: str | None = None, k: int = 5,
                   model: str | None = None, batch_size: int = 64, workers: int = 0, device: str = "auto",
-                  progress: bool = True, scoring: str = "cosine") -> Prediction:
+                  progress: bool = True, scoring: str = "cosine", min_confidence: float | None = None) -> Prediction:
     """`dcfeat predict`: check the options and output, load the run, predict, write `out`."""
 
     out = check_out(out)
@@ -200,6 +216,9 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
         raise BadInput("--feats needs --split (the cached split to predict)")
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
+    if min_confidence is not None and run.calibration is None:
+        raise BadInput(f"--min-confidence needs a calibrated run, and {run_dir} has no calibration.json: fit one "
+                       f"with `dcfeat calibrate --run {run_dir} --split val`")
     skipped = []
     if feats is not None:
         frame = predict_cached(run, feats, split, k=k, device=str(dev), scoring=scoring)
@@ -207,5 +226,6 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
         frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
                                         workers=workers, device=str(dev), progress=progress,
                                         path_column=path_column, scoring=scoring)
+    frame = abstain(frame, min_confidence)
     path = write_predictions(frame, out, random_backbone=run.random_backbone, run=run)
     return Prediction(path=path, frame=frame, skipped=skipped, run=run)

@@ -59,7 +59,8 @@ def recall_from_predictions(frame: pl.DataFrame, method: str, ks: list[int], thr
 
 
 def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[Ranking], results: dict,
-                  *, background: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, dict[str, Path]]:
+                  *, background: tuple[np.ndarray, np.ndarray] | None = None,
+                  extra_files: dict[str, Path] | None = None) -> tuple[dict, dict[str, Path]]:
 
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -77,6 +78,7 @@ def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[R
             east, north, results[m.name].correct[:, 0], m.east[:, 0], m.north[:, 0], out / f"map_{m.name}.png",
             title=f"{m.name}: queries of '{report['split']}' correct (green) / wrong (red) at "
                   f"{report['threshold_m']:g} m{notice}", background=background)
+    paths.update(extra_files or {})
     report = {**report, "files": {k: p.name for k, p in paths.items()}}
     write_text(out / "report.json", json.dumps(report, indent=1))
     paths["report"] = out / "report.json"
@@ -101,4 +103,24 @@ def recall_table(report: dict) -> Table:
         label = name if name == "classify" else f"{name} ({m['space']})"
         table.add_row(label, *[f"{100 * m['recall'][str(k)]:.1f}" for k in ks], f"{m['median_error_m']:.1f} m",
                       f"{m['ms_per_query']:.3f}", f"{m['queries_per_s']:,.0f}")
+    return table
+
+
+def confidence_table(report: dict) -> Table:
+    """How well each signal (and the calibrated confidence) sorts classification's right answers first."""
+    sec = report["confidence"]
+    title = (f"confidence of classification's answers: {100 * (sec['right'] or 0):.1f} % right at "
+             f"{report['threshold_m']:g} m")
+    notes = [sec["note"]] if sec.get("note") else []
+    if sec.get("radius_90"):
+        notes.append(f"90 % radius: the true position inside it for {100 * sec['radius_90']['inside']:.1f} % of "
+                     f"queries (median radius {sec['radius_90']['median_m']:.0f} m)")
+    table = Table(title=title, caption="\n".join(notes) or None)
+    for col in ("signal", "AUC-PR", "AUROC", "LR@1 50 %", "LR@1 75 %", "LR@1 90 %", "ECE", "Brier"):
+        table.add_column(col, justify="left" if col == "signal" else "right")
+    fmt = lambda v, pct=False: "—" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.3f}")  # noqa: E731
+    for name, m in sec["signals"].items():
+        cov = m["lr1_at_coverage"]
+        table.add_row(name, fmt(m["auc_pr"]), fmt(m["auroc"]), fmt(cov.get("50"), True), fmt(cov.get("75"), True),
+                      fmt(cov.get("90"), True), fmt(m["ece"]), fmt(m["brier"]))
     return table

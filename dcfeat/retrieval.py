@@ -136,7 +136,8 @@ class CellIndex:
 
 def topk_in_cells(queries: torch.Tensor, database: torch.Tensor, index: CellIndex, cells: torch.Tensor | np.ndarray,
                   k: int, *, max_elements: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k database rows by inner product for query i among the rows of its classes ``cells[i]`` only.
+    """Top-k database rows by inner product for query i among the rows of its classes ``cells[i]`` only
+    (a class id of -1 stands for no cell: queries may search different numbers of cells).
 
     `queries` (nq, D) and `database` (nd, D) are unit rows on one device (see `normalised`), so the
     inner product is the cosine. Queries go in blocks: each block's candidates are laid out as one
@@ -149,7 +150,8 @@ def topk_in_cells(queries: torch.Tensor, database: torch.Tensor, index: CellInde
     nq = len(queries)
     out_s = torch.full((nq, k), -torch.inf, device=device)
     out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
-    counts = index.counts[cells]  # (nq, C)
+    counts = torch.where(cells >= 0, index.counts[cells.clamp(min=0)], 0)  # (nq, C); class -1: no cell
+    cells = cells.clamp(min=0)
     totals = counts.sum(1)
     # A block of queries holds about `max_elements` gathered values (128 MiB as float32).
     per_query = max(1, int(totals.max()) if nq else 1) * database.shape[1]

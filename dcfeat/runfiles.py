@@ -12,17 +12,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from dcfeat.calibration import Calibrator
 from dcfeat.errors import BadInput, DamagedRun
 from dcfeat.heads import HEADS
 from dcfeat.model import DCModel
 from dcfeat.partition import load_classes
 
 MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
-BLOCKS_FILE = "blocks.safetensors"
+BLOCKS_FILE, CALIBRATION_FILE = "blocks.safetensors", "calibration.json"
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE)
 COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"
 # Everything `dcfeat train` writes in a run folder: what a restart into an unfinished run clears.
-TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE)
+TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE)
 
 
 def _fix(directory: Path) -> str:
@@ -170,3 +171,16 @@ def read_blocks(directory: Path, blocks: int) -> dict[str, torch.Tensor]:
         raise _damaged(path, f"does not hold the last {blocks} tuned blocks and the layer norm that {CONFIG_FILE} "
                              f"says the run tunes ({found})")
     return state
+
+
+def read_calibration(directory: Path) -> Calibrator | None:
+    """The run's fitted confidence (`dcfeat calibrate`, or `train --val-split`); None when it has none."""
+    path = directory / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Calibrator.from_dict(json.loads(path.read_text()))
+    except ValueError as e:  # not JSON, not UTF-8, or not a calibrator
+        raise DamagedRun(f"{path}: not a calibration dcfeat wrote ({_first_line(e)}). The run folder was edited "
+                         f"or damaged. Fit it again with `dcfeat calibrate --run {directory} --split val`, or "
+                         "delete the file to use the run uncalibrated") from None

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from dcfeat.atomic import atomic_write, tmp_path, write_text
+from dcfeat.calibration import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem
 from dcfeat.model import DCModel
 from dcfeat.partition import save_classes
@@ -35,6 +36,7 @@ from dcfeat.runfiles import (
     TRAIN_FILES,
     check_folder,
     read_blocks,
+    read_calibration,
     read_classes,
     read_config,
     read_model,
@@ -51,6 +53,7 @@ class Run:
     blocks: dict[str, torch.Tensor] | None = None  # blocks.safetensors, when the run tunes backbone blocks
     complete: bool = True
     epochs_done: int | None = None
+    calibration: Calibrator | None = None  # calibration.json: confidence and 90 % radius, when fitted
 
     @property
     def random_backbone(self) -> bool:
@@ -96,8 +99,9 @@ def write_config(directory: Path, config: dict) -> None:
     write_text(Path(directory) / CONFIG_FILE, json.dumps(config, indent=1, sort_keys=True))
 
 
-def load_run(directory: Path, device: torch.device | str = "cpu") -> Run:
-    """The run in `directory`, checked file by file, its model in eval mode on `device`."""
+def load_run(directory: Path, device: torch.device | str = "cpu", *, calibration: bool = True) -> Run:
+    """The run in `directory`, checked file by file, its model in eval mode on `device`.
+    `calibration=False` skips calibration.json (`dcfeat calibrate` replaces it, even a damaged one)."""
     directory = Path(directory)
     check_folder(directory)
     config = read_config(directory)
@@ -106,7 +110,7 @@ def load_run(directory: Path, device: torch.device | str = "cpu") -> Run:
     model = read_model(directory, config).to(device).eval()
     blocks = read_blocks(directory, config["finetune_blocks"]) if config.get("finetune_blocks") else None
     return Run(directory=directory, model=model, config=config, classes=classes, blocks=blocks, complete=complete,
-               epochs_done=epochs_done)
+               epochs_done=epochs_done, calibration=read_calibration(directory) if calibration else None)
 
 
 def verified_run(directory: Path) -> Run:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from dcfeat import devices
 from dcfeat.atomic import write_text
+from dcfeat.calibrate import calibrate_files
 from dcfeat.devices import autocast, is_cuda, resolve_device
 from dcfeat.errors import BadInput
 from dcfeat.finetune import TokenTraining
@@ -86,6 +87,7 @@ class TrainResult:
     seconds: float
     memory_budget: int | None = None  # bytes a split could take in memory (train_files)
     streamed: bool = False  # the split was read from disk in chunks instead
+    calibration: str = ""  # whether train_files fitted the run's confidence, or why not
 
 
 def _hits(head, h: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -268,6 +270,13 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
                   "memory_budget": budget}
     result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config,
                    tail=tail, streamed=streamed)
+    calibration = "uncalibrated: no --val-split"
+    if val_split:  # the confidence and 90 % radius, fitted on the held-out split (calibration.json)
+        try:
+            calibrate_files(feats, run, val_split, threshold_m=config.threshold_m, device=str(dev))
+            calibration = f"calibrated on '{val_split}'"
+        except BadInput as e:  # the run itself is sound: say why it has no confidence, do not fail
+            calibration = f"uncalibrated: {e}"
     if out is None:
         point_latest(run)
-    return replace(result, memory_budget=budget, streamed=streamed is not None)
+    return replace(result, memory_budget=budget, streamed=streamed is not None, calibration=calibration)

@@ -37,7 +37,7 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model):
     result = run_demo(tmp_path / "demo", streets=2, image_size=56, epochs=3, workers=0, progress=False,
                       model=str(tiny_model))
     report = result.report
-    assert set(report["methods"]) == {"classify", "retrieve", "hybrid"} and report["random_backbone"]
+    assert set(report["methods"]) == {"classify", "retrieve", "hybrid", "adaptive"} and report["random_backbone"]
     for m in report["methods"].values():
         assert set(m) >= {"recall", "median_error_m", "mean_error_m", "queries_per_s", "ms_per_query"}
         assert set(m["recall"]) == {"1", "5", "10", "20"}

@@ -79,6 +79,7 @@ def test_search_in_cells_matches_masked_brute_force(max_elements):
     cells = np.stack([rng.choice(len(class_keys), 3, replace=False) for _ in range(17)])
     cells[4] = [len(class_keys) - 1, 0, 1]  # the empty cell beside two others
     cells[5] = len(class_keys) - 1  # only the empty cell, thrice: no candidate
+    cells[6, 1:] = -1  # -1: no cell (queries searching fewer cells than others)
     k = 6
     index = CellIndex.build(class_keys, row_keys)
     s, i = topk_in_cells(normalised(q, "cpu"), normalised(db.astype(np.float16), "cpu"), index, cells, k,
@@ -86,7 +87,7 @@ def test_search_in_cells_matches_masked_brute_force(max_elements):
     full = _brute(q, db.astype(np.float16).astype(np.float32))
     assert s.shape == i.shape == (17, k)
     for qi in range(17):
-        cand = np.flatnonzero(np.isin(row_keys, class_keys[np.unique(cells[qi])]))
+        cand = np.flatnonzero(np.isin(row_keys, class_keys[np.unique(cells[qi][cells[qi] >= 0])]))
         order = cand[np.argsort(-full[qi, cand], kind="stable")][:k]
         n = len(order)
         np.testing.assert_array_equal(i[qi, :n], order)

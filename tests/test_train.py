@@ -35,7 +35,8 @@ def test_training_learns_well_above_chance(city_run):
 
 def test_run_folder_is_exactly_the_documented_files(city_run):
     names = sorted(p.name for p in city_run.iterdir())
-    assert names == ["classes.parquet", "command.txt", "config.json", "model.safetensors", "train_log.jsonl"]
+    assert names == ["calibration.json", "classes.parquet", "command.txt", "config.json", "model.safetensors",
+                     "train_log.jsonl"]  # calibration.json: trained with --val-split
     config = json.loads((city_run / "config.json").read_text())
     for key in ("M", "N", "head", "s", "m", "dim", "features", "store_fingerprint", "classes_per_group"):
         assert key in config

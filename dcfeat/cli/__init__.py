@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from dcfeat.cli.calibrate_command import calibrate
 from dcfeat.cli.demo_command import demo
 from dcfeat.cli.evaluate_command import evaluate
 from dcfeat.cli.extract_command import extract
@@ -26,7 +27,7 @@ def cli():
     """Visual place recognition by classification (Divide&Classify) on cached DINOv2 features."""
 
 
-for command in (extract, info, train, evaluate, predict, demo):
+for command in (extract, info, train, calibrate, evaluate, predict, demo):
     cli.add_command(command)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout
+from dcfeat.errors import BadInput
 from dcfeat.evaluate import evaluate_files
 from dcfeat.heads import SCORINGS
 from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
@@ -16,7 +17,7 @@ from dcfeat.options import (
     KList,
     split_name,
 )
-from dcfeat.reports import recall_table
+from dcfeat.reports import confidence_table, recall_table
 
 
 @click.command()
@@ -27,8 +28,9 @@ from dcfeat.reports import recall_table
               show_default=True, help="Run folder written by `dcfeat train`.")
 @click.option("--database-split", default=None, callback=split_name, help="Database split for retrieval and the hybrid "
               "(e.g. test-db).")
-@click.option("--mode", type=click.Choice(["classify", "retrieve", "hybrid", "all"]), default=None,
-              help="[default: all with --database-split, else classify]")
+@click.option("--mode", type=click.Choice(["classify", "retrieve", "hybrid", "adaptive", "all"]), default=None,
+              help="adaptive: the hybrid widened for unsure queries, exact retrieval for the least sure (a "
+              "calibrated run). [default: all with --database-split (adaptive if calibrated), else classify]")
 @click.option("--space", type=click.Choice(["projected", "raw"]), default="projected", show_default=True,
               help="Retrieval descriptors: the run's learned embedding or the raw backbone features.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
@@ -41,11 +43,14 @@ from dcfeat.reports import recall_table
               help="Output folder [default: RUN/eval/SPLIT].")
 def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, threshold, ks, device, out):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
-    modes = None if mode is None else (("classify", "retrieve", "hybrid") if mode == "all" else (mode,))
+    if mode == "all" and database_split is None:
+        raise BadInput("--mode all needs --database-split (the database images' split, e.g. test-db)")
+    modes = None if mode in (None, "all") else (mode,)
     report, paths = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
                                    threshold_m=threshold, cells=cells, space=space, scoring=scoring,
                                    device=device, out=out)
     stdout.print(recall_table(report))
+    stdout.print(confidence_table(report))
     stdout.print(f"coverage {100 * report['coverage']:.1f} % of queries lie in a class cell; device {report['device']}")
     for name, path in paths.items():
         stdout.print(f"{name}: {path}", highlight=False)

@@ -11,6 +11,7 @@ from dcfeat.heads import SCORINGS
 from dcfeat.options import (
     AT_LEAST_0,
     AT_LEAST_1,
+    FRACTION,
     split_name,
 )
 from dcfeat.predict import predict_files
@@ -35,15 +36,24 @@ from dcfeat.reports import RANDOM_NOTICE
               "weights must be the same (checked).")
 @click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=AT_LEAST_0, default=0, show_default=True, help="DataLoader decoding processes.")
+@click.option("--min-confidence", type=FRACTION, default=None, help="Abstain below this calibrated confidence: "
+              "such images stay in the output with abstained = true (needs a calibrated run).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
 def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, batch_size, workers,
-            device, no_progress):
-    """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon."""
+            min_confidence, device, no_progress):
+    """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon, with the
+    answer's calibrated confidence and the radius holding the true position with probability 0.9."""
     result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
                            split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
-                           progress=not no_progress, scoring=scoring)
-    stdout.print(f"{result.frame['image_id'].n_unique()} images, top-{k} cells each → {result.path}")
+                           progress=not no_progress, scoring=scoring, min_confidence=min_confidence)
+    first = result.frame.filter(result.frame["rank"] == 1)
+    abstained = f", {int(first['abstained'].sum())} abstained (confidence < {min_confidence:g})" \
+        if min_confidence is not None else ""
+    stdout.print(f"{first.height} images, top-{k} cells each{abstained} → {result.path}")
+    if result.run.calibration is None:
+        stdout.print("[yellow]UNCALIBRATED RUN: confidence and radius_m are empty; fit them with "
+                     "`dcfeat calibrate --split val`[/yellow]")
     for image_id, reason in result.skipped:
         stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)
     if result.random_backbone:

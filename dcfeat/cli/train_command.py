@@ -76,4 +76,4 @@ def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, 
                  f"{len(result.epochs)} epochs in {result.seconds:.1f} s "
                  f"({last['seconds']:.2f} s/epoch), train accuracy {100 * last['train_accuracy']:.1f} %{val}; "
                  f"split {'streamed from disk' if result.streamed else 'in memory'}, "
-                 f"budget {human_bytes(result.memory_budget)}")
+                 f"budget {human_bytes(result.memory_budget)}; confidence {result.calibration}")

@@ -1,0 +1,63 @@
+"""`dcfeat calibrate`: fit a run's confidence and 90 % radius on a held-out split (`train --val-split`
+does the same at the end of training). Writes `calibration.json` in the run folder, atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dcfeat.atomic import write_text
+from dcfeat.calibration import Calibrator, QuerySignals, fit, query_signals
+from dcfeat.devices import resolve_device
+from dcfeat.errors import BadInput
+from dcfeat.finetune import tuned_splits
+from dcfeat.metrics import THRESHOLD_M, distances_m
+from dcfeat.model import check_features
+from dcfeat.runfiles import CALIBRATION_FILE
+from dcfeat.runs import Run, load_run
+from dcfeat.store import Split, read_split
+
+
+def signals_of(run: Run, features) -> QuerySignals:
+    """The confidence signals of the run's classification answers for cached features (n, D)."""
+    s = run.config["s"] if run.config["head"] != "softmax" else 1.0
+    return query_signals(run.model, features, run.classes, M=run.config["M"], s=s)
+
+
+def answer_errors_m(run: Run, sig: QuerySignals, split: Split) -> np.ndarray:
+    """Metres from each query's top-1 cell centre to where it was taken."""
+    c, lab, top = run.classes, split.labels, sig.top_classes[:, 0]
+    return distances_m(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
+                       c["cell_east"].to_numpy()[top], c["cell_north"].to_numpy()[top], c["utm_zone"].to_numpy()[top],
+                       q_letter=lab["utm_letter"].to_numpy(), p_letter=c["utm_letter"].to_numpy()[top])
+
+
+def calibrate(run: Run, split: Split, *, threshold_m: float = THRESHOLD_M, fitted_on: dict | None = None) -> Calibrator:
+    """Fit the confidence (right = top-1 within `threshold_m`) and the radius on `split`."""
+    if len(split.embeddings) == 0:
+        raise BadInput(f"split '{split.name}' holds no queries to calibrate on")
+    sig = signals_of(run, split.embeddings)
+    err = answer_errors_m(run, sig, split)
+    try:
+        return fit(sig.values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m,
+                   fitted_on={"split": split.name, **(fitted_on or {})})
+    except ValueError as e:
+        raise BadInput(f"split '{split.name}': {e}. Calibrate on a larger held-out split") from None
+
+
+def calibrate_files(feats: Path, run_dir: Path, split: str, *, threshold_m: float = THRESHOLD_M,
+                    device: str = "auto") -> tuple[Calibrator, Path]:
+    """Read the run and the held-out split, fit, write RUN/calibration.json; (calibrator, its path)."""
+    dev = resolve_device(device)
+    run = load_run(run_dir, dev, calibration=False)  # the old calibration, even damaged, is replaced
+    if split == run.config.get("train_split") and Path(feats).resolve() == Path(run.config.get("store", "")):
+        raise BadInput(f"--split {split} is the run's training split: answers on it are surer than on new photos. "
+                       "Calibrate on a held-out split (e.g. val), never on the test split")
+    data = read_split(feats, split, dtype=np.float32)
+    check_features(run.feature_identity, data.attrs, what=f"split '{split}' of {feats}")
+    if run.config.get("finetune_blocks"):
+        [data] = tuned_splits(run, feats, [data], dev)
+    cal = calibrate(run, data, threshold_m=threshold_m, fitted_on={"store": str(Path(feats).resolve())})
+    path = write_text(Path(run_dir) / CALIBRATION_FILE, cal.to_json())
+    return cal, path

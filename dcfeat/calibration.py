@@ -1,0 +1,208 @@
+"""How sure a classification answer is: query-time signals, a calibrated confidence, a 90 % radius.
+
+A confidence is the probability that the top-1 cell centre lies within the threshold (25 m) of
+where the photo was taken. It is built from signals that the scores of every cell of every group
+give for free, with no database:
+
+* ``top1_cosine``: cosine to the best cell's prototype;
+* ``margin``: top-1 cosine minus the best cosine among the top-k cells that are not neighbours of
+  the top-1 cell (aliasing between adjacent cells is not doubt about the place);
+* ``group_probability``: the top cell's softmax probability within its own group at scale s,
+  P(u, v) of D&C Eq. 4.19-4.20;
+* ``softmax_probability``: softmax at scale s over every cell, what `predict` reported before;
+* ``entropy``: of the softmax at scale s over the top-k cells;
+* ``spread``: probability-weighted RMS distance of the top-k cell centres from the top-1 centre
+  (metres), as SUE weighs its retrieved images.
+
+`Calibrator` is a logistic regression on the standardised signals, fitted on a held-out split
+(never the test split), stored as JSON in the run folder. The radius holding the true position with
+probability 0.9 scales a base radius (the top-k cells' probability mass reaching 0.9, plus half a
+cell diagonal) by a split-conformal factor fitted on the same held-out split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import polars as pl
+import torch
+
+from dcfeat.metrics import distances_m
+from dcfeat.model import DCModel
+
+SIGNALS = ("top1_cosine", "margin", "group_probability", "softmax_probability", "entropy", "spread")
+PROBABILITY_SIGNALS = ("group_probability", "softmax_probability")
+TOP_K = 20
+RADIUS_COVERAGE = 0.9
+_TINY = 1e-12
+
+
+@dataclass
+class QuerySignals:
+    """Per query: the signals (name → (n,)), the top-k cells (n, k) and the 90 % base radius (n,)."""
+
+    values: dict[str, np.ndarray]
+    top_classes: np.ndarray
+    base_radius_m: np.ndarray
+
+
+def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, s: float, k: int = TOP_K,
+                  chunk: int = 4096) -> QuerySignals:
+    """The signals of every query's classification answer (see the module docstring)."""
+    cos_top, ids, soft, group_p = [], [], [], []
+    offsets = np.cumsum([0, *model.heads.classes_per_group])
+    with torch.no_grad():
+        for start in range(0, len(features), chunk):
+            x = torch.as_tensor(np.asarray(features[start:start + chunk])).to(model.device)
+            h = model.projection(x)
+            cos = model.heads.scores(h, "cosine").float()
+            log_group = model.heads.scores(h, "group-softmax").float()
+            top = cos.topk(min(k, cos.shape[1]), dim=1)
+            cos_top.append(top.values.cpu().numpy())
+            ids.append(top.indices.cpu().numpy())
+            soft.append(torch.exp(s * top.values[:, 0] - torch.logsumexp(s * cos, dim=1)).cpu().numpy())
+            group_p.append(torch.exp(log_group.gather(1, top.indices[:, :1])[:, 0]).cpu().numpy())
+    kk = min(k, int(offsets[-1]))
+    cos_top = np.concatenate(cos_top) if cos_top else np.zeros((0, kk), np.float32)
+    ids = np.concatenate(ids) if ids else np.zeros((0, kk), np.int64)
+    z = s * (cos_top - cos_top[:, :1])
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True) if len(z) else z
+    east, north = classes["cell_east"].to_numpy()[ids], classes["cell_north"].to_numpy()[ids]
+    zone, letter = classes["utm_zone"].to_numpy()[ids], classes["utm_letter"].to_numpy()[ids]
+    dist = distances_m(east[:, 0], north[:, 0], zone[:, 0], east, north, zone,
+                       q_letter=letter[:, 0], p_letter=letter) if len(ids) else np.zeros_like(cos_top)
+    # Neighbours: the 8 cells around the top one (centres at most one diagonal apart).
+    far = dist > 1.5 * M * math.sqrt(2) - 1e-6
+    far[:, -1] = True  # no non-neighbour among the top k: the k-th cosine bounds the margin
+    first_far = far.argmax(1)
+    values = {
+        "top1_cosine": cos_top[:, 0].astype(np.float64),
+        "margin": (cos_top[:, 0] - cos_top[np.arange(len(ids)), first_far]).astype(np.float64),
+        "group_probability": np.concatenate(group_p).astype(np.float64) if group_p else np.zeros(0),
+        "softmax_probability": np.concatenate(soft).astype(np.float64) if soft else np.zeros(0),
+        "entropy": -(p * np.log(np.clip(p, _TINY, None))).sum(1),
+        "spread": np.sqrt((p * dist ** 2).sum(1)),
+    }
+    return QuerySignals(values, ids, base_radius(dist, p, M))
+
+
+def base_radius(dist: np.ndarray, p: np.ndarray, M: float, coverage: float = RADIUS_COVERAGE) -> np.ndarray:
+    """Smallest distance from the top-1 centre within which the top-k cells hold `coverage` of their
+    probability, plus half a cell diagonal (the photo can be anywhere in its cell)."""
+    order = np.argsort(dist, axis=1, kind="stable")
+    d, mass = np.take_along_axis(dist, order, 1), np.take_along_axis(p, order, 1).cumsum(1)
+    reach = np.minimum((mass < coverage - 1e-9).sum(1), d.shape[1] - 1) if d.size else np.zeros(0, int)
+    return (d[np.arange(len(d)), reach] if d.size else np.zeros(0)) + M * math.sqrt(2) / 2
+
+
+def _features(values: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """Signals as the calibrator's inputs: probabilities as log-odds-like logs, spread as log1p."""
+    cols = []
+    for name in names:
+        v = np.asarray(values[name], np.float64)
+        cols.append(np.log(np.clip(v, _TINY, None)) if name in PROBABILITY_SIGNALS else
+                    np.log1p(v) if name == "spread" else v)
+    return np.stack(cols, axis=1) if cols else np.zeros((0, 0))
+
+
+def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 100) -> tuple[np.ndarray, float]:
+    """L2-regularised logistic regression by Newton's method (the intercept is not penalised)."""
+    n, d = x.shape
+    a = np.hstack([x, np.ones((n, 1))])
+    w = np.zeros(d + 1)
+    penalty = np.full(d + 1, l2)
+    penalty[-1] = 0.0
+    for _ in range(iterations):
+        prob = 1 / (1 + np.exp(-np.clip(a @ w, -50, 50)))
+        grad = a.T @ (prob - y) + penalty * w
+        hess = (a * (prob * (1 - prob))[:, None]).T @ a + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w[:-1], float(w[-1])
+
+
+@dataclass
+class Calibrator:
+    """Signals → probability that the top-1 answer is right, and the 90 % radius; stored as JSON."""
+
+    signals: tuple[str, ...]
+    mean: list[float]
+    std: list[float]
+    weights: list[float]
+    bias: float
+    radius_scale: float
+    threshold_m: float
+    fitted_on: dict = field(default_factory=dict)
+    # Confidence-adaptive hybrid: below `widen_below` search `widen_factor` × the cells, below
+    # `fallback_below` the whole database (val quantiles of the confidence).
+    hybrid: dict = field(default_factory=dict)
+
+    def confidence(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        x = (_features(values, self.signals) - np.asarray(self.mean)) / np.asarray(self.std)
+        return 1 / (1 + np.exp(-np.clip(x @ np.asarray(self.weights) + self.bias, -50, 50)))
+
+    def radius_m(self, base_radius_m: np.ndarray) -> np.ndarray:
+        return self.radius_scale * np.asarray(base_radius_m)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "signals": list(self.signals)}, indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibrator:
+        """Rebuilt from `to_json`'s object; ValueError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        signals = d.get("signals")
+        if not (isinstance(signals, list) and signals and all(s in SIGNALS for s in signals)):
+            raise ValueError(f"`signals` must list some of {', '.join(SIGNALS)}")
+        n = len(signals)
+        for key in ("mean", "std", "weights"):
+            v = d.get(key)
+            if not (isinstance(v, list) and len(v) == n and all(_finite(x) for x in v)):
+                raise ValueError(f"`{key}` must hold {n} finite numbers")
+        if not all(x > 0 for x in d["std"]):
+            raise ValueError("`std` must be positive")
+        for key in ("bias", "radius_scale", "threshold_m"):
+            if not _finite(d.get(key)):
+                raise ValueError(f"`{key}` must be a finite number")
+        if d["radius_scale"] <= 0 or d["threshold_m"] <= 0:
+            raise ValueError("`radius_scale` and `threshold_m` must be positive")
+        hybrid = d.get("hybrid", {})
+        if not (isinstance(hybrid, dict) and all(_finite(v) for v in hybrid.values())):
+            raise ValueError("`hybrid` must map names to numbers")
+        return cls(tuple(signals), d["mean"], d["std"], d["weights"], float(d["bias"]), float(d["radius_scale"]),
+                   float(d["threshold_m"]), d.get("fitted_on", {}), hybrid)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def fit(values: dict[str, np.ndarray], correct: np.ndarray, base_radius_m: np.ndarray, true_dist_m: np.ndarray, *,
+        threshold_m: float, signals: tuple[str, ...] = SIGNALS, l2: float = 1.0, fitted_on: dict | None = None,
+        hybrid_fallback: float = 0.05, hybrid_widen: float = 0.25) -> Calibrator:
+    """Fit the confidence on held-out queries (`correct`: top-1 within `threshold_m`) and the radius
+    scale (split conformal: the ⌈0.9 (n + 1)⌉-th smallest ratio of true distance to base radius)."""
+    correct = np.asarray(correct, bool)
+    n = len(correct)
+    if n < 10 or correct.all() or not correct.any():
+        raise ValueError(f"calibration needs at least 10 held-out queries with right and wrong answers; got {n} "
+                         f"queries, {int(correct.sum())} right")
+    x = _features(values, signals)
+    mean, std = x.mean(0), x.std(0)
+    std = np.where(std > 1e-12, std, 1.0)
+    weights, bias = _fit_logistic((x - mean) / std, correct.astype(np.float64), l2)
+    ratio = np.sort(np.asarray(true_dist_m, np.float64) / np.asarray(base_radius_m, np.float64))
+    rank = min(n, math.ceil(RADIUS_COVERAGE * (n + 1))) - 1
+    scale = float(ratio[rank]) if np.isfinite(ratio[rank]) else float(np.nanmax(ratio[np.isfinite(ratio)]))
+    cal = Calibrator(tuple(signals), mean.tolist(), std.tolist(), weights.tolist(), bias, max(scale, 1e-6),
+                     float(threshold_m), {**(fitted_on or {}), "queries": n, "right": int(correct.sum())})
+    conf = cal.confidence(values)
+    cal.hybrid = {"fallback_below": float(np.quantile(conf, hybrid_fallback)),
+                  "widen_below": float(np.quantile(conf, hybrid_widen)), "widen_factor": 4.0}
+    return cal
