@@ -127,7 +127,7 @@ def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torc
     synchronize(device)
     candidates = index.counts[torch.as_tensor(top_classes).to(device)].sum(1)
     return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
-                      database_embedding_seconds=index_seconds, mean_candidates=float(candidates.float().mean()))
+                      database_embedding_seconds=index_seconds, mean_candidates=float(candidates.double().mean()))
 
 
 def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
