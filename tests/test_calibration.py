@@ -210,3 +210,14 @@ def test_the_adaptive_hybrid_is_retrieval_or_the_hybrid_at_its_extremes(city_sto
     assert got.extra["fallback_share"] == (1.0 if rule == "everything falls back" else 0.0)
     assert got.extra["mean_candidates"] == (len(db.embeddings) if rule == "everything falls back"
                                             else want.extra["mean_candidates"])
+
+
+def test_confidence_options_are_refused_before_anything_is_written(city_store, uncalibrated, tmp_path):
+    refused(invoke("evaluate", "--feats", city_store, "--run", uncalibrated, "--database-split", "test-db", "--mode",
+                   "adaptive", "--out", tmp_path / "e"), "bad input", "calibration.json", "dcfeat calibrate")
+    for bad in ("1.5", "0", "nan", "-0.2"):
+        r = invoke("predict", "--run", uncalibrated, "--feats", city_store, "--split", "test", "--out",
+                   tmp_path / "p.parquet", "--min-confidence", bad)
+        assert r.exit_code == 2 and "--min-confidence" in r.output, (bad, r.output)
+    refused(invoke("calibrate", "--feats", city_store, "--run", uncalibrated, "--split", "nope"), "bad input", "nope")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and not (uncalibrated / "calibration.json").exists()

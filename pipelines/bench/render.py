@@ -270,13 +270,75 @@ def streamed(path: Path) -> str:
             "budget + 1.5 GB (goal):\n\n" + table(["split", "samples/s", "peak RSS", "best val LR@1"], rows))
 
 
+def confidence(path: Path) -> str:
+    if not path.is_file():
+        return "Not measured yet: run `python pipelines/bench_confidence.py`."
+    cf = json.loads(path.read_text())
+    sec = cf["confidence"]
+    sig = sec["signals"]
+    fmt = lambda v, pct=False: "—" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.3f}")  # noqa: E731
+    rows = [[f"**{name}**" if name == "confidence" else name, fmt(m["auc_pr"]), fmt(m["auroc"]),
+             *(fmt(m["lr1_at_coverage"][c], True) for c in ("50", "75", "90")), fmt(m["ece"]), fmt(m["brier"])]
+            for name, m in sig.items()]
+    singles = {n: m["auc_pr"] for n, m in sig.items() if n not in ("confidence", "retrieval_disagreement_m")}
+    best = max(singles, key=singles.get)
+    conf = sig["confidence"]
+    goals = [["ECE of the calibrated confidence", f"{conf['ece']:.3f}", "≤ 0.03"],
+             ["AUC-PR", f"{conf['auc_pr']:.3f} vs best single signal ({best}) {singles[best]:.3f}: "
+              f"**{conf['auc_pr'] - singles[best]:+.3f}**; softmax probability {sig['softmax_probability']['auc_pr']:.3f}",
+              "≥ best single + 0.02, and above the softmax probability"],
+             ["LR@1 among the 50 % most confident", f"{100 * conf['lr1_at_coverage']['50']:.1f} %", "≥ 97 %"],
+             ["true position inside the 90 % radius", f"{100 * sec['radius_90']['inside']:.1f} % "
+              f"(median radius {sec['radius_90']['median_m']:.0f} m)", "88–92 %"]]
+    m = cf["methods"]
+    modes = [[name, *(f"{100 * r['recall'][k]:.1f}" for k in ("1", "5", "20")), f"{r['median_error_m']:.1f} m",
+              f"{r['mean_candidates']:,.0f}" if "mean_candidates" in r else "—"] for name, r in m.items()]
+    return (f"`{cf['city']}`: default `TrainConfig`, calibrated on val ({cf['calibrator']['fitted_on']['queries']:,} "
+            f"queries), measured on test ({cf['confidence']['right'] * 100:.1f} % right at 25 m){_measured(cf)} "
+            "(`pipelines/bench_confidence.py`). Every signal ranks the same answers (classification's top 1); "
+            "entropy and spread rank by their negation, `retrieval_disagreement_m` is the distance between "
+            "classification's and retrieval's top 1 (a database is needed):\n\n"
+            + table(["signal", "AUC-PR", "AUROC", "LR@1 at 50 %", "at 75 %", "at 90 %", "ECE", "Brier"], rows)
+            + "\n\n" + table(["goal", "measured", "target"], goals)
+            + f"\n\nThe modes on the same queries, database {cf['database_rows']:,} rows:\n\n"
+            + table(["mode", "LR@1", "LR@5", "LR@20", "median error", "mean candidates"], modes))
+
+
+def hybrid_speed(path: Path) -> str:
+    if not path.is_file():
+        return "Not measured yet: run `python pipelines/bench_hybrid.py`."
+    hb = json.loads(path.read_text())
+    q = hb["queries"]
+    rows = [[name, f"{q[name]['ms_per_query']:.4f}", f"{100 * q[name]['recall']['1']:.1f}",
+             f"{q[name]['mean_candidates']:,.0f}" if "mean_candidates" in q[name] else "—"]
+            for name in ("classify", "retrieve", "hybrid", "adaptive")]
+    goals = [["hybrid ms/query ÷ classify ms/query", f"**{q['hybrid_over_classify']:.2f}**", "≤ 2"],
+             ["hybrid vs exact retrieval", f"**{q['retrieve_over_hybrid']:.0f}×** faster", "≥ 10×"],
+             ["adaptive hybrid vs exact retrieval", f"**{q['retrieve_over_adaptive']:.1f}×** faster, "
+              f"{100 * q['adaptive_database_share']:.2f} % of the database scored per query, LR@1 "
+              f"{100 * q['adaptive']['recall']['1']:.1f} vs {100 * q['retrieve']['recall']['1']:.1f}",
+              "≥ 5×, ≤ 10 %, LR@1 ≥ retrieval's"]]
+    fz = hb["faiss_comparison"]
+    if "skipped" not in fz:
+        goals.append([f"exact retrieval ÷ faiss {fz['faiss']} `IndexFlatIP`, {fz['rows']:,} × {fz['dim']}, "
+                      f"{fz['queries']:,} queries, k = {fz['k']}",
+                      f"dcfeat {fz['dcfeat_seconds']:.2f} s, faiss {fz['faiss_seconds']:.2f} s: "
+                      f"**{fz['dcfeat_over_faiss_queries_per_s']:.2f}**; top-1 agreement {fz['top1_agreement']:.3f}", "≥ 1"])
+    return (f"`{q['city']}`: {q['database_rows']:,}-row database, {q['queries']} queries, {q['classes']:,} classes, "
+            f"a run of {q['train_epochs']} epochs calibrated on val; CPU, median of 3 after a warm-up, modes "
+            f"interleaved{_measured(hb)} (`pipelines/bench_hybrid.py`):\n\n"
+            + table(["mode", "ms/query", "LR@1", "mean candidates"], rows) + "\n\n"
+            + table(["goal", "measured", "target"], goals))
+
+
 def render(cpu: dict, results: Path) -> str:
     """BENCHMARKS.md from the CPU results and the other files recorded under `results`."""
     text = Template(TEMPLATE.read_text()).substitute(
         header=header(cpu), extraction=extraction(cpu), training=training(cpu), city=city(cpu),
         city_1m=city_1m(cpu), sweep=sweep(results / "sweep_train.jsonl"), finetune=finetune(results / "finetune.json"),
         fingerprint=fingerprint(results / "fingerprint.json"), scoring=scoring(results / "scoring.json"),
-        negatives=negatives(results / "negatives.json"), streamed=streamed(results / "streamed.json"), gpu=gpu([(results / "gpu_h200.jsonl", ""), (results / "gpu_h200_second.jsonl", "run 2: ")]),
+        negatives=negatives(results / "negatives.json"), confidence=confidence(results / "confidence.json"),
+        hybrid_speed=hybrid_speed(results / "hybrid.json"), streamed=streamed(results / "streamed.json"), gpu=gpu([(results / "gpu_h200.jsonl", ""), (results / "gpu_h200_second.jsonl", "run 2: ")]),
         gpu_h100=gpu([(results / "gpu_h100.jsonl", "")]),
         gpu_check=gpu_check(results / "gpu_h100_first.jsonl"))
     return text.rstrip("\n") + "\n"
