@@ -290,6 +290,11 @@ def confidence(path: Path) -> str:
              ["LR@1 among the 50 % most confident", f"{100 * conf['lr1_at_coverage']['50']:.1f} %", "≥ 97 %"],
              ["true position inside the 90 % radius", f"{100 * sec['radius_90']['inside']:.1f} % "
               f"(median radius {sec['radius_90']['median_m']:.0f} m)", "88–92 %"]]
+    nm = cf.get("near_misses")
+    misses = "" if not nm else (
+        f"\n\nThe wrong answers among the 50 % most confident queries ({nm['wrong_in_top_half']} of "
+        f"{nm['queries_in_top_half']:,}) are near misses: their errors' 10th, 50th and 90th percentiles are "
+        + ", ".join(f"{v:.1f}" for v in nm["error_m_percentiles_10_50_90"]) + " m.")
     m = cf["methods"]
     modes = [[name, *(f"{100 * r['recall'][k]:.1f}" for k in ("1", "5", "20")), f"{r['median_error_m']:.1f} m",
               f"{r['mean_candidates']:,.0f}" if "mean_candidates" in r else "—"] for name, r in m.items()]
@@ -299,7 +304,7 @@ def confidence(path: Path) -> str:
             "entropy and spread rank by their negation, `retrieval_disagreement_m` is the distance between "
             "classification's and retrieval's top 1 (a database is needed):\n\n"
             + table(["signal", "AUC-PR", "AUROC", "LR@1 at 50 %", "at 75 %", "at 90 %", "ECE", "Brier"], rows)
-            + "\n\n" + table(["goal", "measured", "target"], goals)
+            + "\n\n" + table(["goal", "measured", "target"], goals) + misses
             + f"\n\nThe modes on the same queries, database {cf['database_rows']:,} rows:\n\n"
             + table(["mode", "LR@1", "LR@5", "LR@20", "median error", "mean candidates"], modes))
 
