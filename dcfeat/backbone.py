@@ -121,7 +121,7 @@ class Backbone:
 
     @torch.inference_mode()
     def embed(self, batch_uint8: torch.Tensor, *, cache_tokens: int = 0):
-        """(B, S, S, 3) uint8 crops → (B, dim) float32 pooled features.
+        """(B, H, W, 3) uint8 images of one shape (H, W patch multiples) → (B, dim) float32 pooled features.
 
         With `cache_tokens=K`, also the hidden states entering block L − K (B, T, hidden), in the
         model's dtype: `hidden_states[0]` is the embeddings' output and `hidden_states[i]` block i's.

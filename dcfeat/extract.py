@@ -23,7 +23,7 @@ from dcfeat import __version__
 from dcfeat.backbone import DEFAULT_MODEL, Backbone, load_backbone
 from dcfeat.devices import is_cuda, resolve_device
 from dcfeat.errors import BadInput, DcfeatError, check_free_space
-from dcfeat.images import MAX_PIXELS, ImageDataset, collate
+from dcfeat.images import CROPS, MAX_PIXELS, ImageDataset, collate
 from dcfeat.labels import LabelledImages, collect_images
 from dcfeat.layout import check_split_name, check_store_path
 from dcfeat.locking import writer_lock
@@ -107,12 +107,22 @@ class ShardBatches(torch.utils.data.Sampler):
         return len(self.batches)
 
 
+def check_crop(crop: str, cache_tokens: int) -> None:
+    """--crop is one of CROPS; whole images (a token count per shape) cache no tokens."""
+    if crop not in CROPS:
+        raise BadInput(f"--crop {crop}: choose one of {', '.join(CROPS)}")
+    if crop == "full" and cache_tokens:
+        raise BadInput(f"--cache-tokens {cache_tokens} with --crop full: whole images of different shapes have "
+                       "different token counts, and a split's token cache holds one. Pass --cache-tokens 0 for "
+                       "whole-image features, or --crop centre to cache tokens for --finetune-blocks")
+
+
 def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: LabelledImages, draft: bool,
-                cache_tokens: int = 0) -> dict:
+                cache_tokens: int = 0, crop: str = "centre") -> dict:
     """Everything that changes the features' content, recorded with them (STYLE 6)."""
     attrs = {"model": backbone.name, "model_source": backbone.source, "model_fingerprint": backbone.fingerprint,
              "backbone_random_init": backbone.random_init, "pooling": backbone.pooling,
-             "image_size": image_size, "dim": backbone.dim, "dtype": dtype, "draft": draft,
+             "image_size": image_size, "crop": crop, "dim": backbone.dim, "dtype": dtype, "draft": draft,
              "images_root": str(Path(images.root).resolve()), "dcfeat_version": __version__}
     if cache_tokens:  # only then: plans (and so resumes) of splits without tokens are unchanged
         attrs.update(cache_tokens=cache_tokens,
@@ -122,8 +132,8 @@ def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: Labelle
 
 def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: LabelledImages, backbone: Backbone, *,
                 batch_size: int, workers: int, draft: bool, max_pixels: int, progress: bool) -> int:
-    image_size = int(plan.attrs["image_size"])
-    dataset = ImageDataset(images.paths, image_size, draft=draft, max_pixels=max_pixels)
+    dataset = ImageDataset(images.paths, int(plan.attrs["image_size"]), crop=plan.attrs["crop"],
+                           patch_size=backbone.patch_size, draft=draft, max_pixels=max_pixels)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=ShardBatches(shards, batch_size), num_workers=workers, collate_fn=collate,
         pin_memory=is_cuda(backbone.device), persistent_workers=False,
@@ -148,18 +158,18 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
     pending = None
     with ThreadPoolExecutor(max_workers=1) as writer, \
             progress_bar(f"extract {plan.split}", total, enabled=progress) as advance:
-        for indices, batch, failed in loader:
+        for indices, crops, failed in loader:
             first = min(indices + [i for i, _ in failed])
             if current is None or first >= bounds[current][1]:
                 current = shard_of[first]
-            if batch is not None:
+            if crops is not None:
                 if cache_tokens:
                     # Tokens go to the host per batch, in the storage dtype: a shard of them
                     # would not fit on the GPU (8192 ViT-B/14 images: 3.2 GB at fp16).
-                    emb, tokens = backbone.embed(batch, cache_tokens=cache_tokens)
+                    emb, tokens = crops.map(lambda x: backbone.embed(x, cache_tokens=cache_tokens))
                     toks.append(tokens.to(token_dtype).cpu())
                 else:
-                    emb = backbone.embed(batch)
+                    emb = crops.map(backbone.embed)
                 outs.append(emb)
                 rows.extend(indices)
             failures.extend(failed)
@@ -181,12 +191,14 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
             image_size: int = 224, batch_size: int = 64, workers: int | None = None, draft: bool = True,
             dtype: str = "float16", shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False,
             max_pixels: int = MAX_PIXELS, progress: bool = True, ranks: Ranks | None = None,
-            cache_tokens: int = 0) -> ExtractResult:
+            cache_tokens: int = 0, crop: str = "centre") -> ExtractResult:
     """Embed `images` into `split` of `store`, resuming any unfinished run of the same plan.
 
     `cache_tokens=K` also stores every image's hidden states entering block L − K (dcfeat.finetune).
+    `crop`: one of dcfeat.images.CROPS; with "full", batches run one forward per image shape.
     """
     check_split_name(split)
+    check_crop(crop, cache_tokens)
     store = check_store_path(store)
     patch = backbone.patch_size
     if image_size < patch or image_size % patch:
@@ -200,7 +212,7 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
     ranks = ranks or Ranks()
     workers = min(16, os.cpu_count() or 1) if workers is None else workers
     store.parent.mkdir(parents=True, exist_ok=True)
-    attrs = store_attrs(backbone, image_size, dtype, images, draft, cache_tokens)
+    attrs = store_attrs(backbone, image_size, dtype, images, draft, cache_tokens, crop)
     t0 = time.perf_counter()
     with writer_lock(store) if ranks.rank == 0 else nullcontext():
         shared = None
@@ -241,6 +253,7 @@ def extract_files(images: Path | None, out: Path, split: str = "train", *, manif
     (image_size, batch_size, workers, draft, dtype, shard_rows, …).
     """
     check_split_name(split)
+    check_crop(options.get("crop", "centre"), options.get("cache_tokens", 0))  # before labels and weights load
     out = check_store_path(out)
     labelled = collect_images(images, manifest, path_column=path_column)
     ranks = Ranks.from_env()

@@ -1,10 +1,15 @@
-"""Decoding and DINOv2's evaluation transform, written with PIL (no torchvision).
+"""Decoding and the two crops, written with PIL (no torchvision).
 
-The transform is torchvision's `Resize(round(S·256/224), BICUBIC)` →
-`CenterCrop(S)` → `ToTensor` → `Normalize(ImageNet)`; on PIL images torchvision
-resizes with PIL itself, so this reproduces it exactly. Workers return uint8
-crops: normalisation happens on the model's device, which moves 4× fewer bytes
-to the GPU.
+`centre` is DINOv2's evaluation transform, torchvision's `Resize(round(S·256/224),
+BICUBIC)` → `CenterCrop(S)` → `ToTensor` → `Normalize(ImageNet)`; on PIL images
+torchvision resizes with PIL itself, so this reproduces it exactly. `full` keeps
+the whole image as D&C's test set does (`Resize(S)`: the shorter side becomes S,
+the aspect ratio is kept), with the longer side rounded to a multiple of the
+patch size so every pixel falls in a patch; the backbone interpolates its
+position embeddings (DINOv2) or computes RoPE for the grid (DINOv3). Workers
+return uint8 images: normalisation happens on the model's device, which moves
+4× fewer bytes to the GPU. Images of several shapes travel as `Crops`, one
+tensor per shape.
 
 Every decoding problem becomes an `ImageProblem` with a reason string; the
 caller records it and goes on. No image ever becomes a zero-filled row.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL's own bomb threshold (~89.5 Mpx); decoding one costs ~270 MB per image and worker.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 _MEAN_RGB = tuple(round(255 * c) for c in IMAGENET_MEAN)
+# --crop: name → what it does (the CLI's help); "centre" is what stores written before `crop` hold.
+CROPS = {"centre": "shortest edge resized to size·256/224, then a size×size centre crop (DINOv2's evaluation "
+                   "transform)",
+         "full": "the whole image, shorter side resized to size and the longer one in proportion, rounded to a "
+                 "multiple of the patch size (D&C's test images)"}
 
 
 class ImageProblem(Exception):
@@ -56,10 +67,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: Path, image_size: int, *, draft: bool = True,
+def whole_size(width: int, height: int, image_size: int, patch_size: int) -> tuple[int, int]:
+    """(width, height) of a whole image resized for --crop full: the shorter side becomes `image_size` (a
+    multiple of the patch size), the longer one keeps the aspect ratio, rounded to the nearest patch multiple."""
+    short, long = sorted((width, height))
+    side = max(patch_size, round(image_size * long / short / patch_size) * patch_size)
+    return (image_size, side) if width <= height else (side, image_size)
+
+
+def load_image(path: Path, image_size: int, *, crop: str = "centre", patch_size: int = 1, draft: bool = True,
                max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode, orient, convert and crop one image to uint8 (S, S, 3); ImageProblem if unusable."""
-    target = resize_size(image_size)
+    """Decode, orient, convert and crop one image to uint8 (H, W, 3); ImageProblem if unusable.
+
+    `crop` is one of CROPS: "centre" gives (S, S, 3); "full" the whole image (whole_size, rounded to
+    multiples of `patch_size`).
+    """
+    target = image_size if crop == "full" else resize_size(image_size)
     try:
         with warnings.catch_warnings():
             # The pixel limit is checked below, on the header, before anything is decoded.
@@ -84,6 +107,9 @@ def load_image(path: Path, image_size: int, *, draft: bool = True,
         raise ImageProblem(f"{type(e).__name__}: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageProblem(f"unreadable: {type(e).__name__}: {e}") from None
+    if crop == "full":
+        size = whole_size(*img.size, image_size, patch_size)
+        return np.array(img if size == img.size else img.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
     return center_crop(resize_shortest(img, target), image_size)
 
 
@@ -109,7 +135,7 @@ def center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 
 def normalize(batch_uint8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, S, S, 3) uint8 → (B, 3, S, S) ImageNet-normalised `dtype`, on the batch's device."""
+    """(B, H, W, 3) uint8 → (B, 3, H, W) ImageNet-normalised `dtype`, on the batch's device."""
     x = batch_uint8.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
@@ -117,29 +143,67 @@ def normalize(batch_uint8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Item i → (i, uint8 crop or None, reason); decoding runs in DataLoader workers."""
+    """Item i → (i, uint8 image or None, reason); decoding runs in DataLoader workers."""
 
-    def __init__(self, paths: list[Path], image_size: int, *, draft: bool = True,
-                 max_pixels: int = MAX_PIXELS):
+    def __init__(self, paths: list[Path], image_size: int, *, crop: str = "centre", patch_size: int = 1,
+                 draft: bool = True, max_pixels: int = MAX_PIXELS):
         self.paths = paths
+        self.options = {"crop": crop, "patch_size": patch_size, "draft": draft, "max_pixels": max_pixels}
         self.image_size = image_size
-        self.draft = draft
-        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            return i, torch.from_numpy(load_image(self.paths[i], self.image_size, draft=self.draft,
-                                                  max_pixels=self.max_pixels)), ""
+            return i, torch.from_numpy(load_image(self.paths[i], self.image_size, **self.options)), ""
         except ImageProblem as e:
             return i, None, str(e)
 
 
+@dataclass
+class Crops:
+    """A batch of decoded images stacked per shape (images of other shapes cannot share a tensor).
+
+    `groups`: (positions in the batch, uint8 (b, H, W, 3)) in order of first appearance; square
+    crops make one group.
+    """
+
+    groups: list[tuple[list[int], torch.Tensor]]
+
+    @classmethod
+    def stack(cls, images: list[torch.Tensor]) -> Crops:
+        by_shape: dict[tuple, list[int]] = {}
+        for position, image in enumerate(images):
+            by_shape.setdefault(tuple(image.shape), []).append(position)
+        return cls([(positions, torch.stack([images[p] for p in positions])) for positions in by_shape.values()])
+
+    def __len__(self) -> int:
+        return sum(len(positions) for positions, _ in self.groups)
+
+    def pin_memory(self) -> Crops:  # what DataLoader(pin_memory=True) calls on a custom batch type
+        return Crops([(positions, x.pin_memory()) for positions, x in self.groups])
+
+    def map(self, forward):
+        """`forward` once per shape (a tensor, or a tuple of them, per row), rows back in batch order."""
+        outs = [forward(x) for _, x in self.groups]
+        if len(outs) == 1:
+            return outs[0]
+        order = torch.tensor([p for positions, _ in self.groups for p in positions])
+        inverse = torch.argsort(order)
+
+        def in_order(parts):
+            joined = torch.cat(parts)
+            return joined[inverse.to(joined.device)]
+
+        if isinstance(outs[0], tuple):
+            return tuple(in_order(list(parts)) for parts in zip(*outs))
+        return in_order(outs)
+
+
 def collate(items):
-    """Keep failures out of the tensor: (indices, uint8 batch or None, failures[(i, reason)])."""
+    """Keep failures out of the tensors: (indices, Crops or None, failures[(i, reason)])."""
     ok = [(i, x) for i, x, _ in items if x is not None]
     failed = [(i, r) for i, x, r in items if x is None]
-    batch = torch.stack([x for _, x in ok]) if ok else None
-    return [i for i, _ in ok], batch, failed
+    crops = Crops.stack([x for _, x in ok]) if ok else None
+    return [i for i, _ in ok], crops, failed

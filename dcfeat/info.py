@@ -13,7 +13,7 @@ from dcfeat.store import SplitInfo
 def splits_table(store: Path, splits: list[SplitInfo]):
     """`dcfeat info`'s table: one row per split with what identifies and what is wrong with it."""
     table = Table(title=str(store))
-    for col in ("split", "rows", "dim", "dtype", "model", "pooling", "size", "complete", "disk", "tokens",
+    for col in ("split", "rows", "dim", "dtype", "model", "pooling", "crop", "complete", "disk", "tokens",
                 "failures", "problems"):
         table.add_column(col, justify="right" if col in ("rows", "dim", "disk", "failures") else "left")
     for s in splits:
@@ -21,7 +21,7 @@ def splits_table(store: Path, splits: list[SplitInfo]):
         tokens = (f"K={s.cache_tokens}, {human_bytes(s.token_bytes_per_image)}/image"
                   if s.cache_tokens else "-")
         table.add_row(s.name, f"{s.rows:,}", str(s.dim), s.dtype, model, str(s.attrs.get("pooling", "?")),
-                      str(s.attrs.get("image_size", "?")), "yes" if s.complete else "no",
+                      f"{s.attrs.get('image_size', '?')} {s.attrs['crop']}", "yes" if s.complete else "no",
                       human_bytes(s.bytes_on_disk), tokens, str(s.failures), "; ".join(s.problems) or "-")
     return table
 

@@ -18,11 +18,11 @@ import h5py
 from dcfeat.atomic import TMP_SUFFIX
 from dcfeat.errors import EnvironmentProblem
 from dcfeat.layout import (
-    attr_value,
     check_store_path,
     label_part,
     labels_dir,
     shards_dir,
+    split_attrs,
 )
 
 
@@ -59,8 +59,7 @@ def existing_split_attrs(store: Path) -> dict[str, dict]:
     if not Path(store).is_file():
         return {}
     with h5py.File(store, "r") as f:
-        return {name: {k: attr_value(v) for k, v in g.attrs.items()}
-                for name, g in f.items() if isinstance(g, h5py.Group)}
+        return {name: split_attrs(g) for name, g in f.items() if isinstance(g, h5py.Group)}
 
 
 def clean_stale_files(store: Path) -> list[Path]:

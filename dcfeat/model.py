@@ -9,7 +9,7 @@ from torch import nn
 
 from dcfeat.errors import IncompatibleFeatures
 from dcfeat.heads import GroupHeads, Projection
-from dcfeat.layout import IDENTITY_ATTRS
+from dcfeat.layout import IDENTITY_OPTIONS, identity_diff
 
 
 class DCModel(nn.Module):
@@ -64,10 +64,11 @@ def top_cells(model: DCModel, features, classes: pl.DataFrame, k: int, scoring: 
 
 
 def check_features(run_features: dict, split_attrs: dict, *, what: str) -> None:
-    """Refuse to apply a run to features from another backbone, pooling, size or dim."""
-    diff = [f"{k}: run {run_features.get(k)!r} vs {split_attrs.get(k)!r}" for k in IDENTITY_ATTRS
-            if k in run_features and k in split_attrs and run_features[k] != split_attrs[k]]
+    """Refuse to apply a run to features from another backbone, pooling, size, crop or dim."""
+    diff = identity_diff(run_features, split_attrs)
     if diff:
+        shown = "; ".join(f"{k}: run {a!r} vs {b!r}" for k, (a, b) in diff.items())
+        options = " ".join(f"{IDENTITY_OPTIONS[k]} {run_features[k]}" for k in diff if k in IDENTITY_OPTIONS)
         raise IncompatibleFeatures(f"{what} was made by another backbone or setting than the run's training "
-                                   f"features ({'; '.join(diff)}); extract it with the run's --model/--pooling/"
-                                   "--image-size")
+                                   f"features ({shown}); extract it with the run's "
+                                   f"{options or '--model/--pooling/--image-size/--crop'}")

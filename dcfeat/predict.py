@@ -1,7 +1,8 @@
 """`dcfeat predict`: new images (or cached features) → top-k cells → lat/lon.
 
-Images go through the same backbone, pooling and crop as the run's training
-features (checked by the weights' fingerprint), then the run's classifier.
+Images go through the same backbone, pooling, size and crop (centre or full) as
+the run's training features (checked by the weights' fingerprint), then the run's
+classifier.
 Output is Parquet, CSV or GeoJSON, by the file's extension. Parquet (key-value
 metadata `dcfeat`) and GeoJSON (member `dcfeat`) also say which run made them and
 whether its training finished (`run_complete`, `epochs_done`); CSV has no place for it.
@@ -36,17 +37,18 @@ FORMATS = (".parquet", ".csv", ".geojson")
 SHOWN_FAILURES = 5  # unreadable images named in the error when none could be read
 
 
-def embed_images(paths: list[Path], backbone: Backbone, image_size: int, *, batch_size: int = 64,
-                 workers: int = 0, progress: bool = True) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+def embed_images(paths: list[Path], backbone: Backbone, image_size: int, *, crop: str = "centre",
+                 batch_size: int = 64, workers: int = 0,
+                 progress: bool = True) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Backbone features of image files: (features of the readable ones, their indices into `paths`,
-    [(index, reason)] of the rest)."""
-    loader = torch.utils.data.DataLoader(ImageDataset(paths, image_size), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=collate)
+    [(index, reason)] of the rest). `crop`: as the features were extracted (dcfeat.images.CROPS)."""
+    dataset = ImageDataset(paths, image_size, crop=crop, patch_size=backbone.patch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     feats, kept, failed = [], [], []
     with progress_bar("embed", len(paths), enabled=progress) as advance:
-        for indices, batch, bad in loader:
-            if batch is not None:
-                feats.append(backbone.embed(batch).cpu().numpy())
+        for indices, crops, bad in loader:
+            if crops is not None:
+                feats.append(crops.map(backbone.embed).cpu().numpy())
                 kept.extend(indices)
             failed.extend(bad)
             advance(len(indices) + len(bad))
@@ -172,7 +174,8 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
     if run.config.get("finetune_blocks"):
         use_tuned_blocks(backbone, run)
     feats, kept, failed = embed_images([root / i for i in ids], backbone, int(feats_attrs["image_size"]),
-                                       batch_size=batch_size, workers=workers, progress=progress)
+                                       crop=feats_attrs["crop"], batch_size=batch_size, workers=workers,
+                                       progress=progress)
     skipped = [(ids[i], reason) for i, reason in failed]
     if not kept:
         shown = "\n  ".join(f"{i}: {reason}" for i, reason in skipped[:SHOWN_FAILURES])

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from dcfeat.atomic import atomic_write, tmp_path, write_text
 from dcfeat.calibration import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem
+from dcfeat.layout import with_defaults
 from dcfeat.model import DCModel
 from dcfeat.partition import save_classes
 from dcfeat.runfiles import (
@@ -62,9 +63,9 @@ class Run:
 
     @property
     def feature_identity(self) -> dict:
-        """What the training features were made with (model, fingerprint, pooling, size, dim, …):
-        features a run is applied to must match it."""
-        return self.config["features"]
+        """What the training features were made with (model, fingerprint, pooling, size, crop, dim, …):
+        features a run is applied to must match it. Runs trained before `crop` existed used centre crops."""
+        return with_defaults(self.config["features"])
 
     @property
     def epochs(self) -> int | None:

@@ -33,6 +33,7 @@ import polars as pl
 from dcfeat.atomic import write_bytes
 from dcfeat.errors import BadInput, DamagedStore
 from dcfeat.layout import (
+    ATTR_DEFAULTS,
     FORMAT_VERSION,
     attr_value,
     check_compatible,
@@ -42,6 +43,7 @@ from dcfeat.layout import (
     labels_dir,
     read_ids,
     shards_dir,
+    with_defaults,
 )
 from dcfeat.locking import existing_split_attrs, remove_plan, writer_lock
 from dcfeat.shard_files import (
@@ -58,6 +60,9 @@ DEFAULT_SHARD_ROWS = 8192
 
 
 def _plan_id(ids: list[str], attrs: dict, shard_rows: int) -> str:
+    # An attribute at the value older stores are read with leaves the plan as it was: a split
+    # extracted (or half extracted) before the attribute existed resumes, or is complete, as before.
+    attrs = {k: v for k, v in attrs.items() if not (k in ATTR_DEFAULTS and v == ATTR_DEFAULTS[k])}
     h = hashlib.sha256(json.dumps({"attrs": attrs, "shard_rows": shard_rows}, sort_keys=True).encode())
     for i in ids:
         h.update(i.encode() + b"\0")
@@ -84,7 +89,7 @@ def open_plan(store: Path, split: str, labels: pl.DataFrame, attrs: dict, *,
     for name, other in existing.items():
         if name != split:
             check_compatible(other, attrs, what=f"split '{split}' and split '{name}' of {store}",
-                             fix="Use the same --model/--pooling/--image-size as the store, or another --out.")
+                             fix="Use the same --model/--pooling/--image-size/--crop as the store, or another --out.")
     same_plan = split in existing and existing[split].get("plan_id") == plan_id
     if split in existing and not same_plan and not overwrite:
         raise BadInput(f"{store} already has a split '{split}' made from other images or settings; "
@@ -111,8 +116,8 @@ def load_plan(store: Path, split: str, plan_id: str) -> Plan:
     """A plan written earlier (by this process, or by rank 0 before a barrier)."""
     directory = shards_dir(store) / split / plan_id
     meta = json.loads((directory / "plan.json").read_text())
-    return Plan(store=Path(store), split=split, plan_id=plan_id, attrs=meta["attrs"], rows=meta["rows"],
-                shard_rows=meta["shard_rows"], id_bytes=meta["id_bytes"])
+    return Plan(store=Path(store), split=split, plan_id=plan_id, attrs=with_defaults(meta["attrs"]),
+                rows=meta["rows"], shard_rows=meta["shard_rows"], id_bytes=meta["id_bytes"])
 
 
 def write_split(store: Path, split: str, embeddings: np.ndarray, labels: pl.DataFrame, attrs: dict, *,

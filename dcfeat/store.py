@@ -33,6 +33,7 @@ from dcfeat.layout import (
     labels_dir,
     read_ids,
     shards_dir,
+    split_attrs,
 )
 
 LABEL_COLUMNS = {"row": pl.Int64, **LABEL_SCHEMA}
@@ -98,10 +99,6 @@ def open_store(store: Path) -> h5py.File:
     return f
 
 
-def _split_attrs(group: h5py.Group) -> dict:
-    return {k: attr_value(v) for k, v in group.attrs.items()}
-
-
 def source_files(store: Path, ds: h5py.Dataset) -> list[Path]:
     """The shard files a virtual dataset reads from (none for an ordinary dataset)."""
     if not ds.is_virtual:
@@ -126,7 +123,7 @@ def label_files(store: Path, split: str, plan_id: str | None = None) -> list[Pat
 
 def _info(store: Path, name: str, group: h5py.Group) -> SplitInfo:
     ds = group["embeddings"]
-    attrs = _split_attrs(group)
+    attrs = split_attrs(group)
     files = label_files(store, name, attrs.get("plan_id"))
     fail = group.get("failures/ids")
     tokens = group.get("tokens")

@@ -4,7 +4,8 @@ Inputs: none for measuring (JPEGs, feature cities and random DINOv2 architecture
 are generated). Rendering reads what is recorded in pipelines/results/: cpu.json
 (this script), gpu_h100.jsonl (pipelines/gpu_bench.py on a lent GPU),
 sweep_train.jsonl (pipelines/sweep_train.py), finetune.json
-(pipelines/bench_finetune.py), fingerprint.json (pipelines/bench_fingerprint.py).
+(pipelines/bench_finetune.py), fingerprint.json (pipelines/bench_fingerprint.py), crop.json
+(pipelines/bench_crop.py).
 Output: BENCHMARKS.md, plus the raw numbers in pipelines/results/cpu.json when measuring.
 Run from the repository root: `python pipelines/bench.py` (about 15 minutes on
 2 cores; `make bench`), or `python pipelines/bench.py --from-json

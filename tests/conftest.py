@@ -20,15 +20,20 @@ def sfxl_name(east: float, north: float, zone: int = 10, letter: str = "S", head
     return f"@{east:010.2f}@{north:010.2f}@{zone}@{letter}@@@pano{int(east)}@@{heading}@@@@@@.jpg"
 
 
-def write_images(folder: Path, n: int, *, seed: int = 0, size: int = 96, subdirs: int = 2) -> list[Path]:
-    """n JPEGs with SF-XL names spread over a few hundred metres and a few subfolders."""
+def write_images(folder: Path, n: int, *, seed: int = 0, size: int = 96, subdirs: int = 2,
+                 shapes: list[tuple[int, int]] | None = None) -> list[Path]:
+    """n JPEGs with SF-XL names spread over a few hundred metres and a few subfolders.
+
+    `shapes`: (height, width) of image i is shapes[i % len(shapes)]; default (size, size + 16).
+    """
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
         east, north = 550000 + rng.uniform(0, 300), 4180000 + rng.uniform(0, 300)
         sub = folder / f"d{i % subdirs}"
         sub.mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 255, (size, size + 16, 3), dtype=np.uint8)
+        height, width = shapes[i % len(shapes)] if shapes else (size, size + 16)
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
         path = sub / sfxl_name(east, north, heading=int(rng.integers(0, 360)))
         Image.fromarray(pixels).save(path, quality=90)
         paths.append(path)

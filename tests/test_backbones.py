@@ -21,6 +21,7 @@ from dcfeat.backbone import (
 from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.finetune import BLOCKS_FILE, load_tail
+from dcfeat.images import load_image
 from dcfeat.store import read_split, split_info
 from tests.conftest import write_images
 
@@ -100,6 +101,30 @@ def test_a_size_that_is_not_a_patch_multiple_exits_2_naming_the_patch(family, im
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     assert f"patch size {patch}" in r.output and f"multiple of {patch}" in r.output and "--image-size" in r.output
     assert not (tmp_path / "s").exists()
+
+
+# (height, width) of whole images in a folder: landscape, portrait, square, panorama-like.
+MIXED_SHAPES = [(72, 96), (96, 72), (80, 80), (60, 150)]
+
+
+def test_full_crop_rows_equal_one_forward_per_image(family, tmp_path):
+    """--crop full: whole images in patch multiples, batched by shape, every row as if embedded alone."""
+    _, folder, patch, _, size, _ = family
+    write_images(tmp_path / "img", 14, seed=5, shapes=MIXED_SHAPES)
+    store = tmp_path / "f.h5"
+    extract(store, tmp_path / "img", folder, size, "train", "--crop", "full", "--dtype", "float32",
+            "--batch-size", 4, "--shard-rows", 6)
+    data = read_split(store, "train")
+    assert data.embeddings.shape == (14, 32) and data.attrs["crop"] == "full"
+    backbone = load_backbone(str(folder), device="cpu")
+    shapes = set()
+    for image_id, row in zip(data.labels["image_id"], data.embeddings):
+        image = load_image(tmp_path / "img" / image_id, size, crop="full", patch_size=patch)
+        shapes.add(image.shape)
+        assert image.shape[0] % patch == 0 and image.shape[1] % patch == 0 and min(image.shape[:2]) == size
+        alone = backbone.embed(torch.from_numpy(image)[None])[0].numpy()
+        assert np.abs(alone - row).max() <= 1e-5
+    assert len(shapes) == len(MIXED_SHAPES)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import click
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
 from dcfeat.cli.common import DEFAULT_STORE, no_progress, stdout
 from dcfeat.extract import extract_files
+from dcfeat.images import CROPS
 from dcfeat.options import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -34,9 +35,13 @@ from dcfeat.reports import RANDOM_NOTICE
 @click.option("--pooling", type=click.Choice(list(POOLINGS)), default="cls", show_default=True,
               help="CLS token, mean or GeM of patch tokens, or CLS and mean concatenated.")
 @click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
-              help="Centre crop size, a multiple of the model's patch size (14 for DINOv2, 16 for DINOv3); "
-              "the shortest edge is first resized to size·256/224.")
-@click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
+              help="Centre crop size (--crop centre) or shorter side of the whole image (--crop full), a multiple "
+              "of the model's patch size (14 for DINOv2, 16 for DINOv3).")
+@click.option("--crop", type=click.Choice(list(CROPS)), default="centre", show_default=True,
+              help="centre: " + CROPS["centre"] + "; full: " + CROPS["full"] + ", the backbone interpolating its "
+              "position embeddings. Part of the split's identity: a run refuses features cropped the other way.")
+@click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True,
+              help="Images per forward pass (--crop full: per batch, which runs one forward pass per image shape).")
 @click.option("--workers", type=AT_LEAST_0, default=None,
               help="DataLoader decoding processes [default: min(16, CPUs)].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -48,10 +53,11 @@ from dcfeat.reports import RANDOM_NOTICE
 @click.option("--overwrite", is_flag=True, help="Replace an existing split made from other images or settings.")
 @click.option("--cache-tokens", type=AT_LEAST_0, default=0, show_default=True, help="Also store every image's tokens entering "
               "the last K blocks, for `dcfeat train --finetune-blocks K` (ViT-B/14 at 224: 386 KB per image; "
-              "a shard's tokens are held in memory, so lower --shard-rows, e.g. 1024).")
+              "a shard's tokens are held in memory, so lower --shard-rows, e.g. 1024). Not with --crop full (token "
+              "counts differ between image shapes).")
 @no_progress
-def extract(images, manifest, path_column, out, split, model, pooling, image_size, batch_size, workers, device,
-            draft, dtype, shard_rows, overwrite, cache_tokens, no_progress):
+def extract(images, manifest, path_column, out, split, model, pooling, image_size, crop, batch_size, workers,
+            device, draft, dtype, shard_rows, overwrite, cache_tokens, no_progress):
     """Compute frozen DINOv2/DINOv3 features of images once and cache them in a feature store.
 
     Resumable: after a crash, run the same command again. For several GPUs or
@@ -60,7 +66,7 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
                            pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
                            workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
-                           progress=not no_progress, cache_tokens=cache_tokens)
+                           progress=not no_progress, cache_tokens=cache_tokens, crop=crop)
     if result.rank:
         return
     if result.already_complete:

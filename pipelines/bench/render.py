@@ -243,6 +243,22 @@ def scoring(path: Path) -> str:
             + table(["method (cells ranked by)", "LR@1", "LR@5", "LR@10", "LR@20", "median error"], rows))
 
 
+def crop(path: Path) -> str:
+    if not path.is_file():
+        return "Not measured yet: run `python pipelines/bench_crop.py`."
+    cr = json.loads(path.read_text())
+    rows = [[f"{name}: {', '.join(r['shapes'])}", *(f"{r[c]['img_s']:.1f} ({r[c]['patches_per_image']:.0f})"
+                                                    for c in ("centre", "full")), f"**{r['full_over_centre']:.2f}**"]
+            for name, r in cr["sets"].items()]
+    return (f"A {cr['model']} on this CPU (shared: 1-minute load average {cr['load_average_before']:.1f} before, "
+            f"{cr['load_average_after']:.1f} after), `--image-size {cr['image_size']}`, batch {cr['batch_size']}, "
+            f"{cr['workers']} workers, {cr['images']} JPEGs per set; `extract` end to end, median of {cr['repeats']} "
+            f"runs after a warm-up, the two crops alternating; full ÷ centre is the median of the ratios of "
+            f"consecutive runs{_measured(cr)} (`pipelines/bench_crop.py`):\n\n"
+            + table(["images", "centre: img/s (patches per image)", "full: img/s (patches per image)",
+                     "full ÷ centre"], rows))
+
+
 def negatives(path: Path) -> str:
     if not path.is_file():
         return "Not measured yet: run `python pipelines/bench_negatives.py`."
@@ -342,8 +358,10 @@ def render(cpu: dict, results: Path) -> str:
         header=header(cpu), extraction=extraction(cpu), training=training(cpu), city=city(cpu),
         city_1m=city_1m(cpu), sweep=sweep(results / "sweep_train.jsonl"), finetune=finetune(results / "finetune.json"),
         fingerprint=fingerprint(results / "fingerprint.json"), scoring=scoring(results / "scoring.json"),
+        crop=crop(results / "crop.json"),
         negatives=negatives(results / "negatives.json"), confidence=confidence(results / "confidence.json"),
-        hybrid_speed=hybrid_speed(results / "hybrid.json"), streamed=streamed(results / "streamed.json"), gpu=gpu([(results / "gpu_h200.jsonl", ""), (results / "gpu_h200_second.jsonl", "run 2: ")]),
+        hybrid_speed=hybrid_speed(results / "hybrid.json"), streamed=streamed(results / "streamed.json"),
+        gpu=gpu([(results / "gpu_h200.jsonl", ""), (results / "gpu_h200_second.jsonl", "run 2: ")]),
         gpu_h100=gpu([(results / "gpu_h100.jsonl", "")]),
         gpu_check=gpu_check(results / "gpu_h100_first.jsonl"))
     return text.rstrip("\n") + "\n"

@@ -40,21 +40,22 @@ def _sfxl_name(i: int, rng: np.random.Generator) -> str:
     return f"@{e:010.2f}@{n:010.2f}@10@S@@@b{i}@@{int(rng.integers(0, 360))}@@@@@@.jpg"
 
 
-def make_jpegs(folder: Path, n: int, *, size: int = 512, seed: int = 0, quality: int = 90) -> list[Path]:
-    """SF-XL-named photo-like JPEGs: smooth gradients, edges and mild texture.
-
-    White noise would be an unrealistic worst case for the JPEG decoder.
+def make_jpegs(folder: Path, n: int, *, size: int = 512, width: int | None = None, seed: int = 0,
+               quality: int = 90) -> list[Path]:
+    """SF-XL-named photo-like JPEGs, `size` high and `width` (default `size`) wide: smooth gradients,
+    edges and mild texture. White noise would be an unrealistic worst case for the JPEG decoder.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    width = width or size
+    yy, xx = np.mgrid[0:size, 0:width].astype(np.float32) / size
     paths = []
     for i in range(n):
         f = rng.uniform(1, 12, (3, 2))
         ph = rng.uniform(0, 6.3, 3)
         img = np.stack([np.sin(f[c, 0] * xx * 6.3 + ph[c]) * np.cos(f[c, 1] * yy * 6.3) for c in range(3)], -1)
-        img = (img * 90 + 128 + rng.normal(0, 8, (size, size, 3))).clip(0, 255).astype(np.uint8)
+        img = (img * 90 + 128 + rng.normal(0, 8, (size, width, 3))).clip(0, 255).astype(np.uint8)
         img[int(size * rng.uniform(0.3, 0.7)):, :] //= 2  # a horizon edge
         path = folder / _sfxl_name(i, rng)
         Image.fromarray(img).save(path, quality=quality)
