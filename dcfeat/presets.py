@@ -82,8 +82,10 @@ class TrainConfig:
 
 PRESETS: dict[str, dict] = {
     "dcfeat": {},
-    # D&C's parser.py defaults and train.py. epochs: its --epochs_num 500, a ceiling that the
-    # plateau schedule's stop reaches first in practice. Adam's weight decay is torch's default, 0.
+    # D&C's parser.py defaults and train.py. epochs: its --epochs_num 500, a ceiling: training also
+    # ends once the plateau schedule's third cut takes the projection's rate below 1e-6. Its Adam
+    # takes torch's default weight decay, 0. Its projection keeps the backbone's width, which no
+    # preset can know: pass --dim 768 for ViT-B features.
     "dc-paper": {"s": 100.0, "m": 0.2, "easy_margin": True, "optimizer": "adam", "lr_projection": 1e-4,
                  "lr_heads": 1e-2, "weight_decay": 0.0, "lr_schedule": "plateau", "batch_size": 64,
                  "epochs": 500, "iterations_per_epoch": 2000, "group_rotation": "epoch",

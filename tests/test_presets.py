@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from dcfeat import presets
 from dcfeat.cli import cli
 from dcfeat.errors import BadInput
+from dcfeat.evaluate import evaluate
 from dcfeat.heads import AAMC, GroupHeads
 from dcfeat.model import top_cells
 from dcfeat.presets import Schedule, TrainConfig, make_optimizer, preset_config
@@ -125,6 +126,8 @@ def test_raw_prototypes_are_saved_with_the_run_and_honoured_after_loading(city_s
                                                                              atol=1e-5)
     cosine = (h @ F.normalize(w, dim=1).T).topk(3, dim=1).indices.numpy()
     assert not np.array_equal(got["class"], cosine)  # Xavier prototypes' norms differ: the rules disagree
+    report = evaluate(run, val, ks=(1,))[0]
+    assert (report["preset"], report["test_prototypes"]) == ("dc-paper", "raw")
 
 
 def test_runs_from_before_the_presets_load_with_normalised_prototypes(city_run, tmp_path):
