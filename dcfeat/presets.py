@@ -9,7 +9,7 @@ resized, not a centre crop): it belongs to the features, `dcfeat extract --crop 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -91,8 +91,6 @@ PRESETS: dict[str, dict] = {
                  "epochs": 500, "iterations_per_epoch": 2000, "group_rotation": "epoch",
                  "prototype_init": "xavier", "test_prototypes": "raw", "keep": "lowest-train-loss"},
 }
-# The fields some preset sets: on the command line each defaults to its preset's value.
-PRESET_FIELDS = tuple(f.name for f in fields(TrainConfig) if any(f.name in p for p in PRESETS.values()))
 
 
 def preset_config(preset: str = "dcfeat", **overrides) -> TrainConfig:
