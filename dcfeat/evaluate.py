@@ -223,6 +223,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     report = {"split": queries.name, "queries": n, "database_split": database.name if database else None,
               "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
               "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells, "scoring": scoring,
+              "preset": run.config.get("preset", "dcfeat"), "test_prototypes": run.model.heads.test_prototypes,
               "coverage": coverage(run, queries.labels), "classes": len(run.classes),
               "random_backbone": run.random_backbone,
               "run_complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,

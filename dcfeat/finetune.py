@@ -179,21 +179,21 @@ class TokenTraining:
     def param_groups(self) -> list[dict]:
         return [{"params": [*self.tail.tuned.parameters(), *self.tail.layernorm.parameters()], "lr": self.lr}]
 
-    def start(self, part, sampler, groups: list[int], steps: int, config, device: torch.device):
+    def start(self, part, sampler, steps: int, config, device: torch.device):
         """The batch source of train.train: (group, pooled features with gradients, labels) per step."""
         self.tail.to(device).train()
         info = split_info(self.store, self.split)
         cached = self.cached[self.split]
         if info.rows * info.token_bytes_per_image <= MEMORY_BYTES:
             tokens = torch.from_numpy(read_rows(self.store, self.split, "tokens", [(0, info.rows)])).to(device)
-            source = InMemoryBatches(tokens, sampler, groups, config.batch_size)
+            source = InMemoryBatches(tokens, sampler, config.batch_size)
         else:
             self.streamed = True
             source = StreamedBatches(self.store, self.split, "tokens", info.rows, part, steps, config.batch_size, device,
                                      sampler.generator, config.seed)
 
-        def batches(step: int):
-            g, tokens, labels = source(step)
+        def batches(step: int, groups: list[int]):
+            g, tokens, labels = source(step, groups)
             return g, self.tail(tokens, cached), labels
 
         return batches

@@ -35,9 +35,9 @@ class Projection(nn.Module):
 class _MarginHead(nn.Module):
     """Cosine classifier with scale s; subclasses define the target-logit margin."""
 
-    def __init__(self, dim: int, classes: int, s: float, m: float) -> None:
+    def __init__(self, dim: int, classes: int, s: float, m: float, easy_margin: bool = False) -> None:
         super().__init__()
-        self.dim, self.classes, self.s, self.m = dim, classes, s, m
+        self.dim, self.classes, self.s, self.m, self.easy_margin = dim, classes, s, m, easy_margin
         self.weight = nn.Parameter(torch.empty(classes, dim))
         if classes:  # a group can end up with no class; init refuses empty tensors
             nn.init.xavier_uniform_(self.weight)
@@ -95,9 +95,15 @@ class AAMC(_MarginHead):
         # cos θ - m·sin m, cos(θ + m) to first order in m at θ = π - m: a
         # CosFace-like penalty that keeps the target logit falling in θ (it
         # jumps by at most m²/2 at the switch, which training never notices).
-        # "Easy margin" (no margin while cos θ < 0) is the other known fix;
-        # it drops the margin for exactly the hardest examples, so not that.
+        # "Easy margin" (no margin while cos θ ≤ 0) is the other known fix, and
+        # D&C's: it drops the margin for exactly the hardest examples, so it is
+        # the dc-paper preset's choice only.
+        if self.easy_margin:
+            return torch.where(cos > 0, shifted, cos)
         return torch.where(cos > math.cos(math.pi - self.m), shifted, cos - self.m * math.sin(self.m))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", easy_margin=True" if self.easy_margin else "")
 
 
 class LMCC(_MarginHead):
@@ -147,6 +153,8 @@ def sample_negatives(labels: torch.Tensor, classes: int, fraction: float,
 HEADS: dict[str, type[nn.Module]] = {"aamc": AAMC, "lmcc": LMCC, "softmax": SoftmaxHead}
 # How a query's cells are ranked across groups (GroupHeads.scores).
 SCORINGS = ("cosine", "group-softmax")
+# What "cosine" ranking compares h with: the unit prototypes, or the prototypes as trained.
+TEST_PROTOTYPES = ("normalised", "raw")
 
 
 class GroupHeads(nn.ModuleDict):
@@ -155,15 +163,17 @@ class GroupHeads(nn.ModuleDict):
     Global class id = offsets[g] + index, the row of the class table.
     """
 
-    def __init__(self, classes_per_group: list[int], *, head: str, dim: int, s: float, m: float) -> None:
+    def __init__(self, classes_per_group: list[int], *, head: str, dim: int, s: float, m: float,
+                 easy_margin: bool = False, test_prototypes: str = "normalised") -> None:
         if head not in HEADS:
             raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+        if test_prototypes not in TEST_PROTOTYPES:
+            raise ValueError(f"test_prototypes {test_prototypes!r}: choose one of {', '.join(TEST_PROTOTYPES)}")
         make = HEADS[head]
         margin = issubclass(make, _MarginHead)
-        super().__init__(
-            {str(g): make(dim, c, s, m) if margin else make(dim, c) for g, c in enumerate(classes_per_group)}
-        )
-        self.head, self.classes_per_group = head, list(classes_per_group)
+        super().__init__({str(g): make(dim, c, s, m, easy_margin) if margin else make(dim, c)
+                          for g, c in enumerate(classes_per_group)})
+        self.head, self.classes_per_group, self.test_prototypes = head, list(classes_per_group), test_prototypes
         self.offsets = [0]
         for c in self.classes_per_group:
             self.offsets.append(self.offsets[-1] + c)
@@ -171,7 +181,8 @@ class GroupHeads(nn.ModuleDict):
     def scores(self, h: torch.Tensor, scoring: str = "cosine") -> torch.Tensor:
         """Inference scores (n, total classes), groups concatenated in group order.
 
-        "cosine": margin heads score cos θ to every prototype, the D&C inference rule.
+        "cosine": margin heads score cos θ to every prototype, or h·w with the prototypes as trained
+        when `test_prototypes` is "raw" (D&C's code; the paper's rule is the cosine).
         "group-softmax": the log of each group's own softmax probability at scale s, P(u, v) of
         D&C's Eq. 4.19-4.20: a cell wins by how sure its group's classifier is, not by its raw
         cosine. Softmax heads always score log-softmax within each group: raw logits of
@@ -185,9 +196,15 @@ class GroupHeads(nn.ModuleDict):
         for g in range(len(self.classes_per_group)):
             head = self[str(g)]
             if isinstance(head, _MarginHead):
-                # float16 operands, float32 cosines on CUDA: 5x the float32 product's speed
-                cos = inner_products(unit, F.normalize(head.weight.float(), dim=1, eps=_EPS))
-                parts.append(cos if scoring == "cosine" else F.log_softmax(head.s * cos, dim=1))
+                # float16 operands, float32 cosines on CUDA: 5x the float32 product's speed. Raw
+                # prototypes (D&C's test rule) only change the cosine ranking; a group's
+                # probability is as trained, always on cosines.
+                w = head.weight.float()
+                if scoring == "cosine" and self.test_prototypes == "raw":
+                    parts.append(inner_products(unit, w))
+                else:
+                    cos = inner_products(unit, F.normalize(w, dim=1, eps=_EPS))
+                    parts.append(cos if scoring == "cosine" else F.log_softmax(head.s * cos, dim=1))
             else:
                 parts.append(F.log_softmax(head(h), dim=1))
         return torch.cat(parts, dim=1)

@@ -15,10 +15,12 @@ from dcfeat.layout import IDENTITY_OPTIONS, identity_diff
 class DCModel(nn.Module):
     """Projection + group heads; scores every class of every group for a batch of features."""
 
-    def __init__(self, in_dim: int, dim: int, classes_per_group: list[int], *, head: str, s: float, m: float):
+    def __init__(self, in_dim: int, dim: int, classes_per_group: list[int], *, head: str, s: float, m: float,
+                 easy_margin: bool = False, test_prototypes: str = "normalised"):
         super().__init__()
         self.projection = Projection(in_dim, dim)
-        self.heads = GroupHeads(classes_per_group, head=head, dim=dim, s=s, m=m)
+        self.heads = GroupHeads(classes_per_group, head=head, dim=dim, s=s, m=m, easy_margin=easy_margin,
+                                test_prototypes=test_prototypes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.projection(features)

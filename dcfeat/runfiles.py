@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dcfeat.calibration import Calibrator
 from dcfeat.errors import BadInput, DamagedRun
-from dcfeat.heads import HEADS
+from dcfeat.heads import HEADS, TEST_PROTOTYPES
 from dcfeat.model import DCModel
 from dcfeat.partition import load_classes
 
@@ -98,6 +98,8 @@ def read_config(directory: Path) -> dict:
     rules = {**CONFIG_RULES, **(PROGRESS_RULES if "complete" in config else {})}
     if config.get("finetune_blocks"):
         rules["finetune_blocks"] = (_positive_int, "the number of tuned blocks")
+    if "test_prototypes" in config:  # runs before the presets score with normalised prototypes
+        rules["test_prototypes"] = (lambda v: v in TEST_PROTOTYPES, f"one of {', '.join(TEST_PROTOTYPES)}")
     bad = [f"`{k}` {'missing' if k not in config else f'is {config[k]!r}'} (expected {what})"
            for k, (ok, what) in rules.items() if not ok(config.get(k))]
     if bad:
@@ -144,7 +146,8 @@ def read_model(directory: Path, config: dict) -> DCModel:
     path = directory / MODEL_FILE
     state = _read_tensors(path)
     model = DCModel(config["features"]["dim"], config["dim"], config["classes_per_group"], head=config["head"],
-                    s=config["s"], m=config["m"])
+                    s=config["s"], m=config["m"], easy_margin=bool(config.get("easy_margin")),
+                    test_prototypes=config.get("test_prototypes", "normalised"))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in state.items()}
     wrong = ([f"{k} missing" for k in want if k not in have] + [f"unexpected {k}" for k in have if k not in want]

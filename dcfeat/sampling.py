@@ -1,9 +1,10 @@
 """Batch sources for training: class-balanced batches of one group per step, in memory or streamed.
 
-Every source is called with the step number and returns (group, rows of the
-batch, class index within the group); step 0 starts an epoch. Groups take
-turns, and within a group a class is drawn uniformly, then an image uniformly
-within it (D&C's sampling).
+Every source is called with the step number and the groups that take turns in
+this epoch (all of them, or one: D&C's code trains one group per epoch), and
+returns (group, rows of the batch, class index within the group); step 0
+starts an epoch. Within a group a class is drawn uniformly, then an image
+uniformly within it (D&C's sampling).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ BUFFER_CHUNKS = 16
 
 
 class BatchSource(Protocol):
-    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(group, the batch's rows, their class index within the group) of step `step`."""
+    def __call__(self, step: int, groups: list[int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(group, the batch's rows, their class index within the group) of step `step`, a group of `groups`."""
 
 
 class BalancedSampler:
@@ -63,13 +64,13 @@ class BalancedSampler:
 
 
 class InMemoryBatches:
-    """Step t: a class-balanced batch of group t mod (groups with classes), from rows of `features`."""
+    """Step t: a class-balanced batch of group groups[t mod len(groups)], from rows of `features`."""
 
-    def __init__(self, features: torch.Tensor, sampler: BalancedSampler, groups: list[int], size: int):
-        self.features, self.sampler, self.groups, self.size = features, sampler, groups, size
+    def __init__(self, features: torch.Tensor, sampler: BalancedSampler, size: int):
+        self.features, self.sampler, self.size = features, sampler, size
 
-    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        g = self.groups[step % len(self.groups)]
+    def __call__(self, step: int, groups: list[int]) -> tuple[int, torch.Tensor, torch.Tensor]:
+        g = groups[step % len(groups)]
         rows, labels = self.sampler.batch(g, self.size)
         return g, self.features[rows], labels
 
@@ -119,11 +120,11 @@ class StreamedBatches:
         self.order_generator = torch.Generator().manual_seed(seed)
         self.pool = ThreadPoolExecutor(max_workers=1)
 
-    def _epoch(self) -> list[tuple[list[tuple[int, int]], int]]:
-        """(chunks, steps) of every buffer of an epoch."""
+    def _epoch(self, groups: list[int]) -> list[tuple[list[tuple[int, int]], int]]:
+        """(chunks, steps) of every buffer of an epoch that trains `groups`; buffers without their rows get none."""
         chunk, per_buffer = self.chunk_rows, self.buffer_chunks
         starts = torch.randperm(-(-self.rows // chunk), generator=self.order_generator).numpy() * chunk
-        used = self.part.class_index >= 0
+        used = (self.part.class_index >= 0) & np.isin(self.part.group, groups)
         buffers = [sorted((int(a), min(int(a) + chunk, self.rows)) for a in starts[i:i + per_buffer])
                    for i in range(0, len(starts), per_buffer)]
         share = np.cumsum([sum(int(used[a:b].sum()) for a, b in chunks) for chunks in buffers])
@@ -140,13 +141,13 @@ class StreamedBatches:
         rows = np.concatenate([np.arange(a, b) for a, b in chunks])
         self.tokens = torch.from_numpy(tokens).to(self.device)
         self.sampler = BalancedSampler(self.part, self.device, self.generator, rows=rows)
-        self.groups = [g for g, (*_, present) in enumerate(self.sampler.groups) if len(present)]
+        self.groups = [g for g, (*_, present) in enumerate(self.sampler.groups) if len(present) and g in self.turns]
 
-    def __call__(self, step: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def __call__(self, step: int, groups: list[int]) -> tuple[int, torch.Tensor, torch.Tensor]:
         if step == 0:
             # Groups take turns across buffers: a buffer may last a step or two, and restarting the
             # turn at each one would train the first groups only.
-            self.plan, self.index, self.left, self.turn = self._epoch(), 0, 0, 0
+            self.plan, self.index, self.left, self.turn, self.turns = self._epoch(groups), 0, 0, 0, set(groups)
             self.pending = self.pool.submit(read_rows, self.store, self.split, self.dataset, self.plan[0][0])
         while self.left == 0:
             self._next_buffer()

@@ -3,7 +3,8 @@
 The split is read into memory once (on the GPU when there is one). Groups take
 turns: step t trains group t mod N² on a class-balanced batch (a class drawn
 uniformly among the group's classes, then an image uniformly within it), and
-updates the projection and that group's prototypes only.
+updates the projection and that group's prototypes only. With
+`group_rotation="epoch"` (D&C's code) epoch e trains group e mod N² alone.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from dcfeat.errors import BadInput
 from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
 from dcfeat.layout import IDENTITY_ATTRS
-from dcfeat.metrics import THRESHOLD_M, localisation_recall
+from dcfeat.metrics import localisation_recall
 from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
+from dcfeat.presets import Schedule, TrainConfig, make_optimizer
 from dcfeat.progress import progress_bar
 from dcfeat.runfiles import COMMAND_FILE, LOG_FILE
 from dcfeat.runs import (
@@ -48,33 +50,6 @@ from dcfeat.sampling import (
     streamed_class_means,
 )
 from dcfeat.store import Split, read_split, split_info
-
-
-@dataclass
-class TrainConfig:
-    M: float = 20.0
-    N: int = 2
-    min_images_per_class: int = 10
-    head: str = "aamc"
-    # Defaults chosen by val LR@1 in the sweep of BENCHMARKS.md ("Training defaults").
-    s: float = 30.0
-    m: float = 0.4
-    dim: int = 512
-    epochs: int = 10
-    batch_size: int = 256
-    lr_projection: float = 1e-3
-    lr_heads: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    threshold_m: float = THRESHOLD_M
-    # K > 0: also tune the last K DINOv2 blocks on cached tokens (dcfeat.finetune). Their rate is
-    # 100× below the projection's, as CosPlace tunes its backbone (1e-5) beside 1e-2 heads: the
-    # pretrained blocks move little, so the prototypes initialised on their output stay valid.
-    finetune_blocks: int = 0
-    lr_blocks: float = 1e-5
-    # r < 1: each step scores the batch's classes plus a random r of the group's other classes
-    # (PartialFC); for groups of hundreds of thousands of classes. 1 is the exact loss.
-    negative_fraction: float = 1.0
 
 
 @dataclass
@@ -173,28 +148,31 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
         features = torch.as_tensor(split.embeddings).to(dev)  # numpy, or a tensor already in place
         check_finite(features, split.name)
     in_dim = int(split.attrs["dim"]) if streamed is not None else features.shape[1]
-    model = DCModel(in_dim, config.dim, part.classes_per_group, head=config.head, s=config.s, m=config.m).to(dev)
+    model = DCModel(in_dim, config.dim, part.classes_per_group, head=config.head, s=config.s, m=config.m,
+                    easy_margin=config.easy_margin, test_prototypes=config.test_prototypes).to(dev)
     sampler = BalancedSampler(part, dev, gen)
-    if streamed is None:
+    if config.prototype_init == "class-means" and streamed is None:
         class_means(features, model, sampler, part)
-    else:
+    elif config.prototype_init == "class-means":
         streamed_class_means(streamed, split.name, model, part)
-    opt = torch.optim.AdamW([
+    # else the heads' own Xavier initialisation stays, as in D&C's code.
+    opt = make_optimizer(config, [
         {"params": model.projection.parameters(), "lr": config.lr_projection},
-        {"params": model.heads.parameters(), "lr": config.lr_heads},
+        {"params": model.heads.parameters(), "lr": config.lr_heads},  # Schedule's heads_group
         *(tail.param_groups() if tail else []),
-    ], weight_decay=config.weight_decay, fused=is_cuda(dev))
+    ], fused=is_cuda(dev))
+    schedule = Schedule(config, opt)
     groups = [g for g, c in enumerate(part.classes_per_group) if c > 0]
     used = int((part.class_index >= 0).sum())
-    steps = max(len(groups), math.ceil(used / config.batch_size))
+    steps = config.iterations_per_epoch or max(len(groups), math.ceil(used / config.batch_size))
     if tail is not None:
-        batches = tail.start(part, sampler, groups, steps, config, dev)
+        batches = tail.start(part, sampler, steps, config, dev)
     elif streamed is not None:
         batches = StreamedBatches(streamed.store, split.name, "embeddings", len(part.group), part, steps,
                                   config.batch_size, dev, gen, config.seed, chunk_rows=streamed.chunk_rows,
                                   buffer_chunks=streamed.buffer_chunks)
     else:
-        batches = InMemoryBatches(features, sampler, groups, config.batch_size)
+        batches = InMemoryBatches(features, sampler, config.batch_size)
     run_config = run_config or {}
     config_json = {**run_config, **asdict(config), "classes_per_group": part.classes_per_group,
                    "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps,
@@ -204,16 +182,17 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
-    history, best, best_epoch = [], -1.0, 0
+    history, best, best_epoch = [], -math.inf, 0
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
+        turns = groups if config.group_rotation == "step" else [groups[(epoch - 1) % len(groups)]]
         model.train()
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev)
         with progress_bar(f"epoch {epoch}/{config.epochs}", steps, enabled=progress, unit="step") as advance:
             for step in range(steps):
                 with autocast(dev):
-                    g, x, labels = batches(step)
+                    g, x, labels = batches(step, turns)
                 loss, hits = train_step(model, opt, g, x, labels, negative_fraction=config.negative_fraction,
                                         generator=gen)
                 loss_sum += loss
@@ -225,7 +204,11 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
         if val is not None:
             record["val_lr1"] = recall_at_1(model, tail.features_of(val) if tail else val, part.classes,
                                            config.threshold_m)
-        score = record.get("val_lr1", epoch)  # without val the last epoch is kept
+        record.update(schedule.step(record["loss"]))
+        if config.keep == "lowest-train-loss":
+            score = -record["loss"]
+        else:
+            score = record.get("val_lr1", epoch)  # without val the last epoch is kept
         if score > best:
             best, best_epoch = score, epoch
             if tail:
@@ -235,8 +218,11 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         # Last, so that a run killed at any point reads as stopped after the epochs it finished.
+        done = epoch == config.epochs or "stopped" in record
         write_config(out, {**config_json, **(tail.config() if tail else {}), "best_epoch": best_epoch,
-                           "epochs_done": epoch, "complete": epoch == config.epochs})
+                           "epochs_done": epoch, "complete": done, "stopped": record.get("stopped")})
+        if done:
+            break
     return TrainResult(out=out, epochs=history, best_epoch=best_epoch, classes=len(part.classes),
                        images_used=used, seconds=time.perf_counter() - t_start)
 

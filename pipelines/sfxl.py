@@ -1,8 +1,9 @@
-"""dcfeat on SF-XL with frozen DINOv2/DINOv3 backbones: extract, train, evaluate every query set.
+"""dcfeat on SF-XL for every backbone × training preset: extract, train, evaluate every query set, one summary.
 
 Folders as SF-XL's own README lays them out (file names carry the UTM labels,
 `@UTM_east@UTM_north@zone@letter@lat@lon@…@.jpg`):
 
+    SFXL/raw/train/database                   41.2 M training crops (the D&C paper's classes)
     SFXL/processed/train/...                  training images (5.6 M)
     SFXL/processed/val/{database,queries}     validation
     SFXL/processed/test/database              test database (2.8 M images)
@@ -11,94 +12,167 @@ Folders as SF-XL's own README lays them out (file names carry the UTM labels,
     SFXL/processed/test/queries_night         466 queries
     SFXL/processed/test/queries_occlusion     76 queries
 
-This is the `dcfeat` recipe (dcfeat's defaults, processed/train). It is NOT the D&C paper's protocol,
-which builds its classes from raw/train/database (41.2 M crops, ~63 GB of ViT-B features), validates on
-queries_v2 and uses the paper's optimiser and margins; that needs `train --preset dc-paper`, not
-built yet (its 63 GB of features would train streamed, `train --memory-budget`).
+Two recipes, one per `dcfeat train --preset`:
+* `dcfeat`: dcfeat's defaults, classes from processed/train, validation on processed/val/queries, the
+  backbone's centre crop.
+* `dc-paper`: the official D&C code's protocol: classes from raw/train/database (~63 GB of ViT-B
+  features: `dcfeat train` streams them from disk), validation on queries_v2 (so its v2 row is not a
+  test figure), every image resized whole (`extract --crop full`), the paper's optimiser, margins and
+  epochs (`train --preset dc-paper`).
+Both are evaluated on the four query sets against processed/test/database in all three modes.
 
-Outputs per backbone under OUT/<backbone>/: feats.h5 (+ labels and shards), runs/dc/, and
-OUT/summary.md with LR@1/5/10/20 and ms/query of classify, retrieve and hybrid for every backbone and
-query set. Every step is a dcfeat command, printed before it runs; a finished step is skipped on a re-run
-(extract resumes, train refuses to overwrite a finished run). `--dry-run` prints the grid of commands
-with the disk each extraction needs.
-Run: `python pipelines/sfxl.py --root /data/SFXL [--model facebook/dinov2-base --model …] [--gpus 8] [--dry-run]`.
+Outputs under OUT/<backbone>/<preset>/: feats.h5 (+ labels and shards), runs/dc/; OUT/summary.md holds
+LR@1/5/10/20 and ms/query for every backbone × preset × query set × mode. Every step is a dcfeat
+command, printed before it runs; a finished step is skipped on a re-run (extract resumes, a finished
+run is not trained again). `--dry-run` prints every command with the disk and memory it needs.
+Run: `python pipelines/sfxl.py --root /data/SFXL [--backbones facebook/dinov2-base,…] [--presets dcfeat,dc-paper]
+[--gpus 8] [--dry-run]`.
 """
 
 import json
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 QUERY_SETS = {"test-v1": "processed/test/queries_v1", "test-v2": "processed/test/queries_v2",
               "test-night": "processed/test/queries_night", "test-occlusion": "processed/test/queries_occlusion"}
-SPLITS = {"train": "processed/train", "val": "processed/val/queries", "val-db": "processed/val/database",
-          "test-db": "processed/test/database", **QUERY_SETS}
-# Images per folder from SF-XL's README (None: not given there), for the disk estimate of --dry-run.
-IMAGES = {"train": 5_600_000, "test-db": 2_800_000, "test-v1": 1000, "test-v2": 598, "test-night": 466,
-          "test-occlusion": 76, "val": None, "val-db": None}
-# Pooled CLS dimension of the public checkpoints (hidden size).
-DIMS = {"small": 384, "base": 768, "large": 1024, "giant": 1536, "vits16": 384, "vitb16": 768, "vitl16": 1024,
-        "vith16plus": 1280, "vit7b16": 4096}
+DATABASE = {"test-db": "processed/test/database"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    splits: dict[str, str]  # split → folder under the SF-XL root
+    val_split: str
+    extract_options: tuple[str, ...]
+
+
+RECIPES = {
+    "dcfeat": Recipe({"train": "processed/train", "val": "processed/val/queries", "val-db": "processed/val/database",
+                      **DATABASE, **QUERY_SETS}, "val", ()),
+    # D&C's train.py: classes from raw/train/database, validation on queries_v2, test images resized whole.
+    "dc-paper": Recipe({"train": "raw/train/database", **DATABASE, **QUERY_SETS}, "test-v2", ("--crop", "full")),
+}
+# Images per folder from SF-XL's README (absent: not given there), for the estimates of --dry-run.
+IMAGES = {"raw/train/database": 41_200_000, "processed/train": 5_600_000, "processed/test/database": 2_800_000,
+          "processed/test/queries_v1": 1000, "processed/test/queries_v2": 598, "processed/test/queries_night": 466,
+          "processed/test/queries_occlusion": 76}
+# Width (pooled CLS dimension) and parameters of the public checkpoints, by a part of their hub id.
+MODELS = {"small": (384, 22e6), "base": (768, 86e6), "large": (1024, 304e6), "giant": (1536, 1.1e9),
+          "vits16plus": (384, 29e6), "vits16": (384, 21e6), "vitb16": (768, 86e6), "vitl16": (1024, 300e6),
+          "vith16plus": (1280, 840e6), "vit7b16": (4096, 6.7e9)}
+EXTRACT_BATCH, TOKENS, PROJECTED = 64, 257, 512  # extract's default batch; tokens of a 224 crop; train --dim
+
+
+@dataclass(frozen=True)
+class Step:
+    command: list[str]
+    needs: str  # disk and memory, for --dry-run
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "unknown (not a public checkpoint's name)"
+    return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
+
+
+def _spec(model: str) -> tuple[int, float] | None:
+    return next((spec for name, spec in MODELS.items() if name in model), None)
 
 
 def feature_bytes(model: str, rows: int) -> int | None:
-    dim = next((d for name, d in DIMS.items() if name in model), None)
-    return None if dim is None else rows * (dim * 2 + 100)  # float16 row + its id and label
+    spec = _spec(model)
+    return None if spec is None else rows * (spec[0] * 2 + 100)  # float16 row + its id and label
 
 
-def commands(root: Path, out: Path, model: str, gpus: int, epochs: int) -> list[list[str]]:
+def extract_memory(model: str) -> float | None:
+    """Accelerator memory of extraction at a 224 crop: bf16 weights, and a batch's widest activation (the
+    MLP's, 4× the width) in and out."""
+    spec = _spec(model)
+    return None if spec is None else 2 * spec[1] + EXTRACT_BATCH * TOKENS * 4 * spec[0] * 2 * 2
+
+
+def steps(root: Path, out: Path, model: str, preset: str, gpus: int, epochs: int | None) -> list[Step]:
+    recipe = RECIPES[preset]
     feats, run = out / "feats.h5", out / "runs" / "dc"
     launcher = ["torchrun", "--nproc-per-node", str(gpus), "-m", "dcfeat"] if gpus > 1 else ["dcfeat"]
-    steps = [[*launcher, "extract", "--images", str(root / sub), "--out", str(feats), "--split", split,
-              "--model", model] for split, sub in SPLITS.items()]
+    plan = []
+    for split, folder in recipe.splits.items():
+        disk = f"disk {_size(feature_bytes(model, IMAGES[folder]))}" if folder in IMAGES else \
+            f"disk {_size(feature_bytes(model, 1))} per image (SF-XL's README gives no count)"
+        plan.append(Step([*launcher, "extract", "--images", str(root / folder), "--out", str(feats), "--split", split,
+                          "--model", model, *recipe.extract_options],
+                         f"{disk}, GPU memory {_size(extract_memory(model))} per process at 224²"))
     if not (run / "config.json").is_file():
-        steps.append(["dcfeat", "train", "--feats", str(feats), "--val-split", "val", "--epochs", str(epochs),
-                      "--out", str(run)])
-    steps += [["dcfeat", "evaluate", "--feats", str(feats), "--run", str(run), "--split", split,
-               "--database-split", "test-db", "--mode", "all"] for split in QUERY_SETS]
-    return steps
+        train_features = feature_bytes(model, IMAGES[recipe.splits["train"]])
+        plan.append(Step(["dcfeat", "train", "--feats", str(feats), "--preset", preset, "--val-split", recipe.val_split,
+                          *(["--epochs", str(epochs)] if epochs else []), "--out", str(run)],
+                         f"memory {_size(train_features)} of features, streamed from disk where that is over half "
+                         "the free memory (`train --memory-budget`)"))
+    database = IMAGES[DATABASE["test-db"]]
+    db_bytes = feature_bytes(model, database)
+    for split in QUERY_SETS:
+        plan.append(Step(["dcfeat", "evaluate", "--feats", str(feats), "--run", str(run), "--split", split,
+                          "--database-split", "test-db", "--mode", "all"],
+                         f"memory {_size(db_bytes and db_bytes + database * PROJECTED * 4)} (the database, raw "
+                         "and projected)"))
+    return plan
 
 
-def summary(out: Path, models: list[str]) -> str:
-    lines = ["| backbone | query set | method | LR@1 | LR@5 | LR@10 | LR@20 | ms/query |",
-             "|---|---|---|---|---|---|---|---|"]
+def summary(out: Path, models: list[str], presets: list[str]) -> str:
+    lines = ["| backbone | preset | query set | method | LR@1 | LR@5 | LR@10 | LR@20 | ms/query |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for model in models:
-        for split in QUERY_SETS:
-            report = json.loads((out / Path(model).name / "runs" / "dc" / "eval" / split / "report.json").read_text())
-            for name, m in report["methods"].items():
-                r = m["recall"]
-                lines.append(f"| {model} | {split} | {name} | " + " | ".join(f"{100 * r[k]:.1f}" for k in ("1", "5", "10", "20"))
-                             + f" | {m['ms_per_query']:.3f} |")
+        for preset in presets:
+            for split in QUERY_SETS:
+                folder = out / Path(model).name / preset / "runs" / "dc" / "eval" / split
+                report = json.loads((folder / "report.json").read_text())
+                name = f"{split} (its validation set)" if split == RECIPES[preset].val_split else split
+                for method, m in report["methods"].items():
+                    r = m["recall"]
+                    lines.append(f"| {model} | {preset} | {name} | {method} | "
+                                 + " | ".join(f"{100 * r[k]:.1f}" for k in ("1", "5", "10", "20"))
+                                 + f" | {m['ms_per_query']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _names(allowed=None):
+    """click callback: a comma-separated list, each name checked against `allowed` when given."""
+    def parse(ctx, param, value):
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        wrong = [n for n in names if allowed is not None and n not in allowed]
+        if not names or wrong:
+            raise click.BadParameter(f"{value!r}: expected a comma-separated list"
+                                     + (f" of {', '.join(allowed)}" if allowed else ""), ctx, param)
+        return names
+    return parse
 
 
 @click.command()
 @click.option("--root", type=click.Path(path_type=Path), required=True, help="SF-XL folder (layout above).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/sfxl"), show_default=True)
-@click.option("--model", "models", multiple=True, default=["facebook/dinov2-base"], show_default=True,
-              help="Backbone (repeat for several): DINOv2 or DINOv3 ViT hub id or local folder.")
-@click.option("--gpus", default=1, show_default=True, help="GPUs per node: extraction runs under torchrun.")
-@click.option("--epochs", default=10, show_default=True)
-@click.option("--dry-run", is_flag=True, help="Print the commands and the disk each extraction needs; run nothing.")
-def main(root, out, models, gpus, epochs, dry_run):
-    for model in models:
-        click.echo(f"# backbone {model}")
-        for cmd in commands(root, out / Path(model).name, model, gpus, epochs):
-            need = ""
-            if dry_run and "extract" in cmd:
-                split = cmd[cmd.index("--split") + 1]
-                size = feature_bytes(model, IMAGES[split]) if IMAGES[split] else None
-                need = (f"  # ~{size / 1e9:,.1f} GB" if size >= 1e9 else f"  # ~{size / 1e6:,.1f} MB") if size \
-                    else "  # size: not in SF-XL's README, count its images"
-            click.echo(shlex.join(cmd) + need)
-            if not dry_run:
-                subprocess.run(cmd, check=True)
+@click.option("--backbones", default="facebook/dinov2-base", show_default=True, callback=_names(),
+              help="Comma-separated DINOv2 or DINOv3 ViT hub ids or local folders.")
+@click.option("--presets", default="dcfeat,dc-paper", show_default=True, callback=_names(RECIPES),
+              help="Comma-separated training presets, each with its own folders and crop (above).")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="GPUs per node: extraction runs under torchrun.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs [default: each preset's].")
+@click.option("--dry-run", is_flag=True, help="Print every command with the disk and memory it needs; run nothing.")
+def main(root, out, backbones, presets, gpus, epochs, dry_run):
+    for model in backbones:
+        for preset in presets:
+            click.echo(f"# backbone {model}, preset {preset}")
+            for step in steps(root, out / Path(model).name / preset, model, preset, gpus, epochs):
+                click.echo(shlex.join(step.command) + (f"  # {step.needs}" if dry_run else ""))
+                if not dry_run:
+                    subprocess.run(step.command, check=True)
     if dry_run:
         return
-    text = summary(out, list(models))
+    text = summary(out, backbones, presets)
     (out / "summary.md").write_text(text)
     click.echo(text)
 

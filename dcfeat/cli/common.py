@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from dcfeat.train import TrainConfig
+from dcfeat.presets import TrainConfig
 
 DATA = Path("data")
 DEFAULT_STORE = DATA / "feats.h5"

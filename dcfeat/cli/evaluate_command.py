@@ -34,7 +34,8 @@ from dcfeat.reports import confidence_table, recall_table
 @click.option("--space", type=click.Choice(["projected", "raw"]), default="projected", show_default=True,
               help="Retrieval descriptors: the run's learned embedding or the raw backbone features.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
-              help="Rank cells by cosine to the prototypes, or by each group's softmax probability (D&C Eq. 4.19-4.20).")
+              help="Rank cells by cosine to the prototypes (the dot product for runs trained with --test-prototypes "
+              "raw), or by each group's softmax probability (D&C Eq. 4.19-4.20).")
 @click.option("--cells", type=AT_LEAST_1, default=5, show_default=True, help="Hybrid: retrieve among the top-c cells' images.")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True, help="Metres within which a prediction is right.")
 @click.option("--k", "ks", type=KList(), default=",".join(map(str, DEFAULT_KS)), show_default=True, help="Comma-separated k of LR@k.")

@@ -30,7 +30,8 @@ from dcfeat.reports import RANDOM_NOTICE
               help="Output file: .parquet, .csv or .geojson.")
 @click.option("--k", type=AT_LEAST_1, default=5, show_default=True, help="Cells per image, best first.")
 @click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
-              help="cosine: probability = softmax at scale s over all cells; group-softmax: each cell's probability "
+              help="cosine: probability = softmax at scale s over all cells' cosines (dot products for runs trained "
+              "with --test-prototypes raw); group-softmax: each cell's probability "
               "under its own group's classifier (D&C Eq. 4.19-4.20), also used to rank.")
 @click.option("--model", default=None, help="Backbone [default: the one the run's features came from]; its "
               "weights must be the same (checked).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -16,19 +17,34 @@ from dcfeat.options import (
     FRACTION,
     MARGIN,
     POSITIVE,
+    Finite,
     Size,
     split_name,
 )
-from dcfeat.train import TrainConfig, train_files
+from dcfeat.presets import CHOICES, PRESETS, preset_config, preset_values
+from dcfeat.train import train_files
+
+
+def preset_option(*decls: str, field: str, help: str, **kwargs):
+    """An option whose default is its preset's value (None here), each preset's shown in --help."""
+    return click.option(*decls, field, default=None, help=f"{help}  [{preset_values(field)}]", **kwargs)
+
+
+def choice(field: str) -> click.Choice:
+    return click.Choice(CHOICES[field])
 
 
 @click.command()
 @click.option("--feats", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
               help="Feature store to train on.")
 @click.option("--split", default="train", show_default=True, callback=split_name, help="Training split.")
-@click.option("--val-split", default=None, callback=split_name, help="Split for LR@1 after every epoch; the best epoch is kept.")
+@click.option("--val-split", default=None, callback=split_name, help="Split for LR@1 after every epoch (the epoch kept: --keep).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Run folder [default: runs/<timestamp> beside the store, and runs/latest points to it].")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="dcfeat", show_default=True,
+              help="Starting values of the options marked with both presets' values: dcfeat's defaults, or the "
+              "official D&C code's (dc-paper; extract its features with `--crop full`). Each such option overrides "
+              "its preset's value.")
 @click.option("--M", "M", type=POSITIVE, default=TRAIN_DEFAULTS.M, show_default=True, help="Cell side in metres.")
 @click.option("--N", "N", type=AT_LEAST_1, default=TRAIN_DEFAULTS.N, show_default=True, help="N² groups; no two neighbouring cells "
               "share a group. N=1: one classifier over all cells.")
@@ -36,20 +52,35 @@ from dcfeat.train import TrainConfig, train_files
               help="Cells with fewer training images are not classes.")
 @click.option("--head", type=click.Choice(["aamc", "lmcc", "softmax"]), default=TRAIN_DEFAULTS.head, show_default=True,
               help="AAMC (ArcFace, D&C), LMCC (CosFace, CosPlace) or a plain softmax layer.")
-@click.option("--s", "s", type=POSITIVE, default=TRAIN_DEFAULTS.s, show_default=True, help="Logit scale s.")
-@click.option("--m", "m", type=MARGIN, default=TRAIN_DEFAULTS.m, show_default=True, help="Margin m.")
+@preset_option("--s", field="s", type=POSITIVE, help="Logit scale s.")
+@preset_option("--m", field="m", type=MARGIN, help="Margin m.")
+@preset_option("--easy-margin/--no-easy-margin", field="easy_margin", help="AAMC: no margin where cos θ ≤ 0 (D&C's "
+               "code), instead of keeping the target logit falling past θ = π − m (insightface).")
 @click.option("--dim", type=AT_LEAST_1, default=TRAIN_DEFAULTS.dim, show_default=True, help="Embedding dimension after projection.")
-@click.option("--epochs", type=AT_LEAST_1, default=TRAIN_DEFAULTS.epochs, show_default=True, help="Epochs (one epoch draws as "
-              "many samples as there are images in classes).")
-@click.option("--batch-size", type=AT_LEAST_1, default=TRAIN_DEFAULTS.batch_size, show_default=True, help="Samples per step.")
-@click.option("--lr-projection", type=POSITIVE, default=TRAIN_DEFAULTS.lr_projection, show_default=True,
-              help="AdamW learning rate of the projection.")
-@click.option("--lr-heads", type=POSITIVE, default=TRAIN_DEFAULTS.lr_heads, show_default=True,
-              help="AdamW learning rate of the prototypes.")
+@preset_option("--epochs", field="epochs", type=AT_LEAST_1, help="Epochs (at most, with --lr-schedule plateau).")
+@preset_option("--iterations-per-epoch", field="iterations_per_epoch", type=AT_LEAST_0,
+               help="Steps per epoch; 0: one pass, as many samples as there are images in classes.")
+@preset_option("--batch-size", field="batch_size", type=AT_LEAST_1, help="Samples per step.")
+@preset_option("--group-rotation", field="group_rotation", type=choice("group_rotation"),
+               help="Groups take turns every step, or one group trains a whole epoch (D&C's code).")
+@preset_option("--optimizer", field="optimizer", type=choice("optimizer"), help="AdamW, or Adam (D&C's code).")
+@preset_option("--lr-projection", field="lr_projection", type=POSITIVE, help="Learning rate of the projection.")
+@preset_option("--lr-heads", field="lr_heads", type=POSITIVE, help="Learning rate of the prototypes.")
+@preset_option("--weight-decay", field="weight_decay", type=Finite(min=0), help="Weight decay.")
+@preset_option("--lr-schedule", field="lr_schedule", type=choice("lr_schedule"),
+               help="plateau: the projection's rate ×0.1 after 10 epochs without a lower train loss, training "
+               "stops below 1e-6 (D&C's code); the prototypes keep theirs.")
+@preset_option("--prototype-init", field="prototype_init", type=choice("prototype_init"),
+               help="Prototypes start at the class means of the initial embeddings, or at random (Xavier).")
+@preset_option("--test-prototypes", field="test_prototypes", type=choice("test_prototypes"),
+               help="evaluate/predict rank cells by cosine to the prototypes, or by the dot product with the "
+               "prototypes as trained (D&C's code); saved with the run.")
+@preset_option("--keep", field="keep", type=choice("keep"),
+               help="Epoch saved: best val LR@1 (the last without --val-split), or lowest mean train loss.")
 @click.option("--finetune-blocks", type=AT_LEAST_0, default=TRAIN_DEFAULTS.finetune_blocks, show_default=True, help="Also tune the last K DINOv2 blocks and "
               "the final layer norm on the split's cached tokens (`dcfeat extract --cache-tokens K` or more).")
 @click.option("--lr-blocks", type=POSITIVE, default=TRAIN_DEFAULTS.lr_blocks, show_default=True,
-              help="AdamW learning rate of the tuned blocks.")
+              help="Learning rate of the tuned blocks.")
 @click.option("--negative-fraction", type=FRACTION, default=TRAIN_DEFAULTS.negative_fraction, show_default=True,
               help="Score the batch's classes plus this share of the group's other classes per step (PartialFC); "
               "below 1 only for groups of ~100 k classes or more, where the exact loss dominates a step.")
@@ -58,22 +89,19 @@ from dcfeat.train import TrainConfig, train_files
 @click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True, help="Seed of initialisation and sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
-def train(feats, split, val_split, out, M, N, min_images_per_class, head, s, m, dim, epochs, batch_size,
-          lr_projection, lr_heads, finetune_blocks, lr_blocks, negative_fraction, memory_budget, seed, device,
-          no_progress):
+def train(feats, split, val_split, out, preset, iterations_per_epoch, memory_budget, device, no_progress, **options):
     """Train the projection and one classifier per group on cached features."""
-    config = TrainConfig(M=M, N=N, min_images_per_class=min_images_per_class, head=head, s=s, m=m, dim=dim,
-                         epochs=epochs, batch_size=batch_size, lr_projection=lr_projection, lr_heads=lr_heads,
-                         finetune_blocks=finetune_blocks, lr_blocks=lr_blocks, seed=seed,
-                         negative_fraction=negative_fraction)
+    config = preset_config(preset, **options)
+    if iterations_per_epoch is not None:  # 0: one pass, which the config spells None (here: the preset's value)
+        config = replace(config, iterations_per_epoch=iterations_per_epoch or None)
     result = train_files(feats, split, config, out=out, val_split=val_split, device=device,
                          progress=not no_progress, command=shlex.join(["dcfeat", *sys.argv[1:]]),
                          memory_budget=memory_budget)
     last = result.epochs[-1]
-    val = f", val LR@1 {100 * result.epochs[result.best_epoch - 1]['val_lr1']:.1f} % (best epoch " \
+    val = f", val LR@1 {100 * result.epochs[result.best_epoch - 1]['val_lr1']:.1f} % (kept epoch " \
           f"{result.best_epoch})" if "val_lr1" in last else ""
-    stdout.print(f"run {result.out}: {result.classes} classes from {result.images_used} images, "
-                 f"{len(result.epochs)} epochs in {result.seconds:.1f} s "
+    stdout.print(f"run {result.out} (preset {config.preset}): {result.classes} classes from {result.images_used} "
+                 f"images, {len(result.epochs)} epochs in {result.seconds:.1f} s "
                  f"({last['seconds']:.2f} s/epoch), train accuracy {100 * last['train_accuracy']:.1f} %{val}; "
                  f"split {'streamed from disk' if result.streamed else 'in memory'}, "
                  f"budget {human_bytes(result.memory_budget)}; confidence {result.calibration}")

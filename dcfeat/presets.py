@@ -1,0 +1,135 @@
+"""Training settings (TrainConfig), the presets that fill them, and the optimiser and schedule they name.
+
+Two presets: `dcfeat` (the defaults, chosen by the sweep of BENCHMARKS.md) and `dc-paper`, the
+choices of the official D&C code (github.com/ga1i13o/Divide-and-Classify: parser.py, train.py,
+classifiers.py, test.py) wherever they differ from dcfeat's. Any field can still be set on its own
+on top of a preset. The one D&C choice no preset can make is the test-time image (the whole image
+resized, not a centre crop): it belongs to the features, `dcfeat extract --crop full`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from dcfeat.errors import BadInput
+from dcfeat.heads import TEST_PROTOTYPES
+from dcfeat.metrics import THRESHOLD_M
+
+# Field → its allowed values, for the fields that name a choice.
+CHOICES = {
+    "optimizer": ("adamw", "adam"),
+    "lr_schedule": ("none", "plateau"),
+    "group_rotation": ("step", "epoch"),
+    "test_prototypes": TEST_PROTOTYPES,
+    "prototype_init": ("class-means", "xavier"),
+    "keep": ("best-val", "lowest-train-loss"),
+}
+# ReduceLROnPlateau as D&C's train.py builds it: on the mean train loss of each epoch, patience 10
+# (its --scheduler_patience), torch's default factor 0.1, on the backbone's optimiser only (here the
+# projection and any tuned blocks; the heads keep their rate); training stops once that rate is
+# below 1e-6, i.e. after the third cut.
+PLATEAU_PATIENCE, PLATEAU_FACTOR, PLATEAU_STOP_LR = 10, 0.1, 1e-6
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of `dcfeat train`; the defaults are the `dcfeat` preset (`preset_config` for another)."""
+
+    preset: str = "dcfeat"  # the preset the other fields started from, recorded with the run
+    M: float = 20.0
+    N: int = 2
+    min_images_per_class: int = 10
+    head: str = "aamc"
+    # Defaults chosen by val LR@1 in the sweep of BENCHMARKS.md ("Training defaults").
+    s: float = 30.0
+    m: float = 0.4
+    # Past θ = π − m: False keeps the target logit falling (insightface); True drops the margin
+    # wherever cos θ ≤ 0 ("easy margin", D&C). AAMC only.
+    easy_margin: bool = False
+    dim: int = 512
+    epochs: int = 10
+    iterations_per_epoch: int | None = None  # None: one epoch draws as many samples as there are images in classes
+    batch_size: int = 256
+    group_rotation: str = "step"  # groups take turns every step, or one group trains a whole epoch
+    optimizer: str = "adamw"
+    lr_projection: float = 1e-3
+    lr_heads: float = 1e-3
+    weight_decay: float = 1e-4
+    lr_schedule: str = "none"
+    prototype_init: str = "class-means"
+    test_prototypes: str = "normalised"  # inference scores cos θ, or h·w with the prototypes as trained
+    keep: str = "best-val"  # the epoch saved: best val LR@1 (the last without a val split), or lowest train loss
+    seed: int = 0
+    threshold_m: float = THRESHOLD_M
+    # K > 0: also tune the last K DINOv2 blocks on cached tokens (dcfeat.finetune). Their rate is
+    # 100× below the projection's, as CosPlace tunes its backbone (1e-5) beside 1e-2 heads: the
+    # pretrained blocks move little, so the prototypes initialised on their output stay valid.
+    finetune_blocks: int = 0
+    lr_blocks: float = 1e-5
+    # r < 1: each step scores the batch's classes plus a random r of the group's other classes
+    # (PartialFC); for groups of hundreds of thousands of classes. 1 is the exact loss.
+    negative_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise BadInput(f"preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise BadInput(f"{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+
+
+PRESETS: dict[str, dict] = {
+    "dcfeat": {},
+    # D&C's parser.py defaults and train.py. epochs: its --epochs_num 500, a ceiling: training also
+    # ends once the plateau schedule's third cut takes the projection's rate below 1e-6. Its Adam
+    # takes torch's default weight decay, 0. Its projection keeps the backbone's width, which no
+    # preset can know: pass --dim 768 for ViT-B features.
+    "dc-paper": {"s": 100.0, "m": 0.2, "easy_margin": True, "optimizer": "adam", "lr_projection": 1e-4,
+                 "lr_heads": 1e-2, "weight_decay": 0.0, "lr_schedule": "plateau", "batch_size": 64,
+                 "epochs": 500, "iterations_per_epoch": 2000, "group_rotation": "epoch",
+                 "prototype_init": "xavier", "test_prototypes": "raw", "keep": "lowest-train-loss"},
+}
+
+
+def preset_config(preset: str = "dcfeat", **overrides) -> TrainConfig:
+    """The preset's settings, then each override that is not None."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(TrainConfig(), preset=preset, **{**PRESETS.get(preset, {}), **given})  # checked there
+
+
+def preset_values(name: str) -> str:
+    """A field's value in every preset, for --help: "dcfeat: 30, dc-paper: 100"."""
+    def show(v):
+        return "one pass" if v is None else f"{v:g}" if isinstance(v, float) else str(v).lower()
+    return ", ".join(f"{p}: {show(getattr(preset_config(p), name))}" for p in PRESETS)
+
+
+def make_optimizer(config: TrainConfig, groups: list[dict], fused: bool) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or Adam (D&C's: decay, if any, added to the gradient) over the param groups."""
+    make = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return make(groups, weight_decay=config.weight_decay, fused=fused)
+
+
+class Schedule:
+    """The learning-rate schedule, stepped once per epoch with its mean train loss."""
+
+    def __init__(self, config: TrainConfig, optimizer: torch.optim.Optimizer, heads_group: int = 1):
+        self.optimizer = optimizer
+        self.plateau = None
+        if config.lr_schedule == "plateau":
+            # A floor at the heads' own rate keeps theirs: torch cuts no rate below its group's min_lr.
+            floors = [0.0] * len(optimizer.param_groups)
+            floors[heads_group] = optimizer.param_groups[heads_group]["lr"]
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, min_lr=floors)
+
+    def step(self, loss: float) -> dict:
+        """After an epoch: what the log records ({} without a schedule); "stopped" once training should end."""
+        if self.plateau is None:
+            return {}
+        self.plateau.step(loss)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return {"lr_projection": lr, **({"stopped": f"projection rate {lr:.1e} below {PLATEAU_STOP_LR:g}"}
+                                        if lr < PLATEAU_STOP_LR else {})}

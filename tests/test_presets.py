@@ -1,0 +1,221 @@
+"""`dcfeat train --preset dcfeat|dc-paper`: the official D&C code's choices, each one a field that can be set alone."""
+
+import json
+import math
+from dataclasses import asdict, fields, replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from dcfeat import presets
+from dcfeat.cli import cli
+from dcfeat.errors import BadInput
+from dcfeat.evaluate import evaluate
+from dcfeat.heads import AAMC, GroupHeads
+from dcfeat.model import top_cells
+from dcfeat.presets import Schedule, TrainConfig, make_optimizer, preset_config
+from dcfeat.runs import load_run
+from dcfeat.store import read_split
+from dcfeat.train import train, train_files
+
+# README's table, column "official D&C code", field by field.
+DC_PAPER = {"s": 100.0, "m": 0.2, "optimizer": "adam", "lr_projection": 1e-4, "lr_heads": 1e-2, "weight_decay": 0.0,
+            "lr_schedule": "plateau", "batch_size": 64, "iterations_per_epoch": 2000, "epochs": 500,
+            "group_rotation": "epoch", "easy_margin": True, "test_prototypes": "raw", "prototype_init": "xavier",
+            "keep": "lowest-train-loss"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_dc_paper_is_the_official_codes_choices_and_dcfeat_the_defaults():
+    paper, ours = preset_config("dc-paper"), preset_config("dcfeat")
+    assert {k: getattr(paper, k) for k in DC_PAPER} == DC_PAPER and paper.preset == "dc-paper"
+    assert ours == TrainConfig()
+    assert {k: getattr(ours, k) for k in DC_PAPER} == {
+        "s": 30.0, "m": 0.4, "optimizer": "adamw", "lr_projection": 1e-3, "lr_heads": 1e-3, "weight_decay": 1e-4,
+        "lr_schedule": "none", "batch_size": 256, "iterations_per_epoch": None, "epochs": 10,
+        "group_rotation": "step", "easy_margin": False, "test_prototypes": "normalised",
+        "prototype_init": "class-means", "keep": "best-val"}
+    # Everything else is shared.
+    assert {f.name for f in fields(TrainConfig) if getattr(paper, f.name) != getattr(ours, f.name)} == {*DC_PAPER, "preset"}
+    opt = make_optimizer(paper, [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}], fused=False)
+    assert type(opt) is torch.optim.Adam and opt.defaults["weight_decay"] == 0.0
+
+
+def test_an_override_beats_the_preset_and_none_keeps_it():
+    config = preset_config("dc-paper", s=50.0, keep="best-val", m=None)
+    assert (config.s, config.keep, config.m, config.optimizer) == (50.0, "best-val", 0.2, "adam")
+
+
+def test_unknown_presets_and_choices_are_refused():
+    with pytest.raises(BadInput, match="preset 'paper': choose one of dcfeat, dc-paper"):
+        preset_config("paper")
+    with pytest.raises(BadInput, match="optimizer 'sgd': choose one of adamw, adam"):
+        preset_config("dcfeat", optimizer="sgd")
+
+
+def test_cli_refuses_a_bad_preset_before_creating_anything(city_store, tmp_path):
+    r = invoke("train", "--feats", city_store, "--out", tmp_path / "r", "--preset", "paper", "--no-progress")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "Invalid value for '--preset': 'paper' is not one of 'dcfeat', 'dc-paper'" in r.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_preset_with_overrides_is_recorded_field_by_field(city_store, tmp_path):
+    r = invoke("train", "--feats", city_store, "--out", tmp_path / "r", "--preset", "dc-paper", "--epochs", "1",
+               "--iterations-per-epoch", "0", "--s", "50", "--no-easy-margin", "--dim", "16", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "(preset dc-paper)" in r.output
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    want = replace(preset_config("dc-paper"), epochs=1, iterations_per_epoch=None, s=50.0, easy_margin=False, dim=16)
+    assert {k: config[k] for k in asdict(want)} == asdict(want)
+    assert config["steps_per_epoch"] == math.ceil(config["images_used"] / 64)  # 0: one pass at dc-paper's batch
+
+
+def test_easy_margin_and_the_threshold_rule_give_the_documented_logits():
+    m = 0.2
+    easy, rule = AAMC(2, 1, s=1.0, m=m, easy_margin=True), AAMC(2, 1, s=1.0, m=m)
+    cos = torch.tensor([0.5, 0.0, -0.5, math.cos(math.pi - m / 2)])  # the last is past θ = π − m
+    theta = torch.arccos(cos)
+    # Both add the margin where cos θ > 0.
+    assert torch.allclose(easy.margin(cos[:1]), torch.cos(theta[:1] + m)) and torch.allclose(rule.margin(cos[:1]),
+                                                                                              torch.cos(theta[:1] + m))
+    # Easy margin: none at all where cos θ ≤ 0, past π − m included.
+    assert torch.equal(easy.margin(cos[1:]), cos[1:])
+    # The threshold rule: cos(θ + m) up to π − m, then cos θ − m·sin m.
+    assert torch.allclose(rule.margin(cos[1:3]), torch.cos(theta[1:3] + m), atol=1e-6)
+    assert torch.allclose(rule.margin(cos[3:]), cos[3:] - m * math.sin(m))
+    assert "easy_margin=True" in repr(easy) and "easy_margin" not in repr(rule)
+
+
+def _heads(test_prototypes: str) -> GroupHeads:
+    """One group: a unit prototype 10° from h and a prototype of norm 3, 30° from it."""
+    heads = GroupHeads([2], head="aamc", dim=2, s=30.0, m=0.4, test_prototypes=test_prototypes)
+    with torch.no_grad():
+        heads["0"].weight.copy_(torch.tensor([[math.cos(math.radians(10)), math.sin(math.radians(10))],
+                                              [3 * math.cos(math.radians(30)), 3 * math.sin(math.radians(30))]]))
+    return heads
+
+
+def test_raw_prototypes_score_the_dot_product_and_normalised_the_cosine():
+    h = torch.tensor([[1.0, 0.0]])
+    cos, raw = _heads("normalised").scores(h)[0], _heads("raw").scores(h)[0]
+    assert torch.allclose(cos, torch.tensor([math.cos(math.radians(10)), math.cos(math.radians(30))]))
+    assert torch.allclose(raw, torch.tensor([math.cos(math.radians(10)), 3 * math.cos(math.radians(30))]))
+    assert cos.argmax() == 0 and raw.argmax() == 1
+    # The group's probability is the one it trained with, on cosines, whatever the test-time rule.
+    assert torch.equal(_heads("raw").scores(h, "group-softmax"), _heads("normalised").scores(h, "group-softmax"))
+
+
+def test_raw_prototypes_are_saved_with_the_run_and_honoured_after_loading(city_store, tmp_path):
+    train_split, val = read_split(city_store, "train"), read_split(city_store, "val", dtype=np.float32)
+    config = preset_config("dc-paper", epochs=1, iterations_per_epoch=20, dim=16)
+    run = load_run(train(train_split, config, tmp_path / "r", progress=False).out)
+    assert run.config["test_prototypes"] == "raw" == run.model.heads.test_prototypes
+    h = run.model.projection(torch.as_tensor(val.embeddings))
+    w = torch.cat([run.model.heads[str(g)].weight for g in range(4)])
+    got = top_cells(run.model, val.embeddings, run.classes, 3)
+    dot = (h @ w.T).topk(3, dim=1)
+    assert np.array_equal(got["class"], dot.indices.numpy()) and np.allclose(got["score"], dot.values.detach().numpy(),
+                                                                             atol=1e-5)
+    cosine = (h @ F.normalize(w, dim=1).T).topk(3, dim=1).indices.numpy()
+    assert not np.array_equal(got["class"], cosine)  # Xavier prototypes' norms differ: the rules disagree
+    report = evaluate(run, val, ks=(1,))[0]
+    assert (report["preset"], report["test_prototypes"]) == ("dc-paper", "raw")
+
+
+def test_runs_from_before_the_presets_load_with_normalised_prototypes(city_run, tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for f in city_run.iterdir():
+        if f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("preset", "test_prototypes", "easy_margin", "optimizer", "keep", "group_rotation"):
+        del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_run(folder).model.heads.test_prototypes == "normalised"
+
+
+def _prototypes(city_store, tmp_path, budget=None, **overrides) -> list[torch.Tensor]:
+    config = preset_config("dcfeat", dim=16, iterations_per_epoch=5, **overrides)
+    name = "-".join(f"{k}{v}" for k, v in overrides.items()) + f"-{budget}"
+    result = train_files(city_store, "train", config, out=tmp_path / name, device="cpu", progress=False,
+                         memory_budget=budget)  # without val: the last epoch is kept
+    assert result.streamed == (budget is not None)
+    state = load_file(str(result.out / "model.safetensors"))
+    return [state[f"heads.{g}.weight"] for g in range(4)]
+
+
+@pytest.mark.parametrize("budget", [None, 60_000], ids=["in-memory", "streamed"])
+def test_one_group_per_epoch_trains_only_that_groups_prototypes(city_store, tmp_path, budget):
+    one, two = (_prototypes(city_store, tmp_path, budget, epochs=e, group_rotation="epoch") for e in (1, 2))
+    # Class-means prototypes start unit-norm; epoch 1 moved group 0's alone.
+    moved = [not torch.allclose(p.norm(dim=1), torch.ones(len(p)), atol=1e-6) for p in one]
+    assert moved == [True, False, False, False]
+    # Epoch 2 trained group 1 alone: groups 0, 2 and 3 are bit for bit what epoch 1 left.
+    assert [torch.equal(a, b) for a, b in zip(one, two)] == [True, False, True, True]
+    every_step = _prototypes(city_store, tmp_path, budget, epochs=1, group_rotation="step")
+    assert not any(torch.allclose(p.norm(dim=1), torch.ones(len(p)), atol=1e-6) for p in every_step)
+
+
+def test_xavier_prototypes_are_not_class_means(city_store, tmp_path):
+    # One epoch of group 0 leaves groups 1-3 at their initialisation.
+    xavier = _prototypes(city_store, tmp_path, epochs=1, group_rotation="epoch", prototype_init="xavier")[1:]
+    means = _prototypes(city_store, tmp_path, epochs=1, group_rotation="epoch")[1:]
+    for x, c in zip(xavier, means):
+        bound = math.sqrt(6 / sum(x.shape))  # xavier_uniform_ on (classes, dim)
+        assert x.abs().max() <= bound and not torch.allclose(x.norm(dim=1), torch.ones(len(x)), atol=0.1)
+        assert F.cosine_similarity(x, c, dim=1).abs().mean() < 0.4  # measured 0.17-0.19: unrelated directions
+
+
+def test_lowest_train_loss_keeps_that_epoch(city_store, tmp_path):
+    train_split, val = read_split(city_store, "train"), read_split(city_store, "val")
+    config = preset_config("dcfeat", epochs=4, dim=16, iterations_per_epoch=5, keep="lowest-train-loss",
+                           group_rotation="epoch")
+    result = train(train_split, config, tmp_path / "r", val=val, progress=False)
+    losses, vals = [e["loss"] for e in result.epochs], [e["val_lr1"] for e in result.epochs]
+    assert result.best_epoch == 1 + int(np.argmin(losses))
+    assert result.best_epoch != 1 + int(np.argmax(vals))  # measured: loss picks epoch 3, val LR@1 epoch 4
+    again = train(train_split, replace(config, epochs=result.best_epoch, keep="best-val"), tmp_path / "again",
+                  progress=False)  # without val: the last epoch
+    saved, last = (load_file(str(p / "model.safetensors")) for p in (result.out, again.out))
+    assert all(torch.equal(saved[k], last[k]) for k in saved)
+
+
+def test_plateau_cuts_the_projections_rate_only_and_stops_below_1e_6():
+    config = preset_config("dc-paper")
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = make_optimizer(config, [{"params": [params[0]], "lr": 1e-4}, {"params": [params[1]], "lr": 1e-2}], False)
+    schedule = Schedule(config, opt)
+    log = [schedule.step(1.0) for _ in range(40)]  # a loss that never improves
+    rates = [r["lr_projection"] for r in log]
+    assert rates[10] == pytest.approx(1e-4) and rates[11] == pytest.approx(1e-5)  # patience 10, factor 0.1
+    assert opt.param_groups[1]["lr"] == 1e-2
+    stops = [i for i, r in enumerate(log) if "stopped" in r]
+    assert stops[0] == 33 and rates[33] == pytest.approx(1e-7)  # the third cut, as D&C's code stops
+    assert Schedule(preset_config("dcfeat"), opt).step(1.0) == {}
+
+
+def test_a_run_stopped_by_its_schedule_is_complete(city_store, tmp_path, monkeypatch):
+    monkeypatch.setattr(presets, "PLATEAU_STOP_LR", 1.0)  # any rate: stop after the first epoch
+    config = preset_config("dc-paper", epochs=5, iterations_per_epoch=3, dim=16)
+    result = train(read_split(city_store, "train"), config, tmp_path / "r", progress=False)
+    run = load_run(result.out)
+    assert len(result.epochs) == 1 and run.complete and run.status_line() is None
+    assert run.config["stopped"].startswith("projection rate 1.0e-04 below 1")
+
+
+def test_a_short_dc_paper_training_learns(city_store, tmp_path):
+    r = invoke("train", "--feats", city_store, "--val-split", "val", "--out", tmp_path / "r", "--preset", "dc-paper",
+               "--epochs", "4", "--iterations-per-epoch", "100", "--dim", "128", "--no-progress")
+    assert r.exit_code == 0, r.output
+    log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["lr_projection"] for e in log] == [1e-4] * 4
+    assert max(e["val_lr1"] for e in log) > 0.3  # measured 0.26, 0.36, 0.37, 0.44; chance 0.7 %
