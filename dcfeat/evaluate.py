@@ -25,7 +25,13 @@ from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M, localisation_recall
 from dcfeat.model import check_features, top_cells
 from dcfeat.partition import cell_keys
 from dcfeat.reports import RANDOM_NOTICE, Ranking, write_outputs
-from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
+from dcfeat.retrieval import (
+    CellIndex,
+    normalised,
+    retrieval_backend,
+    topk_cosine,
+    topk_in_cells,
+)
 from dcfeat.runs import Run, load_run
 from dcfeat.store import Split, read_split
 
@@ -89,7 +95,7 @@ def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, 
     scores, rows = topk_cosine(q, d, k, device=device)
     synchronize(device)
     return _db_method("retrieve", db, scores, rows, time.perf_counter() - t, space=space,
-                      database_embedding_seconds=index_seconds)
+                      database_embedding_seconds=index_seconds, backend=retrieval_backend(device))
 
 
 def cell_index(run: Run, db: Split, device: torch.device) -> CellIndex:

@@ -26,11 +26,27 @@ def _expect(scores, k):
 @pytest.mark.parametrize(("query_chunk", "db_chunk"), [(1, 1), (3, 7), (100, 1000), (4, 16)])
 def test_topk_matches_brute_force(query_chunk, db_chunk):
     q, db = _data()
-    s, i = topk_cosine(q, db, 5, query_chunk=query_chunk, db_chunk=db_chunk)
+    s, i = topk_cosine(q, db, 5, query_chunk=query_chunk, db_chunk=db_chunk, backend="torch")
     es, ei = _expect(_brute(q, db), 5)
     assert s.dtype == np.float32 and i.dtype == np.int64 and i.shape == (13, 5)
     np.testing.assert_array_equal(i, ei)
     np.testing.assert_allclose(s, es, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_faiss_backend_matches_brute_force_across_chunks(normalize):
+    pytest.importorskip("faiss")
+    from dcfeat.retrieval import _topk_faiss
+
+    q, db = _data(nq=13, nd=50)
+    for chunk in (7, 50, 1000):  # several chunks merged, one, one larger than the database
+        s, i = _topk_faiss(q, db.astype(np.float16), 5, normalize=normalize, db_chunk=chunk)
+        es, ei = _expect(_brute(q, db.astype(np.float16).astype(np.float32), normalize=normalize), 5)
+        np.testing.assert_array_equal(i, ei)
+        np.testing.assert_allclose(s, es, atol=1e-4)
+    np.testing.assert_array_equal(topk_cosine(q, db, 5, backend="faiss")[1], topk_cosine(q, db, 5, backend="torch")[1])
+    with pytest.raises(ValueError, match="backend"):
+        topk_cosine(q, db, 5, backend="annoy")
 
 
 def test_k_larger_than_database_returns_all_rows():
