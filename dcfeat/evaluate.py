@@ -95,7 +95,7 @@ def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, 
     scores, rows = topk_cosine(q, d, k, device=device)
     synchronize(device)
     return _db_method("retrieve", db, scores, rows, time.perf_counter() - t, space=space,
-                      database_embedding_seconds=index_seconds, backend=retrieval_backend(device))
+                      database_embedding_seconds=index_seconds, backend=retrieval_backend(device, len(q)))
 
 
 def cell_index(run: Run, db: Split, device: torch.device) -> CellIndex:

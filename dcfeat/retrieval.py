@@ -24,6 +24,8 @@ Array = np.ndarray | torch.Tensor
 # small enough to leave the host free for the database itself.
 DEFAULT_DB_CHUNK = 32768
 DEFAULT_QUERY_CHUNK = 1024
+# Below this many queries faiss-cpu's knn was slower than torch here (measured crossover 128-256).
+FAISS_MIN_QUERIES = 256
 
 
 def _compute_dtype(source: Array, device: torch.device) -> torch.dtype:
@@ -74,13 +76,14 @@ def topk_cosine(
     product (for inputs that are already unit vectors). Tie order is unspecified.
 
     `backend`: "torch", "faiss" (faiss-cpu's brute-force `knn` per database chunk, CPU only), or
-    "auto": faiss on the CPU where it is installed (1.4x torch's queries/s there, BENCHMARKS.md),
-    torch elsewhere. Both are exact.
+    "auto": faiss on the CPU where it is installed and there are at least FAISS_MIN_QUERIES
+    queries, torch otherwise. Both are exact. Measured on this project's 2-core CPU at 1.25 M x 512
+    rows (BENCHMARKS.md): faiss takes 0.66x torch's time at 256 queries and more, but 4x at 64-128.
     """
     nq, nd = _check_shapes(queries, database, k)
     k = min(k, nd)
     device = torch.device(device)
-    if _use_faiss(backend, device):
+    if _use_faiss(backend, device, nq):
         return _topk_faiss(queries, database, k, normalize=normalize)
     dtype = _compute_dtype(database, device)
     q_all = _to_tensor(queries[:], device, torch.float32)
@@ -104,15 +107,15 @@ def topk_cosine(
     return best_s.cpu().numpy(), best_i.cpu().numpy()
 
 
-def retrieval_backend(device: str | torch.device, backend: str = "auto") -> str:
-    """Which backend `topk_cosine` uses on `device`: "faiss" or "torch"."""
-    return "faiss" if _use_faiss(backend, torch.device(device)) else "torch"
+def retrieval_backend(device: str | torch.device, queries: int, backend: str = "auto") -> str:
+    """Which backend `topk_cosine` uses on `device` for that many queries: "faiss" or "torch"."""
+    return "faiss" if _use_faiss(backend, torch.device(device), queries) else "torch"
 
 
-def _use_faiss(backend: str, device: torch.device) -> bool:
+def _use_faiss(backend: str, device: torch.device, queries: int) -> bool:
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend {backend!r}: choose auto, torch or faiss")
-    if backend == "torch" or (backend == "auto" and is_cuda(device)):
+    if backend == "torch" or (backend == "auto" and (is_cuda(device) or queries < FAISS_MIN_QUERIES)):
         return False
     try:
         import faiss  # noqa: F401  (optional: faiss-cpu)
