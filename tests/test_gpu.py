@@ -21,15 +21,15 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-@pytest.mark.parametrize("family", ["dinov2", "dinov3"])
-def test_bf16_extraction_matches_the_cpu(images, tiny_model, tmp_path, family):
+@pytest.mark.parametrize(("family", "crop"), [("dinov2", "centre"), ("dinov3", "centre"), ("dinov2", "full")])
+def test_bf16_extraction_matches_the_cpu(images, tiny_model, tmp_path, family, crop):
     from dcfeat.backbone import save_random_dinov3
 
     model, size = (tiny_model, 56) if family == "dinov2" else (
         save_random_dinov3(tmp_path / "tiny-dinov3", hidden_size=32, layers=2, heads=2, image_size=64), 64)
     for device in ("cpu", "cuda"):
         r = invoke("extract", "--images", images, "--out", tmp_path / f"{device}.h5", "--model", model,
-                   "--image-size", size, "--device", device, "--workers", 0, "--no-progress")
+                   "--image-size", size, "--device", device, "--workers", 0, "--no-progress", "--crop", crop)
         assert r.exit_code == 0, r.output
     a = read_split(tmp_path / "cpu.h5", "train", dtype=np.float32).embeddings
     b = read_split(tmp_path / "cuda.h5", "train", dtype=np.float32).embeddings
