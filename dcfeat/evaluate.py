@@ -265,6 +265,10 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
     section, plots = assess_confidence(run, queries, threshold_m=threshold_m, retrieval_top1=None if retrieved is None
                                        else (retrieved.east[:, 0], retrieved.north[:, 0], retrieved.zone[:, 0],
                                              retrieved.letter[:, 0]))
+    fitted = run.calibration.fitted_on if run.calibration else {}
+    if fitted.get("split") == split and fitted.get("store") == str(Path(feats).resolve()):
+        section["note"] = (f"CALIBRATED ON THIS SPLIT ('{split}'): the confidence's figures here are optimistic; "
+                           "calibrate on a held-out split (`dcfeat calibrate --split val`) and evaluate on another")
     out = Path(out) if out else Path(run_dir) / "eval" / split
     out.mkdir(parents=True, exist_ok=True)
     extra = write_confidence_plots(out, plots, split=split, notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")

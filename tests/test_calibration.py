@@ -142,7 +142,12 @@ def test_a_damaged_calibration_is_refused_and_calibrate_replaces_it(city_store, 
     refused(invoke("evaluate", "--feats", city_store, "--run", run), "damaged run", "calibration.json",
             "dcfeat calibrate")
     assert invoke("calibrate", "--feats", city_store, "--run", run).exit_code == 0
-    assert invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "e").exit_code == 0
+    r = invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "e")
+    assert r.exit_code == 0 and "CALIBRATED ON THIS SPLIT" not in r.output, r.output
+    # Calibrated on the very split it is evaluated on: allowed, and said.
+    assert invoke("calibrate", "--feats", city_store, "--run", run, "--split", "test").exit_code == 0
+    r = invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "e2")
+    assert r.exit_code == 0 and "CALIBRATED ON THIS SPLIT" in r.output, r.output
 
 
 def test_evaluate_reports_the_confidence_and_writes_both_plots(city_store, city_run, uncalibrated, tmp_path):
