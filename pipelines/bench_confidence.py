@@ -19,26 +19,16 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from dcfeat.calibrate import answer_errors_m, calibrate_files, signals_of  # noqa: E402
+from dcfeat.calibrate import calibrate_files  # noqa: E402
 from dcfeat.evaluate import evaluate_files  # noqa: E402
 from dcfeat.runs import load_run  # noqa: E402
 from dcfeat.store import read_split  # noqa: E402
 from dcfeat.synthetic.features import make_city, write_city  # noqa: E402
 from dcfeat.train import TrainConfig, train_files  # noqa: E402
+from pipelines.bench.quality import near_misses  # noqa: E402
 
 RESULTS = ROOT / "pipelines" / "results"
 CITY = {"seed": 0, "queries": 4000, "val_queries": 3000}
-
-
-def near_misses(run, test) -> dict:
-    """How far the wrong answers among the 50 % most confident queries are (metres, percentiles)."""
-    sig = signals_of(run, test.embeddings)
-    err = answer_errors_m(run, sig, test)
-    conf = run.calibration.confidence(sig.values)
-    top = np.argsort(-conf, kind="stable")[: len(conf) // 2]
-    wrong = err[top][err[top] > run.calibration.threshold_m]
-    return {"wrong_in_top_half": len(wrong), "queries_in_top_half": len(top),
-            "error_m_percentiles_10_50_90": np.percentile(wrong, [10, 50, 90]).tolist() if len(wrong) else None}
 
 
 def main() -> None:

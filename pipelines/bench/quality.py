@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dcfeat.calibrate import answer_errors_m, signals_of
 from dcfeat.evaluate import evaluate, score
 from dcfeat.model import check_features
 from dcfeat.reports import Ranking, write_outputs
@@ -86,3 +87,14 @@ def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 
             "queries": len(test.embeddings), "classes": result.classes, "train_seconds": train_seconds,
             "best_epoch": result.best_epoch, "seconds_per_epoch": float(np.median([e["seconds"] for e in result.epochs])),
             "methods": rows}
+
+
+def near_misses(run, test) -> dict:
+    """How far the wrong answers among the 50 % most confident queries are (metres, percentiles)."""
+    sig = signals_of(run, test.embeddings)
+    err = answer_errors_m(run, sig, test)
+    conf = run.calibration.confidence(sig.values)
+    top = np.argsort(-conf, kind="stable")[: len(conf) // 2]
+    wrong = err[top][err[top] > run.calibration.threshold_m]
+    return {"wrong_in_top_half": len(wrong), "queries_in_top_half": len(top),
+            "error_m_percentiles_10_50_90": np.percentile(wrong, [10, 50, 90]).tolist() if len(wrong) else None}
