@@ -12,46 +12,48 @@ from pathlib import Path
 
 import numpy as np
 
-from dcfeat.calibrate import answer_errors_m, signals_of
-from dcfeat.calibration import PROBABILITY_SIGNALS
+from dcfeat.calibrate import answer_errors_m, disagreement_m, signals_of
+from dcfeat.calibration import DATABASE_SIGNAL, PROBABILITY_SIGNALS
 from dcfeat.confidence_metrics import (
     ece,
     reliability_bins,
     risk_coverage,
     selective_report,
 )
-from dcfeat.metrics import distances_m
 from dcfeat.plots import plot_reliability, plot_risk_coverage
 from dcfeat.runs import Run
 from dcfeat.store import Split
 
 # Lower is surer for these: ranked by their negation.
-LOWER_IS_SURER = ("entropy", "spread", "retrieval_disagreement_m")
+LOWER_IS_SURER = ("entropy", "spread", DATABASE_SIGNAL)
 
 
 def assess_confidence(run: Run, queries: Split, *, threshold_m: float,
-                      retrieval_top1: tuple[np.ndarray, ...] | None = None) -> tuple[dict, dict]:
+                      retrieval_top1: tuple[np.ndarray, ...] | None = None,
+                      database_split: str | None = None) -> tuple[dict, dict]:
     """(report section, arrays for the plots). `retrieval_top1`: (east, north, zone, letter) of
-    retrieval's top-1 answers, for the agreement signal."""
+    retrieval's top-1 answers against `database_split`, for the agreement signal (and the confidence
+    fitted with it, when the run has one for that database)."""
     sig = signals_of(run, queries.embeddings)
     err = answer_errors_m(run, sig, queries)
     right = err <= threshold_m
     values = dict(sig.values)
     if retrieval_top1 is not None:
-        c, top = run.classes, sig.top_classes[:, 0]
-        east, north, zone, letter = retrieval_top1
-        values["retrieval_disagreement_m"] = np.nan_to_num(distances_m(
-            c["cell_east"].to_numpy()[top], c["cell_north"].to_numpy()[top], c["utm_zone"].to_numpy()[top],
-            east, north, zone, q_letter=c["utm_letter"].to_numpy()[top], p_letter=letter), nan=1e9, posinf=1e9)
-    cal = run.calibration
+        values[DATABASE_SIGNAL] = disagreement_m(run, sig, *retrieval_top1)
+    base = run.calibration
+    cal = base.for_database(database_split if retrieval_top1 is not None else None) if base else None
     probabilities = [n for n in PROBABILITY_SIGNALS if n in values]
     ranked = {}
     if cal is not None:
-        ranked["confidence"] = cal.confidence(sig.values)
+        ranked["confidence"] = cal.confidence(values)
         probabilities.append("confidence")
+        if cal is not base:  # the database-free confidence beside it, as predict gives it
+            ranked["confidence_without_database"] = base.confidence(values)
+            probabilities.append("confidence_without_database")
     ranked.update({n: -v if n in LOWER_IS_SURER else v for n, v in values.items()})
     section = {
         "calibrated": cal is not None, "fitted_on": cal.fitted_on if cal else None,
+        "uses_database": cal is not None and cal is not base,
         "answer": "classification top-1 (cells ranked by cosine)", "right": float(right.mean()) if len(right) else None,
         "signals": selective_report(ranked, right, probabilities),
         "note": None if cal else "UNCALIBRATED RUN: no calibration.json; fit one with `dcfeat calibrate --split val`",

@@ -34,6 +34,8 @@ from dcfeat.metrics import distances_m
 from dcfeat.model import DCModel
 
 SIGNALS = ("top1_cosine", "margin", "group_probability", "softmax_probability", "entropy", "spread")
+# Known only with a database: metres between classification's and exact retrieval's top-1 answers.
+DATABASE_SIGNAL = "retrieval_disagreement_m"
 PROBABILITY_SIGNALS = ("group_probability", "softmax_probability")
 TOP_K = 20
 RADIUS_COVERAGE = 0.9
@@ -99,12 +101,12 @@ def base_radius(dist: np.ndarray, p: np.ndarray, M: float, coverage: float = RAD
 
 
 def _features(values: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
-    """Signals as the calibrator's inputs: probabilities as log-odds-like logs, spread as log1p."""
+    """Signals as the calibrator's inputs: probabilities as logs, distances in metres as log1p."""
     cols = []
     for name in names:
         v = np.asarray(values[name], np.float64)
         cols.append(np.log(np.clip(v, _TINY, None)) if name in PROBABILITY_SIGNALS else
-                    np.log1p(v) if name == "spread" else v)
+                    np.log1p(v) if name in ("spread", DATABASE_SIGNAL) else v)
     return np.stack(cols, axis=1) if cols else np.zeros((0, 0))
 
 
@@ -141,6 +143,9 @@ class Calibrator:
     # Confidence-adaptive hybrid: below `widen_below` search `widen_factor` × the cells, below
     # `fallback_below` the whole database (val quantiles of the confidence).
     hybrid: dict = field(default_factory=dict)
+    # Fitted with DATABASE_SIGNAL too, against the database split named in its `fitted_on`: used
+    # where that database is searched (`dcfeat calibrate --database-split`).
+    with_database: Calibrator | None = None
 
     def confidence(self, values: dict[str, np.ndarray]) -> np.ndarray:
         x = (_features(values, self.signals) - np.asarray(self.mean)) / np.asarray(self.std)
@@ -150,7 +155,18 @@ class Calibrator:
         return self.radius_scale * np.asarray(base_radius_m)
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "signals": list(self.signals)}, indent=1)
+        return json.dumps(self.to_dict(), indent=1)
+
+    def to_dict(self) -> dict:
+        nested = self.with_database.to_dict() if self.with_database is not None else None
+        return {**asdict(self), "signals": list(self.signals), "with_database": nested}
+
+    def for_database(self, database_split: str | None) -> Calibrator:
+        """The calibrator to use when `database_split` is searched (itself when none was fitted for it)."""
+        nested = self.with_database
+        if database_split is not None and nested is not None and nested.fitted_on["database_split"] == database_split:
+            return nested
+        return self
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibrator:
@@ -158,8 +174,8 @@ class Calibrator:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
         signals = d.get("signals")
-        if not (isinstance(signals, list) and signals and all(s in SIGNALS for s in signals)):
-            raise ValueError(f"`signals` must list some of {', '.join(SIGNALS)}")
+        if not (isinstance(signals, list) and signals and all(s in (*SIGNALS, DATABASE_SIGNAL) for s in signals)):
+            raise ValueError(f"`signals` must list some of {', '.join((*SIGNALS, DATABASE_SIGNAL))}")
         n = len(signals)
         for key in ("mean", "std", "weights"):
             v = d.get(key)
@@ -175,8 +191,13 @@ class Calibrator:
         hybrid = d.get("hybrid", {})
         if not (isinstance(hybrid, dict) and all(_finite(v) for v in hybrid.values())):
             raise ValueError("`hybrid` must map names to numbers")
+        nested = d.get("with_database")
+        if nested is not None and not (isinstance(nested, dict) and isinstance(nested.get("fitted_on"), dict)
+                                       and isinstance(nested["fitted_on"].get("database_split"), str)):
+            raise ValueError("`with_database` must be a calibrator fitted on a named `database_split`")
         return cls(tuple(signals), d["mean"], d["std"], d["weights"], float(d["bias"]), float(d["radius_scale"]),
-                   float(d["threshold_m"]), d.get("fitted_on", {}), hybrid)
+                   float(d["threshold_m"]), d.get("fitted_on", {}), hybrid,
+                   cls.from_dict(nested) if nested is not None else None)
 
 
 def _finite(v) -> bool:

@@ -50,10 +50,8 @@ def coverage(run: Run, labels: pl.DataFrame) -> float:
     return float(np.isin(q, keys).mean())
 
 
-def _embed(run: Run, x: np.ndarray, device: torch.device, chunk: int = 65536) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([run.model.projection(torch.as_tensor(x[i:i + chunk]).to(device))
-                          for i in range(0, len(x), chunk)])
+def _embed(run: Run, x, device: torch.device) -> torch.Tensor:
+    return run.model.to(device).embed(x)
 
 
 def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: str = "cosine") -> Ranking:
@@ -262,9 +260,10 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
               "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
                           "space": space, "device": device, "scoring": scoring}}
     retrieved = next((m for m in methods if m.name == "retrieve"), None)
-    section, plots = assess_confidence(run, queries, threshold_m=threshold_m, retrieval_top1=None if retrieved is None
-                                       else (retrieved.east[:, 0], retrieved.north[:, 0], retrieved.zone[:, 0],
-                                             retrieved.letter[:, 0]))
+    section, plots = assess_confidence(run, queries, threshold_m=threshold_m, database_split=database_split,
+                                       retrieval_top1=None if retrieved is None else (
+                                           retrieved.east[:, 0], retrieved.north[:, 0], retrieved.zone[:, 0],
+                                           retrieved.letter[:, 0]))
     fitted = run.calibration.fitted_on if run.calibration else {}
     if fitted.get("split") == split and fitted.get("store") == str(Path(feats).resolve()):
         section["note"] = (f"CALIBRATED ON THIS SPLIT ('{split}'): the confidence's figures here are optimistic; "

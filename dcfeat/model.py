@@ -30,6 +30,16 @@ class DCModel(nn.Module):
         return self.projection.linear.weight.device
 
     @torch.no_grad()
+    def embed(self, features, chunk: int = 65536) -> torch.Tensor:
+        """Projected unit embeddings (n, dim) of cached features, on the model's device, chunk by chunk."""
+        if len(features) == 0:
+            return torch.zeros((0, self.projection.linear.out_features), device=self.device)
+        return torch.cat([self.projection(torch.as_tensor(np.asarray(features[i:i + chunk])
+                                                          if not isinstance(features, torch.Tensor)
+                                                          else features[i:i + chunk]).to(self.device))
+                          for i in range(0, len(features), chunk)])
+
+    @torch.no_grad()
     def topk(self, features: torch.Tensor | np.ndarray, k: int, *, chunk: int = 4096,
              softmax_scale: float | None = None, scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
         """Global class ids (rows of classes.parquet) and scores of the top-k classes, best first.

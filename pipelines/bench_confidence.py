@@ -38,7 +38,7 @@ def main() -> None:
         write_city(make_city(**CITY), store)
         run = train_files(store, "train", TrainConfig(), val_split="val", device="cpu", progress=False,
                           out=Path(tmp) / "run")
-        cal, _ = calibrate_files(store, run.out, "val", device="cpu")
+        cal, _ = calibrate_files(store, run.out, "val", device="cpu", database_split="test-db")
         report, _ = evaluate_files(store, run.out, "test", database_split="test-db", device="cpu",
                                    out=RESULTS / "confidence")  # the plots README shows
         (RESULTS / "confidence" / "predictions.parquet").unlink()  # 6 MB the figures do not need

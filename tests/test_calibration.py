@@ -226,3 +226,25 @@ def test_confidence_options_are_refused_before_anything_is_written(city_store, u
         assert r.exit_code == 2 and "--min-confidence" in r.output, (bad, r.output)
     refused(invoke("calibrate", "--feats", city_store, "--run", uncalibrated, "--split", "nope"), "bad input", "nope")
     assert [p.name for p in tmp_path.iterdir()] == ["run"] and not (uncalibrated / "calibration.json").exists()
+
+
+def test_a_confidence_fitted_with_retrievals_agreement_is_used_where_that_database_is(city_store, uncalibrated,
+                                                                                       tmp_path):
+    r = invoke("calibrate", "--feats", city_store, "--run", uncalibrated, "--database-split", "test-db")
+    assert r.exit_code == 0 and "retrieval's agreement against 'test-db'" in r.output, r.output
+    cal = json.loads((uncalibrated / "calibration.json").read_text())
+    nested = cal["with_database"]
+    assert nested["fitted_on"]["database_split"] == "test-db" and nested["signals"][-1] == "retrieval_disagreement_m"
+    back = Calibrator.from_dict(cal)
+    assert back.for_database("test-db") is back.with_database and back.for_database("other") is back
+    r = invoke("evaluate", "--feats", city_store, "--run", uncalibrated, "--database-split", "test-db", "--out",
+               tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    sec = json.loads((tmp_path / "e" / "report.json").read_text())["confidence"]
+    assert sec["uses_database"] and {"confidence", "confidence_without_database"} <= set(sec["signals"])
+    r = invoke("evaluate", "--feats", city_store, "--run", uncalibrated, "--out", tmp_path / "f")  # no database
+    sec = json.loads((tmp_path / "f" / "report.json").read_text())["confidence"]
+    assert not sec["uses_database"] and "confidence_without_database" not in sec["signals"]
+    nested["fitted_on"].pop("database_split")
+    with pytest.raises(ValueError, match="with_database"):
+        Calibrator.from_dict(cal)

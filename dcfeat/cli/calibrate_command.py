@@ -19,19 +19,26 @@ from dcfeat.options import POSITIVE, split_name
               help="Feature store holding the split.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
               show_default=True, help="Run folder written by `dcfeat train`.")
+@click.option("--database-split", default=None, callback=split_name, help="Also fit a confidence that uses "
+              "retrieval's agreement against this database split (e.g. test-db); `evaluate` uses it when it "
+              "retrieves from the same split.")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True,
               help="Metres within which an answer counts as right.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def calibrate(split, feats, run_dir, threshold, device):
+def calibrate(split, feats, run_dir, database_split, threshold, device):
     """Fit the run's confidence (probability that the top-1 answer is right) and its 90 % radius.
 
     `dcfeat train --val-split` does this at the end of training; run it on a run trained without one,
     or to refit on another held-out split. Writes RUN/calibration.json.
     """
-    cal, path = calibrate_files(feats, run_dir, split, threshold_m=threshold, device=device)
+    cal, path = calibrate_files(feats, run_dir, split, threshold_m=threshold, device=device,
+                                database_split=database_split)
     fitted = cal.fitted_on
     stdout.print(f"calibrated on '{split}' ({fitted['queries']} queries, {fitted['right']} right at {threshold:g} m): "
                  f"90 % radius = {cal.radius_scale:.2f} × the top cells' radius; adaptive hybrid searches 4× the "
                  f"cells below confidence {cal.hybrid['widen_below']:.2f} and the whole database below "
                  f"{cal.hybrid['fallback_below']:.2f}")
+    if cal.with_database is not None:
+        stdout.print(f"and a confidence with retrieval's agreement against '{database_split}', used where "
+                     "`dcfeat evaluate` retrieves from it")
     stdout.print(f"calibration: {path}", highlight=False)

@@ -326,19 +326,26 @@ def confidence(path: Path) -> str:
     rows = [[f"**{name}**" if name == "confidence" else name, fmt(m["auc_pr"]), fmt(m["auroc"]),
              *(fmt(m["lr1_at_coverage"][c], True) for c in ("50", "75", "90")), fmt(m["ece"]), fmt(m["brier"])]
             for name, m in sig.items()]
-    singles = {n: m["auc_pr"] for n, m in sig.items() if n not in ("confidence", "retrieval_disagreement_m")}
+    singles = {n: m["auc_pr"] for n, m in sig.items() if not n.startswith("confidence")}
     best = max(singles, key=singles.get)
-    conf = sig["confidence"]
-    goals = [["ECE of the calibrated confidence", f"{conf['ece']:.3f}", "≤ 0.03"],
-             ["AUC-PR", f"{conf['auc_pr']:.3f} vs best single signal ({best}) {singles[best]:.3f}: "
-              f"**{conf['auc_pr'] - singles[best]:+.3f}**; softmax probability {sig['softmax_probability']['auc_pr']:.3f}",
-              "≥ best single + 0.02, and above the softmax probability"],
-             ["LR@1 among the 50 % most confident", f"{100 * conf['lr1_at_coverage']['50']:.1f} %", "≥ 97 %"],
-             ["true position inside the 90 % radius", f"{100 * sec['radius_90']['inside']:.1f} % "
-              f"(median radius {sec['radius_90']['median_m']:.0f} m)", "88–92 %"]]
+    kinds = [("confidence_without_database" if "confidence_without_database" in sig else "confidence",
+              "confidence (no database)")]
+    if "confidence_without_database" in sig:
+        kinds.append(("confidence", "confidence with retrieval's agreement"))
+    goals = []
+    for name, label in kinds:
+        c = sig[name]
+        goals += [[f"ECE, {label}", f"{c['ece']:.3f}", "≤ 0.03"],
+                  [f"AUC-PR, {label}", f"{c['auc_pr']:.3f} vs the best single signal ({best}) {singles[best]:.3f}: "
+                   f"**{c['auc_pr'] - singles[best]:+.3f}**; softmax probability "
+                   f"{sig['softmax_probability']['auc_pr']:.3f}", "≥ best single + 0.02, and above the softmax probability"],
+                  [f"LR@1 among the 50 % most confident, {label}", f"{100 * c['lr1_at_coverage']['50']:.1f} %", "≥ 97 %"]]
+    goals.append(["true position inside the 90 % radius", f"{100 * sec['radius_90']['inside']:.1f} % "
+                  f"(median radius {sec['radius_90']['median_m']:.0f} m)", "88–92 %"])
     nm = cf.get("near_misses")
     misses = "" if not nm else (
-        f"\n\nThe wrong answers among the 50 % most confident queries ({nm['wrong_in_top_half']} of "
+        f"\n\nThe wrong answers among the 50 % most confident queries by the confidence without a database "
+        f"({nm['wrong_in_top_half']} of "
         f"{nm['queries_in_top_half']:,}) are near misses: their errors' 10th, 50th and 90th percentiles are "
         + ", ".join(f"{v:.1f}" for v in nm["error_m_percentiles_10_50_90"]) + " m.")
     m = cf["methods"]
