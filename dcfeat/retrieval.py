@@ -1,4 +1,5 @@
-"""Exact cosine k-nearest-neighbour search in chunks, with torch (no faiss).
+"""Exact cosine k-nearest-neighbour search in chunks: torch, or faiss-cpu's exact knn where installed;
+and the hybrid's search among the rows of given cells (`CellIndex`, `topk_in_cells`).
 
 The database is streamed in row chunks and a running top-k per query is
 merged after each chunk, so memory stays at one chunk plus (nq, k) however
