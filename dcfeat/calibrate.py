@@ -33,21 +33,24 @@ def signals_of(run: Run, features) -> QuerySignals:
     return query_signals(run.model, features, run.classes, M=run.config["M"], s=s)
 
 
+def _from_top1_m(run: Run, sig: QuerySignals, east, north, zone, letter) -> np.ndarray:
+    """Metres between each query's top-1 cell centre and a point given per query."""
+    c, top = run.classes, sig.top_classes[:, 0]
+    return distances_m(c["cell_east"].to_numpy()[top], c["cell_north"].to_numpy()[top], c["utm_zone"].to_numpy()[top],
+                       east, north, zone, q_letter=c["utm_letter"].to_numpy()[top], p_letter=letter)
+
+
 def answer_errors_m(run: Run, sig: QuerySignals, split: Split) -> np.ndarray:
     """Metres from each query's top-1 cell centre to where it was taken."""
-    c, lab, top = run.classes, split.labels, sig.top_classes[:, 0]
-    return distances_m(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
-                       c["cell_east"].to_numpy()[top], c["cell_north"].to_numpy()[top], c["utm_zone"].to_numpy()[top],
-                       q_letter=lab["utm_letter"].to_numpy(), p_letter=c["utm_letter"].to_numpy()[top])
+    lab = split.labels
+    return _from_top1_m(run, sig, lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
+                        lab["utm_letter"].to_numpy())
 
 
 def disagreement_m(run: Run, sig: QuerySignals, east, north, zone, letter) -> np.ndarray:
     """Metres between each query's top-1 cell centre and another answer (retrieval's top 1); a query
     that other answer left empty counts as far away (1e9 m)."""
-    c, top = run.classes, sig.top_classes[:, 0]
-    dist = distances_m(c["cell_east"].to_numpy()[top], c["cell_north"].to_numpy()[top], c["utm_zone"].to_numpy()[top],
-                       east, north, zone, q_letter=c["utm_letter"].to_numpy()[top], p_letter=letter)
-    return np.nan_to_num(dist, nan=1e9, posinf=1e9)
+    return np.nan_to_num(_from_top1_m(run, sig, east, north, zone, letter), nan=1e9, posinf=1e9)
 
 
 def retrieval_disagreement_m(run: Run, sig: QuerySignals, queries: Split, database: Split) -> np.ndarray:

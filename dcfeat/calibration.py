@@ -55,11 +55,9 @@ def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, 
                   chunk: int = 4096) -> QuerySignals:
     """The signals of every query's classification answer (see the module docstring)."""
     cos_top, ids, soft, group_p = [], [], [], []
-    offsets = np.cumsum([0, *model.heads.classes_per_group])
     with torch.no_grad():
         for start in range(0, len(features), chunk):
-            x = torch.as_tensor(np.asarray(features[start:start + chunk])).to(model.device)
-            h = model.projection(x)
+            h = model.embed(features[start:start + chunk])
             cos = model.heads.scores(h, "cosine").float()
             log_group = model.heads.scores(h, "group-softmax").float()
             top = cos.topk(min(k, cos.shape[1]), dim=1)
@@ -67,7 +65,7 @@ def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, 
             ids.append(top.indices.cpu().numpy())
             soft.append(torch.exp(s * top.values[:, 0] - torch.logsumexp(s * cos, dim=1)).cpu().numpy())
             group_p.append(torch.exp(log_group.gather(1, top.indices[:, :1])[:, 0]).cpu().numpy())
-    kk = min(k, int(offsets[-1]))
+    kk = min(k, sum(model.heads.classes_per_group))
     cos_top = np.concatenate(cos_top) if cos_top else np.zeros((0, kk), np.float32)
     ids = np.concatenate(ids) if ids else np.zeros((0, kk), np.int64)
     z = s * (cos_top - cos_top[:, :1])

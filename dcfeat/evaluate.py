@@ -50,10 +50,6 @@ def coverage(run: Run, labels: pl.DataFrame) -> float:
     return float(np.isin(q, keys).mean())
 
 
-def _embed(run: Run, x, device: torch.device) -> torch.Tensor:
-    return run.model.to(device).embed(x)
-
-
 def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: str = "cosine") -> Ranking:
     t = time.perf_counter()
     p = top_cells(run.model, queries.embeddings, run.classes, k, scoring)
@@ -74,22 +70,27 @@ def _db_method(name: str, db: Split, scores: np.ndarray, rows: np.ndarray, secon
                   col("utm_letter", ""), scores, rows, seconds, extra)
 
 
-def _spaces(run: Run, queries: Split, db: Split, space: str, device: torch.device):
-    """Query and database descriptors in the chosen space; database embedding time apart."""
+def _spaces(run: Run, queries: Split, db: Split, space: str, device: torch.device, cache: dict | None = None):
+    """Query and database descriptors in the chosen space; database embedding time apart. With
+    `cache` (one evaluation's), the database is embedded once for every mode that needs it."""
     if space == "raw":
         return queries.embeddings, db.embeddings, 0.0
+    if cache is not None and "projected" in cache:
+        return (queries.embeddings, *cache["projected"])
     t = time.perf_counter()
-    d = _embed(run, db.embeddings, device)
+    d = run.model.embed(db.embeddings).to(device)
     synchronize(device)
-    index_seconds = time.perf_counter() - t
-    return queries.embeddings, d, index_seconds
+    if cache is not None:
+        cache["projected"] = (d, time.perf_counter() - t)
+    return queries.embeddings, d, time.perf_counter() - t
 
 
-def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected") -> Ranking:
-    q, d, index_seconds = _spaces(run, queries, db, space, device)
+def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected",
+             cache: dict | None = None) -> Ranking:
+    q, d, index_seconds = _spaces(run, queries, db, space, device, cache)
     t = time.perf_counter()
     if space == "projected":
-        q = _embed(run, q, device)
+        q = run.model.embed(q).to(device)
     scores, rows = topk_cosine(q, d, k, device=device)
     synchronize(device)
     return _db_method("retrieve", db, scores, rows, time.perf_counter() - t, space=space,
@@ -107,46 +108,54 @@ def cell_index(run: Run, db: Split, device: torch.device) -> CellIndex:
     return CellIndex.build(class_keys, row_keys, device)
 
 
-def _searchable(run: Run, queries: Split, db: Split, space: str, device: torch.device):
-    """Queries, unit database rows and the cell index in the chosen space; their preparation time."""
-    q, d, index_seconds = _spaces(run, queries, db, space, device)
+def _searchable(run: Run, queries: Split, db: Split, space: str, device: torch.device, cache: dict | None = None):
+    """Queries, unit database rows and the cell index in the chosen space; their preparation time
+    (made once per evaluation with `cache`)."""
+    if cache is not None and ("unit", space) in cache:
+        return (queries.embeddings, *cache[("unit", space)])
+    q, d, index_seconds = _spaces(run, queries, db, space, device, cache)
     t = time.perf_counter()
+    # In place for the projected database: it is this evaluation's own (retrieval normalises again).
     d, index = normalised(d, device, in_place=space == "projected"), cell_index(run, db, device)
     synchronize(device)
-    return q, d, index, index_seconds + time.perf_counter() - t
+    prepared = (d, index, index_seconds + time.perf_counter() - t)
+    if cache is not None:
+        cache[("unit", space)] = prepared
+    return (q, *prepared)
 
 
 def _unit_queries(run: Run, q, space: str, device: torch.device) -> torch.Tensor:
-    q = _embed(run, q, device) if space == "projected" else torch.as_tensor(q).to(device)
+    q = run.model.embed(q).to(device) if space == "projected" else torch.as_tensor(q).to(device)
     return F.normalize(q.float(), dim=1)
 
 
 def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
-           space: str = "projected", scoring: str = "cosine") -> Ranking:
+           space: str = "projected", scoring: str = "cosine", cache: dict | None = None) -> Ranking:
     """Retrieval restricted to database images inside each query's top-`cells` classes."""
-    q, d, index, index_seconds = _searchable(run, queries, db, space, device)
+    q, d, index, index_seconds = _searchable(run, queries, db, space, device, cache)
     t = time.perf_counter()
     top_classes = run.model.topk(queries.embeddings, cells, scoring=scoring)[0]
     scores, rows = topk_in_cells(_unit_queries(run, q, space, device), d, index, top_classes, k)
     synchronize(device)
-    candidates = index.counts[torch.as_tensor(top_classes).to(device)].sum(1)
+    candidates = index.counts_of(top_classes).sum(1)
     return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
                       database_embedding_seconds=index_seconds, mean_candidates=float(candidates.double().mean()))
 
 
 def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
-             space: str = "projected") -> Ranking:
+             space: str = "projected", cache: dict | None = None) -> Ranking:
     """The hybrid, widened to `widen_factor` × `cells` cells for unsure queries and exact retrieval
     for the least sure (thresholds: val quantiles of the confidence, in calibration.json)."""
     rule = run.calibration.hybrid
-    q, d, index, index_seconds = _searchable(run, queries, db, space, device)
+    q, d, index, index_seconds = _searchable(run, queries, db, space, device, cache)
     t = time.perf_counter()
     sig = signals_of(run, queries.embeddings)
     conf = run.calibration.confidence(sig.values)
     wide = cells * int(rule["widen_factor"])
     top = sig.top_classes if sig.top_classes.shape[1] >= wide else run.model.topk(queries.embeddings, wide)[0]
+    top = top[:, :wide].copy()
     n_cells = np.where(conf < rule["widen_below"], wide, cells)
-    top = np.where(np.arange(top.shape[1] if len(top) else 0) < n_cells[:, None], top, -1)[:, :wide]
+    top[np.arange(top.shape[1]) >= n_cells[:, None]] = -1  # -1: no cell
     fallback = conf < rule["fallback_below"]
     top[fallback] = -1
     unit = _unit_queries(run, q, space, device)
@@ -155,9 +164,7 @@ def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int, device: to
         scores[fallback], rows[fallback] = topk_cosine(unit[torch.as_tensor(fallback).to(device)], d, k,
                                                        device=device, normalize=False)
     synchronize(device)
-    used = torch.as_tensor(top).to(device)
-    counts = torch.where(used >= 0, index.counts[used.clamp(min=0)], 0).sum(1).cpu().numpy()
-    candidates = np.where(fallback, len(d), counts)
+    candidates = np.where(fallback, len(d), index.counts_of(top).sum(1).cpu().numpy())
     return _db_method("adaptive", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
                       database_embedding_seconds=index_seconds, mean_candidates=float(candidates.mean()),
                       fallback_share=float(fallback.mean()), widened_share=float((n_cells > cells).mean()))
@@ -206,15 +213,16 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     check_zones(run, queries)
     k = max(ks)
     methods = []
+    cache = {}  # the database embedded (and indexed) once for all the modes that search it
     for mode in modes:
         if mode == "classify":
             methods.append(classify(run, queries, k, dev, scoring))
         elif mode == "retrieve":
-            methods.append(retrieve(run, queries, database, k, dev, space))
+            methods.append(retrieve(run, queries, database, k, dev, space, cache))
         elif mode == "hybrid":
-            methods.append(hybrid(run, queries, database, k, cells, dev, space, scoring))
+            methods.append(hybrid(run, queries, database, k, cells, dev, space, scoring, cache))
         else:
-            methods.append(adaptive(run, queries, database, k, cells, dev, space))
+            methods.append(adaptive(run, queries, database, k, cells, dev, space, cache))
     n = queries.embeddings.shape[0]
     results, report_methods = {}, {}
     for m in methods:

@@ -29,14 +29,16 @@ class DCModel(nn.Module):
     def device(self) -> torch.device:
         return self.projection.linear.weight.device
 
+    def _on_device(self, rows) -> torch.Tensor:
+        """A chunk of cached features (numpy, h5py slice or tensor) as a tensor on the model's device."""
+        return (rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))).to(self.device)
+
     @torch.no_grad()
     def embed(self, features, chunk: int = 65536) -> torch.Tensor:
         """Projected unit embeddings (n, dim) of cached features, on the model's device, chunk by chunk."""
         if len(features) == 0:
             return torch.zeros((0, self.projection.linear.out_features), device=self.device)
-        return torch.cat([self.projection(torch.as_tensor(np.asarray(features[i:i + chunk])
-                                                          if not isinstance(features, torch.Tensor)
-                                                          else features[i:i + chunk]).to(self.device))
+        return torch.cat([self.projection(self._on_device(features[i:i + chunk]))
                           for i in range(0, len(features), chunk)])
 
     @torch.no_grad()
@@ -52,9 +54,7 @@ class DCModel(nn.Module):
         self.eval()
         ids, scores = [], []
         for start in range(0, len(features), chunk):
-            rows = features[start:start + chunk]
-            x = (rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))).to(self.device)
-            s = self.heads.scores(self.projection(x), scoring)
+            s = self.heads.scores(self.projection(self._on_device(features[start:start + chunk])), scoring)
             if softmax_scale is not None:
                 s = torch.softmax(softmax_scale * s.float(), dim=1)
             top = s.topk(min(k, s.shape[1]), dim=1)

@@ -10,6 +10,7 @@ Any row-sliceable array works as the database, an h5py dataset included
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,16 +114,24 @@ def retrieval_backend(device: str | torch.device, queries: int, backend: str = "
     return "faiss" if _use_faiss(backend, torch.device(device), queries) else "torch"
 
 
+@functools.cache
+def _faiss_installed() -> bool:
+    """Whether faiss-cpu imports (asked once: a failed import is retried from disk every time)."""
+    try:
+        import faiss  # noqa: F401  (optional: faiss-cpu)
+    except ImportError:
+        return False
+    return True
+
+
 def _use_faiss(backend: str, device: torch.device, queries: int) -> bool:
     if backend not in ("auto", "torch", "faiss"):
         raise ValueError(f"backend {backend!r}: choose auto, torch or faiss")
     if backend == "torch" or (backend == "auto" and (is_cuda(device) or queries < FAISS_MIN_QUERIES)):
         return False
-    try:
-        import faiss  # noqa: F401  (optional: faiss-cpu)
-    except ImportError:
+    if not _faiss_installed():
         if backend == "faiss":
-            raise
+            raise ImportError("backend='faiss' needs faiss-cpu: pip install faiss-cpu")
         return False
     if is_cuda(device):
         raise ValueError("the faiss backend runs on the CPU; use backend='torch' on CUDA")
@@ -184,6 +193,11 @@ class CellIndex:
         as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
         return cls(as_tensor(order), as_tensor(lo), as_tensor(hi - lo))
 
+    def counts_of(self, cells: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Rows per cell for class ids (any shape) on the index's device; class -1 stands for no cell: 0."""
+        cells = torch.as_tensor(cells, dtype=torch.int64).to(self.counts.device)
+        return torch.where(cells >= 0, self.counts[cells.clamp(min=0)], 0)
+
 
 def topk_in_cells(queries: torch.Tensor, database: torch.Tensor, index: CellIndex, cells: torch.Tensor | np.ndarray,
                   k: int, *, max_elements: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +215,7 @@ def topk_in_cells(queries: torch.Tensor, database: torch.Tensor, index: CellInde
     nq = len(queries)
     out_s = torch.full((nq, k), -torch.inf, device=device)
     out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
-    counts = torch.where(cells >= 0, index.counts[cells.clamp(min=0)], 0)  # (nq, C); class -1: no cell
+    counts = index.counts_of(cells)  # (nq, C)
     cells = cells.clamp(min=0)
     totals = counts.sum(1)
     # A block of queries holds about `max_elements` gathered values (128 MiB as float32).
