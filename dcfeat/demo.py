@@ -100,7 +100,7 @@ def run_demo(root: Path = Path("data/demo"), *, streets: int = 4, spacing_m: flo
 
     t = time.perf_counter()
     stderr.print("[bold]4/4 evaluate[/bold] test queries against test-db")
-    report, paths = evaluate_files(store, result.out, "test", database_split="test-db", device=device)
+    evaluation = evaluate_files(store, result.out, "test", database_split="test-db", device=device)
     seconds["evaluate"] = time.perf_counter() - t
-    return DemoResult(report=report, paths=paths, seconds=seconds, model=backbone.name,
+    return DemoResult(report=evaluation.report, paths=evaluation.paths, seconds=seconds, model=backbone.name,
                       random_backbone=backbone.random_init)

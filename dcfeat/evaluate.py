@@ -1,14 +1,22 @@
-"""`dcfeat evaluate`: localisation recall of classification, retrieval and the hybrid.
+"""`dcfeat evaluate`: localisation recall of classification, retrieval and the hybrid, and how good the confidence is.
 
 * classify: top-k cells over every group's prototypes; prediction = cell centre.
 * retrieve: exact cosine k-NN against a database split (NetVLAD/CosPlace way),
   in the run's learned space (`projected`) or on the raw backbone features.
 * hybrid (D&C): retrieval only among database images inside the top-c cells.
+* adaptive: the hybrid widened for unsure queries, exact retrieval for the least sure.
+
+The confidence of classification's answers is measured beside: the calibrated confidence
+(when the run has calibration.json) and each single signal side by side on the same
+queries — AUC-PR and AUROC of right-vs-wrong, LR@1 among the most confident 50/75/90 %,
+and for probabilities ECE (15 equal-count bins) and Brier score; the 90 % radius is
+checked against where the photos were taken.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +24,31 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-from dcfeat.assess import assess_confidence, write_confidence_plots
-from dcfeat.calibrate import signals_of
+from dcfeat.confidence import (
+    DATABASE_SIGNAL,
+    LOWER_IS_SURER,
+    PROBABILITY_SIGNALS,
+    disagreement_m,
+    errors_from_top1_m,
+    query_signals,
+)
 from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import tuned_splits
-from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M, localisation_recall
-from dcfeat.model import check_features, top_cells
-from dcfeat.partition import cell_keys
-from dcfeat.reports import RANDOM_NOTICE, Ranking, write_outputs
+from dcfeat.identity import check_features
+from dcfeat.metrics import (
+    DEFAULT_KS,
+    THRESHOLD_M,
+    LocalisationRecall,
+    ece,
+    localisation_recall,
+    reliability_bins,
+    risk_coverage,
+    selective_report,
+)
+from dcfeat.model import top_cells
+from dcfeat.partition import Places, class_keys, label_keys, places_of
+from dcfeat.reports import RANDOM_NOTICE, Ranking, write_confidence_plots, write_outputs
 from dcfeat.retrieval import (
     CellIndex,
     normalised,
@@ -32,22 +56,26 @@ from dcfeat.retrieval import (
     topk_cosine,
     topk_in_cells,
 )
-from dcfeat.runs import Run, load_run
+from dcfeat.run import Run, load_run
 from dcfeat.store import Split, read_split
 
-MODES = ("classify", "retrieve", "hybrid", "adaptive")
-SPACES = ("projected", "raw")
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured: the report (recall per method, the confidence section, the
+    settings), each method's ranked answers, their LR@k, and the arrays the confidence plots
+    draw; `evaluate_files` adds the paths it wrote."""
+
+    report: dict
+    methods: list[Ranking]
+    recall: dict[str, LocalisationRecall]
+    confidence_plots: dict
+    paths: dict[str, Path] = field(default_factory=dict)
 
 
 def coverage(run: Run, labels: pl.DataFrame) -> float:
     """Share of queries whose true cell is one of the run's classes."""
-    M = run.config["M"]
-    c = run.classes
-    keys = cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
-                      c["cell_north"].to_numpy(), M)
-    q = cell_keys(labels["utm_zone"].to_numpy(), labels["utm_letter"].to_numpy(), labels["utm_east"].to_numpy(),
-                   labels["utm_north"].to_numpy(), M)
-    return float(np.isin(q, keys).mean())
+    return float(np.isin(label_keys(labels, run.M), class_keys(run.classes, run.M)).mean())
 
 
 def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: str = "cosine") -> Ranking:
@@ -99,13 +127,7 @@ def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, 
 
 def cell_index(run: Run, db: Split, device: torch.device) -> CellIndex:
     """The database's rows grouped by the run's class cells (built once per database and run)."""
-    M = run.config["M"]
-    c, lab = run.classes, db.labels
-    class_keys = cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
-                           c["cell_north"].to_numpy(), M)
-    row_keys = cell_keys(lab["utm_zone"].to_numpy(), lab["utm_letter"].to_numpy(), lab["utm_east"].to_numpy(),
-                         lab["utm_north"].to_numpy(), M)
-    return CellIndex.build(class_keys, row_keys, device)
+    return CellIndex.build(class_keys(run.classes, run.M), label_keys(db.labels, run.M), device)
 
 
 def _searchable(run: Run, queries: Split, db: Split, space: str, device: torch.device, cache: dict | None = None):
@@ -149,7 +171,7 @@ def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int, device: to
     rule = run.calibration.hybrid
     q, d, index, index_seconds = _searchable(run, queries, db, space, device, cache)
     t = time.perf_counter()
-    sig = signals_of(run, queries.embeddings)
+    sig = query_signals(run.model, queries.embeddings, run.classes, M=run.M)
     conf = run.calibration.confidence(sig.values)
     wide = cells * int(rule["widen_factor"])
     top = sig.top_classes if sig.top_classes.shape[1] >= wide else run.model.topk(queries.embeddings, wide)[0]
@@ -203,10 +225,54 @@ def default_modes(database_split, run: Run) -> tuple[str, ...]:
     return ("classify", "retrieve", "hybrid") + (("adaptive",) if run.calibration is not None else ())
 
 
+def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval_top1: Places | None = None,
+                      database_split: str | None = None) -> tuple[dict, dict]:
+    """How well the confidence of classification's answers sorts right from wrong: (report section,
+    arrays for the plots). `retrieval_top1`: retrieval's top-1 answers against `database_split`, for
+    the agreement signal (and the confidence fitted with it, when the run has one for that database)."""
+    sig = query_signals(run.model, queries.embeddings, run.classes, M=run.M)
+    err = errors_from_top1_m(run.classes, sig, places_of(queries.labels))
+    right = err <= threshold_m
+    values = dict(sig.values)
+    if retrieval_top1 is not None:
+        values[DATABASE_SIGNAL] = disagreement_m(run.classes, sig, retrieval_top1)
+    base = run.calibration
+    cal = base.for_database(database_split if retrieval_top1 is not None else None) if base else None
+    probabilities = [n for n in PROBABILITY_SIGNALS if n in values]
+    ranked = {}
+    if cal is not None:
+        ranked["confidence"] = cal.confidence(values)
+        probabilities.append("confidence")
+        if cal is not base:  # the database-free confidence beside it, as predict gives it
+            ranked["confidence_without_database"] = base.confidence(values)
+            probabilities.append("confidence_without_database")
+    ranked.update({n: -v if n in LOWER_IS_SURER else v for n, v in values.items()})
+    section = {
+        "calibrated": cal is not None, "fitted_on": cal.fitted_on if cal else None,
+        "uses_database": cal is not None and cal is not base,
+        "answer": "classification top-1 (cells ranked by cosine)", "right": float(right.mean()) if len(right) else None,
+        "signals": selective_report(ranked, right, probabilities),
+        "note": None if cal else "UNCALIBRATED RUN: no calibration.json; fit one with `dcfeat calibrate --split val`",
+    }
+    if cal is not None:
+        radius = cal.radius_m(sig.base_radius_m)
+        section["radius_90"] = {"inside": float((err <= radius).mean()) if len(err) else None,
+                                "median_m": float(np.median(radius)) if len(radius) else None}
+    best = "confidence" if cal else "softmax_probability"
+    plots = {"curves": {n: risk_coverage(ranked[n], right) for n in dict.fromkeys([best, "margin", "top1_cosine"])},
+             "bins": reliability_bins(ranked[best], right), "ece": ece(ranked[best], right), "best": best}
+    return section, plots
+
+
 def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
              ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int = 5,
-             space: str = "projected", device: str = "cpu", scoring: str = "cosine") -> tuple[dict, list[Ranking], dict]:
-    """Run each mode on `queries`; (report, methods, LocalisationRecall per method)."""
+             space: str = "projected", device: str = "cpu", scoring: str = "cosine",
+             store: Path | None = None) -> Evaluation:
+    """Run each mode on `queries` and measure the confidence of classification's answers.
+
+    `store`: the feature store the splits come from, recorded in the report; the report then says
+    when the run's confidence was fitted on these very queries (its figures are then optimistic).
+    """
     check_modes(modes, database.name if database is not None else None, run)
     dev = torch.device(device)
     run.model.to(dev)
@@ -232,23 +298,38 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
                                   "mean_error_m": lr.mean_m, "seconds": m.seconds,
                                   "queries_per_s": n / m.seconds if m.seconds > 0 else None,
                                   "ms_per_query": 1000 * m.seconds / n if n else None, **m.extra}
+    retrieved = next((m for m in methods if m.name == "retrieve"), None)
+    section, plots = assess_confidence(
+        run, queries, threshold_m=threshold_m, database_split=database.name if database is not None else None,
+        retrieval_top1=None if retrieved is None else Places(retrieved.east[:, 0], retrieved.north[:, 0],
+                                                             retrieved.zone[:, 0], retrieved.letter[:, 0]))
+    fitted = run.calibration.fitted_on if run.calibration else {}
+    store = str(Path(store).resolve()) if store is not None else None
+    if fitted.get("split") == queries.name and store is not None and fitted.get("store") == store:
+        section["note"] = (f"CALIBRATED ON THIS SPLIT ('{queries.name}'): the confidence's figures here are "
+                           "optimistic; calibrate on a held-out split (`dcfeat calibrate --split val`) and evaluate "
+                           "on another")
     report = {"split": queries.name, "queries": n, "database_split": database.name if database else None,
               "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
               "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells, "scoring": scoring,
-              "preset": run.config.get("preset", "dcfeat"), "test_prototypes": run.model.heads.test_prototypes,
+              "preset": run.config.train.preset, "test_prototypes": run.model.heads.test_prototypes,
               "coverage": coverage(run, queries.labels), "classes": len(run.classes),
               "random_backbone": run.random_backbone,
               "run_complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,
-              "run_status": run.status_line(), "methods": report_methods}
-    return report, methods, results
+              "run_status": run.status_line(), "methods": report_methods,
+              "run": str(Path(run.directory).resolve()), "store": store,
+              "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
+                          "space": space, "device": device, "scoring": scoring},
+              "confidence": section}
+    return Evaluation(report, methods, results, plots)
 
 
 def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
-                        modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
-                        threshold_m: float = THRESHOLD_M, cells: int = 5, space: str = "projected",
-                        scoring: str = "cosine",
-                        device: str = "auto", out: Path | None = None) -> tuple[dict, dict[str, Path]]:
-    """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files."""
+                   modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
+                   threshold_m: float = THRESHOLD_M, cells: int = 5, space: str = "projected",
+                   scoring: str = "cosine", device: str = "auto", out: Path | None = None) -> Evaluation:
+    """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
+    (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT)."""
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
     modes = default_modes(database_split, run) if modes is None else modes
@@ -259,28 +340,19 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
     if database_split:
         database = read_split(feats, database_split)
         check_features(run.feature_identity, database.attrs, what=f"split '{database_split}' of {feats}")
-    if run.config.get("finetune_blocks"):
+    if run.finetune_blocks:
         queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
         database = rest[0] if rest else None
-    report, methods, results = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring,
-                                        threshold_m=threshold_m, cells=cells, space=space, device=str(dev))
-    report = {**report, "run": str(Path(run_dir).resolve()), "store": str(Path(feats).resolve()),
-              "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
-                          "space": space, "device": device, "scoring": scoring}}
-    retrieved = next((m for m in methods if m.name == "retrieve"), None)
-    section, plots = assess_confidence(run, queries, threshold_m=threshold_m, database_split=database_split,
-                                       retrieval_top1=None if retrieved is None else (
-                                           retrieved.east[:, 0], retrieved.north[:, 0], retrieved.zone[:, 0],
-                                           retrieved.letter[:, 0]))
-    fitted = run.calibration.fitted_on if run.calibration else {}
-    if fitted.get("split") == split and fitted.get("store") == str(Path(feats).resolve()):
-        section["note"] = (f"CALIBRATED ON THIS SPLIT ('{split}'): the confidence's figures here are optimistic; "
-                           "calibrate on a held-out split (`dcfeat calibrate --split val`) and evaluate on another")
+    result = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring, threshold_m=threshold_m,
+                      cells=cells, space=space, device=str(dev), store=feats)
+    result.report["options"]["device"] = device
     out = Path(out) if out else Path(run_dir) / "eval" / split
     out.mkdir(parents=True, exist_ok=True)
-    extra = write_confidence_plots(out, plots, split=split, notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")
+    extra = write_confidence_plots(out, result.confidence_plots, split=split,
+                                   notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")
     background = None
     if database is not None:
         background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
-    return write_outputs(out, {**report, "confidence": section}, queries.labels, methods, results,
-                         background=background, extra_files=extra)
+    result.report, result.paths = write_outputs(out, result.report, queries.labels, result.methods, result.recall,
+                                                background=background, extra_files=extra)
+    return result

@@ -28,8 +28,7 @@ from dcfeat.labels import LabelledImages, collect_images
 from dcfeat.layout import check_split_name, check_store_path
 from dcfeat.locking import writer_lock
 from dcfeat.progress import progress_bar
-from dcfeat.shard_files import Plan, shard_complete, write_shard
-from dcfeat.shards import DEFAULT_SHARD_ROWS, assemble, load_plan, open_plan
+from dcfeat.shards import DEFAULT_SHARD_ROWS, Plan, assemble, load_plan, open_plan, shard_complete, write_shard
 from dcfeat.store import read_failures, split_info
 
 

@@ -25,7 +25,7 @@ from dcfeat.atomic import atomic_write
 from dcfeat.backbone import POOLINGS, Backbone, load_backbone, pool
 from dcfeat.devices import autocast
 from dcfeat.errors import BadInput, DamagedRun, IncompatibleFeatures
-from dcfeat.runfiles import BLOCKS_FILE
+from dcfeat.run import BLOCKS_FILE
 from dcfeat.sampling import InMemoryBatches, StreamedBatches, read_rows
 from dcfeat.store import Split, split_info
 
@@ -202,9 +202,16 @@ class TokenTraining:
         dev = self.tail.layernorm.weight.device
         return replace(split, embeddings=embed_tokens(self.tail, self.store, split.name, self.cached[split.name], dev))
 
-    def save(self, out: Path) -> None:
+    def save(self, out: Path) -> dict[str, torch.Tensor]:
+        """Write the tuned blocks with the run; returns what was written, a CPU copy."""
+        state = {k: v.clone() for k, v in self.tail.tuned_state().items()}
         with atomic_write(Path(out) / BLOCKS_FILE) as tmp:
-            save_file(self.tail.tuned_state(), str(tmp))
+            save_file(state, str(tmp))
+        return state
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Back to blocks that `save` wrote (the kept epoch's)."""
+        self.tail.load_state_dict(state, strict=False)
 
     def config(self) -> dict:
         tokens = {"cached": self.cached, "streamed": self.streamed}
@@ -215,7 +222,7 @@ class TokenTraining:
 
 def tuned_splits(run, store: Path, splits: list[Split], device: torch.device) -> list[Split]:
     """The splits with their features recomputed from cached tokens through the run's tuned blocks."""
-    blocks = int(run.config["finetune_blocks"])
+    blocks = int(run.finetune_blocks)
     cached = [require_tokens(store, s.name, blocks) for s in splits]
     tail = load_tail(run.feature_identity, max(cached), blocks)
     load_blocks(tail, run, strict=False)
@@ -225,7 +232,7 @@ def tuned_splits(run, store: Path, splits: list[Split], device: torch.device) ->
 
 def use_tuned_blocks(backbone: Backbone, run) -> None:
     """Replace the backbone's last K blocks and final layer norm by the run's tuned ones, in place."""
-    blocks = int(run.config["finetune_blocks"])
+    blocks = int(run.finetune_blocks)
     layers = backbone.blocks
     target = nn.Module()
     target.tuned = nn.ModuleList(layers[len(layers) - blocks:])
@@ -242,6 +249,6 @@ def load_blocks(module: nn.Module, run, *, strict: bool = True) -> None:
     missing = [k for k in missing if not k.startswith("frozen.")]
     if missing or unexpected:
         path = Path(run.directory) / BLOCKS_FILE
-        raise DamagedRun(f"{path} does not fit the last {run.config['finetune_blocks']} blocks of the run's "
+        raise DamagedRun(f"{path} does not fit the last {run.finetune_blocks} blocks of the run's "
                          f"backbone ({(missing + unexpected)[0]}): it was edited or damaged. Restore it from a copy "
                          "of the run, or train the run again with the command in its command.txt")

@@ -174,6 +174,9 @@ class GroupHeads(nn.ModuleDict):
         super().__init__({str(g): make(dim, c, s, m, easy_margin) if margin else make(dim, c)
                           for g, c in enumerate(classes_per_group)})
         self.head, self.classes_per_group, self.test_prototypes = head, list(classes_per_group), test_prototypes
+        # The scale of a probability over cells: s for margin heads, whose logits are s·cos θ;
+        # 1 for the softmax head, whose logits are not cosines.
+        self.logit_scale = float(s) if margin else 1.0
         self.offsets = [0]
         for c in self.classes_per_group:
             self.offsets.append(self.offsets[-1] + c)

@@ -15,17 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dcfeat.errors import BadInput, IncompatibleFeatures
+from dcfeat.errors import BadInput
+from dcfeat.identity import with_defaults
 
 FORMAT_VERSION = 1
-# Attributes that must agree between splits of one store, and between a run's training features
-# and the features it is applied to: features made with another model, pooling, resolution or
-# crop live in another space and must not be mixed.
-IDENTITY_ATTRS = ("model", "model_fingerprint", "pooling", "image_size", "crop", "dim")
-# Identity attributes younger than the stores (and runs) that lack them, read as what those were made with.
-ATTR_DEFAULTS = {"crop": "centre"}
-# The extract option that sets an identity attribute, for messages naming the fix.
-IDENTITY_OPTIONS = {"model": "--model", "pooling": "--pooling", "image_size": "--image-size", "crop": "--crop"}
 STORE_SUFFIXES = (".h5", ".hdf5")
 # A split name becomes an HDF5 group and a folder name: no separators, no "." or "..", no hidden names.
 SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -69,9 +62,6 @@ def label_part(plan_id: str) -> str:
     return f"part-{plan_id}.parquet"
 
 
-def with_defaults(attrs: dict) -> dict:
-    """Split, plan or run-feature attributes with ATTR_DEFAULTS where they predate an attribute."""
-    return {**ATTR_DEFAULTS, **attrs}
 
 
 def split_attrs(group: h5py.Group) -> dict:
@@ -79,9 +69,6 @@ def split_attrs(group: h5py.Group) -> dict:
     return with_defaults({k: attr_value(v) for k, v in group.attrs.items()})
 
 
-def identity_diff(a: dict, b: dict) -> dict[str, tuple]:
-    """Identity attributes whose values differ between `a` and `b`; one that either lacks is not compared."""
-    return {k: (a[k], b[k]) for k in IDENTITY_ATTRS if k in a and k in b and a[k] != b[k]}
 
 
 def attr_value(value):
@@ -98,11 +85,3 @@ def read_ids(ds: h5py.Dataset, selection=()) -> np.ndarray:
     if h5py.check_string_dtype(ds.dtype) is not None:
         return np.asarray(ds.asstr(encoding="utf-8")[selection], dtype=object)
     return np.asarray(ds[selection], dtype=object)
-
-
-def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
-    """Refuse mixing features that do not belong together (another model, pooling, size, crop, dim)."""
-    diff = identity_diff(existing, new)
-    if diff:
-        shown = "; ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items())
-        raise IncompatibleFeatures(f"{what} do not belong together ({shown}). {fix}")

@@ -1,4 +1,4 @@
-"""The trained classifier: projection + group heads, scoring every cell of every group (dcfeat.runs saves it)."""
+"""The trained classifier: projection + group heads, scoring every cell of every group (dcfeat.run saves and loads it)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import polars as pl
 import torch
 from torch import nn
 
-from dcfeat.errors import IncompatibleFeatures
 from dcfeat.heads import GroupHeads, Projection
-from dcfeat.layout import IDENTITY_OPTIONS, identity_diff
+from dcfeat.partition import centres_of
 
 
 class DCModel(nn.Module):
@@ -21,9 +20,6 @@ class DCModel(nn.Module):
         self.projection = Projection(in_dim, dim)
         self.heads = GroupHeads(classes_per_group, head=head, dim=dim, s=s, m=m, easy_margin=easy_margin,
                                 test_prototypes=test_prototypes)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.projection(features)
 
     @property
     def device(self) -> torch.device:
@@ -70,17 +66,6 @@ class DCModel(nn.Module):
 def top_cells(model: DCModel, features, classes: pl.DataFrame, k: int, scoring: str = "cosine") -> dict[str, np.ndarray]:
     """Top-k class ids and scores and their cell centres (UTM) for a batch of cached features."""
     ids, scores = model.topk(features, k, scoring=scoring)
-    return {"class": ids, "score": scores,
-            "east": classes["cell_east"].to_numpy()[ids], "north": classes["cell_north"].to_numpy()[ids],
-            "zone": classes["utm_zone"].to_numpy()[ids], "letter": classes["utm_letter"].to_numpy()[ids]}
-
-
-def check_features(run_features: dict, split_attrs: dict, *, what: str) -> None:
-    """Refuse to apply a run to features from another backbone, pooling, size, crop or dim."""
-    diff = identity_diff(run_features, split_attrs)
-    if diff:
-        shown = "; ".join(f"{k}: run {a!r} vs {b!r}" for k, (a, b) in diff.items())
-        options = " ".join(f"{IDENTITY_OPTIONS[k]} {run_features[k]}" for k in diff if k in IDENTITY_OPTIONS)
-        raise IncompatibleFeatures(f"{what} was made by another backbone or setting than the run's training "
-                                   f"features ({shown}); extract it with the run's "
-                                   f"{options or '--model/--pooling/--image-size/--crop'}")
+    centres = centres_of(classes, ids)
+    return {"class": ids, "score": scores, "east": centres.east, "north": centres.north, "zone": centres.zone,
+            "letter": centres.letter}

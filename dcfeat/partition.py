@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from dcfeat.geo import UTM_LETTERS, is_northern
+from dcfeat.metrics import distances_m
 
 # Bits of p and of q in a cell key: ±2^27 cells reach past 10,000 km at M = 0.1 m.
 _CELL_BITS = 28
@@ -239,3 +240,44 @@ def save_classes(df: pl.DataFrame, path: str | Path) -> None:
 def load_classes(path: str | Path) -> pl.DataFrame:
     """Read a class table written by `save_classes`, with its dtypes, checked."""
     return _checked(pl.read_parquet(path), str(path))
+
+
+@dataclass(frozen=True)
+class Places:
+    """UTM positions, each array of one shape: (n,) for one answer per query, (n, k) for top-k lists."""
+
+    east: np.ndarray
+    north: np.ndarray
+    zone: np.ndarray
+    letter: np.ndarray
+
+
+def centres_of(classes: pl.DataFrame, ids: np.ndarray) -> Places:
+    """The cell centres of class ids (rows of the class table), in the shape of `ids`."""
+    ids = np.asarray(ids)
+    return Places(classes["cell_east"].to_numpy()[ids], classes["cell_north"].to_numpy()[ids],
+                  classes["utm_zone"].to_numpy()[ids], classes["utm_letter"].to_numpy()[ids])
+
+
+def places_of(labels: pl.DataFrame, rows: np.ndarray | None = None) -> Places:
+    """Where the images of a label table were taken (all rows, or `rows` of it)."""
+    cols = [labels[c].to_numpy() for c in ("utm_east", "utm_north", "utm_zone", "utm_letter")]
+    return Places(*(c if rows is None else c[rows] for c in cols))
+
+
+def class_keys(classes: pl.DataFrame, M: float) -> np.ndarray:
+    """The cell key (`cell_keys`) of every class of the table."""
+    return cell_keys(classes["utm_zone"].to_numpy(), classes["utm_letter"].to_numpy(),
+                     classes["cell_east"].to_numpy(), classes["cell_north"].to_numpy(), M)
+
+
+def label_keys(labels: pl.DataFrame, M: float) -> np.ndarray:
+    """The cell key (`cell_keys`) of every image of a label table."""
+    return cell_keys(labels["utm_zone"].to_numpy(), labels["utm_letter"].to_numpy(),
+                     labels["utm_east"].to_numpy(), labels["utm_north"].to_numpy(), M)
+
+
+def metres_between(queries: Places, answers: Places) -> np.ndarray:
+    """Metres from each query position (n,) to its answer(s), (n,) or (n, k) (`metrics.distances_m`)."""
+    return distances_m(queries.east, queries.north, queries.zone, answers.east, answers.north, answers.zone,
+                       q_letter=queries.letter, p_letter=answers.letter)

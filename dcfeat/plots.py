@@ -144,7 +144,7 @@ def plot_risk_coverage(
 ) -> Path:
     """LR@1 (%) of the most confident fraction of queries against the fraction kept, one line per signal.
 
-    ``curves`` maps a name to ``confidence_metrics.risk_coverage``'s (coverage,
+    ``curves`` maps a name to ``metrics.risk_coverage``'s (coverage,
     accuracy). A dotted line in the curve's colour marks its LR@1 over all
     queries, which every curve reaches at coverage 1: the higher a curve
     stands above its line, the more keeping only confident answers pays.
@@ -181,7 +181,7 @@ def plot_reliability(
 ) -> Path:
     """Reliability diagram: fraction right against mean confidence per bin, with the diagonal.
 
-    ``bins`` is ``confidence_metrics.reliability_bins``'s dict. A point on the
+    ``bins`` is ``metrics.reliability_bins``'s dict. A point on the
     diagonal is calibrated; the red stroke to it is the bin's gap, which ECE
     averages. Marker area follows the bin's query count, also given in the legend.
     """

@@ -21,16 +21,17 @@ import torch
 
 from dcfeat.atomic import atomic_write
 from dcfeat.backbone import Backbone, load_backbone
-from dcfeat.calibrate import signals_of
+from dcfeat.confidence import query_signals
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput
 from dcfeat.finetune import tuned_splits, use_tuned_blocks
 from dcfeat.geo import utm_to_latlon
+from dcfeat.identity import check_features
 from dcfeat.images import ImageDataset, collate
 from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest
-from dcfeat.model import check_features
+from dcfeat.partition import centres_of
 from dcfeat.progress import progress_bar
-from dcfeat.runs import Run, load_run
+from dcfeat.run import Run, load_run
 from dcfeat.store import read_split
 
 FORMATS = (".parquet", ".csv", ".geojson")
@@ -65,8 +66,7 @@ def cell_probabilities(run: Run, features: np.ndarray, k: int, scoring: str = "c
     if scoring == "group-softmax":
         ids, log_p = run.model.topk(features, k, scoring=scoring)
         return ids, np.exp(log_p)
-    scale = run.config["s"] if run.config["head"] != "softmax" else 1.0
-    return run.model.topk(features, k, softmax_scale=scale)
+    return run.model.topk(features, k, softmax_scale=run.model.heads.logit_scale)
 
 
 def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
@@ -75,18 +75,17 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
     ids, probs = cell_probabilities(run, features, k, scoring)
     n, kk = ids.shape
     flat = ids.reshape(-1)
-    c = run.classes
-    east, north = c["cell_east"].to_numpy()[flat], c["cell_north"].to_numpy()[flat]
-    zone, letter = c["utm_zone"].to_numpy()[flat], c["utm_letter"].to_numpy()[flat]
+    c = centres_of(run.classes, flat)
+    east, north, zone, letter = c.east, c.north, c.zone, c.letter
     lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
     confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
     if run.calibration is not None and n:
-        sig = signals_of(run, features)
+        sig = query_signals(run.model, features, run.classes, M=run.M)
         confidence, radius = run.calibration.confidence(sig.values), run.calibration.radius_m(sig.base_radius_m)
     per_image = lambda v: np.repeat(v, kk)  # noqa: E731
     return pl.DataFrame({
         "image_id": np.repeat(np.asarray(image_ids, dtype=object), kk), "rank": np.tile(np.arange(1, kk + 1), n),
-        "class": flat.astype(np.int64), "group": c["group"].to_numpy()[flat], "probability": probs.reshape(-1),
+        "class": flat.astype(np.int64), "group": run.classes["group"].to_numpy()[flat], "probability": probs.reshape(-1),
         "cell_east": east, "cell_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon,
         "confidence": per_image(confidence), "radius_m": per_image(radius),
     }).with_columns(pl.col("confidence", "radius_m").fill_nan(None))
@@ -171,7 +170,7 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
     backbone = load_backbone(source, pooling=feats_attrs["pooling"], device=device)
     check_features(feats_attrs, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
                                  "dim": backbone.dim}, what=f"backbone '{source}'")
-    if run.config.get("finetune_blocks"):
+    if run.finetune_blocks:
         use_tuned_blocks(backbone, run)
     feats, kept, failed = embed_images([root / i for i in ids], backbone, int(feats_attrs["image_size"]),
                                        crop=feats_attrs["crop"], batch_size=batch_size, workers=workers,
@@ -191,7 +190,7 @@ def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "
 
     data = read_split(feats, split, dtype="float32")
     check_features(run.feature_identity, data.attrs, what=f"split '{split}' of {feats}")
-    if run.config.get("finetune_blocks"):
+    if run.finetune_blocks:
         [data] = tuned_splits(run, feats, [data], resolve_device(device))
     return predictions(run, data.labels["image_id"].to_list(), data.embeddings, k, scoring)
 

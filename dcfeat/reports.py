@@ -1,8 +1,8 @@
-"""Files of `dcfeat evaluate`: report.json, predictions.parquet, PNG plots, the table.
+"""Files of `dcfeat evaluate`: report.json, predictions.parquet, the PNG plots.
 
 All land in `<run>/eval/<split>/`, each written under a temporary name and
 renamed into place. A run whose training stopped early says so in the report
-(`run_complete`, `epochs_done`, `run_status`) and under the table.
+(`run_complete`, `epochs_done`, `run_status`), and the CLI's table says it too.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from rich.table import Table
 
 from dcfeat.atomic import atomic_write, write_text
-from dcfeat.plots import plot_error_cdf, plot_query_map
+from dcfeat.plots import plot_error_cdf, plot_query_map, plot_reliability, plot_risk_coverage
 
 RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
 
@@ -85,42 +84,12 @@ def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[R
     return report, paths
 
 
-def recall_table(report: dict) -> Table:
-    ks = report["ks"]
-    title = f"split {report['split']}: {report['queries']} queries, LR@k at {report['threshold_m']:g} m"
-    if report.get("scoring", "cosine") != "cosine":
-        title += f", cells ranked by {report['scoring']}"
-    if report.get("database_rows"):
-        title += f", database {report['database_split']} ({report['database_rows']:,} rows)"
-    notes = [n for n in (report.get("run_status"), RANDOM_NOTICE if report["random_backbone"] else None) if n]
-    table = Table(title=title, caption="\n".join(notes) or None)
-    table.add_column("method")
-    for k in ks:
-        table.add_column(f"LR@{k}", justify="right")
-    for col in ("median err", "ms/query", "queries/s"):
-        table.add_column(col, justify="right")
-    for name, m in report["methods"].items():
-        label = name if name == "classify" else f"{name} ({m['space']})"
-        table.add_row(label, *[f"{100 * m['recall'][str(k)]:.1f}" for k in ks], f"{m['median_error_m']:.1f} m",
-                      f"{m['ms_per_query']:.3f}", f"{m['queries_per_s']:,.0f}")
-    return table
-
-
-def confidence_table(report: dict) -> Table:
-    """How well each signal (and the calibrated confidence) sorts classification's right answers first."""
-    sec = report["confidence"]
-    title = (f"confidence of classification's answers: {100 * (sec['right'] or 0):.1f} % right at "
-             f"{report['threshold_m']:g} m")
-    notes = [sec["note"]] if sec.get("note") else []
-    if sec.get("radius_90"):
-        notes.append(f"90 % radius: the true position inside it for {100 * sec['radius_90']['inside']:.1f} % of "
-                     f"queries (median radius {sec['radius_90']['median_m']:.0f} m)")
-    table = Table(title=title, caption="\n".join(notes) or None)
-    for col in ("signal", "AUC-PR", "AUROC", "LR@1 50 %", "LR@1 75 %", "LR@1 90 %", "ECE", "Brier"):
-        table.add_column(col, justify="left" if col == "signal" else "right")
-    fmt = lambda v, pct=False: "—" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.3f}")  # noqa: E731
-    for name, m in sec["signals"].items():
-        cov = m["lr1_at_coverage"]
-        table.add_row(name, fmt(m["auc_pr"]), fmt(m["auroc"]), fmt(cov.get("50"), True), fmt(cov.get("75"), True),
-                      fmt(cov.get("90"), True), fmt(m["ece"]), fmt(m["brier"]))
-    return table
+def write_confidence_plots(out: Path, plots: dict, *, split: str, notice: str = "") -> dict[str, Path]:
+    """risk_coverage.png and reliability.png in `out`."""
+    what = "calibrated confidence" if plots["best"] == "confidence" else "softmax probability (UNCALIBRATED)"
+    return {
+        "risk_coverage": plot_risk_coverage(plots["curves"], Path(out) / "risk_coverage.png",
+                                            title=f"LR@1 of the most confident queries, split {split}{notice}"),
+        "reliability": plot_reliability(plots["bins"], Path(out) / "reliability.png", ece=plots["ece"],
+                                        title=f"Reliability of the {what}, split {split}{notice}"),
+    }

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 
 from dcfeat.errors import DamagedStore
-from dcfeat.model import DCModel
-from dcfeat.partition import Partition
 from dcfeat.store import open_store
 
 # Streaming reads CHUNK_ROWS contiguous rows per h5py call (200 MB of ViT-B/14 tokens) and
@@ -28,9 +26,15 @@ CHUNK_ROWS = 512
 BUFFER_CHUNKS = 16
 
 
-class BatchSource(Protocol):
-    def __call__(self, step: int, groups: list[int]) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """(group, the batch's rows, their class index within the group) of step `step`, a group of `groups`."""
+class RowClasses(Protocol):
+    """Per row of a split: its group and its class index within the group (-1: in no class).
+    dcfeat.partition.Partition is one."""
+
+    group: np.ndarray
+    class_index: np.ndarray
+
+    @property
+    def classes_per_group(self) -> list[int]: ...
 
 
 class BalancedSampler:
@@ -40,13 +44,13 @@ class BalancedSampler:
     image among them are not drawn, and indices are positions within `rows`.
     """
 
-    def __init__(self, part: Partition, device: torch.device, generator: torch.Generator,
+    def __init__(self, part: RowClasses, device: torch.device, generator: torch.Generator,
                  rows: np.ndarray | None = None):
         self.generator = generator
         self.groups = []
         cls = part.class_index if rows is None else part.class_index[rows]
         group = part.group if rows is None else part.group[rows]
-        for g in range(part.num_groups):
+        for g in range(len(part.classes_per_group)):
             mine = np.flatnonzero((group == g) & (cls >= 0))
             order = mine[np.argsort(cls[mine], kind="stable")]
             counts = np.bincount(cls[order], minlength=part.classes_per_group[g])
@@ -110,7 +114,7 @@ class StreamedBatches:
     epoch still sees every image about once. The next buffer is read while this one trains.
     """
 
-    def __init__(self, store: Path, split: str, dataset: str, rows: int, part: Partition, steps: int, size: int,
+    def __init__(self, store: Path, split: str, dataset: str, rows: int, part: RowClasses, steps: int, size: int,
                  device: torch.device, generator: torch.Generator, seed: int, *, chunk_rows: int | None = None,
                  buffer_chunks: int | None = None):
         self.store, self.split, self.dataset, self.rows, self.part = store, split, dataset, rows, part
@@ -158,20 +162,6 @@ class StreamedBatches:
         return g, self.tokens[rows], labels
 
 
-def class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
-    """Prototypes start at the class means of the initial embeddings: training then
-    sharpens a sensible classifier instead of first finding one (see the sweep)."""
-    with torch.no_grad():
-        for g, (order, starts, counts, _) in enumerate(sampler.groups):
-            if len(counts) == 0:
-                continue
-            h = torch.cat([model.projection(features[order[i:i + 65536]].float())
-                           for i in range(0, len(order), 65536)])
-            labels = torch.repeat_interleave(torch.arange(len(counts), device=h.device), counts)
-            sums = torch.zeros(len(counts), h.shape[1], device=h.device).index_add_(0, labels, h)
-            model.heads.init_prototypes_(g, sums / counts[:, None])
-
-
 def check_finite(x: torch.Tensor | np.ndarray, split: str, first_row: int = 0) -> None:
     finite = torch.isfinite(torch.as_tensor(x)).all(dim=1)
     if not finite.all():
@@ -179,25 +169,3 @@ def check_finite(x: torch.Tensor | np.ndarray, split: str, first_row: int = 0) -
         raise DamagedStore(f"split '{split}' holds non-finite embeddings (NaN or infinity) in "
                            f"{int((~finite).sum())} rows, first {rows}; re-extract it with `dcfeat extract --split "
                            f"{split} --overwrite`")
-
-
-def streamed_class_means(streamed: Streamed, split: str, model: DCModel, part: Partition) -> None:
-    """Class means as `class_means` computes them, over the split read once in contiguous chunks."""
-    gc = torch.as_tensor(part.global_class())
-    total, rows = len(part.classes), len(gc)
-    sums = torch.zeros(total, model.projection.linear.out_features, device=model.device)
-    counts = torch.zeros(total, device=model.device)
-    with torch.no_grad():
-        for start in range(0, rows, streamed.chunk_rows * streamed.buffer_chunks):
-            stop = min(start + streamed.chunk_rows * streamed.buffer_chunks, rows)
-            x = read_rows(streamed.store, split, "embeddings", [(start, stop)])
-            check_finite(x, split, start)
-            keep = gc[start:stop] >= 0
-            h = model.projection(torch.from_numpy(x[keep.numpy()]).to(model.device).float())
-            labels = gc[start:stop][keep].to(model.device)
-            sums.index_add_(0, labels, h)
-            counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
-    offsets = model.heads.offsets
-    for g in range(len(offsets) - 1):
-        if offsets[g + 1] > offsets[g]:
-            model.heads.init_prototypes_(g, sums[offsets[g]:offsets[g + 1]] / counts[offsets[g]:offsets[g + 1], None])

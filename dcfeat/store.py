@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from dcfeat.errors import BadInput, DamagedStore
-from dcfeat.label_rules import LABEL_SCHEMA, check_labels
+from dcfeat.labels import LABEL_SCHEMA, check_labels
 from dcfeat.layout import (
     FORMAT_VERSION,
     attr_value,

@@ -1,7 +1,8 @@
 """`dcfeat train`: Divide&Classify on cached features, seconds per epoch.
 
-The split is read into memory once (on the GPU when there is one). Groups take
-turns: step t trains group t mod N² on a class-balanced batch (a class drawn
+A split that fits the memory budget is read into memory once (on the GPU when
+there is one); a larger one is streamed from disk in shuffled contiguous chunks
+(dcfeat.sampling). Groups take turns: step t trains group t mod N² on a class-balanced batch (a class drawn
 uniformly among the group's classes, then an image uniformly within it), and
 updates the projection and that group's prototypes only. With
 `group_rotation="epoch"` (D&C's code) epoch e trains group e mod N² alone.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,22 +23,26 @@ import torch.nn.functional as F
 
 from dcfeat import devices
 from dcfeat.atomic import write_text
-from dcfeat.calibrate import calibrate_files
+from dcfeat.confidence import fit_confidence
 from dcfeat.devices import autocast, is_cuda, resolve_device
 from dcfeat.errors import BadInput
 from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
-from dcfeat.layout import IDENTITY_ATTRS
+from dcfeat.identity import IDENTITY_ATTRS
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
 from dcfeat.presets import Schedule, TrainConfig, make_optimizer
 from dcfeat.progress import progress_bar
-from dcfeat.runfiles import COMMAND_FILE, LOG_FILE
-from dcfeat.runs import (
+from dcfeat.run import (
+    COMMAND_FILE,
+    LOG_FILE,
+    RunConfig,
+    new_model,
     new_run_dir,
     point_latest,
     save_model,
+    write_calibration,
     write_config,
 )
 from dcfeat.sampling import (
@@ -46,8 +51,7 @@ from dcfeat.sampling import (
     Streamed,
     StreamedBatches,
     check_finite,
-    class_means,
-    streamed_class_means,
+    read_rows,
 )
 from dcfeat.store import Split, read_split, split_info
 
@@ -125,14 +129,53 @@ def make_partition(split: Split, config: TrainConfig) -> Partition:
     return part
 
 
+def class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler, part: Partition) -> None:
+    """Prototypes start at the class means of the initial embeddings: training then
+    sharpens a sensible classifier instead of first finding one (see the sweep)."""
+    with torch.no_grad():
+        for g, (order, starts, counts, _) in enumerate(sampler.groups):
+            if len(counts) == 0:
+                continue
+            h = torch.cat([model.projection(features[order[i:i + 65536]].float())
+                           for i in range(0, len(order), 65536)])
+            labels = torch.repeat_interleave(torch.arange(len(counts), device=h.device), counts)
+            sums = torch.zeros(len(counts), h.shape[1], device=h.device).index_add_(0, labels, h)
+            model.heads.init_prototypes_(g, sums / counts[:, None])
+
+
+def streamed_class_means(streamed: Streamed, split: str, model: DCModel, part: Partition) -> None:
+    """Class means as `class_means` computes them, over the split read once in contiguous chunks."""
+    gc = torch.as_tensor(part.global_class())
+    total, rows = len(part.classes), len(gc)
+    sums = torch.zeros(total, model.projection.linear.out_features, device=model.device)
+    counts = torch.zeros(total, device=model.device)
+    with torch.no_grad():
+        for start in range(0, rows, streamed.chunk_rows * streamed.buffer_chunks):
+            stop = min(start + streamed.chunk_rows * streamed.buffer_chunks, rows)
+            x = read_rows(streamed.store, split, "embeddings", [(start, stop)])
+            check_finite(x, split, start)
+            keep = gc[start:stop] >= 0
+            h = model.projection(torch.from_numpy(x[keep.numpy()]).to(model.device).float())
+            labels = gc[start:stop][keep].to(model.device)
+            sums.index_add_(0, labels, h)
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+    offsets = model.heads.offsets
+    for g in range(len(offsets) - 1):
+        if offsets[g + 1] > offsets[g]:
+            model.heads.init_prototypes_(g, sums[offsets[g]:offsets[g + 1]] / counts[offsets[g]:offsets[g + 1], None])
+
+
 def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = None, device: str = "cpu",
           progress: bool = True, run_config: dict | None = None, tail: TokenTraining | None = None,
-          streamed: Streamed | None = None) -> TrainResult:
+          streamed: Streamed | None = None, part: Partition | None = None) -> TrainResult:
     """Train projection + group heads on one split's cached features; write the run to `out`.
 
     After every epoch config.json says how far training got (`complete`, `epochs_done`), and
-    the best epoch's model is kept.
+    the best epoch's model is kept. With a `val` split the kept model's confidence is fitted on
+    it at the end (calibration.json); the run is complete only then.
 
+    `run_config`: what the run records of its inputs (RunConfig's `features`, `store`, splits,
+    and details such as the device). `part`: the split's partition when the caller made it.
     With `tail` the last backbone blocks train too: it is the batch source (cached tokens through
     the blocks), adds their parameters, embeds the val split, and saves the blocks with the run.
     With `streamed` the split's embeddings stay on disk (`split.embeddings` is None) and are read
@@ -143,13 +186,16 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     torch.manual_seed(config.seed)
     # Sampling on the training device: a CPU generator would force a blocking copy per step.
     gen = torch.Generator(device=dev).manual_seed(config.seed)
-    part = make_partition(split, config)
+    part = part if part is not None else make_partition(split, config)
     if streamed is None:
         features = torch.as_tensor(split.embeddings).to(dev)  # numpy, or a tensor already in place
         check_finite(features, split.name)
     in_dim = int(split.attrs["dim"]) if streamed is not None else features.shape[1]
-    model = DCModel(in_dim, config.dim, part.classes_per_group, head=config.head, s=config.s, m=config.m,
-                    easy_margin=config.easy_margin, test_prototypes=config.test_prototypes).to(dev)
+    recorded = dict(run_config or {})
+    own = {k: recorded.pop(k) for k in ("store", "train_split", "val_split", "store_fingerprint") if k in recorded}
+    run = RunConfig(train=config, features={"dim": in_dim, **recorded.pop("features", {})},
+                    classes_per_group=part.classes_per_group, **own)
+    model = new_model(run).to(dev)
     sampler = BalancedSampler(part, dev, gen)
     if config.prototype_init == "class-means" and streamed is None:
         class_means(features, model, sampler, part)
@@ -173,16 +219,13 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
                                   buffer_chunks=streamed.buffer_chunks)
     else:
         batches = InMemoryBatches(features, sampler, config.batch_size)
-    run_config = run_config or {}
-    config_json = {**run_config, **asdict(config), "classes_per_group": part.classes_per_group,
-                   "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps,
-                   "features": {"dim": in_dim, **run_config.get("features", {})},
-                   "streamed": None if streamed is None else {"chunk_rows": streamed.chunk_rows,
-                                                               "buffer_chunks": streamed.buffer_chunks}}
+    details = {**recorded, "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps,
+               "streamed": None if streamed is None else {"chunk_rows": streamed.chunk_rows,
+                                                           "buffer_chunks": streamed.buffer_chunks}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
-    history, best, best_epoch = [], -math.inf, 0
+    history, best, best_epoch, kept = [], -math.inf, 0, None
     for epoch in range(1, config.epochs + 1):
         t0 = time.perf_counter()
         turns = groups if config.group_rotation == "step" else [groups[(epoch - 1) % len(groups)]]
@@ -211,20 +254,43 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
             score = record.get("val_lr1", epoch)  # without val the last epoch is kept
         if score > best:
             best, best_epoch = score, epoch
-            if tail:
-                tail.save(out)
-            save_model(out, model, part.classes)
+            blocks = tail.save(out) if tail else None
+            kept = (save_model(out, model, part.classes), blocks)
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        # Last, so that a run killed at any point reads as stopped after the epochs it finished.
         done = epoch == config.epochs or "stopped" in record
-        write_config(out, {**config_json, **(tail.config() if tail else {}), "best_epoch": best_epoch,
-                           "epochs_done": epoch, "complete": done, "stopped": record.get("stopped")})
+        run = replace(run, best_epoch=best_epoch, epochs_done=epoch, stopped=record.get("stopped"),
+                      details={**details, **(tail.config() if tail else {})})
+        # Last, so that a run killed at any point reads as stopped after the epochs it finished; the
+        # last epoch's config says complete only once the confidence is fitted too.
+        write_config(out, replace(run, complete=done and val is None))
         if done:
             break
+    calibration = "uncalibrated: no --val-split"
+    if val is not None:
+        calibration = _calibrate(model, tail, kept, part, config, val, out, (run_config or {}).get("store"))
+        write_config(out, replace(run, complete=True))
     return TrainResult(out=out, epochs=history, best_epoch=best_epoch, classes=len(part.classes),
-                       images_used=used, seconds=time.perf_counter() - t_start)
+                       images_used=used, seconds=time.perf_counter() - t_start, calibration=calibration)
+
+
+def _calibrate(model: DCModel, tail: TokenTraining | None, kept: tuple, part: Partition, config: TrainConfig,
+               val: Split, out: Path, store: str | None) -> str:
+    """Fit the kept model's confidence and 90 % radius on the val split in hand (calibration.json);
+    what the summary says of it. A val split it cannot be fitted on leaves the run uncalibrated."""
+    state, blocks = kept
+    model.load_state_dict(state)
+    if tail is not None:
+        tail.restore(blocks)
+    model.eval()
+    try:
+        cal = fit_confidence(model, part.classes, config.M, tail.features_of(val) if tail else val,
+                             threshold_m=config.threshold_m, fitted_on={"store": store} if store else None)
+    except BadInput as e:  # the run itself is sound: say why it has no confidence, do not fail
+        return f"uncalibrated: {e}"
+    write_calibration(out, cal)
+    return f"calibrated on '{val.name}'"
 
 
 def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,
@@ -244,7 +310,7 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
         streamed = Streamed.within(feats, budget, row_bytes)
     data = read_split(feats, split, embeddings=streamed is None)
     val = read_split(feats, val_split) if val_split else None
-    make_partition(data, config)  # fail on a hopeless partition before creating the run folder
+    part = make_partition(data, config)  # a hopeless partition fails before the run folder exists
     tail = None
     if config.finetune_blocks:
         tail = TokenTraining.open(feats, split, val_split, data.attrs, config.finetune_blocks, config.lr_blocks)
@@ -255,14 +321,7 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev),
                   "memory_budget": budget}
     result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config,
-                   tail=tail, streamed=streamed)
-    calibration = "uncalibrated: no --val-split"
-    if val_split:  # the confidence and 90 % radius, fitted on the held-out split (calibration.json)
-        try:
-            calibrate_files(feats, run, val_split, threshold_m=config.threshold_m, device=str(dev))
-            calibration = f"calibrated on '{val_split}'"
-        except BadInput as e:  # the run itself is sound: say why it has no confidence, do not fail
-            calibration = f"uncalibrated: {e}"
+                   tail=tail, streamed=streamed, part=part)
     if out is None:
         point_latest(run)
-    return replace(result, memory_budget=budget, streamed=streamed is not None, calibration=calibration)
+    return replace(result, memory_budget=budget, streamed=streamed is not None)

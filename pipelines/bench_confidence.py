@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from dcfeat.calibrate import calibrate_files  # noqa: E402
 from dcfeat.evaluate import evaluate_files  # noqa: E402
-from dcfeat.runs import load_run  # noqa: E402
+from dcfeat.run import load_run  # noqa: E402
 from dcfeat.store import read_split  # noqa: E402
 from dcfeat.synthetic.features import make_city, write_city  # noqa: E402
 from dcfeat.train import TrainConfig, train_files  # noqa: E402
@@ -38,9 +38,9 @@ def main() -> None:
         write_city(make_city(**CITY), store)
         run = train_files(store, "train", TrainConfig(), val_split="val", device="cpu", progress=False,
                           out=Path(tmp) / "run")
-        cal, _ = calibrate_files(store, run.out, "val", device="cpu", database_split="test-db")
-        report, _ = evaluate_files(store, run.out, "test", database_split="test-db", device="cpu",
-                                   out=RESULTS / "confidence")  # the plots README shows
+        cal = calibrate_files(store, run.out, "val", device="cpu", database_split="test-db").calibrator
+        report = evaluate_files(store, run.out, "test", database_split="test-db", device="cpu",
+                                   out=RESULTS / "confidence").report  # the plots README shows
         (RESULTS / "confidence" / "predictions.parquet").unlink()  # 6 MB the figures do not need
         out["near_misses"] = near_misses(load_run(run.out), read_split(store, "test", dtype=np.float32))
     out["calibrator"] = {"weights": dict(zip(cal.signals, cal.weights)), "radius_scale": cal.radius_scale,

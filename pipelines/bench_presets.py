@@ -67,8 +67,8 @@ def main() -> None:
                 run = train_files(store, "train", config, val_split="val", device="cpu", progress=False,
                                   out=folder / "run")
                 seconds = time.perf_counter() - t
-                report, _ = evaluate_files(store, run.out, "test", modes=("classify",), device="cpu",
-                                           out=folder / "eval")
+                report = evaluate_files(store, run.out, "test", modes=("classify",), device="cpu",
+                                           out=folder / "eval").report
                 kept = run.epochs[run.best_epoch - 1]
                 out["rows"][name]["runs"].append({
                     "seed": seed, "kept_epoch": run.best_epoch, "epochs": len(run.epochs), "val_lr1": kept["val_lr1"],

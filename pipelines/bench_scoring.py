@@ -26,8 +26,8 @@ def main() -> None:
         run = train_files(store, "train", TrainConfig(), val_split="val", device="cpu", progress=False,
                           out=Path(tmp) / "run")
         for scoring in ("cosine", "group-softmax"):
-            report, _ = evaluate_files(store, run.out, "test", database_split="test-db", modes=("classify", "hybrid"),
-                                       scoring=scoring, device="cpu", out=Path(tmp) / scoring)
+            report = evaluate_files(store, run.out, "test", database_split="test-db", modes=("classify", "hybrid"),
+                                       scoring=scoring, device="cpu", out=Path(tmp) / scoring).report
             out["scorings"][scoring] = {m: {"recall": r["recall"], "median_error_m": r["median_error_m"]}
                                         for m, r in report["methods"].items()}
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from dcfeat.runs import load_run
+from dcfeat.run import load_run
 from dcfeat.store import read_split
 from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import TrainConfig, recall_at_1, train

@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dcfeat.calibration import SIGNALS, Calibrator, base_radius, fit, query_signals
 from dcfeat.cli import cli
+from dcfeat.confidence import SIGNALS, Calibrator, base_radius, fit, query_signals
 from dcfeat.model import DCModel
 from tests.test_hostile_runs import refused
 
@@ -100,7 +100,7 @@ def test_the_margin_skips_the_neighbouring_cells():
         model.heads["0"].weight.copy_(torch.tensor([[1.0, 0, 0], [0.8, 0.6, 0], [0.6, 0, 0.8]]))
     classes = pl.DataFrame({"cell_east": [10.0, 30.0, 50.0], "cell_north": [10.0] * 3, "utm_zone": [10] * 3,
                             "utm_letter": ["S"] * 3, "group": [0, 0, 0]})
-    sig = query_signals(model, np.array([[1.0, 0.0, 0.0]], np.float32), classes, M=20.0, s=10.0)
+    sig = query_signals(model, np.array([[1.0, 0.0, 0.0]], np.float32), classes, M=20.0)
     assert sig.top_classes[0].tolist() == [0, 1, 2]
     assert sig.values["top1_cosine"][0] == pytest.approx(1.0)
     assert sig.values["margin"][0] == pytest.approx(1.0 - 0.6)  # not 1.0 - 0.8
@@ -198,7 +198,7 @@ def test_predict_writes_confidence_radius_and_abstentions(city_store, city_run, 
 @pytest.mark.parametrize("rule", ["everything falls back", "nothing widens"])
 def test_the_adaptive_hybrid_is_retrieval_or_the_hybrid_at_its_extremes(city_store, city_run, rule):
     from dcfeat.evaluate import adaptive, hybrid, retrieve
-    from dcfeat.runs import load_run
+    from dcfeat.run import load_run
     from dcfeat.store import read_split
 
     run = load_run(city_run)

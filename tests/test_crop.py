@@ -11,7 +11,7 @@ from PIL import Image
 from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.images import Crops, ImageDataset, collate, load_image, whole_size
-from dcfeat.runs import load_run
+from dcfeat.run import load_run
 from dcfeat.shards import write_split
 from dcfeat.store import read_split, split_info
 from tests.conftest import write_images
@@ -103,7 +103,7 @@ def test_the_crop_is_stored_with_the_split_and_the_run(stores):
     for crop, (store, run) in out.items():
         with h5py.File(store) as f:
             assert f["train"].attrs["crop"] == crop and f["val"].attrs["crop"] == crop
-        assert load_run(run, "cpu").config["features"]["crop"] == crop
+        assert load_run(run, "cpu").config.features["crop"] == crop
     centre, full = (read_split(out[c][0], "val").embeddings for c in ("centre", "full"))
     assert np.abs(centre - full).max() > 1e-2  # whole images really are other inputs
     r = invoke("info", out["full"][0])
@@ -134,7 +134,7 @@ def test_a_store_without_crop_reads_as_centre(stores, tmp_path, tiny_model, city
     assert split_info(city_store, "test").attrs["crop"] == "centre"
     run = load_run(city_run, "cpu")
     assert run.feature_identity["crop"] == "centre"
-    del run.config["features"]["crop"]  # a run trained before `crop` existed
+    del run.config.features["crop"]  # a run trained before `crop` existed
     assert run.feature_identity["crop"] == "centre"
 
 

@@ -165,7 +165,7 @@ def test_the_hybrid_is_exact_retrieval_among_the_top_cells_images(city_store, ci
 
     from dcfeat.evaluate import hybrid
     from dcfeat.partition import cell_keys
-    from dcfeat.runs import load_run
+    from dcfeat.run import load_run
 
     run = load_run(city_run, torch.device("cpu"))
     q, db = read_split(city_store, "test", dtype=np.float32), read_split(city_store, "test-db", dtype=np.float32)
@@ -176,7 +176,7 @@ def test_the_hybrid_is_exact_retrieval_among_the_top_cells_images(city_store, ci
         qe, de = embed(q.embeddings), embed(db.embeddings)
     cos = (qe / np.linalg.norm(qe, axis=1, keepdims=True)) @ (de / np.linalg.norm(de, axis=1, keepdims=True)).T
     c, lab = run.classes, db.labels
-    M = run.config["M"]
+    M = run.M
     class_keys = cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
                            c["cell_north"].to_numpy(), M)
     row_keys = cell_keys(lab["utm_zone"].to_numpy(), lab["utm_letter"].to_numpy(), lab["utm_east"].to_numpy(),

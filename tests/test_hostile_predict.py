@@ -14,7 +14,7 @@ from PIL import Image
 from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.predict import predict_files, predict_images
-from dcfeat.runs import load_run
+from dcfeat.run import load_run
 from tests.conftest import write_images
 
 

@@ -17,7 +17,7 @@ from dcfeat.errors import BadInput, DamagedRun, DamagedStore
 from dcfeat.finetune import TokenTraining
 from dcfeat.model import DCModel, top_cells
 from dcfeat.predict import predict_files
-from dcfeat.runs import load_run
+from dcfeat.run import load_run
 from dcfeat.shards import write_split
 from dcfeat.store import Split, read_split, split_info
 from dcfeat.train import TrainConfig, train

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 import dcfeat.plots
-from dcfeat.confidence_metrics import ece, reliability_bins, risk_coverage
+from dcfeat.metrics import ece, reliability_bins, risk_coverage
 from dcfeat.plots import (
     plot_error_cdf,
     plot_query_map,

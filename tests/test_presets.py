@@ -18,7 +18,7 @@ from dcfeat.evaluate import evaluate
 from dcfeat.heads import AAMC, GroupHeads
 from dcfeat.model import top_cells
 from dcfeat.presets import Schedule, TrainConfig, make_optimizer, preset_config
-from dcfeat.runs import load_run
+from dcfeat.run import load_run
 from dcfeat.store import read_split
 from dcfeat.train import train, train_files
 
@@ -117,7 +117,7 @@ def test_raw_prototypes_are_saved_with_the_run_and_honoured_after_loading(city_s
     train_split, val = read_split(city_store, "train"), read_split(city_store, "val", dtype=np.float32)
     config = preset_config("dc-paper", epochs=1, iterations_per_epoch=20, dim=16)
     run = load_run(train(train_split, config, tmp_path / "r", progress=False).out)
-    assert run.config["test_prototypes"] == "raw" == run.model.heads.test_prototypes
+    assert run.config.train.test_prototypes == "raw" == run.model.heads.test_prototypes
     h = run.model.projection(torch.as_tensor(val.embeddings))
     w = torch.cat([run.model.heads[str(g)].weight for g in range(4)])
     got = top_cells(run.model, val.embeddings, run.classes, 3)
@@ -126,7 +126,7 @@ def test_raw_prototypes_are_saved_with_the_run_and_honoured_after_loading(city_s
                                                                              atol=1e-5)
     cosine = (h @ F.normalize(w, dim=1).T).topk(3, dim=1).indices.numpy()
     assert not np.array_equal(got["class"], cosine)  # Xavier prototypes' norms differ: the rules disagree
-    report = evaluate(run, val, ks=(1,))[0]
+    report = evaluate(run, val, ks=(1,)).report
     assert (report["preset"], report["test_prototypes"]) == ("dc-paper", "raw")
 
 
@@ -209,7 +209,7 @@ def test_a_run_stopped_by_its_schedule_is_complete(city_store, tmp_path, monkeyp
     result = train(read_split(city_store, "train"), config, tmp_path / "r", progress=False)
     run = load_run(result.out)
     assert len(result.epochs) == 1 and run.complete and run.status_line() is None
-    assert run.config["stopped"].startswith("projection rate 1.0e-04 below 1")
+    assert run.config.stopped.startswith("projection rate 1.0e-04 below 1")
 
 
 def test_a_short_dc_paper_training_learns(city_store, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from dcfeat.cli import cli
-from dcfeat.options import Size
+from dcfeat.cli.options import Size
 from tests.conftest import FAST_TRAIN
 
 

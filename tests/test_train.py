@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dcfeat.cli import cli
 from dcfeat.model import top_cells
-from dcfeat.runs import load_run
+from dcfeat.run import load_run
 from dcfeat.shards import write_split
 from dcfeat.store import read_split
 from dcfeat.train import TrainConfig, train
@@ -151,7 +151,7 @@ def test_train_on_a_store_made_by_extract(images, tmp_path, tiny_model):
 
 
 def test_default_run_folders_started_in_one_second_do_not_collide(tmp_path):
-    from dcfeat.runs import new_run_dir
+    from dcfeat.run import new_run_dir
 
     names = [new_run_dir(None, tmp_path / "runs").name for _ in range(3)]
     assert len(set(names)) == 3 and all((tmp_path / "runs" / n).is_dir() for n in names)

@@ -16,9 +16,9 @@ from dcfeat.cli.demo_command import demo
 from dcfeat.cli.evaluate_command import evaluate
 from dcfeat.cli.extract_command import extract
 from dcfeat.cli.info_command import info
+from dcfeat.cli.options import UserErrorsGroup
 from dcfeat.cli.predict_command import predict
 from dcfeat.cli.train_command import train
-from dcfeat.options import UserErrorsGroup
 
 
 @click.group(cls=UserErrorsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -8,8 +8,8 @@ import click
 
 from dcfeat.calibrate import calibrate_files
 from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout
+from dcfeat.cli.options import POSITIVE, split_name
 from dcfeat.metrics import THRESHOLD_M
-from dcfeat.options import POSITIVE, split_name
 
 
 @click.command()
@@ -31,14 +31,16 @@ def calibrate(split, feats, run_dir, database_split, threshold, device):
     `dcfeat train --val-split` does this at the end of training; run it on a run trained without one,
     or to refit on another held-out split. Writes RUN/calibration.json.
     """
-    cal, path = calibrate_files(feats, run_dir, split, threshold_m=threshold, device=device,
-                                database_split=database_split)
+    result = calibrate_files(feats, run_dir, split, threshold_m=threshold, device=device,
+                             database_split=database_split)
+    cal = result.calibrator
     fitted = cal.fitted_on
     stdout.print(f"calibrated on '{split}' ({fitted['queries']} queries, {fitted['right']} right at {threshold:g} m): "
-                 f"90 % radius = {cal.radius_scale:.2f} × the top cells' radius; adaptive hybrid searches 4× the "
+                 f"90 % radius = {cal.radius_scale:.2f} × the top cells' radius; adaptive hybrid searches "
+                 f"{cal.hybrid['widen_factor']:g}× the "
                  f"cells below confidence {cal.hybrid['widen_below']:.2f} and the whole database below "
                  f"{cal.hybrid['fallback_below']:.2f}")
     if cal.with_database is not None:
         stdout.print(f"and a confidence with retrieval's agreement against '{database_split}', used where "
                      "`dcfeat evaluate` retrieves from it")
-    stdout.print(f"calibration: {path}", highlight=False)
+    stdout.print(f"calibration: {result.path}", highlight=False)

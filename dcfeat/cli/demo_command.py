@@ -7,12 +7,12 @@ from pathlib import Path
 import click
 
 from dcfeat.cli.common import DATA, no_progress, stdout
-from dcfeat.demo import run_demo
-from dcfeat.options import (
+from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
 )
-from dcfeat.reports import recall_table
+from dcfeat.cli.tables import recall_table
+from dcfeat.demo import run_demo
 
 
 @click.command()

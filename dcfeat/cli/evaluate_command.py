@@ -7,17 +7,17 @@ from pathlib import Path
 import click
 
 from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout
-from dcfeat.errors import BadInput
-from dcfeat.evaluate import evaluate_files
-from dcfeat.heads import SCORINGS
-from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
-from dcfeat.options import (
+from dcfeat.cli.options import (
     AT_LEAST_1,
     POSITIVE,
     KList,
     split_name,
 )
-from dcfeat.reports import confidence_table, recall_table
+from dcfeat.cli.tables import confidence_table, recall_table
+from dcfeat.errors import BadInput
+from dcfeat.evaluate import evaluate_files
+from dcfeat.heads import SCORINGS
+from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
 
 
 @click.command()
@@ -47,11 +47,11 @@ def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells,
     if mode == "all" and database_split is None:
         raise BadInput("--mode all needs --database-split (the database images' split, e.g. test-db)")
     modes = None if mode in (None, "all") else (mode,)
-    report, paths = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
-                                   threshold_m=threshold, cells=cells, space=space, scoring=scoring,
-                                   device=device, out=out)
+    result = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
+                            threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out)
+    report = result.report
     stdout.print(recall_table(report))
     stdout.print(confidence_table(report))
     stdout.print(f"coverage {100 * report['coverage']:.1f} % of queries lie in a class cell; device {report['device']}")
-    for name, path in paths.items():
+    for name, path in result.paths.items():
         stdout.print(f"{name}: {path}", highlight=False)

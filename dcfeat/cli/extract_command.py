@@ -8,13 +8,13 @@ import click
 
 from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
 from dcfeat.cli.common import DEFAULT_STORE, no_progress, stdout
-from dcfeat.extract import extract_files
-from dcfeat.images import CROPS
-from dcfeat.options import (
+from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
     split_name,
 )
+from dcfeat.extract import extract_files
+from dcfeat.images import CROPS
 from dcfeat.reports import RANDOM_NOTICE
 
 

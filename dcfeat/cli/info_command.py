@@ -7,9 +7,9 @@ from pathlib import Path
 import click
 
 from dcfeat.cli.common import DEFAULT_STORE, stdout
+from dcfeat.cli.tables import problems_table, splits_table
 from dcfeat.errors import DamagedStore
-from dcfeat.info import problems_table, splits_table
-from dcfeat.runs import verified_run
+from dcfeat.run import verified_run
 from dcfeat.store import list_splits, read_failures
 from dcfeat.verify import verify_store
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import click
 
 from dcfeat.cli.common import DATA, no_progress, stdout
-from dcfeat.heads import SCORINGS
-from dcfeat.options import (
+from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
     FRACTION,
     split_name,
 )
+from dcfeat.heads import SCORINGS
 from dcfeat.predict import predict_files
 from dcfeat.reports import RANDOM_NOTICE
 

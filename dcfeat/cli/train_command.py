@@ -10,8 +10,7 @@ from pathlib import Path
 import click
 
 from dcfeat.cli.common import DEFAULT_STORE, TRAIN_DEFAULTS, no_progress, stdout
-from dcfeat.errors import human_bytes
-from dcfeat.options import (
+from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
     FRACTION,
@@ -21,6 +20,7 @@ from dcfeat.options import (
     Size,
     split_name,
 )
+from dcfeat.errors import human_bytes
 from dcfeat.presets import CHOICES, PRESETS, preset_config, preset_values
 from dcfeat.train import train_files
 

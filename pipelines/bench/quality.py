@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcfeat.calibrate import answer_errors_m, signals_of
+from dcfeat.confidence import errors_from_top1_m, query_signals
 from dcfeat.evaluate import evaluate, score
-from dcfeat.model import check_features
+from dcfeat.identity import check_features
+from dcfeat.partition import places_of
 from dcfeat.reports import Ranking, write_outputs
-from dcfeat.runs import load_run
+from dcfeat.run import load_run
 from dcfeat.store import Split
 from dcfeat.train import TrainConfig, make_partition, train
 
@@ -71,11 +72,11 @@ def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 
         check_features(run.feature_identity, split.attrs, what=f"synthetic split '{split.name}'")
     rows = {}
     for space in ("projected", "raw"):
-        report, methods, results = evaluate(run, test, database=db, ks=ks, cells=cells, space=space,
-                                            device=device, modes=("classify", "retrieve", "hybrid")
-                                            if space == "projected" else ("retrieve",))
+        evaluation = evaluate(run, test, database=db, ks=ks, cells=cells, space=space, device=device,
+                              modes=("classify", "retrieve", "hybrid") if space == "projected" else ("retrieve",))
+        report = evaluation.report
         if plots_dir is not None and space == "projected":
-            write_outputs(Path(plots_dir), report, test.labels, methods, results,
+            write_outputs(Path(plots_dir), report, test.labels, evaluation.methods, evaluation.recall,
                           background=(db.labels["utm_east"].to_numpy(), db.labels["utm_north"].to_numpy()))
         for name, m in report["methods"].items():
             rows[name if name == "classify" else f"{name} ({space})"] = m
@@ -91,8 +92,8 @@ def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 
 
 def near_misses(run, test) -> dict:
     """How far the wrong answers among the 50 % most confident queries are (metres, percentiles)."""
-    sig = signals_of(run, test.embeddings)
-    err = answer_errors_m(run, sig, test)
+    sig = query_signals(run.model, test.embeddings, run.classes, M=run.M)
+    err = errors_from_top1_m(run.classes, sig, places_of(test.labels))
     conf = run.calibration.confidence(sig.values)
     top = np.argsort(-conf, kind="stable")[: len(conf) // 2]
     wrong = err[top][err[top] > run.calibration.threshold_m]

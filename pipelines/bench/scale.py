@@ -14,7 +14,7 @@ import torch
 from dcfeat.calibrate import calibrate_files
 from dcfeat.evaluate import evaluate
 from dcfeat.retrieval import topk_cosine
-from dcfeat.runs import load_run
+from dcfeat.run import load_run
 from dcfeat.store import read_split
 from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import TrainConfig, train_files
@@ -35,7 +35,7 @@ def queries_benchmark(repeats: int = 3) -> dict:
         seconds, methods = {m: [] for m in MODES}, {}
         for r in range(repeats + 1):  # the first round warms up
             for mode in MODES:
-                report, _, _ = evaluate(run, q, database=db, modes=(mode,), device="cpu")
+                report = evaluate(run, q, database=db, modes=(mode,), device="cpu").report
                 if r:
                     seconds[mode].append(report["methods"][mode]["seconds"])
                 methods[mode] = report["methods"][mode]

@@ -30,7 +30,7 @@ from dcfeat.labels import collect_images
 from dcfeat.model import DCModel
 from dcfeat.partition import partition
 from dcfeat.retrieval import topk_cosine
-from dcfeat.runs import Run
+from dcfeat.run import Run, RunConfig, new_model
 from dcfeat.store import Split
 from dcfeat.train import TrainConfig, train, train_step
 
@@ -231,15 +231,15 @@ def bench_queries(*, db_rows: int, queries: int, in_dim: int, classes: int, devi
     lab = db.labels
     part = partition(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
                      lab["utm_letter"].to_numpy(), M=20.0, N=2, min_images_per_class=1)
-    model = DCModel(in_dim, 512, part.classes_per_group, head="aamc", s=30.0, m=0.2).to(dev).eval()
-    run = Run(directory=Path("."), model=model, classes=part.classes,
-              config={"M": 20.0, "s": 30.0, "head": "aamc", "features": {"dim": in_dim}})
+    config = RunConfig(train=TrainConfig(M=20.0, s=30.0, m=0.2, head="aamc", dim=512), features={"dim": in_dim},
+                       classes_per_group=part.classes_per_group, complete=True)
+    run = Run(directory=Path("."), model=new_model(config).to(dev).eval(), config=config, classes=part.classes)
     out = {"db_rows": db_rows, "queries": queries, "classes": len(part.classes), "device": str(dev)}
     for mode in ("classify", "retrieve", "hybrid"):
         secs = []
         for _ in range(repeats + 1):
-            report, _, _ = evaluate(run, q, database=db, modes=(mode,), ks=(1, 5, 10, 20), cells=cells,
-                                    device=device)
+            report = evaluate(run, q, database=db, modes=(mode,), ks=(1, 5, 10, 20), cells=cells,
+                              device=device).report
             secs.append(report["methods"][mode]["seconds"])
         out[f"{mode}_ms_per_query"] = 1000 * statistics.median(secs[1:]) / queries
     out["retrieve_over_classify"] = out["retrieve_ms_per_query"] / out["classify_ms_per_query"]

@@ -1,4 +1,4 @@
-"""How sure a classification answer is: query-time signals, a calibrated confidence, a 90 % radius.
+"""Confidence: how sure a classification answer is — query-time signals, a calibrated confidence, a 90 % radius.
 
 A confidence is the probability that the top-1 cell centre lies within the threshold (25 m) of
 where the photo was taken. It is built from signals that the scores of every cell of every group
@@ -30,15 +30,23 @@ import numpy as np
 import polars as pl
 import torch
 
-from dcfeat.metrics import distances_m
+from dcfeat.errors import BadInput
 from dcfeat.model import DCModel
+from dcfeat.partition import Places, centres_of, metres_between, places_of
+from dcfeat.retrieval import topk_cosine
+from dcfeat.store import Split
 
 SIGNALS = ("top1_cosine", "margin", "group_probability", "softmax_probability", "entropy", "spread")
 # Known only with a database: metres between classification's and exact retrieval's top-1 answers.
 DATABASE_SIGNAL = "retrieval_disagreement_m"
 PROBABILITY_SIGNALS = ("group_probability", "softmax_probability")
+# Lower is surer for these: a ranking by confidence takes their negation.
+LOWER_IS_SURER = ("entropy", "spread", DATABASE_SIGNAL)
 TOP_K = 20
 RADIUS_COVERAGE = 0.9
+# The adaptive hybrid's rule, fitted with the confidence: the least sure HYBRID_FALLBACK of val
+# queries search the whole database, the next up to HYBRID_WIDEN search WIDEN_FACTOR × the cells.
+HYBRID_FALLBACK, HYBRID_WIDEN, WIDEN_FACTOR = 0.05, 0.25, 4
 _TINY = 1e-12
 
 
@@ -51,9 +59,11 @@ class QuerySignals:
     base_radius_m: np.ndarray
 
 
-def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, s: float, k: int = TOP_K,
+def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, k: int = TOP_K,
                   chunk: int = 4096) -> QuerySignals:
-    """The signals of every query's classification answer (see the module docstring)."""
+    """The signals of every query's classification answer (see the module docstring), at the
+    model's logit scale (s of margin heads, 1 for the softmax head)."""
+    s = model.heads.logit_scale
     cos_top, ids, soft, group_p = [], [], [], []
     with torch.no_grad():
         for start in range(0, len(features), chunk):
@@ -70,10 +80,8 @@ def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, 
     ids = np.concatenate(ids) if ids else np.zeros((0, kk), np.int64)
     z = s * (cos_top - cos_top[:, :1])
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True) if len(z) else z
-    east, north = classes["cell_east"].to_numpy()[ids], classes["cell_north"].to_numpy()[ids]
-    zone, letter = classes["utm_zone"].to_numpy()[ids], classes["utm_letter"].to_numpy()[ids]
-    dist = distances_m(east[:, 0], north[:, 0], zone[:, 0], east, north, zone,
-                       q_letter=letter[:, 0], p_letter=letter) if len(ids) else np.zeros_like(cos_top)
+    top = centres_of(classes, ids)
+    dist = metres_between(centres_of(classes, ids[:, 0]), top) if len(ids) else np.zeros_like(cos_top)
     # Neighbours: the 8 cells around the top one (centres at most one diagonal apart).
     far = dist > 1.5 * M * math.sqrt(2) - 1e-6
     far[:, -1] = True  # no non-neighbour among the top k: the k-th cosine bounds the margin
@@ -204,7 +212,7 @@ def _finite(v) -> bool:
 
 def fit(values: dict[str, np.ndarray], correct: np.ndarray, base_radius_m: np.ndarray, true_dist_m: np.ndarray, *,
         threshold_m: float, signals: tuple[str, ...] = SIGNALS, l2: float = 1.0, fitted_on: dict | None = None,
-        hybrid_fallback: float = 0.05, hybrid_widen: float = 0.25) -> Calibrator:
+        hybrid_fallback: float = HYBRID_FALLBACK, hybrid_widen: float = HYBRID_WIDEN) -> Calibrator:
     """Fit the confidence on held-out queries (`correct`: top-1 within `threshold_m`) and the radius
     scale (split conformal: the ⌈0.9 (n + 1)⌉-th smallest ratio of true distance to base radius)."""
     correct = np.asarray(correct, bool)
@@ -223,5 +231,46 @@ def fit(values: dict[str, np.ndarray], correct: np.ndarray, base_radius_m: np.nd
                      float(threshold_m), {**(fitted_on or {}), "queries": n, "right": int(correct.sum())})
     conf = cal.confidence(values)
     cal.hybrid = {"fallback_below": float(np.quantile(conf, hybrid_fallback)),
-                  "widen_below": float(np.quantile(conf, hybrid_widen)), "widen_factor": 4.0}
+                  "widen_below": float(np.quantile(conf, hybrid_widen)), "widen_factor": float(WIDEN_FACTOR)}
     return cal
+
+
+def errors_from_top1_m(classes: pl.DataFrame, sig: QuerySignals, places: Places) -> np.ndarray:
+    """Metres between each query's top-1 cell centre and a point given per query."""
+    return metres_between(centres_of(classes, sig.top_classes[:, 0]), places)
+
+
+def disagreement_m(classes: pl.DataFrame, sig: QuerySignals, other: Places) -> np.ndarray:
+    """Metres between each query's top-1 cell centre and another answer (retrieval's top 1); a query
+    that other answer left empty counts as far away (1e9 m)."""
+    return np.nan_to_num(errors_from_top1_m(classes, sig, other), nan=1e9, posinf=1e9)
+
+
+def retrieval_disagreement_m(model: DCModel, classes: pl.DataFrame, sig: QuerySignals, queries: Split,
+                             database: Split) -> np.ndarray:
+    """DATABASE_SIGNAL of `queries`: exact retrieval in the model's space against `database`, top 1."""
+    q, db = model.embed(queries.embeddings), model.embed(database.embeddings)
+    rows = topk_cosine(q, db, 1, device=model.device)[1][:, 0]
+    return disagreement_m(classes, sig, places_of(database.labels, rows))
+
+
+def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split, *, threshold_m: float,
+                   fitted_on: dict | None = None, database: Split | None = None) -> Calibrator:
+    """Fit the confidence (right = top-1 within `threshold_m`) and the radius on a held-out `split`
+    with the model in hand; with a `database`, also a second confidence that uses retrieval's
+    agreement (`Calibrator.with_database`). BadInput when the split cannot be calibrated on."""
+    if len(split.embeddings) == 0:
+        raise BadInput(f"split '{split.name}' holds no queries to calibrate on")
+    sig = query_signals(model, split.embeddings, classes, M=M)
+    err = errors_from_top1_m(classes, sig, places_of(split.labels))
+    fitted_on = {"split": split.name, **(fitted_on or {})}
+    try:
+        cal = fit(sig.values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m, fitted_on=fitted_on)
+        if database is not None:
+            values = {**sig.values, DATABASE_SIGNAL: retrieval_disagreement_m(model, classes, sig, split, database)}
+            cal.with_database = fit(values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m,
+                                    signals=(*SIGNALS, DATABASE_SIGNAL),
+                                    fitted_on={**fitted_on, "database_split": database.name})
+        return cal
+    except ValueError as e:
+        raise BadInput(f"split '{split.name}': {e}. Calibrate on a larger held-out split") from None

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dcfeat.confidence_metrics import (
+from dcfeat.metrics import (
     accuracy_at_coverage,
     auroc,
     average_precision,

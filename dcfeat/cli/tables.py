@@ -1,0 +1,78 @@
+"""The tables the commands print (rich): recall and confidence of `evaluate`, splits and problems of `info`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from dcfeat.errors import human_bytes
+from dcfeat.reports import RANDOM_NOTICE
+from dcfeat.store import SplitInfo
+
+
+def splits_table(store: Path, splits: list[SplitInfo]):
+    """`dcfeat info`'s table: one row per split with what identifies and what is wrong with it."""
+    table = Table(title=str(store))
+    for col in ("split", "rows", "dim", "dtype", "model", "pooling", "crop", "complete", "disk", "tokens",
+                "failures", "problems"):
+        table.add_column(col, justify="right" if col in ("rows", "dim", "disk", "failures") else "left")
+    for s in splits:
+        model = str(s.attrs.get("model", "?")) + (" (random init)" if s.attrs.get("backbone_random_init") else "")
+        tokens = (f"K={s.cache_tokens}, {human_bytes(s.token_bytes_per_image)}/image"
+                  if s.cache_tokens else "-")
+        table.add_row(s.name, f"{s.rows:,}", str(s.dim), s.dtype, model, str(s.attrs.get("pooling", "?")),
+                      f"{s.attrs.get('image_size', '?')} {s.attrs['crop']}", "yes" if s.complete else "no",
+                      human_bytes(s.bytes_on_disk), tokens, str(s.failures), "; ".join(s.problems) or "-")
+    return table
+
+
+def problems_table(problems) -> Table:
+    """`dcfeat info --verify`'s findings: where, what, and what to do."""
+    table = Table(title="problems")
+    for col in ("split", "where", "problem", "what to do"):
+        table.add_column(col, overflow="fold")
+    for p in problems:
+        table.add_row(p.split, p.where, p.what if p.serious else f"{p.what} (harmless)", p.fix)
+    return table
+
+
+def recall_table(report: dict) -> Table:
+    ks = report["ks"]
+    title = f"split {report['split']}: {report['queries']} queries, LR@k at {report['threshold_m']:g} m"
+    if report.get("scoring", "cosine") != "cosine":
+        title += f", cells ranked by {report['scoring']}"
+    if report.get("database_rows"):
+        title += f", database {report['database_split']} ({report['database_rows']:,} rows)"
+    notes = [n for n in (report.get("run_status"), RANDOM_NOTICE if report["random_backbone"] else None) if n]
+    table = Table(title=title, caption="\n".join(notes) or None)
+    table.add_column("method")
+    for k in ks:
+        table.add_column(f"LR@{k}", justify="right")
+    for col in ("median err", "ms/query", "queries/s"):
+        table.add_column(col, justify="right")
+    for name, m in report["methods"].items():
+        label = name if name == "classify" else f"{name} ({m['space']})"
+        table.add_row(label, *[f"{100 * m['recall'][str(k)]:.1f}" for k in ks], f"{m['median_error_m']:.1f} m",
+                      f"{m['ms_per_query']:.3f}", f"{m['queries_per_s']:,.0f}")
+    return table
+
+
+def confidence_table(report: dict) -> Table:
+    """How well each signal (and the calibrated confidence) sorts classification's right answers first."""
+    sec = report["confidence"]
+    title = (f"confidence of classification's answers: {100 * (sec['right'] or 0):.1f} % right at "
+             f"{report['threshold_m']:g} m")
+    notes = [sec["note"]] if sec.get("note") else []
+    if sec.get("radius_90"):
+        notes.append(f"90 % radius: the true position inside it for {100 * sec['radius_90']['inside']:.1f} % of "
+                     f"queries (median radius {sec['radius_90']['median_m']:.0f} m)")
+    table = Table(title=title, caption="\n".join(notes) or None)
+    for col in ("signal", "AUC-PR", "AUROC", "LR@1 50 %", "LR@1 75 %", "LR@1 90 %", "ECE", "Brier"):
+        table.add_column(col, justify="left" if col == "signal" else "right")
+    fmt = lambda v, pct=False: "—" if v is None else (f"{100 * v:.1f}" if pct else f"{v:.3f}")  # noqa: E731
+    for name, m in sec["signals"].items():
+        cov = m["lr1_at_coverage"]
+        table.add_row(name, fmt(m["auc_pr"]), fmt(m["auroc"]), fmt(cov.get("50"), True), fmt(cov.get("75"), True),
+                      fmt(cov.get("90"), True), fmt(m["ece"]), fmt(m["brier"]))
+    return table

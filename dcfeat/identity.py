@@ -1,0 +1,50 @@
+"""What makes features compatible: the attributes that identify them, compared between a store's splits and a run.
+
+Features made with another model, pooling, resolution or crop live in another space and must
+not be mixed: not in one store (the split writer refuses), not between a run's training
+features and the features it is applied to (evaluate, calibrate, predict refuse). Each
+refusal names what differs and the `dcfeat extract` option that makes features that fit.
+"""
+
+from __future__ import annotations
+
+from dcfeat.errors import IncompatibleFeatures
+
+# Attributes that must agree between splits of one store, and between a run's training features
+# and the features it is applied to.
+IDENTITY_ATTRS = ("model", "model_fingerprint", "pooling", "image_size", "crop", "dim")
+# Identity attributes younger than the stores (and runs) that lack them, read as what those were made with.
+ATTR_DEFAULTS = {"crop": "centre"}
+# The extract option that sets an identity attribute, for messages naming the fix.
+IDENTITY_OPTIONS = {"model": "--model", "pooling": "--pooling", "image_size": "--image-size", "crop": "--crop"}
+
+
+def with_defaults(attrs: dict) -> dict:
+    """Split, plan or run-feature attributes with ATTR_DEFAULTS where they predate an attribute."""
+    return {**ATTR_DEFAULTS, **attrs}
+
+
+def identity_diff(a: dict, b: dict) -> dict[str, tuple]:
+    """Identity attributes whose values differ between `a` and `b`; one that either lacks is not compared."""
+    return {k: (a[k], b[k]) for k in IDENTITY_ATTRS if k in a and k in b and a[k] != b[k]}
+
+
+def _shown(diff: dict[str, tuple], first: str = "") -> str:
+    return "; ".join(f"{k}: {first}{a!r} vs {b!r}" for k, (a, b) in diff.items())
+
+
+def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
+    """Refuse mixing the splits of one store that do not belong together."""
+    diff = identity_diff(existing, new)
+    if diff:
+        raise IncompatibleFeatures(f"{what} do not belong together ({_shown(diff)}). {fix}")
+
+
+def check_features(run_features: dict, split_attrs: dict, *, what: str) -> None:
+    """Refuse to apply a run to features from another backbone, pooling, size, crop or dim."""
+    diff = identity_diff(run_features, split_attrs)
+    if diff:
+        options = " ".join(f"{IDENTITY_OPTIONS[k]} {run_features[k]}" for k in diff if k in IDENTITY_OPTIONS)
+        raise IncompatibleFeatures(f"{what} was made by another backbone or setting than the run's training "
+                                   f"features ({_shown(diff, 'run ')}); extract it with the run's "
+                                   f"{options or '--model/--pooling/--image-size/--crop'}")

@@ -1,0 +1,438 @@
+"""A run folder (DESIGN.md, "Runs"): its files, its typed config, and creating, saving, loading and checking it.
+
+A run folder holds everything needed to evaluate or predict without the
+training store: `model.safetensors` (projection + every group's prototypes in
+one state dict), `config.json` (`RunConfig`), `classes.parquet`, `calibration.json`
+when the confidence is fitted, and `blocks.safetensors` when the run tunes the
+last backbone blocks. No pickles.
+
+`config.json` also says how far training got: `complete`, `epochs_done` of
+`epochs`. Training rewrites it after every epoch, so a run stopped half way
+is recognised as such (`Run.status_line`) instead of passing for a finished one.
+`load_run` checks every file against the others and refuses a damaged run
+with one `DamagedRun` naming the file and the fix.
+
+The run folder sits at the top of the model layer: loading one rebuilds the model
+(dcfeat.model), its class table (dcfeat.partition) and its confidence (dcfeat.confidence).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dcfeat.atomic import atomic_write, tmp_path, write_text
+from dcfeat.confidence import Calibrator
+from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem
+from dcfeat.heads import HEADS, TEST_PROTOTYPES
+from dcfeat.identity import with_defaults
+from dcfeat.model import DCModel
+from dcfeat.partition import load_classes, save_classes
+from dcfeat.presets import TrainConfig
+
+MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
+BLOCKS_FILE, CALIBRATION_FILE = "blocks.safetensors", "calibration.json"
+RUN_FILES = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE)
+COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"
+# Everything `dcfeat train` writes in a run folder: what a restart into an unfinished run clears.
+TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE)
+
+
+def _fix(directory: Path) -> str:
+    command = Path(directory) / COMMAND_FILE
+    again = f"the command in {command}" if command.is_file() else "`dcfeat train`"
+    return f"Restore the file from a copy of the run, or train the run again with {again}"
+
+
+def _damaged(path: Path, problem: str) -> DamagedRun:
+    return DamagedRun(f"{path}: {problem}. The run folder was edited or damaged. {_fix(path.parent)}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_folder(directory: Path) -> None:
+    if not directory.is_dir():
+        raise BadInput(f"{directory} is not a complete run folder: no such folder. Train one with `dcfeat train`, "
+                       "or pass --run DIR of a folder it wrote")
+    missing = [n for n in RUN_FILES if not (directory / n).is_file()]
+    if not missing:
+        return
+    command = directory / COMMAND_FILE
+    if command.is_file() and CONFIG_FILE in missing and MODEL_FILE in missing:
+        raise DamagedRun(f"{directory}: training never finished an epoch there (no {MODEL_FILE} or {CONFIG_FILE} "
+                         f"yet): it was stopped, or is still running. Re-run `dcfeat train` with the command in "
+                         f"{command} (`{command.read_text().strip()}`): it restarts training in this folder")
+    if len(missing) == len(RUN_FILES):
+        raise BadInput(f"{directory} is not a complete run folder: it holds none of {', '.join(RUN_FILES)}. "
+                       "Pass --run DIR of a folder written by `dcfeat train`")
+    raise DamagedRun(f"{directory} is not a complete run folder: {', '.join(missing)} missing. {_fix(directory)}")
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# config.json key → (check, what it must be); what load_run and the stages read.
+CONFIG_RULES = {
+    "M": (lambda v: _number(v) and v > 0, "a cell side in metres > 0"),
+    "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
+    "s": (_number, "a number"),
+    "m": (_number, "a number"),
+    "dim": (_positive_int, "a positive integer"),
+    "classes_per_group": (lambda v: isinstance(v, list) and len(v) > 0 and sum(v) > 0 and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v),
+        "a list of class counts, one per group"),
+    "features": (lambda v: isinstance(v, dict) and _positive_int(v.get("dim")),
+                 "an object with the training features' `dim` and backbone"),
+}
+PROGRESS_RULES = {
+    "complete": (lambda v: isinstance(v, bool), "true or false"),
+    "epochs_done": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an epoch count"),
+    "epochs": (_positive_int, "the epochs asked for"),
+}
+_TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """config.json, typed: the training settings, what the features were, the classes, how far training got.
+
+    The file stays one flat JSON object (TrainConfig's fields beside the run's own keys), so
+    tools that read it as JSON keep working; `details` keeps the keys that are for the record
+    only (device, memory budget, steps per epoch, how the split was streamed, …).
+    """
+
+    train: TrainConfig
+    features: dict  # the training features' identity (dcfeat.identity) with `dim`, `model_source`, …
+    classes_per_group: list[int]
+    complete: bool = False
+    epochs_done: int | None = None
+    best_epoch: int | None = None
+    stopped: str | None = None  # why the schedule ended training early
+    store: str | None = None  # the training store, resolved
+    train_split: str | None = None
+    val_split: str | None = None
+    store_fingerprint: str | None = None  # the training split's plan id
+    details: dict = field(default_factory=dict)
+
+    @property
+    def feature_identity(self) -> dict:
+        """What the training features were made with (model, fingerprint, pooling, size, crop, dim, …):
+        features a run is applied to must match it. Runs trained before `crop` existed used centre crops."""
+        return with_defaults(self.features)
+
+    @property
+    def random_backbone(self) -> bool:
+        return bool(self.features.get("backbone_random_init"))
+
+    def to_json(self) -> str:
+        own = {k: v for k, v in asdict(self).items() if k not in ("train", "details")}
+        return json.dumps({**self.details, **asdict(self.train), **own}, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, complete: bool, epochs_done: int | None) -> RunConfig:
+        """From config.json's object, checked by CONFIG_RULES (ValueError from TrainConfig's own checks)."""
+        own = {f.name for f in fields(cls)} - {"train", "details", "complete", "epochs_done"}
+        try:
+            train = TrainConfig(**{k: v for k, v in d.items() if k in _TRAIN_FIELDS})
+        except (BadInput, TypeError) as e:
+            raise ValueError(str(e)) from None
+        return cls(train=train, complete=complete, epochs_done=epochs_done,
+                   **{k: d[k] for k in own if k in d},
+                   details={k: v for k, v in d.items() if k not in own and k not in _TRAIN_FIELDS
+                            and k not in ("complete", "epochs_done")})
+
+
+def _config_object(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise _damaged(path, f"not valid JSON ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise _damaged(path, "not a JSON object")
+    rules = {**CONFIG_RULES, **(PROGRESS_RULES if "complete" in config else {})}
+    if config.get("finetune_blocks"):
+        rules["finetune_blocks"] = (_positive_int, "the number of tuned blocks")
+    if "test_prototypes" in config:  # runs before the presets score with normalised prototypes
+        rules["test_prototypes"] = (lambda v: v in TEST_PROTOTYPES, f"one of {', '.join(TEST_PROTOTYPES)}")
+    bad = [f"`{k}` {'missing' if k not in config else f'is {config[k]!r}'} (expected {what})"
+           for k, (ok, what) in rules.items() if not ok(config.get(k))]
+    if bad:
+        raise _damaged(path, "; ".join(bad))
+    return config
+
+
+def _progress(directory: Path, config: dict) -> tuple[bool, int | None]:
+    """(complete, epochs done). Runs written before config.json recorded it: count the log's epochs."""
+    if "complete" in config:
+        return config["complete"], config["epochs_done"]
+    log = directory / LOG_FILE
+    done = len(log.read_text().splitlines()) if log.is_file() else config.get("epochs")
+    epochs = config.get("epochs")
+    return done is None or epochs is None or done >= epochs, done
+
+
+def read_config(directory: Path) -> RunConfig:
+    """The run's config.json, checked, as a RunConfig."""
+    config = _config_object(directory)
+    complete, epochs_done = _progress(directory, config)
+    try:
+        return RunConfig.from_dict(config, complete=complete, epochs_done=epochs_done)
+    except ValueError as e:
+        raise _damaged(directory / CONFIG_FILE, _first_line(e)) from None
+
+
+def read_classes(directory: Path, config: RunConfig) -> pl.DataFrame:
+    path = directory / CLASSES_FILE
+    try:
+        classes = load_classes(path)
+    except (ValueError, OSError, pl.exceptions.PolarsError) as e:
+        raise _damaged(path, f"cannot be read as the run's class table ({_first_line(e)})") from None
+    if classes.height == 0:
+        raise _damaged(path, "holds no classes")
+    expected = config.classes_per_group
+    group = classes["group"].to_numpy()
+    counts = np.bincount(group, minlength=len(expected)).tolist() if group.min() >= 0 else None
+    if counts != expected:
+        raise DamagedRun(f"{path} holds {counts if counts else 'negative group numbers, not'} classes per group "
+                         f"but {directory / CONFIG_FILE} says classes_per_group {expected}: one of the two files "
+                         f"was edited or damaged. {_fix(directory)}")
+    return classes
+
+
+def new_model(config: RunConfig) -> DCModel:
+    """The (untrained) model a run config describes."""
+    c = config.train
+    return DCModel(config.features["dim"], c.dim, config.classes_per_group, head=c.head, s=c.s, m=c.m,
+                   easy_margin=c.easy_margin, test_prototypes=c.test_prototypes)
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _damaged(path, f"cannot be read as safetensors ({_first_line(e)})") from None
+
+
+def read_model(directory: Path, config: RunConfig) -> DCModel:
+    path = directory / MODEL_FILE
+    state = _read_tensors(path)
+    model = new_model(config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    wrong = ([f"{k} missing" for k in want if k not in have] + [f"unexpected {k}" for k in have if k not in want]
+             + [f"{k} is {have[k]}, config.json needs {want[k]}" for k in want if k in have and have[k] != want[k]])
+    if wrong:
+        raise _damaged(path, f"does not hold the model {CONFIG_FILE} describes ({'; '.join(wrong[:3])})")
+    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
+        raise _damaged(path, "holds non-finite weights (NaN or infinity)")
+    model.load_state_dict(state)
+    return model
+
+
+def read_blocks(directory: Path, blocks: int) -> dict[str, torch.Tensor]:
+    """The tuned blocks' state; whether it fits the backbone is checked where it is loaded into one."""
+    path = directory / BLOCKS_FILE
+    if not path.is_file():
+        raise DamagedRun(f"{directory}: {BLOCKS_FILE} missing, and {CONFIG_FILE} says the run tunes the last "
+                         f"{blocks} backbone blocks. {_fix(directory)}")
+    state = _read_tensors(path)
+    tuned = {k.split(".")[1] for k in state if k.startswith("tuned.")}
+    stray = [k for k in state if not k.startswith(("tuned.", "layernorm."))]
+    if stray or tuned != {str(i) for i in range(blocks)} or not any(k.startswith("layernorm.") for k in state):
+        found = f"blocks {sorted(tuned)}" + (f", unexpected {stray[0]}" if stray else "")
+        raise _damaged(path, f"does not hold the last {blocks} tuned blocks and the layer norm that {CONFIG_FILE} "
+                             f"says the run tunes ({found})")
+    return state
+
+
+def read_calibration(directory: Path) -> Calibrator | None:
+    """The run's fitted confidence (`dcfeat calibrate`, or `train --val-split`); None when it has none."""
+    path = directory / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Calibrator.from_dict(json.loads(path.read_text()))
+    except ValueError as e:  # not JSON, not UTF-8, or not a calibrator
+        raise DamagedRun(f"{path}: not a calibration dcfeat wrote ({_first_line(e)}). The run folder was edited "
+                         f"or damaged. Fit it again with `dcfeat calibrate --run {directory} --split val`, or "
+                         "delete the file to use the run uncalibrated") from None
+
+
+@dataclass
+class Run:
+    """A loaded run: its model (eval mode), typed config, class table, and what else it holds."""
+
+    directory: Path
+    model: DCModel
+    config: RunConfig
+    classes: pl.DataFrame
+    blocks: dict[str, torch.Tensor] | None = None  # blocks.safetensors, when the run tunes backbone blocks
+    calibration: Calibrator | None = None  # calibration.json: confidence and 90 % radius, when fitted
+
+    @property
+    def M(self) -> float:
+        return self.config.train.M
+
+    @property
+    def complete(self) -> bool:
+        return self.config.complete
+
+    @property
+    def epochs_done(self) -> int | None:
+        return self.config.epochs_done
+
+    @property
+    def epochs(self) -> int:
+        return self.config.train.epochs
+
+    @property
+    def random_backbone(self) -> bool:
+        """The run's features came from a randomly initialised backbone: its numbers measure the pipeline."""
+        return self.config.random_backbone
+
+    @property
+    def feature_identity(self) -> dict:
+        return self.config.feature_identity
+
+    @property
+    def finetune_blocks(self) -> int:
+        return self.config.train.finetune_blocks
+
+    def status_line(self) -> str | None:
+        """A warning for a run whose training stopped early (None for a finished run)."""
+        if self.complete:
+            return None
+        return (f"INCOMPLETE RUN: training stopped after epoch {self.epochs_done} of {self.epochs} "
+                f"(or is still running); the model kept is from epoch {self.config.best_epoch}. Run the "
+                f"command in {Path(self.directory) / COMMAND_FILE} again to train it in full")
+
+    def status(self) -> dict:
+        """How far training got, for reports and prediction files."""
+        return {"run": str(Path(self.directory).resolve()), "run_complete": self.complete,
+                "epochs_done": self.epochs_done, "epochs": self.epochs}
+
+
+def save_model(directory: Path, model: DCModel, classes: pl.DataFrame) -> dict[str, torch.Tensor]:
+    """Write the model's weights, and the class table once, each atomically (training rewrites them).
+    Returns the weights written: a copy on the CPU, detached from the model."""
+    directory = Path(directory)
+    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(directory / MODEL_FILE) as tmp:
+        save_file(state, str(tmp))
+    if not (directory / CLASSES_FILE).is_file():
+        with atomic_write(directory / CLASSES_FILE) as tmp:
+            save_classes(classes, tmp)
+    return state
+
+
+def write_config(directory: Path, config: RunConfig) -> None:
+    write_text(Path(directory) / CONFIG_FILE, config.to_json())
+
+
+def write_calibration(directory: Path, calibration: Calibrator) -> Path:
+    return write_text(Path(directory) / CALIBRATION_FILE, calibration.to_json())
+
+
+def load_run(directory: Path, device: torch.device | str = "cpu", *, calibration: bool = True) -> Run:
+    """The run in `directory`, checked file by file, its model in eval mode on `device`.
+    `calibration=False` skips calibration.json (`dcfeat calibrate` replaces it, even a damaged one)."""
+    directory = Path(directory)
+    check_folder(directory)
+    config = read_config(directory)
+    classes = read_classes(directory, config)
+    model = read_model(directory, config).to(device).eval()
+    blocks = read_blocks(directory, config.train.finetune_blocks) if config.train.finetune_blocks else None
+    return Run(directory=directory, model=model, config=config, classes=classes, blocks=blocks,
+               calibration=read_calibration(directory) if calibration else None)
+
+
+def verified_run(directory: Path) -> Run:
+    """`dcfeat info RUN_DIR --verify`: every file of the run loads and fits, and training finished."""
+    run = load_run(directory)  # raises DamagedRun naming the file
+    if run.status_line():
+        raise DamagedRun(f"{directory}: {run.status_line()}")
+    return run
+
+
+def unfinished_run(directory: Path) -> bool:
+    """Whether `directory` holds a run that `dcfeat train` started and never finished (safe to restart)."""
+    directory = Path(directory)
+    if not (directory / COMMAND_FILE).is_file():
+        return False
+    config = directory / CONFIG_FILE
+    if not config.is_file():
+        return True
+    try:
+        return json.loads(config.read_text()).get("complete") is False
+    except (ValueError, AttributeError):
+        return False
+
+
+def clear_unfinished_run(directory: Path) -> None:
+    """Remove what `dcfeat train` wrote in `directory` (and temporary files it left), nothing else."""
+    for name in TRAIN_FILES:
+        for path in (Path(directory) / name, tmp_path(Path(directory) / name)):
+            path.unlink(missing_ok=True)
+
+
+def new_run_dir(out: Path | None, runs: Path) -> Path:
+    """A fresh run folder (refusing to reuse one), default runs/<timestamp>.
+
+    An explicit `out` holding a run that `dcfeat train` started and never finished (killed, out
+    of memory) is cleared and reused, so that the same command runs again after a crash; so is
+    an empty folder. A finished run, or a folder holding anything else, is refused. Two default
+    runs started within one second get <timestamp>-2, -3, …; mkdir without exist_ok is the
+    atomic claim, so concurrent runs cannot share a folder either.
+    """
+    if out:
+        out = Path(out)
+        if out.is_dir() and unfinished_run(out):
+            clear_unfinished_run(out)
+            return out
+        if out.is_dir() and not any(out.iterdir()):  # made beforehand, or a kill before command.txt
+            return out
+        if out.exists():
+            what = "a finished run" if (out / COMMAND_FILE).is_file() else "not a run folder of dcfeat"
+            raise BadInput(f"--out {out} exists ({what}); a run never overwrites another. Choose another --out")
+        out.mkdir(parents=True)
+        return out
+    runs.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        out = runs / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
+    raise EnvironmentProblem(f"{runs}: could not find a free run folder name for {stamp} among 999; remove "
+                             "old runs there or pass --out")
+
+
+def point_latest(run: Path) -> None:
+    """runs/latest → the newest run, swapped atomically."""
+    latest = run.parent / "latest"
+    tmp = run.parent / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run.name)
+    tmp.replace(latest)
+
+
