@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dcfeat.choices import DEFAULT_MODEL
 from dcfeat.devices import compute_dtype, resolve_device
 from dcfeat.errors import BadInput, EnvironmentProblem
 from dcfeat.images import normalize
@@ -40,7 +41,8 @@ FAMILIES = {
     "dinov2_with_registers": Family("encoder.layer", "layernorm", None, "facebook/dinov2-with-registers-base"),
     "dinov3_vit": Family("model.layer", "norm", "rope_embeddings", "facebook/dinov3-vitb16-pretrain-lvd1689m"),
 }
-DEFAULT_MODEL = "facebook/dinov2-base"
+# Said wherever numbers of features from a randomly initialised backbone appear.
+RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
 FINGERPRINT_VERSION = "v2"  # v1 hashed the path and 8 tensors; the prefix keeps v1 values from ever matching
 # Config keys that do not change the function the weights compute (bookkeeping, dtype, output switches).
 _NOT_ARCHITECTURE = {"transformers_version", "torch_dtype", "dtype", "architectures", "attn_implementation",
@@ -52,7 +54,7 @@ def _gem(tokens: torch.Tensor, p: float = 3.0) -> torch.Tensor:
     return tokens.float().clamp(min=1e-6).pow(p).mean(dim=1).pow(1.0 / p)
 
 
-# name → (pooled dim as a multiple of the hidden size, pooling of (CLS, patch tokens))
+# choices.POOLINGS name → (pooled dim as a multiple of the hidden size, pooling of (CLS, patch tokens))
 POOLINGS = {
     "cls": (1, lambda cls, patches: cls),
     "mean": (1, lambda cls, patches: patches.mean(dim=1)),

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dcfeat.choices import THRESHOLD_M
 from dcfeat.confidence import Calibrator, fit_confidence
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput
 from dcfeat.finetune import tuned_splits
 from dcfeat.identity import check_features
-from dcfeat.metrics import THRESHOLD_M
 from dcfeat.run import Run, load_run, write_calibration
 from dcfeat.store import Split, read_split
 

@@ -24,6 +24,8 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from dcfeat.backbone import RANDOM_NOTICE
+from dcfeat.choices import DEFAULT_CELLS
 from dcfeat.confidence import (
     DATABASE_SIGNAL,
     LOWER_IS_SURER,
@@ -48,7 +50,7 @@ from dcfeat.metrics import (
 )
 from dcfeat.model import top_cells
 from dcfeat.partition import Places, class_keys, label_keys, places_of
-from dcfeat.reports import RANDOM_NOTICE, Ranking, write_confidence_plots, write_outputs
+from dcfeat.reports import Ranking, write_confidence_plots, write_outputs
 from dcfeat.retrieval import (
     CellIndex,
     normalised,
@@ -265,7 +267,7 @@ def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval
 
 
 def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
-             ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int = 5,
+             ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int = DEFAULT_CELLS,
              space: str = "projected", device: str = "cpu", scoring: str = "cosine",
              store: Path | None = None) -> Evaluation:
     """Run each mode on `queries` and measure the confidence of classification's answers.
@@ -326,7 +328,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
 
 def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
                    modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
-                   threshold_m: float = THRESHOLD_M, cells: int = 5, space: str = "projected",
+                   threshold_m: float = THRESHOLD_M, cells: int = DEFAULT_CELLS, space: str = "projected",
                    scoring: str = "cosine", device: str = "auto", out: Path | None = None) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
     (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT)."""

@@ -20,15 +20,16 @@ import numpy as np
 import torch
 
 from dcfeat import __version__
-from dcfeat.backbone import DEFAULT_MODEL, Backbone, load_backbone
+from dcfeat.backbone import Backbone, load_backbone
+from dcfeat.choices import CROPS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS
 from dcfeat.devices import is_cuda, resolve_device
 from dcfeat.errors import BadInput, DcfeatError, check_free_space
-from dcfeat.images import CROPS, MAX_PIXELS, ImageDataset, collate
+from dcfeat.images import MAX_PIXELS, ImageDataset, collate
 from dcfeat.labels import LabelledImages, collect_images
 from dcfeat.layout import check_split_name, check_store_path
 from dcfeat.locking import writer_lock
 from dcfeat.progress import progress_bar
-from dcfeat.shards import DEFAULT_SHARD_ROWS, Plan, assemble, load_plan, open_plan, shard_complete, write_shard
+from dcfeat.shards import Plan, assemble, load_plan, open_plan, shard_complete, write_shard
 from dcfeat.store import read_failures, split_info
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dcfeat.choices import SCORINGS, TEST_PROTOTYPES
 from dcfeat.devices import inner_products
 
 _EPS = 1e-6  # keeps sin θ = sqrt(1 - cos² θ) and its gradient finite at cos θ = ±1
@@ -150,11 +151,8 @@ def sample_negatives(labels: torch.Tensor, classes: int, fraction: float,
     return subset, position[labels]
 
 
+# The classes of choices.HEADS.
 HEADS: dict[str, type[nn.Module]] = {"aamc": AAMC, "lmcc": LMCC, "softmax": SoftmaxHead}
-# How a query's cells are ranked across groups (GroupHeads.scores).
-SCORINGS = ("cosine", "group-softmax")
-# What "cosine" ranking compares h with: the unit prototypes, or the prototypes as trained.
-TEST_PROTOTYPES = ("normalised", "raw")
 
 
 class GroupHeads(nn.ModuleDict):

@@ -31,11 +31,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL's own bomb threshold (~89.5 Mpx); decoding one costs ~270 MB per image and worker.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 _MEAN_RGB = tuple(round(255 * c) for c in IMAGENET_MEAN)
-# --crop: name → what it does (the CLI's help); "centre" is what stores written before `crop` hold.
-CROPS = {"centre": "shortest edge resized to size·256/224, then a size×size centre crop (DINOv2's evaluation "
-                   "transform)",
-         "full": "the whole image, shorter side resized to size and the longer one in proportion, rounded to a "
-                 "multiple of the patch size (D&C's test images)"}
 
 
 class ImageProblem(Exception):

@@ -3,7 +3,8 @@
 `NAME.h5` sits beside `NAME.labels/split=<split>/part-<plan_id>.parquet` and
 `NAME.shards/<split>/<plan_id>/`; a split is an HDF5 group whose attributes say
 what made its features. Readers (dcfeat.store), writers (dcfeat.shards) and
-`dcfeat info --verify` all take these names from here.
+`dcfeat info --verify` all take these names from here. Plain names and paths
+only (no HDF5): the command line checks split names with them before loading anything.
 """
 
 from __future__ import annotations
@@ -12,11 +13,7 @@ import glob
 import re
 from pathlib import Path
 
-import h5py
-import numpy as np
-
 from dcfeat.errors import BadInput
-from dcfeat.identity import with_defaults
 
 FORMAT_VERSION = 1
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -60,28 +57,3 @@ def label_part(plan_id: str) -> str:
     """The label file of one plan of a split. The store's rename is the commit point of a split: the
     label file it names (by its plan_id) is the split's, and any other part is stale or unfinished."""
     return f"part-{plan_id}.parquet"
-
-
-
-
-def split_attrs(group: h5py.Group) -> dict:
-    """A split's HDF5 attributes as plain values, defaults filled in."""
-    return with_defaults({k: attr_value(v) for k, v in group.attrs.items()})
-
-
-
-
-def attr_value(value):
-    """An HDF5 attribute as a plain Python value (arrays, e.g. `tokens_shape`, as lists)."""
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray) and value.ndim:
-        return value.tolist()
-    return value.item() if hasattr(value, "item") else value
-
-
-def read_ids(ds: h5py.Dataset, selection=()) -> np.ndarray:
-    """Image ids as str, decoded as UTF-8 whatever charset the file declares (older stores said ASCII)."""
-    if h5py.check_string_dtype(ds.dtype) is not None:
-        return np.asarray(ds.asstr(encoding="utf-8")[selection], dtype=object)
-    return np.asarray(ds[selection], dtype=object)

@@ -22,8 +22,8 @@ from dcfeat.layout import (
     label_part,
     labels_dir,
     shards_dir,
-    split_attrs,
 )
+from dcfeat.store import split_attrs
 
 
 @contextmanager

@@ -31,16 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dcfeat.choices import DEFAULT_KS, THRESHOLD_M
 from dcfeat.geo import is_northern, utm_to_latlon
 
 # Mean Earth radius (IUGG R1). The spherical error against the ellipsoid is
 # below 0.5 %, far under the 25 m threshold at city scale.
 EARTH_RADIUS_M = 6_371_008.8
-
-# Recall is reported at these k, and a prediction within THRESHOLD_M metres is right (the VPR literature's).
-DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
-THRESHOLD_M = 25.0
-
 
 def haversine_m(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
     """Great-circle distance in metres between points given in degrees (broadcasts)."""

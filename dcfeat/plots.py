@@ -19,7 +19,8 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from dcfeat.atomic import atomic_write
-from dcfeat.metrics import THRESHOLD_M, correct_at_k
+from dcfeat.choices import THRESHOLD_M
+from dcfeat.metrics import correct_at_k
 
 # Errors below this are drawn at it: a log axis cannot show an exact hit (0 m).
 MIN_PLOTTED_ERROR_M = 0.1

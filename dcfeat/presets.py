@@ -1,4 +1,4 @@
-"""Training settings (TrainConfig), the presets that fill them, and the optimiser and schedule they name.
+"""Training settings (TrainConfig) and the presets that fill them (torch-free: the command line reads them for its defaults).
 
 Two presets: `dcfeat` (the defaults, chosen by the sweep of BENCHMARKS.md) and `dc-paper`, the
 choices of the official D&C code (github.com/ga1i13o/Divide-and-Classify: parser.py, train.py,
@@ -11,26 +11,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
-
+from dcfeat.choices import HEADS, TEST_PROTOTYPES, THRESHOLD_M
 from dcfeat.errors import BadInput
-from dcfeat.heads import TEST_PROTOTYPES
-from dcfeat.metrics import THRESHOLD_M
 
 # Field → its allowed values, for the fields that name a choice.
 CHOICES = {
     "optimizer": ("adamw", "adam"),
     "lr_schedule": ("none", "plateau"),
     "group_rotation": ("step", "epoch"),
-    "test_prototypes": TEST_PROTOTYPES,
+    "head": tuple(HEADS),
+    "test_prototypes": tuple(TEST_PROTOTYPES),
     "prototype_init": ("class-means", "xavier"),
     "keep": ("best-val", "lowest-train-loss"),
 }
-# ReduceLROnPlateau as D&C's train.py builds it: on the mean train loss of each epoch, patience 10
-# (its --scheduler_patience), torch's default factor 0.1, on the backbone's optimiser only (here the
-# projection and any tuned blocks; the heads keep their rate); training stops once that rate is
-# below 1e-6, i.e. after the third cut.
-PLATEAU_PATIENCE, PLATEAU_FACTOR, PLATEAU_STOP_LR = 10, 0.1, 1e-6
 
 
 @dataclass
@@ -104,32 +97,3 @@ def preset_values(name: str) -> str:
     def show(v):
         return "one pass" if v is None else f"{v:g}" if isinstance(v, float) else str(v).lower()
     return ", ".join(f"{p}: {show(getattr(preset_config(p), name))}" for p in PRESETS)
-
-
-def make_optimizer(config: TrainConfig, groups: list[dict], fused: bool) -> torch.optim.Optimizer:
-    """AdamW (decoupled decay) or Adam (D&C's: decay, if any, added to the gradient) over the param groups."""
-    make = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return make(groups, weight_decay=config.weight_decay, fused=fused)
-
-
-class Schedule:
-    """The learning-rate schedule, stepped once per epoch with its mean train loss."""
-
-    def __init__(self, config: TrainConfig, optimizer: torch.optim.Optimizer, heads_group: int = 1):
-        self.optimizer = optimizer
-        self.plateau = None
-        if config.lr_schedule == "plateau":
-            # A floor at the heads' own rate keeps theirs: torch cuts no rate below its group's min_lr.
-            floors = [0.0] * len(optimizer.param_groups)
-            floors[heads_group] = optimizer.param_groups[heads_group]["lr"]
-            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, min_lr=floors)
-
-    def step(self, loss: float) -> dict:
-        """After an epoch: what the log records ({} without a schedule); "stopped" once training should end."""
-        if self.plateau is None:
-            return {}
-        self.plateau.step(loss)
-        lr = self.optimizer.param_groups[0]["lr"]
-        return {"lr_projection": lr, **({"stopped": f"projection rate {lr:.1e} below {PLATEAU_STOP_LR:g}"}
-                                        if lr < PLATEAU_STOP_LR else {})}

@@ -15,9 +15,8 @@ import numpy as np
 import polars as pl
 
 from dcfeat.atomic import atomic_write, write_text
+from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.plots import plot_error_cdf, plot_query_map, plot_reliability, plot_risk_coverage
-
-RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
 
 
 @dataclass

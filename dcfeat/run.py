@@ -31,9 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dcfeat.atomic import atomic_write, tmp_path, write_text
+from dcfeat.choices import HEADS, TEST_PROTOTYPES
 from dcfeat.confidence import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem
-from dcfeat.heads import HEADS, TEST_PROTOTYPES
 from dcfeat.identity import with_defaults
 from dcfeat.model import DCModel
 from dcfeat.partition import load_classes, save_classes

@@ -39,21 +39,19 @@ import numpy as np
 import polars as pl
 
 from dcfeat.atomic import atomic_write, write_bytes
+from dcfeat.choices import DEFAULT_SHARD_ROWS
 from dcfeat.errors import BadInput, DamagedStore, check_free_space
 from dcfeat.identity import ATTR_DEFAULTS, check_compatible, with_defaults
 from dcfeat.layout import (
     FORMAT_VERSION,
-    attr_value,
     check_split_name,
     check_store_path,
     label_part,
     labels_dir,
-    read_ids,
     shards_dir,
 )
 from dcfeat.locking import existing_split_attrs, remove_plan, writer_lock
-
-DEFAULT_SHARD_ROWS = 8192
+from dcfeat.store import attr_value, read_ids
 
 # HDF5 images up to this size are built in memory; larger shards (cached tokens) are written
 # by HDF5 directly after a free-space check, so as not to hold them twice.

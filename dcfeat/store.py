@@ -24,17 +24,37 @@ import numpy as np
 import polars as pl
 
 from dcfeat.errors import BadInput, DamagedStore
+from dcfeat.identity import with_defaults
 from dcfeat.labels import LABEL_SCHEMA, check_labels
 from dcfeat.layout import (
     FORMAT_VERSION,
-    attr_value,
     check_split_name,
     label_part,
     labels_dir,
-    read_ids,
     shards_dir,
-    split_attrs,
 )
+
+
+def split_attrs(group: h5py.Group) -> dict:
+    """A split's HDF5 attributes as plain values, defaults filled in."""
+    return with_defaults({k: attr_value(v) for k, v in group.attrs.items()})
+
+
+def attr_value(value):
+    """An HDF5 attribute as a plain Python value (arrays, e.g. `tokens_shape`, as lists)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.ndim:
+        return value.tolist()
+    return value.item() if hasattr(value, "item") else value
+
+
+def read_ids(ds: h5py.Dataset, selection=()) -> np.ndarray:
+    """Image ids as str, decoded as UTF-8 whatever charset the file declares (older stores said ASCII)."""
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return np.asarray(ds.asstr(encoding="utf-8")[selection], dtype=object)
+    return np.asarray(ds[selection], dtype=object)
+
 
 LABEL_COLUMNS = {"row": pl.Int64, **LABEL_SCHEMA}
 

@@ -32,7 +32,7 @@ from dcfeat.identity import IDENTITY_ATTRS
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
-from dcfeat.presets import Schedule, TrainConfig, make_optimizer
+from dcfeat.presets import TrainConfig
 from dcfeat.progress import progress_bar
 from dcfeat.run import (
     COMMAND_FILE,
@@ -54,6 +54,41 @@ from dcfeat.sampling import (
     read_rows,
 )
 from dcfeat.store import Split, read_split, split_info
+
+# ReduceLROnPlateau as D&C's train.py builds it: on the mean train loss of each epoch, patience 10
+# (its --scheduler_patience), torch's default factor 0.1, on the backbone's optimiser only (here the
+# projection and any tuned blocks; the heads keep their rate); training stops once that rate is
+# below 1e-6, i.e. after the third cut.
+PLATEAU_PATIENCE, PLATEAU_FACTOR, PLATEAU_STOP_LR = 10, 0.1, 1e-6
+
+
+def make_optimizer(config: TrainConfig, groups: list[dict], fused: bool) -> torch.optim.Optimizer:
+    """AdamW (decoupled decay) or Adam (D&C's: decay, if any, added to the gradient) over the param groups."""
+    make = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return make(groups, weight_decay=config.weight_decay, fused=fused)
+
+
+class Schedule:
+    """The learning-rate schedule, stepped once per epoch with its mean train loss."""
+
+    def __init__(self, config: TrainConfig, optimizer: torch.optim.Optimizer, heads_group: int = 1):
+        self.optimizer = optimizer
+        self.plateau = None
+        if config.lr_schedule == "plateau":
+            # A floor at the heads' own rate keeps theirs: torch cuts no rate below its group's min_lr.
+            floors = [0.0] * len(optimizer.param_groups)
+            floors[heads_group] = optimizer.param_groups[heads_group]["lr"]
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=PLATEAU_FACTOR, patience=PLATEAU_PATIENCE, min_lr=floors)
+
+    def step(self, loss: float) -> dict:
+        """After an epoch: what the log records ({} without a schedule); "stopped" once training should end."""
+        if self.plateau is None:
+            return {}
+        self.plateau.step(loss)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return {"lr_projection": lr, **({"stopped": f"projection rate {lr:.1e} below {PLATEAU_STOP_LR:g}"}
+                                        if lr < PLATEAU_STOP_LR else {})}
 
 
 @dataclass

@@ -16,9 +16,9 @@ import numpy as np
 
 from dcfeat.atomic import TMP_SUFFIX
 from dcfeat.errors import DcfeatError
-from dcfeat.layout import label_part, labels_dir, read_ids, shards_dir
+from dcfeat.layout import label_part, labels_dir, shards_dir
 from dcfeat.shards import shard_checksum
-from dcfeat.store import label_files, open_store, read_labels, split_info
+from dcfeat.store import label_files, open_store, read_ids, read_labels, split_info
 
 
 @dataclass(frozen=True)

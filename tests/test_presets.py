@@ -11,16 +11,16 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from dcfeat import presets
+import dcfeat.train
 from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.evaluate import evaluate
 from dcfeat.heads import AAMC, GroupHeads
 from dcfeat.model import top_cells
-from dcfeat.presets import Schedule, TrainConfig, make_optimizer, preset_config
+from dcfeat.presets import TrainConfig, preset_config
 from dcfeat.run import load_run
 from dcfeat.store import read_split
-from dcfeat.train import train, train_files
+from dcfeat.train import Schedule, make_optimizer, train, train_files
 
 # README's table, column "official D&C code", field by field.
 DC_PAPER = {"s": 100.0, "m": 0.2, "optimizer": "adam", "lr_projection": 1e-4, "lr_heads": 1e-2, "weight_decay": 0.0,
@@ -204,7 +204,7 @@ def test_plateau_cuts_the_projections_rate_only_and_stops_below_1e_6():
 
 
 def test_a_run_stopped_by_its_schedule_is_complete(city_store, tmp_path, monkeypatch):
-    monkeypatch.setattr(presets, "PLATEAU_STOP_LR", 1.0)  # any rate: stop after the first epoch
+    monkeypatch.setattr(dcfeat.train, "PLATEAU_STOP_LR", 1.0)  # any rate: stop after the first epoch
     config = preset_config("dc-paper", epochs=5, iterations_per_epoch=3, dim=16)
     result = train(read_split(city_store, "train"), config, tmp_path / "r", progress=False)
     run = load_run(result.out)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import click
 
-from dcfeat.calibrate import calibrate_files
+from dcfeat.choices import THRESHOLD_M
 from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout
 from dcfeat.cli.options import POSITIVE, split_name
-from dcfeat.metrics import THRESHOLD_M
 
 
 @click.command()
@@ -31,6 +30,8 @@ def calibrate(split, feats, run_dir, database_split, threshold, device):
     `dcfeat train --val-split` does this at the end of training; run it on a run trained without one,
     or to refit on another held-out split. Writes RUN/calibration.json.
     """
+    from dcfeat.calibrate import calibrate_files
+
     result = calibrate_files(feats, run_dir, split, threshold_m=threshold, device=device,
                              database_split=database_split)
     cal = result.calibrator

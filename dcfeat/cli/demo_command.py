@@ -11,8 +11,6 @@ from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
 )
-from dcfeat.cli.tables import recall_table
-from dcfeat.demo import run_demo
 
 
 @click.command()
@@ -29,6 +27,9 @@ from dcfeat.demo import run_demo
 @no_progress
 def demo(root, streets, image_size, epochs, workers, device, random_backbone, no_progress):
     """Render a synthetic city, then extract, train and evaluate on it."""
+    from dcfeat.cli.tables import recall_table
+    from dcfeat.demo import run_demo
+
     result = run_demo(root, streets=streets, image_size=image_size, epochs=epochs, workers=workers, device=device,
                       progress=not no_progress, prefer_pretrained=not random_backbone)
     stdout.print(recall_table(result.report))

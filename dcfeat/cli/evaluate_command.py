@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from dcfeat.choices import DEFAULT_CELLS, DEFAULT_KS, MODES, SCORINGS, SPACES, THRESHOLD_M
 from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout
 from dcfeat.cli.options import (
     AT_LEAST_1,
@@ -13,11 +14,7 @@ from dcfeat.cli.options import (
     KList,
     split_name,
 )
-from dcfeat.cli.tables import confidence_table, recall_table
 from dcfeat.errors import BadInput
-from dcfeat.evaluate import evaluate_files
-from dcfeat.heads import SCORINGS
-from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
 
 
 @click.command()
@@ -28,15 +25,15 @@ from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
               show_default=True, help="Run folder written by `dcfeat train`.")
 @click.option("--database-split", default=None, callback=split_name, help="Database split for retrieval and the hybrid "
               "(e.g. test-db).")
-@click.option("--mode", type=click.Choice(["classify", "retrieve", "hybrid", "adaptive", "all"]), default=None,
-              help="adaptive: the hybrid widened for unsure queries, exact retrieval for the least sure (a "
-              "calibrated run). [default: all with --database-split (adaptive if calibrated), else classify]")
-@click.option("--space", type=click.Choice(["projected", "raw"]), default="projected", show_default=True,
-              help="Retrieval descriptors: the run's learned embedding or the raw backbone features.")
-@click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
-              help="Rank cells by cosine to the prototypes (the dot product for runs trained with --test-prototypes "
-              "raw), or by each group's softmax probability (D&C Eq. 4.19-4.20).")
-@click.option("--cells", type=AT_LEAST_1, default=5, show_default=True, help="Hybrid: retrieve among the top-c cells' images.")
+@click.option("--mode", type=click.Choice([*MODES, "all"]), default=None,
+              help="; ".join(f"{name}: {what}" for name, what in MODES.items()) + "; all: every mode the inputs "
+              "allow. [default: all with --database-split (adaptive if calibrated), else classify]")
+@click.option("--space", type=click.Choice(list(SPACES)), default="projected", show_default=True,
+              help="Retrieval descriptors: " + "; ".join(f"{name}: {what}" for name, what in SPACES.items()) + ".")
+@click.option("--scoring", type=click.Choice(list(SCORINGS)), default="cosine", show_default=True,
+              help="Rank cells by " + "; ".join(f"{name}: {what}" for name, what in SCORINGS.items()) + ".")
+@click.option("--cells", type=AT_LEAST_1, default=DEFAULT_CELLS, show_default=True,
+              help="Hybrid: retrieve among the top-c cells' images.")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True, help="Metres within which a prediction is right.")
 @click.option("--k", "ks", type=KList(), default=",".join(map(str, DEFAULT_KS)), show_default=True, help="Comma-separated k of LR@k.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -44,6 +41,9 @@ from dcfeat.metrics import DEFAULT_KS, THRESHOLD_M
               help="Output folder [default: RUN/eval/SPLIT].")
 def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, threshold, ks, device, out):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
+    from dcfeat.cli.tables import confidence_table, recall_table
+    from dcfeat.evaluate import evaluate_files
+
     if mode == "all" and database_split is None:
         raise BadInput("--mode all needs --database-split (the database images' split, e.g. test-db)")
     modes = None if mode in (None, "all") else (mode,)

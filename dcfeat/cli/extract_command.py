@@ -6,16 +6,13 @@ from pathlib import Path
 
 import click
 
-from dcfeat.backbone import DEFAULT_MODEL, POOLINGS
+from dcfeat.choices import CROPS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS, POOLINGS, STORE_DTYPES
 from dcfeat.cli.common import DEFAULT_STORE, no_progress, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
     split_name,
 )
-from dcfeat.extract import extract_files
-from dcfeat.images import CROPS
-from dcfeat.reports import RANDOM_NOTICE
 
 
 @click.command()
@@ -33,7 +30,7 @@ from dcfeat.reports import RANDOM_NOTICE
               help="DINOv2 or DINOv3 ViT hub id (facebook/dinov2-small|base|large|giant, …-with-registers-…, "
               "facebook/dinov3-vit*16-…) or local directory.")
 @click.option("--pooling", type=click.Choice(list(POOLINGS)), default="cls", show_default=True,
-              help="CLS token, mean or GeM of patch tokens, or CLS and mean concatenated.")
+              help="; ".join(f"{name}: {what}" for name, what in POOLINGS.items()) + ".")
 @click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
               help="Centre crop size (--crop centre) or shorter side of the whole image (--crop full), a multiple "
               "of the model's patch size (14 for DINOv2, 16 for DINOv3).")
@@ -47,9 +44,9 @@ from dcfeat.reports import RANDOM_NOTICE
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--draft/--no-draft", default=True, show_default=True,
               help="Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale before the bicubic resize.")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(STORE_DTYPES), default=STORE_DTYPES[0], show_default=True,
               help="Storage type of the embeddings.")
-@click.option("--shard-rows", type=AT_LEAST_1, default=8192, show_default=True, help="Images per shard (the unit of resume).")
+@click.option("--shard-rows", type=AT_LEAST_1, default=DEFAULT_SHARD_ROWS, show_default=True, help="Images per shard (the unit of resume).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing split made from other images or settings.")
 @click.option("--cache-tokens", type=AT_LEAST_0, default=0, show_default=True, help="Also store every image's tokens entering "
               "the last K blocks, for `dcfeat train --finetune-blocks K` (ViT-B/14 at 224: 386 KB per image; "
@@ -63,6 +60,9 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     Resumable: after a crash, run the same command again. For several GPUs or
     nodes run it under `torchrun --nproc-per-node K -m dcfeat extract …`.
     """
+    from dcfeat.backbone import RANDOM_NOTICE
+    from dcfeat.extract import extract_files
+
     result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
                            pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
                            workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,

@@ -7,11 +7,7 @@ from pathlib import Path
 import click
 
 from dcfeat.cli.common import DEFAULT_STORE, stdout
-from dcfeat.cli.tables import problems_table, splits_table
 from dcfeat.errors import DamagedStore
-from dcfeat.run import verified_run
-from dcfeat.store import list_splits, read_failures
-from dcfeat.verify import verify_store
 
 
 @click.command()
@@ -21,6 +17,11 @@ from dcfeat.verify import verify_store
               "list each problem with what to do (exit code 3 when the store is damaged).")
 def info(store, show_failures, verify):
     """Show the splits of a feature store (rows, dim, model, completeness, size, failures), or check a run folder."""
+    from dcfeat.cli.tables import problems_table, splits_table
+    from dcfeat.run import verified_run
+    from dcfeat.store import list_splits, read_failures
+    from dcfeat.verify import verify_store
+
     if store.is_dir():
         run = verified_run(store)
         stdout.print(f"verified: run {store} loads ({len(run.classes)} classes) and finished training")

@@ -88,7 +88,11 @@ class _UserError(click.ClickException):
 
 
 class UserErrorsGroup(click.Group):
-    """Runs a command; a DcfeatError (or a full disk) becomes one message and its kind's exit code."""
+    """Runs a command; a DcfeatError (or a full disk) becomes one message and its kind's exit code.
+    Lists its commands in the order they were added (the pipeline's), not alphabetically."""
+
+    def list_commands(self, ctx):
+        return list(self.commands)
 
     def invoke(self, ctx):
         try:

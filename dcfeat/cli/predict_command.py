@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from dcfeat.choices import SCORINGS
 from dcfeat.cli.common import DATA, no_progress, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
@@ -13,9 +14,6 @@ from dcfeat.cli.options import (
     FRACTION,
     split_name,
 )
-from dcfeat.heads import SCORINGS
-from dcfeat.predict import predict_files
-from dcfeat.reports import RANDOM_NOTICE
 
 
 @click.command()
@@ -29,7 +27,7 @@ from dcfeat.reports import RANDOM_NOTICE
 @click.option("--out", type=click.Path(path_type=Path), default=Path("predictions.parquet"), show_default=True,
               help="Output file: .parquet, .csv or .geojson.")
 @click.option("--k", type=AT_LEAST_1, default=5, show_default=True, help="Cells per image, best first.")
-@click.option("--scoring", type=click.Choice(SCORINGS), default="cosine", show_default=True,
+@click.option("--scoring", type=click.Choice(list(SCORINGS)), default="cosine", show_default=True,
               help="cosine: probability = softmax at scale s over all cells' cosines (dot products for runs trained "
               "with --test-prototypes raw); group-softmax: each cell's probability "
               "under its own group's classifier (D&C Eq. 4.19-4.20), also used to rank.")
@@ -45,6 +43,9 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
             min_confidence, device, no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon, with the
     answer's calibrated confidence and the radius holding the true position with probability 0.9."""
+    from dcfeat.backbone import RANDOM_NOTICE
+    from dcfeat.predict import predict_files
+
     result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
                            split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
                            progress=not no_progress, scoring=scoring, min_confidence=min_confidence)

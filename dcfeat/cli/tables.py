@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.errors import human_bytes
-from dcfeat.reports import RANDOM_NOTICE
 from dcfeat.store import SplitInfo
 
 

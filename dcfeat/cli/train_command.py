@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from dcfeat.choices import HEADS
 from dcfeat.cli.common import DEFAULT_STORE, TRAIN_DEFAULTS, no_progress, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
@@ -22,7 +23,6 @@ from dcfeat.cli.options import (
 )
 from dcfeat.errors import human_bytes
 from dcfeat.presets import CHOICES, PRESETS, preset_config, preset_values
-from dcfeat.train import train_files
 
 
 def preset_option(*decls: str, field: str, help: str, **kwargs):
@@ -50,8 +50,8 @@ def choice(field: str) -> click.Choice:
               "share a group. N=1: one classifier over all cells.")
 @click.option("--min-images-per-class", type=AT_LEAST_1, default=TRAIN_DEFAULTS.min_images_per_class, show_default=True,
               help="Cells with fewer training images are not classes.")
-@click.option("--head", type=click.Choice(["aamc", "lmcc", "softmax"]), default=TRAIN_DEFAULTS.head, show_default=True,
-              help="AAMC (ArcFace, D&C), LMCC (CosFace, CosPlace) or a plain softmax layer.")
+@click.option("--head", type=click.Choice(list(HEADS)), default=TRAIN_DEFAULTS.head, show_default=True,
+              help="; ".join(f"{name}: {what}" for name, what in HEADS.items()) + ".")
 @preset_option("--s", field="s", type=POSITIVE, help="Logit scale s.")
 @preset_option("--m", field="m", type=MARGIN, help="Margin m.")
 @preset_option("--easy-margin/--no-easy-margin", field="easy_margin", help="AAMC: no margin where cos θ ≤ 0 (D&C's "
@@ -91,6 +91,8 @@ def choice(field: str) -> click.Choice:
 @no_progress
 def train(feats, split, val_split, out, preset, iterations_per_epoch, memory_budget, device, no_progress, **options):
     """Train the projection and one classifier per group on cached features."""
+    from dcfeat.train import train_files
+
     config = preset_config(preset, **options)
     if iterations_per_epoch is not None:  # 0: one pass, which the config spells None (here: the preset's value)
         config = replace(config, iterations_per_epoch=iterations_per_epoch or None)

@@ -1,0 +1,65 @@
+"""The choices a user makes by name, and the defaults the commands show: one registry each, torch-free.
+
+Each registry maps a name to what it means (the command line's help says it). The modules
+that implement a choice key their own tables by these names (`heads.HEADS`,
+`backbone.POOLINGS`, …; tests check the keys agree), and the command line builds its options
+from here without loading torch, so `dcfeat --help` answers at once.
+"""
+
+from __future__ import annotations
+
+# The threshold of the VPR literature (a query is localised if an answer lies within it), and the k of LR@k.
+THRESHOLD_M = 25.0
+DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
+
+# --head: the per-group classifier (dcfeat.heads).
+HEADS = {
+    "aamc": "additive angular margin, target logit s·cos(θ + m) (ArcFace; D&C's head)",
+    "lmcc": "large margin cosine, target logit s·(cos θ − m) (CosFace; CosPlace's head)",
+    "softmax": "a plain linear layer with bias, no scale or margin (PlaNet-style ablation)",
+}
+# --test-prototypes: what "cosine" ranking compares an embedding with.
+TEST_PROTOTYPES = {
+    "normalised": "the unit prototypes: cells ranked by cos θ (the paper's rule)",
+    "raw": "the prototypes as trained: cells ranked by h·w (D&C's code)",
+}
+# --scoring: how a query's cells are ranked across groups (dcfeat.heads.GroupHeads.scores).
+SCORINGS = {
+    "cosine": "cosine to the prototypes (h·w for runs trained with --test-prototypes raw)",
+    "group-softmax": "each cell's softmax probability within its own group (D&C Eq. 4.19-4.20)",
+}
+# --mode of `dcfeat evaluate` (dcfeat.evaluate).
+MODES = {
+    "classify": "the top-k cells over every group's prototypes; the answer is the cell centre",
+    "retrieve": "exact cosine k-NN against the database split (the NetVLAD/CosPlace way)",
+    "hybrid": "retrieval among the database images inside the top --cells cells (D&C)",
+    "adaptive": "the hybrid, widened for unsure queries, exact retrieval for the least sure (a calibrated run)",
+}
+# --space: the descriptors retrieval compares.
+SPACES = {
+    "projected": "the run's learned embedding",
+    "raw": "the raw backbone features",
+}
+# --pooling: the feature of an image from the backbone's final tokens (dcfeat.backbone.POOLINGS).
+POOLINGS = {
+    "cls": "the CLS token (pooler_output)",
+    "mean": "the mean of the patch tokens",
+    "gem": "generalised mean (p = 3) of the patch tokens",
+    "cls+mean": "the CLS token and the patch mean, concatenated (twice the width)",
+}
+# --crop: what part of the image the backbone sees (dcfeat.images); "centre" is what stores
+# written before `crop` existed hold.
+CROPS = {
+    "centre": "shortest edge resized to size·256/224, then a size×size centre crop (DINOv2's evaluation transform)",
+    "full": "the whole image, shorter side resized to size and the longer one in proportion, rounded to a "
+            "multiple of the patch size (D&C's test images)",
+}
+# --dtype: how embeddings are stored.
+STORE_DTYPES = ("float16", "float32")
+
+DEFAULT_MODEL = "facebook/dinov2-base"
+DEFAULT_SHARD_ROWS = 8192  # images per shard file: the unit of resume
+# The adaptive hybrid searches this many times --cells for queries below the confidence's widen threshold.
+WIDEN_FACTOR = 4
+# The cells the hybrid searches per query by default.
+DEFAULT_CELLS = 5
