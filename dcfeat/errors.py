@@ -46,7 +46,6 @@ class EnvironmentProblem(DcfeatError):
     exit_code = 6
 
 
-KINDS = (BadInput, DamagedStore, DamagedRun, IncompatibleFeatures, EnvironmentProblem)
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
