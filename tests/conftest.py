@@ -11,9 +11,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner, Result
 from PIL import Image
 
 from dcfeat.backbone import save_random_dinov2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The exit code of each kind of refusal (DESIGN.md, "Errors"): one message, no traceback.
+EXIT = {"bad input": 2, "damaged store": 3, "damaged run": 4, "incompatible": 5, "environment": 6}
+
+
+def invoke(*args, catch_exceptions: bool = True) -> Result:
+    """`dcfeat ARGS...` in-process through click's CliRunner, each argument as str().
+
+    catch_exceptions=False lets an exception out of the command (click's default catches it into the result).
+    """
+    from dcfeat.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions)
+
+
+def refused(r: Result, kind: str, *words: str) -> None:
+    """A refusal of the kind (a key of EXIT): its exit code, one message, no traceback, and the words in it."""
+    assert r.exit_code == EXIT[kind], r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception  # a clean exit, not a crash
+    assert "Traceback" not in r.output and "Error:" in r.output, r.output
+    for w in words:
+        assert w in r.output, (w, r.output)
+
+
+def extract_args(images, out, model, *extra) -> list:
+    """`dcfeat extract` of `images` into `out` with a tiny model at 56 px, small batches and shards."""
+    return ["extract", "--images", images, "--out", out, "--model", model, "--image-size", 56,
+            "--workers", 0, "--batch-size", 4, "--shard-rows", 8, "--no-progress", *extra]
 
 
 def sfxl_name(east: float, north: float, zone: int = 10, letter: str = "S", heading: int = 0) -> str:
@@ -70,18 +101,11 @@ FAST_TRAIN = ["--epochs", "6", "--dim", "128", "--m", "0.4", "--lr-heads", "1e-2
 
 @pytest.fixture(scope="session")
 def city_run(city_store, tmp_path_factory) -> Path:
-    from click.testing import CliRunner
-
-    from dcfeat.cli import cli
-
     out = tmp_path_factory.mktemp("runs") / "run"
-    r = CliRunner().invoke(cli, ["train", "--feats", str(city_store), "--val-split", "val", "--out", str(out),
-                                 *FAST_TRAIN], catch_exceptions=False)
+    r = invoke("train", "--feats", city_store, "--val-split", "val", "--out", out, *FAST_TRAIN,
+               catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return out
-
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def kill_9_after(cmd: list[str], shards: Path, wanted: int, timeout_s: float = 120) -> None:

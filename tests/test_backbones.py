@@ -8,7 +8,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dcfeat.backbone import (
@@ -18,12 +17,11 @@ from dcfeat.backbone import (
     save_random_dinov2,
     save_random_dinov3,
 )
-from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.finetune import BLOCKS_FILE, load_tail
 from dcfeat.images import load_image
 from dcfeat.store import read_split, split_info
-from tests.conftest import write_images
+from tests.conftest import invoke, write_images
 
 TINY = {"hidden_size": 32, "layers": 2, "heads": 2}
 # family → (save function and its extra arguments, patch size, registers, a valid crop, an invalid one)
@@ -33,10 +31,6 @@ FAMILY_CASES = {
     "dinov3_vit": (save_random_dinov3, {"image_size": 64, "registers": 4}, 16, 4, 64, 56),
 }
 SMALL_CITY = ["--M", "100", "--N", "1", "--min-images-per-class", "3", "--dim", "16", "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_CASES))

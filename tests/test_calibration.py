@@ -9,16 +9,10 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from click.testing import CliRunner
 
-from dcfeat.cli import cli
 from dcfeat.confidence import SIGNALS, Calibrator, base_radius, fit, query_signals
 from dcfeat.model import DCModel
-from tests.test_hostile_runs import refused
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from tests.conftest import invoke, refused
 
 
 def _signals(n, rng, right):

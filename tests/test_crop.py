@@ -5,28 +5,21 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.images import Crops, ImageDataset, collate, load_image, whole_size
 from dcfeat.run import load_run
 from dcfeat.shards import write_split
 from dcfeat.store import read_split, split_info
-from tests.conftest import write_images
+from tests.conftest import extract_args, invoke, write_images
 
 SHAPES = [(72, 96), (96, 72), (80, 80), (60, 150)]  # (height, width)
 SMALL_CITY = ["--M", "100", "--N", "1", "--min-images-per-class", "3", "--dim", "16", "--epochs", "2", "--no-progress"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def extract(images, out, model, *extra):
-    return invoke("extract", "--images", images, "--out", out, "--model", model, "--image-size", 56, "--workers", 0,
-                  "--batch-size", 4, "--shard-rows", 8, "--no-progress", *extra)
+    return invoke(*extract_args(images, out, model, *extra))
 
 
 def _noise(path, width, height):

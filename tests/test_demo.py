@@ -2,14 +2,10 @@
 
 import json
 import re
-from pathlib import Path
 
-from click.testing import CliRunner
-
-from dcfeat.cli import cli
 from pipelines.readme import reference
+from tests.conftest import ROOT, invoke
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
@@ -57,8 +53,8 @@ def test_demo_command_prints_the_table(tmp_path, tiny_model, monkeypatch):
     import dcfeat.demo
 
     monkeypatch.setattr(dcfeat.demo, "demo_backbone", lambda root, prefer_pretrained=True: str(tiny_model))
-    r = CliRunner().invoke(cli, ["demo", "--root", str(tmp_path / "d"), "--streets", "2", "--image-size", "56",
-                                 "--epochs", "2", "--workers", "0", "--no-progress"])
+    r = invoke("demo", "--root", tmp_path / "d", "--streets", 2, "--image-size", 56, "--epochs", 2, "--workers", 0,
+               "--no-progress")
     assert r.exit_code == 0, r.output
     for word in ("classify", "retrieve (projected)", "hybrid (projected)", "LR@1", "RANDOM BACKBONE", "error_cdf"):
         assert word in r.output

@@ -5,17 +5,12 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from dcfeat.cli import cli
 from dcfeat.reports import recall_from_predictions
 from dcfeat.shards import write_split
 from dcfeat.store import read_split
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from tests.conftest import invoke
 
 
 @pytest.fixture(scope="module")

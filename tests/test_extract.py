@@ -11,30 +11,16 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from dcfeat.cli import cli
 from dcfeat.locking import writer_lock
 from dcfeat.store import list_splits, read_failures, read_split
-from tests.conftest import kill_9_after, sfxl_name, write_images
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args):
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    return result
-
-
-def extract_args(images, out, model, *extra):
-    return ["extract", "--images", images, "--out", out, "--model", model, "--image-size", 56,
-            "--workers", 0, "--batch-size", 4, "--shard-rows", 8, "--no-progress", *extra]
+from tests.conftest import ROOT, extract_args, invoke, kill_9_after, sfxl_name, write_images
 
 
 def test_extract_writes_a_format_v1_store(images, tmp_path, tiny_model):
     out = tmp_path / "f.h5"
-    r = run(*extract_args(images, out, tiny_model))
+    r = invoke(*extract_args(images, out, tiny_model), catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "24 rows written, 0 failures" in r.output and "RANDOM BACKBONE" in r.output
     with h5py.File(out) as f:
@@ -55,7 +41,7 @@ def test_extract_writes_a_format_v1_store(images, tmp_path, tiny_model):
     split = read_split(out, "train")
     assert np.isfinite(split.embeddings).all() and np.abs(split.embeddings).sum(1).min() > 0
 
-    info = run("info", out)
+    info = invoke("info", out, catch_exceptions=False)
     assert info.exit_code == 0
     for word in ("train", "24", "32", "float16", "tiny-dinov2 (random init)", "cls", "56", "yes"):
         assert word in info.output
@@ -63,13 +49,13 @@ def test_extract_writes_a_format_v1_store(images, tmp_path, tiny_model):
 
 def test_rerun_is_a_no_op_and_a_second_split_leaves_the_first_intact(images, tmp_path, tiny_model):
     out = tmp_path / "f.h5"
-    assert run(*extract_args(images, out, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(images, out, tiny_model), catch_exceptions=False).exit_code == 0
     before = read_split(out, "train").embeddings
-    r = run(*extract_args(images, out, tiny_model))
+    r = invoke(*extract_args(images, out, tiny_model), catch_exceptions=False)
     assert "already complete" in r.output
     more = tmp_path / "more"
     write_images(more, 5, seed=3)
-    assert run(*extract_args(more, out, tiny_model, "--split", "test")).exit_code == 0
+    assert invoke(*extract_args(more, out, tiny_model, "--split", "test"), catch_exceptions=False).exit_code == 0
     assert [s.name for s in list_splits(out)] == ["test", "train"]
     assert np.array_equal(read_split(out, "train").embeddings, before)
     assert read_split(out, "test").embeddings.shape == (5, 32)
@@ -85,8 +71,8 @@ def test_manifest_source(tmp_path, tiny_model):
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,lat,lon\n" + "\n".join(rows) + "\n")
     out = tmp_path / "f.h5"
-    r = run("extract", "--manifest", manifest, "--images", folder, "--out", out, "--model", tiny_model,
-            "--image-size", 56, "--workers", 0, "--no-progress")
+    r = invoke("extract", "--manifest", manifest, "--images", folder, "--out", out, "--model", tiny_model,
+               "--image-size", 56, "--workers", 0, "--no-progress", catch_exceptions=False)
     assert r.exit_code == 0, r.output
     labels = read_split(out, "train").labels
     assert labels["utm_zone"].to_list() == [10] * 6 and labels["lat"][0] == pytest.approx(37.70)
@@ -97,7 +83,7 @@ def test_unparseable_names_fail_clearly_and_write_nothing(tmp_path, tiny_model):
     write_images(folder, 3)
     Image.new("RGB", (64, 64)).save(folder / "holiday.jpg")
     out = tmp_path / "f.h5"
-    r = CliRunner().invoke(cli, [str(a) for a in extract_args(folder, out, tiny_model)])
+    r = invoke(*extract_args(folder, out, tiny_model))
     assert r.exit_code != 0
     assert "holiday.jpg" in r.output and "@UTM_east@UTM_north" in r.output and "--manifest" in r.output
     assert not out.exists() and not out.with_suffix(".shards").exists()
@@ -105,26 +91,26 @@ def test_unparseable_names_fail_clearly_and_write_nothing(tmp_path, tiny_model):
 
 def test_mixing_another_pooling_or_size_is_refused(images, tmp_path, tiny_model):
     out = tmp_path / "f.h5"
-    assert run(*extract_args(images, out, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(images, out, tiny_model), catch_exceptions=False).exit_code == 0
     for extra, word in ((["--pooling", "gem"], "pooling"), (["--split", "x", "--pooling", "mean"], "pooling")):
-        r = CliRunner().invoke(cli, [str(a) for a in extract_args(images, out, tiny_model, *extra)])
+        r = invoke(*extract_args(images, out, tiny_model, *extra))
         assert r.exit_code != 0 and word in r.output, r.output
-    r = CliRunner().invoke(cli, ["extract", "--images", str(images), "--out", str(out), "--model", str(tiny_model),
-                                 "--image-size", "70", "--split", "y", "--workers", "0", "--no-progress"])
+    r = invoke("extract", "--images", images, "--out", out, "--model", tiny_model, "--image-size", 70, "--split", "y",
+               "--workers", 0, "--no-progress")
     assert r.exit_code != 0 and "image_size" in r.output
 
 
 def test_second_concurrent_writer_is_refused(images, tmp_path, tiny_model):
     out = tmp_path / "f.h5"
     with writer_lock(out):
-        r = CliRunner().invoke(cli, [str(a) for a in extract_args(images, out, tiny_model)])
+        r = invoke(*extract_args(images, out, tiny_model))
     assert r.exit_code != 0 and "is being written by" in r.output
-    assert run(*extract_args(images, out, tiny_model)).exit_code == 0  # free again
+    assert invoke(*extract_args(images, out, tiny_model), catch_exceptions=False).exit_code == 0  # free again
 
 
 def test_offline_hub_id_says_how_to_use_a_local_copy(images, tmp_path):
-    r = CliRunner().invoke(cli, ["extract", "--images", str(images), "--out", str(tmp_path / "f.h5"),
-                                 "--model", "facebook/dinov2-small", "--no-progress"])
+    r = invoke("extract", "--images", images, "--out", tmp_path / "f.h5", "--model", "facebook/dinov2-small",
+               "--no-progress")
     assert r.exit_code != 0 and "--model DIR" in r.output and "facebook/dinov2-small" in r.output
 
 
@@ -163,7 +149,7 @@ def test_bad_images_are_skipped_and_recorded_never_zero_rows(tmp_path, tiny_mode
     kinds = _bad_files(folder)
     write_images(folder / "good", 3)
     out = tmp_path / "f.h5"
-    r = run(*extract_args(folder, out, tiny_model))
+    r = invoke(*extract_args(folder, out, tiny_model), catch_exceptions=False)
     assert r.exit_code == 0, r.output
     skipped = {k: v for k, v in kinds.items() if v in ("zero", "truncated", "text", "bomb")}
     assert f"{len(skipped)} failures" in r.output
@@ -174,7 +160,7 @@ def test_bad_images_are_skipped_and_recorded_never_zero_rows(tmp_path, tiny_mode
     assert split.embeddings.shape[0] == 3 + len(kinds) - len(skipped)
     assert set(split.labels["image_id"].to_list()) >= {k for k, v in kinds.items() if k not in skipped}
     assert np.isfinite(split.embeddings).all() and (np.abs(split.embeddings).sum(1) > 0).all()
-    info = run("info", out, "--failures")
+    info = invoke("info", out, "--failures", catch_exceptions=False)
     assert "truncated" in info.output
 
 
@@ -187,7 +173,7 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, 
     folder = tmp_path / "img"
     write_images(folder, 64, size=160)
     reference = tmp_path / "ref.h5"
-    assert run(*extract_args(folder, reference, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(folder, reference, tiny_model), catch_exceptions=False).exit_code == 0
     ref = read_split(reference, "train")
 
     out = tmp_path / "f.h5"
@@ -214,7 +200,7 @@ class SimulatedCrash(Exception):
 
 def test_a_crash_while_replacing_the_store_keeps_the_old_one(images, tmp_path, tiny_model, monkeypatch):
     out = tmp_path / "f.h5"
-    assert run(*extract_args(images, out, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(images, out, tiny_model), catch_exceptions=False).exit_code == 0
     before = read_split(out, "train").embeddings
     import dcfeat.atomic as atomic
 
@@ -229,12 +215,11 @@ def test_a_crash_while_replacing_the_store_keeps_the_old_one(images, tmp_path, t
     more = tmp_path / "more"
     write_images(more, 4, seed=9)
     with pytest.raises(SimulatedCrash):
-        CliRunner().invoke(cli, [str(a) for a in extract_args(more, out, tiny_model, "--split", "test")],
-                           catch_exceptions=False)
+        invoke(*extract_args(more, out, tiny_model, "--split", "test"), catch_exceptions=False)
     assert [s.name for s in list_splits(out)] == ["train"]
     assert np.array_equal(read_split(out, "train").embeddings, before)
     monkeypatch.setattr(atomic, "replace_atomically", real)
-    assert run(*extract_args(more, out, tiny_model, "--split", "test")).exit_code == 0
+    assert invoke(*extract_args(more, out, tiny_model, "--split", "test"), catch_exceptions=False).exit_code == 0
     assert read_split(out, "test").embeddings.shape[0] == 4
 
 
@@ -243,7 +228,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_model):
     folder = tmp_path / "img"
     write_images(folder, 40)
     single = tmp_path / "one.h5"
-    assert run(*extract_args(folder, single, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(folder, single, tiny_model), catch_exceptions=False).exit_code == 0
     out = tmp_path / "two.h5"
     with socket.socket() as sock:  # a free port: tests may run beside other torchrun jobs
         sock.bind(("127.0.0.1", 0))

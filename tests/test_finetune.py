@@ -8,23 +8,17 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from dcfeat import finetune, sampling
 from dcfeat.backbone import load_backbone, save_random_dinov2
-from dcfeat.cli import cli
 from dcfeat.finetune import BLOCKS_FILE, TokenTraining, load_tail
 from dcfeat.store import read_split, split_info
 from dcfeat.train import TrainConfig, train
-from tests.conftest import write_images
+from tests.conftest import invoke, write_images
 
 # 48 training images over 300 m: cells of 100 m, one group, 3 images make a class (7 classes).
 SMALL_CITY = ["--M", "100", "--N", "1", "--min-images-per-class", "3", "--dim", "16", "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def extract(store, images, model, split, *extra):

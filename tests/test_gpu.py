@@ -8,17 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from dcfeat.cli import cli
 from dcfeat.store import read_split
-from tests.conftest import FAST_TRAIN
+from tests.conftest import FAST_TRAIN, invoke
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.mark.parametrize(("family", "crop"), [("dinov2", "centre"), ("dinov3", "centre"), ("dinov2", "full")])

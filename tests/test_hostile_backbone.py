@@ -5,13 +5,12 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from dcfeat import backbone as bb
 from dcfeat.backbone import load_backbone, save_random_dinov2
-from dcfeat.cli import cli
 from dcfeat.errors import BadInput, EnvironmentProblem
+from tests.conftest import invoke
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +87,8 @@ def test_a_pickled_checkpoint_is_refused_without_unpickling(pickled_only):
 
 
 def test_the_cli_refuses_a_pickled_checkpoint_with_exit_2(pickled_only, images, tmp_path):
-    r = CliRunner().invoke(cli, ["extract", "--images", str(images), "--out", str(tmp_path / "f.h5"),
-                                 "--model", str(pickled_only), "--no-progress", "--workers", "0"])
+    r = invoke("extract", "--images", images, "--out", tmp_path / "f.h5", "--model", pickled_only, "--no-progress",
+               "--workers", 0)
     assert r.exit_code == 2 and "safetensors" in r.output and "Traceback" not in r.output, r.output
 
 

@@ -5,9 +5,7 @@ import threading
 
 import polars as pl
 import pytest
-from click.testing import CliRunner
 
-from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.labels import (
     check_labels,
@@ -16,6 +14,7 @@ from dcfeat.labels import (
     parse_sfxl_names,
     read_manifest,
 )
+from tests.conftest import invoke
 
 GOOD = "@0544388.51@4172758.25@10@S@037.70098@-122.49646@pano@@210@@@@201606@@.jpg"
 
@@ -153,8 +152,7 @@ def test_impossible_labels_exit_2_and_write_nothing(tmp_path):
     root = tmp_path / "img"
     touch(root / "@nan@4172758.25@10@S@@@@@@@@@@@.jpg")
     out = tmp_path / "f.h5"
-    r = CliRunner().invoke(cli, ["extract", "--images", str(root), "--out", str(out),
-                                 "--model", str(tmp_path / "no-model"), "--no-progress"])
+    r = invoke("extract", "--images", root, "--out", out, "--model", tmp_path / "no-model", "--no-progress")
     assert r.exit_code == 2, r.output
     assert "utm_east=nan" in r.output and "Traceback" not in r.output
     assert not out.exists() and not out.with_suffix(".shards").exists()

@@ -8,25 +8,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.predict import predict_files, predict_images
 from dcfeat.run import load_run
-from tests.conftest import write_images
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def refused(r, *words: str) -> None:
-    assert r.exit_code == 2, r.output  # BadInput
-    assert "Traceback" not in r.output and "Error:" in r.output, r.output
-    for w in words:
-        assert w in r.output, (w, r.output)
+from tests.conftest import invoke, refused, write_images
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -72,7 +59,7 @@ def test_a_read_only_output_folder_is_named(tiny_run, photos, tmp_path, monkeypa
     try:
         for name in ("p.parquet", "p.csv", "p.geojson"):
             r = invoke("predict", "--run", tiny_run, "--images", photos, "--out", locked / name, "--no-progress")
-            refused(r, str(locked), "ermission denied", "write")
+            refused(r, "bad input", str(locked), "ermission denied", "write")
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
@@ -82,7 +69,7 @@ def test_out_that_is_a_folder_is_refused_before_any_work(tiny_run, photos, tmp_p
     folder = tmp_path / "p.parquet"
     folder.mkdir()
     refused(invoke("predict", "--run", tiny_run, "--images", photos, "--out", folder, "--no-progress"),
-            "is a folder", str(folder / "predictions.parquet"))
+            "bad input", "is a folder", str(folder / "predictions.parquet"))
     assert list(folder.iterdir()) == [] and leftovers(tmp_path) == []
     with pytest.raises(BadInput, match="is a folder"):  # before the run is even opened
         predict_files(tmp_path / "no-run", folder, images=photos)
@@ -90,7 +77,7 @@ def test_out_that_is_a_folder_is_refused_before_any_work(tiny_run, photos, tmp_p
 
 def test_a_missing_manifest_is_named(tiny_run, tmp_path):
     r = invoke("predict", "--run", tiny_run, "--manifest", tmp_path / "list.csv", "--out", tmp_path / "p.csv")
-    refused(r, "--manifest", "list.csv", "no such file")
+    refused(r, "bad input", "--manifest", "list.csv", "no such file")
     assert not (tmp_path / "p.csv").exists() and leftovers(tmp_path) == []
 
 
@@ -113,7 +100,8 @@ def test_a_folder_of_only_corrupt_images_says_why(tiny_run, tmp_path):
         (broken / f"b{i}.jpg").write_bytes(b"not a jpeg at all")
     (broken / "empty.png").write_bytes(b"")
     r = invoke("predict", "--run", tiny_run, "--images", broken, "--out", tmp_path / "p.parquet", "--no-progress")
-    refused(r, f"--images {broken}", "none of the 7 images could be read", "b0.jpg: UnidentifiedImageError")
+    refused(r, "bad input", f"--images {broken}", "none of the 7 images could be read",
+            "b0.jpg: UnidentifiedImageError")
     assert "b4.jpg" in r.output and "b5.jpg" not in r.output  # the first five reasons, not a wall of them
     assert not (tmp_path / "p.parquet").exists() and leftovers(tmp_path) == []
 

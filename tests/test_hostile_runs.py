@@ -8,11 +8,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from dcfeat import train as train_module
-from dcfeat.cli import cli
 from dcfeat.errors import BadInput, DamagedRun, DamagedStore
 from dcfeat.finetune import TokenTraining
 from dcfeat.model import DCModel, top_cells
@@ -21,21 +19,7 @@ from dcfeat.run import load_run
 from dcfeat.shards import write_split
 from dcfeat.store import Split, read_split, split_info
 from dcfeat.train import TrainConfig, train
-from tests.conftest import FAST_TRAIN, write_images
-
-EXIT = {"bad input": 2, "damaged store": 3, "damaged run": 4, "incompatible": 5}
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def refused(r, kind: str, *words: str) -> None:
-    """Exit code of the kind, one message, no traceback, and the words in it."""
-    assert r.exit_code == EXIT[kind], r.output
-    assert "Traceback" not in r.output and "Error:" in r.output, r.output
-    for w in words:
-        assert w in r.output, (w, r.output)
+from tests.conftest import FAST_TRAIN, invoke, refused, write_images
 
 
 @pytest.fixture

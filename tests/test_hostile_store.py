@@ -13,9 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from dcfeat.cli import cli
 from dcfeat.errors import (
     BadInput,
     DamagedStore,
@@ -26,22 +24,9 @@ from dcfeat.locking import remove_plan, writer_lock
 from dcfeat.shards import open_plan
 from dcfeat.store import label_files, list_splits, read_split
 from dcfeat.verify import verify_store
-from tests.conftest import kill_9_after, sfxl_name, write_images
-from tests.test_extract import ROOT, extract_args
+from tests.conftest import ROOT, extract_args, invoke, kill_9_after, refused, sfxl_name, write_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_user_error(result, code: int, *words: str):
-    assert result.exit_code == code, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    assert "Traceback" not in result.output
-    for word in words:
-        assert word in result.output, result.output
 
 
 def verified(store: Path) -> bool:
@@ -51,7 +36,7 @@ def verified(store: Path) -> bool:
 @pytest.fixture
 def store(images, tmp_path, tiny_model) -> Path:
     out = tmp_path / "f.h5"
-    assert run(*extract_args(images, out, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(images, out, tiny_model)).exit_code == 0
     return out
 
 
@@ -64,7 +49,7 @@ def test_bad_split_names_are_refused_before_anything_is_touched(store, tmp_path,
     beside.mkdir()
     (beside / "data.txt").write_text("keep me")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    assert_user_error(run(*extract_args(images, store, tiny_model, "--split", split)), 2, "--split")
+    refused(invoke(*extract_args(images, store, tiny_model, "--split", split)), "bad input", "--split")
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert verified(store)
     with pytest.raises(BadInput):
@@ -84,21 +69,21 @@ def test_plan_removal_never_leaves_the_store_own_shards_folder(store, tmp_path):
 
 def test_two_stores_never_share_sidecar_folders(store, images, tiny_model):
     before = read_split(store, "train").embeddings
-    assert_user_error(run(*extract_args(images, store.with_suffix(".hdf5"), tiny_model)), 2, "f.h5",
-                      "Choose another name")
+    refused(invoke(*extract_args(images, store.with_suffix(".hdf5"), tiny_model)), "bad input", "f.h5",
+            "Choose another name")
     assert not store.with_suffix(".hdf5").exists() and verified(store)
     assert np.array_equal(read_split(store, "train").embeddings, before)
 
 
 @pytest.mark.parametrize("name", ["x.labels", "x.shards", "x", "x.parquet"])
 def test_a_store_name_that_is_not_h5_is_refused(tmp_path, images, tiny_model, name):
-    assert_user_error(run(*extract_args(images, tmp_path / name, tiny_model)), 2, ".h5")
+    refused(invoke(*extract_args(images, tmp_path / name, tiny_model)), "bad input", ".h5")
     assert list(tmp_path.iterdir()) == [images]
 
 
 def test_a_folder_as_store_is_refused(tmp_path, images, tiny_model):
     (tmp_path / "d.h5").mkdir()
-    assert_user_error(run(*extract_args(images, tmp_path / "d.h5", tiny_model)), 2, "is a folder")
+    refused(invoke(*extract_args(images, tmp_path / "d.h5", tiny_model)), "bad input", "is a folder")
 
 
 # 3 ------------------------------------------------------------------ --overwrite is a transaction
@@ -123,13 +108,12 @@ def test_a_crash_between_labels_and_store_of_an_overwrite_rolls_back(store, tmp_
 
     monkeypatch.setattr(atomic, "replace_atomically", crash_on_store)
     with pytest.raises(SimulatedCrash):
-        CliRunner().invoke(cli, [str(a) for a in extract_args(fewer, store, tiny_model, "--overwrite")],
-                           catch_exceptions=False)
+        invoke(*extract_args(fewer, store, tiny_model, "--overwrite"), catch_exceptions=False)
     monkeypatch.setattr(atomic, "replace_atomically", real)
     after = read_split(store, "train")  # the old split with its own labels, as if nothing happened
     assert after.labels.equals(old.labels) and np.array_equal(after.embeddings, old.embeddings)
     assert verified(store)
-    r = run(*extract_args(fewer, store, tiny_model, "--overwrite"))
+    r = invoke(*extract_args(fewer, store, tiny_model, "--overwrite"))
     assert r.exit_code == 0 and "6 rows written" in r.output, r.output
     assert read_split(store, "train").labels.height == 6 and verified(store)
     assert len(label_files(store, "train")) == 1 and len(list(store.with_suffix(".shards").glob("train/*"))) == 1
@@ -140,7 +124,7 @@ def test_kill_9_during_overwrite_then_the_same_command_leaves_a_verified_store(s
     other = tmp_path / "other"
     write_images(other, 48, seed=7, size=160)
     reference = tmp_path / "ref.h5"
-    assert run(*extract_args(other, reference, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(other, reference, tiny_model)).exit_code == 0
     cmd = [os.sys.executable, "-m", "dcfeat", *map(str, extract_args(other, store, tiny_model, "--overwrite"))]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     shards = store.with_suffix(".shards")
@@ -161,7 +145,7 @@ def test_kill_9_during_overwrite_then_the_same_command_leaves_a_verified_store(s
                                     ("--image-size", 50), ("--cache-tokens", -1)])
 def test_extract_options_out_of_range_create_nothing(tmp_path, images, tiny_model, option):
     out = tmp_path / "s" / "f.h5"
-    assert_user_error(run(*extract_args(images, out, tiny_model), *option), 2, option[0])
+    refused(invoke(*extract_args(images, out, tiny_model), *option), "bad input", option[0])
     assert not (tmp_path / "s").exists()
 
 
@@ -171,7 +155,7 @@ def test_extract_options_out_of_range_create_nothing(tmp_path, images, tiny_mode
                                     ("--finetune-blocks", -1), ("--split", "../x")])
 def test_train_options_out_of_range_create_no_run_folder(city_store, tmp_path, option):
     out = tmp_path / "run"
-    assert_user_error(run("train", "--feats", city_store, "--out", out, "--no-progress", *option), 2, option[0])
+    refused(invoke("train", "--feats", city_store, "--out", out, "--no-progress", *option), "bad input", option[0])
     assert not out.exists() and not (city_store.parent / "runs").exists()
 
 
@@ -179,8 +163,8 @@ def test_train_options_out_of_range_create_no_run_folder(city_store, tmp_path, o
                                     ("--threshold", -1), ("--threshold", "nan")])
 def test_evaluate_options_out_of_range(city_store, city_run, tmp_path, option):
     out = tmp_path / "eval"
-    assert_user_error(run("evaluate", "--feats", city_store, "--run", city_run, "--out", out, *option), 2,
-                      option[0])
+    refused(invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out, *option), "bad input",
+            option[0])
     assert not out.exists()
 
 
@@ -198,15 +182,15 @@ def test_non_ascii_file_names_survive_extract_train_evaluate(tmp_path, tiny_mode
         name = sfxl_name(550000 + 5 * (i % 3), 4180000).replace("@.jpg", f"café{i}@.jpg")
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(sub / name)
     out = tmp_path / "f.h5"
-    assert run(*extract_args(folder, out, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(folder, out, tiny_model)).exit_code == 0
     ids = read_split(out, "train").labels["image_id"].to_list()
     assert any("café" in i and "straße" in i for i in ids) and any("日本" in i for i in ids)
     with h5py.File(out) as f:
         assert f["train"]["ids"].asstr()[()].tolist() == ids  # UTF-8 for any HDF5 reader
-    r = run("train", "--feats", out, "--min-images-per-class", "1", "--epochs", "1", "--no-progress",
-            "--out", tmp_path / "run")
+    r = invoke("train", "--feats", out, "--min-images-per-class", "1", "--epochs", "1", "--no-progress",
+               "--out", tmp_path / "run")
     assert r.exit_code == 0, r.output
-    assert run("evaluate", "--feats", out, "--run", tmp_path / "run", "--split", "train").exit_code == 0
+    assert invoke("evaluate", "--feats", out, "--run", tmp_path / "run", "--split", "train").exit_code == 0
 
 
 # 10 ----------------------------------------------------------------- verify and repair
@@ -217,7 +201,7 @@ def _shard(store: Path, index: int) -> Path:
 
 
 def test_verify_passes_a_sound_store(store):
-    r = run("info", store, "--verify")
+    r = invoke("info", store, "--verify")
     assert r.exit_code == 0 and "verified" in r.output, r.output
 
 
@@ -225,11 +209,11 @@ def test_a_truncated_shard_is_found_refused_and_repaired(store, images, tiny_mod
     before = read_split(store, "train")
     shard = _shard(store, 1)
     shard.write_bytes(shard.read_bytes()[:3000])
-    assert_user_error(run("info", store, "--verify"), 3, shard.name, "re-run")
-    assert_user_error(run("train", "--feats", store, "--out", tmp_path / "run", "--no-progress"), 3, shard.name,
-                      "extract")
+    refused(invoke("info", store, "--verify"), "damaged store", shard.name, "re-run")
+    refused(invoke("train", "--feats", store, "--out", tmp_path / "run", "--no-progress"), "damaged store",
+            shard.name, "extract")
     assert not (tmp_path / "run").exists()
-    r = run(*extract_args(images, store, tiny_model))
+    r = invoke(*extract_args(images, store, tiny_model))
     assert r.exit_code == 0 and "already complete" not in r.output, r.output
     assert verified(store) and np.array_equal(read_split(store, "train").embeddings, before.embeddings)
 
@@ -244,7 +228,7 @@ def test_the_same_extract_repairs_deleted_parts(store, images, tiny_model, damag
     else:
         shutil.rmtree(_shard(store, 0).parent)
     assert not verified(store)
-    assert run(*extract_args(images, store, tiny_model)).exit_code == 0
+    assert invoke(*extract_args(images, store, tiny_model)).exit_code == 0
     assert verified(store)
     after = read_split(store, "train")
     assert after.labels.equals(before.labels) and np.array_equal(after.embeddings, before.embeddings)
@@ -253,8 +237,8 @@ def test_the_same_extract_repairs_deleted_parts(store, images, tiny_model, damag
 def test_a_changed_shard_fails_its_checksum(store):
     with h5py.File(_shard(store, 0), "r+") as f:
         f["embeddings"][0, 0] += 1
-    r = run("info", store, "--verify")
-    assert_user_error(r, 3, "checksum", "delete")
+    r = invoke("info", store, "--verify")
+    refused(r, "damaged store", "checksum", "delete")
 
 
 # 12 ----------------------------------------------------------------- full disk
@@ -274,10 +258,10 @@ def test_a_full_disk_stops_with_one_message_and_no_tmp_files(images, tmp_path, t
         real(tmp, final)
 
     monkeypatch.setattr(atomic, "replace_atomically", full_after_two)
-    assert_user_error(run(*extract_args(images, out, tiny_model)), 6, "no space left", str(tmp_path))
+    refused(invoke(*extract_args(images, out, tiny_model)), "environment", "no space left", str(tmp_path))
     assert not list(tmp_path.glob("**/.*.tmp"))
     monkeypatch.setattr(atomic, "replace_atomically", real)
-    assert run(*extract_args(images, out, tiny_model)).exit_code == 0 and verified(out)
+    assert invoke(*extract_args(images, out, tiny_model)).exit_code == 0 and verified(out)
 
 
 def test_not_enough_free_space_is_refused_before_writing(images, tmp_path, tiny_model, monkeypatch):
@@ -285,7 +269,7 @@ def test_not_enough_free_space_is_refused_before_writing(images, tmp_path, tiny_
 
     usage = sh.disk_usage(tmp_path)
     monkeypatch.setattr("dcfeat.errors.shutil.disk_usage", lambda p: usage._replace(free=1000))
-    assert_user_error(run(*extract_args(images, tmp_path / "f.h5", tiny_model)), 6, "needed", "free")
+    refused(invoke(*extract_args(images, tmp_path / "f.h5", tiny_model)), "environment", "needed", "free")
     assert not list(tmp_path.glob("f.shards/train/*/0*.h5"))
 
 
@@ -297,10 +281,10 @@ def test_a_real_full_tmpfs(images, tmp_path, tiny_model):
         pytest.skip("cannot mount a tmpfs here")
     try:
         args = extract_args(images, small / "f.h5", tiny_model, "--dtype", "float32")
-        assert_user_error(run(*args), 6, "no space left")
+        refused(invoke(*args), "environment", "no space left")
         assert not list(small.glob("**/.*.tmp"))
         subprocess.run(["mount", "-o", "remount,size=4m", str(small)], check=True)
-        assert run(*args).exit_code == 0 and verified(small / "f.h5")
+        assert invoke(*args).exit_code == 0 and verified(small / "f.h5")
     finally:
         subprocess.run(["umount", str(small)])
 
@@ -314,7 +298,7 @@ def test_tmp_files_of_killed_writers_are_removed_by_the_next_writer(store, image
     for p in leftovers:
         p.write_bytes(b"half")
     assert any(not p.serious for p in verify_store(store)[1]) and verified(store)
-    assert "already complete" in run(*extract_args(images, store, tiny_model)).output
+    assert "already complete" in invoke(*extract_args(images, store, tiny_model)).output
     assert not any(p.exists() for p in leftovers)
 
 
@@ -324,11 +308,11 @@ def test_tmp_files_of_killed_writers_are_removed_by_the_next_writer(store, image
 def test_each_error_kind_has_its_documented_exit_code(store, images, tiny_model, tmp_path):
     assert (BadInput.exit_code, DamagedStore.exit_code, IncompatibleFeatures.exit_code,
             EnvironmentProblem.exit_code) == (2, 3, 5, 6)
-    assert_user_error(run("train", "--feats", tmp_path / "none.h5"), 2, "no such feature store")
-    assert_user_error(run(*extract_args(images, store, tiny_model, "--pooling", "mean", "--split", "t")), 5,
-                      "pooling")
+    refused(invoke("train", "--feats", tmp_path / "none.h5"), "bad input", "no such feature store")
+    refused(invoke(*extract_args(images, store, tiny_model, "--pooling", "mean", "--split", "t")), "incompatible",
+            "pooling")
     with writer_lock(store):
-        assert_user_error(run(*extract_args(images, store, tiny_model)), 6, "is being written")
+        refused(invoke(*extract_args(images, store, tiny_model)), "environment", "is being written")
     assert [s.name for s in list_splits(store)] == ["train"]
 
 
@@ -341,5 +325,5 @@ def test_impossible_labels_in_a_foreign_store_are_a_damaged_store(store, tmp_pat
     [part] = label_files(store, "train", list_splits(store)[0].attrs["plan_id"])
     labels = pl.read_parquet(part)
     labels.with_columns(utm_letter=pl.lit("Z")).write_parquet(part)
-    assert_user_error(run("train", "--feats", store, "--out", tmp_path / "run", "--no-progress"), 3, "Z",
-                      "labels")
+    refused(invoke("train", "--feats", store, "--out", tmp_path / "run", "--no-progress"), "damaged store", "Z",
+            "labels")

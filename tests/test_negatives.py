@@ -5,13 +5,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 
-from dcfeat.cli import cli
 from dcfeat.heads import AAMC, sample_negatives
 from dcfeat.model import DCModel
 from dcfeat.train import train_step
-from tests.conftest import FAST_TRAIN
+from tests.conftest import FAST_TRAIN, invoke
 
 
 def test_sampled_classes_hold_the_batch_and_about_r_of_the_rest():
@@ -55,15 +53,14 @@ def test_fraction_1_is_the_exact_step_and_unscored_prototypes_get_no_gradient():
 
 @pytest.mark.parametrize("bad", ["0", "1.5", "nan"])
 def test_negative_fraction_is_range_checked(city_store, tmp_path, bad):
-    r = CliRunner().invoke(cli, ["train", "--feats", str(city_store), "--out", str(tmp_path / "r"),
-                                 "--negative-fraction", bad])
+    r = invoke("train", "--feats", city_store, "--out", tmp_path / "r", "--negative-fraction", bad)
     assert r.exit_code == 2 and "--negative-fraction" in r.output and not (tmp_path / "r").exists()
 
 
 def test_training_with_a_fifth_of_the_negatives_learns_about_as_well(city_store, city_run, tmp_path):
     out = tmp_path / "sampled"
-    r = CliRunner().invoke(cli, ["train", "--feats", str(city_store), "--val-split", "val", "--out", str(out),
-                                 *FAST_TRAIN, "--negative-fraction", "0.2"])
+    r = invoke("train", "--feats", city_store, "--val-split", "val", "--out", out, *FAST_TRAIN,
+               "--negative-fraction", "0.2")
     assert r.exit_code == 0, r.output
     config = json.loads((out / "config.json").read_text())
     assert config["negative_fraction"] == 0.2

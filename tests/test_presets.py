@@ -8,11 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import dcfeat.train
-from dcfeat.cli import cli
 from dcfeat.errors import BadInput
 from dcfeat.evaluate import evaluate
 from dcfeat.heads import AAMC, GroupHeads
@@ -21,16 +19,13 @@ from dcfeat.presets import TrainConfig, preset_config
 from dcfeat.run import load_run
 from dcfeat.store import read_split
 from dcfeat.train import Schedule, make_optimizer, train, train_files
+from tests.conftest import invoke
 
 # README's table, column "official D&C code", field by field.
 DC_PAPER = {"s": 100.0, "m": 0.2, "optimizer": "adam", "lr_projection": 1e-4, "lr_heads": 1e-2, "weight_decay": 0.0,
             "lr_schedule": "plateau", "batch_size": 64, "iterations_per_epoch": 2000, "epochs": 500,
             "group_rotation": "epoch", "easy_margin": True, "test_prototypes": "raw", "prototype_init": "xavier",
             "keep": "lowest-train-loss"}
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_dc_paper_is_the_official_codes_choices_and_dcfeat_the_defaults():

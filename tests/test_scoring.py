@@ -7,10 +7,9 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from click.testing import CliRunner
 
-from dcfeat.cli import cli
 from dcfeat.heads import GroupHeads
+from tests.conftest import invoke
 
 
 def _heads() -> GroupHeads:
@@ -45,17 +44,16 @@ def test_unknown_scoring_is_refused():
 
 
 def test_evaluate_and_predict_record_the_scoring(city_store, city_run, tmp_path):
-    runner = CliRunner()
     for scoring in ("cosine", "group-softmax"):
         out = tmp_path / scoring
-        r = runner.invoke(cli, ["evaluate", "--feats", str(city_store), "--run", str(city_run), "--out", str(out),
-                                "--database-split", "test-db", "--scoring", scoring])
+        r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out, "--database-split", "test-db",
+                   "--scoring", scoring)
         assert r.exit_code == 0, r.output
         report = json.loads((out / "report.json").read_text())
         assert report["scoring"] == scoring == report["options"]["scoring"]
         assert report["methods"]["classify"]["recall"]["1"] > 0.5
-        r = runner.invoke(cli, ["predict", "--run", str(city_run), "--feats", str(city_store), "--split", "test",
-                                "--k", "3", "--scoring", scoring, "--out", str(tmp_path / f"{scoring}.parquet")])
+        r = invoke("predict", "--run", city_run, "--feats", city_store, "--split", "test", "--k", 3, "--scoring",
+                   scoring, "--out", tmp_path / f"{scoring}.parquet")
         assert r.exit_code == 0, r.output
     cos, soft = (pl.read_parquet(tmp_path / f"{s}.parquet") for s in ("cosine", "group-softmax"))
     # Group softmax: every probability is one group's own, each group's sum to 1 over its cells.

@@ -3,11 +3,9 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from dcfeat.cli import cli
 from dcfeat.cli.options import Size
-from tests.conftest import FAST_TRAIN
+from tests.conftest import FAST_TRAIN, invoke
 
 
 def best_val(run) -> float:
@@ -18,8 +16,8 @@ def test_a_streamed_run_learns_like_the_in_memory_one(city_store, city_run, tmp_
     out = tmp_path / "streamed"
     # The train split is 2 600 × 64 float16 = 333 kB: a 200 kB budget streams it, 100 kB of rows at a time
     # (~30 classes; buffers with fewer classes per group learn slower on a city this small).
-    r = CliRunner().invoke(cli, ["train", "--feats", str(city_store), "--val-split", "val", "--out", str(out),
-                                 *FAST_TRAIN, "--memory-budget", "200kB"])
+    r = invoke("train", "--feats", city_store, "--val-split", "val", "--out", out, *FAST_TRAIN,
+               "--memory-budget", "200kB")
     assert r.exit_code == 0, r.output
     assert "streamed from disk" in r.output
     config = json.loads((out / "config.json").read_text())
@@ -36,6 +34,5 @@ def test_sizes_parse(text, size):
 
 @pytest.mark.parametrize("bad", ["lots", "-1GB", "0", "nanGB", "5 parsecs"])
 def test_bad_sizes_are_refused(city_store, tmp_path, bad):
-    r = CliRunner().invoke(cli, ["train", "--feats", str(city_store), "--out", str(tmp_path / "r"),
-                                 "--memory-budget", bad])
+    r = invoke("train", "--feats", city_store, "--out", tmp_path / "r", "--memory-budget", bad)
     assert r.exit_code == 2 and "--memory-budget" in r.output and not (tmp_path / "r").exists()

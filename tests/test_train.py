@@ -7,19 +7,14 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from dcfeat.cli import cli
 from dcfeat.model import top_cells
 from dcfeat.run import load_run
 from dcfeat.shards import write_split
 from dcfeat.store import read_split
 from dcfeat.train import TrainConfig, train
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from tests.conftest import invoke
 
 
 def test_training_learns_well_above_chance(city_run):
