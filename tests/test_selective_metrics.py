@@ -191,11 +191,3 @@ def test_input_errors():
     with pytest.raises(ValueError, match="bins"):
         ece(np.array([0.1, 0.2, 0.3]), correct, bins=0)
 
-
-def test_agrees_with_sklearn():
-    metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(2)
-    scores = rng.integers(0, 20, 500) / 20  # many ties
-    correct = rng.random(500) < scores
-    assert average_precision(scores, correct) == pytest.approx(metrics.average_precision_score(correct, scores))
-    assert auroc(scores, correct) == pytest.approx(metrics.roc_auc_score(correct, scores))
