@@ -15,37 +15,68 @@ from dcfeat.errors import BadInput
 from dcfeat.evaluate import evaluate
 from dcfeat.heads import AAMC, GroupHeads
 from dcfeat.model import top_cells
-from dcfeat.presets import TrainConfig, preset_config
+from dcfeat.presets import PRESETS, TrainConfig, preset_config
 from dcfeat.run import load_run
 from dcfeat.store import read_split
 from dcfeat.train import Schedule, make_optimizer, train, train_files
 from tests.conftest import invoke
 
-# README's table, column "official D&C code", field by field.
-DC_PAPER = {"s": 100.0, "m": 0.2, "optimizer": "adam", "lr_projection": 1e-4, "lr_heads": 1e-2, "weight_decay": 0.0,
-            "lr_schedule": "plateau", "batch_size": 64, "iterations_per_epoch": 2000, "epochs": 500,
-            "group_rotation": "epoch", "easy_margin": True, "test_prototypes": "raw", "prototype_init": "xavier",
-            "keep": "lowest-train-loss"}
+PAPER = PRESETS["dc-paper"]
 
 
-def test_dc_paper_is_the_official_codes_choices_and_dcfeat_the_defaults():
-    paper, ours = preset_config("dc-paper"), preset_config("dcfeat")
-    assert {k: getattr(paper, k) for k in DC_PAPER} == DC_PAPER and paper.preset == "dc-paper"
-    assert ours == TrainConfig()
-    assert {k: getattr(ours, k) for k in DC_PAPER} == {
-        "s": 30.0, "m": 0.4, "optimizer": "adamw", "lr_projection": 1e-3, "lr_heads": 1e-3, "weight_decay": 1e-4,
-        "lr_schedule": "none", "batch_size": 256, "iterations_per_epoch": None, "epochs": 10,
-        "group_rotation": "step", "easy_margin": False, "test_prototypes": "normalised",
-        "prototype_init": "class-means", "keep": "best-val"}
-    # Everything else is shared.
-    assert {f.name for f in fields(TrainConfig) if getattr(paper, f.name) != getattr(ours, f.name)} == {*DC_PAPER, "preset"}
-    opt = make_optimizer(paper, [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4}], fused=False)
-    assert type(opt) is torch.optim.Adam and opt.defaults["weight_decay"] == 0.0
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_a_preset_changes_exactly_the_fields_it_names(name):
+    config, default = preset_config(name), TrainConfig()
+    assert config.preset == name
+    assert all(getattr(config, k) == v for k, v in PRESETS[name].items())
+    # Everything else is the default; a preset names no field it leaves as it is.
+    changed = {f.name for f in fields(TrainConfig) if getattr(config, f.name) != getattr(default, f.name)}
+    assert changed == set(PRESETS[name]) | ({"preset"} if name != default.preset else set())
+    assert all(getattr(default, k) != v for k, v in PRESETS[name].items())
+
+
+def test_the_default_config_is_the_dcfeat_preset_and_dc_paper_changes_something():
+    assert preset_config("dcfeat") == TrainConfig() and TrainConfig().preset == "dcfeat"
+    assert PAPER and preset_config("dc-paper") != TrainConfig()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_training_under_a_preset_uses_its_settings(name, city_store, tmp_path, monkeypatch):
+    """What the optimiser, the heads, the batches, the group turns and the schedule were, seen from training."""
+    steps = []
+    real_step = dcfeat.train.train_step
+
+    def spy(model, optimizer, group, features, labels, **kwargs):
+        steps.append({"model": model, "optimizer": optimizer, "group": group, "batch": len(features),
+                      "lrs": [g["lr"] for g in optimizer.param_groups]})
+        return real_step(model, optimizer, group, features, labels, **kwargs)
+
+    monkeypatch.setattr(dcfeat.train, "train_step", spy)
+    want = preset_config(name)
+    config = preset_config(name, epochs=2, iterations_per_epoch=3, dim=16)  # dc-paper's 500 × 2000: too long here
+    result = train(read_split(city_store, "train"), config, tmp_path / "r", progress=False)
+    assert len(steps) == 2 * 3
+    opt = steps[0]["optimizer"]
+    assert type(opt) is {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[want.optimizer]
+    assert opt.defaults["weight_decay"] == want.weight_decay
+    assert all(s["lrs"][:2] == [want.lr_projection, want.lr_heads] for s in steps)  # no cut within patience
+    assert {s["batch"] for s in steps} == {want.batch_size}
+    turns = [[s["group"] for s in steps[e * 3:(e + 1) * 3]] for e in range(2)]
+    if want.group_rotation == "epoch":  # one group a whole epoch, the next group the next
+        assert all(len(set(t)) == 1 for t in turns) and turns[0][0] != turns[1][0]
+    else:  # every step the next group
+        assert all(len(set(t)) == 3 for t in turns)
+    heads = steps[0]["model"].heads
+    for g in heads:
+        assert (heads[g].s, heads[g].m, heads[g].easy_margin) == (want.s, want.m, want.easy_margin)
+    assert heads.test_prototypes == want.test_prototypes
+    assert all(("lr_projection" in e) == (want.lr_schedule == "plateau") for e in result.epochs)
+    assert load_run(result.out).config.train == config
 
 
 def test_an_override_beats_the_preset_and_none_keeps_it():
     config = preset_config("dc-paper", s=50.0, keep="best-val", m=None)
-    assert (config.s, config.keep, config.m, config.optimizer) == (50.0, "best-val", 0.2, "adam")
+    assert (config.s, config.keep, config.m, config.optimizer) == (50.0, "best-val", PAPER["m"], PAPER["optimizer"])
 
 
 def test_unknown_presets_and_choices_are_refused():
@@ -70,7 +101,7 @@ def test_cli_preset_with_overrides_is_recorded_field_by_field(city_store, tmp_pa
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     want = replace(preset_config("dc-paper"), epochs=1, iterations_per_epoch=None, s=50.0, easy_margin=False, dim=16)
     assert {k: config[k] for k in asdict(want)} == asdict(want)
-    assert config["steps_per_epoch"] == math.ceil(config["images_used"] / 64)  # 0: one pass at dc-paper's batch
+    assert config["steps_per_epoch"] == math.ceil(config["images_used"] / PAPER["batch_size"])  # 0: one pass
 
 
 def test_easy_margin_and_the_threshold_rule_give_the_documented_logits():
@@ -204,7 +235,7 @@ def test_a_run_stopped_by_its_schedule_is_complete(city_store, tmp_path, monkeyp
     result = train(read_split(city_store, "train"), config, tmp_path / "r", progress=False)
     run = load_run(result.out)
     assert len(result.epochs) == 1 and run.complete and run.status_line() is None
-    assert run.config.stopped.startswith("projection rate 1.0e-04 below 1")
+    assert run.config.stopped.startswith(f"projection rate {PAPER['lr_projection']:.1e} below 1")
 
 
 def test_a_short_dc_paper_training_learns(city_store, tmp_path):
@@ -212,5 +243,5 @@ def test_a_short_dc_paper_training_learns(city_store, tmp_path):
                "--epochs", "4", "--iterations-per-epoch", "100", "--dim", "128", "--no-progress")
     assert r.exit_code == 0, r.output
     log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
-    assert [e["lr_projection"] for e in log] == [1e-4] * 4
+    assert [e["lr_projection"] for e in log] == [PAPER["lr_projection"]] * 4
     assert max(e["val_lr1"] for e in log) > 0.3  # measured 0.26, 0.36, 0.37, 0.44; chance 0.7 %
