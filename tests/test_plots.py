@@ -1,3 +1,5 @@
+import re
+
 import matplotlib
 import numpy as np
 import pytest
@@ -99,18 +101,34 @@ def _confidence_case(n=300):
     return confidence, rng.random(n) < confidence
 
 
+def _lr1_in(text: str) -> float:
+    """The LR@1 figure (%) a legend entry gives."""
+    (figure,) = re.findall(r"LR@1 (\d+(?:\.\d+)?) ?%", text)
+    return float(figure)
+
+
 def test_risk_coverage_writes_png(tmp_path, monkeypatch):
     saved = _figures_saved(monkeypatch)
     confidence, correct = _confidence_case()
-    curves = {"calibrated": risk_coverage(confidence, correct), "cosine": risk_coverage(-confidence, correct)}
-    out = plot_risk_coverage(curves, tmp_path / "risk.png", title=LONG_TITLE)
+    other = np.random.default_rng(4).random(confidence.size) < 0.3  # another method's answers: another LR@1
+    cases = {"calibrated": (confidence, correct), "cosine": (-confidence, correct), "retrieve": (confidence, other)}
+    out = plot_risk_coverage({name: risk_coverage(*c) for name, c in cases.items()}, tmp_path / "risk.png",
+                             title=LONG_TITLE)
     assert out == tmp_path / "risk.png"
     _starts_as_png(out)
     assert [p.name for p in tmp_path.iterdir()] == ["risk.png"]
-    title, legend = _texts(saved[0])
+    title, _ = _texts(saved[0])
     assert "RANDOM BACKBONE" in title
-    overall = 100 * correct.mean()
-    assert legend == [f"calibrated (LR@1 {overall:.1f} % at all)", f"cosine (LR@1 {overall:.1f} % at all)"]
+    ax = saved[0].axes[0]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+    assert sorted(legend) == sorted(lines) and len(legend) == len(cases)  # one entry per curve, nothing else
+    for name, (scores, right) in cases.items():
+        (text,) = [t for t in legend if name in t]  # each curve is named once
+        # Its LR@1 over all queries, as rounded for the legend, and the line it labels is that curve.
+        assert _lr1_in(text) == pytest.approx(100 * right.mean(), abs=0.05), text
+        accuracy = np.cumsum(right[np.argsort(-scores, kind="stable")]) / np.arange(1, right.size + 1)
+        assert np.allclose(lines[text].get_ydata(), 100 * accuracy)
 
 
 def test_reliability_writes_png_with_ece(tmp_path, monkeypatch):
@@ -122,8 +140,11 @@ def test_reliability_writes_png_with_ece(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["reliability.png"]
     title, legend = _texts(saved[0])
     assert "RANDOM BACKBONE" in title
-    # 300 queries in 15 equal-count bins of 20.
-    assert f"15 bins of 20 queries, ECE {ece(confidence, correct):.3f}" in legend
+    # 300 queries in 15 equal-count bins of 20; the ECE as rounded for the legend.
+    (entry,) = [t for t in legend if "ECE" in t]
+    (bins, per_bin, shown), = re.findall(r"(\d+) bins of (\d+) queries.*ECE (\d\.\d+)", entry)
+    assert (int(bins), int(per_bin)) == (15, 20), entry
+    assert float(shown) == pytest.approx(ece(confidence, correct), abs=5e-4), entry
 
 
 def test_confidence_plots_survive_no_queries(tmp_path):
