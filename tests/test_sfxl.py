@@ -4,9 +4,19 @@ import re
 
 from click.testing import CliRunner
 
-from pipelines.sfxl import QUERY_SETS, main
+from pipelines.sfxl import IMAGES, QUERY_SETS, main
 
 BACKBONES = ["facebook/dinov2-base", "facebook/dinov3-vitl16-pretrain-lvd1689m"]
+WIDTH = dict(zip(BACKBONES, [768, 1024]))  # each checkpoint's hidden size: ViT-B and ViT-L
+ID_AND_LABEL = 100  # bytes a row takes beside its features, as the recipe counts them (feature_bytes)
+UNITS = {"GB": 1e9, "MB": 1e6, "kB": 1e3}
+
+
+def disk_shown(line: str) -> tuple[float, float, bool]:
+    """The line's "# disk" figure in bytes, half its last printed digit (its rounding), and whether it is per image."""
+    value, unit, per_image = re.search(r"# disk ([\d.,]+) (GB|MB|kB)( per image)?", line).groups()
+    decimals = len(value.split(".")[1]) if "." in value else 0
+    return float(value.replace(",", "")) * UNITS[unit], 0.5 * 10 ** -decimals * UNITS[unit], per_image is not None
 
 
 def dry_run(*args):
@@ -37,9 +47,15 @@ def test_dry_run_lists_the_full_grid_with_disk_and_memory():
         evaluations = [line for line in lines if line.startswith("dcfeat evaluate")]
         assert [e.split("--split ")[1].split()[0] for e in evaluations] == list(QUERY_SETS)
         assert all("--database-split test-db --mode all" in e and "# memory " in e for e in evaluations)
-    # dc-paper's 41.2 M raw crops at ViT-B width: 63 GB of float16 features, plus their ids and labels.
+        # Each extract's disk: its folder's images × (float16 features of the backbone's width + id and label).
+        for line in extracts:
+            folder = line.split("--images /SFXL/")[1].split()[0]
+            shown, rounding, per_image = disk_shown(line)
+            rows = 1 if per_image else IMAGES[folder]
+            assert abs(shown - rows * (WIDTH[backbone] * 2 + ID_AND_LABEL)) <= rounding, line
+    # dc-paper trains on the 41.2 M raw crops: at ViT-B width, 63 GB of float16 features alone.
     (dc_paper_train,) = [line for line in grid[BACKBONES[0], "dc-paper"] if "raw/train/database" in line]
-    assert "# disk 67.4 GB" in dc_paper_train
+    assert disk_shown(dc_paper_train)[0] > IMAGES["raw/train/database"] * 768 * 2 > 63e9
 
 
 def test_bad_preset_lists_are_usage_errors():
