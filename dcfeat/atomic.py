@@ -1,9 +1,9 @@
 """Crash-safe file writing: write under a temporary name, make it durable, rename it into place.
 
-A reader sees the old file or the new one, never half of one. Whatever goes
-wrong while writing (a crash of the writer, a full disk), no temporary file is
-left behind by this process, and a full disk becomes one `EnvironmentProblem`
-that names the folder.
+A reader sees the old file or the new one, never half of one. Whatever is
+raised while writing (a full disk, an interrupt), the temporary file is removed
+and a full disk becomes one `EnvironmentProblem` that names the folder; one that
+a killed writer leaves behind is hidden and recognisable (`tmp_path`).
 """
 
 from __future__ import annotations

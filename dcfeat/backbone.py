@@ -29,7 +29,7 @@ from dcfeat.images import normalize
 class Family:
     """Where one transformers model type keeps its parts (submodule paths), for the tuned tail."""
 
-    blocks: str  # the transformer blocks, in order; hidden_states[i] is block i's output
+    blocks: str  # the transformer blocks, in order; hidden_states[i] is the first i blocks' output
     norm: str  # the final layer norm, whose output is pooled
     rope: str | None  # module whose output every block takes as `position_embeddings` (RoPE), if any
     example: str  # a hub id of the family, for messages
@@ -125,8 +125,9 @@ class Backbone:
     def embed(self, batch_uint8: torch.Tensor, *, cache_tokens: int = 0):
         """(B, H, W, 3) uint8 images of one shape (H, W patch multiples) → (B, dim) float32 pooled features.
 
-        With `cache_tokens=K`, also the hidden states entering block L − K (B, T, hidden), in the
-        model's dtype: `hidden_states[0]` is the embeddings' output and `hidden_states[i]` block i's.
+        With `cache_tokens=K`, also the hidden states entering the last K blocks (B, T, hidden), in
+        the model's dtype: `hidden_states[0]` is the embeddings' output, `hidden_states[i]` that of
+        the first i blocks, so `hidden_states[L − K]`.
         """
         x = normalize(batch_uint8.to(self.device, non_blocking=True), self.dtype)
         out = self.model(pixel_values=x, output_hidden_states=bool(cache_tokens))
@@ -141,7 +142,7 @@ def _fingerprint(model: nn.Module, *, hash_name: str = "sha256") -> str:
 
     Hash the state dict in the dtype the checkpoint stores, before any cast to the run's dtype, so a
     bf16 GPU run and an fp32 CPU run of one checkpoint agree. sha256 because OpenSSL's SHA-NI path
-    hashes ~3x faster than blake2b on these CPUs (pipelines/bench_fingerprint.py).
+    hashes ~2.5x faster than blake2b on these CPUs (pipelines/bench_fingerprint.py).
     """
     config = {k: v for k, v in model.config.to_dict().items()
               if not k.startswith("_") and k not in _NOT_ARCHITECTURE}

@@ -59,7 +59,8 @@ STORE_DTYPES = ("float16", "float32")
 
 DEFAULT_MODEL = "facebook/dinov2-base"
 DEFAULT_SHARD_ROWS = 8192  # images per shard file: the unit of resume
-# The adaptive hybrid searches this many times --cells for queries below the confidence's widen threshold.
+# Read by nothing: the adaptive hybrid widens --cells by the factor its calibration.json records
+# (dcfeat.confidence.WIDEN_FACTOR when it was fitted).
 WIDEN_FACTOR = 4
 # The cells the hybrid searches per query by default.
 DEFAULT_CELLS = 5

@@ -9,7 +9,8 @@ give for free, with no database:
   the top-1 cell (aliasing between adjacent cells is not doubt about the place);
 * ``group_probability``: the top cell's softmax probability within its own group at scale s,
   P(u, v) of D&C Eq. 4.19-4.20;
-* ``softmax_probability``: softmax at scale s over every cell, what `predict` reported before;
+* ``softmax_probability``: softmax at scale s over every cell (`predict`'s top-1 `probability`
+  under cosine scoring);
 * ``entropy``: of the softmax at scale s over the top-k cells;
 * ``spread``: probability-weighted RMS distance of the top-k cell centres from the top-1 centre
   (metres), as SUE weighs its retrieved images.
@@ -82,7 +83,8 @@ def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, 
     p = np.exp(z) / np.exp(z).sum(1, keepdims=True) if len(z) else z
     top = centres_of(classes, ids)
     dist = metres_between(centres_of(classes, ids[:, 0]), top) if len(ids) else np.zeros_like(cos_top)
-    # Neighbours: the 8 cells around the top one (centres at most one diagonal apart).
+    # Neighbours: cells whose centres lie within 1.5 cell diagonals (2.12 M) of the top one's: the
+    # 8 around it and the 4 two cells away in a straight line.
     far = dist > 1.5 * M * math.sqrt(2) - 1e-6
     far[:, -1] = True  # no non-neighbour among the top k: the k-th cosine bounds the margin
     first_far = far.argmax(1)

@@ -1,5 +1,7 @@
-"""UTM helpers shared by labels, cells, metrics and predictions: the latitude bands,
-the hemisphere of a band letter, and UTM → lat/lon for points of many zones."""
+"""UTM helpers: the latitude bands, the hemisphere of a band letter, UTM → lat/lon across zones.
+
+Shared by labels, cells (dcfeat.partition), metrics and predictions.
+"""
 
 from __future__ import annotations
 

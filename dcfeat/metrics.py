@@ -19,8 +19,9 @@ distance). Two kinds of signal are judged, and the functions say which they take
   matters too: ECE and the reliability bins (do answers given 0.8 come out
   right 80 % of the time?) and the Brier score.
 
-No queries give NaN (or empty arrays), as a class that is absent does for the
-metrics that need both classes. Everything here is pure numpy.
+In this half, no queries give NaN (or empty arrays), as a class that is absent
+does for the metrics that need both classes; the localisation functions refuse
+them. Everything here is pure numpy.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Map cells and groups of Divide&Classify: UTM points → cells of side M → N² groups.
+"""Cells, groups and classes of Divide&Classify: UTM points → cells of side M → N² groups; the class table.
 
 A cell is keyed by (UTM zone, hemisphere, p, q). Keying by the zone keeps a cell
 inside one zone (p and q mean nothing across zones); keying by the hemisphere

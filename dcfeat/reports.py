@@ -1,7 +1,7 @@
 """Files of `dcfeat evaluate`: report.json, predictions.parquet, the PNG plots.
 
-All land in `<run>/eval/<split>/`, each written under a temporary name and
-renamed into place. A run whose training stopped early says so in the report
+All land in one folder (`dcfeat evaluate --out`, by default `<run>/eval/<split>/`),
+each written under a temporary name and renamed into place. A run whose training stopped early says so in the report
 (`run_complete`, `epochs_done`, `run_status`), and the CLI's table says it too.
 """
 
@@ -21,7 +21,7 @@ from dcfeat.plots import plot_error_cdf, plot_query_map, plot_reliability, plot_
 
 @dataclass
 class Ranking:
-    """What one method (classify, retrieve, hybrid) answered: ranked predictions per query, and its time."""
+    """What one method (classify, retrieve, hybrid, adaptive) answered: ranked predictions per query, and its time."""
 
     name: str
     east: np.ndarray  # (n, k); NaN where fewer than k candidates existed
@@ -29,7 +29,7 @@ class Ranking:
     zone: np.ndarray
     letter: np.ndarray
     score: np.ndarray
-    ref: np.ndarray  # (n, k) class ids (classify) or database rows (retrieve, hybrid); -1 = none
+    ref: np.ndarray  # (n, k) class ids (classify) or database rows (the others); -1 = none
     seconds: float
     extra: dict = field(default_factory=dict)
 

@@ -2,9 +2,9 @@
 
 Every source is called with the step number and the groups that take turns in
 this epoch (all of them, or one: D&C's code trains one group per epoch), and
-returns (group, rows of the batch, class index within the group); step 0
-starts an epoch. Within a group a class is drawn uniformly, then an image
-uniformly within it (D&C's sampling).
+returns (group, the batch's rows of features or tokens, class index within the
+group); step 0 starts an epoch. Within a group a class is drawn uniformly, then
+an image uniformly within it (D&C's sampling).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import torch
 from dcfeat.errors import DamagedStore
 from dcfeat.store import open_store
 
-# Streaming reads CHUNK_ROWS contiguous rows per h5py call (200 MB of ViT-B/14 tokens) and
-# trains on BUFFER_CHUNKS such chunks at a time, drawn at random over the split.
+# Streamed cached tokens are read CHUNK_ROWS contiguous rows per h5py call (200 MB of ViT-B/14
+# tokens) and trained on BUFFER_CHUNKS such chunks at a time, drawn at random over the split;
+# streamed embeddings take both sizes from the memory budget instead (`Streamed.within`).
 CHUNK_ROWS = 512
 BUFFER_CHUNKS = 16
 
@@ -108,10 +109,11 @@ class StreamedBatches:
     """Class-balanced batches from rows (embeddings or tokens) that do not fit in memory, read in large contiguous chunks.
 
     Rows are sorted by image id, and SF-XL ids by UTM east: one chunk is a strip of the city
-    with few classes. So every epoch shuffles the chunks and trains on BUFFER_CHUNKS of them
-    at a time (many places, many classes), sampling class-balanced among the buffer's rows; a
-    buffer gets a share of the epoch's steps equal to its share of the rows in classes, so an
-    epoch still sees every image about once. The next buffer is read while this one trains.
+    with few classes. So every epoch shuffles the chunks and trains on `buffer_chunks` of them
+    (default BUFFER_CHUNKS) at a time (many places, many classes), sampling class-balanced among
+    the buffer's rows; a buffer gets a share of the epoch's steps equal to its share of the rows
+    in classes, so an epoch still sees every image about once. The next buffer is read while
+    this one trains.
     """
 
     def __init__(self, store: Path, split: str, dataset: str, rows: int, part: RowClasses, steps: int, size: int,

@@ -219,7 +219,8 @@ def open_plan(store: Path, split: str, labels: pl.DataFrame, attrs: dict, *,
 
     `labels` are in plan order (image_id first). Refuses to mix with the store's
     other splits and to replace a finished split unless `overwrite`. A finished split
-    whose shards or labels were damaged since is not complete: the caller repairs it.
+    with a shard damaged or missing since, or without its label part, is not complete:
+    damaged shards are removed here, and the caller writes what is missing.
     """
     store = check_store_path(store)
     check_split_name(split)

@@ -10,8 +10,9 @@ dcfeat itself writes crash-safely: work goes into shard files under
 `NAME.shards/<split>/<plan>/`, each written to a temporary name and renamed
 into place when complete; `NAME.h5` is then rebuilt as HDF5 virtual datasets
 over the checked shards, under a temporary name, and renamed over the old
-file. A killed writer therefore leaves at worst an orphaned temporary file;
-existing splits keep pointing at shards nobody touches.
+file. A killed writer therefore leaves at worst files no split refers to
+(temporary files, an unfinished plan's shards and label part), which the same
+command resumes from; existing splits keep pointing at shards nobody touches.
 """
 
 from __future__ import annotations
@@ -248,7 +249,8 @@ def read_split(store: Path, split: str, *, dtype=None, allow_incomplete: bool = 
     """One split in memory: embeddings as one array, labels as a polars frame, checked.
 
     `embeddings=False`: the labels only, for a split trained from disk (`embeddings` is None;
-    the shards are checked, the ids are not compared, streaming checks the values it reads).
+    the shards are checked, the ids are not compared, and the values are checked only where
+    training reads the split whole, for class-mean prototypes).
     """
     info = split_info(store, split)
     bad = unreadable_sources(store, split)

@@ -2,15 +2,16 @@
 
 Inputs: none for measuring (JPEGs, feature cities and random DINOv2 architectures
 are generated). Rendering reads what is recorded in pipelines/results/: cpu.json
-(this script), gpu_h100.jsonl (pipelines/gpu_bench.py on a lent GPU),
-sweep_train.jsonl (pipelines/sweep_train.py), finetune.json
-(pipelines/bench_finetune.py), fingerprint.json (pipelines/bench_fingerprint.py), crop.json
-(pipelines/bench_crop.py).
+(this script), gpu_h200.jsonl, gpu_h200_second.jsonl, gpu_h100.jsonl and
+gpu_h100_first.jsonl (pipelines/gpu_bench.py on lent GPUs), sweep_train.jsonl
+(pipelines/sweep_train.py --out pipelines/results/sweep_train.jsonl), and the
+JSON file each pipelines/bench_*.py script names (finetune, fingerprint, crop,
+scoring, presets, negatives, confidence, hybrid, streamed).
 Output: BENCHMARKS.md, plus the raw numbers in pipelines/results/cpu.json when measuring.
 Run from the repository root: `python pipelines/bench.py` (about 15 minutes on
 2 cores; `make bench`), or `python pipelines/bench.py --from-json
-pipelines/results/cpu.json` to re-render only. Like every script in pipelines/,
-it is run by path and puts the repository root on sys.path for `pipelines.bench`.
+pipelines/results/cpu.json` to re-render only. Like every script that uses
+pipelines/bench/, it is run by path and puts the repository root on sys.path.
 """
 
 import json

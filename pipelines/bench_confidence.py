@@ -1,9 +1,11 @@
 """How sure dcfeat is, measured: the calibrated confidence against its goals on the synthetic feature city.
 
 Inputs: none (the city is generated, seeded). Output: pipelines/results/confidence.json, rendered into
-BENCHMARKS.md by pipelines/bench.py, and `dcfeat evaluate`'s files in pipelines/results/confidence/. Run from the repository root: `python pipelines/bench_confidence.py`
+BENCHMARKS.md by pipelines/bench.py, and `dcfeat evaluate`'s report and plots (not its predictions) in
+pipelines/results/confidence/. Run from the repository root: `python pipelines/bench_confidence.py`
 (about three minutes on 2 cores). One run (default TrainConfig) trained on the city's train split,
-calibrated on its val split (3,000 queries), measured on its test split (4,000 queries): more queries
+calibrated on its val split (3,000 queries; with test-db as the database too), measured on its test
+split (4,000 queries) against test-db: more queries
 than the default city so that ECE's 15 bins hold ~270 queries each (with 500, sampling noise alone
 puts ECE near 0.03).
 """

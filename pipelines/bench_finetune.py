@@ -1,10 +1,10 @@
-"""Fine-tuning the last DINOv2 blocks from cached tokens: the three comparisons of BENCHMARKS.md.
+"""Fine-tuning the last DINOv2 blocks from cached tokens: BENCHMARKS.md's step speed and city comparison.
 
 Inputs: none (the street city is rendered, the backbone is the demo's random
 DINOv2-S/14). Output: pipelines/results/finetune.json, which pipelines/bench.py
 renders into BENCHMARKS.md. Run from the repository root: `python pipelines/bench_finetune.py`
-(~10 min on 2 cores). Like every script in pipelines/, it is run by path and puts the
-repository root on sys.path.
+(~10 min on 2 cores). Like every script that uses pipelines/bench/, it is run by path and
+puts the repository root on sys.path.
 """
 
 import json

@@ -1,8 +1,8 @@
 """Query speed at a 1.25 M-row database (this CPU): classification, exact retrieval, the vectorised hybrid
 and the confidence-adaptive hybrid side by side; and exact retrieval against faiss's IndexFlatIP.
 
-Inputs: none (the city and the random vectors are generated, seeded); faiss-cpu where installed (it is
-no dependency of dcfeat: `pip install faiss-cpu` to include the comparison). Output:
+Inputs: none (the city and the random vectors are generated, seeded); faiss-cpu where installed (an
+optional dependency, in the `test` extra: without it the comparison is skipped). Output:
 pipelines/results/hybrid.json, rendered into BENCHMARKS.md by pipelines/bench.py. Run from the
 repository root: `python pipelines/bench_hybrid.py` (about 15 minutes on 2 cores). Each ms/query is the
 median of 3 timed runs after a warm-up, the modes interleaved run by run so that a busy spell of the

@@ -4,8 +4,9 @@ Inputs: none (images and features are generated, backbones are randomly
 initialised DINOv2 architectures: speed only). Output: JSON lines on stdout and
 in --out, one per step, written as soon as each step ends so a timeout keeps
 what finished. Run from the repository root: `python pipelines/gpu_bench.py --out
-$OUT/gpu_bench.jsonl` (a CPU smoke test: `--device cpu` with small sizes). Like every
-script in pipelines/, it is run by path and puts the repository root on sys.path.
+$OUT/gpu_bench.jsonl` (a CPU smoke test: `--device cpu` with small sizes); the default
+--steps leave out `check` (CUDA against the CPU): name it in --steps to run it. Like every
+script that uses pipelines/bench/, it is run by path and puts the repository root on sys.path.
 """
 
 import json

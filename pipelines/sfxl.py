@@ -19,7 +19,8 @@ Two recipes, one per `dcfeat train --preset`:
   features: `dcfeat train` streams them from disk), validation on queries_v2 (so its v2 row is not a
   test figure), every image resized whole (`extract --crop full`), the paper's optimiser, margins and
   epochs (`train --preset dc-paper`).
-Both are evaluated on the four query sets against processed/test/database in all three modes.
+Both are evaluated on the four query sets against processed/test/database in every mode (`--mode all`:
+classify, retrieve, hybrid, and the adaptive hybrid where the run was calibrated on its validation split).
 
 Outputs under OUT/<backbone>/<preset>/: feats.h5 (+ labels and shards), runs/dc/; OUT/summary.md holds
 LR@1/5/10/20 and ms/query for every backbone × preset × query set × mode. Every step is a dcfeat

@@ -1,4 +1,4 @@
-"""A seeded synthetic city of backbone *features* (no images) for tests and demos.
+"""A seeded synthetic city of backbone *features* (no images) for tests and benchmarks.
 
 Streets form a rotated square grid around San Francisco (UTM 10S). A capture
 spot every `spacing_m` metres along the streets is one panorama, seen at
@@ -208,7 +208,7 @@ def make_city(
     query_noise: float = 0.6,
     origin: tuple[float, float] = (550_000.0, 4_180_000.0),
 ) -> SyntheticCity:
-    """A `streets` × `streets` grid city; train rows ≈ 2·streets²·block_m/spacing_m·headings."""
+    """A `streets` × `streets` grid city; train rows ≈ 2·streets·(streets − 1)·block_m/spacing_m·headings."""
     if place_dim + condition_dim > dim:
         raise ValueError(f"place_dim + condition_dim = {place_dim + condition_dim} exceeds dim = {dim}")
     rng = np.random.default_rng(seed)

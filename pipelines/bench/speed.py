@@ -196,7 +196,7 @@ def bench_step(*, batch_size: int, in_dim: int, dim: int = 512, classes_per_grou
     h, p = torch.randn(batch_size, dim, device=dev, dtype=dt), torch.randn(classes_per_group, dim, device=dev, dtype=dt)
     g = torch.randn(batch_size, classes_per_group, device=dev, dtype=dt)
 
-    def mms():  # forward h = a wᵀ, logits = h pᵀ; backward dW = gᵀa (proj), dh = g p, dP = gᵀh
+    def mms():  # forward h = a wᵀ, logits = h pᵀ; backward dW = dhᵀa (h stands in for dh), dh = g p, dP = gᵀh
         torch.mm(a, w.t()), torch.mm(h, p.t()), torch.mm(h.t(), a), torch.mm(g, p), torch.mm(g.t(), h)
 
     flops = 2 * batch_size * (2 * in_dim * dim + 3 * dim * classes_per_group)
