@@ -59,8 +59,8 @@ STORE_DTYPES = ("float16", "float32")
 
 DEFAULT_MODEL = "facebook/dinov2-base"
 DEFAULT_SHARD_ROWS = 8192  # images per shard file: the unit of resume
-# Read by nothing: the adaptive hybrid widens --cells by the factor its calibration.json records
-# (dcfeat.confidence.WIDEN_FACTOR when it was fitted).
+# The adaptive hybrid searches this many times --cells for unsure queries (fitted into calibration.json
+# with the confidence, which is what evaluate reads).
 WIDEN_FACTOR = 4
 # The cells the hybrid searches per query by default.
 DEFAULT_CELLS = 5

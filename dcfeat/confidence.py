@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from dcfeat.choices import WIDEN_FACTOR
 from dcfeat.errors import BadInput
 from dcfeat.model import DCModel
 from dcfeat.partition import Places, centres_of, metres_between, places_of
@@ -47,7 +48,7 @@ TOP_K = 20
 RADIUS_COVERAGE = 0.9
 # The adaptive hybrid's rule, fitted with the confidence: the least sure HYBRID_FALLBACK of val
 # queries search the whole database, the next up to HYBRID_WIDEN search WIDEN_FACTOR × the cells.
-HYBRID_FALLBACK, HYBRID_WIDEN, WIDEN_FACTOR = 0.05, 0.25, 4
+HYBRID_FALLBACK, HYBRID_WIDEN = 0.05, 0.25
 _TINY = 1e-12
 
 

@@ -17,15 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from dcfeat import sampling
-from dcfeat.atomic import atomic_write
 from dcfeat.backbone import POOLINGS, Backbone, load_backbone, pool
 from dcfeat.devices import autocast
 from dcfeat.errors import BadInput, DamagedRun, IncompatibleFeatures
-from dcfeat.run import BLOCKS_FILE
+from dcfeat.run import BLOCKS_FILE, save_tensors
 from dcfeat.sampling import InMemoryBatches, StreamedBatches, read_rows
 from dcfeat.store import Split, split_info
 
@@ -93,7 +91,8 @@ class TailBlocks(nn.Module):
         return pool(self.layernorm(x), self.pooling, self.registers)
 
     def tuned_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+        """The run's part of the tail (tuned blocks, layer norm), copied to the CPU."""
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.state_dict().items()
                 if not k.startswith("frozen.")}
 
 
@@ -168,6 +167,7 @@ class TokenTraining:
     def __init__(self, store: Path, split: str, tail: TailBlocks, lr: float, cached: dict[str, int]):
         self.store, self.split, self.tail, self.lr, self.cached = Path(store), split, tail, lr, cached
         self.streamed = False
+        self.source: InMemoryBatches | StreamedBatches | None = None  # the batches of cached tokens (start)
 
     @classmethod
     def open(cls, store: Path, split: str, val_split: str | None, features: dict, blocks: int,
@@ -186,14 +186,14 @@ class TokenTraining:
         cached = self.cached[self.split]
         if info.rows * info.token_bytes_per_image <= MEMORY_BYTES:
             tokens = torch.from_numpy(read_rows(self.store, self.split, "tokens", [(0, info.rows)])).to(device)
-            source = InMemoryBatches(tokens, sampler, config.batch_size)
+            self.source = InMemoryBatches(tokens, sampler, config.batch_size)
         else:
             self.streamed = True
-            source = StreamedBatches(self.store, self.split, "tokens", info.rows, part, steps, config.batch_size, device,
-                                     sampler.generator, config.seed)
+            self.source = StreamedBatches(self.store, self.split, "tokens", info.rows, part, steps,
+                                          config.batch_size, device, sampler.generator, config.seed)
 
         def batches(step: int, groups: list[int]):
-            g, tokens, labels = source(step, groups)
+            g, tokens, labels = self.source(step, groups)
             return g, self.tail(tokens, cached), labels
 
         return batches
@@ -202,11 +202,11 @@ class TokenTraining:
         dev = self.tail.layernorm.weight.device
         return replace(split, embeddings=embed_tokens(self.tail, self.store, split.name, self.cached[split.name], dev))
 
-    def save(self, out: Path) -> dict[str, torch.Tensor]:
-        """Write the tuned blocks with the run; returns what was written, a CPU copy."""
-        state = {k: v.clone() for k, v in self.tail.tuned_state().items()}
-        with atomic_write(Path(out) / BLOCKS_FILE) as tmp:
-            save_file(state, str(tmp))
+    def save(self, out: Path, epoch: int, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Write the tuned blocks (or `state`, a copy of them) with the run, recording their epoch;
+        returns what was written, a CPU copy."""
+        state = state if state is not None else self.tail.tuned_state()
+        save_tensors(Path(out) / BLOCKS_FILE, state, {"epoch": str(epoch)})
         return state
 
     def restore(self, state: dict[str, torch.Tensor]) -> None:

@@ -1,8 +1,8 @@
 """One writer per store, and the clean-up that only the one writer may do.
 
-A writer killed mid-way leaves temporary files and label parts that no split
-names; the next writer removes them under the lock, when nobody else can be
-halfway through writing them.
+A writer killed mid-way leaves temporary files, and label parts beside the
+one a split committed; the next writer removes them under the lock, when nobody
+else can be halfway through writing them.
 """
 
 from __future__ import annotations
@@ -27,14 +27,10 @@ from dcfeat.store import split_attrs
 
 
 @contextmanager
-def writer_lock(store: Path):
-    """One writer per store; a second one is refused at once instead of waiting.
-
-    The holder also removes what killed writers left behind (temporary files, uncommitted
-    label parts), which is safe exactly because nobody else writes.
-    """
-    check_store_path(store)
-    lock_path = shards_dir(store) / ".lock"
+def exclusive(lock_path: Path, busy: str, *, remove: bool = False):
+    """Hold `lock_path` for the one process allowed; another is refused at once with EnvironmentProblem
+    (`busy`, then who holds it) instead of waiting. flock: released by the kernel when the holder dies.
+    `remove`: the holder deletes the file when it is done (a killed holder leaves it, unlocked)."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as f:
         try:
@@ -42,17 +38,31 @@ def writer_lock(store: Path):
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise EnvironmentProblem(f"{store} is being written by {holder} ({lock_path}); wait for it to finish "
-                                     "or write to another --out") from None
+            raise EnvironmentProblem(busy.format(holder=holder, lock=lock_path)) from None
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {os.uname().nodename}")
         f.flush()
         try:
-            clean_stale_files(store)
             yield
         finally:
             f.truncate(0)
+            if remove:
+                lock_path.unlink(missing_ok=True)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@contextmanager
+def writer_lock(store: Path):
+    """One writer per store; a second one is refused at once instead of waiting.
+
+    The holder also removes what killed writers left behind (`clean_stale_files`), which is
+    safe exactly because nobody else writes.
+    """
+    check_store_path(store)
+    with exclusive(shards_dir(store) / ".lock", f"{store} is being written by {{holder}} ({{lock}}); wait for it "
+                   "to finish or write to another --out"):
+        clean_stale_files(store)
+        yield
 
 
 def existing_split_attrs(store: Path) -> dict[str, dict]:
@@ -63,7 +73,8 @@ def existing_split_attrs(store: Path) -> dict[str, dict]:
 
 
 def clean_stale_files(store: Path) -> list[Path]:
-    """Remove what killed writers left: temporary files, and label parts no split of the store names."""
+    """Remove what killed writers left: temporary files, and the label parts of each split of the
+    store other than the one it committed (a split not in the store yet is left alone)."""
     store = Path(store)
     stale = list(store.parent.glob(f".{store.name}.*{TMP_SUFFIX}"))
     for folder in (labels_dir(store), shards_dir(store)):

@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dcfeat.atomic import atomic_write, tmp_path, write_text
@@ -35,6 +36,7 @@ from dcfeat.choices import HEADS, TEST_PROTOTYPES
 from dcfeat.confidence import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem
 from dcfeat.identity import with_defaults
+from dcfeat.locking import exclusive
 from dcfeat.model import DCModel
 from dcfeat.partition import load_classes, save_classes
 from dcfeat.presets import TrainConfig
@@ -44,7 +46,10 @@ BLOCKS_FILE, CALIBRATION_FILE = "blocks.safetensors", "calibration.json"
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE)
 COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"
 # Everything `dcfeat train` writes in a run folder: what a restart into an unfinished run clears.
-TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE)
+# Training's state after its last finished epoch (weights, optimiser, schedule, random generators),
+# what the same command resumes from; and the lock that keeps one `dcfeat train` per run folder.
+RESUME_FILE, LOCK_FILE = "resume.safetensors", ".lock"
+TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, RESUME_FILE)
 
 
 def _fix(directory: Path) -> str:
@@ -322,7 +327,7 @@ class Run:
             return None
         return (f"INCOMPLETE RUN: training stopped after epoch {self.epochs_done} of {self.epochs} "
                 f"(or is still running); the model kept is from epoch {self.config.best_epoch}. Run the "
-                f"command in {Path(self.directory) / COMMAND_FILE} again to train it in full")
+                f"command in {Path(self.directory) / COMMAND_FILE} again to resume it")
 
     def status(self) -> dict:
         """How far training got, for reports and prediction files."""
@@ -330,17 +335,68 @@ class Run:
                 "epochs_done": self.epochs_done, "epochs": self.epochs}
 
 
-def save_model(directory: Path, model: DCModel, classes: pl.DataFrame) -> dict[str, torch.Tensor]:
-    """Write the model's weights, and the class table once, each atomically (training rewrites them).
-    Returns the weights written: a copy on the CPU, detached from the model."""
+def save_model(directory: Path, model: DCModel, classes: pl.DataFrame, epoch: int | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Write the model's weights (or `state`, weights already copied) recording the epoch they are
+    from, and the class table once, each atomically (training rewrites them). Returns the weights
+    written: a copy on the CPU, detached from the model."""
     directory = Path(directory)
-    state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-    with atomic_write(directory / MODEL_FILE) as tmp:
-        save_file(state, str(tmp))
+    if state is None:
+        state = cpu_copy(model.state_dict())
+    save_tensors(directory / MODEL_FILE, state, {} if epoch is None else {"epoch": str(epoch)})
     if not (directory / CLASSES_FILE).is_file():
         with atomic_write(directory / CLASSES_FILE) as tmp:
             save_classes(classes, tmp)
     return state
+
+
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict copied to the CPU, detached (on the CPU `.cpu()` alone would alias the live tensors)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors written atomically, with string metadata."""
+    with atomic_write(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata or None)
+
+
+def saved_epoch(path: Path) -> int | None:
+    """The epoch a model or blocks file of a run was saved at (None: not recorded, or no such file)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            epoch = (f.metadata() or {}).get("epoch")
+    except (SafetensorError, OSError):
+        return None
+    return int(epoch) if epoch and epoch.isdigit() else None
+
+
+def save_resume(directory: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """The state that resumes training after the epoch it records (RESUME_FILE)."""
+    save_tensors(Path(directory) / RESUME_FILE, tensors, {"dcfeat_resume": json.dumps(state)})
+
+
+def read_resume(directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, state) of RESUME_FILE; None when training never finished an epoch there."""
+    path = Path(directory) / RESUME_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            state = json.loads((f.metadata() or {})["dcfeat_resume"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise DamagedRun(f"{path}: cannot be read as the state training resumes from ({_first_line(e)}). Train "
+                         "the run again from its first epoch with the same command and --restart") from None
+    return tensors, state
+
+
+@contextmanager
+def run_lock(directory: Path):
+    """One `dcfeat train` per run folder: a second one is refused at once."""
+    with exclusive(Path(directory) / LOCK_FILE, f"{directory} is being trained by {{holder}} ({{lock}}); wait for "
+                   "it to finish, or train into another --out", remove=True):
+        yield
 
 
 def write_config(directory: Path, config: RunConfig) -> None:
@@ -373,7 +429,7 @@ def verified_run(directory: Path) -> Run:
 
 
 def unfinished_run(directory: Path) -> bool:
-    """Whether `directory` holds a run that `dcfeat train` started and never finished (safe to restart)."""
+    """Whether `directory` holds a run that `dcfeat train` started and never finished (to resume or restart)."""
     directory = Path(directory)
     if not (directory / COMMAND_FILE).is_file():
         return False
@@ -394,20 +450,20 @@ def clear_unfinished_run(directory: Path) -> None:
 
 
 def new_run_dir(out: Path | None, runs: Path) -> Path:
-    """A fresh run folder (refusing to reuse one), default runs/<timestamp>.
+    """The run folder to train in, default a fresh runs/<timestamp>.
 
     An explicit `out` holding a run that `dcfeat train` started and never finished (killed, out
-    of memory) is cleared and reused, so that the same command runs again after a crash; so is
-    an empty folder. A finished run, or a folder holding anything else, is refused. Two default
-    runs started within one second get <timestamp>-2, -3, …; mkdir without exist_ok is the
-    atomic claim, so concurrent runs cannot share a folder either.
+    of memory) is returned as it is: `resume_or_clear` decides, under the run's lock, whether
+    training resumes there or starts over. So is an empty folder. A finished run, or a folder
+    holding anything else, is refused. Two default runs started within one second get
+    <timestamp>-2, -3, …; mkdir without exist_ok is the atomic claim, so concurrent runs cannot
+    share a folder either.
     """
     if out:
         out = Path(out)
         if out.is_dir() and unfinished_run(out):
-            clear_unfinished_run(out)
             return out
-        if out.is_dir() and not any(out.iterdir()):  # made beforehand, or a kill before command.txt
+        if out.is_dir() and not [p for p in out.iterdir() if p.name != LOCK_FILE]:  # made beforehand, or a kill
             return out
         if out.exists():
             what = "a finished run" if (out / COMMAND_FILE).is_file() else "not a run folder of dcfeat"
@@ -425,6 +481,19 @@ def new_run_dir(out: Path | None, runs: Path) -> Path:
             continue
     raise EnvironmentProblem(f"{runs}: could not find a free run folder name for {stamp} among 999; remove "
                              "old runs there or pass --out")
+
+
+def resume_or_clear(directory: Path, *, restart: bool = False) -> bool:
+    """Under the run's lock: whether training resumes in `directory` (it holds an unfinished run that
+    finished an epoch). Otherwise, or with `restart`, what an earlier `dcfeat train` left there is cleared.
+    A run that finished meanwhile (another `dcfeat train` held the lock until then) is refused."""
+    if (Path(directory) / COMMAND_FILE).is_file() and not unfinished_run(directory):
+        raise BadInput(f"--out {directory} exists (a finished run); a run never overwrites another. Choose another "
+                       "--out")
+    if unfinished_run(directory) and not restart and (Path(directory) / RESUME_FILE).is_file():
+        return True
+    clear_unfinished_run(directory)
+    return False
 
 
 def point_latest(run: Path) -> None:

@@ -13,19 +13,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from dcfeat import devices
 from dcfeat.atomic import write_text
 from dcfeat.confidence import fit_confidence
-from dcfeat.devices import autocast, is_cuda, resolve_device
-from dcfeat.errors import BadInput
+from dcfeat.devices import autocast, is_cuda, reproducible, resolve_device
+from dcfeat.errors import BadInput, DamagedRun
 from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
 from dcfeat.identity import IDENTITY_ATTRS
@@ -33,15 +34,24 @@ from dcfeat.metrics import localisation_recall
 from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
 from dcfeat.presets import TrainConfig
-from dcfeat.progress import progress_bar
+from dcfeat.progress import progress_bar, stderr
 from dcfeat.run import (
+    BLOCKS_FILE,
     COMMAND_FILE,
     LOG_FILE,
+    MODEL_FILE,
+    RESUME_FILE,
     RunConfig,
+    cpu_copy,
     new_model,
     new_run_dir,
     point_latest,
+    read_resume,
+    resume_or_clear,
+    run_lock,
     save_model,
+    save_resume,
+    saved_epoch,
     write_calibration,
     write_config,
 )
@@ -101,7 +111,8 @@ class TrainResult:
     seconds: float
     memory_budget: int | None = None  # bytes a split could take in memory (train_files)
     streamed: bool = False  # the split was read from disk in chunks instead
-    calibration: str = ""  # whether train_files fitted the run's confidence, or why not
+    calibration: str = ""  # whether the run's confidence was fitted, or why not
+    resumed_from: int = 0  # epochs an earlier, interrupted `dcfeat train` had finished
 
 
 def _hits(head, h: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -202,12 +213,14 @@ def streamed_class_means(streamed: Streamed, split: str, model: DCModel, part: P
 
 def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = None, device: str = "cpu",
           progress: bool = True, run_config: dict | None = None, tail: TokenTraining | None = None,
-          streamed: Streamed | None = None, part: Partition | None = None) -> TrainResult:
+          streamed: Streamed | None = None, part: Partition | None = None, resume: bool = False) -> TrainResult:
     """Train projection + group heads on one split's cached features; write the run to `out`.
 
-    After every epoch config.json says how far training got (`complete`, `epochs_done`), and
-    the best epoch's model is kept. With a `val` split the kept model's confidence is fitted on
-    it at the end (calibration.json); the run is complete only then.
+    After every epoch config.json says how far training got (`complete`, `epochs_done`), the best
+    epoch's model is kept, and the state that resumes training is saved (RESUME_FILE). With
+    `resume`, training continues from it, and ends as an uninterrupted run would (bit for bit on
+    the CPU); a run started with other settings is refused. With a `val` split the kept model's
+    confidence is fitted on it at the end (calibration.json); the run is complete only then.
 
     `run_config`: what the run records of its inputs (RunConfig's `features`, `store`, splits,
     and details such as the device). `part`: the split's partition when the caller made it.
@@ -216,6 +229,14 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     With `streamed` the split's embeddings stay on disk (`split.embeddings` is None) and are read
     in shuffled contiguous chunks, a memory budget's worth at a time.
     """
+    with reproducible(device):
+        return _train(split, config, out, val=val, device=device, progress=progress, run_config=run_config,
+                      tail=tail, streamed=streamed, part=part, resume=resume)
+
+
+def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, device: str, progress: bool,
+           run_config: dict | None, tail: TokenTraining | None, streamed: Streamed | None, part: Partition | None,
+           resume: bool) -> TrainResult:
     t_start = time.perf_counter()
     dev = torch.device(device)
     torch.manual_seed(config.seed)
@@ -232,11 +253,6 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
                     classes_per_group=part.classes_per_group, **own)
     model = new_model(run).to(dev)
     sampler = BalancedSampler(part, dev, gen)
-    if config.prototype_init == "class-means" and streamed is None:
-        class_means(features, model, sampler, part)
-    elif config.prototype_init == "class-means":
-        streamed_class_means(streamed, split.name, model, part)
-    # else the heads' own Xavier initialisation stays, as in D&C's code.
     opt = make_optimizer(config, [
         {"params": model.projection.parameters(), "lr": config.lr_projection},
         {"params": model.heads.parameters(), "lr": config.lr_heads},  # Schedule's heads_group
@@ -260,8 +276,24 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / LOG_FILE
-    history, best, best_epoch, kept = [], -math.inf, 0, None
-    for epoch in range(1, config.epochs + 1):
+    state = _State(model, opt, schedule, _generators(gen, tail.source if tail else batches), tail, config,
+                   inputs={**own, "rows": len(part.group), "dim": in_dim,
+                           "model_fingerprint": run.features.get("model_fingerprint")})
+    saved = read_resume(out) if resume else None
+    if saved is not None:
+        history = state.restore(out, *saved, part.classes)
+        kept = state.kept(out)
+    else:
+        history, kept = [], None
+        if config.prototype_init == "class-means" and streamed is None:
+            class_means(features, model, sampler, part)
+        elif config.prototype_init == "class-means":
+            streamed_class_means(streamed, split.name, model, part)
+        # else the heads' own Xavier initialisation stays, as in D&C's code.
+    resumed_from = state.epoch
+    run = replace(run, best_epoch=state.best_epoch, epochs_done=state.epoch, stopped=state.stopped,
+                  details={**details, **(tail.config() if tail else {})})
+    for epoch in range(state.epoch + 1, config.epochs + 1 if state.stopped is None else 0):
         t0 = time.perf_counter()
         turns = groups if config.group_rotation == "step" else [groups[(epoch - 1) % len(groups)]]
         model.train()
@@ -287,27 +319,135 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
             score = -record["loss"]
         else:
             score = record.get("val_lr1", epoch)  # without val the last epoch is kept
-        if score > best:
-            best, best_epoch = score, epoch
-            blocks = tail.save(out) if tail else None
-            kept = (save_model(out, model, part.classes), blocks)
+        improved = score > state.best
+        if improved:
+            state.best, state.best_epoch = score, epoch
+        state.epoch, state.stopped = epoch, record.get("stopped")
         history.append(record)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        done = epoch == config.epochs or "stopped" in record
-        run = replace(run, best_epoch=best_epoch, epochs_done=epoch, stopped=record.get("stopped"),
+        # The resume state before the kept model: a kill between the two leaves a state that says
+        # which epoch is kept, and resuming rewrites the kept model from it (_State.kept).
+        current = state.save(out)
+        if improved:
+            kept = (save_model(out, model, part.classes, epoch, state=current["model"]),
+                    tail.save(out, epoch, state=current["tail"]) if tail else None)
+        if progress:
+            stderr.print(_epoch_line(record, config.epochs), highlight=False)
+        run = replace(run, best_epoch=state.best_epoch, epochs_done=epoch, stopped=state.stopped,
                       details={**details, **(tail.config() if tail else {})})
         # Last, so that a run killed at any point reads as stopped after the epochs it finished; the
         # last epoch's config says complete only once the confidence is fitted too.
+        done = epoch == config.epochs or state.stopped is not None
         write_config(out, replace(run, complete=done and val is None))
         if done:
             break
     calibration = "uncalibrated: no --val-split"
     if val is not None:
         calibration = _calibrate(model, tail, kept, part, config, val, out, (run_config or {}).get("store"))
-        write_config(out, replace(run, complete=True))
-    return TrainResult(out=out, epochs=history, best_epoch=best_epoch, classes=len(part.classes),
-                       images_used=used, seconds=time.perf_counter() - t_start, calibration=calibration)
+    write_config(out, replace(run, complete=True))
+    (out / RESUME_FILE).unlink(missing_ok=True)  # a finished run is never resumed
+    return TrainResult(out=out, epochs=history, best_epoch=state.best_epoch, classes=len(part.classes),
+                       images_used=used, seconds=time.perf_counter() - t_start, calibration=calibration,
+                       resumed_from=resumed_from)
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    """The line training prints to stderr after each epoch (what a log under nohup shows)."""
+    val = f", val LR@1 {100 * record['val_lr1']:.1f} %" if "val_lr1" in record else ""
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, train accuracy "
+            f"{100 * record['train_accuracy']:.1f} %{val}, {record['seconds']:.2f} s")
+
+
+def _generators(gen: torch.Generator, source) -> dict[str, torch.Generator]:
+    """Every random generator training draws from: sampling, and the chunk order of a streamed split."""
+    gens = {"sampling": gen}
+    if isinstance(source, StreamedBatches):
+        gens["chunk_order"] = source.order_generator
+    return gens
+
+
+class _State:
+    """What resumes training after an epoch: the model's and tuned blocks' weights, the optimiser and
+    schedule, every random generator, and the epochs done, best score and kept epoch so far.
+
+    Saved as one safetensors file (tensors, and the rest as JSON in its metadata), after the epoch's
+    log line and before the kept model and config.json.
+    """
+
+    def __init__(self, model: DCModel, opt: torch.optim.Optimizer, schedule: Schedule,
+                 generators: dict[str, torch.Generator], tail: TokenTraining | None, config: TrainConfig,
+                 inputs: dict):
+        self.model, self.opt, self.schedule, self.generators, self.tail = model, opt, schedule, generators, tail
+        self.config, self.inputs = asdict(config), inputs
+        self.epoch, self.best, self.best_epoch, self.stopped = 0, -math.inf, 0, None
+
+    def save(self, out: Path) -> dict[str, dict[str, torch.Tensor]]:
+        """Write the state; returns the CPU copies of the model's and the tail's weights it wrote."""
+        opt = self.opt.state_dict()
+        current = {"model": cpu_copy(self.model.state_dict()),
+                   "tail": self.tail.tail.tuned_state() if self.tail else {}}
+        tensors = {**{f"model.{k}": v for k, v in current["model"].items()},
+                   **{f"tail.{k}": v for k, v in current["tail"].items()},
+                   **{f"optimizer.{i}.{k}": v.cpu() for i, s in opt["state"].items() for k, v in s.items()
+                      if torch.is_tensor(v)},
+                   **{f"rng.{name}": g.get_state() for name, g in self.generators.items()},
+                   "rng.torch": torch.get_rng_state()}
+        save_resume(out, tensors, {
+            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stopped": self.stopped,
+            "config": self.config, "inputs": self.inputs, "param_groups": opt["param_groups"],
+            "optimizer_scalars": {str(i): {k: v for k, v in s.items() if not torch.is_tensor(v)}
+                                  for i, s in opt["state"].items()},
+            "schedule": self.schedule.plateau.state_dict() if self.schedule.plateau else None})
+        return current
+
+    def restore(self, out: Path, tensors: dict[str, torch.Tensor], saved: dict, classes) -> list[dict]:
+        """Back to the saved state (refusing one of other settings); the log's records up to it."""
+        differ = {k: (saved["config"].get(k), v) for k, v in self.config.items() if saved["config"].get(k) != v}
+        differ.update({k: (saved["inputs"].get(k), v) for k, v in self.inputs.items()
+                       if saved["inputs"].get(k) != v})
+        if differ:
+            shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
+            raise BadInput(f"{out} holds an unfinished run started with other settings or features ({shown}). "
+                           f"Run the command in {out / COMMAND_FILE} to resume it, or add --restart to train "
+                           "it again from its first epoch")
+        device = self.model.device
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if self.tail:
+            self.tail.restore({k[5:]: v for k, v in tensors.items() if k.startswith("tail.")})
+        state = {}
+        for key, v in tensors.items():
+            if key.startswith("optimizer."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = v.to(device) if name != "step" else v
+        for i, scalars in saved["optimizer_scalars"].items():
+            state.setdefault(int(i), {}).update(scalars)
+        self.opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
+        if self.schedule.plateau is not None:
+            self.schedule.plateau.load_state_dict(saved["schedule"])
+        for name, g in self.generators.items():
+            g.set_state(tensors[f"rng.{name}"])
+        torch.set_rng_state(tensors["rng.torch"])
+        self.epoch, self.best, self.best_epoch = saved["epoch"], saved["best"], saved["best_epoch"]
+        self.stopped = saved["stopped"]
+        # The kept epoch's files: written after the state, so a kill in between left an older epoch's.
+        if saved_epoch(out / MODEL_FILE) != self.best_epoch:
+            if self.best_epoch != self.epoch:  # the state's own weights are the kept ones only then
+                raise DamagedRun(f"{out / MODEL_FILE} is not from epoch {self.best_epoch}, the one "
+                                 f"{out / RESUME_FILE} keeps: the run was edited. Train it again with the same "
+                                 "command and --restart")
+            save_model(out, self.model, classes, self.best_epoch)
+            if self.tail:
+                self.tail.save(out, self.best_epoch)
+        log = out / LOG_FILE
+        lines = log.read_text().splitlines()[:self.epoch] if log.is_file() else []
+        write_text(log, "".join(line + "\n" for line in lines))  # drops the line of an epoch the state lacks
+        return [json.loads(line) for line in lines]
+
+    def kept(self, out: Path) -> tuple:
+        """The kept epoch's weights (model, tail) as training holds them, read back from the run."""
+        model = load_file(str(out / MODEL_FILE))
+        return model, load_file(str(out / BLOCKS_FILE)) if self.tail else None
 
 
 def _calibrate(model: DCModel, tail: TokenTraining | None, kept: tuple, part: Partition, config: TrainConfig,
@@ -330,11 +470,13 @@ def _calibrate(model: DCModel, tail: TokenTraining | None, kept: tuple, part: Pa
 
 def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,
                 val_split: str | None = None, device: str = "auto", progress: bool = True,
-                command: str = "", memory_budget: int | None = None) -> TrainResult:
+                command: str = "", memory_budget: int | None = None, restart: bool = False) -> TrainResult:
     """`dcfeat train`: read the split(s), train, and leave a complete run folder (+ runs/latest).
 
     A split larger than `memory_budget` bytes (default: half the free memory where training runs)
-    is streamed from disk instead of read into memory.
+    is streamed from disk instead of read into memory. An `out` holding an unfinished run resumes
+    it after its last finished epoch (`restart`: trains it again from the first); one
+    `dcfeat train` at a time per run folder.
     """
     dev = resolve_device(device)
     budget = memory_budget or devices.memory_budget(dev)
@@ -350,13 +492,16 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
     if config.finetune_blocks:
         tail = TokenTraining.open(feats, split, val_split, data.attrs, config.finetune_blocks, config.lr_blocks)
     run = new_run_dir(out, Path(feats).parent / "runs")
-    write_text(run / COMMAND_FILE, command + "\n")
     features = {k: data.attrs.get(k) for k in (*IDENTITY_ATTRS, "model_source", "backbone_random_init")}
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev),
                   "memory_budget": budget}
-    result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config,
-                   tail=tail, streamed=streamed, part=part)
+    with run_lock(run):
+        resume = resume_or_clear(run, restart=restart)
+        if not resume:
+            write_text(run / COMMAND_FILE, command + "\n")
+        result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config,
+                       tail=tail, streamed=streamed, part=part, resume=resume)
     if out is None:
         point_latest(run)
     return replace(result, memory_budget=budget, streamed=streamed is not None)

@@ -196,7 +196,7 @@ def test_a_killed_run_says_so_everywhere_and_the_same_command_restarts_it(city_s
     result = predict_files(run, tmp_path / "p.geojson", feats=city_store, split="test", k=1, device="cpu")
     assert json.loads(result.path.read_text())["dcfeat"]["run_complete"] is False
 
-    r = invoke(*command)  # the same command again: trains the run from the start, in full
+    r = invoke(*command)  # the same command again: resumes the run after epoch 2, to the end
     assert r.exit_code == 0, r.output
     config = json.loads((run / "config.json").read_text())
     assert (config["complete"], config["epochs_done"]) == (True, 6)

@@ -86,11 +86,17 @@ def choice(field: str) -> click.Choice:
               "below 1 only for groups of ~100 k classes or more, where the exact loss dominates a step.")
 @click.option("--memory-budget", type=Size(), default=None, help="Largest split held in memory, e.g. 512MB, "
               "2GB; a larger one is streamed from disk in shuffled chunks [default: half the free memory].")
+@click.option("--restart", is_flag=True, help="With --out holding an unfinished run: train it again from its first "
+              "epoch instead of resuming it after its last finished one.")
 @click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True, help="Seed of initialisation and sampling.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
-def train(feats, split, val_split, out, preset, iterations_per_epoch, memory_budget, device, no_progress, **options):
-    """Train the projection and one classifier per group on cached features."""
+def train(feats, split, val_split, out, preset, iterations_per_epoch, memory_budget, restart, device, no_progress,
+          **options):
+    """Train the projection and one classifier per group on cached features.
+
+    Resumable: after a crash, run the same command again (with the same --out).
+    """
     from dcfeat.train import train_files
 
     config = preset_config(preset, **options)
@@ -98,7 +104,7 @@ def train(feats, split, val_split, out, preset, iterations_per_epoch, memory_bud
         config = replace(config, iterations_per_epoch=iterations_per_epoch or None)
     result = train_files(feats, split, config, out=out, val_split=val_split, device=device,
                          progress=not no_progress, command=shlex.join(["dcfeat", *sys.argv[1:]]),
-                         memory_budget=memory_budget)
+                         memory_budget=memory_budget, restart=restart)
     last = result.epochs[-1]
     val = f", val LR@1 {100 * result.epochs[result.best_epoch - 1]['val_lr1']:.1f} % (kept epoch " \
           f"{result.best_epoch})" if "val_lr1" in last else ""

@@ -1,0 +1,161 @@
+"""Training resumes after a crash: the same `dcfeat train --out R` continues from the last finished epoch and
+ends bit for bit as an uninterrupted run (CPU); --restart starts over; one `dcfeat train` per run folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dcfeat import run as run_module
+from dcfeat import train as train_module
+from dcfeat.run import run_lock
+from tests.conftest import FAST_TRAIN, ROOT, invoke, refused
+
+
+class Killed(BaseException):
+    """Stands for kill -9 at a chosen point: nothing after it runs."""
+
+
+def command(store, out, *extra):
+    return ["train", "--feats", store, "--val-split", "val", "--out", out, *FAST_TRAIN, *extra]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(city_store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    r = invoke(*command(city_store, out))
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def assert_same_run(a, b):
+    """Equal weights bit for bit, the same calibration, the same log but for the seconds."""
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((a / "calibration.json").read_text()) == json.loads((b / "calibration.json").read_text())
+
+    def log(run):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+    assert log(a) == log(b) and len(log(a)) == 6
+    ca, cb = (json.loads((r / "config.json").read_text()) for r in (a, b))
+    assert ca["complete"] and cb["complete"] and ca["best_epoch"] == cb["best_epoch"]
+    assert sorted(p.name for p in b.iterdir()) == sorted(p.name for p in a.iterdir())  # no resume state left
+
+
+def kill_at(monkeypatch, module, name, when):
+    """Make `module.name` die on its `when`-th call (counted from 1)."""
+    real, calls = getattr(module, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == when:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, dying)
+
+
+# Points of an epoch's writes: during epoch 3's training, between its resume state and its kept model,
+# before its config.json, and while fitting the confidence after the last epoch.
+KILLS = {
+    "mid-epoch": ("recall_at_1", 3),
+    "after the resume state": ("save_model", 2),
+    "before config.json": ("write_config", 4),
+    "while calibrating": ("fit_confidence", 1),
+}
+
+
+@pytest.mark.parametrize("where", KILLS)
+def test_a_killed_run_resumes_to_the_same_end_as_an_uninterrupted_one(city_store, uninterrupted, tmp_path,
+                                                                       monkeypatch, where):
+    name, when = KILLS[where]
+    out = tmp_path / "run"
+    kill_at(monkeypatch, train_module, name, when)
+    with pytest.raises(Killed):
+        invoke(*command(city_store, out), catch_exceptions=False)
+    monkeypatch.undo()
+    assert (out / "resume.safetensors").is_file() and not json.loads((out / "config.json").read_text())["complete"] \
+        if (out / "config.json").is_file() else True
+    r = invoke(*command(city_store, out))
+    assert r.exit_code == 0, r.output
+    assert_same_run(uninterrupted, out)
+
+
+def test_kill_9_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(city_store, uninterrupted,
+                                                                                 tmp_path):
+    out = tmp_path / "run"
+    args = ["dcfeat", *map(str, command(city_store, out))]
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from dcfeat.cli import main; main(sys.argv[1:])",
+                             *args[1:]], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    r = invoke(*command(city_store, out))
+    assert r.exit_code == 0, r.output
+    assert_same_run(uninterrupted, out)
+
+
+def test_restart_trains_an_unfinished_run_again_from_its_first_epoch(city_store, uninterrupted, tmp_path,
+                                                                     monkeypatch):
+    out = tmp_path / "run"
+    kill_at(monkeypatch, train_module, "recall_at_1", 3)
+    with pytest.raises(Killed):
+        invoke(*command(city_store, out), catch_exceptions=False)
+    monkeypatch.undo()
+    started = []
+    real = train_module.train_step
+    monkeypatch.setattr(train_module, "train_step", lambda *a, **k: started.append(1) or real(*a, **k))
+    r = invoke(*command(city_store, out, "--restart"))
+    assert r.exit_code == 0, r.output
+    assert len(started) == 6 * 10  # every step of all six epochs again
+    assert_same_run(uninterrupted, out)
+
+
+def test_resuming_with_other_settings_is_refused_and_changes_nothing(city_store, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    kill_at(monkeypatch, train_module, "recall_at_1", 3)
+    with pytest.raises(Killed):
+        invoke(*command(city_store, out), catch_exceptions=False)
+    monkeypatch.undo()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    r = invoke(*command(city_store, out), "--seed", "7")
+    refused(r, "bad input", "other settings", "seed: 0 then, 7 now", "--restart")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_two_trainings_into_one_folder_are_refused(city_store, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with run_lock(out):
+        r = invoke(*command(city_store, out))
+    refused(r, "environment", "is being trained by", "another --out")
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written, the lock file gone with its holder
+
+
+def test_a_run_finished_while_waiting_for_the_lock_is_never_cleared(uninterrupted):
+    with pytest.raises(run_module.BadInput, match="a finished run"):
+        run_module.resume_or_clear(uninterrupted)
+    assert (uninterrupted / "model.safetensors").is_file()
+
+
+def test_every_epoch_prints_a_line_on_stderr(city_store, tmp_path):
+    args = [a for a in command(city_store, tmp_path / "run") if a != "--no-progress"]
+    r = invoke(*args)
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if line.startswith("epoch ") and "loss" in line]
+    assert [line.split(":")[0] for line in lines] == [f"epoch {e}/6" for e in range(1, 7)]
+    assert all("train accuracy" in line and "val LR@1" in line for line in lines)
