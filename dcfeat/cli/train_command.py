@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -108,8 +109,11 @@ def train(feats, split, val_split, out, preset, iterations_per_epoch, memory_bud
     last = result.epochs[-1]
     val = f", val LR@1 {100 * result.epochs[result.best_epoch - 1]['val_lr1']:.1f} % (kept epoch " \
           f"{result.best_epoch})" if "val_lr1" in last else ""
+    n = len(result.epochs)
+    median = statistics.median(e["seconds"] for e in result.epochs)
+    resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
     stdout.print(f"run {result.out} (preset {config.preset}): {result.classes} classes from {result.images_used} "
-                 f"images, {len(result.epochs)} epochs in {result.seconds:.1f} s "
-                 f"({last['seconds']:.2f} s/epoch), train accuracy {100 * last['train_accuracy']:.1f} %{val}; "
+                 f"images, {n} epoch{'s' if n != 1 else ''} ({median:.2f} s each, median) in {result.seconds:.1f} s"
+                 f"{resumed}, train accuracy {100 * last['train_accuracy']:.1f} %{val}; "
                  f"split {'streamed from disk' if result.streamed else 'in memory'}, "
                  f"budget {human_bytes(result.memory_budget)}; confidence {result.calibration}")
