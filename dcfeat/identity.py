@@ -1,9 +1,14 @@
 """What makes features compatible: the attributes that identify them, compared between a store's splits and a run.
 
-Features made with another model, pooling, resolution or crop live in another space and must
+Features made with other weights, pooling, resolution or crop live in another space and must
 not be mixed: not in one store (the split writer refuses), not between a run's training
 features and the features it is applied to (evaluate, calibrate, predict refuse). Each
 refusal names what differs and the `dcfeat extract` option that makes features that fit.
+
+The weights are compared by their fingerprint (every tensor and the architecture), never by
+the name they were loaded under: `facebook/dinov2-base` on one machine and `./dinov2-base`
+on another, or a checkpoint folder copied elsewhere, are the same model. The name is recorded
+for people, and compared only where a side has no fingerprint (stores of other programs).
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from dcfeat.errors import IncompatibleFeatures
 
 # Attributes that must agree between splits of one store, and between a run's training features
 # and the features it is applied to.
-IDENTITY_ATTRS = ("model", "model_fingerprint", "pooling", "image_size", "crop", "dim")
+IDENTITY_ATTRS = ("model_fingerprint", "pooling", "image_size", "crop", "dim")
+# What a run records of its training features: the identity, and the model's name for people.
+RECORDED_ATTRS = ("model", *IDENTITY_ATTRS)
 # Identity attributes younger than the stores (and runs) that lack them, read as what those were made with.
 ATTR_DEFAULTS = {"crop": "centre"}
 # The extract option that sets an identity attribute, for messages naming the fix.
-IDENTITY_OPTIONS = {"model": "--model", "pooling": "--pooling", "image_size": "--image-size", "crop": "--crop"}
+IDENTITY_OPTIONS = {"model": "--model", "model_fingerprint": "--model", "pooling": "--pooling",
+                    "image_size": "--image-size", "crop": "--crop"}
 
 
 def with_defaults(attrs: dict) -> dict:
@@ -25,8 +33,10 @@ def with_defaults(attrs: dict) -> dict:
 
 
 def identity_diff(a: dict, b: dict) -> dict[str, tuple]:
-    """Identity attributes whose values differ between `a` and `b`; one that either lacks is not compared."""
-    return {k: (a[k], b[k]) for k in IDENTITY_ATTRS if k in a and k in b and a[k] != b[k]}
+    """Identity attributes whose values differ between `a` and `b`; one that either lacks is not compared.
+    The model's name counts only where either side lacks the fingerprint."""
+    keys = IDENTITY_ATTRS if a.get("model_fingerprint") and b.get("model_fingerprint") else RECORDED_ATTRS
+    return {k: (a[k], b[k]) for k in keys if k in a and k in b and a[k] != b[k]}
 
 
 def _shown(diff: dict[str, tuple], first: str = "") -> str:
@@ -41,10 +51,12 @@ def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
 
 
 def check_features(run_features: dict, split_attrs: dict, *, what: str) -> None:
-    """Refuse to apply a run to features from another backbone, pooling, size, crop or dim."""
+    """Refuse to apply a run to features from other weights, pooling, size, crop or dim."""
     diff = identity_diff(run_features, split_attrs)
     if diff:
-        options = " ".join(f"{IDENTITY_OPTIONS[k]} {run_features[k]}" for k in diff if k in IDENTITY_OPTIONS)
+        name = run_features.get("model_source") or run_features.get("model")
+        value = {**run_features, "model": name, "model_fingerprint": name}
+        options = " ".join(dict.fromkeys(f"{IDENTITY_OPTIONS[k]} {value[k]}" for k in diff if k in IDENTITY_OPTIONS))
         raise IncompatibleFeatures(f"{what} was made by another backbone or setting than the run's training "
                                    f"features ({_shown(diff, 'run ')}); extract it with the run's "
                                    f"{options or '--model/--pooling/--image-size/--crop'}")

@@ -29,7 +29,7 @@ from dcfeat.devices import autocast, is_cuda, reproducible, resolve_device
 from dcfeat.errors import BadInput, DamagedRun
 from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
-from dcfeat.identity import IDENTITY_ATTRS
+from dcfeat.identity import RECORDED_ATTRS
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
@@ -492,7 +492,7 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
     if config.finetune_blocks:
         tail = TokenTraining.open(feats, split, val_split, data.attrs, config.finetune_blocks, config.lr_blocks)
     run = new_run_dir(out, Path(feats).parent / "runs")
-    features = {k: data.attrs.get(k) for k in (*IDENTITY_ATTRS, "model_source", "backbone_random_init")}
+    features = {k: data.attrs.get(k) for k in (*RECORDED_ATTRS, "model_source", "backbone_random_init")}
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev),
                   "memory_budget": budget}
