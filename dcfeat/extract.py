@@ -24,7 +24,7 @@ from dcfeat.backbone import Backbone, load_backbone
 from dcfeat.choices import CROPS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS
 from dcfeat.devices import is_cuda, resolve_device
 from dcfeat.errors import BadInput, DcfeatError, check_free_space
-from dcfeat.images import MAX_PIXELS, ImageDataset, collate
+from dcfeat.images import MAX_PIXELS, ImageDataset, collate, decoding_workers
 from dcfeat.labels import LabelledImages, collect_images
 from dcfeat.layout import check_split_name, check_store_path
 from dcfeat.locking import writer_lock
@@ -215,7 +215,7 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
         raise BadInput(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
                          f"choose 0 to {backbone.num_layers}")
     ranks = ranks or Ranks()
-    workers = min(16, os.cpu_count() or 1) if workers is None else workers
+    workers = decoding_workers(workers)
     store.parent.mkdir(parents=True, exist_ok=True)
     attrs = store_attrs(backbone, image_size, dtype, images, draft, cache_tokens, crop)
     t0 = time.perf_counter()

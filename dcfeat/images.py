@@ -18,6 +18,7 @@ caller records it and goes on. No image ever becomes a zero-filled row.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,3 +203,8 @@ def collate(items):
     failed = [(i, r) for i, x, r in items if x is None]
     crops = Crops.stack([x for _, x in ok]) if ok else None
     return [i for i, _ in ok], crops, failed
+
+
+def decoding_workers(workers: int | None) -> int:
+    """DataLoader processes that decode images: `workers`, or by default one per core (at most 16)."""
+    return min(16, os.cpu_count() or 1) if workers is None else workers

@@ -1,17 +1,27 @@
-"""`dcfeat predict`: new images (or cached features) → top-k cells → lat/lon.
+"""`dcfeat predict`: new images (or cached features) → top-k cells → lat/lon, with a calibrated confidence.
 
 Images go through the same backbone, pooling, size and crop (centre or full) as
 the run's training features (checked by the weights' fingerprint), then the run's
 classifier.
-Output is Parquet, CSV or GeoJSON, by the file's extension. Parquet (key-value
-metadata `dcfeat`) and GeoJSON (member `dcfeat`) also say which run made them and
-whether its training finished (`run_complete`, `epochs_done`); CSV has no place for it.
+
+Output is Parquet, CSV or GeoJSON, by the file's extension. Parquet and CSV hold one row
+per image and rank; GeoJSON one feature per image (its answer, the top-k in its
+properties, optionally its 90 % circle as the geometry). Every row says what made it
+in `run_status` (an unfinished run, a random backbone, an uncalibrated run), and which
+threshold its confidence means (`threshold_m`); Parquet (key-value metadata `dcfeat`)
+and GeoJSON (member `dcfeat`) also name the run.
+
+Two numbers per answer: `probability` ranks the cells (a softmax over every cell's
+score; the rank-1 cell can hold most of the mass and still be wrong), `confidence` is
+the calibrated probability that the rank-1 answer lies within `threshold_m` of where
+the photo was taken (fitted on a held-out split), with `radius_m` the radius that
+holds the true position with probability 0.9.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +37,7 @@ from dcfeat.errors import BadInput
 from dcfeat.finetune import tuned_splits, use_tuned_blocks
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
-from dcfeat.images import ImageDataset, collate
+from dcfeat.images import ImageDataset, collate, decoding_workers
 from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest
 from dcfeat.partition import centres_of
 from dcfeat.progress import progress_bar
@@ -69,9 +79,20 @@ def cell_probabilities(run: Run, features: np.ndarray, k: int, scoring: str = "c
     return run.model.topk(features, k, softmax_scale=run.model.heads.logit_scale)
 
 
+def run_status(run: Run) -> str:
+    """What made a run's answers, in a word or a few: `complete`, or the warnings that go with them."""
+    notes = [f"INCOMPLETE RUN (epoch {run.epochs_done} of {run.epochs})" if not run.complete else "complete"]
+    if run.random_backbone:
+        notes.append("RANDOM BACKBONE")
+    if run.calibration is None:
+        notes.append("UNCALIBRATED")
+    return "; ".join(notes)
+
+
 def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
     """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon, and per
-    image the calibrated confidence and the 90 % radius (null for an uncalibrated run)."""
+    image the calibrated confidence and the 90 % radius (null for an uncalibrated run), the
+    threshold the confidence means, and the run's status."""
     ids, probs = cell_probabilities(run, features, k, scoring)
     n, kk = ids.shape
     flat = ids.reshape(-1)
@@ -88,7 +109,9 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
         "class": flat.astype(np.int64), "group": run.classes["group"].to_numpy()[flat], "probability": probs.reshape(-1),
         "cell_east": east, "cell_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon,
         "confidence": per_image(confidence), "radius_m": per_image(radius),
-    }).with_columns(pl.col("confidence", "radius_m").fill_nan(None))
+    }).with_columns(pl.col("confidence", "radius_m").fill_nan(None),
+                    threshold_m=pl.lit(run.calibration.threshold_m if run.calibration else None, pl.Float64),
+                    run_status=pl.lit(run_status(run)))
 
 
 def abstain(frame: pl.DataFrame, min_confidence: float | None) -> pl.DataFrame:
@@ -109,14 +132,21 @@ def check_out(out: Path) -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise BadInput(f"--out {out}: {folder} is a file, not a folder. Choose another --out")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise BadInput(f"--out {out}: {folder} is not writable (permission denied). Choose a folder you can "
-                       "write to, or make this one writable")
+    probe = folder / f".{out.name}.probe"  # os.access says yes to root on a read-only mount: try it
+    try:
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        raise BadInput(f"--out {out}: {folder} is not writable ({e.strerror or 'permission denied'}). Choose a "
+                       "folder you can write to, or make this one writable") from None
     return out
 
 
-def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, run: Run | None = None) -> Path:
-    """The table as Parquet, CSV or GeoJSON (by `out`'s extension), written atomically."""
+def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, run: Run | None = None,
+                      radius_polygons: bool = False) -> Path:
+    """The table as Parquet, CSV or GeoJSON (by `out`'s extension), written atomically.
+    `radius_polygons`: GeoJSON answers are their 90 % circles (polygons) instead of points."""
     out = check_out(out)
     meta = {**(run.status() if run is not None else {}), "random_backbone": random_backbone,
             "calibrated": run is not None and run.calibration is not None}
@@ -128,21 +158,52 @@ def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, 
             elif out.suffix.lower() == ".csv":
                 frame.write_csv(f)
             else:
-                f.write(json.dumps(geojson(frame, meta)).encode())
+                doc = geojson(frame, meta, radius_polygons=radius_polygons)
+                f.write(json.dumps(doc, allow_nan=False).encode())
     except PermissionError as e:
         raise BadInput(f"--out {out}: cannot write in {out.parent} ({e.strerror or 'permission denied'}). Choose "
                        "a folder you can write to, or make this one writable") from None
     return out
 
 
-def geojson(frame: pl.DataFrame, meta: dict) -> dict:
-    features = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},
-                 "properties": {k: v for k, v in r.items() if k not in ("lat", "lon")}}
-                for r in frame.iter_rows(named=True)]
+CIRCLE_VERTICES = 64  # of a 90 % circle drawn as a GeoJSON polygon: within 0.2 % of its radius
+# Per-image properties of a GeoJSON feature; the per-rank columns go into its `top_k` list.
+_IMAGE_COLUMNS = ("image_id", "confidence", "radius_m", "abstained", "threshold_m", "run_status")
+
+
+def _finite(v):
+    """A JSON value: NaN and infinities (not valid JSON) become null."""
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def geojson(frame: pl.DataFrame, meta: dict, *, radius_polygons: bool = False) -> dict:
+    """One feature per image: the rank-1 answer as a Point (or, with `radius_polygons` and a radius, its
+    90 % circle as a Polygon), the image's confidence and the top-k cells in its properties."""
+    features = []
+    for (image_id,), rows in frame.group_by("image_id", maintain_order=True):
+        ranked = rows.sort("rank").to_dicts()
+        first = ranked[0]
+        point = [_finite(first["lon"]), _finite(first["lat"])]
+        geometry = {"type": "Point", "coordinates": point} if None not in point else None
+        if radius_polygons and geometry and first.get("radius_m") is not None:
+            geometry = {"type": "Polygon", "coordinates": [_circle(first, first["radius_m"])]}
+        properties = {c: _finite(first[c]) for c in _IMAGE_COLUMNS if c in first}
+        properties["top_k"] = [{c: _finite(v) for c, v in r.items() if c not in _IMAGE_COLUMNS} for r in ranked]
+        features.append({"type": "Feature", "geometry": geometry, "properties": properties})
     doc = {"type": "FeatureCollection", "features": features, "dcfeat": meta}
     if meta.get("random_backbone"):
         doc["dcfeat_notice"] = "RANDOM BACKBONE: these predictions measure the pipeline, not DINOv2"
     return doc
+
+
+def _circle(answer: dict, radius_m: float) -> list[list[float]]:
+    """[lon, lat] ring of a circle of `radius_m` around an answer, drawn in its UTM zone (closed)."""
+    angle = np.linspace(0, 2 * np.pi, CIRCLE_VERTICES + 1)
+    angle[-1] = 0.0  # closed exactly: the first and last positions are equal
+    lat, lon = utm_to_latlon(answer["cell_east"] + radius_m * np.cos(angle),
+                             answer["cell_north"] + radius_m * np.sin(angle), answer["utm_zone"],
+                             answer["utm_letter"])
+    return [[float(a), float(b)] for a, b in zip(lon, lat)]
 
 
 def _image_list(images: Path | None, manifest: Path | None, path_column: str) -> tuple[Path, list[str], str]:
@@ -209,8 +270,9 @@ class Prediction:
 
 def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manifest: Path | None = None,
                   path_column: str = "path", feats: Path | None = None, split: str | None = None, k: int = 5,
-                  model: str | None = None, batch_size: int = 64, workers: int = 0, device: str = "auto",
-                  progress: bool = True, scoring: str = "cosine", min_confidence: float | None = None) -> Prediction:
+                  model: str | None = None, batch_size: int = 64, workers: int | None = None, device: str = "auto",
+                  progress: bool = True, scoring: str = "cosine", min_confidence: float | None = None,
+                  geojson_radius: bool = False) -> Prediction:
     """`dcfeat predict`: check the options and output, load the run, predict, write `out`."""
 
     out = check_out(out)
@@ -226,8 +288,8 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
         frame = predict_cached(run, feats, split, k=k, device=str(dev), scoring=scoring)
     else:
         frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
-                                        workers=workers, device=str(dev), progress=progress,
+                                        workers=decoding_workers(workers), device=str(dev), progress=progress,
                                         path_column=path_column, scoring=scoring)
     frame = abstain(frame, min_confidence)
-    path = write_predictions(frame, out, random_backbone=run.random_backbone, run=run)
+    path = write_predictions(frame, out, random_backbone=run.random_backbone, run=run, radius_polygons=geojson_radius)
     return Prediction(path=path, frame=frame, skipped=skipped, run=run)

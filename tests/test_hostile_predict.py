@@ -118,7 +118,85 @@ def test_predict_files_writes_every_format_with_the_run_status(tiny_run, photos,
     assert meta["run_complete"] is True and meta["epochs_done"] == meta["epochs"] == 1 and meta["random_backbone"]
     assert pl.read_csv(tmp_path / "p.csv").height == 6
     geo = json.loads((tmp_path / "p.geojson").read_text())
-    assert len(geo["features"]) == 6 and geo["dcfeat"]["run_complete"] is True and "dcfeat_notice" in geo
+    assert len(geo["features"]) == 3 and geo["dcfeat"]["run_complete"] is True and "dcfeat_notice" in geo
+    assert [len(f["properties"]["top_k"]) for f in geo["features"]] == [2, 2, 2]  # one feature per image
     assert leftovers(tmp_path) == []
     with pytest.raises(BadInput, match="--feats needs --split"):
         predict_files(tiny_run, tmp_path / "q.csv", feats=tmp_path / "f.h5")
+
+
+def test_every_row_says_what_made_it_in_csv_and_parquet(city_run, city_store, tmp_path):
+    for name in ("p.csv", "p.parquet"):
+        predict_files(city_run, tmp_path / name, feats=city_store, split="test", k=3, device="cpu")
+    csv = pl.read_csv(tmp_path / "p.csv")
+    assert set(csv["run_status"]) == {"complete"} and set(csv["threshold_m"]) == {25.0}
+    assert pl.read_parquet(tmp_path / "p.parquet")["run_status"].to_list() == csv["run_status"].to_list()
+
+
+def test_an_unfinished_uncalibrated_random_run_says_so_in_every_row(tiny_run, photos, tmp_path):
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(tiny_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "complete": False, "epochs_done": 1, "epochs": 3}))
+    result = predict_files(run, tmp_path / "p.csv", images=photos, k=1, device="cpu", progress=False)
+    assert set(pl.read_csv(tmp_path / "p.csv")["run_status"]) == {
+        "INCOMPLETE RUN (epoch 1 of 3); RANDOM BACKBONE; UNCALIBRATED"}
+    assert result.frame["threshold_m"].null_count() == result.frame.height  # no calibration, no threshold
+
+
+def test_geojson_is_one_valid_feature_per_image_with_its_top_k(city_run, city_store, tmp_path):
+    predict_files(city_run, tmp_path / "p.geojson", feats=city_store, split="test", k=4, device="cpu")
+    doc = json.loads((tmp_path / "p.geojson").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    test = pl.read_parquet(next((city_store.parent / "feats.labels" / "split=test").glob("*.parquet")))
+    assert [f["properties"]["image_id"] for f in doc["features"]] == test["image_id"].to_list()
+    first = doc["features"][0]
+    assert first["geometry"]["type"] == "Point"
+    assert [r["rank"] for r in first["properties"]["top_k"]] == [1, 2, 3, 4]
+    assert first["geometry"]["coordinates"] == [first["properties"]["top_k"][0]["lon"],
+                                                first["properties"]["top_k"][0]["lat"]]
+    assert set(first["properties"]) >= {"confidence", "radius_m", "abstained", "threshold_m", "run_status"}
+
+
+def test_geojson_radius_draws_the_90_percent_circle(city_run, city_store, tmp_path):
+    import utm
+
+    predict_files(city_run, tmp_path / "p.geojson", feats=city_store, split="test", k=1, device="cpu",
+                  geojson_radius=True)
+    feature = json.loads((tmp_path / "p.geojson").read_text())["features"][0]
+    ring = feature["geometry"]["coordinates"][0]
+    assert feature["geometry"]["type"] == "Polygon" and len(ring) == 65 and ring[0] == ring[-1]
+    answer = feature["properties"]["top_k"][0]
+    for lon, lat in ring[:-1]:
+        east, north, *_ = utm.from_latlon(lat, lon, force_zone_number=answer["utm_zone"])
+        radius = np.hypot(east - answer["cell_east"], north - answer["cell_north"])
+        assert radius == pytest.approx(feature["properties"]["radius_m"], rel=1e-3)
+
+
+def test_geojson_never_holds_nan():
+    from dcfeat.predict import geojson
+
+    frame = pl.DataFrame({"image_id": ["a"], "rank": [1], "class": [0], "probability": [0.5], "lat": [float("nan")],
+                          "lon": [float("nan")], "confidence": [float("nan")], "radius_m": [None]})
+    doc = geojson(frame, {})
+    json.dumps(doc, allow_nan=False)  # raises on NaN
+    assert doc["features"][0]["geometry"] is None and doc["features"][0]["properties"]["confidence"] is None
+
+
+def test_answers_on_stdout_warnings_on_stderr(tiny_run, photos, tmp_path):
+    (photos / "broken.jpg").write_bytes(b"nope")
+    r = invoke("predict", "--run", tiny_run, "--images", photos, "--out", tmp_path / "p.csv", "--k", 50,
+               "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "where the photos were taken" in r.stdout and "photo0.jpg" in r.stdout
+    classes = pl.read_csv(tmp_path / "p.csv")["rank"].max()
+    assert f"top-{classes} cells each (the run has {classes} classes)" in r.stdout and classes < 50
+    for warning in ("skipped broken.jpg", "UNCALIBRATED RUN", "RANDOM BACKBONE"):
+        assert warning in r.stderr and warning not in r.stdout, warning
+
+
+def test_predict_decodes_with_a_worker_per_core_by_default():
+    from dcfeat.images import decoding_workers
+
+    assert decoding_workers(None) == min(16, os.cpu_count() or 1) and decoding_workers(0) == 0

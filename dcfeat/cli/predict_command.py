@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.markup import escape
 
 from dcfeat.choices import SCORINGS
 from dcfeat.cli.common import DATA, no_progress, stdout
@@ -34,31 +35,42 @@ from dcfeat.cli.options import (
 @click.option("--model", default=None, help="Backbone [default: the one the run's features came from]; its "
               "weights must be the same (checked).")
 @click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=AT_LEAST_0, default=0, show_default=True, help="DataLoader decoding processes.")
+@click.option("--workers", type=AT_LEAST_0, default=None, help="DataLoader decoding processes [default: min(16, CPUs)].")
 @click.option("--min-confidence", type=FRACTION, default=None, help="Abstain below this calibrated confidence: "
               "such images stay in the output with abstained = true (needs a calibrated run).")
+@click.option("--geojson-radius", is_flag=True, help="GeoJSON: draw each answer as its 90 % circle (a polygon) "
+              "instead of a point (needs a calibrated run).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @no_progress
 def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, batch_size, workers,
-            min_confidence, device, no_progress):
+            min_confidence, geojson_radius, device, no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon, with the
     answer's calibrated confidence and the radius holding the true position with probability 0.9."""
     from dcfeat.backbone import RANDOM_NOTICE
+    from dcfeat.cli.tables import answers_table
     from dcfeat.predict import predict_files
+    from dcfeat.progress import stderr
 
     result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
                            split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
-                           progress=not no_progress, scoring=scoring, min_confidence=min_confidence)
+                           progress=not no_progress, scoring=scoring, min_confidence=min_confidence,
+                           geojson_radius=geojson_radius)
     first = result.frame.filter(result.frame["rank"] == 1)
+    cells = int(result.frame["rank"].max() or 0)
+    stdout.print(answers_table(result.frame))
     abstained = f", {int(first['abstained'].sum())} abstained (confidence < {min_confidence:g})" \
         if min_confidence is not None else ""
-    stdout.print(f"{first.height} images, top-{k} cells each{abstained} → {result.path}")
+    fewer = f" (the run has {cells} classes)" if cells < k else ""
+    stdout.print(f"{first.height} images, top-{cells} cells each{fewer}{abstained} → {result.path}", highlight=False)
+    warnings = [f"skipped {image_id}: {reason}" for image_id, reason in result.skipped]
     if result.run.calibration is None:
-        stdout.print("[yellow]UNCALIBRATED RUN: confidence and radius_m are empty; fit them with "
-                     "`dcfeat calibrate --split val`[/yellow]")
-    for image_id, reason in result.skipped:
-        stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)
+        warnings.append("UNCALIBRATED RUN: confidence and radius_m are empty; fit them with "
+                        "`dcfeat calibrate --split val`")
+    if geojson_radius and result.run.calibration is None and result.path.suffix.lower() == ".geojson":
+        warnings.append("--geojson-radius: no radius without a calibration; the answers are points")
     if result.random_backbone:
-        stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")
+        warnings.append(RANDOM_NOTICE)
     if result.run.status_line():
-        stdout.print(f"[yellow]{result.run.status_line()}[/yellow]")
+        warnings.append(result.run.status_line())
+    for line in warnings:
+        stderr.print(f"[yellow]{escape(line)}[/yellow]")

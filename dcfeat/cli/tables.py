@@ -76,3 +76,25 @@ def confidence_table(report: dict) -> Table:
         table.add_row(name, fmt(m["auc_pr"]), fmt(m["auroc"]), fmt(cov.get("50"), True), fmt(cov.get("75"), True),
                       fmt(cov.get("90"), True), fmt(m["ece"]), fmt(m["brier"]))
     return table
+
+
+SHOWN_ANSWERS = 10  # rows of `dcfeat predict`'s table; every answer is in the output file
+
+
+def answers_table(frame) -> Table:
+    """`dcfeat predict`'s first answers: where each photo was taken, how sure, within what radius."""
+    first = frame.filter(frame["rank"] == 1)
+    shown = first.head(SHOWN_ANSWERS)
+    more = f"; {first.height - shown.height} more in the output file" if first.height > shown.height else ""
+    table = Table(title=f"where the photos were taken (rank-1 answers){more}",
+                  caption="probability: the cell's share of the softmax over every cell (it ranks cells); "
+                          "confidence: the calibrated probability that the answer is within threshold_m of the "
+                          "truth; radius: holds the truth with probability 0.9")
+    for col in ("image", "lat", "lon", "cell", "probability", "confidence", "radius", "abstained"):
+        table.add_column(col, justify="left" if col == "image" else "right", overflow="fold")
+    fmt = lambda v, f: "—" if v is None else f.format(v)  # noqa: E731
+    for r in shown.iter_rows(named=True):
+        table.add_row(r["image_id"], f"{r['lat']:.6f}", f"{r['lon']:.6f}", str(r["class"]),
+                      f"{r['probability']:.3f}", fmt(r["confidence"], "{:.3f}"), fmt(r["radius_m"], "{:.0f} m"),
+                      "yes" if r.get("abstained") else "no")
+    return table
