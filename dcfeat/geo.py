@@ -39,3 +39,21 @@ def utm_to_latlon(east, north, zone, letter_or_northern) -> tuple[np.ndarray, np
         sel = key == k
         lat[sel], lon[sel] = utm.to_latlon(east[sel], north[sel], int(k // 2), northern=bool(k % 2), strict=False)
     return lat, lon
+
+
+def in_zone(east, north, zone, letter_or_northern, to_zone: int, to_northern: bool) -> tuple[np.ndarray, np.ndarray]:
+    """UTM points re-expressed in one given zone and hemisphere (UTM runs on past a zone's edge): how
+    points on both sides of a zone boundary meet on one plane. Points already there are returned as they are."""
+    east = np.asarray(east, dtype=np.float64)
+    north = np.asarray(north, dtype=np.float64)
+    zone = np.broadcast_to(np.asarray(zone).astype(np.int64), east.shape)
+    hemi = np.asarray(letter_or_northern)
+    northern = np.broadcast_to(hemi if hemi.dtype == bool else is_northern(hemi), east.shape)
+    other = (zone != to_zone) | (northern != to_northern)
+    if not other.any():
+        return east, north
+    east, north = east.copy(), north.copy()
+    lat, lon = utm_to_latlon(east[other], north[other], zone[other], northern[other])
+    east[other], north[other], *_ = utm.from_latlon(lat, lon, force_zone_number=int(to_zone),
+                                                    force_northern=bool(to_northern))
+    return east, north

@@ -1,0 +1,112 @@
+"""Positions: the answer as a point, weighed from the top cells' probabilities, instead of one cell's centre.
+
+D&C answers with the centre of the best cell, so a photo taken near a cell's border whose
+neighbour wins lands 25–30 m off. Here the answer for a ranked cell is the centroid of the
+centres of the candidate cells within `radius_m` of it (itself included), each weighed by
+its probability: a softmax at the model's logit scale s divided by `temperature` over the
+query's top-k cells. Radius 0 is the paper's cell centre.
+
+Centres are compared on one plane: a candidate in another UTM zone (or hemisphere) than the
+query's best cell is re-expressed in that cell's zone (UTM runs on past the zone's edge), and
+every position is given in the best cell's zone.
+
+The rule is fitted on a held-out split with the confidence (`fit_position_rule`: the grid's
+best LR@1 at the threshold, smaller radius on ties) and stored in calibration.json; a run
+without one uses DEFAULT_RULE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dcfeat.geo import in_zone, is_northern
+from dcfeat.metrics import distances_m
+from dcfeat.partition import Places
+
+# Searched on the held-out split: neighbourhood radii (0: the cell centre) and temperatures.
+RADII_M = (0.0, 30.0, 45.0, 60.0)
+TEMPERATURES = (0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True)
+class PositionRule:
+    """How a position is weighed from the top cells: their neighbourhood and the softmax temperature."""
+
+    radius_m: float = 45.0
+    temperature: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PositionRule:
+        """From `to_dict`'s object; ValueError naming what is wrong."""
+        if not isinstance(d, dict):
+            raise ValueError("`position` must be an object")
+        radius, temperature = d.get("radius_m"), d.get("temperature")
+        for name, v in (("radius_m", radius), ("temperature", temperature)):
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)):
+                raise ValueError(f"`position.{name}` must be a finite number")
+        if radius < 0 or temperature <= 0:
+            raise ValueError("`position.radius_m` must be >= 0 and `position.temperature` > 0")
+        return cls(float(radius), float(temperature))
+
+
+# The rule of a run whose calibration holds none: the middle of the grid, measured on the synthetic
+# cities' val splits (BENCHMARKS.md, "Positions").
+DEFAULT_RULE = PositionRule()
+CENTRE = PositionRule(radius_m=0.0)
+
+
+def probabilities(scores: np.ndarray, logit_scale: float, temperature: float = 1.0) -> np.ndarray:
+    """Softmax over each query's top-k scores (n, k) at scale s / temperature."""
+    z = (logit_scale / temperature) * (np.asarray(scores, np.float64) - np.asarray(scores, np.float64)[:, :1])
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True) if e.size else e
+
+
+def positions(top: Places, p: np.ndarray, radius_m: float, ranks: int | None = None) -> Places:
+    """Position of each query's first `ranks` candidates (n, ranks): the p-weighted centroid of the
+    candidates (n, k) within `radius_m` of it; in the zone and hemisphere of the query's best cell."""
+    n, k = np.shape(top.east)
+    ranks = k if ranks is None else min(ranks, k)
+    zone0 = np.asarray(top.zone)[:, :1]
+    north0 = is_northern(np.asarray(top.letter)[:, :1].astype("U1"))
+    east, north = np.asarray(top.east, np.float64), np.asarray(top.north, np.float64)
+    if n and not ((np.asarray(top.zone) == zone0).all() and (is_northern(np.asarray(top.letter, "U1")) == north0).all()):
+        east, north = east.copy(), north.copy()
+        for z, h in {(int(a), bool(b)) for a, b in zip(zone0[:, 0], north0[:, 0])}:
+            rows = (zone0[:, 0] == z) & (north0[:, 0] == h)
+            e, nn = in_zone(east[rows], north[rows], np.asarray(top.zone)[rows], np.asarray(top.letter)[rows], z, h)
+            east[rows], north[rows] = e, nn
+    # (n, ranks, k): which candidates are within the radius of each ranked one.
+    near = np.hypot(east[:, None, :] - east[:, :ranks, None], north[:, None, :] - north[:, :ranks, None])
+    w = np.where(near <= radius_m + 1e-9, np.asarray(p, np.float64)[:, None, :], 0.0)
+    w /= w.sum(2, keepdims=True)
+    zone = np.broadcast_to(zone0, (n, ranks))
+    letter = np.broadcast_to(np.asarray(top.letter)[:, :1], (n, ranks))
+    return Places((w * east[:, None, :]).sum(2), (w * north[:, None, :]).sum(2), zone, letter)
+
+
+def answer(top: Places, scores: np.ndarray, logit_scale: float, rule: PositionRule,
+           ranks: int | None = None) -> Places:
+    """The positions of a query's ranked cells under `rule` (see the module docstring)."""
+    return positions(top, probabilities(scores, logit_scale, rule.temperature), rule.radius_m, ranks)
+
+
+def fit_position_rule(top: Places, scores: np.ndarray, logit_scale: float, truth: Places, *,
+                      threshold_m: float, radii: tuple[float, ...] = RADII_M,
+                      temperatures: tuple[float, ...] = TEMPERATURES) -> tuple[PositionRule, dict]:
+    """The rule of the grid whose rank-1 positions are right (within `threshold_m`) most often on held-out
+    queries, the smaller radius and then temperature on ties; and the grid's LR@1, for the record."""
+    grid = {}
+    for radius in sorted(radii):
+        for temperature in sorted(temperatures) if radius > 0 else [1.0]:
+            at = answer(top, scores, logit_scale, PositionRule(radius, temperature), ranks=1)
+            dist = distances_m(truth.east, truth.north, truth.zone, at.east[:, 0], at.north[:, 0], at.zone[:, 0],
+                               q_letter=truth.letter, p_letter=at.letter[:, 0])
+            grid[(radius, temperature)] = float((dist <= threshold_m).mean()) if len(dist) else 0.0
+    best = max(grid, key=lambda key: (grid[key], -key[0], -key[1]))
+    return PositionRule(*best), {f"{r:g} m, T {t:g}": v for (r, t), v in grid.items()}

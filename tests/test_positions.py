@@ -1,0 +1,68 @@
+"""Positions from the top cells: exact centroids on hand-made cells, across a UTM zone boundary too."""
+
+import numpy as np
+import pytest
+import utm
+
+from dcfeat.partition import Places
+from dcfeat.positions import CENTRE, PositionRule, answer, fit_position_rule, positions, probabilities
+
+
+def row(east, north=(0.0, 0.0, 0.0), zone=10, letter="S") -> Places:
+    k = len(east)
+    return Places(np.array([east], float) + 500_000, np.array([north], float)[:, :k] + 4_000_000,
+                  np.full((1, k), zone), np.full((1, k), letter))
+
+
+def test_the_centroid_weighs_the_cells_within_the_radius():
+    top = row([10.0, 30.0, 50.0])
+    p = np.array([[0.5, 0.3, 0.2]])
+    at = positions(top, p, radius_m=25.0)
+    assert at.east[0] - 500_000 == pytest.approx([(0.5 * 10 + 0.3 * 30) / 0.8, 24.0, (0.3 * 30 + 0.2 * 50) / 0.5])
+    assert at.north[0] == pytest.approx([4_000_000] * 3)
+    assert positions(top, p, radius_m=0.0).east[0] - 500_000 == pytest.approx([10, 30, 50])  # the paper's centres
+    assert positions(top, p, radius_m=1e9, ranks=1).east[0, 0] - 500_000 == pytest.approx(5 + 9 + 10)
+
+
+def test_a_neighbour_across_a_zone_boundary_is_weighed_in_the_best_cells_zone():
+    # Two cells 20 m apart across lon -120 (zone 10 | 11), the best one in zone 10.
+    e10, n10, *_ = utm.from_latlon(37.0, -120.0001, force_zone_number=10)
+    e11, n11, *_ = utm.from_latlon(37.0, -119.9999, force_zone_number=11)
+    top = Places(np.array([[e10, e11]]), np.array([[n10, n11]]), np.array([[10, 11]]), np.array([["S", "S"]]))
+    at = positions(top, np.array([[0.75, 0.25]]), radius_m=50.0, ranks=1)
+    e11_in_10, n11_in_10, *_ = utm.from_latlon(37.0, -119.9999, force_zone_number=10)
+    assert (at.zone[0, 0], at.letter[0, 0]) == (10, "S")
+    assert at.east[0, 0] == pytest.approx(0.75 * e10 + 0.25 * e11_in_10, abs=1e-3)
+    assert at.north[0, 0] == pytest.approx(0.75 * n10 + 0.25 * n11_in_10, abs=1e-3)
+    assert np.hypot(e11_in_10 - e10, n11_in_10 - n10) == pytest.approx(17.8, abs=0.5)  # neighbours indeed
+
+
+def test_probabilities_are_a_softmax_at_scale_over_temperature():
+    p = probabilities(np.array([[0.9, 0.8, 0.5]]), logit_scale=10.0, temperature=2.0)
+    e = np.exp(5.0 * np.array([0.9, 0.8, 0.5]))
+    assert p[0] == pytest.approx(e / e.sum())
+    assert answer(row([10.0, 30.0, 50.0]), np.array([[0.9, 0.8, 0.5]]), 10.0, CENTRE).east[0, 0] == 500_010
+
+
+def test_the_fitted_rule_is_the_one_that_answers_best_on_held_out_queries():
+    # Every query's best two cells are neighbours with equal scores, the truth between them: a
+    # centroid is right, a centre is 10 m off; at a 5 m threshold only a radius > 0 wins.
+    n = 20
+    top = Places(np.tile([[500_010.0, 500_030.0, 500_090.0]], (n, 1)), np.full((n, 3), 4_000_010.0),
+                 np.full((n, 3), 10), np.full((n, 3), "S"))
+    scores = np.tile([[0.8, 0.8, 0.1]], (n, 1))
+    truth = Places(np.full(n, 500_020.0), np.full(n, 4_000_010.0), np.full(n, 10), np.full(n, "S"))
+    rule, grid = fit_position_rule(top, scores, 30.0, truth, threshold_m=5.0)
+    assert rule == PositionRule(30.0, 0.5) and grid["30 m, T 0.5"] == 1.0 and grid["0 m, T 1"] == 0.0
+    at_centres = Places(truth.east - 10, truth.north, truth.zone, truth.letter)
+    rule, _ = fit_position_rule(top, scores, 30.0, at_centres, threshold_m=5.0)
+    assert rule == CENTRE  # the truth at the best cell's centre: no radius pays
+
+
+@pytest.mark.parametrize("bad", [{"radius_m": -1, "temperature": 1}, {"radius_m": 30, "temperature": 0},
+                                 {"radius_m": "x", "temperature": 1}, {"radius_m": float("nan"), "temperature": 1},
+                                 []])
+def test_a_damaged_rule_is_refused(bad):
+    with pytest.raises(ValueError):
+        PositionRule.from_dict(bad)
+    assert PositionRule.from_dict(PositionRule(45.0, 2.0).to_dict()) == PositionRule(45.0, 2.0)
