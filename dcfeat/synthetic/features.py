@@ -39,6 +39,20 @@ SMALL = {"streets": 5, "block_m": 80.0, "dim": 64, "place_dim": 32, "queries": 2
 _BLOCK = 4096  # rows per noise seed; fixed so a row's noise does not depend on how it is read
 _CUTOFF = 3.0  # landmarks further than 3σ (weight < 1.2 %) are ignored
 _ROW = 2**32  # tile key = east index · _ROW + north index, so north neighbours are consecutive keys
+LAYOUTS = ("grid", "irregular")
+IRREGULAR_TURN_DEG = 12.0  # spread of each street's own turn in an irregular city
+ALIAS_MIN_M = 200.0  # a repeated façade stands at least this far from its twin: another place, not a neighbour
+
+# Cities of different difficulty: each turns a knob of make_city away from the default city ("grid").
+# Quality is reported on each and their mean; defaults and the confidence are fitted on their val splits.
+FAMILY: dict[str, dict] = {
+    "grid": {},
+    "aliased": {"aliasing": 0.3},
+    "shifted": {"condition_strength": 3.0, "query_noise": 0.9},
+    "sparse": {"train_keep": 0.4, "spacing_m": 8.0},
+    "occluded": {"max_occlusion_deg": 240.0},
+    "irregular": {"layout": "irregular", "seed": 1},
+}
 
 
 def _tile(east: np.ndarray, north: np.ndarray, visibility_m: float) -> np.ndarray:
@@ -206,30 +220,66 @@ def make_city(
     max_occlusion_deg: float = 120.0,
     noise: float = 0.3,
     query_noise: float = 0.6,
+    aliasing: float = 0.0,
+    layout: str = "grid",
+    train_keep: float = 1.0,
     origin: tuple[float, float] = (550_000.0, 4_180_000.0),
 ) -> SyntheticCity:
-    """A `streets` × `streets` grid city; train rows ≈ 2·streets·(streets − 1)·block_m/spacing_m·headings."""
+    """A `streets` × `streets` city; train rows ≈ 2·streets·(streets − 1)·block_m/spacing_m·headings·train_keep.
+
+    What makes it hard, each a knob (FAMILY names cities that turn them):
+    `aliasing`: the share of landmarks that look exactly like one at least ALIAS_MIN_M away (repeated
+    façades: distant places that the place signal cannot tell apart); `condition_strength` and
+    `query_noise`: how far the queries' capture conditions shift from the training drive's; `train_keep`:
+    the share of training panoramas kept (sparse cells, below min_images_per_class); `max_occlusion_deg`:
+    the widest sector an occluder hides from a query; `layout`: "grid", or "irregular" (every street
+    turned by its own angle and shifted: blocks of unequal shapes, cells cut at every angle).
+    """
     if place_dim + condition_dim > dim:
         raise ValueError(f"place_dim + condition_dim = {place_dim + condition_dim} exceeds dim = {dim}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     rng = np.random.default_rng(seed)
     side = (streets - 1) * block_m
     turn = np.radians(rotation_deg)
     rotate = np.array([[np.cos(turn), -np.sin(turn)], [np.sin(turn), np.cos(turn)]])
+    # Streets as (origin u, origin v, direction u, direction v), in local metres: along v, then along u.
+    line = np.arange(streets) * block_m
+    streets_uv = np.r_[np.stack([line, np.zeros(streets), np.zeros(streets), np.ones(streets)], 1),
+                       np.stack([np.zeros(streets), line, np.ones(streets), np.zeros(streets)], 1)]
+    if layout == "irregular":
+        street_rng = np.random.default_rng([seed, 1])  # its own stream: the grid city's draws stay as they were
+        angle = street_rng.normal(0.0, np.radians(IRREGULAR_TURN_DEG), len(streets_uv))
+        cos, sin = np.cos(angle), np.sin(angle)
+        du, dv = streets_uv[:, 2] * cos + streets_uv[:, 3] * sin, streets_uv[:, 3] * cos - streets_uv[:, 2] * sin
+        mid = streets_uv[:, :2] + side / 2 * streets_uv[:, 2:]  # turned about its middle, then shifted
+        shift = street_rng.normal(0.0, block_m / 4, len(streets_uv))
+        mid += shift[:, None] * np.stack([dv, -du], 1)
+        streets_uv = np.stack([mid[:, 0] - side / 2 * du, mid[:, 1] - side / 2 * dv, du, dv], 1)
 
     def to_utm(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         e, n = rotate @ np.stack([u, v])
         return origin[0] + e, origin[1] + n
 
+    # "Across" points to +u from the streets along v, to +v from those along u (whatever their turn).
+    across_sign = np.r_[np.ones(streets), -np.ones(streets)]
+
+    def on_street(street: np.ndarray, along: np.ndarray, across: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, across = streets_uv[street], across * across_sign[street]
+        return s[:, 0] + along * s[:, 2] + across * s[:, 3], s[:, 1] + along * s[:, 3] - across * s[:, 2]
+
     def drive(step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Spots every `step` metres along every street: (u, v, street direction in degrees)."""
         t = np.arange(0.0, side + 1e-9, step)
-        line = np.arange(streets) * block_m
-        u1, v1 = np.repeat(line, t.size), np.tile(t, streets)  # streets running along v
-        direction = np.r_[np.zeros(u1.size), np.full(u1.size, 90.0)]
-        return np.r_[u1, v1], np.r_[v1, u1], direction
+        street = np.repeat(np.arange(len(streets_uv)), t.size)
+        u, v = on_street(street, np.tile(t, len(streets_uv)), np.zeros(street.size))
+        return u, v, np.degrees(np.arctan2(streets_uv[street, 2], streets_uv[street, 3]))
 
-    def panoramas(step: float, bank: np.ndarray) -> _Rows:
+    def panoramas(step: float, bank: np.ndarray, keep: float = 1.0) -> _Rows:
         u, v, direction = drive(step)
+        if keep < 1.0:
+            kept = np.random.default_rng([seed, 2]).random(u.size) < keep  # its own stream, as above
+            u, v, direction = u[kept], v[kept], direction[kept]
         # Local axes v and u point at compass bearings -rotation and 90 - rotation.
         compass = (direction - rotation_deg)[:, None] + np.arange(headings) * 360.0 / headings
         e, n = to_utm(u, v)
@@ -239,10 +289,10 @@ def make_city(
                      np.zeros((captures * headings, 2), np.float32), noise)
 
     def snapshots(count: int, bank: np.ndarray) -> _Rows:
-        along, street = rng.uniform(0, side, count), rng.integers(0, streets, count) * block_m
-        across = street + rng.normal(0.0, 2.0, count)  # a pedestrian is not on the centre line
+        along, street = rng.uniform(0, side, count), rng.integers(0, streets, count)
+        across = rng.normal(0.0, 2.0, count)  # a pedestrian is not on the centre line
         vertical = rng.random(count) < 0.5
-        e, n = to_utm(np.where(vertical, across, along), np.where(vertical, along, across))
+        e, n = to_utm(*on_street(np.where(vertical, street, streets + street), along, across))
         occlusion = np.stack([rng.uniform(0, 2 * np.pi, count), rng.uniform(0, np.radians(max_occlusion_deg), count)], 1)
         return _Rows(e, n, rng.uniform(0, 360, count).astype(np.float32), np.arange(count),
                      _conditions(rng, bank, count, condition_jitter), occlusion.astype(np.float32), query_noise)
@@ -257,15 +307,31 @@ def make_city(
     count = int(np.prod(high - low) / landmark_spacing_m**2)
     landmarks = rng.uniform(low, high, (count, 2))
     vectors = rng.standard_normal((count, place_dim)).astype(np.float32)
+    if aliasing > 0:
+        _alias(vectors, landmarks, aliasing, np.random.default_rng([seed, 3]))
     train_bank = bank(conditions)
     rows = {
-        "train": panoramas(spacing_m, train_bank),
+        "train": panoramas(spacing_m, train_bank, train_keep),
         "val": snapshots(val_queries, bank(query_conditions)),
         "test": snapshots(queries, bank(query_conditions)),
         "test-db": panoramas(db_spacing_m, train_bank),
     }
     order = np.argsort(_tile(landmarks[:, 0], landmarks[:, 1], visibility_m), kind="stable")
     return SyntheticCity(seed, dim, visibility_m, landmarks[order, 0], landmarks[order, 1], vectors[order], basis, rows)
+
+
+def _alias(vectors: np.ndarray, landmarks: np.ndarray, share: float, rng: np.random.Generator) -> None:
+    """Make `share` of the landmarks look exactly like another, unchanged one at least ALIAS_MIN_M away, in place."""
+    copies = rng.choice(len(vectors), size=int(share * len(vectors)), replace=False)
+    originals = np.setdiff1d(np.arange(len(vectors)), copies)
+    sources = originals[rng.integers(0, len(originals), copies.size)]
+    for _ in range(8):  # redraw sources that are too near; a handful of rounds leaves none in practice
+        near = np.hypot(*(landmarks[copies] - landmarks[sources]).T) < ALIAS_MIN_M
+        if not near.any():
+            break
+        sources[near] = originals[rng.integers(0, len(originals), int(near.sum()))]
+    far = np.hypot(*(landmarks[copies] - landmarks[sources]).T) >= ALIAS_MIN_M
+    vectors[copies[far]] = vectors[sources[far]]
 
 
 def write_city(city: SyntheticCity, store, *, splits: tuple[str, ...] = SPLITS, seed: int = 0,
