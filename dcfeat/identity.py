@@ -1,7 +1,6 @@
 """What makes features compatible: the attributes that identify them, compared between a store's splits and a run.
 
-Features made with other weights, pooling, resolution or crop live in another space and must
-not be mixed: not in one store (the split writer refuses), not between a run's training
+Features made with other weights, pooling or crop live in another space and must not be mixed: not in one store (the split writer refuses), not between a run's training
 features and the features it is applied to (evaluate, calibrate, predict refuse). Each
 refusal names what differs and the `dcfeat extract` option that makes features that fit.
 
@@ -16,10 +15,12 @@ from __future__ import annotations
 from dcfeat.errors import IncompatibleFeatures
 
 # Attributes that must agree between splits of one store, and between a run's training features
-# and the features it is applied to.
-IDENTITY_ATTRS = ("model_fingerprint", "pooling", "image_size", "crop", "dim")
-# What a run records of its training features: the identity, and the model's name for people.
-RECORDED_ATTRS = ("model", *IDENTITY_ATTRS)
+# and the features it is applied to. The image size is not one: the same weights, pooling and crop
+# at another resolution give features of the same space (D&C trains at 224 and tests at Resize(256)),
+# so a test split may be extracted at another --image-size; it is recorded with each split and run.
+IDENTITY_ATTRS = ("model_fingerprint", "pooling", "crop", "dim")
+# What a run records of its training features: the identity, the model's name for people, the size.
+RECORDED_ATTRS = ("model", *IDENTITY_ATTRS, "image_size")
 # Identity attributes younger than the stores (and runs) that lack them, read as what those were made with.
 ATTR_DEFAULTS = {"crop": "centre"}
 # The extract option that sets an identity attribute, for messages naming the fix.
@@ -35,7 +36,7 @@ def with_defaults(attrs: dict) -> dict:
 def identity_diff(a: dict, b: dict) -> dict[str, tuple]:
     """Identity attributes whose values differ between `a` and `b`; one that either lacks is not compared.
     The model's name counts only where either side lacks the fingerprint."""
-    keys = IDENTITY_ATTRS if a.get("model_fingerprint") and b.get("model_fingerprint") else RECORDED_ATTRS
+    keys = IDENTITY_ATTRS if a.get("model_fingerprint") and b.get("model_fingerprint") else ("model", *IDENTITY_ATTRS)
     return {k: (a[k], b[k]) for k in keys if k in a and k in b and a[k] != b[k]}
 
 

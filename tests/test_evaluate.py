@@ -96,7 +96,8 @@ def test_predict_from_cached_features_writes_latlon(city_store, city_run, tmp_pa
     assert ((probs > 0) & (probs <= 1.0 + 1e-5)).all()
     assert pl.read_csv(tmp_path / "p.csv").height == 600
     geo = json.loads((tmp_path / "p.geojson").read_text())
-    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 600
+    assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 200  # one per image, its top 3 inside
+    assert all(len(f["properties"]["top_k"]) == 3 for f in geo["features"])
     lon, lat = geo["features"][0]["geometry"]["coordinates"]
     assert lat == pytest.approx(frame["lat"][0]) and lon == pytest.approx(frame["lon"][0])
 

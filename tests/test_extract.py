@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dcfeat.locking import writer_lock
-from dcfeat.store import list_splits, read_failures, read_split
+from dcfeat.store import list_splits, read_failures, read_split, split_info
 from tests.conftest import ROOT, extract_args, invoke, kill_9_after, sfxl_name, write_images
 
 
@@ -89,15 +89,17 @@ def test_unparseable_names_fail_clearly_and_write_nothing(tmp_path, tiny_model):
     assert not out.exists() and not out.with_suffix(".shards").exists()
 
 
-def test_mixing_another_pooling_or_size_is_refused(images, tmp_path, tiny_model):
+def test_mixing_another_pooling_is_refused_and_another_size_is_recorded(images, tmp_path, tiny_model):
     out = tmp_path / "f.h5"
     assert invoke(*extract_args(images, out, tiny_model), catch_exceptions=False).exit_code == 0
     for extra, word in ((["--pooling", "gem"], "pooling"), (["--split", "x", "--pooling", "mean"], "pooling")):
         r = invoke(*extract_args(images, out, tiny_model, *extra))
         assert r.exit_code != 0 and word in r.output, r.output
+    # Another resolution of the same weights, pooling and crop: a test split as D&C tests (Resize(256)).
     r = invoke("extract", "--images", images, "--out", out, "--model", tiny_model, "--image-size", 70, "--split", "y",
                "--workers", 0, "--no-progress")
-    assert r.exit_code != 0 and "image_size" in r.output
+    assert r.exit_code == 0, r.output
+    assert split_info(out, "y").attrs["image_size"] == 70 and split_info(out, "train").attrs["image_size"] == 56
 
 
 def test_second_concurrent_writer_is_refused(images, tmp_path, tiny_model):
