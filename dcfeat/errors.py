@@ -10,13 +10,17 @@ A message names the file concerned and the fix.
 | DamagedStore           | 3    | a feature store or its shards/labels are missing, truncated or inconsistent |
 | DamagedRun             | 4    | a run folder is incomplete, edited or damaged                  |
 | IncompatibleFeatures   | 5    | features, a run and a backbone that do not belong together     |
-| EnvironmentProblem     | 6    | missing weights, no CUDA, a full disk, a store locked by another writer |
+| EnvironmentProblem     | 6    | missing weights, no CUDA, a full disk or read-only folder, a store locked by another writer |
+
+A command interrupted with Ctrl-C exits 130 (128 + SIGINT, as shells report it), printing "interrupted".
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -47,6 +51,8 @@ class EnvironmentProblem(DcfeatError):
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# Writing refused by the filesystem or its permissions, not by a lack of space.
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def human_bytes(n: float) -> str:
@@ -83,3 +89,59 @@ def check_free_space(folder: Path, needed: int) -> None:
         return
     if free < needed:
         raise disk_full(folder, needed)
+
+
+def is_not_writable(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in _NOT_WRITABLE
+
+
+def not_writable(folder: Path, error: OSError | None = None) -> EnvironmentProblem:
+    """The error for a folder that cannot be written (read-only filesystem, no permission)."""
+    why = f" ({error.strerror})" if error is not None and error.strerror else ""
+    return EnvironmentProblem(f"{folder}: cannot write there{why}: the filesystem is read-only or the folder is not "
+                              "yours. Make it writable, or write to another folder (--out, or a copy of the run)")
+
+
+def write_problem(folder: Path, error: BaseException) -> EnvironmentProblem | None:
+    """The EnvironmentProblem naming `folder` for an OSError that the disk or filesystem caused; None for others."""
+    if is_disk_full(error):
+        return disk_full(folder)
+    if is_not_writable(error):
+        return not_writable(folder, error)
+    return None
+
+
+@contextmanager
+def writing(folder: Path):
+    """Inside: a full disk or a read-only filesystem while writing under `folder` becomes one
+    EnvironmentProblem naming that folder (an OSError of a write often carries no file name). A
+    refused permission counts only for a file under `folder`: elsewhere it may be a read."""
+    folder = Path(folder)
+    try:
+        yield
+    except OSError as e:
+        inside = e.filename is None or Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(folder))
+        problem = write_problem(folder, e) if is_disk_full(e) or e.errno == errno.EROFS or inside else None
+        if problem is None:
+            raise
+        raise problem from None
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse before any work when `folder` (or the nearest folder above it that exists, where it
+    would be created) cannot be written. Tried with a file, not asked: os.access says yes to root
+    on a read-only mount."""
+    folder = Path(folder)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return  # a file in the way: the writer's own check words it
+    probe = existing / f".dcfeat-write-probe-{os.getpid()}.tmp"
+    try:
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        problem = write_problem(folder, e)
+        if problem is None:
+            raise
+        raise problem from None
