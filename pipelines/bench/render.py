@@ -240,6 +240,19 @@ def streamed(path: Path) -> str:
             "budget + 1.5 GB (goal):\n\n" + table(["split", "samples/s", "peak RSS", "best val LR@1"], rows))
 
 
+def cli(path: Path) -> str:
+    """`dcfeat --help` against `import torch`, fresh processes side by side (pipelines/bench_cli.py)."""
+    c = json.loads(path.read_text())
+    m = c["median_s"]
+    return (f"On this 2-core CPU{measured(c)}: median of {c['runs']} fresh processes each, alternating (`pipelines/bench_cli.py`); "
+            f"the interpreter alone starts in {m['python']:.2f} s.\n\n" + table(["what", "measured", "goal"], [
+                ["`dcfeat --help` / `python -c \"import torch\"`",
+                 f"{m['dcfeat --help']:.2f} s / {m['import torch']:.2f} s = **{c['help_over_torch']:.2f}**", "≤ 0.2"],
+                ["`dcfeat --version` / `python -c \"import torch\"`",
+                 f"{m['dcfeat --version']:.2f} s / {m['import torch']:.2f} s = **{c['version_over_torch']:.2f}**",
+                 "≤ 0.2"]]))
+
+
 def render(cpu: dict, results: Path) -> str:
     """BENCHMARKS.md from the CPU results and the other files recorded under `results`."""
     text = Template(TEMPLATE.read_text()).substitute(
@@ -249,6 +262,7 @@ def render(cpu: dict, results: Path) -> str:
         crop=crop(results / "crop.json"), presets=presets(results / "presets.json"),
         negatives=negatives(results / "negatives.json"), confidence=confidence(results / "confidence.json"),
         hybrid_speed=hybrid_speed(results / "hybrid.json"), streamed=streamed(results / "streamed.json"),
+        cli=cli(results / "cli.json"),
         gpu=gpu([(results / "gpu_h200.jsonl", ""), (results / "gpu_h200_second.jsonl", "run 2: ")]),
         gpu_h100=gpu([(results / "gpu_h100.jsonl", "")]),
         gpu_check=gpu_check(results / "gpu_h100_first.jsonl"))
