@@ -54,6 +54,9 @@ CROPS = {
     "full": "the whole image, shorter side resized to size and the longer one in proportion, rounded to a "
             "multiple of the patch size (D&C's test images)",
 }
+# --device: where dcfeat computes. Its kernels, precision and memory checks know the CPU and CUDA only.
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+DEVICES = "auto, cpu, cuda or cuda:N"
 # --dtype: how embeddings are stored.
 STORE_DTYPES = ("float16", "float32")
 

@@ -7,17 +7,31 @@ everything stays float32 (CPU half-precision matmuls are many times slower).
 from __future__ import annotations
 
 import os
+import re
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
+from dcfeat.choices import DEVICE_PATTERN, DEVICES
 from dcfeat.errors import BadInput, EnvironmentProblem
+
+_DEVICE = re.compile(DEVICE_PATTERN)
+
+
+def check_device_name(device: str) -> str:
+    """`device` when dcfeat supports it (auto, cpu, cuda, cuda:N); BadInput otherwise."""
+    if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+        raise BadInput(f"--device {device}: dcfeat runs on {DEVICES} (torch's other devices, such as mps "
+                       "or meta, are not supported); choose one of those")
+    return device
 
 
 def resolve_device(device: str | torch.device = "auto", *, local_rank: int = 0, world: int = 1) -> torch.device:
-    """"auto" → CUDA when there is one; under torchrun each process takes its own GPU."""
+    """"auto" → CUDA when there is one; under torchrun each process takes its own GPU. Only the
+    CPU and CUDA devices are accepted (BadInput), and a CUDA device must exist (EnvironmentProblem)."""
     if isinstance(device, torch.device):
         return device
+    check_device_name(device)
     if device == "auto" or (device == "cuda" and world > 1):
         if torch.cuda.is_available():
             return torch.device(f"cuda:{local_rank}" if world > 1 else "cuda")
@@ -26,10 +40,11 @@ def resolve_device(device: str | torch.device = "auto", *, local_rank: int = 0, 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise EnvironmentProblem(f"--device {device}: torch sees no CUDA device here; pass --device cpu, "
                                  "or install a CUDA build of torch on a machine with an NVIDIA GPU")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise BadInput(f"--device {device}: choose auto, cpu, cuda or cuda:N") from None
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise EnvironmentProblem(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s) here "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); choose one of those")
+    return resolved
 
 
 def is_cuda(device: torch.device) -> bool:
@@ -80,14 +95,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def memory_budget(device: torch.device, share: float = 0.5) -> int:
-    """Bytes of a split that training may hold: `share` of the free memory where the features live
-    (the GPU's free memory on CUDA, the host's available memory otherwise)."""
+def available_memory(device: torch.device) -> int:
+    """Bytes free where tensors on `device` live: the GPU's free memory on CUDA, the host's available
+    memory otherwise."""
     if is_cuda(device):
-        return int(torch.cuda.mem_get_info(device)[0] * share)
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        return int(info["MemAvailable"] * share)
+        return int(info["MemAvailable"])
     except (OSError, KeyError, ValueError):
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * share)
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def memory_budget(device: torch.device, share: float = 0.5) -> int:
+    """Bytes of a split that training may hold: `share` of the free memory where the features live."""
+    return int(available_memory(device) * share)

@@ -1,8 +1,9 @@
 """Command line: parses options and calls one core function per stage (one module per command).
 
 Exit codes: 0 success; 2 bad input (click's usage errors too); 3 damaged store; 4 damaged run;
-5 incompatible features; 6 environment (missing weights, no CUDA, full disk, store locked) —
-the kinds of dcfeat.errors, each printed as one message. 1 with a traceback is a bug.
+5 incompatible features; 6 environment (missing weights, no CUDA, full disk, read-only folder, store
+locked) — the kinds of dcfeat.errors, each printed as one message; 130 interrupted (Ctrl-C, which
+prints "interrupted"). 1 with a traceback is a bug.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from dcfeat.cli.common import DATA, no_progress, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
+    device_option,
 )
 
 
@@ -21,7 +22,7 @@ from dcfeat.cli.options import (
               help="Backbone crop size (a multiple of the model's patch size).")
 @click.option("--epochs", type=AT_LEAST_1, default=10, show_default=True, help="Training epochs.")
 @click.option("--workers", type=AT_LEAST_0, default=None, help="Decoding processes [default: min(16, CPUs)].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--random-backbone", is_flag=True, help="Use a random DINOv2-S/14 instead of pretrained "
               "facebook/dinov2-small (downloaded once, ~90 MB, where the network allows).")
 @no_progress

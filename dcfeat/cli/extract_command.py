@@ -11,6 +11,7 @@ from dcfeat.cli.common import DEFAULT_STORE, no_progress, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
+    device_option,
     split_name,
 )
 
@@ -41,7 +42,7 @@ from dcfeat.cli.options import (
               help="Images per forward pass (--crop full: per batch, which runs one forward pass per image shape).")
 @click.option("--workers", type=AT_LEAST_0, default=None,
               help="DataLoader decoding processes [default: min(16, CPUs)].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--draft/--no-draft", default=True, show_default=True,
               help="Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale before the bicubic resize.")
 @click.option("--dtype", type=click.Choice(STORE_DTYPES), default=STORE_DTYPES[0], show_default=True,

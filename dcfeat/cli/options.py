@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import re
 from pathlib import Path
 
 import click
 
-from dcfeat.errors import BadInput, DcfeatError, disk_full, is_disk_full
+from dcfeat.choices import DEVICE_PATTERN, DEVICES
+from dcfeat.errors import BadInput, DcfeatError, is_disk_full, write_problem
 from dcfeat.layout import check_split_name
 
 
@@ -59,6 +62,23 @@ class Size(click.ParamType):
         return int(size)
 
 
+class Device(click.ParamType):
+    """--device: auto, cpu, cuda or cuda:N, the devices dcfeat's kernels and precision know."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        if not re.fullmatch(DEVICE_PATTERN, str(value)):
+            self.fail(f"{value!r}: choose {DEVICES} (torch's other devices, such as mps or meta, are not "
+                      "supported)", param, ctx)
+        return str(value)
+
+
+def device_option(f):
+    """The --device option every computing command shares."""
+    return click.option("--device", type=Device(), default="auto", show_default=True, help=f"{DEVICES}.")(f)
+
+
 def split_name(ctx, param, value):
     """click callback: a split name that is safe as an HDF5 group and a folder name (or None)."""
     if value is None:
@@ -77,6 +97,10 @@ AT_LEAST_0 = click.IntRange(min=0)
 # Near π/2 an additive angular margin pushes every target past the orthogonal, and CosFace's margin
 # lives on cosines in [-1, 1]: either way a margin that large cannot train (the papers use 0.1-0.5).
 MARGIN = Finite(min=0, max=1.5)
+# Seeds torch's generators take (CPU and CUDA): 0 to 2^63 - 1.
+SEED = click.IntRange(min=0, max=2 ** 63 - 1)
+# Exit code of a command stopped with Ctrl-C: 128 + SIGINT, what shells report (1 is for bugs).
+INTERRUPTED = 130
 
 
 class _UserError(click.ClickException):
@@ -88,8 +112,9 @@ class _UserError(click.ClickException):
 
 
 class UserErrorsGroup(click.Group):
-    """Runs a command; a DcfeatError (or a full disk) becomes one message and its kind's exit code.
-    Lists its commands in the order they were added (the pipeline's), not alphabetically."""
+    """Runs a command; a DcfeatError (or a full disk, a read-only folder) becomes one message and its
+    kind's exit code; Ctrl-C prints "interrupted" and exits 130. Lists its commands in the order they
+    were added (the pipeline's), not alphabetically."""
 
     def list_commands(self, ctx):
         return list(self.commands)
@@ -99,7 +124,11 @@ class UserErrorsGroup(click.Group):
             return super().invoke(ctx)
         except DcfeatError as e:
             raise _UserError(e) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(INTERRUPTED) from None
         except OSError as e:
-            if not is_disk_full(e):
+            # Only errors a write alone raises: a refused read (EACCES) may be anything, and stays a bug.
+            if not (is_disk_full(e) or e.errno == errno.EROFS):
                 raise
-            raise _UserError(disk_full(Path(e.filename).parent if e.filename else Path.cwd())) from None
+            raise _UserError(write_problem(Path(e.filename).parent if e.filename else Path.cwd(), e)) from None
