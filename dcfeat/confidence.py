@@ -50,6 +50,9 @@ RADIUS_COVERAGE = 0.9
 # queries search the whole database, the next up to HYBRID_WIDEN search WIDEN_FACTOR × the cells.
 HYBRID_FALLBACK, HYBRID_WIDEN = 0.05, 0.25
 _TINY = 1e-12
+# Below this many held-out queries the confidence's fit is loose and the reliability plot's 15 bins
+# hold a handful of queries each: said, not refused.
+FEW_QUERIES = 100
 
 
 @dataclass
@@ -173,18 +176,31 @@ class Calibrator:
     def for_database(self, database_split: str | None) -> Calibrator:
         """The calibrator to use when `database_split` is searched (itself when none was fitted for it)."""
         nested = self.with_database
-        if database_split is not None and nested is not None and nested.fitted_on["database_split"] == database_split:
+        if database_split is not None and nested is not None and nested.fitted_on.get("database_split") == database_split:
             return nested
         return self
 
     @classmethod
-    def from_dict(cls, d: dict) -> Calibrator:
-        """Rebuilt from `to_json`'s object; ValueError naming what is wrong."""
+    def from_dict(cls, d: dict, *, nested: bool = False) -> Calibrator:
+        """Rebuilt from `to_json`'s object, every value checked; ValueError naming the field that is wrong.
+        `nested`: the `with_database` calibrator, the only one that may use DATABASE_SIGNAL (and must)."""
+        where = "`with_database`: " if nested else ""
+        try:
+            return cls._from_dict(d, nested)
+        except ValueError as e:
+            raise ValueError(f"{where}{e}") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict, nested: bool) -> Calibrator:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
+        allowed = (*SIGNALS, DATABASE_SIGNAL) if nested else SIGNALS
         signals = d.get("signals")
-        if not (isinstance(signals, list) and signals and all(s in (*SIGNALS, DATABASE_SIGNAL) for s in signals)):
-            raise ValueError(f"`signals` must list some of {', '.join((*SIGNALS, DATABASE_SIGNAL))}")
+        if not (isinstance(signals, list) and signals and all(isinstance(s, str) and s in allowed for s in signals)
+                and len(set(signals)) == len(signals) and (DATABASE_SIGNAL in signals) == nested):
+            only = (f", with {DATABASE_SIGNAL}" if nested else
+                    f" ({DATABASE_SIGNAL} only in `with_database`, the confidence fitted with a database)")
+            raise ValueError(f"`signals` must list some of {', '.join(allowed)}, each once{only}")
         n = len(signals)
         for key in ("mean", "std", "weights"):
             v = d.get(key)
@@ -197,16 +213,62 @@ class Calibrator:
                 raise ValueError(f"`{key}` must be a finite number")
         if d["radius_scale"] <= 0 or d["threshold_m"] <= 0:
             raise ValueError("`radius_scale` and `threshold_m` must be positive")
-        hybrid = d.get("hybrid", {})
-        if not (isinstance(hybrid, dict) and all(_finite(v) for v in hybrid.values())):
-            raise ValueError("`hybrid` must map names to numbers")
-        nested = d.get("with_database")
-        if nested is not None and not (isinstance(nested, dict) and isinstance(nested.get("fitted_on"), dict)
-                                       and isinstance(nested["fitted_on"].get("database_split"), str)):
-            raise ValueError("`with_database` must be a calibrator fitted on a named `database_split`")
+        fitted_on = _checked_fitted_on(d.get("fitted_on"), nested)
+        hybrid = _checked_hybrid(d.get("hybrid"))
+        inner = d.get("with_database")
+        if inner is not None and nested:
+            raise ValueError("`with_database` cannot hold another `with_database`")
         return cls(tuple(signals), d["mean"], d["std"], d["weights"], float(d["bias"]), float(d["radius_scale"]),
-                   float(d["threshold_m"]), d.get("fitted_on", {}), hybrid,
-                   cls.from_dict(nested) if nested is not None else None)
+                   float(d["threshold_m"]), fitted_on, hybrid,
+                   cls.from_dict(inner, nested=True) if inner is not None else None)
+
+
+def _checked_fitted_on(fitted_on, nested: bool) -> dict:
+    """calibration.json's `fitted_on`: the held-out split and its query counts (fit writes them)."""
+    if not isinstance(fitted_on, dict):
+        raise ValueError(f"`fitted_on` must be an object with the held-out split's `queries` and `right`, not "
+                         f"{fitted_on!r}")
+    queries, right = fitted_on.get("queries"), fitted_on.get("right")
+    if not (_count(queries) and _count(right) and right <= queries):
+        raise ValueError(f"`fitted_on` must count the held-out `queries` and the `right` answers among them "
+                         f"(counts, right <= queries), not {queries!r} and {right!r}")
+    for key in ("split", "store", *(("database_split",) if nested else ())):
+        if (key in fitted_on or (nested and key == "database_split")) and not isinstance(fitted_on.get(key), str):
+            raise ValueError(f"`fitted_on.{key}` must name a {'store' if key == 'store' else 'split'}")
+    return fitted_on
+
+
+HYBRID_KEYS = ("fallback_below", "widen_below", "widen_factor")
+MAX_WIDEN_FACTOR = 100
+
+
+def _checked_hybrid(hybrid) -> dict:
+    """calibration.json's `hybrid`: the adaptive hybrid's rule (two confidence quantiles and a factor)."""
+    if not (isinstance(hybrid, dict) and set(hybrid) == set(HYBRID_KEYS)):
+        raise ValueError(f"`hybrid` must hold {', '.join(HYBRID_KEYS)} (the adaptive hybrid's rule), not {hybrid!r}")
+    low, wide, factor = (hybrid[k] for k in HYBRID_KEYS)
+    if not (_finite(low) and _finite(wide) and 0 <= low <= wide <= 1):
+        raise ValueError(f"`hybrid.fallback_below` and `hybrid.widen_below` must be confidences from 0 to 1, the "
+                         f"first no higher, not {low!r} and {wide!r}")
+    if not (_finite(factor) and factor == int(factor) and 1 <= factor <= MAX_WIDEN_FACTOR):
+        raise ValueError(f"`hybrid.widen_factor` must be a whole number from 1 to {MAX_WIDEN_FACTOR}, not {factor!r}")
+    return hybrid
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def few_queries_warning(calibrator: Calibrator) -> str | None:
+    """A warning for a confidence fitted on fewer than FEW_QUERIES held-out queries (None otherwise)."""
+    n = calibrator.fitted_on.get("queries", 0)
+    if n >= FEW_QUERIES:
+        return None
+    split = calibrator.fitted_on.get("split")
+    return (f"the confidence was fitted on only {n} held-out queries{f' of split {split!r}' if split else ''}: its "
+            f"probabilities are loose, and the reliability plot's 15 bins hold {max(1, n // 15)}-"
+            f"{max(1, -(-n // 15))} queries each (~{FEW_QUERIES} or more make it dependable). Calibrate on a larger "
+            "held-out split")
 
 
 def _finite(v) -> bool:

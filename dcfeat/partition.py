@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from dcfeat.errors import BadInput
 from dcfeat.geo import UTM_LETTERS, is_northern
 from dcfeat.metrics import distances_m
 
@@ -121,7 +122,10 @@ def _pack(band: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """One int64 per (band, p, q), ordered like the triples: band = zone · 2 + northern (2..121)."""
     half = 1 << (_CELL_BITS - 1)
     if p.size and not (-half <= min(p.min(), q.min()) and max(p.max(), q.max()) < half):
-        raise ValueError(f"cell indices beyond ±2^{_CELL_BITS - 1}: coordinates far outside UTM, or M too small")
+        largest = max(abs(int(v)) for v in (p.min(), p.max(), q.min(), q.max()))
+        raise BadInput(f"cell indices up to {largest:,}, beyond ±2^{_CELL_BITS - 1}: the cell side is too small for "
+                       "these coordinates (or they lie far outside UTM). Raise --M (metres; 0.1 reaches past "
+                       "10,000 km)")
     return (band.astype(np.int64) << (2 * _CELL_BITS)) + ((p + half) << _CELL_BITS) + (q + half)
 
 
@@ -239,7 +243,7 @@ def save_classes(df: pl.DataFrame, path: str | Path) -> None:
 
 def load_classes(path: str | Path) -> pl.DataFrame:
     """Read a class table written by `save_classes`, with its dtypes, checked."""
-    return _checked(pl.read_parquet(path), str(path))
+    return _checked(pl.read_parquet(path, glob=False), str(path))  # a file name, never a pattern
 
 
 @dataclass(frozen=True)

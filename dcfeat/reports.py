@@ -1,22 +1,69 @@
 """Files of `dcfeat evaluate`: report.json, predictions.parquet, the PNG plots.
 
-All land in one folder (`dcfeat evaluate --out`, by default `<run>/eval/<split>/`),
-each written under a temporary name and renamed into place. A run whose training stopped early says so in the report
-(`run_complete`, `epochs_done`, `run_status`), and the CLI's table says it too.
+All land in one folder (`dcfeat evaluate --out`, by default `<run>/eval/<split>/`). They are
+written into a temporary folder inside it first (`staged`) and moved into place together, report.json
+last: an evaluation that fails (a full disk) leaves the folder as it was, and one that succeeds leaves
+only its own files, none of an earlier evaluation's other modes. A run whose training stopped early
+says so in the report (`run_complete`, `epochs_done`, `run_status`), and the CLI's table says it too.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from dcfeat.atomic import atomic_write, write_text
+from dcfeat.atomic import atomic_write, fsync_dir, write_text
 from dcfeat.backbone import RANDOM_NOTICE
+from dcfeat.choices import MODES
 from dcfeat.plots import plot_error_cdf, plot_query_map, plot_reliability, plot_risk_coverage
+
+
+REPORT, PREDICTIONS = "report.json", "predictions.parquet"
+# Every name `dcfeat evaluate` writes: only these are ever replaced or removed in an output folder.
+OWN_FILES = (REPORT, PREDICTIONS, "error_cdf.png", "risk_coverage.png", "reliability.png",
+             *(f"map_{mode}.png" for mode in MODES))
+_STAGING = ".dcfeat-evaluate.tmp"
+
+
+def remove_outputs(folder: Path, keep: set[str] | frozenset = frozenset()) -> None:
+    """Remove the files `dcfeat evaluate` writes (OWN_FILES) from `folder`, but those named in `keep`."""
+    for name in OWN_FILES:
+        if name not in keep:
+            (Path(folder) / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def staged(out: Path):
+    """Yields an empty temporary folder inside `out` for one evaluation's files. On success they
+    replace dcfeat's files in `out` (report.json last, after the old one is gone), and dcfeat's files
+    of an earlier evaluation that this one did not write are removed; on any failure the temporary
+    folder is removed and `out` keeps what it held (a folder made for it is removed again)."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / _STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed evaluation
+    try:
+        staging.mkdir()
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    new = {p.name for p in staging.iterdir()}
+    remove_outputs(out, keep=new - {REPORT})
+    for name in sorted(new, key=lambda n: n == REPORT):
+        os.replace(staging / name, out / name)
+    staging.rmdir()
+    fsync_dir(out)
 
 
 @dataclass

@@ -9,8 +9,11 @@ last backbone blocks. No pickles.
 `config.json` also says how far training got: `complete`, `epochs_done` of
 `epochs`. Training rewrites it after every epoch, so a run stopped half way
 is recognised as such (`Run.status_line`) instead of passing for a finished one.
-`load_run` checks every file against the others and refuses a damaged run
-with one `DamagedRun` naming the file and the fix.
+`load_run` checks every file against the others, values as well as types (a cell centre
+that is not its cell's, a zone past 60, a pooling no backbone has), and refuses a damaged run
+with one `DamagedRun` naming the file, the field and the fix. Every file dcfeat writes here also
+gets its SHA-256 in `checksums.json` (config.json cannot hold its own), which
+`dcfeat info RUN --verify` compares.
 
 The run folder sits at the top of the model layer: loading one rebuilds the model
 (dcfeat.model), its class table (dcfeat.partition) and its confidence (dcfeat.confidence).
@@ -18,8 +21,11 @@ The run folder sits at the top of the model layer: loading one rebuilds the mode
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import math
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -31,15 +37,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dcfeat.atomic import atomic_write, tmp_path, write_text
-from dcfeat.choices import HEADS, TEST_PROTOTYPES
+from dcfeat.atomic import TMP_SUFFIX, atomic_write, tmp_path, write_text
+from dcfeat.choices import CROPS, HEADS, POOLINGS, TEST_PROTOTYPES
 from dcfeat.confidence import Calibrator
-from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem
+from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, writing
+from dcfeat.geo import UTM_LETTERS
 from dcfeat.identity import with_defaults
 from dcfeat.locking import exclusive
 from dcfeat.model import DCModel
-from dcfeat.partition import load_classes, save_classes
+from dcfeat.partition import cell_centre, group_of, load_classes, save_classes
 from dcfeat.presets import TrainConfig
+from dcfeat.reports import remove_outputs
 
 MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
 BLOCKS_FILE, CALIBRATION_FILE = "blocks.safetensors", "calibration.json"
@@ -49,7 +57,12 @@ COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"
 # Training's state after its last finished epoch (weights, optimiser, schedule, random generators),
 # what the same command resumes from; and the lock that keeps one `dcfeat train` per run folder.
 RESUME_FILE, LOCK_FILE = "resume.safetensors", ".lock"
-TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, RESUME_FILE)
+# SHA-256 of every file below as dcfeat last wrote it (`dcfeat info RUN --verify` compares them).
+CHECKSUM_FILE = "checksums.json"
+CHECKSUMMED = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE, BLOCKS_FILE, CALIBRATION_FILE)
+TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, RESUME_FILE, CHECKSUM_FILE)
+# Where `dcfeat evaluate` writes by default: RUN/eval/<split>/.
+EVAL_DIR = "eval"
 
 
 def _fix(directory: Path) -> str:
@@ -93,18 +106,54 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _positive(v) -> bool:
+    return _number(v) and v > 0
+
+
+# Features that no backbone pooled (synthetic cities, other tools' vectors) say pooling "none", image size 0.
+NO_POOLING = "none"
+
+
+def _feature_problems(features: dict) -> list[str]:
+    """What is wrong with config.json's `features` (the training features' identity), field by field.
+    A field that is absent or null was not recorded (a run trained from arrays, a store of another
+    program) and is not checked."""
+    pooling, size, crop = features.get("pooling"), features.get("image_size"), features.get("crop")
+    problems = []
+    if not _positive_int(features.get("dim")):
+        problems.append(f"`features.dim` is {features.get('dim')!r} (expected the features' width, a positive "
+                        "integer)")
+    if pooling is not None and pooling not in (*POOLINGS, NO_POOLING):
+        problems.append(f"`features.pooling` is {pooling!r} (expected one of {', '.join(POOLINGS)}, or "
+                        f"{NO_POOLING} for features no backbone pooled)")
+    backbone = pooling != NO_POOLING
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
+                                 and (size > 0 if backbone else size >= 0)):
+        problems.append(f"`features.image_size` is {size!r} (expected the crop size in pixels, a positive integer"
+                        + (", or 0 for features no backbone pooled)" if not backbone else ")"))
+    if crop is not None and crop not in tuple(CROPS):
+        problems.append(f"`features.crop` is {crop!r} (expected one of {', '.join(CROPS)})")
+    return problems
+
+
 # config.json key → (check, what it must be); what load_run and the stages read.
 CONFIG_RULES = {
-    "M": (lambda v: _number(v) and v > 0, "a cell side in metres > 0"),
-    "head": (lambda v: v in HEADS, f"one of {', '.join(HEADS)}"),
-    "s": (_number, "a number"),
-    "m": (_number, "a number"),
+    "M": (_positive, "a cell side in metres > 0"),
+    "N": (_positive_int, "the groups' side, a positive integer"),
+    "head": (lambda v: v in tuple(HEADS), f"one of {', '.join(HEADS)}"),
+    "s": (_positive, "the logit scale, a number > 0"),
+    "m": (lambda v: _number(v) and 0 <= v <= 1.5, "the margin, a number from 0 to 1.5"),
     "dim": (_positive_int, "a positive integer"),
     "classes_per_group": (lambda v: isinstance(v, list) and len(v) > 0 and sum(v) > 0 and all(
         isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v),
         "a list of class counts, one per group"),
-    "features": (lambda v: isinstance(v, dict) and _positive_int(v.get("dim")),
-                 "an object with the training features' `dim` and backbone"),
+    "features": (lambda v: isinstance(v, dict), "an object with the training features' `dim` and backbone"),
+}
+# Keys that runs written before they existed lack; checked where present.
+OPTIONAL_RULES = {
+    "threshold_m": (_positive, "metres > 0"),
+    "test_prototypes": (lambda v: v in tuple(TEST_PROTOTYPES), f"one of {', '.join(TEST_PROTOTYPES)}"),
+    "easy_margin": (lambda v: isinstance(v, bool), "true or false"),
 }
 PROGRESS_RULES = {
     "complete": (lambda v: isinstance(v, bool), "true or false"),
@@ -172,13 +221,17 @@ def _config_object(directory: Path) -> dict:
         raise _damaged(path, f"not valid JSON ({_first_line(e)})") from None
     if not isinstance(config, dict):
         raise _damaged(path, "not a JSON object")
-    rules = {**CONFIG_RULES, **(PROGRESS_RULES if "complete" in config else {})}
+    rules = {**CONFIG_RULES, **(PROGRESS_RULES if "complete" in config else {}),
+             **{k: rule for k, rule in OPTIONAL_RULES.items() if k in config}}
     if config.get("finetune_blocks"):
         rules["finetune_blocks"] = (_positive_int, "the number of tuned blocks")
-    if "test_prototypes" in config:  # runs before the presets score with normalised prototypes
-        rules["test_prototypes"] = (lambda v: v in TEST_PROTOTYPES, f"one of {', '.join(TEST_PROTOTYPES)}")
     bad = [f"`{k}` {'missing' if k not in config else f'is {config[k]!r}'} (expected {what})"
            for k, (ok, what) in rules.items() if not ok(config.get(k))]
+    if not bad and len(config["classes_per_group"]) != config["N"] ** 2:
+        bad.append(f"`classes_per_group` holds {len(config['classes_per_group'])} groups but `N` is {config['N']} "
+                   f"(N² = {config['N'] ** 2} groups)")
+    if isinstance(config.get("features"), dict):
+        bad += _feature_problems(config["features"])
     if bad:
         raise _damaged(path, "; ".join(bad))
     return config
@@ -219,7 +272,37 @@ def read_classes(directory: Path, config: RunConfig) -> pl.DataFrame:
         raise DamagedRun(f"{path} holds {counts if counts else 'negative group numbers, not'} classes per group "
                          f"but {directory / CONFIG_FILE} says classes_per_group {expected}: one of the two files "
                          f"was edited or damaged. {_fix(directory)}")
+    wrong = _class_problems(classes, config.train.M, config.train.N)
+    if wrong:
+        raise _damaged(path, "; ".join(wrong))
     return classes
+
+
+def _class_problems(classes: pl.DataFrame, M: float, N: int) -> list[str]:
+    """Values of the class table that no partition of side M into N² groups gives, column by column."""
+    def rows(bad: np.ndarray) -> str:
+        first = np.flatnonzero(bad)
+        return f"{len(first)} row(s), the first row {int(first[0])}"
+
+    zone, letter = classes["utm_zone"].to_numpy(), classes["utm_letter"].to_numpy().astype(str)
+    p, q = classes["p"].to_numpy(), classes["q"].to_numpy()
+    east, north = classes["cell_east"].to_numpy(), classes["cell_north"].to_numpy()
+    problems = []
+    checks = [
+        ("utm_zone", (zone < 1) | (zone > 60), "a UTM zone from 1 to 60"),
+        ("utm_letter", ~np.isin(letter, list(UTM_LETTERS)), f"a UTM band letter of {UTM_LETTERS}"),
+        ("images", classes["images"].to_numpy() < 1, "the class's training images, at least 1"),
+        ("group", classes["group"].to_numpy() != group_of(p, q, N), f"(p mod N)·N + (q mod N) with N = {N}"),
+    ]
+    with np.errstate(invalid="ignore", over="ignore"):
+        want_east, want_north = cell_centre(p, q, M)
+        for name, index, have, want in (("cell_east", "p", east, want_east), ("cell_north", "q", north, want_north)):
+            far = ~np.isfinite(have) | ~(np.abs(have - want) <= 1e-6 * max(M, 1.0))
+            checks.append((name, far, f"the cell centre ({index} + 0.5)·M with M = {M:g}"))
+    for name, bad, what in checks:
+        if bad.any():
+            problems.append(f"`{name}` wrong in {rows(bad)} (expected {what})")
+    return problems
 
 
 def new_model(config: RunConfig) -> DCModel:
@@ -347,6 +430,7 @@ def save_model(directory: Path, model: DCModel, classes: pl.DataFrame, epoch: in
     if not (directory / CLASSES_FILE).is_file():
         with atomic_write(directory / CLASSES_FILE) as tmp:
             save_classes(classes, tmp)
+        record_checksum(directory / CLASSES_FILE)
     return state
 
 
@@ -355,10 +439,65 @@ def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
+# safetensors reports an I/O error in its message only: "... Os { code: 28, kind: StorageFull, ... }".
+_OS_CODE = re.compile(r"(?:code: |os error )(\d+)")
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors written atomically, with string metadata."""
-    with atomic_write(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata or None)
+    """safetensors written atomically, with string metadata; a run file's checksum recorded."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata or None)
+        except SafetensorError as e:  # an OSError in disguise (a full disk): atomic_write words it
+            code = _OS_CODE.search(str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), _first_line(e), str(tmp)) from None
+    record_checksum(path)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checksums(directory: Path) -> dict[str, str]:
+    """checksums.json: file name → SHA-256 ({} where there is none, or it is unreadable)."""
+    try:
+        found = json.loads((Path(directory) / CHECKSUM_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
+
+
+def record_checksum(path: Path) -> None:
+    """Record the SHA-256 of a run file dcfeat has just written (CHECKSUMMED) in checksums.json, atomically."""
+    path = Path(path)
+    if path.name not in CHECKSUMMED:
+        return
+    sums = {**read_checksums(path.parent), path.name: sha256_of(path)}
+    write_text(path.parent / CHECKSUM_FILE, json.dumps(dict(sorted(sums.items())), indent=1) + "\n")
+
+
+def verify_checksums(directory: Path) -> list[str]:
+    """Compare every run file that exists with the checksum dcfeat recorded when it wrote it (a
+    DamagedRun naming the first that differs); the names of the files checked."""
+    directory = Path(directory)
+    sums = read_checksums(directory)
+    checked = []
+    for name in CHECKSUMMED:
+        path = directory / name
+        if name not in sums or not path.is_file():  # runs from before checksums; calibration.json removed
+            continue
+        if sha256_of(path) != sums[name]:
+            raise _damaged(path, f"its SHA-256 differs from the one {CHECKSUM_FILE} recorded when dcfeat wrote it "
+                                 "(changed since)")
+        checked.append(name)
+    return checked
 
 
 def saved_epoch(path: Path) -> int | None:
@@ -400,11 +539,19 @@ def run_lock(directory: Path):
 
 
 def write_config(directory: Path, config: RunConfig) -> None:
-    write_text(Path(directory) / CONFIG_FILE, config.to_json())
+    record_checksum(write_text(Path(directory) / CONFIG_FILE, config.to_json()))
 
 
 def write_calibration(directory: Path, calibration: Calibrator) -> Path:
-    return write_text(Path(directory) / CALIBRATION_FILE, calibration.to_json())
+    path = write_text(Path(directory) / CALIBRATION_FILE, calibration.to_json())
+    record_checksum(path)
+    return path
+
+
+def append_log(directory: Path, record: dict) -> None:
+    """One epoch's line of train_log.jsonl; a full disk names the run folder (an append's OSError names no file)."""
+    with writing(directory), open(Path(directory) / LOG_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def load_run(directory: Path, device: torch.device | str = "cpu", *, calibration: bool = True) -> Run:
@@ -420,12 +567,14 @@ def load_run(directory: Path, device: torch.device | str = "cpu", *, calibration
                calibration=read_calibration(directory) if calibration else None)
 
 
-def verified_run(directory: Path) -> Run:
-    """`dcfeat info RUN_DIR --verify`: every file of the run loads and fits, and training finished."""
+def verified_run(directory: Path) -> tuple[Run, list[str]]:
+    """`dcfeat info RUN_DIR --verify`: every file of the run loads and fits, each is the one dcfeat
+    wrote (checksums.json), and training finished. The run, and the files whose checksum matched."""
     run = load_run(directory)  # raises DamagedRun naming the file
+    checked = verify_checksums(directory)
     if run.status_line():
         raise DamagedRun(f"{directory}: {run.status_line()}")
-    return run
+    return run, checked
 
 
 def unfinished_run(directory: Path) -> bool:
@@ -442,11 +591,32 @@ def unfinished_run(directory: Path) -> bool:
         return False
 
 
+def _leftover_tmp_files(final: Path) -> list[Path]:
+    """Temporary files of `final` that killed writers left: `.NAME.tmp`, or `.NAME.<random>.tmp` of
+    writers that each take their own name (dcfeat.atomic)."""
+    return [tmp_path(final), *Path(final).parent.glob(f".{glob.escape(Path(final).name)}.*{TMP_SUFFIX}")]
+
+
 def clear_unfinished_run(directory: Path) -> None:
     """Remove what `dcfeat train` wrote in `directory` (and temporary files it left), nothing else."""
     for name in TRAIN_FILES:
-        for path in (Path(directory) / name, tmp_path(Path(directory) / name)):
+        for path in (Path(directory) / name, *_leftover_tmp_files(Path(directory) / name)):
             path.unlink(missing_ok=True)
+
+
+def clear_evaluations(directory: Path) -> None:
+    """Remove `dcfeat evaluate`'s files under RUN/eval/ (its own file names only): they describe a
+    model of an unfinished run that training is about to change, and would go on saying
+    `run_complete: false` of a run that then completes."""
+    evals = Path(directory) / EVAL_DIR
+    if not evals.is_dir():
+        return
+    for folder in [evals, *(p for p in evals.iterdir() if p.is_dir())]:
+        remove_outputs(folder)
+        if folder != evals and not any(folder.iterdir()):
+            folder.rmdir()
+    if not any(evals.iterdir()):
+        evals.rmdir()
 
 
 def new_run_dir(out: Path | None, runs: Path) -> Path:
@@ -490,6 +660,10 @@ def resume_or_clear(directory: Path, *, restart: bool = False) -> bool:
     if (Path(directory) / COMMAND_FILE).is_file() and not unfinished_run(directory):
         raise BadInput(f"--out {directory} exists (a finished run); a run never overwrites another. Choose another "
                        "--out")
+    clear_evaluations(directory)
+    for name in TRAIN_FILES:  # what killed writers left: under the lock no other writer is alive
+        for path in _leftover_tmp_files(Path(directory) / name):
+            path.unlink(missing_ok=True)
     if unfinished_run(directory) and not restart and (Path(directory) / RESUME_FILE).is_file():
         return True
     clear_unfinished_run(directory)

@@ -196,8 +196,16 @@ def test_a_killed_run_says_so_everywhere_and_the_same_command_restarts_it(city_s
     result = predict_files(run, tmp_path / "p.geojson", feats=city_store, split="test", k=1, device="cpu")
     assert json.loads(result.path.read_text())["dcfeat"]["run_complete"] is False
 
+    assert invoke("evaluate", "--feats", city_store, "--run", run).exit_code == 0  # into RUN/eval/test
+    (run / "eval" / "test" / "mine.txt").write_text("mine")
+    assert json.loads((run / "eval" / "test" / "report.json").read_text())["run_complete"] is False
+
     r = invoke(*command)  # the same command again: resumes the run after epoch 2, to the end
     assert r.exit_code == 0, r.output
+    # D26: the evaluation of the unfinished model is gone (it went on saying run_complete: false), not mine.txt.
+    assert sorted(p.name for p in (run / "eval" / "test").iterdir()) == ["mine.txt"]
+    assert invoke("evaluate", "--feats", city_store, "--run", run).exit_code == 0
+    assert json.loads((run / "eval" / "test" / "report.json").read_text())["run_complete"] is True
     config = json.loads((run / "config.json").read_text())
     assert (config["complete"], config["epochs_done"]) == (True, 6)
     assert len((run / "train_log.jsonl").read_text().splitlines()) == 6
@@ -301,3 +309,90 @@ def test_load_run_errors_are_damaged_run_or_bad_input(run_copy):
     _edit_config(run_copy, dim="wide")
     with pytest.raises(DamagedRun, match="`dim` is 'wide'"):
         load_run(run_copy)
+
+
+# --- D7: edited values, not only types -------------------------------------------------------------------------
+
+def _edit_json(run, name, edit):
+    data = json.loads((run / name).read_text())
+    edit(data)
+    (run / name).write_text(json.dumps(data))
+
+
+def _edit_classes(run, **columns):
+    classes = pl.read_parquet(run / "classes.parquet")
+    classes.with_columns(**columns).write_parquet(run / "classes.parquet")
+
+
+VALUE_EDITS = {
+    "hybrid: {}": ("calibration.json", lambda run: _edit_json(run, "calibration.json", lambda d: d.update(hybrid={})),
+                   "`hybrid`"),
+    "no widen_factor": ("calibration.json", lambda run: _edit_json(run, "calibration.json",
+                                                                   lambda d: d["hybrid"].pop("widen_factor")),
+                        "`hybrid`"),
+    "widen_factor 1e300": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d["hybrid"].update(widen_factor=1e300)), "`hybrid.widen_factor`"),
+    "widen_factor -3": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d["hybrid"].update(widen_factor=-3)), "`hybrid.widen_factor`"),
+    "fitted_on: []": ("calibration.json", lambda run: _edit_json(run, "calibration.json",
+                                                                 lambda d: d.update(fitted_on=[])), "`fitted_on`"),
+    "database signal at top level": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: (d["signals"].__setitem__(0, "retrieval_disagreement_m"))), "`signals`"),
+    "utm_zone 99": ("classes.parquet", lambda run: _edit_classes(run, utm_zone=pl.lit(99, pl.Int8)), "`utm_zone`"),
+    "cell_east NaN": ("classes.parquet", lambda run: _edit_classes(run, cell_east=pl.lit(float("nan"))),
+                      "`cell_east`"),
+    "cell_east + 5000": ("classes.parquet", lambda run: _edit_classes(run, cell_east=pl.col("cell_east") + 5000),
+                         "`cell_east`"),
+    "utm_letter Z": ("classes.parquet", lambda run: _edit_classes(run, utm_letter=pl.lit("Z")), "`utm_letter`"),
+    "image_size 0": ("config.json", lambda run: _edit_json(
+        run, "config.json", lambda d: d["features"].update(pooling="cls", image_size=0)), "`features.image_size`"),
+    "s 0": ("config.json", lambda run: _edit_config(run, s=0), "`s`"),
+    "s -30": ("config.json", lambda run: _edit_config(run, s=-30), "`s`"),
+    "crop weird": ("config.json", lambda run: _edit_json(run, "config.json",
+                                                         lambda d: d["features"].update(crop="weird")),
+                   "`features.crop`"),
+    "unknown pooling": ("config.json", lambda run: _edit_json(run, "config.json",
+                                                              lambda d: d["features"].update(pooling="max")),
+                        "`features.pooling`"),
+}
+
+
+@pytest.mark.parametrize("edit", list(VALUE_EDITS))
+def test_edited_values_of_a_run_are_refused_naming_file_and_field(city_store, run_copy, tmp_path, edit):
+    """D7, D7c: each edit once gave a traceback, or was accepted and changed the answers, and
+    `info --verify` called the run verified."""
+    name, tamper, field = VALUE_EDITS[edit]
+    tamper(run_copy)
+    for command in (["evaluate", "--feats", city_store, "--run", run_copy, "--database-split", "test-db",
+                     "--out", tmp_path / "eval"],
+                    ["predict", "--run", run_copy, "--feats", city_store, "--split", "test", "--out",
+                     tmp_path / "p.parquet"],
+                    ["info", run_copy, "--verify"]):
+        r = invoke(*command)
+        refused(r, "damaged run", name, field)
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "p.parquet").exists()
+
+
+def test_info_verify_compares_every_run_file_with_its_recorded_checksum(run_copy):
+    """D7: an edit that keeps every value plausible (a weight nudged, the calibration's bias) passed as verified."""
+    r = invoke("info", run_copy, "--verify")
+    assert r.exit_code == 0 and "match the checksums" in r.output, r.output
+    state = load_file(str(run_copy / "model.safetensors"))
+    state["heads.0.weight"][0, 0] += 0.01
+    save_file(state, str(run_copy / "model.safetensors"), metadata={"epoch": "6"})
+    assert load_run(run_copy).complete  # still loads: only the checksum tells
+    refused(invoke("info", run_copy, "--verify"), "damaged run", "model.safetensors", "checksums.json")
+    _edit_json(run_copy, "calibration.json", lambda d: d.update(bias=d["bias"] + 0.5))
+    (run_copy / "calibration.json").unlink()  # removing it is allowed (the run is then uncalibrated)
+    refused(invoke("info", run_copy, "--verify"), "damaged run", "model.safetensors")
+
+
+def test_calibrate_and_training_record_the_checksums_of_what_they_write(city_store, run_copy):
+    from dcfeat.run import read_checksums, sha256_of
+
+    r = invoke("calibrate", "--feats", city_store, "--run", run_copy, "--database-split", "test-db")
+    assert r.exit_code == 0, r.output
+    sums = read_checksums(run_copy)
+    assert sums["calibration.json"] == sha256_of(run_copy / "calibration.json")
+    assert invoke("info", run_copy, "--verify").exit_code == 0
+

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from dcfeat.errors import BadInput
 from dcfeat.partition import (
     CLASS_SCHEMA,
     cell_centre,
@@ -190,5 +191,5 @@ def test_cell_keys_by_hand():
 
 
 def test_cell_keys_refuse_cells_beyond_their_bits():
-    with pytest.raises(ValueError, match="M too small"):
+    with pytest.raises(BadInput, match="cell side is too small.*Raise --M"):
         cell_keys(np.array([10]), np.array(["S"]), np.array([500_000.0]), np.array([9e6]), 0.01)

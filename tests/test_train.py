@@ -1,5 +1,6 @@
 """`dcfeat train` on the synthetic city and on stores written by extract or by other programs."""
 
+import hashlib
 import json
 
 import h5py
@@ -30,8 +31,12 @@ def test_training_learns_well_above_chance(city_run):
 
 def test_run_folder_is_exactly_the_documented_files(city_run):
     names = sorted(p.name for p in city_run.iterdir())
-    assert names == ["calibration.json", "classes.parquet", "command.txt", "config.json", "model.safetensors",
-                     "train_log.jsonl"]  # calibration.json: trained with --val-split
+    assert names == ["calibration.json", "checksums.json", "classes.parquet", "command.txt", "config.json",
+                     "model.safetensors", "train_log.jsonl"]  # calibration.json: trained with --val-split
+    # checksums.json: the SHA-256 of every file dcfeat wrote that evaluate and predict read.
+    sums = json.loads((city_run / "checksums.json").read_text())
+    assert set(sums) == {"calibration.json", "classes.parquet", "config.json", "model.safetensors"}
+    assert all(sums[n] == hashlib.sha256((city_run / n).read_bytes()).hexdigest() for n in sums)
     config = json.loads((city_run / "config.json").read_text())
     for key in ("M", "N", "head", "s", "m", "dim", "features", "store_fingerprint", "classes_per_group"):
         assert key in config
@@ -150,3 +155,4 @@ def test_default_run_folders_started_in_one_second_do_not_collide(tmp_path):
 
     names = [new_run_dir(None, tmp_path / "runs").name for _ in range(3)]
     assert len(set(names)) == 3 and all((tmp_path / "runs" / n).is_dir() for n in names)
+

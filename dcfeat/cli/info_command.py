@@ -23,8 +23,11 @@ def info(store, show_failures, verify):
     from dcfeat.verify import verify_store
 
     if store.is_dir():
-        run = verified_run(store)
-        stdout.print(f"verified: run {store} loads ({len(run.classes)} classes) and finished training")
+        run, checked = verified_run(store)
+        sums = (f"{', '.join(checked)} match the checksums dcfeat recorded when it wrote them" if checked else
+                "no checksums to compare (a run written before dcfeat recorded them in checksums.json)")
+        stdout.print(f"verified: run {store} loads ({len(run.classes)} classes) and finished training; {sums}",
+                     highlight=False)
         return
     splits = list_splits(store)
     stdout.print(splits_table(store, splits))
