@@ -1,5 +1,7 @@
 """`dcfeat predict`: new images (or cached features) → top-k cells → lat/lon, with a calibrated confidence.
 
+The files stage around `dcfeat.localizer.Localizer`, which makes every answer: this module
+lists the images (a folder or a manifest) or reads a cached split, and writes the table.
 Images go through the same backbone, pooling, size and crop (centre or full) as
 the run's training features (checked by the weights' fingerprint), then the run's
 classifier.
@@ -27,97 +29,21 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from dcfeat.atomic import atomic_write
-from dcfeat.backbone import Backbone, load_backbone
-from dcfeat.confidence import query_signals
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput
-from dcfeat.finetune import tuned_splits, use_tuned_blocks
+from dcfeat.finetune import tuned_splits
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
-from dcfeat.images import ImageDataset, collate, decoding_workers
+from dcfeat.images import decoding_workers
 from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest
-from dcfeat.partition import centres_of
-from dcfeat.progress import progress_bar
+from dcfeat.localizer import IMAGE_COLUMNS, Localizer, abstain
 from dcfeat.run import Run, load_run
 from dcfeat.store import read_split
 
 FORMATS = (".parquet", ".csv", ".geojson")
 SHOWN_FAILURES = 5  # unreadable images named in the error when none could be read
-
-
-def embed_images(paths: list[Path], backbone: Backbone, image_size: int, *, crop: str = "centre",
-                 batch_size: int = 64, workers: int = 0,
-                 progress: bool = True) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
-    """Backbone features of image files: (features of the readable ones, their indices into `paths`,
-    [(index, reason)] of the rest). `crop`: as the features were extracted (dcfeat.images.CROPS)."""
-    dataset = ImageDataset(paths, image_size, crop=crop, patch_size=backbone.patch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
-    feats, kept, failed = [], [], []
-    with progress_bar("embed", len(paths), enabled=progress) as advance:
-        for indices, crops, bad in loader:
-            if crops is not None:
-                feats.append(crops.map(backbone.embed).cpu().numpy())
-                kept.extend(indices)
-            failed.extend(bad)
-            advance(len(indices) + len(bad))
-    dim = backbone.dim
-    return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), kept, failed
-
-
-def cell_probabilities(run: Run, features: np.ndarray, k: int, scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
-    """Top-k class ids and their probabilities, on the model's device.
-
-    "cosine": a softmax at scale s over every class of every group (a ranking score);
-    "group-softmax": each cell's probability under its own group's classifier (D&C Eq. 4.19-4.20).
-    """
-    if scoring == "group-softmax":
-        ids, log_p = run.model.topk(features, k, scoring=scoring)
-        return ids, np.exp(log_p)
-    return run.model.topk(features, k, softmax_scale=run.model.heads.logit_scale)
-
-
-def run_status(run: Run) -> str:
-    """What made a run's answers, in a word or a few: `complete`, or the warnings that go with them."""
-    notes = [f"INCOMPLETE RUN (epoch {run.epochs_done} of {run.epochs})" if not run.complete else "complete"]
-    if run.random_backbone:
-        notes.append("RANDOM BACKBONE")
-    if run.calibration is None:
-        notes.append("UNCALIBRATED")
-    return "; ".join(notes)
-
-
-def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
-    """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon, and per
-    image the calibrated confidence and the 90 % radius (null for an uncalibrated run), the
-    threshold the confidence means, and the run's status."""
-    ids, probs = cell_probabilities(run, features, k, scoring)
-    n, kk = ids.shape
-    flat = ids.reshape(-1)
-    c = centres_of(run.classes, flat)
-    east, north, zone, letter = c.east, c.north, c.zone, c.letter
-    lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
-    confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
-    if run.calibration is not None and n:
-        sig = query_signals(run.model, features, run.classes, M=run.M)
-        confidence, radius = run.calibration.confidence(sig.values), run.calibration.radius_m(sig.base_radius_m)
-    per_image = lambda v: np.repeat(v, kk)  # noqa: E731
-    return pl.DataFrame({
-        "image_id": np.repeat(np.asarray(image_ids, dtype=object), kk), "rank": np.tile(np.arange(1, kk + 1), n),
-        "class": flat.astype(np.int64), "group": run.classes["group"].to_numpy()[flat], "probability": probs.reshape(-1),
-        "cell_east": east, "cell_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon,
-        "confidence": per_image(confidence), "radius_m": per_image(radius),
-    }).with_columns(pl.col("confidence", "radius_m").fill_nan(None),
-                    threshold_m=pl.lit(run.calibration.threshold_m if run.calibration else None, pl.Float64),
-                    run_status=pl.lit(run_status(run)))
-
-
-def abstain(frame: pl.DataFrame, min_confidence: float | None) -> pl.DataFrame:
-    """Mark images whose confidence is below `min_confidence` (`abstained`); they stay in the table."""
-    below = pl.col("confidence") < min_confidence if min_confidence is not None else pl.lit(False)
-    return frame.with_columns(abstained=below.fill_null(False))
 
 
 def check_out(out: Path) -> Path:
@@ -167,8 +93,6 @@ def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, 
 
 
 CIRCLE_VERTICES = 64  # of a 90 % circle drawn as a GeoJSON polygon: within 0.2 % of its radius
-# Per-image properties of a GeoJSON feature; the per-rank columns go into its `top_k` list.
-_IMAGE_COLUMNS = ("image_id", "confidence", "radius_m", "abstained", "threshold_m", "run_status")
 
 
 def _finite(v):
@@ -187,8 +111,8 @@ def geojson(frame: pl.DataFrame, meta: dict, *, radius_polygons: bool = False) -
         geometry = {"type": "Point", "coordinates": point} if None not in point else None
         if radius_polygons and geometry and first.get("radius_m") is not None:
             geometry = {"type": "Polygon", "coordinates": [_circle(first, first["radius_m"])]}
-        properties = {c: _finite(first[c]) for c in _IMAGE_COLUMNS if c in first}
-        properties["top_k"] = [{c: _finite(v) for c, v in r.items() if c not in _IMAGE_COLUMNS} for r in ranked]
+        properties = {c: _finite(first[c]) for c in IMAGE_COLUMNS if c in first}
+        properties["top_k"] = [{c: _finite(v) for c, v in r.items() if c not in IMAGE_COLUMNS} for r in ranked]
         features.append({"type": "Feature", "geometry": geometry, "properties": properties})
     doc = {"type": "FeatureCollection", "features": features, "dcfeat": meta}
     if meta.get("random_backbone"):
@@ -200,8 +124,8 @@ def _circle(answer: dict, radius_m: float) -> list[list[float]]:
     """[lon, lat] ring of a circle of `radius_m` around an answer, drawn in its UTM zone (closed)."""
     angle = np.linspace(0, 2 * np.pi, CIRCLE_VERTICES + 1)
     angle[-1] = 0.0  # closed exactly: the first and last positions are equal
-    lat, lon = utm_to_latlon(answer["cell_east"] + radius_m * np.cos(angle),
-                             answer["cell_north"] + radius_m * np.sin(angle), answer["utm_zone"],
+    east, north = answer.get("utm_east", answer["cell_east"]), answer.get("utm_north", answer["cell_north"])
+    lat, lon = utm_to_latlon(east + radius_m * np.cos(angle), north + radius_m * np.sin(angle), answer["utm_zone"],
                              answer["utm_letter"])
     return [[float(a), float(b)] for a, b in zip(lon, lat)]
 
@@ -225,24 +149,17 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
                    path_column: str = "path", scoring: str = "cosine") -> tuple[pl.DataFrame, list]:
     """Embed image files with the run's backbone and classify them; (table, [(image id, reason)] skipped)."""
 
-    feats_attrs = run.feature_identity
     root, ids, where = _image_list(images, manifest, path_column)
-    source = model or feats_attrs.get("model_source") or feats_attrs.get("model")
-    backbone = load_backbone(source, pooling=feats_attrs["pooling"], device=device)
-    check_features(feats_attrs, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
-                                 "dim": backbone.dim}, what=f"backbone '{source}'")
-    if run.finetune_blocks:
-        use_tuned_blocks(backbone, run)
-    feats, kept, failed = embed_images([root / i for i in ids], backbone, int(feats_attrs["image_size"]),
-                                       crop=feats_attrs["crop"], batch_size=batch_size, workers=workers,
-                                       progress=progress)
+    localizer = Localizer(run, device=device, model=model, scoring=scoring)
+    feats, kept, failed = localizer.embed_files([root / i for i in ids], batch_size=batch_size, workers=workers,
+                                                progress=progress)
     skipped = [(ids[i], reason) for i, reason in failed]
     if not kept:
         shown = "\n  ".join(f"{i}: {reason}" for i, reason in skipped[:SHOWN_FAILURES])
         raise BadInput(f"{where}: none of the {len(ids)} images could be read, first:\n  {shown}\n"
-                       f"Pass image files ({', '.join(IMAGE_SUFFIXES)}) that open, at least {feats_attrs['image_size']}"
+                       f"Pass image files ({', '.join(IMAGE_SUFFIXES)}) that open, at least {localizer.image_size}"
                        " pixels on the short side")
-    return predictions(run, [ids[i] for i in kept], feats, k, scoring), skipped
+    return localizer.table(feats, [ids[i] for i in kept], k=k), skipped
 
 
 def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "auto",
@@ -253,7 +170,7 @@ def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "
     check_features(run.feature_identity, data.attrs, what=f"split '{split}' of {feats}")
     if run.finetune_blocks:
         [data] = tuned_splits(run, feats, [data], resolve_device(device))
-    return predictions(run, data.labels["image_id"].to_list(), data.embeddings, k, scoring)
+    return Localizer(run, scoring=scoring).table(data.embeddings, data.labels["image_id"].to_list(), k=k)
 
 
 @dataclass
@@ -280,9 +197,7 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
         raise BadInput("--feats needs --split (the cached split to predict)")
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
-    if min_confidence is not None and run.calibration is None:
-        raise BadInput(f"--min-confidence needs a calibrated run, and {run_dir} has no calibration.json: fit one "
-                       f"with `dcfeat calibrate --run {run_dir} --split val`")
+    Localizer(run).check_min_confidence(min_confidence)
     skipped = []
     if feats is not None:
         frame = predict_cached(run, feats, split, k=k, device=str(dev), scoring=scoring)

@@ -78,6 +78,40 @@ def tiny_model(tmp_path_factory) -> Path:
                               heads=2, image_size=56)
 
 
+def train_tiny_run(root: Path, model: Path, *, calibrated: bool = False) -> Path:
+    """A run trained from 24 rendered JPEGs (extract at 56 px, M = 200, one epoch, dim 8) in `root`/run, its
+    store `root`/f.h5; `calibrated`: with a confidence fitted on 24 other images (split val) at 150 m, a
+    threshold this random backbone's answers meet about half the time."""
+    write_images(root / "img", 24)
+    store = root / "f.h5"
+    r = invoke("extract", "--images", root / "img", "--out", store, "--model", model, "--image-size", 56,
+               "--workers", 0, "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = invoke("train", "--feats", store, "--M", 200, "--min-images-per-class", 1, "--epochs", 1, "--dim", 8,
+               "--out", root / "run", "--no-progress")
+    assert r.exit_code == 0, r.output
+    if calibrated:
+        write_images(root / "val", 24, seed=1)
+        r = invoke("extract", "--images", root / "val", "--out", store, "--split", "val", "--model", model,
+                   "--image-size", 56, "--workers", 0, "--no-progress")
+        assert r.exit_code == 0, r.output
+        r = invoke("calibrate", "--feats", store, "--run", root / "run", "--split", "val", "--threshold", 150)
+        assert r.exit_code == 0, r.output
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tmp_path_factory) -> Path:
+    """An uncalibrated run of the tiny random DINOv2 (`train_tiny_run`); copy it before changing it."""
+    return train_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_model)
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(tiny_model, tmp_path_factory) -> Path:
+    """`tiny_run` with a calibration.json (`train_tiny_run(calibrated=True)`); copy it before changing it."""
+    return train_tiny_run(tmp_path_factory.mktemp("calibrated-run"), tiny_model, calibrated=True)
+
+
 @pytest.fixture
 def images(tmp_path) -> Path:
     folder = tmp_path / "images"

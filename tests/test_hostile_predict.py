@@ -13,25 +13,11 @@ from PIL import Image
 from dcfeat.errors import BadInput
 from dcfeat.predict import predict_files, predict_images
 from dcfeat.run import load_run
-from tests.conftest import invoke, refused, write_images
+from tests.conftest import invoke, refused
 
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp"))
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hostile-predict")
-    write_images(root / "img", 24)
-    store = root / "f.h5"
-    r = invoke("extract", "--images", root / "img", "--out", store, "--model", tiny_model, "--image-size", 56,
-               "--workers", 0, "--no-progress")
-    assert r.exit_code == 0, r.output
-    r = invoke("train", "--feats", store, "--M", 200, "--min-images-per-class", 1, "--epochs", 1, "--dim", 8,
-               "--out", root / "run", "--no-progress")
-    assert r.exit_code == 0, r.output
-    return root / "run"
 
 
 @pytest.fixture

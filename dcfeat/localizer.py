@@ -1,0 +1,391 @@
+"""`Localizer`: a trained run put to work, the one core that `predict`, `serve` and notebooks call.
+
+    from dcfeat import Localizer
+    loc = Localizer.from_run("data/runs/latest", device="auto")
+    answers = loc.locate(["a.jpg", pil_image, jpeg_bytes])   # one Answer per image
+    frame = loc.locate(["a.jpg"], as_frame=True)              # predict's long table (polars)
+    answers = loc.locate_features(features)                   # cached backbone features (n, dim)
+
+Images go through the backbone, pooling, size and crop of the run's training features
+(checked by the weights' fingerprint) and the run's tuned blocks where it has them, then
+the run's classifier. Every answer is read off the one table `predictions()` makes (one
+row per image and rank): the answer is its rank-1 row, the top-k its rows. Whatever that
+table holds (a cell centre today, a position beside it when the run gives one) is what an
+`Answer` says; nothing here derives a position of its own.
+
+Two numbers per answer: `probability` ranks the cells (a softmax over every cell's score;
+the rank-1 cell can hold most of the mass and still be wrong), `confidence` is the
+calibrated probability that the rank-1 answer lies within `threshold_m` of where the photo
+was taken (fitted on a held-out split), with `radius_m` the radius that holds the true
+position with probability 0.9. Both are empty for an uncalibrated run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import polars as pl
+import torch
+from PIL import Image, ImageOps
+
+from dcfeat.backbone import Backbone, load_backbone
+from dcfeat.confidence import query_signals
+from dcfeat.devices import resolve_device
+from dcfeat.errors import BadInput
+from dcfeat.finetune import use_tuned_blocks
+from dcfeat.geo import utm_to_latlon
+from dcfeat.identity import check_features
+from dcfeat.images import Crops, ImageDataset, ImageProblem, collate, load_image
+from dcfeat.partition import centres_of
+from dcfeat.progress import progress_bar
+from dcfeat.run import Run, load_run
+
+# What `locate` takes per image: a file path, the encoded bytes of an image file, a PIL image,
+# or an (H, W, 3) uint8 array.
+ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+# Columns of predictions() that hold one value per image (repeated on its every rank); the others
+# describe the ranked cell and go into an answer's top_k.
+IMAGE_COLUMNS = ("image_id", "confidence", "radius_m", "abstained", "threshold_m", "run_status")
+# A run folder exported with its backbone (`dcfeat export --with-backbone`) keeps it here.
+BACKBONE_DIR = "backbone"
+
+
+def embed_images(paths: list[Path], backbone: Backbone, image_size: int, *, crop: str = "centre",
+                 batch_size: int = 64, workers: int = 0,
+                 progress: bool = True) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+    """Backbone features of image files: (features of the readable ones, their indices into `paths`,
+    [(index, reason)] of the rest). `crop`: as the features were extracted (dcfeat.images.CROPS)."""
+    dataset = ImageDataset(paths, image_size, crop=crop, patch_size=backbone.patch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    feats, kept, failed = [], [], []
+    with progress_bar("embed", len(paths), enabled=progress) as advance:
+        for indices, crops, bad in loader:
+            if crops is not None:
+                feats.append(crops.map(backbone.embed).cpu().numpy())
+                kept.extend(indices)
+            failed.extend(bad)
+            advance(len(indices) + len(bad))
+    dim = backbone.dim
+    return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), kept, failed
+
+
+def cell_probabilities(run: Run, features: np.ndarray, k: int, scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+    """Top-k class ids and their probabilities, on the model's device.
+
+    "cosine": a softmax at scale s over every class of every group (a ranking score);
+    "group-softmax": each cell's probability under its own group's classifier (D&C Eq. 4.19-4.20).
+    """
+    if scoring == "group-softmax":
+        ids, log_p = run.model.topk(features, k, scoring=scoring)
+        return ids, np.exp(log_p)
+    return run.model.topk(features, k, softmax_scale=run.model.heads.logit_scale)
+
+
+def run_status(run: Run) -> str:
+    """What made a run's answers, in a word or a few: `complete`, or the warnings that go with them."""
+    notes = [f"INCOMPLETE RUN (epoch {run.epochs_done} of {run.epochs})" if not run.complete else "complete"]
+    if run.random_backbone:
+        notes.append("RANDOM BACKBONE")
+    if run.calibration is None:
+        notes.append("UNCALIBRATED")
+    return "; ".join(notes)
+
+
+def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
+    """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon, and per
+    image the calibrated confidence and the 90 % radius (null for an uncalibrated run), the
+    threshold the confidence means, and the run's status."""
+    ids, probs = cell_probabilities(run, features, k, scoring)
+    n, kk = ids.shape
+    flat = ids.reshape(-1)
+    c = centres_of(run.classes, flat)
+    east, north, zone, letter = c.east, c.north, c.zone, c.letter
+    lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
+    confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
+    if run.calibration is not None and n:
+        sig = query_signals(run.model, features, run.classes, M=run.M)
+        confidence, radius = run.calibration.confidence(sig.values), run.calibration.radius_m(sig.base_radius_m)
+    per_image = lambda v: np.repeat(v, kk)  # noqa: E731
+    return pl.DataFrame({
+        "image_id": np.repeat(np.asarray(image_ids, dtype=object), kk), "rank": np.tile(np.arange(1, kk + 1), n),
+        "class": flat.astype(np.int64), "group": run.classes["group"].to_numpy()[flat], "probability": probs.reshape(-1),
+        "cell_east": east, "cell_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon,
+        "confidence": per_image(confidence), "radius_m": per_image(radius),
+    }).with_columns(pl.col("confidence", "radius_m").fill_nan(None),
+                    threshold_m=pl.lit(run.calibration.threshold_m if run.calibration else None, pl.Float64),
+                    run_status=pl.lit(run_status(run)))
+
+
+def abstain(frame: pl.DataFrame, min_confidence: float | None) -> pl.DataFrame:
+    """Mark images whose confidence is below `min_confidence` (`abstained`); they stay in the table."""
+    below = pl.col("confidence") < min_confidence if min_confidence is not None else pl.lit(False)
+    return frame.with_columns(abstained=below.fill_null(False))
+
+
+def _json_value(v):
+    """A JSON-safe scalar: NaN and infinities (not valid JSON) become None, numpy scalars Python ones."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Where one photo was taken, as the run answers it.
+
+    The position is the rank-1 row of `predictions()`: its `utm_east`/`utm_north` where the table
+    gives a position, else the rank-1 cell's centre; `lat`/`lon` are the table's. `top_k` holds the
+    ranked cells, best first, each with every per-rank column of the table (rank, class, group,
+    probability, cell centre, lat/lon). `error` says why an image could not be used (then every
+    other field is empty).
+    """
+
+    image_id: str
+    lat: float | None = None
+    lon: float | None = None
+    utm_east: float | None = None
+    utm_north: float | None = None
+    utm_zone: int | None = None
+    utm_letter: str | None = None
+    confidence: float | None = None
+    radius_m: float | None = None
+    abstained: bool = False
+    threshold_m: float | None = None
+    run_status: str | None = None
+    top_k: list[dict] = field(default_factory=list)
+    error: str | None = None
+
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> Answer:
+        """The answer of one image from its rows of the table, rank order."""
+        first = rows[0]
+        east = first.get("utm_east", first.get("cell_east"))
+        north = first.get("utm_north", first.get("cell_north"))
+        return cls(image_id=str(first["image_id"]), lat=_json_value(first.get("lat")), lon=_json_value(first.get("lon")),
+                   utm_east=_json_value(east), utm_north=_json_value(north), utm_zone=_json_value(first.get("utm_zone")),
+                   utm_letter=first.get("utm_letter"), confidence=_json_value(first.get("confidence")),
+                   radius_m=_json_value(first.get("radius_m")), abstained=bool(first.get("abstained", False)),
+                   threshold_m=_json_value(first.get("threshold_m")), run_status=first.get("run_status"),
+                   top_k=[{c: _json_value(v) for c, v in r.items() if c not in IMAGE_COLUMNS} for r in rows])
+
+    def to_dict(self) -> dict:
+        """The answer as JSON-ready data (what `dcfeat serve` returns per image)."""
+        return {"image": self.image_id, "lat": self.lat, "lon": self.lon,
+                "utm": {"east": self.utm_east, "north": self.utm_north, "zone": self.utm_zone,
+                        "letter": self.utm_letter},
+                "confidence": self.confidence, "radius_m": self.radius_m, "abstained": self.abstained,
+                "threshold_m": self.threshold_m, "run_status": self.run_status, "top_k": self.top_k,
+                **({"error": self.error} if self.error is not None else {})}
+
+
+def answers(frame: pl.DataFrame) -> list[Answer]:
+    """One Answer per image of a predictions() table, in its order (a new image starts at rank 1, so
+    two images with one id stay two answers)."""
+    out, rows = [], []
+    for row in frame.iter_rows(named=True):
+        if row["rank"] == 1 and rows:
+            out.append(Answer.from_rows(rows))
+            rows = []
+        rows.append(row)
+    if rows:
+        out.append(Answer.from_rows(rows))
+    return out
+
+
+def _image_id(image: ImageInput, i: int) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    if isinstance(image, Image.Image) and getattr(image, "filename", ""):
+        return str(image.filename)
+    return f"#{i}"
+
+
+def _as_file(image: ImageInput):
+    """What `load_image` opens: a path, or the image file in memory (a PIL image or array is written
+    losslessly as TIFF, after the EXIF rotation that opening its file would apply)."""
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(image))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ImageProblem(f"an array must be (H, W, 3) or (H, W) uint8, not {image.shape} {image.dtype}")
+        image = Image.fromarray(image)
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        ImageOps.exif_transpose(image).save(buffer, format="TIFF")
+        buffer.seek(0)
+        return buffer
+    raise ImageProblem(f"not an image: {type(image).__name__} (pass a path, the bytes of an image file, a PIL image "
+                       "or an (H, W, 3) uint8 array)")
+
+
+class Localizer:
+    """A run folder loaded once, answering where photos (or their cached features) were taken.
+
+    The backbone loads on the first image (`locate_features` needs none) and is checked against
+    the run's training features by its weights' fingerprint. `model`: another copy of the same
+    backbone (a local folder); default the run's exported `backbone/` folder if it has one, else
+    the backbone the run's features came from. Thread-safe: one forward pass at a time.
+    """
+
+    def __init__(self, run: Run, *, device: str | torch.device | None = None, model: str | None = None,
+                 scoring: str = "cosine", k: int = 5, batch_size: int = 64, workers: int = 0):
+        self.run = run
+        self.device = resolve_device(device) if device is not None else run.model.device
+        self.model = model
+        self.scoring = scoring
+        self.k = k
+        self.batch_size = batch_size
+        self.workers = workers
+        self._backbone: Backbone | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, device: str = "auto", **options) -> Localizer:
+        """Load a run folder written by `dcfeat train` (or exported by `dcfeat export`), checked file by file."""
+        dev = resolve_device(device)
+        return cls(load_run(Path(run_dir), dev), device=dev, **options)
+
+    # What the run is.
+    @property
+    def image_size(self) -> int:
+        return int(self.run.feature_identity["image_size"])
+
+    @property
+    def crop(self) -> str:
+        return self.run.feature_identity["crop"]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.run.calibration is not None
+
+    @property
+    def random_backbone(self) -> bool:
+        return self.run.random_backbone
+
+    @property
+    def status(self) -> str:
+        return run_status(self.run)
+
+    @property
+    def classes(self) -> int:
+        return self.run.classes.height
+
+    @property
+    def backbone_source(self) -> str:
+        """The checkpoint `backbone` loads: `model`, the run's own `backbone/` folder, or the features' backbone."""
+        features = self.run.feature_identity
+        exported = Path(self.run.directory) / BACKBONE_DIR
+        if self.model:
+            return self.model
+        if exported.is_dir():
+            return str(exported)
+        return features.get("model_source") or features.get("model")
+
+    @property
+    def backbone(self) -> Backbone:
+        """The run's backbone (with its tuned blocks), loaded and checked on first use."""
+        with self._lock:
+            if self._backbone is None:
+                features, source = self.run.feature_identity, self.backbone_source
+                backbone = load_backbone(source, pooling=features["pooling"], device=str(self.device))
+                check_features(features, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
+                                          "dim": backbone.dim}, what=f"backbone '{source}'")
+                if self.run.finetune_blocks:
+                    use_tuned_blocks(backbone, self.run)
+                self._backbone = backbone
+            return self._backbone
+
+    def check_min_confidence(self, min_confidence: float | None) -> None:
+        """Refuse an abstention threshold the run cannot apply (no calibration) or that means nothing."""
+        if min_confidence is None:
+            return
+        if not (isinstance(min_confidence, (int, float)) and 0 < min_confidence <= 1):
+            raise BadInput(f"min_confidence {min_confidence!r}: a probability in (0, 1] is expected")
+        if not self.calibrated:
+            raise BadInput(f"--min-confidence needs a calibrated run, and {self.run.directory} has no "
+                           f"calibration.json: fit one with `dcfeat calibrate --run {self.run.directory} --split val`")
+
+    # Images → features.
+    def decode(self, image: ImageInput) -> np.ndarray:
+        """One image as the backbone takes it: uint8 (H, W, 3) at the run's size and crop; ImageProblem
+        (with the reason) for one that cannot be used (not an image, truncated, a decompression bomb)."""
+        return load_image(_as_file(image), self.image_size, crop=self.crop, patch_size=self.backbone.patch_size)
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """Backbone features (n, dim) float32 of decoded images: one forward pass per image shape."""
+        if not images:
+            return np.zeros((0, self.backbone.dim), np.float32)
+        with self._lock:
+            return Crops.stack([torch.from_numpy(np.ascontiguousarray(x)) for x in images]).map(
+                self.backbone.embed).cpu().numpy()
+
+    def embed_files(self, paths: list[Path], *, batch_size: int | None = None, workers: int | None = None,
+                    progress: bool = False) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
+        """`embed_images` with this run's backbone, size and crop: (features, kept indices, [(index, reason)])."""
+        with self._lock:
+            return embed_images(paths, self.backbone, self.image_size, crop=self.crop,
+                                batch_size=batch_size or self.batch_size,
+                                workers=self.workers if workers is None else workers, progress=progress)
+
+    # Features → answers.
+    def table(self, features: np.ndarray, image_ids: list[str], *, k: int | None = None,
+              min_confidence: float | None = None) -> pl.DataFrame:
+        """predictions() of backbone features, with `abstained` (below `min_confidence`)."""
+        self.check_min_confidence(min_confidence)
+        features = np.asarray(features, dtype=np.float32)
+        dim = int(self.run.feature_identity["dim"])
+        if features.ndim != 2 or features.shape[1] != dim:
+            raise BadInput(f"features of shape {features.shape}: the run {self.run.directory} takes (n, {dim}) "
+                           "backbone features")
+        if len(image_ids) != len(features):
+            raise BadInput(f"{len(image_ids)} ids for {len(features)} feature rows: pass one id per row")
+        with self._lock:
+            frame = predictions(self.run, list(image_ids), features, k or self.k, self.scoring)
+        return abstain(frame, min_confidence)
+
+    def locate_features(self, features: np.ndarray, *, ids: list[str] | None = None, k: int | None = None,
+                        min_confidence: float | None = None, as_frame: bool = False) -> list[Answer] | pl.DataFrame:
+        """Answers for backbone features (n, dim) (a store's cached rows): one per row, or the table."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim == 1:
+            features = features[None]
+        ids = [f"#{i}" for i in range(len(features))] if ids is None else [str(i) for i in ids]
+        frame = self.table(features, ids, k=k, min_confidence=min_confidence)
+        return frame if as_frame else answers(frame)
+
+    def locate(self, images: ImageInput | list[ImageInput], *, ids: list[str] | None = None, k: int | None = None,
+               min_confidence: float | None = None, as_frame: bool = False) -> list[Answer] | pl.DataFrame:
+        """Answers for images (paths, bytes of image files, PIL images, uint8 arrays), one per image in
+        order; an image that cannot be used gets an Answer whose `error` says why. `as_frame`: the
+        predictions() table of the usable ones instead (one row per image and rank)."""
+        self.check_min_confidence(min_confidence)
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        ids = [_image_id(im, i) for i, im in enumerate(images)] if ids is None else [str(i) for i in ids]
+        if len(ids) != len(images):
+            raise BadInput(f"{len(ids)} ids for {len(images)} images: pass one id per image")
+        decoded, kept, failed = [], [], {}
+        for i, image in enumerate(images):
+            try:
+                decoded.append(self.decode(image))
+                kept.append(i)
+            except ImageProblem as e:
+                failed[i] = str(e)
+        feats = np.concatenate([self.embed(decoded[s:s + self.batch_size])
+                                for s in range(0, len(decoded), self.batch_size)]) if decoded else \
+            np.zeros((0, self.backbone.dim), np.float32)
+        frame = self.table(feats, [ids[i] for i in kept], k=k, min_confidence=min_confidence)
+        if as_frame:
+            return frame
+        found = iter(answers(frame))
+        return [Answer(ids[i], error=failed[i], run_status=self.status) if i in failed else next(found)
+                for i in range(len(images))]
