@@ -42,8 +42,9 @@ def test_dry_run_lists_the_full_grid_with_disk_and_memory():
                                                          for e in extracts)
         assert sum("--split test-db" in e and "/SFXL/processed/test/database" in e for e in extracts) == 1
         (training,) = [line for line in lines if line.startswith("dcfeat train")]
-        val = "test-v2" if preset == "dc-paper" else "val"
-        assert f"--preset {preset} --val-split {val} --out {folder}/runs/dc" in training and "# memory " in training
+        # Both presets validate, and so calibrate their confidence, on the held-out val queries: never a test set.
+        assert f"--preset {preset} --val-split val --out {folder}/runs/dc" in training and "# memory " in training
+        assert sum("--split val " in e and "/SFXL/processed/val/queries" in e for e in extracts) == 1
         evaluations = [line for line in lines if line.startswith("dcfeat evaluate")]
         assert [e.split("--split ")[1].split()[0] for e in evaluations] == list(QUERY_SETS)
         assert all("--database-split test-db --mode all" in e and "# memory " in e for e in evaluations)
