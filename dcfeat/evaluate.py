@@ -10,7 +10,10 @@ The confidence of classification's answers is measured beside: the calibrated co
 (when the run has calibration.json) and each single signal side by side on the same
 queries — AUC-PR and AUROC of right-vs-wrong, LR@1 among the most confident 50/75/90 %,
 and for probabilities ECE (15 equal-count bins) and Brier score; the 90 % radius is
-checked against where the photos were taken.
+checked against where the photos were taken. A calibrated confidence is the probability of an
+answer within the threshold it was fitted at (`calibration.json`'s `threshold_m`), so the section
+measures right and wrong at that threshold, which the report records beside it; a --threshold
+that differs applies to LR@k only, and `Evaluation.warnings` says so.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dcfeat.confidence import (
     query_signals,
 )
 from dcfeat.devices import resolve_device, synchronize
-from dcfeat.errors import BadInput, IncompatibleFeatures
+from dcfeat.errors import BadInput, IncompatibleFeatures, check_writable, writing
 from dcfeat.finetune import tuned_splits
 from dcfeat.identity import check_features
 from dcfeat.metrics import (
@@ -50,7 +53,7 @@ from dcfeat.metrics import (
 )
 from dcfeat.model import top_cells
 from dcfeat.partition import Places, class_keys, label_keys, places_of
-from dcfeat.reports import Ranking, write_confidence_plots, write_outputs
+from dcfeat.reports import Ranking, staged, write_confidence_plots, write_outputs
 from dcfeat.retrieval import (
     CellIndex,
     normalised,
@@ -58,7 +61,7 @@ from dcfeat.retrieval import (
     topk_cosine,
     topk_in_cells,
 )
-from dcfeat.run import Run, load_run
+from dcfeat.run import EVAL_DIR, Run, load_run
 from dcfeat.store import Split, read_split
 
 
@@ -73,6 +76,7 @@ class Evaluation:
     recall: dict[str, LocalisationRecall]
     confidence_plots: dict
     paths: dict[str, Path] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # inputs accepted that deserve a word (the CLI: stderr)
 
 
 def coverage(run: Run, labels: pl.DataFrame) -> float:
@@ -185,8 +189,11 @@ def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int, device: to
     unit = _unit_queries(run, q, space, device)
     scores, rows = topk_in_cells(unit, d, index, top, k)
     if fallback.any():
-        scores[fallback], rows[fallback] = topk_cosine(unit[torch.as_tensor(fallback).to(device)], d, k,
-                                                       device=device, normalize=False)
+        # Exact retrieval gives min(k, database rows) columns: the rest stay "none" (-1, -inf), as the hybrid's.
+        found_s, found_r = topk_cosine(unit[torch.as_tensor(fallback).to(device)], d, k, device=device,
+                                       normalize=False)
+        scores[fallback], rows[fallback] = -np.inf, -1
+        scores[fallback, :found_s.shape[1]], rows[fallback, :found_r.shape[1]] = found_s, found_r
     synchronize(device)
     candidates = np.where(fallback, len(d), index.counts_of(top).sum(1).cpu().numpy())
     return _db_method("adaptive", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
@@ -201,7 +208,17 @@ def score(method: Ranking, queries: Split, *, ks: tuple[int, ...], threshold_m: 
                                q_letter=lab["utm_letter"].to_numpy(), p_letter=method.letter)
 
 
+def check_rows(split: Split, option: str, store: Path | str | None = None) -> None:
+    """Refuse a split with no rows: no query to answer, or no database row to retrieve from."""
+    if len(split.labels) == 0:
+        where = f" of {store}" if store is not None else ""
+        raise BadInput(f"{option} {split.name}: split '{split.name}'{where} holds no rows, so there is nothing to "
+                       f"{'evaluate' if option == '--split' else 'retrieve from'}. Extract images into it with "
+                       f"`dcfeat extract --split {split.name}`, or choose another split")
+
+
 def check_zones(run: Run, queries: Split) -> None:
+    check_rows(queries, "--split")
     zones = set(run.classes["utm_zone"].unique().to_list())
     q = set(queries.labels["utm_zone"].unique().to_list())
     if not q & zones:
@@ -234,12 +251,14 @@ def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval
     the agreement signal (and the confidence fitted with it, when the run has one for that database)."""
     sig = query_signals(run.model, queries.embeddings, run.classes, M=run.M)
     err = errors_from_top1_m(run.classes, sig, places_of(queries.labels))
+    base = run.calibration
+    cal = base.for_database(database_split if retrieval_top1 is not None else None) if base else None
+    # A calibrated confidence is the probability of an answer within the threshold it was fitted at.
+    threshold_m = cal.threshold_m if cal is not None else threshold_m
     right = err <= threshold_m
     values = dict(sig.values)
     if retrieval_top1 is not None:
         values[DATABASE_SIGNAL] = disagreement_m(run.classes, sig, retrieval_top1)
-    base = run.calibration
-    cal = base.for_database(database_split if retrieval_top1 is not None else None) if base else None
     probabilities = [n for n in PROBABILITY_SIGNALS if n in values]
     ranked = {}
     if cal is not None:
@@ -250,6 +269,7 @@ def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval
             probabilities.append("confidence_without_database")
     ranked.update({n: -v if n in LOWER_IS_SURER else v for n, v in values.items()})
     section = {
+        "threshold_m": threshold_m,  # right = top-1 within this many metres, what the confidence means
         "calibrated": cal is not None, "fitted_on": cal.fitted_on if cal else None,
         "uses_database": cal is not None and cal is not base,
         "answer": "classification top-1 (cells ranked by cosine)", "right": float(right.mean()) if len(right) else None,
@@ -279,6 +299,14 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     dev = torch.device(device)
     run.model.to(dev)
     check_zones(run, queries)
+    if database is not None:
+        check_rows(database, "--database-split", store)
+    warnings = evaluation_warnings(run, queries, database, space=space, threshold_m=threshold_m)
+    # No method answers more than the run's classes or the database's rows: larger k and cells say nothing more.
+    most = max(len(run.classes), len(database.labels) if database is not None else 0)
+    asked_ks, asked_cells = ks, cells
+    ks = tuple(sorted({min(k_, most) for k_ in ks}))
+    cells = min(cells, len(run.classes))
     k = max(ks)
     methods = []
     cache = {}  # the database embedded (and indexed) once for all the modes that search it
@@ -311,7 +339,8 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
         section["note"] = (f"CALIBRATED ON THIS SPLIT ('{queries.name}'): the confidence's figures here are "
                            "optimistic; calibrate on a held-out split (`dcfeat calibrate --split val`) and evaluate "
                            "on another")
-    report = {"split": queries.name, "queries": n, "database_split": database.name if database else None,
+    report = {"split": queries.name, "split_plan_id": queries.attrs.get("plan_id"), "queries": n,
+              "database_split": database.name if database else None,
               "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
               "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells, "scoring": scoring,
               "preset": run.config.train.preset, "test_prototypes": run.model.heads.test_prototypes,
@@ -320,10 +349,33 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
               "run_complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,
               "run_status": run.status_line(), "methods": report_methods,
               "run": str(Path(run.directory).resolve()), "store": store,
-              "options": {"modes": list(modes), "ks": list(ks), "threshold_m": threshold_m, "cells": cells,
-                          "space": space, "device": device, "scoring": scoring},
-              "confidence": section}
-    return Evaluation(report, methods, results, plots)
+              "options": {"modes": list(modes), "ks": list(asked_ks), "threshold_m": threshold_m,
+                          "cells": asked_cells, "space": space, "device": device, "scoring": scoring},
+              "confidence": section, "warnings": warnings}
+    return Evaluation(report, methods, results, plots, warnings=warnings)
+
+
+def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, space: str,
+                        threshold_m: float) -> list[str]:
+    """What an evaluation accepts but should say: a database that is the query split itself, a
+    --space without a database, a --threshold other than the confidence's."""
+    warnings = []
+    if database is not None:
+        q_plan, d_plan = queries.attrs.get("plan_id"), database.attrs.get("plan_id")
+        if (q_plan == d_plan) if (q_plan and d_plan) else queries.name == database.name:
+            warnings.append(f"--database-split {database.name} is the query split '{queries.name}' itself: every query "
+                            "finds its own image, so retrieval and the hybrid score near 100 % and measure nothing. "
+                            "Pass the database images' own split (e.g. test-db)")
+    elif space != "projected":
+        warnings.append(f"--space {space} has no effect without --database-split: only retrieval and the hybrid "
+                        "compare descriptors, and classification always uses the run's projection")
+    cal = run.calibration
+    if cal is not None and cal.threshold_m != threshold_m:
+        warnings.append(f"the run's confidence was fitted at {cal.threshold_m:g} m (the probability of an answer "
+                        f"within {cal.threshold_m:g} m) but --threshold is {threshold_m:g} m: LR@k is measured at "
+                        f"{threshold_m:g} m, the confidence at {cal.threshold_m:g} m. Refit it with `dcfeat calibrate "
+                        f"--threshold {threshold_m:g}` to have both at one threshold")
+    return warnings
 
 
 def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
@@ -331,30 +383,38 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
                    threshold_m: float = THRESHOLD_M, cells: int = DEFAULT_CELLS, space: str = "projected",
                    scoring: str = "cosine", device: str = "auto", out: Path | None = None) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
-    (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT)."""
+    (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT), together: a
+    failure leaves `out` as it was."""
+    out = Path(out) if out else Path(run_dir) / EVAL_DIR / split
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out} is a file; evaluate writes a folder of files (report.json, predictions.parquet, "
+                       "plots) there. Choose a folder, new or one that evaluate wrote")
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
     modes = default_modes(database_split, run) if modes is None else modes
     check_modes(modes, database_split, run)
+    check_writable(out)
     queries = read_split(feats, split, dtype=np.float32)
     check_features(run.feature_identity, queries.attrs, what=f"split '{split}' of {feats}")
+    check_rows(queries, "--split", feats)
     database = None
     if database_split:
         database = read_split(feats, database_split)
         check_features(run.feature_identity, database.attrs, what=f"split '{database_split}' of {feats}")
+        check_rows(database, "--database-split", feats)
     if run.finetune_blocks:
         queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
         database = rest[0] if rest else None
     result = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring, threshold_m=threshold_m,
                       cells=cells, space=space, device=str(dev), store=feats)
     result.report["options"]["device"] = device
-    out = Path(out) if out else Path(run_dir) / "eval" / split
-    out.mkdir(parents=True, exist_ok=True)
-    extra = write_confidence_plots(out, result.confidence_plots, split=split,
-                                   notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")
     background = None
     if database is not None:
         background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
-    result.report, result.paths = write_outputs(out, result.report, queries.labels, result.methods, result.recall,
-                                                background=background, extra_files=extra)
+    with writing(out), staged(out) as folder:
+        extra = write_confidence_plots(folder, result.confidence_plots, split=split,
+                                       notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")
+        result.report, paths = write_outputs(folder, result.report, queries.labels, result.methods, result.recall,
+                                             background=background, extra_files=extra)
+    result.paths = {name: out / path.name for name, path in paths.items()}
     return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,12 @@ from safetensors.torch import load_file
 
 from dcfeat import devices
 from dcfeat.atomic import write_text
-from dcfeat.confidence import fit_confidence
+from dcfeat.confidence import few_queries_warning, fit_confidence
 from dcfeat.devices import autocast, is_cuda, reproducible, resolve_device
-from dcfeat.errors import BadInput, DamagedRun
+from dcfeat.errors import BadInput, DamagedRun, check_writable, human_bytes, writing
 from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
-from dcfeat.identity import RECORDED_ATTRS
+from dcfeat.identity import RECORDED_ATTRS, with_defaults
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
@@ -42,6 +42,7 @@ from dcfeat.run import (
     MODEL_FILE,
     RESUME_FILE,
     RunConfig,
+    append_log,
     cpu_copy,
     new_model,
     new_run_dir,
@@ -113,6 +114,7 @@ class TrainResult:
     streamed: bool = False  # the split was read from disk in chunks instead
     calibration: str = ""  # whether the run's confidence was fitted, or why not
     resumed_from: int = 0  # epochs an earlier, interrupted `dcfeat train` had finished
+    warnings: list[str] = field(default_factory=list)  # inputs accepted that deserve a word (the CLI: stderr)
 
 
 def _hits(head, h: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -229,7 +231,7 @@ def train(split: Split, config: TrainConfig, out: Path, *, val: Split | None = N
     With `streamed` the split's embeddings stay on disk (`split.embeddings` is None) and are read
     in shuffled contiguous chunks, a memory budget's worth at a time.
     """
-    with reproducible(device):
+    with reproducible(device), writing(out):  # a full disk or read-only folder names the run folder
         return _train(split, config, out, val=val, device=device, progress=progress, run_config=run_config,
                       tail=tail, streamed=streamed, part=part, resume=resume)
 
@@ -275,7 +277,6 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
                                                            "buffer_chunks": streamed.buffer_chunks}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / LOG_FILE
     state = _State(model, opt, schedule, _generators(gen, tail.source if tail else batches), tail, config,
                    inputs={**own, "rows": len(part.group), "dim": in_dim,
                            "model_fingerprint": run.features.get("model_fingerprint")})
@@ -324,8 +325,7 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
             state.best, state.best_epoch = score, epoch
         state.epoch, state.stopped = epoch, record.get("stopped")
         history.append(record)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_log(out, record)
         # The resume state before the kept model: a kill between the two leaves a state that says
         # which epoch is kept, and resuming rewrites the kept model from it (_State.kept).
         current = state.save(out)
@@ -342,14 +342,21 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
         write_config(out, replace(run, complete=done and val is None))
         if done:
             break
-    calibration = "uncalibrated: no --val-split"
+    calibration, warnings = "uncalibrated: no --val-split", []
     if val is not None:
-        calibration = _calibrate(model, tail, kept, part, config, val, out, (run_config or {}).get("store"))
+        calibration, warnings = _calibrate(model, tail, kept, part, config, val, out, split,
+                                           (run_config or {}).get("store"))
     write_config(out, replace(run, complete=True))
     (out / RESUME_FILE).unlink(missing_ok=True)  # a finished run is never resumed
     return TrainResult(out=out, epochs=history, best_epoch=state.best_epoch, classes=len(part.classes),
                        images_used=used, seconds=time.perf_counter() - t_start, calibration=calibration,
-                       resumed_from=resumed_from)
+                       resumed_from=resumed_from, warnings=warnings)
+
+
+def same_split(a: Split, b: Split) -> bool:
+    """Whether two splits hold the same images: their plan ids where both have one, else their names."""
+    pa, pb = a.attrs.get("plan_id"), b.attrs.get("plan_id")
+    return pa == pb if pa and pb else a.name == b.name
 
 
 def _epoch_line(record: dict, epochs: int) -> str:
@@ -451,9 +458,16 @@ class _State:
 
 
 def _calibrate(model: DCModel, tail: TokenTraining | None, kept: tuple, part: Partition, config: TrainConfig,
-               val: Split, out: Path, store: str | None) -> str:
+               val: Split, out: Path, split: Split, store: str | None) -> tuple[str, list[str]]:
     """Fit the kept model's confidence and 90 % radius on the val split in hand (calibration.json);
-    what the summary says of it. A val split it cannot be fitted on leaves the run uncalibrated."""
+    what the summary says of it, and warnings. A val split it cannot or must not be fitted on (the
+    training split, a test split) leaves the run uncalibrated."""
+    if same_split(val, split):
+        return f"uncalibrated: --val-split {val.name} is the training split, where answers are surer than on new " \
+               "photos; fit it with `dcfeat calibrate --split val` on a held-out split", []
+    if val.name.startswith("test"):
+        return f"uncalibrated: --val-split {val.name} is a test split, and a confidence fitted there makes its " \
+               "figures optimistic; fit it with `dcfeat calibrate --split val` on a held-out split", []
     state, blocks = kept
     model.load_state_dict(state)
     if tail is not None:
@@ -463,9 +477,48 @@ def _calibrate(model: DCModel, tail: TokenTraining | None, kept: tuple, part: Pa
         cal = fit_confidence(model, part.classes, config.M, tail.features_of(val) if tail else val,
                              threshold_m=config.threshold_m, fitted_on={"store": store} if store else None)
     except BadInput as e:  # the run itself is sound: say why it has no confidence, do not fail
-        return f"uncalibrated: {e}"
+        return f"uncalibrated: {e}", []
     write_calibration(out, cal)
-    return f"calibrated on '{val.name}'"
+    return f"calibrated on '{val.name}'", [w for w in (few_queries_warning(cal),) if w]
+
+
+def training_memory(in_dim: int, config: TrainConfig, classes_per_group: list[int]) -> int:
+    """Bytes training holds besides the features: the model's weights with their gradients and the
+    optimiser's two moments (float32), and one step's activations and its batch × classes logits
+    (with their softmax and gradient) for the largest group."""
+    classes, widest = sum(classes_per_group), max(classes_per_group)
+    scored = max(1, math.ceil(widest * config.negative_fraction))
+    params = in_dim * config.dim + config.dim + classes * (config.dim + 1)
+    step = config.batch_size * (in_dim + 2 * config.dim) * 4 * 2 + config.batch_size * scored * 4 * 3
+    return params * 4 * 4 + step
+
+
+def check_training_memory(need: int, room: int, config: TrainConfig, classes_per_group: list[int],
+                          device: torch.device) -> None:
+    """Refuse before anything is allocated or created a model and step that cannot fit `room` bytes."""
+    if need <= room:
+        return
+    where = "GPU memory" if is_cuda(device) else "memory"
+    raise BadInput(f"training would need about {human_bytes(need)} of {where} for the model "
+                   f"({sum(classes_per_group):,} classes × --dim {config.dim}, with gradients and the optimiser's "
+                   f"moments) and a step (--batch-size {config.batch_size} × the {max(classes_per_group):,} classes "
+                   f"of the largest group), but about {human_bytes(max(room, 0))} is free beside the features. "
+                   "Lower --dim or --batch-size (or raise --M or --min-images-per-class for fewer classes)")
+
+
+def train_warnings(config: TrainConfig, data: Split, val: Split | None) -> list[str]:
+    """What training accepts but should say: a val split that is the training split, the dc-paper
+    preset on centre-cropped features."""
+    warnings = []
+    if val is not None and same_split(val, data):
+        warnings.append(f"--val-split {val.name} is the training split: val LR@1 then measures memorisation, the "
+                        "epoch kept is not the one that generalises best, and the run is left uncalibrated. Pass a "
+                        "held-out split (e.g. val)")
+    features = with_defaults(data.attrs)
+    if config.preset == "dc-paper" and features.get("pooling") != "none" and features.get("crop") == "centre":
+        warnings.append(f"--preset dc-paper on centre-cropped features (split '{data.name}'): the D&C code tests "
+                        "on whole images. Extract every split with `dcfeat extract --crop full` to follow it")
+    return warnings
 
 
 def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,
@@ -487,16 +540,26 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
         streamed = Streamed.within(feats, budget, row_bytes)
     data = read_split(feats, split, embeddings=streamed is None)
     val = read_split(feats, val_split) if val_split else None
+    if val is not None and val.labels.height == 0:
+        raise BadInput(f"--val-split {val_split}: split '{val_split}' of {feats} holds no rows, so no epoch could be "
+                       "scored. Extract validation images into it, or leave --val-split out")
     part = make_partition(data, config)  # a hopeless partition fails before the run folder exists
+    need = training_memory(info.dim, config, part.classes_per_group)
+    features_held = min(info.rows * row_bytes, budget)
+    check_training_memory(need, devices.available_memory(dev) - features_held, config, part.classes_per_group, dev)
+    warnings = train_warnings(config, data, val)
     tail = None
     if config.finetune_blocks:
         tail = TokenTraining.open(feats, split, val_split, data.attrs, config.finetune_blocks, config.lr_blocks)
-    run = new_run_dir(out, Path(feats).parent / "runs")
+    runs = Path(feats).parent / "runs"
+    check_writable(out or runs)
+    with writing(out or runs):
+        run = new_run_dir(out, runs)
     features = {k: data.attrs.get(k) for k in (*RECORDED_ATTRS, "model_source", "backbone_random_init")}
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev),
                   "memory_budget": budget}
-    with run_lock(run):
+    with writing(run), run_lock(run):
         resume = resume_or_clear(run, restart=restart)
         if not resume:
             write_text(run / COMMAND_FILE, command + "\n")
@@ -504,4 +567,5 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
                        tail=tail, streamed=streamed, part=part, resume=resume)
     if out is None:
         point_latest(run)
-    return replace(result, memory_budget=budget, streamed=streamed is not None)
+    return replace(result, memory_budget=budget, streamed=streamed is not None,
+                   warnings=[*warnings, *result.warnings])

@@ -12,7 +12,7 @@ import torch
 
 from dcfeat.confidence import SIGNALS, Calibrator, base_radius, fit, query_signals
 from dcfeat.model import DCModel
-from tests.conftest import invoke, refused
+from tests.conftest import FAST_TRAIN, invoke, refused
 
 
 def _signals(n, rng, right):
@@ -138,8 +138,9 @@ def test_a_damaged_calibration_is_refused_and_calibrate_replaces_it(city_store, 
     assert invoke("calibrate", "--feats", city_store, "--run", run).exit_code == 0
     r = invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "e")
     assert r.exit_code == 0 and "CALIBRATED ON THIS SPLIT" not in r.output, r.output
-    # Calibrated on the very split it is evaluated on: allowed, and said.
-    assert invoke("calibrate", "--feats", city_store, "--run", run, "--split", "test").exit_code == 0
+    # Calibrated on the very split it is evaluated on: only with --allow-test-split, and said.
+    assert invoke("calibrate", "--feats", city_store, "--run", run, "--split", "test",
+                  "--allow-test-split").exit_code == 0
     r = invoke("evaluate", "--feats", city_store, "--run", run, "--out", tmp_path / "e2")
     assert r.exit_code == 0 and "CALIBRATED ON THIS SPLIT" in r.output, r.output
 
@@ -242,3 +243,71 @@ def test_a_confidence_fitted_with_retrievals_agreement_is_used_where_that_databa
     nested["fitted_on"].pop("database_split")
     with pytest.raises(ValueError, match="with_database"):
         Calibrator.from_dict(cal)
+
+
+# --- held out, or said: item 1 (test splits), D20 (a copy of the store), D21 (another threshold), D28 ----------
+
+def test_calibrate_refuses_a_test_split_unless_allowed(city_store, city_run, tmp_path):
+    """`calibrate --split test` was accepted and silently replaced calibration.json."""
+    run = tmp_path / "run"
+    shutil.copytree(city_run, run)
+    before = (run / "calibration.json").read_bytes()
+    r = invoke("calibrate", "--feats", city_store, "--run", run, "--split", "test")
+    refused(r, "bad input", "--split test", "test split", "--allow-test-split")
+    assert (run / "calibration.json").read_bytes() == before
+    # A split this run was evaluated on is a test split too, whatever its name.
+    assert invoke("evaluate", "--feats", city_store, "--run", run, "--split", "val").exit_code == 0
+    r = invoke("calibrate", "--feats", city_store, "--run", run, "--split", "val")
+    refused(r, "bad input", "evaluated on it", str(run / "eval" / "val" / "report.json"), "--allow-test-split")
+    assert (run / "calibration.json").read_bytes() == before
+    r = invoke("calibrate", "--feats", city_store, "--run", run, "--split", "test", "--allow-test-split")
+    assert r.exit_code == 0 and json.loads((run / "calibration.json").read_text())["fitted_on"]["split"] == "test"
+
+
+def test_calibrate_knows_the_training_split_in_a_copy_of_the_store(city_store, uncalibrated, tmp_path):
+    """D20: the guard compared store paths, so a byte-identical copy of the store let the training split through."""
+    copy = tmp_path / "copy"
+    shutil.copytree(city_store.parent, copy)
+    r = invoke("calibrate", "--feats", copy / city_store.name, "--run", uncalibrated, "--split", "train")
+    refused(r, "bad input", "training split")
+    assert not (uncalibrated / "calibration.json").exists()
+    assert invoke("calibrate", "--feats", copy / city_store.name, "--run", uncalibrated).exit_code == 0  # val
+
+
+def test_evaluate_says_when_its_threshold_is_not_the_confidences(city_store, uncalibrated, tmp_path):
+    """D21: a confidence fitted at 50 m was applied at 25 m without a word."""
+    assert invoke("calibrate", "--feats", city_store, "--run", uncalibrated, "--threshold", 50).exit_code == 0
+    r = invoke("evaluate", "--feats", city_store, "--run", uncalibrated, "--out", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    assert "fitted at 50 m" in r.stderr and "--threshold is 25 m" in r.stderr and "fitted at" not in r.stdout
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["threshold_m"] == 25 and report["confidence"]["threshold_m"] == 50
+    assert any("fitted at 50 m" in w for w in report["warnings"])
+    r = invoke("evaluate", "--feats", city_store, "--run", uncalibrated, "--threshold", 50, "--out", tmp_path / "f")
+    assert r.exit_code == 0 and "fitted at" not in r.output
+
+
+@pytest.fixture
+def small_val(city_store, tmp_path):
+    """A copy of the city store with `val-small`: 60 of val's queries."""
+    from dcfeat.shards import write_split
+    from dcfeat.store import read_split
+
+    copy = tmp_path / "store"
+    shutil.copytree(city_store.parent, copy)
+    store = copy / city_store.name
+    val = read_split(store, "val")
+    write_split(store, "val-small", val.embeddings[:60], val.labels.drop("row").head(60),
+                {k: val.attrs[k] for k in ("model", "model_fingerprint", "pooling", "image_size")})
+    return store
+
+
+def test_a_confidence_fitted_on_few_queries_is_said_on_stderr(small_val, uncalibrated, tmp_path):
+    """D28: a reliability plot of 2-4 queries a bin, without a word."""
+    r = invoke("calibrate", "--feats", small_val, "--run", uncalibrated, "--split", "val-small")
+    assert r.exit_code == 0, r.output
+    assert "only 60 held-out queries" in r.stderr and "only 60" not in r.stdout
+    r = invoke("train", "--feats", small_val, "--val-split", "val-small", "--out", tmp_path / "r", *FAST_TRAIN)
+    assert r.exit_code == 0 and "only 60 held-out queries" in r.stderr, r.output
+    r = invoke("calibrate", "--feats", small_val, "--run", uncalibrated, "--split", "val")
+    assert r.exit_code == 0 and "held-out queries" not in r.output

@@ -187,3 +187,97 @@ def test_the_hybrid_is_exact_retrieval_among_the_top_cells_images(city_store, ci
         assert (got.ref[qi, len(want):] == -1).all()
         filled += len(want) == 10
     assert filled > len(qe) // 2  # most queries have 10 candidates or more: the comparison is not vacuous
+
+
+# --- outputs that stay true, and inputs that are said ------------------------------------------------------------
+
+CITY_ATTRS = ("model", "model_fingerprint", "pooling", "image_size")
+
+
+def test_the_adaptive_hybrid_pads_a_database_smaller_than_k(city_store, city_run, tmp_path):
+    """D15: fallback queries got min(k, rows) columns, the rest k: a shape mismatch."""
+    import shutil
+
+    store = tmp_path / "store" / city_store.name
+    shutil.copytree(city_store.parent, store.parent)
+    db = read_split(store, "test-db")
+    write_split(store, "tiny-db", db.embeddings[:5], db.labels.drop("row").head(5),
+                {k: db.attrs[k] for k in CITY_ATTRS})
+    run = tmp_path / "run"
+    shutil.copytree(city_run, run)
+    cal = json.loads((run / "calibration.json").read_text())
+    cal["hybrid"].update(fallback_below=1.0, widen_below=1.0)  # every query falls back to exact retrieval
+    (run / "calibration.json").write_text(json.dumps(cal))
+    r = invoke("evaluate", "--feats", store, "--run", run, "--database-split", "tiny-db", "--mode", "adaptive",
+               "--out", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    frame = pl.read_parquet(tmp_path / "e" / "predictions.parquet")
+    rows = np.array(frame["adaptive_db_row"].to_list())
+    assert rows.shape == (200, 20) and (rows[:, 5:] == -1).all() and (rows[:, :5] >= 0).all()
+    assert np.isnan(np.array(frame["adaptive_east"].to_list())[:, 5:]).all()
+
+
+def test_evaluate_refuses_an_out_that_is_a_file(city_store, city_run, tmp_path):
+    """D16: FileExistsError after the whole evaluation."""
+    out = tmp_path / "report.txt"
+    out.write_text("mine")
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out)
+    assert r.exit_code == 2 and "--out" in r.output and str(out) in r.output and "Traceback" not in r.output
+    assert out.read_text() == "mine"
+
+
+def test_reevaluating_leaves_only_this_evaluations_files(city_store, city_run, tmp_path):
+    """D26: plots of the modes of an earlier evaluation stayed beside a report that no longer lists them."""
+    out = tmp_path / "e"
+    assert invoke("evaluate", "--feats", city_store, "--run", city_run, "--database-split", "test-db",
+                  "--out", out).exit_code == 0
+    assert (out / "map_hybrid.png").is_file()
+    (out / "notes.txt").write_text("mine")
+    assert invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out).exit_code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*report["files"].values(), "report.json", "notes.txt"])
+    assert not (out / "map_hybrid.png").exists() and list(report["methods"]) == ["classify"]
+
+
+def test_a_full_disk_while_evaluating_leaves_the_folder_as_it_was(city_store, city_run, tmp_path, monkeypatch):
+    """D26: predictions.parquet was replaced, then the disk filled up: no report beside it, or an old one."""
+    import errno
+
+    import dcfeat.reports as reports
+
+    out = tmp_path / "e"
+    assert invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(reports, "plot_error_cdf", full)  # after predictions.parquet is written
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--database-split", "test-db", "--out", out)
+    assert r.exit_code == 6 and str(out) in r.output and "no space left" in r.output, r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", tmp_path / "new")
+    assert r.exit_code == 6 and not (tmp_path / "new").exists()
+
+
+def test_k_and_cells_are_capped_at_what_a_run_can_answer(city_store, city_run, tmp_path):
+    """D27: LR@100000 of a run of 134 classes."""
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--k", "1,100000", "--cells", 100000,
+               "--out", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["ks"] == [1, 134] and report["cells"] == 134 and "100000" not in r.stdout
+    assert report["options"]["ks"] == [1, 100000]  # what was asked, recorded beside
+
+
+def test_inputs_accepted_with_a_warning_on_stderr(city_store, city_run, tmp_path):
+    """D28: a database that is the query split itself, and --space without a database, said nothing."""
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--database-split", "test", "--mode",
+               "retrieve", "--out", tmp_path / "a")
+    assert r.exit_code == 0 and "is the query split 'test' itself" in r.stderr, r.output
+    assert "itself" not in r.stdout
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--space", "raw", "--out", tmp_path / "b")
+    assert r.exit_code == 0 and "--space raw has no effect without --database-split" in r.stderr, r.output
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--database-split", "test-db", "--mode",
+               "retrieve", "--out", tmp_path / "c")
+    assert r.exit_code == 0 and r.stderr == "", r.stderr

@@ -1,7 +1,9 @@
 """Damaged, edited and unfinished run folders; error kinds of train and evaluate (DESIGN.md, "Errors", "Runs")."""
 
+import errno
 import inspect
 import json
+import os
 import shutil
 
 import numpy as np
@@ -396,3 +398,99 @@ def test_calibrate_and_training_record_the_checksums_of_what_they_write(city_sto
     assert sums["calibration.json"] == sha256_of(run_copy / "calibration.json")
     assert invoke("info", run_copy, "--verify").exit_code == 0
 
+
+# --- D10, D11: a full disk or a read-only folder while training, calibrating, evaluating -----------------------
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")  # what a write or an append raises: no file name
+
+
+@pytest.mark.parametrize("where", ["train log append", "safetensors", "config.json"])
+def test_a_full_disk_while_training_names_the_run_folder(city_store, tmp_path, monkeypatch, where):
+    """D10: with 40 KB free a SafetensorError traceback; with 100 KB exit 6 naming the current folder."""
+    import dcfeat.run as run_module
+    from safetensors import SafetensorError
+
+    run = tmp_path / "run"
+    if where == "train log append":
+        import builtins
+
+        real_open = builtins.open
+
+        def open_(path, mode="r", *args, **kwargs):
+            if str(path).endswith("train_log.jsonl") and "a" in mode:
+                _no_space()
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", open_)
+    elif where == "safetensors":
+        def full(*args, **kwargs):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+
+        monkeypatch.setattr(run_module, "save_file", full)
+    else:
+        real = run_module.write_text
+
+        def write_text(path, text):
+            if path.name == "config.json":
+                _no_space()
+            return real(path, text)
+
+        monkeypatch.setattr(run_module, "write_text", write_text)
+    r = invoke("train", "--feats", city_store, "--out", run, "--epochs", 1, "--dim", 16, "--no-progress")
+    refused(r, "environment", str(run), "no space left")
+    assert f"{tmp_path}:" not in r.output.replace(str(run), "RUN")  # the run folder, not the one above it
+    assert not list(run.glob(".*.tmp"))  # no temporary file left
+    monkeypatch.undo()
+    r = invoke("train", "--feats", city_store, "--out", run, "--epochs", 1, "--dim", 16, "--no-progress")
+    assert r.exit_code == 0, r.output  # the same command, once there is room
+    assert invoke("info", run, "--verify").exit_code == 0
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """read_only(folder): every write under `folder` fails as on a read-only mount (root's chmod would not)."""
+    import builtins
+    import io
+    import pathlib
+
+    def under(path, folders):
+        return any(os.path.abspath(path).startswith(os.path.abspath(f)) for f in folders)
+
+    folders = []
+    real_open, real_mkdir = builtins.open, pathlib.Path.mkdir
+
+    def open_(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and under(file, folders):
+            raise OSError(errno.EROFS, "Read-only file system", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    def mkdir(self, *args, **kwargs):
+        if under(self, folders) and not self.exists():
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    return folders.append
+
+
+def test_a_read_only_folder_is_refused_naming_it_before_any_work(city_store, run_copy, tmp_path, read_only):
+    """D11: calibrate, evaluate and train --out on a read-only filesystem gave EROFS tracebacks."""
+    before = (run_copy / "calibration.json").read_bytes()
+    read_only(run_copy)
+    r = invoke("calibrate", "--feats", city_store, "--run", run_copy)
+    refused(r, "environment", str(run_copy), "read-only")
+    assert (run_copy / "calibration.json").read_bytes() == before
+    r = invoke("evaluate", "--feats", city_store, "--run", run_copy)
+    refused(r, "environment", str(run_copy / "eval" / "test"), "read-only")
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    read_only(mount)
+    r = invoke("evaluate", "--feats", city_store, "--run", run_copy, "--out", mount / "eval")
+    refused(r, "environment", str(mount / "eval"), "read-only")
+    r = invoke("train", "--feats", city_store, "--out", mount / "run", "--epochs", 1, "--no-progress")
+    refused(r, "environment", str(mount / "run"), "read-only")
+    assert not any(mount.iterdir()) and not (run_copy / "eval").exists()

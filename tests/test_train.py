@@ -156,3 +156,20 @@ def test_default_run_folders_started_in_one_second_do_not_collide(tmp_path):
     names = [new_run_dir(None, tmp_path / "runs").name for _ in range(3)]
     assert len(set(names)) == 3 and all((tmp_path / "runs" / n).is_dir() for n in names)
 
+
+def test_inputs_training_accepts_with_a_warning_on_stderr(city_store, tmp_path):
+    """D28: a --val-split that is the training split, and --preset dc-paper on centre-cropped features, said nothing."""
+    r = invoke("train", "--feats", city_store, "--val-split", "train", "--out", tmp_path / "a", "--epochs", 1,
+               "--dim", 16, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "--val-split train is the training split" in r.stderr and "warning" not in r.stdout
+    assert not (tmp_path / "a" / "calibration.json").exists()  # never calibrated on its own training images
+    split = read_split(city_store, "train")
+    _foreign_store(tmp_path / "f.h5", split.embeddings.astype(np.float32), split.labels.drop("row"))  # crop: centre
+    r = invoke("train", "--feats", tmp_path / "f.h5", "--preset", "dc-paper", "--out", tmp_path / "b", "--epochs", 1,
+               "--iterations-per-epoch", 4, "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "--preset dc-paper on centre-cropped features" in r.stderr and "--crop full" in r.stderr
+    r = invoke("train", "--feats", city_store, "--preset", "dc-paper", "--out", tmp_path / "c", "--epochs", 1,
+               "--iterations-per-epoch", 4, "--no-progress")  # features no backbone pooled: no crop to speak of
+    assert r.exit_code == 0 and r.stderr == "", r.stderr

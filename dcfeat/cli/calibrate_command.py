@@ -7,13 +7,14 @@ from pathlib import Path
 import click
 
 from dcfeat.choices import THRESHOLD_M
-from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout
-from dcfeat.cli.options import POSITIVE, split_name
+from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout, warn
+from dcfeat.cli.options import POSITIVE, device_option, split_name
 
 
 @click.command()
 @click.option("--split", default="val", show_default=True, callback=split_name,
-              help="Held-out split to fit on (never the training or the test split).")
+              help="Held-out split to fit on: never the training split, nor a test split (one named test…, or one "
+              "this run was evaluated on) without --allow-test-split.")
 @click.option("--feats", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
               help="Feature store holding the split.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
@@ -23,8 +24,10 @@ from dcfeat.cli.options import POSITIVE, split_name
               "retrieves from the same split.")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True,
               help="Metres within which an answer counts as right.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def calibrate(split, feats, run_dir, database_split, threshold, device):
+@click.option("--allow-test-split", is_flag=True, help="Fit on a test split all the same (its figures in "
+              "`dcfeat evaluate` are then optimistic, and the report says so).")
+@device_option
+def calibrate(split, feats, run_dir, database_split, threshold, allow_test_split, device):
     """Fit the run's confidence (probability that the top-1 answer is right) and its 90 % radius.
 
     `dcfeat train --val-split` does this at the end of training; run it on a run trained without one,
@@ -33,7 +36,7 @@ def calibrate(split, feats, run_dir, database_split, threshold, device):
     from dcfeat.calibrate import calibrate_files
 
     result = calibrate_files(feats, run_dir, split, threshold_m=threshold, device=device,
-                             database_split=database_split)
+                             database_split=database_split, allow_test_split=allow_test_split)
     cal = result.calibrator
     fitted = cal.fitted_on
     stdout.print(f"calibrated on '{split}' ({fitted['queries']} queries, {fitted['right']} right at {threshold:g} m): "
@@ -45,3 +48,4 @@ def calibrate(split, feats, run_dir, database_split, threshold, device):
         stdout.print(f"and a confidence with retrieval's agreement against '{database_split}', used where "
                      "`dcfeat evaluate` retrieves from it")
     stdout.print(f"calibration: {result.path}", highlight=False)
+    warn(result.warnings)

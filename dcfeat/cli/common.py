@@ -1,4 +1,4 @@
-"""What every command shares: default paths, the console, the --no-progress flag."""
+"""What every command shares: default paths, the consoles, warnings, the --no-progress flag."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from dcfeat.presets import TrainConfig
 
@@ -17,3 +18,11 @@ TRAIN_DEFAULTS = TrainConfig()
 stdout = Console(width=None if sys.stdout.isatty() else 160)
 
 no_progress = click.option("--no-progress", is_flag=True, help="Do not draw progress bars on stderr.")
+
+
+def warn(warnings: list[str]) -> None:
+    """Each warning a stage's result carries, on stderr (stdout carries the results)."""
+    from dcfeat.progress import stderr  # rich.progress: not loaded for `dcfeat --help`
+
+    for line in warnings:
+        stderr.print(f"[yellow]warning: {escape(line)}[/yellow]", highlight=False, soft_wrap=True)  # one line

@@ -7,11 +7,12 @@ from pathlib import Path
 import click
 
 from dcfeat.choices import DEFAULT_CELLS, DEFAULT_KS, MODES, SCORINGS, SPACES, THRESHOLD_M
-from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout
+from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout, warn
 from dcfeat.cli.options import (
     AT_LEAST_1,
     POSITIVE,
     KList,
+    device_option,
     split_name,
 )
 from dcfeat.errors import BadInput
@@ -36,7 +37,7 @@ from dcfeat.errors import BadInput
               help="Hybrid: retrieve among the top-c cells' images.")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True, help="Metres within which a prediction is right.")
 @click.option("--k", "ks", type=KList(), default=",".join(map(str, DEFAULT_KS)), show_default=True, help="Comma-separated k of LR@k.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: RUN/eval/SPLIT].")
 def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, threshold, ks, device, out):
@@ -55,3 +56,4 @@ def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells,
     stdout.print(f"coverage {100 * report['coverage']:.1f} % of queries lie in a class cell; device {report['device']}")
     for name, path in result.paths.items():
         stdout.print(f"{name}: {path}", highlight=False)
+    warn(result.warnings)

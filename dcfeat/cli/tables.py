@@ -62,7 +62,7 @@ def confidence_table(report: dict) -> Table:
     """How well each signal (and the calibrated confidence) sorts classification's right answers first."""
     sec = report["confidence"]
     title = (f"confidence of classification's answers: {100 * (sec['right'] or 0):.1f} % right at "
-             f"{report['threshold_m']:g} m")
+             f"{sec.get('threshold_m', report['threshold_m']):g} m")
     notes = [sec["note"]] if sec.get("note") else []
     if sec.get("radius_90"):
         notes.append(f"90 % radius: the true position inside it for {100 * sec['radius_90']['inside']:.1f} % of "

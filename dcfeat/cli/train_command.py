@@ -11,15 +11,17 @@ from pathlib import Path
 import click
 
 from dcfeat.choices import HEADS
-from dcfeat.cli.common import DEFAULT_STORE, TRAIN_DEFAULTS, no_progress, stdout
+from dcfeat.cli.common import DEFAULT_STORE, TRAIN_DEFAULTS, no_progress, stdout, warn
 from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
     FRACTION,
     MARGIN,
     POSITIVE,
+    SEED,
     Finite,
     Size,
+    device_option,
     split_name,
 )
 from dcfeat.errors import human_bytes
@@ -29,6 +31,11 @@ from dcfeat.presets import CHOICES, PRESETS, preset_config, preset_values
 def preset_option(*decls: str, field: str, help: str, **kwargs):
     """An option whose default is its preset's value (None here), each preset's shown in --help."""
     return click.option(*decls, field, default=None, help=f"{help}  [{preset_values(field)}]", **kwargs)
+
+
+# N² groups: 100 gives 10,000 classifiers, each cell's group neighbours 2 km apart at M = 20 m; more only
+# costs memory (a count per group) and time.
+MAX_N = 100
 
 
 def choice(field: str) -> click.Choice:
@@ -47,7 +54,7 @@ def choice(field: str) -> click.Choice:
               "official D&C code's (dc-paper; extract its features with `--crop full`). Each such option overrides "
               "its preset's value.")
 @click.option("--M", "M", type=POSITIVE, default=TRAIN_DEFAULTS.M, show_default=True, help="Cell side in metres.")
-@click.option("--N", "N", type=AT_LEAST_1, default=TRAIN_DEFAULTS.N, show_default=True, help="N² groups; no two neighbouring cells "
+@click.option("--N", "N", type=click.IntRange(1, MAX_N), default=TRAIN_DEFAULTS.N, show_default=True, help="N² groups; no two neighbouring cells "
               "share a group. N=1: one classifier over all cells.")
 @click.option("--min-images-per-class", type=AT_LEAST_1, default=TRAIN_DEFAULTS.min_images_per_class, show_default=True,
               help="Cells with fewer training images are not classes.")
@@ -89,8 +96,8 @@ def choice(field: str) -> click.Choice:
               "2GB; a larger one is streamed from disk in shuffled chunks [default: half the free memory].")
 @click.option("--restart", is_flag=True, help="With --out holding an unfinished run: train it again from its first "
               "epoch instead of resuming it after its last finished one.")
-@click.option("--seed", type=int, default=TRAIN_DEFAULTS.seed, show_default=True, help="Seed of initialisation and sampling.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=SEED, default=TRAIN_DEFAULTS.seed, show_default=True, help="Seed of initialisation and sampling.")
+@device_option
 @no_progress
 def train(feats, split, val_split, out, preset, iterations_per_epoch, memory_budget, restart, device, no_progress,
           **options):
@@ -117,3 +124,4 @@ def train(feats, split, val_split, out, preset, iterations_per_epoch, memory_bud
                  f"{resumed}, train accuracy {100 * last['train_accuracy']:.1f} %{val}; "
                  f"split {'streamed from disk' if result.streamed else 'in memory'}, "
                  f"budget {human_bytes(result.memory_budget)}; confidence {result.calibration}")
+    warn(result.warnings)
