@@ -488,6 +488,9 @@ def verify_checksums(directory: Path) -> list[str]:
     DamagedRun naming the first that differs); the names of the files checked."""
     directory = Path(directory)
     sums = read_checksums(directory)
+    path = directory / CHECKSUM_FILE
+    if path.is_file() and not sums:
+        raise _damaged(path, "not the file names and SHA-256 checksums dcfeat writes")
     checked = []
     for name in CHECKSUMMED:
         path = directory / name

@@ -129,6 +129,8 @@ def test_damaged_tuned_blocks_are_refused(tiny_store, ft_run, tmp_path):
     evaluate = ["evaluate", "--feats", tiny_store, "--run", run, "--split", "train", "--out", tmp_path / "e"]
     shutil.copytree(ft_run, run)
     assert invoke(*evaluate).exit_code == 0
+    assert "blocks.safetensors" in json.loads((run / "checksums.json").read_text())  # TokenTraining.save's
+    assert invoke("info", run, "--verify").exit_code == 0
 
     state = load_file(str(run / "blocks.safetensors"))
     state["tuned.0.mlp.fc1.weight"] = state["tuned.0.mlp.fc1.weight"][:, :5].contiguous()
@@ -387,6 +389,8 @@ def test_info_verify_compares_every_run_file_with_its_recorded_checksum(run_copy
     _edit_json(run_copy, "calibration.json", lambda d: d.update(bias=d["bias"] + 0.5))
     (run_copy / "calibration.json").unlink()  # removing it is allowed (the run is then uncalibrated)
     refused(invoke("info", run_copy, "--verify"), "damaged run", "model.safetensors")
+    (run_copy / "checksums.json").write_text("[]")
+    refused(invoke("info", run_copy, "--verify"), "damaged run", "checksums.json")
 
 
 def test_calibrate_and_training_record_the_checksums_of_what_they_write(city_store, run_copy):
