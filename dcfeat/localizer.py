@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ from dcfeat.errors import BadInput
 from dcfeat.finetune import use_tuned_blocks
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
-from dcfeat.images import Crops, ImageDataset, ImageProblem, collate, load_image
+from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, load_image
 from dcfeat.partition import centres_of
 from dcfeat.progress import progress_bar
 from dcfeat.run import Run, load_run
@@ -53,6 +54,7 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, 
 # Columns of predictions() that hold one value per image (repeated on its every rank); the others
 # describe the ranked cell and go into an answer's top_k.
 IMAGE_COLUMNS = ("image_id", "confidence", "radius_m", "abstained", "threshold_m", "run_status")
+_IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 # A run folder exported with its backbone (`dcfeat export --with-backbone`) keeps it here.
 BACKBONE_DIR = "backbone"
 
@@ -293,6 +295,8 @@ class Localizer:
     @property
     def backbone(self) -> Backbone:
         """The run's backbone (with its tuned blocks), loaded and checked on first use."""
+        if self._backbone is not None:  # no lock: decoding threads ask for its patch size during forward passes
+            return self._backbone
         with self._lock:
             if self._backbone is None:
                 features, source = self.run.feature_identity, self.backbone_source
@@ -315,10 +319,14 @@ class Localizer:
                            f"calibration.json: fit one with `dcfeat calibrate --run {self.run.directory} --split val`")
 
     # Images → features.
-    def decode(self, image: ImageInput) -> np.ndarray:
+    def decode(self, image: ImageInput, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         """One image as the backbone takes it: uint8 (H, W, 3) at the run's size and crop; ImageProblem
-        (with the reason) for one that cannot be used (not an image, truncated, a decompression bomb)."""
-        return load_image(_as_file(image), self.image_size, crop=self.crop, patch_size=self.backbone.patch_size)
+        (with the reason) for one that cannot be used (not an image, truncated, more than `max_pixels`)."""
+        try:
+            return load_image(_as_file(image), self.image_size, crop=self.crop, patch_size=self.backbone.patch_size,
+                              max_pixels=max_pixels)
+        except ImageProblem as e:  # PIL names an in-memory file by its repr: say what it is instead
+            raise ImageProblem(_IN_MEMORY.sub("(the bytes given)", str(e))) from None
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         """Backbone features (n, dim) float32 of decoded images: one forward pass per image shape."""

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never waits on the hub's retries
 
@@ -153,3 +154,37 @@ def kill_9_after(cmd: list[str], shards: Path, wanted: int, timeout_s: float = 1
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+@contextmanager
+def live_server(app):
+    """A real uvicorn serving `app` on 127.0.0.1 at a free port (its socket bound here first), in a
+    thread; yields the base URL and stops the server on exit."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
+
+
+def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (80, 100)) -> bytes:
+    """A random-pixel JPEG (height, width) in memory."""
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()

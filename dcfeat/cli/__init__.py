@@ -19,6 +19,7 @@ from dcfeat.cli.extract_command import extract
 from dcfeat.cli.info_command import info
 from dcfeat.cli.options import UserErrorsGroup
 from dcfeat.cli.predict_command import predict
+from dcfeat.cli.serve_command import serve
 from dcfeat.cli.train_command import train
 
 
@@ -28,7 +29,7 @@ def cli():
     """Visual place recognition by classification (Divide&Classify) on cached DINOv2 features."""
 
 
-for command in (extract, info, train, calibrate, evaluate, predict, demo):
+for command in (extract, info, train, calibrate, evaluate, predict, serve, demo):
     cli.add_command(command)
 
 

@@ -1,0 +1,56 @@
+"""`dcfeat serve`: options of the HTTP service of one run (dcfeat.serve)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dcfeat.choices import SCORINGS
+from dcfeat.cli.common import DATA
+from dcfeat.cli.options import AT_LEAST_1, FRACTION, POSITIVE, Finite, device_option
+from dcfeat.errors import EnvironmentProblem
+
+
+@click.command()
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
+              show_default=True, help="Run folder written by `dcfeat train` or `dcfeat export` (only read).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface, e.g. behind a load balancer).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@device_option
+@click.option("--scoring", type=click.Choice(list(SCORINGS)), default="cosine", show_default=True,
+              help="How cells are ranked and given a probability, as `dcfeat predict --scoring`.")
+@click.option("--workers", type=AT_LEAST_1, default=1, show_default=True,
+              help="Processes on the port, each with its own copy of the model.")
+@click.option("--max-batch", type=AT_LEAST_1, default=32, show_default=True, help="Images per forward pass.")
+@click.option("--max-wait-ms", type=Finite(min=0), default=5.0, show_default=True,
+              help="How long the first request of a batch waits for others to share its forward pass.")
+@click.option("--max-queue", type=AT_LEAST_1, default=256, show_default=True,
+              help="Images waiting for the model; a request beyond is answered 503 with Retry-After.")
+@click.option("--max-images", type=AT_LEAST_1, default=32, show_default=True,
+              help="Images per request; more are answered 413.")
+@click.option("--max-body-mb", type=POSITIVE, default=16.0, show_default=True,
+              help="Request body size in MB (2^20 bytes); larger bodies are answered 413.")
+@click.option("--max-k", type=AT_LEAST_1, default=100, show_default=True, help="Most cells per answer a request may ask.")
+@click.option("--timeout", "timeout_s", type=POSITIVE, default=30.0, show_default=True,
+              help="Seconds to receive a request's body (408 past it), and again to answer it (504).")
+@click.option("--min-confidence", type=FRACTION, default=None,
+              help="Abstain below this calibrated confidence when a request names none (needs a calibrated run).")
+@click.option("--max-connections", type=AT_LEAST_1, default=128, show_default=True,
+              help="Connections per process at once; more are answered 503 by uvicorn.")
+def serve(run_dir, host, port, device, scoring, workers, max_batch, max_wait_ms, max_queue, max_images, max_body_mb,
+          max_k, timeout_s, min_confidence, max_connections):
+    """Serve a run over HTTP: POST /v1/locate (images → answers), POST /scrs/geopose (OSCP GeoPose), a page
+    at /, /health, /v1/run and /metrics (Prometheus). Requests share forward passes (micro-batching)."""
+    try:
+        from dcfeat.serve import ServeConfig, serve_run
+    except ModuleNotFoundError as e:
+        raise EnvironmentProblem(f"dcfeat serve needs {e.name}, which is not installed: pip install 'dcfeat[serve]' "
+                                 "(FastAPI, uvicorn and python-multipart)") from None
+
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_images=max_images,
+                         max_body_bytes=int(max_body_mb * (1 << 20)), max_k=max_k, timeout_s=timeout_s,
+                         k=min(5, max_k), min_confidence=min_confidence)
+    serve_run(run_dir, host=host, port=port, device=device, scoring=scoring, config=config, workers=workers,
+              max_connections=max_connections)

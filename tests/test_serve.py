@@ -1,0 +1,403 @@
+"""`dcfeat serve`: every endpoint, GeoPose field by field, every hostile request, and micro-batching.
+
+FastAPI's TestClient where one request at a time says enough; a real uvicorn on 127.0.0.1 (a free
+port) for concurrent requests, clients that go away or send slowly, and bodies refused unread.
+"""
+
+import base64
+import io
+import json
+import shutil
+import socket
+import struct
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import polars as pl
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from dcfeat.localizer import Localizer
+from dcfeat.predict import predict_files
+from dcfeat.serve import UNKNOWN_ORIENTATION_DEG, ServeConfig, create_app
+from tests.conftest import invoke, jpeg_bytes, live_server, refused
+
+
+@pytest.fixture(scope="module")
+def localizer(calibrated_run) -> Localizer:
+    loc = Localizer.from_run(calibrated_run, device="cpu")
+    _ = loc.backbone
+    return loc
+
+
+@pytest.fixture(scope="module")
+def client(localizer):
+    with TestClient(create_app(localizer, ServeConfig(max_wait_ms=1))) as c:
+        yield c
+
+
+def geopose_request(image: bytes, **camera) -> dict:
+    """A GeoPoseReq of the OSCP protocol (v2: `sensorReadings.cameraReadings`) with one camera image."""
+    reading = {"timestamp": 1700000000000, "sensorId": "cam0", "privacy": {}, "sequenceNumber": 0,
+               "imageFormat": "JPG", "size": [100, 80], "imageBytes": base64.b64encode(image).decode(), **camera}
+    return {"id": "req-42", "timestamp": 1700000000000, "type": "geopose",
+            "sensors": [{"id": "cam0", "type": "camera"}], "sensorReadings": {"cameraReadings": [reading]}}
+
+
+def assert_error(r, status: int, code: str, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]["status"] == status and body["error"]["code"] == code, body
+    for w in words:
+        assert w in body["error"]["message"], (w, body)
+    return body
+
+
+# --------------------------------------------------------------------------- /v1/locate
+
+def test_locate_takes_multipart_parts_and_raw_bodies_with_k_from_query_or_form(client, localizer):
+    a, b = jpeg_bytes(1), jpeg_bytes(2)
+    r = client.post("/v1/locate?k=2", files=[("image", ("a.jpg", a, "image/jpeg")), ("photo", ("b.jpg", b, "image/jpeg"))])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["image"] for x in body["answers"]] == ["a.jpg", "b.jpg"]
+    assert all(len(x["top_k"]) == 2 for x in body["answers"])
+    assert body["random_backbone"] is True and body["notice"].startswith("RANDOM BACKBONE")
+    expected = [x.to_dict() for x in localizer.locate([a, b], ids=["a.jpg", "b.jpg"], k=2)]
+    for got, want in zip(body["answers"], expected):
+        assert [c["class"] for c in got["top_k"]] == [c["class"] for c in want["top_k"]]
+        assert got["confidence"] == pytest.approx(want["confidence"], abs=1e-6)
+        assert (got["lat"], got["lon"], got["utm"]) == (want["lat"], want["lon"], want["utm"])
+    r = client.post("/v1/locate", files=[("image", ("a.jpg", a, "image/jpeg"))], data={"k": "3"})
+    assert len(r.json()["answers"][0]["top_k"]) == 3
+    r = client.post("/v1/locate", content=a, headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200 and r.json()["answers"][0]["image"] == "body"
+    assert len(r.json()["answers"][0]["top_k"]) == min(5, localizer.classes)  # the server's default k
+
+
+def test_locate_answers_what_predict_writes(client, calibrated_run, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.jpg").write_bytes(jpeg_bytes(10 + i))
+    frame = predict_files(calibrated_run, tmp_path / "p.parquet", images=folder, k=3, device="cpu", progress=False,
+                          workers=0).frame
+    r = client.post("/v1/locate?k=3", files=[("image", (p.name, p.read_bytes(), "image/jpeg"))
+                                             for p in sorted(folder.iterdir())])
+    for answer in r.json()["answers"]:
+        rows = frame.filter(pl.col("image_id") == answer["image"]).sort("rank")
+        assert [c["class"] for c in answer["top_k"]] == rows["class"].to_list()
+        assert [c["probability"] for c in answer["top_k"]] == pytest.approx(rows["probability"].to_list(), abs=1e-6)
+        assert answer["confidence"] == pytest.approx(rows["confidence"][0], abs=1e-6)
+        assert answer["radius_m"] == pytest.approx(rows["radius_m"][0], rel=1e-6)
+        assert (answer["lat"], answer["lon"]) == pytest.approx((rows["lat"][0], rows["lon"][0]))
+
+
+def test_an_abstention_stays_an_answer_marked_as_such(client):
+    r = client.post("/v1/locate?min_confidence=1", content=jpeg_bytes(3))
+    [answer] = r.json()["answers"]
+    assert r.status_code == 200 and answer["abstained"] is True and answer["confidence"] < 1
+    assert client.post("/v1/locate?min_confidence=0.0001", content=jpeg_bytes(3)).json()["answers"][0]["abstained"] is False
+
+
+@pytest.mark.parametrize("query, words", [("k=0", "k=0"), ("k=1000000000", "k=1000000000"), ("k=two", "integer"),
+                                          ("min_confidence=2", "(0, 1]"), ("min_confidence=0", "(0, 1]"),
+                                          ("min_confidence=nan", "finite")])
+def test_fields_out_of_range_are_422_naming_the_field(client, query, words):
+    assert_error(client.post(f"/v1/locate?{query}", content=jpeg_bytes(0)), 422, "bad_field", words)
+
+
+def test_min_confidence_on_an_uncalibrated_run_is_refused(tiny_run):
+    with TestClient(create_app(Localizer.from_run(tiny_run, device="cpu"))) as c:
+        assert_error(c.post("/v1/locate?min_confidence=0.5", content=jpeg_bytes(0)), 422, "uncalibrated_run",
+                     "calibrat")
+        r = c.post("/v1/locate", content=jpeg_bytes(0))
+        assert r.status_code == 200 and r.json()["answers"][0]["confidence"] is None
+        assert_error(c.post("/scrs/geopose", json=geopose_request(jpeg_bytes(0))), 501, "uncalibrated_run",
+                     "dcfeat calibrate")
+
+
+def test_too_many_images_and_a_full_queue_are_refused_at_once(localizer):
+    parts = [("image", (f"{i}.jpg", jpeg_bytes(i), "image/jpeg")) for i in range(3)]
+    with TestClient(create_app(localizer, ServeConfig(max_images=2))) as c:
+        assert_error(c.post("/v1/locate", files=parts), 413, "too_many_images", "at most 2")
+    with TestClient(create_app(localizer, ServeConfig(max_queue=2))) as c:
+        r = c.post("/v1/locate", files=parts)
+        assert_error(r, 503, "queue_full", "retry")
+        assert r.headers["retry-after"] == "1"
+        assert c.post("/v1/locate", files=parts[:2]).status_code == 200  # it fits: answered
+
+
+def test_a_request_the_model_cannot_answer_in_time_is_504_and_the_server_goes_on(localizer, monkeypatch):
+    release = threading.Event()
+    real = localizer.embed
+
+    def stuck(images):
+        release.wait()
+        return real(images)
+
+    with TestClient(create_app(localizer, ServeConfig(timeout_s=0.2))) as c:
+        monkeypatch.setattr(localizer, "embed", stuck)
+        assert_error(c.post("/v1/locate", content=jpeg_bytes(0)), 504, "model_timeout", "0.2 s")
+        release.set()
+        monkeypatch.setattr(localizer, "embed", real)
+        assert c.post("/v1/locate", content=jpeg_bytes(0)).status_code == 200
+
+
+# --------------------------------------------------------------------------- /scrs/geopose
+
+def test_geopose_answers_field_by_field(client, localizer):
+    image = jpeg_bytes(5)
+    [answer] = client.post("/v1/locate", content=image).json()["answers"]
+    r = client.post("/scrs/geopose", json=geopose_request(image))
+    assert r.status_code == 200, r.text
+    pose = r.json()
+    assert pose["id"] == "req-42" and pose["type"] == "geopose"
+    assert isinstance(pose["timestamp"], int) and pose["timestamp"] > 1700000000000  # ms since the epoch, now
+    assert pose["accuracy"] == {"position": pytest.approx(answer["radius_m"]), "orientation": UNKNOWN_ORIENTATION_DEG}
+    assert pose["geopose"]["position"] == {"lat": pytest.approx(answer["lat"]), "lon": pytest.approx(answer["lon"]),
+                                           "h": 0.0}
+    assert pose["geopose"]["quaternion"] == {"x": 0.0, "y": 0.0, "z": 0.0, "w": 1.0}
+    assert set(pose) == {"id", "timestamp", "type", "accuracy", "geopose", "dcfeat"}
+    ours = pose["dcfeat"]
+    assert "unknown" in ours["orientation"] and "unknown" in ours["height"]
+    assert ours["confidence"] == pytest.approx(answer["confidence"]) and ours["threshold_m"] == 150
+    assert ours["utm"] == answer["utm"] and len(ours["top_k"]) == min(5, localizer.classes)
+
+
+def test_geopose_takes_protocol_v1_readings_and_raw_pixels(client):
+    image = jpeg_bytes(5)
+    want = client.post("/scrs/geopose", json=geopose_request(image)).json()["geopose"]
+    v1 = geopose_request(image)
+    v1["sensorReadings"] = [{"timestamp": 1, "sensorId": "cam0", "privacy": {},
+                             "reading": v1["sensorReadings"]["cameraReadings"][0]}]
+    assert client.post("/scrs/geopose", json=v1).json()["geopose"] == want
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGBA"))
+    raw = geopose_request(pixels.tobytes(), imageFormat="RGBA32", size=[100, 80])
+    r = client.post("/scrs/geopose", json=raw)
+    assert r.status_code == 200 and r.json()["geopose"] == want  # the same pixels, the same pose
+    gray = geopose_request(bytes(100 * 80), imageFormat="GRAY8", size=[100, 80])
+    assert client.post("/scrs/geopose", json=gray).status_code == 200
+
+
+def test_an_abstention_is_an_error_response_never_a_pose(client):
+    r = client.post("/scrs/geopose?min_confidence=1", json=geopose_request(jpeg_bytes(5)))
+    body = assert_error(r, 404, "abstained", "below min_confidence 1")
+    assert body["id"] == "req-42" and body["type"] == "geopose" and "geopose" not in body and "accuracy" not in body
+
+
+def _without(doc: dict, *path) -> dict:
+    doc = json.loads(json.dumps(doc))
+    inner = doc
+    for key in path[:-1]:
+        inner = inner[key]
+    del inner[path[-1]]
+    return doc
+
+
+@pytest.mark.parametrize("mangle, status, code, words", [
+    (lambda d: _without(d, "id"), 422, "bad_geopose", "`id`"),
+    (lambda d: {**d, "type": "pose"}, 422, "bad_geopose", "`type`"),
+    (lambda d: {**d, "timestamp": "yesterday"}, 422, "bad_geopose", "`timestamp`"),
+    (lambda d: _without(d, "sensorReadings"), 422, "bad_geopose", "`sensorReadings`"),
+    (lambda d: {**d, "sensorReadings": {"cameraReadings": []}}, 422, "bad_geopose", "no camera reading"),
+    (lambda d: {**d, "sensorReadings": {"cameraReadings": "x"}}, 422, "bad_geopose", "must be a list"),
+    (lambda d: json.loads(json.dumps(d).replace('"imageBytes": "', '"imageBytes": "!!')), 422, "bad_geopose",
+     "not valid base64"),
+    (lambda d: {**d, "sensorReadings": {"cameraReadings": [{"imageBytes": "AAAA", "imageFormat": "RGBA32",
+                                                            "size": [10, 10]}]}}, 422, "bad_geopose", "needs 400"),
+    (lambda d: {**d, "sensorReadings": {"cameraReadings": [{"imageBytes": "AAAA"}]}}, 422, "undecodable_image",
+     "camera reading"),
+    (lambda d: [d], 422, "bad_geopose", "JSON object"),
+])
+def test_malformed_geopose_requests_are_refused_naming_the_field(client, mangle, status, code, words):
+    r = client.post("/scrs/geopose", json=mangle(geopose_request(jpeg_bytes(5))))
+    body = assert_error(r, status, code, words)
+    assert body["type"] == "geopose" and "geopose" not in body
+
+
+def test_geopose_that_is_not_json_is_400(client):
+    body = assert_error(client.post("/scrs/geopose", content=b'{"id": "x", '), 400, "malformed_json", "not JSON")
+    assert body["id"] is None
+
+
+# --------------------------------------------------------------------------- the other endpoints
+
+def test_health_run_cells_page_and_errors_of_unknown_routes(client, localizer):
+    assert client.get("/health").json() == {"status": "ok", "queue_images": 0}
+    run = client.get("/v1/run").json()
+    assert run["classes"] == localizer.classes and run["complete"] is True and run["preset"] == "dcfeat"
+    assert run["backbone"]["random"] is True and run["backbone"]["fingerprint"].startswith("v2")
+    assert run["backbone"]["image_size"] == 56 and run["notice"].startswith("RANDOM BACKBONE")
+    assert run["calibration"]["threshold_m"] == 150 and run["calibration"]["fitted_on"]["split"] == "val"
+    assert run["limits"]["max_batch"] == 32
+    cells = client.get("/v1/cells").json()
+    assert len(cells["x"]) == len(cells["y"]) == cells["classes"] == localizer.classes and cells["M"] == 200
+    assert abs(np.mean(cells["x"])) < 1 and abs(np.mean(cells["y"])) < 1  # metres around the cells' centre
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/locate" in page.text and "/v1/cells" in page.text and "https://" not in page.text  # offline
+    assert_error(client.get("/v2/nothing"), 404, "not_found", "/v2/nothing")
+    assert_error(client.get("/v1/locate"), 405, "method_not_allowed")
+
+
+def test_metrics_are_prometheus_text_with_requests_latency_batches_and_queue(client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.post("/v1/locate", content=jpeg_bytes(0))
+    client.post("/v1/locate?k=0", content=jpeg_bytes(0))
+    r = client.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert {"dcfeat_requests", "dcfeat_request_seconds", "dcfeat_batch_images", "dcfeat_forward_seconds",
+            "dcfeat_queue_images", "dcfeat_images", "dcfeat_abstained"} <= set(families)
+    counts = {(s.labels["endpoint"], s.labels["status"]): s.value for s in families["dcfeat_requests"].samples}
+    assert counts[("/v1/locate", "200")] >= 1 and counts[("/v1/locate", "422")] >= 1
+    assert families["dcfeat_queue_images"].samples[0].value == 0
+    batches = {s.name: s.value for s in families["dcfeat_batch_images"].samples if not s.labels.get("le")}
+    assert batches["dcfeat_batch_images_count"] >= 1
+
+
+# --------------------------------------------------------------------------- hostile clients, real server
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header claims width × height pixels (10 G by default): a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def server(localizer):
+    with live_server(create_app(localizer, ServeConfig(timeout_s=1.0, max_wait_ms=2))) as url:
+        yield url
+
+
+def raw_exchange(url: str, head: bytes, body: bytes = b"", *, close_early: bool = False) -> bytes:
+    """Send a request's head and (part of its) body over a plain socket; the server's reply ('' if none)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head + body)
+        if close_early:
+            return b""
+        s.settimeout(30)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+        return reply
+
+
+def still_answering(url: str) -> None:
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    r = httpx.post(f"{url}/v1/locate", content=jpeg_bytes(9))
+    assert r.status_code == 200 and len(r.json()["answers"]) == 1
+
+
+@pytest.mark.parametrize("name, send, status, code, words", [
+    ("truncated JPEG", lambda u: httpx.post(f"{u}/v1/locate", content=jpeg_bytes(1)[:600]), 422, "undecodable_image",
+     "Truncated"),
+    ("empty body", lambda u: httpx.post(f"{u}/v1/locate", content=b""), 422, "no_image", "no image"),
+    ("empty part", lambda u: httpx.post(f"{u}/v1/locate", files=[("image", ("e.jpg", b"", "image/jpeg"))]), 422,
+     "undecodable_image", "e.jpg: empty"),
+    ("not an image", lambda u: httpx.post(f"{u}/v1/locate", files=[("image", ("n.txt", b"hello " * 50, "text/plain"))]),
+     422, "undecodable_image", "n.txt"),
+    ("50 MB upload", lambda u: httpx.post(f"{u}/v1/locate", content=b"\xff" * (50 << 20)), 413, "body_too_large",
+     "16,777,216 bytes"),
+    ("decompression bomb", lambda u: httpx.post(f"{u}/v1/locate", content=bomb_png()), 422, "undecodable_image",
+     "decompression bomb"),
+    ("multipart without boundary", lambda u: httpx.post(f"{u}/v1/locate", content=b"--x\r\n",
+                                                        headers={"content-type": "multipart/form-data"}),
+     400, "malformed_multipart", "multipart"),
+    ("malformed GeoPose JSON", lambda u: httpx.post(f"{u}/scrs/geopose", content=b"{]"), 400, "malformed_json", "JSON"),
+    ("k=0", lambda u: httpx.post(f"{u}/v1/locate?k=0", content=jpeg_bytes(1)), 422, "bad_field", "k=0"),
+    ("k=10^9", lambda u: httpx.post(f"{u}/v1/locate?k=1000000000", content=jpeg_bytes(1)), 422, "bad_field", "k="),
+    ("min_confidence=2", lambda u: httpx.post(f"{u}/v1/locate?min_confidence=2", content=jpeg_bytes(1)), 422,
+     "bad_field", "min_confidence=2"),
+])
+def test_each_hostile_request_gets_its_4xx_and_the_server_keeps_answering(server, name, send, status, code, words):
+    assert_error(send(server), status, code, words)
+    still_answering(server)
+
+
+def test_a_body_larger_than_announced_is_413_as_it_arrives(server):
+    chunks = (b"\xff" * (1 << 20) for _ in range(20))  # chunked: no Content-Length to refuse it by
+    assert_error(httpx.post(f"{server}/v1/locate", content=chunks), 413, "body_too_large")
+    still_answering(server)
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_the_server_answering(server):
+    head = b"POST /v1/locate HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+    for _ in range(3):
+        raw_exchange(server, head, jpeg_bytes(1)[:500], close_early=True)
+    still_answering(server)
+    metrics = httpx.get(f"{server}/metrics").text
+    assert 'dcfeat_requests_total{endpoint="/v1/locate",status="499"}' in metrics  # recorded as gone away
+
+
+def test_a_client_that_sends_slowly_gets_408_and_others_are_served_meanwhile(server):
+    head = b"POST /v1/locate HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(raw_exchange, server, head, b"\xff" * 100)  # then nothing more, within the 1 s timeout
+        still_answering(server)
+        reply = slow.result()
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert b'"code":"body_timeout"' in reply
+    still_answering(server)
+
+
+# --------------------------------------------------------------------------- batching
+
+def test_concurrent_requests_share_forward_passes_and_answer_as_one_predict_call(localizer, calibrated_run, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    n = 12
+    for i in range(n):
+        (folder / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(100 + i, size=(70 + 3 * i, 90)))
+    frame = predict_files(calibrated_run, tmp_path / "p.parquet", images=folder, k=3, device="cpu", progress=False,
+                          workers=0).frame
+    # A long wait: every request sent at once lands in a batch with others, whatever the machine's load.
+    with live_server(create_app(localizer, ServeConfig(max_wait_ms=500, max_batch=8))) as url:
+        def ask(path: Path):
+            return httpx.post(f"{url}/v1/locate?k=3", files=[("image", (path.name, path.read_bytes(), "image/jpeg"))],
+                              timeout=60).json()["answers"][0]
+
+        with ThreadPoolExecutor(n) as pool:
+            found = list(pool.map(ask, sorted(folder.iterdir())))
+        metrics = httpx.get(f"{url}/metrics").text
+    for answer in found:
+        rows = frame.filter(pl.col("image_id") == answer["image"]).sort("rank")
+        assert [c["class"] for c in answer["top_k"]] == rows["class"].to_list()
+        assert [c["probability"] for c in answer["top_k"]] == pytest.approx(rows["probability"].to_list(), abs=1e-5)
+        assert answer["confidence"] == pytest.approx(rows["confidence"][0], abs=1e-5)
+    count = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("dcfeat_batch_images_count"))
+    total = next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("dcfeat_batch_images_sum"))
+    assert total == n and count < n  # 12 images in fewer forward passes than requests
+    assert 'dcfeat_batch_images_bucket{le="1"} ' in metrics
+
+
+# --------------------------------------------------------------------------- the run folder and the command
+
+def test_serving_reads_the_run_folder_and_writes_nothing_there(calibrated_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(calibrated_run, run)
+    before = {p.relative_to(run): (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    loc = Localizer.from_run(run, device="cpu")
+    with TestClient(create_app(loc)) as c:
+        assert c.post("/v1/locate", content=jpeg_bytes(0)).status_code == 200
+        assert c.post("/scrs/geopose", json=geopose_request(jpeg_bytes(0))).status_code == 200
+    after = {p.relative_to(run): (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_serve_refuses_a_missing_run_or_a_bad_option_before_listening(tmp_path, tiny_run):
+    refused(invoke("serve", "--run", tmp_path / "nope"), "bad input", "not a complete run folder")
+    refused(invoke("serve", "--run", tiny_run, "--min-confidence", "0.5"), "bad input", "calibrated run")
+    r = invoke("serve", "--port", "70000")
+    assert r.exit_code == 2 and "70000" in r.output
+    assert "POST /v1/locate" in invoke("serve", "--help").output
