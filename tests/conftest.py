@@ -96,8 +96,9 @@ def train_tiny_run(root: Path, model: Path, *, calibrated: bool = False) -> Path
         r = invoke("extract", "--images", root / "val", "--out", store, "--split", "val", "--model", model,
                    "--image-size", 56, "--workers", 0, "--no-progress")
         assert r.exit_code == 0, r.output
-        r = invoke("calibrate", "--feats", store, "--run", root / "run", "--split", "val", "--threshold", 150)
-        assert r.exit_code == 0, r.output
+        from dcfeat.calibrate import calibrate_files
+
+        calibrate_files(store, root / "run", "val", threshold_m=150.0, device="cpu")
     return root / "run"
 
 

@@ -15,6 +15,7 @@ import click
 from dcfeat.cli.calibrate_command import calibrate
 from dcfeat.cli.demo_command import demo
 from dcfeat.cli.evaluate_command import evaluate
+from dcfeat.cli.export_command import export
 from dcfeat.cli.extract_command import extract
 from dcfeat.cli.info_command import info
 from dcfeat.cli.options import UserErrorsGroup
@@ -29,7 +30,7 @@ def cli():
     """Visual place recognition by classification (Divide&Classify) on cached DINOv2 features."""
 
 
-for command in (extract, info, train, calibrate, evaluate, predict, serve, demo):
+for command in (extract, info, train, calibrate, evaluate, predict, serve, export, demo):
     cli.add_command(command)
 
 
