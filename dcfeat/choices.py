@@ -33,8 +33,10 @@ MODES = {
     "classify": "the top-k cells over every group's prototypes; the answer is the cell centre",
     "retrieve": "exact cosine k-NN against the database split (the NetVLAD/CosPlace way)",
     "hybrid": "retrieval among the database images inside the top --cells cells (D&C)",
-    "adaptive": "the hybrid, widened for unsure queries, exact retrieval for the least sure (a calibrated run)",
+    "adaptive": "the gated hybrid, and exact retrieval for the least sure queries (a calibrated run)",
 }
+# The method `classify` also reports: the D&C paper's answer, the best cell's centre, beside the position.
+CENTRE_METHOD = "classify-centre"
 # --space: the descriptors retrieval compares.
 SPACES = {
     "projected": "the run's learned embedding",
@@ -62,8 +64,3 @@ STORE_DTYPES = ("float16", "float32")
 
 DEFAULT_MODEL = "facebook/dinov2-base"
 DEFAULT_SHARD_ROWS = 8192  # images per shard file: the unit of resume
-# The adaptive hybrid searches this many times --cells for unsure queries (fitted into calibration.json
-# with the confidence, which is what evaluate reads).
-WIDEN_FACTOR = 4
-# The cells the hybrid searches per query by default.
-DEFAULT_CELLS = 5

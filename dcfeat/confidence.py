@@ -1,8 +1,10 @@
 """Confidence: how sure a classification answer is — query-time signals, a calibrated confidence, a 90 % radius.
 
-A confidence is the probability that the top-1 cell centre lies within the threshold (25 m) of
-where the photo was taken. It is built from signals that the scores of every cell of every group
-give for free, with no database:
+The answer is a position (dcfeat.positions: the probability-weighted centroid of the top cells
+near the best one, under a rule fitted here with the confidence; a calibration written before
+positions existed answered with the cell centre, and still does). A confidence is the
+probability that the answer lies within the threshold (25 m) of where the photo was taken. It is
+built from signals that the scores of every cell of every group give for free, with no database:
 
 * ``top1_cosine``: cosine to the best cell's prototype;
 * ``margin``: top-1 cosine minus the best cosine among the top-k cells that are not neighbours of
@@ -13,12 +15,19 @@ give for free, with no database:
   under cosine scoring);
 * ``entropy``: of the softmax at scale s over the top-k cells;
 * ``spread``: probability-weighted RMS distance of the top-k cell centres from the top-1 centre
-  (metres), as SUE weighs its retrieved images.
+  (metres), as SUE weighs its retrieved images;
+* ``offset_m``: metres between the position and the best cell's centre (an answer between cells);
+* ``neighbourhood_mass``: the probability the top cells near the best one hold (what the position
+  is weighed from).
 
 `Calibrator` is a logistic regression on the standardised signals, fitted on a held-out split
 (never the test split), stored as JSON in the run folder. The radius holding the true position with
-probability 0.9 scales a base radius (the top-k cells' probability mass reaching 0.9, plus half a
-cell diagonal) by a split-conformal factor fitted on the same held-out split.
+probability 0.9 scales a base radius around the answer (the top-k cells' probability mass reaching
+0.9, plus half a cell diagonal) by a split-conformal factor fitted on the same held-out split.
+
+The hybrid's posterior-mass gate is fitted here too: each query searches the database images of
+the fewest top cells that hold a share q of the probability (at most `cap` cells), q chosen on the
+held-out split against a database when one is given.
 """
 
 from __future__ import annotations
@@ -31,24 +40,26 @@ import numpy as np
 import polars as pl
 import torch
 
-from dcfeat.choices import WIDEN_FACTOR
 from dcfeat.errors import BadInput
 from dcfeat.model import DCModel
-from dcfeat.partition import Places, centres_of, metres_between, places_of
-from dcfeat.retrieval import topk_cosine
+from dcfeat.partition import Places, centres_of, class_keys, label_keys, metres_between, places_of
+from dcfeat.positions import CENTRE, DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
+from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
 from dcfeat.store import Split
 
-SIGNALS = ("top1_cosine", "margin", "group_probability", "softmax_probability", "entropy", "spread")
+SIGNALS = ("top1_cosine", "margin", "group_probability", "softmax_probability", "entropy", "spread", "offset_m",
+           "neighbourhood_mass")
 # Known only with a database: metres between classification's and exact retrieval's top-1 answers.
 DATABASE_SIGNAL = "retrieval_disagreement_m"
-PROBABILITY_SIGNALS = ("group_probability", "softmax_probability")
+PROBABILITY_SIGNALS = ("group_probability", "softmax_probability", "neighbourhood_mass")
+DISTANCE_SIGNALS = ("spread", "offset_m", DATABASE_SIGNAL)
 # Lower is surer for these: a ranking by confidence takes their negation.
-LOWER_IS_SURER = ("entropy", "spread", DATABASE_SIGNAL)
+LOWER_IS_SURER = ("entropy", "spread", "offset_m", DATABASE_SIGNAL)
 TOP_K = 20
 RADIUS_COVERAGE = 0.9
 # The adaptive hybrid's rule, fitted with the confidence: the least sure HYBRID_FALLBACK of val
-# queries search the whole database, the next up to HYBRID_WIDEN search WIDEN_FACTOR × the cells.
-HYBRID_FALLBACK, HYBRID_WIDEN = 0.05, 0.25
+# queries search the whole database (the others, the cells of the gate).
+HYBRID_FALLBACK = 0.05
 _TINY = 1e-12
 # Below this many held-out queries the confidence's fit is loose and the reliability plot's 15 bins
 # hold a handful of queries each: said, not refused.
@@ -56,18 +67,31 @@ FEW_QUERIES = 100
 
 
 @dataclass
+class QueryScores:
+    """What the model says of each query: its top-k cells (n, k) and their cosines, the top cell's
+    softmax probability over every cell and within its group, at the model's logit scale."""
+
+    top_classes: np.ndarray
+    cos_top: np.ndarray
+    softmax_top1: np.ndarray
+    group_top1: np.ndarray
+    logit_scale: float
+
+
+@dataclass
 class QuerySignals:
-    """Per query: the signals (name → (n,)), the top-k cells (n, k) and the 90 % base radius (n,)."""
+    """Per query: the signals (name → (n,)), the top-k cells (n, k), the answer (a position, (n,))
+    and the 90 % base radius around it (n,)."""
 
     values: dict[str, np.ndarray]
     top_classes: np.ndarray
     base_radius_m: np.ndarray
+    answer: Places
+    scores: QueryScores
 
 
-def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, k: int = TOP_K,
-                  chunk: int = 4096) -> QuerySignals:
-    """The signals of every query's classification answer (see the module docstring), at the
-    model's logit scale (s of margin heads, 1 for the softmax head)."""
+def query_scores(model: DCModel, features, *, k: int = TOP_K, chunk: int = 4096) -> QueryScores:
+    """The model's top-k cells and scores for cached features (one forward pass, chunk by chunk)."""
     s = model.heads.logit_scale
     cos_top, ids, soft, group_p = [], [], [], []
     with torch.no_grad():
@@ -81,10 +105,23 @@ def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, 
             soft.append(torch.exp(s * top.values[:, 0] - torch.logsumexp(s * cos, dim=1)).cpu().numpy())
             group_p.append(torch.exp(log_group.gather(1, top.indices[:, :1])[:, 0]).cpu().numpy())
     kk = min(k, sum(model.heads.classes_per_group))
-    cos_top = np.concatenate(cos_top) if cos_top else np.zeros((0, kk), np.float32)
-    ids = np.concatenate(ids) if ids else np.zeros((0, kk), np.int64)
-    z = s * (cos_top - cos_top[:, :1])
-    p = np.exp(z) / np.exp(z).sum(1, keepdims=True) if len(z) else z
+    return QueryScores(np.concatenate(ids) if ids else np.zeros((0, kk), np.int64),
+                       np.concatenate(cos_top) if cos_top else np.zeros((0, kk), np.float32),
+                       np.concatenate(soft).astype(np.float64) if soft else np.zeros(0),
+                       np.concatenate(group_p).astype(np.float64) if group_p else np.zeros(0), s)
+
+
+def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, rule: PositionRule = DEFAULT_RULE,
+                  k: int = TOP_K) -> QuerySignals:
+    """The answers (positions under `rule`) and signals of every query (see the module docstring), at
+    the model's logit scale (s of margin heads, 1 for the softmax head)."""
+    return signals_of(query_scores(model, features, k=k), classes, M=M, rule=rule)
+
+
+def signals_of(scores: QueryScores, classes: pl.DataFrame, *, M: float, rule: PositionRule) -> QuerySignals:
+    """The signals, the answers under `rule` and their base radii, from the model's scores (no model run)."""
+    ids, cos_top, s = scores.top_classes, scores.cos_top, scores.logit_scale
+    p = probabilities(cos_top, s)
     top = centres_of(classes, ids)
     dist = metres_between(centres_of(classes, ids[:, 0]), top) if len(ids) else np.zeros_like(cos_top)
     # Neighbours: cells whose centres lie within 1.5 cell diagonals (2.12 M) of the top one's: the
@@ -92,20 +129,26 @@ def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, 
     far = dist > 1.5 * M * math.sqrt(2) - 1e-6
     far[:, -1] = True  # no non-neighbour among the top k: the k-th cosine bounds the margin
     first_far = far.argmax(1)
+    p_rule = probabilities(cos_top, s, rule.temperature)
+    answer = positions(top, p_rule, rule.radius_m, ranks=1) if len(ids) else top
+    answer = Places(answer.east[:, 0], answer.north[:, 0], answer.zone[:, 0], answer.letter[:, 0])
+    from_answer = metres_between(answer, top) if len(ids) else np.zeros_like(cos_top)
     values = {
         "top1_cosine": cos_top[:, 0].astype(np.float64),
         "margin": (cos_top[:, 0] - cos_top[np.arange(len(ids)), first_far]).astype(np.float64),
-        "group_probability": np.concatenate(group_p).astype(np.float64) if group_p else np.zeros(0),
-        "softmax_probability": np.concatenate(soft).astype(np.float64) if soft else np.zeros(0),
+        "group_probability": scores.group_top1,
+        "softmax_probability": scores.softmax_top1,
         "entropy": -(p * np.log(np.clip(p, _TINY, None))).sum(1),
         "spread": np.sqrt((p * dist ** 2).sum(1)),
+        "offset_m": from_answer[:, 0] if len(ids) else np.zeros(0),
+        "neighbourhood_mass": np.where(dist <= rule.radius_m + 1e-9, p_rule, 0.0).sum(1),
     }
-    return QuerySignals(values, ids, base_radius(dist, p, M))
+    return QuerySignals(values, ids, base_radius(from_answer, p_rule, M), answer, scores)
 
 
 def base_radius(dist: np.ndarray, p: np.ndarray, M: float, coverage: float = RADIUS_COVERAGE) -> np.ndarray:
-    """Smallest distance from the top-1 centre within which the top-k cells hold `coverage` of their
-    probability, plus half a cell diagonal (the photo can be anywhere in its cell)."""
+    """Smallest distance from the answer (`dist`: to each top cell's centre) within which the top-k cells
+    hold `coverage` of their probability, plus half a cell diagonal (the photo can be anywhere in its cell)."""
     order = np.argsort(dist, axis=1, kind="stable")
     d, mass = np.take_along_axis(dist, order, 1), np.take_along_axis(p, order, 1).cumsum(1)
     reach = np.minimum((mass < coverage - 1e-9).sum(1), d.shape[1] - 1) if d.size else np.zeros(0, int)
@@ -118,7 +161,7 @@ def _features(values: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarr
     for name in names:
         v = np.asarray(values[name], np.float64)
         cols.append(np.log(np.clip(v, _TINY, None)) if name in PROBABILITY_SIGNALS else
-                    np.log1p(v) if name in ("spread", DATABASE_SIGNAL) else v)
+                    np.log1p(v) if name in DISTANCE_SIGNALS else v)
     return np.stack(cols, axis=1) if cols else np.zeros((0, 0))
 
 
@@ -152,12 +195,21 @@ class Calibrator:
     radius_scale: float
     threshold_m: float
     fitted_on: dict = field(default_factory=dict)
-    # Confidence-adaptive hybrid: below `widen_below` search `widen_factor` × the cells, below
-    # `fallback_below` the whole database (val quantiles of the confidence).
+    # The adaptive hybrid: below `fallback_below` (a val quantile of the confidence) the whole database
+    # is searched. Calibrations written before the gate also hold `widen_below` and `widen_factor`.
     hybrid: dict = field(default_factory=dict)
     # Fitted with DATABASE_SIGNAL too, against the database split named in its `fitted_on`: used
     # where that database is searched (`dcfeat calibrate --database-split`).
     with_database: Calibrator | None = None
+    # How answers are made (None: a calibration written before positions, whose answers are cell centres).
+    position: PositionRule | None = None
+    # The hybrid's posterior-mass gate: {"mass": q, "cap": cells} (None: DEFAULT_GATE).
+    gate: dict | None = None
+
+    @property
+    def rule(self) -> PositionRule:
+        """The rule the confidence was fitted for: answers must be made by it."""
+        return self.position if self.position is not None else CENTRE
 
     def confidence(self, values: dict[str, np.ndarray]) -> np.ndarray:
         x = (_features(values, self.signals) - np.asarray(self.mean)) / np.asarray(self.std)
@@ -171,7 +223,7 @@ class Calibrator:
 
     def to_dict(self) -> dict:
         nested = self.with_database.to_dict() if self.with_database is not None else None
-        return {**asdict(self), "signals": list(self.signals), "with_database": nested}
+        return {**asdict(self), "signals": list(self.signals), "with_database": nested}  # position: a plain dict
 
     def for_database(self, database_split: str | None) -> Calibrator:
         """The calibrator to use when `database_split` is searched (itself when none was fitted for it)."""
@@ -218,9 +270,11 @@ class Calibrator:
         inner = d.get("with_database")
         if inner is not None and nested:
             raise ValueError("`with_database` cannot hold another `with_database`")
+        position = PositionRule.from_dict(d["position"]) if d.get("position") is not None else None
+        gate = _checked_gate(d["gate"]) if d.get("gate") is not None else None
         return cls(tuple(signals), d["mean"], d["std"], d["weights"], float(d["bias"]), float(d["radius_scale"]),
                    float(d["threshold_m"]), fitted_on, hybrid,
-                   cls.from_dict(inner, nested=True) if inner is not None else None)
+                   cls.from_dict(inner, nested=True) if inner is not None else None, position, gate)
 
 
 def _checked_fitted_on(fitted_on, nested: bool) -> dict:
@@ -238,14 +292,30 @@ def _checked_fitted_on(fitted_on, nested: bool) -> dict:
     return fitted_on
 
 
-HYBRID_KEYS = ("fallback_below", "widen_below", "widen_factor")
+HYBRID_KEYS = ("fallback_below", "widen_below", "widen_factor")  # before the gate; now only the first
 MAX_WIDEN_FACTOR = 100
+# The hybrid's gate where the calibration fitted none (no database at calibration): the cells holding
+# 90 % of the probability, at most TOP_K.
+DEFAULT_GATE = {"mass": 0.9, "cap": TOP_K}
+GATE_MASSES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def _checked_gate(gate) -> dict:
+    if not (isinstance(gate, dict) and set(gate) == {"mass", "cap"} and _finite(gate["mass"])
+            and 0 < gate["mass"] <= 1 and _count(gate["cap"]) and 1 <= gate["cap"] <= TOP_K):
+        raise ValueError(f"`gate` must hold `mass` (0 < q <= 1) and `cap` (1 to {TOP_K} cells), not {gate!r}")
+    return gate
 
 
 def _checked_hybrid(hybrid) -> dict:
-    """calibration.json's `hybrid`: the adaptive hybrid's rule (two confidence quantiles and a factor)."""
+    """calibration.json's `hybrid`: the adaptive hybrid's fallback threshold (and, written before the
+    gate, the widening rule)."""
+    if isinstance(hybrid, dict) and set(hybrid) == {"fallback_below"}:
+        if not (_finite(hybrid["fallback_below"]) and 0 <= hybrid["fallback_below"] <= 1):
+            raise ValueError(f"`hybrid.fallback_below` must be a confidence from 0 to 1, not {hybrid!r}")
+        return hybrid
     if not (isinstance(hybrid, dict) and set(hybrid) == set(HYBRID_KEYS)):
-        raise ValueError(f"`hybrid` must hold {', '.join(HYBRID_KEYS)} (the adaptive hybrid's rule), not {hybrid!r}")
+        raise ValueError(f"`hybrid` must hold fallback_below (the adaptive hybrid's rule), not {hybrid!r}")
     low, wide, factor = (hybrid[k] for k in HYBRID_KEYS)
     if not (_finite(low) and _finite(wide) and 0 <= low <= wide <= 1):
         raise ValueError(f"`hybrid.fallback_below` and `hybrid.widen_below` must be confidences from 0 to 1, the "
@@ -277,7 +347,7 @@ def _finite(v) -> bool:
 
 def fit(values: dict[str, np.ndarray], correct: np.ndarray, base_radius_m: np.ndarray, true_dist_m: np.ndarray, *,
         threshold_m: float, signals: tuple[str, ...] = SIGNALS, l2: float = 1.0, fitted_on: dict | None = None,
-        hybrid_fallback: float = HYBRID_FALLBACK, hybrid_widen: float = HYBRID_WIDEN) -> Calibrator:
+        hybrid_fallback: float = HYBRID_FALLBACK) -> Calibrator:
     """Fit the confidence on held-out queries (`correct`: top-1 within `threshold_m`) and the radius
     scale (split conformal: the ⌈0.9 (n + 1)⌉-th smallest ratio of true distance to base radius)."""
     correct = np.asarray(correct, bool)
@@ -295,47 +365,90 @@ def fit(values: dict[str, np.ndarray], correct: np.ndarray, base_radius_m: np.nd
     cal = Calibrator(tuple(signals), mean.tolist(), std.tolist(), weights.tolist(), bias, max(scale, 1e-6),
                      float(threshold_m), {**(fitted_on or {}), "queries": n, "right": int(correct.sum())})
     conf = cal.confidence(values)
-    cal.hybrid = {"fallback_below": float(np.quantile(conf, hybrid_fallback)),
-                  "widen_below": float(np.quantile(conf, hybrid_widen)), "widen_factor": float(WIDEN_FACTOR)}
+    cal.hybrid = {"fallback_below": float(np.quantile(conf, hybrid_fallback))}
     return cal
 
 
-def errors_from_top1_m(classes: pl.DataFrame, sig: QuerySignals, places: Places) -> np.ndarray:
-    """Metres between each query's top-1 cell centre and a point given per query."""
-    return metres_between(centres_of(classes, sig.top_classes[:, 0]), places)
+def errors_m(sig: QuerySignals, places: Places) -> np.ndarray:
+    """Metres between each query's answer (its position) and a point given per query."""
+    return metres_between(sig.answer, places)
 
 
-def disagreement_m(classes: pl.DataFrame, sig: QuerySignals, other: Places) -> np.ndarray:
-    """Metres between each query's top-1 cell centre and another answer (retrieval's top 1); a query
-    that other answer left empty counts as far away (1e9 m)."""
-    return np.nan_to_num(errors_from_top1_m(classes, sig, other), nan=1e9, posinf=1e9)
+def disagreement_m(sig: QuerySignals, other: Places) -> np.ndarray:
+    """Metres between each query's answer and another answer (retrieval's top 1); a query that other
+    answer left empty counts as far away (1e9 m)."""
+    return np.nan_to_num(errors_m(sig, other), nan=1e9, posinf=1e9)
 
 
-def retrieval_disagreement_m(model: DCModel, classes: pl.DataFrame, sig: QuerySignals, queries: Split,
-                             database: Split) -> np.ndarray:
+def retrieval_disagreement_m(model: DCModel, sig: QuerySignals, queries: Split, database: Split) -> np.ndarray:
     """DATABASE_SIGNAL of `queries`: exact retrieval in the model's space against `database`, top 1."""
     q, db = model.embed(queries.embeddings), model.embed(database.embeddings)
     rows = topk_cosine(q, db, 1, device=model.device)[1][:, 0]
-    return disagreement_m(classes, sig, places_of(database.labels, rows))
+    return disagreement_m(sig, places_of(database.labels, rows))
+
+
+def gate_cells(scores: QueryScores, temperature: float, gate: dict) -> np.ndarray:
+    """Each query's top cells (n, k) cut to the fewest that hold `gate["mass"]` of the probability (at
+    most `gate["cap"]`); the cells cut are -1."""
+    p = probabilities(scores.cos_top, scores.logit_scale, temperature)
+    held = np.cumsum(p, axis=1) - p  # the mass before each cell
+    keep = (held < gate["mass"] - 1e-12) & (np.arange(p.shape[1]) < gate["cap"])
+    return np.where(keep, scores.top_classes, -1)
+
+
+def fit_gate(model: DCModel, classes: pl.DataFrame, M: float, sig: QuerySignals, queries: Split, database: Split,
+             *, threshold_m: float, rule: PositionRule) -> tuple[dict, dict]:
+    """The gate whose hybrid answers held-out queries best (LR@1 at the threshold; fewer database images
+    searched on ties), and per mass its LR@1 and mean candidates, for the record."""
+    device = model.device
+    unit_db = normalised(model.embed(database.embeddings), device)
+    index = CellIndex.build(class_keys(classes, M), label_keys(database.labels, M), device)
+    q = torch.nn.functional.normalize(model.embed(queries.embeddings).float(), dim=1)
+    truth = places_of(queries.labels)
+    grid = {}
+    for mass in GATE_MASSES:
+        gate = {"mass": mass, "cap": TOP_K}
+        cells = gate_cells(sig.scores, rule.temperature, gate)
+        rows = topk_in_cells(q, unit_db, index, cells, 1)[1][:, 0]
+        found = places_of(database.labels, np.where(rows >= 0, rows, 0))
+        right = np.where(rows >= 0, metres_between(truth, found) <= threshold_m, False)
+        grid[mass] = (float(right.mean()), float(index.counts_of(cells).sum(1).double().mean()))
+    best = max(grid, key=lambda m: (grid[m][0], -grid[m][1]))
+    return {"mass": best, "cap": TOP_K}, {f"{m:g}": {"lr1": v[0], "mean_candidates": v[1]} for m, v in grid.items()}
 
 
 def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split, *, threshold_m: float,
                    fitted_on: dict | None = None, database: Split | None = None) -> Calibrator:
-    """Fit the confidence (right = top-1 within `threshold_m`) and the radius on a held-out `split`
-    with the model in hand; with a `database`, also a second confidence that uses retrieval's
-    agreement (`Calibrator.with_database`). BadInput when the split cannot be calibrated on."""
+    """Fit, on a held-out `split` with the model in hand: the position rule (dcfeat.positions), then the
+    confidence (right = the position within `threshold_m`) and the radius around it; with a `database`,
+    also the hybrid's gate and a second confidence that uses retrieval's agreement
+    (`Calibrator.with_database`). BadInput when the split cannot be calibrated on."""
     if len(split.embeddings) == 0:
         raise BadInput(f"split '{split.name}' holds no queries to calibrate on")
-    sig = query_signals(model, split.embeddings, classes, M=M)
-    err = errors_from_top1_m(classes, sig, places_of(split.labels))
-    fitted_on = {"split": split.name, **(fitted_on or {})}
+    scores = query_scores(model, split.embeddings)
+    truth = places_of(split.labels)
+    rule, grid = fit_position_rule(centres_of(classes, scores.top_classes), scores.cos_top, scores.logit_scale,
+                                   truth, threshold_m=threshold_m)
+    sig = signals_of(scores, classes, M=M, rule=rule)
+    err = errors_m(sig, truth)
+    fitted_on = {"split": split.name, **(fitted_on or {}), "position_lr1": grid}
     try:
         cal = fit(sig.values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m, fitted_on=fitted_on)
+        cal.position = rule
         if database is not None:
-            values = {**sig.values, DATABASE_SIGNAL: retrieval_disagreement_m(model, classes, sig, split, database)}
+            cal.gate, gates = fit_gate(model, classes, M, sig, split, database, threshold_m=threshold_m, rule=rule)
+            cal.fitted_on["gate_lr1"] = gates
+            values = {**sig.values, DATABASE_SIGNAL: retrieval_disagreement_m(model, sig, split, database)}
             cal.with_database = fit(values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m,
                                     signals=(*SIGNALS, DATABASE_SIGNAL),
                                     fitted_on={**fitted_on, "database_split": database.name})
+            cal.with_database.position, cal.with_database.gate = rule, cal.gate
         return cal
     except ValueError as e:
         raise BadInput(f"split '{split.name}': {e}. Calibrate on a larger held-out split") from None
+
+
+def answer_rule(calibration: Calibrator | None) -> PositionRule:
+    """How a run answers: its calibration's rule (the cell centre for one written before positions), or
+    DEFAULT_RULE for an uncalibrated run."""
+    return calibration.rule if calibration is not None else DEFAULT_RULE

@@ -1,10 +1,12 @@
 """`dcfeat evaluate`: localisation recall of classification, retrieval and the hybrid, and how good the confidence is.
 
-* classify: top-k cells over every group's prototypes; prediction = cell centre.
+* classify: top-k cells over every group's prototypes; the answer is a position weighed from the
+  top cells (dcfeat.positions), reported beside the paper's cell centre ("classify-centre").
 * retrieve: exact cosine k-NN against a database split (NetVLAD/CosPlace way),
   in the run's learned space (`projected`) or on the raw backbone features.
-* hybrid (D&C): retrieval only among database images inside the top-c cells.
-* adaptive: the hybrid widened for unsure queries, exact retrieval for the least sure.
+* hybrid (D&C): retrieval only among database images inside the top cells: the fewest holding the
+  run's share of the probability (its gate), or the top --cells.
+* adaptive: the gated hybrid, and exact retrieval for the least sure queries.
 
 The confidence of classification's answers is measured beside: the calibrated confidence
 (when the run has calibration.json) and each single signal side by side on the same
@@ -28,14 +30,20 @@ import torch
 import torch.nn.functional as F
 
 from dcfeat.backbone import RANDOM_NOTICE
-from dcfeat.choices import DEFAULT_CELLS
+from dcfeat.choices import CENTRE_METHOD
 from dcfeat.confidence import (
     DATABASE_SIGNAL,
+    DEFAULT_GATE,
     LOWER_IS_SURER,
     PROBABILITY_SIGNALS,
+    TOP_K,
+    answer_rule,
     disagreement_m,
-    errors_from_top1_m,
+    errors_m,
+    gate_cells,
+    query_scores,
     query_signals,
+    signals_of,
 )
 from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures, check_writable, writing
@@ -53,6 +61,7 @@ from dcfeat.metrics import (
 )
 from dcfeat.model import top_cells
 from dcfeat.partition import Places, class_keys, label_keys, places_of
+from dcfeat.positions import answer as positions_answer
 from dcfeat.reports import Ranking, staged, write_confidence_plots, write_outputs
 from dcfeat.retrieval import (
     CellIndex,
@@ -84,12 +93,21 @@ def coverage(run: Run, labels: pl.DataFrame) -> float:
     return float(np.isin(label_keys(labels, run.M), class_keys(run.classes, run.M)).mean())
 
 
-def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: str = "cosine") -> Ranking:
+def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: str = "cosine") -> list[Ranking]:
+    """The answers of classification: positions weighed from the top cells under the run's rule
+    ("classify"), and the D&C paper's cell centres ("classify-centre"), one scoring of the cells for both."""
+    rule = answer_rule(run.calibration)
     t = time.perf_counter()
-    p = top_cells(run.model, queries.embeddings, run.classes, k, scoring)
+    p = top_cells(run.model, queries.embeddings, run.classes, max(k, TOP_K), scoring)
+    centre_seconds = time.perf_counter() - t
+    top = Places(p["east"], p["north"], p["zone"], p["letter"])
+    at = positions_answer(top, p["score"], run.model.heads.logit_scale, rule, ranks=k)
     synchronize(device)
-    return Ranking("classify", p["east"], p["north"], p["zone"], p["letter"], p["score"], p["class"],
-                  time.perf_counter() - t)
+    seconds = time.perf_counter() - t
+    return [Ranking("classify", at.east, at.north, at.zone, at.letter, p["score"][:, :k], p["class"][:, :k], seconds,
+                    {"position": rule.to_dict()}),
+            Ranking(CENTRE_METHOD, p["east"][:, :k], p["north"][:, :k], p["zone"][:, :k], p["letter"][:, :k],
+                    p["score"][:, :k], p["class"][:, :k], centre_seconds)]
 
 
 def _db_method(name: str, db: Split, scores: np.ndarray, rows: np.ndarray, seconds: float, **extra) -> Ranking:
@@ -157,34 +175,41 @@ def _unit_queries(run: Run, q, space: str, device: torch.device) -> torch.Tensor
     return F.normalize(q.float(), dim=1)
 
 
-def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
+def run_gate(run: Run) -> dict:
+    """The run's posterior-mass gate (fitted on val against a database), else DEFAULT_GATE."""
+    return run.calibration.gate if run.calibration is not None and run.calibration.gate else DEFAULT_GATE
+
+
+def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int | None, device: torch.device,
            space: str = "projected", scoring: str = "cosine", cache: dict | None = None) -> Ranking:
-    """Retrieval restricted to database images inside each query's top-`cells` classes."""
+    """Retrieval restricted to database images inside each query's top cells: the fewest that hold the
+    gate's share of the probability (`cells` None), or the top `cells`."""
     q, d, index, index_seconds = _searchable(run, queries, db, space, device, cache)
     t = time.perf_counter()
-    top_classes = run.model.topk(queries.embeddings, cells, scoring=scoring)[0]
+    if cells is None:
+        gate = run_gate(run)
+        top_classes = gate_cells(query_scores(run.model, queries.embeddings), answer_rule(run.calibration).temperature,
+                                 gate)
+    else:
+        gate, top_classes = None, run.model.topk(queries.embeddings, cells, scoring=scoring)[0]
     scores, rows = topk_in_cells(_unit_queries(run, q, space, device), d, index, top_classes, k)
     synchronize(device)
     candidates = index.counts_of(top_classes).sum(1)
-    return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
+    return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells, gate=gate,
                       database_embedding_seconds=index_seconds, mean_candidates=float(candidates.double().mean()))
 
 
-def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int, device: torch.device,
+def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int | None, device: torch.device,
              space: str = "projected", cache: dict | None = None) -> Ranking:
-    """The hybrid, widened to `widen_factor` × `cells` cells for unsure queries and exact retrieval
-    for the least sure (thresholds: val quantiles of the confidence, in calibration.json)."""
-    rule = run.calibration.hybrid
+    """The gated hybrid, and exact retrieval for the least sure queries (below `fallback_below`, a val
+    quantile of the confidence in calibration.json). `cells` is recorded, not used: the gate decides."""
     q, d, index, index_seconds = _searchable(run, queries, db, space, device, cache)
     t = time.perf_counter()
-    sig = query_signals(run.model, queries.embeddings, run.classes, M=run.M)
-    conf = run.calibration.confidence(sig.values)
-    wide = cells * int(rule["widen_factor"])
-    top = sig.top_classes if sig.top_classes.shape[1] >= wide else run.model.topk(queries.embeddings, wide)[0]
-    top = top[:, :wide].copy()
-    n_cells = np.where(conf < rule["widen_below"], wide, cells)
-    top[np.arange(top.shape[1]) >= n_cells[:, None]] = -1  # -1: no cell
-    fallback = conf < rule["fallback_below"]
+    scores_ = query_scores(run.model, queries.embeddings)
+    rule, gate = answer_rule(run.calibration), run_gate(run)
+    conf = run.calibration.confidence(signals_of(scores_, run.classes, M=run.M, rule=rule).values)
+    top = gate_cells(scores_, rule.temperature, gate)
+    fallback = conf < run.calibration.hybrid["fallback_below"]
     top[fallback] = -1
     unit = _unit_queries(run, q, space, device)
     scores, rows = topk_in_cells(unit, d, index, top, k)
@@ -196,9 +221,9 @@ def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int, device: to
         scores[fallback, :found_s.shape[1]], rows[fallback, :found_r.shape[1]] = found_s, found_r
     synchronize(device)
     candidates = np.where(fallback, len(d), index.counts_of(top).sum(1).cpu().numpy())
-    return _db_method("adaptive", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
+    return _db_method("adaptive", db, scores, rows, time.perf_counter() - t, space=space, gate=gate,
                       database_embedding_seconds=index_seconds, mean_candidates=float(candidates.mean()),
-                      fallback_share=float(fallback.mean()), widened_share=float((n_cells > cells).mean()))
+                      fallback_share=float(fallback.mean()))
 
 
 def score(method: Ranking, queries: Split, *, ks: tuple[int, ...], threshold_m: float):
@@ -249,8 +274,8 @@ def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval
     """How well the confidence of classification's answers sorts right from wrong: (report section,
     arrays for the plots). `retrieval_top1`: retrieval's top-1 answers against `database_split`, for
     the agreement signal (and the confidence fitted with it, when the run has one for that database)."""
-    sig = query_signals(run.model, queries.embeddings, run.classes, M=run.M)
-    err = errors_from_top1_m(run.classes, sig, places_of(queries.labels))
+    sig = query_signals(run.model, queries.embeddings, run.classes, M=run.M, rule=answer_rule(run.calibration))
+    err = errors_m(sig, places_of(queries.labels))
     base = run.calibration
     cal = base.for_database(database_split if retrieval_top1 is not None else None) if base else None
     # A calibrated confidence is the probability of an answer within the threshold it was fitted at.
@@ -258,7 +283,7 @@ def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval
     right = err <= threshold_m
     values = dict(sig.values)
     if retrieval_top1 is not None:
-        values[DATABASE_SIGNAL] = disagreement_m(run.classes, sig, retrieval_top1)
+        values[DATABASE_SIGNAL] = disagreement_m(sig, retrieval_top1)
     probabilities = [n for n in PROBABILITY_SIGNALS if n in values]
     ranked = {}
     if cal is not None:
@@ -272,7 +297,7 @@ def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval
         "threshold_m": threshold_m,  # right = top-1 within this many metres, what the confidence means
         "calibrated": cal is not None, "fitted_on": cal.fitted_on if cal else None,
         "uses_database": cal is not None and cal is not base,
-        "answer": "classification top-1 (cells ranked by cosine)", "right": float(right.mean()) if len(right) else None,
+        "answer": f"classification's position ({_rule_words(answer_rule(run.calibration))})", "right": float(right.mean()) if len(right) else None,
         "signals": selective_report(ranked, right, probabilities),
         "note": None if cal else "UNCALIBRATED RUN: no calibration.json; fit one with `dcfeat calibrate --split val`",
     }
@@ -286,14 +311,39 @@ def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval
     return section, plots
 
 
+# Timing: each mode runs once on WARM_UP_QUERIES first (kernels chosen, buffers and threads made, code
+# paths loaded: without it whichever mode ran first looked slow, 4.4 ms/query against 0.06), then
+# TIMING_REPEATS times over every query; the median time is reported.
+WARM_UP_QUERIES, TIMING_REPEATS = 64, 3
+
+
+def _timed(answer, queries: Split, repeats: int) -> list[Ranking]:
+    """answer(queries)'s rankings, each timed as the median of `repeats` runs after a warm-up."""
+    warm = Split(queries.name, queries.embeddings[:WARM_UP_QUERIES], queries.labels[:WARM_UP_QUERIES],
+                 queries.attrs)
+    if len(warm.embeddings):
+        answer(warm)
+    runs = [answer(queries) for _ in range(max(1, repeats))]
+    for i, ranking in enumerate(runs[-1]):
+        ranking.seconds = float(np.median([r[i].seconds for r in runs]))
+        ranking.extra["timing"] = f"median of {len(runs)} runs after a warm-up on {len(warm.embeddings)} queries"
+    return runs[-1]
+
+
+def _rule_words(rule) -> str:
+    return ("the best cell's centre" if rule.radius_m == 0 else
+            f"the top cells within {rule.radius_m:g} m of the best, weighed at temperature {rule.temperature:g}")
+
+
 def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
-             ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int = DEFAULT_CELLS,
+             ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int | None = None,
              space: str = "projected", device: str = "cpu", scoring: str = "cosine",
-             store: Path | None = None) -> Evaluation:
+             store: Path | None = None, repeats: int = TIMING_REPEATS) -> Evaluation:
     """Run each mode on `queries` and measure the confidence of classification's answers.
 
     `store`: the feature store the splits come from, recorded in the report; the report then says
     when the run's confidence was fitted on these very queries (its figures are then optimistic).
+    Each mode is timed after a warm-up on a few queries, as the median of `repeats` runs over them all.
     """
     check_modes(modes, database.name if database is not None else None, run)
     dev = torch.device(device)
@@ -306,19 +356,22 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     most = max(len(run.classes), len(database.labels) if database is not None else 0)
     asked_ks, asked_cells = ks, cells
     ks = tuple(sorted({min(k_, most) for k_ in ks}))
-    cells = min(cells, len(run.classes))
+    cells = min(cells, len(run.classes)) if cells is not None else None
     k = max(ks)
     methods = []
     cache = {}  # the database embedded (and indexed) once for all the modes that search it
-    for mode in modes:
+
+    def run_mode(mode: str, split: Split) -> list[Ranking]:
         if mode == "classify":
-            methods.append(classify(run, queries, k, dev, scoring))
-        elif mode == "retrieve":
-            methods.append(retrieve(run, queries, database, k, dev, space, cache))
-        elif mode == "hybrid":
-            methods.append(hybrid(run, queries, database, k, cells, dev, space, scoring, cache))
-        else:
-            methods.append(adaptive(run, queries, database, k, cells, dev, space, cache))
+            return classify(run, split, k, dev, scoring)
+        if mode == "retrieve":
+            return [retrieve(run, split, database, k, dev, space, cache)]
+        if mode == "hybrid":
+            return [hybrid(run, split, database, k, cells, dev, space, scoring, cache)]
+        return [adaptive(run, split, database, k, cells, dev, space, cache)]
+
+    for mode in modes:
+        methods.extend(_timed(lambda split, mode=mode: run_mode(mode, split), queries, repeats))
     n = queries.embeddings.shape[0]
     results, report_methods = {}, {}
     for m in methods:
@@ -380,7 +433,8 @@ def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, spa
 
 def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
                    modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
-                   threshold_m: float = THRESHOLD_M, cells: int = DEFAULT_CELLS, space: str = "projected",
+                   threshold_m: float = THRESHOLD_M, cells: int | None = None, space: str = "projected",
+                   repeats: int = TIMING_REPEATS,
                    scoring: str = "cosine", device: str = "auto", out: Path | None = None) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
     (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT), together: a
@@ -406,6 +460,7 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
         queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
         database = rest[0] if rest else None
     result = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring, threshold_m=threshold_m,
+                      repeats=repeats,
                       cells=cells, space=space, device=str(dev), store=feats)
     result.report["options"]["device"] = device
     background = None

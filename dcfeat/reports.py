@@ -21,14 +21,13 @@ import polars as pl
 
 from dcfeat.atomic import atomic_write, fsync_dir, write_text
 from dcfeat.backbone import RANDOM_NOTICE
-from dcfeat.choices import MODES
+from dcfeat.choices import CENTRE_METHOD, MODES
 from dcfeat.plots import plot_error_cdf, plot_query_map, plot_reliability, plot_risk_coverage
-
 
 REPORT, PREDICTIONS = "report.json", "predictions.parquet"
 # Every name `dcfeat evaluate` writes: only these are ever replaced or removed in an output folder.
 OWN_FILES = (REPORT, PREDICTIONS, "error_cdf.png", "risk_coverage.png", "reliability.png",
-             *(f"map_{mode}.png" for mode in MODES))
+             *(f"map_{method}.png" for method in (*MODES, CENTRE_METHOD)))
 _STAGING = ".dcfeat-evaluate.tmp"
 
 

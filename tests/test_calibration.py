@@ -190,7 +190,7 @@ def test_predict_writes_confidence_radius_and_abstentions(city_store, city_run, 
     assert pl.read_csv(tmp_path / "u.csv")["confidence"].null_count() == 200 * 5
 
 
-@pytest.mark.parametrize("rule", ["everything falls back", "nothing widens"])
+@pytest.mark.parametrize("rule", ["everything falls back", "nothing falls back"])
 def test_the_adaptive_hybrid_is_retrieval_or_the_hybrid_at_its_extremes(city_store, city_run, rule):
     from dcfeat.evaluate import adaptive, hybrid, retrieve
     from dcfeat.run import load_run
@@ -200,11 +200,11 @@ def test_the_adaptive_hybrid_is_retrieval_or_the_hybrid_at_its_extremes(city_sto
     q, db = read_split(city_store, "test", dtype=np.float32), read_split(city_store, "test-db", dtype=np.float32)
     dev = torch.device("cpu")
     if rule == "everything falls back":
-        run.calibration.hybrid.update(fallback_below=2.0, widen_below=2.0)
+        run.calibration.hybrid.update(fallback_below=2.0)
         want = retrieve(run, q, db, 10, dev)
     else:
-        run.calibration.hybrid.update(fallback_below=-1.0, widen_below=-1.0)
-        want = hybrid(run, q, db, 10, 5, dev)
+        run.calibration.hybrid.update(fallback_below=-1.0)
+        want = hybrid(run, q, db, 10, None, dev)  # the gated hybrid
     got = adaptive(run, q, db, 10, 5, dev)
     np.testing.assert_array_equal(got.ref, want.ref)
     assert got.extra["fallback_share"] == (1.0 if rule == "everything falls back" else 0.0)

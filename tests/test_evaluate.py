@@ -27,7 +27,7 @@ def test_all_modes_side_by_side(evaluated):
     for word in ("classify", "retrieve (projected)", "hybrid (projected)", "LR@1", "LR@20", "ms/query", "coverage"):
         assert word in output
     report = json.loads((out / "report.json").read_text())
-    assert set(report["methods"]) == {"classify", "retrieve", "hybrid", "adaptive"}  # a calibrated run
+    assert set(report["methods"]) == {"classify", "classify-centre", "retrieve", "hybrid", "adaptive"}  # a calibrated run
     for m in report["methods"].values():
         assert set(m["recall"]) == {"1", "5", "10", "20"} and m["queries_per_s"] > 0
         assert m["recall"]["1"] <= m["recall"]["5"] <= m["recall"]["20"]
@@ -206,7 +206,7 @@ def test_the_adaptive_hybrid_pads_a_database_smaller_than_k(city_store, city_run
     run = tmp_path / "run"
     shutil.copytree(city_run, run)
     cal = json.loads((run / "calibration.json").read_text())
-    cal["hybrid"].update(fallback_below=1.0, widen_below=1.0)  # every query falls back to exact retrieval
+    cal["hybrid"].update(fallback_below=1.0)  # every query falls back to exact retrieval
     (run / "calibration.json").write_text(json.dumps(cal))
     r = invoke("evaluate", "--feats", store, "--run", run, "--database-split", "tiny-db", "--mode", "adaptive",
                "--out", tmp_path / "e")
@@ -236,7 +236,7 @@ def test_reevaluating_leaves_only_this_evaluations_files(city_store, city_run, t
     assert invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out).exit_code == 0
     report = json.loads((out / "report.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == sorted([*report["files"].values(), "report.json", "notes.txt"])
-    assert not (out / "map_hybrid.png").exists() and list(report["methods"]) == ["classify"]
+    assert not (out / "map_hybrid.png").exists() and list(report["methods"]) == ["classify", "classify-centre"]
 
 
 def test_a_full_disk_while_evaluating_leaves_the_folder_as_it_was(city_store, city_run, tmp_path, monkeypatch):

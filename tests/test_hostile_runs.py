@@ -331,13 +331,17 @@ def _edit_classes(run, **columns):
 VALUE_EDITS = {
     "hybrid: {}": ("calibration.json", lambda run: _edit_json(run, "calibration.json", lambda d: d.update(hybrid={})),
                    "`hybrid`"),
-    "no widen_factor": ("calibration.json", lambda run: _edit_json(run, "calibration.json",
-                                                                   lambda d: d["hybrid"].pop("widen_factor")),
-                        "`hybrid`"),
-    "widen_factor 1e300": ("calibration.json", lambda run: _edit_json(
-        run, "calibration.json", lambda d: d["hybrid"].update(widen_factor=1e300)), "`hybrid.widen_factor`"),
-    "widen_factor -3": ("calibration.json", lambda run: _edit_json(
-        run, "calibration.json", lambda d: d["hybrid"].update(widen_factor=-3)), "`hybrid.widen_factor`"),
+    # A calibration written before the gate held the widening rule: its values are checked too.
+    "no widen_factor": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d.update(hybrid={"fallback_below": 0.1, "widen_below": 0.2})), "`hybrid`"),
+    "widen_factor 1e300": ("calibration.json", lambda run: _edit_json(run, "calibration.json", lambda d: d.update(
+        hybrid={"fallback_below": 0.1, "widen_below": 0.2, "widen_factor": 1e300})), "`hybrid.widen_factor`"),
+    "widen_factor -3": ("calibration.json", lambda run: _edit_json(run, "calibration.json", lambda d: d.update(
+        hybrid={"fallback_below": 0.1, "widen_below": 0.2, "widen_factor": -3})), "`hybrid.widen_factor`"),
+    "position radius -1": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d["position"].update(radius_m=-1)), "`position.radius_m`"),
+    "gate mass 2": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d.update(gate={"mass": 2, "cap": 20})), "`gate`"),
     "fitted_on: []": ("calibration.json", lambda run: _edit_json(run, "calibration.json",
                                                                  lambda d: d.update(fitted_on=[])), "`fitted_on`"),
     "database signal at top level": ("calibration.json", lambda run: _edit_json(

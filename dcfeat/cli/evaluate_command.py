@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dcfeat.choices import DEFAULT_CELLS, DEFAULT_KS, MODES, SCORINGS, SPACES, THRESHOLD_M
+from dcfeat.choices import DEFAULT_KS, MODES, SCORINGS, SPACES, THRESHOLD_M
 from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout, warn
 from dcfeat.cli.options import (
     AT_LEAST_1,
@@ -33,14 +33,17 @@ from dcfeat.errors import BadInput
               help="Retrieval descriptors: " + "; ".join(f"{name}: {what}" for name, what in SPACES.items()) + ".")
 @click.option("--scoring", type=click.Choice(list(SCORINGS)), default="cosine", show_default=True,
               help="Rank cells by " + "; ".join(f"{name}: {what}" for name, what in SCORINGS.items()) + ".")
-@click.option("--cells", type=AT_LEAST_1, default=DEFAULT_CELLS, show_default=True,
-              help="Hybrid: retrieve among the top-c cells' images.")
+@click.option("--cells", type=AT_LEAST_1, default=None,
+              help="Hybrid: retrieve among the top-c cells' images [default: the fewest top cells holding the run's "
+              "share of the probability, its gate fitted on val].")
+@click.option("--repeats", type=AT_LEAST_1, default=3, show_default=True,
+              help="Time each mode as the median of this many runs over the queries, after a warm-up.")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True, help="Metres within which a prediction is right.")
 @click.option("--k", "ks", type=KList(), default=",".join(map(str, DEFAULT_KS)), show_default=True, help="Comma-separated k of LR@k.")
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: RUN/eval/SPLIT].")
-def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, threshold, ks, device, out):
+def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, repeats, threshold, ks, device, out):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
     from dcfeat.cli.tables import confidence_table, recall_table
     from dcfeat.evaluate import evaluate_files
@@ -49,7 +52,8 @@ def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells,
         raise BadInput("--mode all needs --database-split (the database images' split, e.g. test-db)")
     modes = None if mode in (None, "all") else (mode,)
     result = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
-                            threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out)
+                            threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out,
+                            repeats=repeats)
     report = result.report
     stdout.print(recall_table(report))
     stdout.print(confidence_table(report))

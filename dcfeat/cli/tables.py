@@ -52,7 +52,7 @@ def recall_table(report: dict) -> Table:
     for col in ("median err", "ms/query", "queries/s"):
         table.add_column(col, justify="right")
     for name, m in report["methods"].items():
-        label = name if name == "classify" else f"{name} ({m['space']})"
+        label = f"{name} ({m['space']})" if "space" in m else name
         table.add_row(label, *[f"{100 * m['recall'][str(k)]:.1f}" for k in ks], f"{m['median_error_m']:.1f} m",
                       f"{m['ms_per_query']:.3f}", f"{m['queries_per_s']:,.0f}")
     return table

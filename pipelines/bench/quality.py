@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dcfeat.confidence import errors_from_top1_m, query_signals
+from dcfeat.confidence import answer_rule, errors_m, query_signals
 from dcfeat.evaluate import evaluate, score
 from dcfeat.identity import check_features
 from dcfeat.partition import places_of
@@ -92,8 +92,8 @@ def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 
 
 def near_misses(run, test) -> dict:
     """How far the wrong answers among the 50 % most confident queries are (metres, percentiles)."""
-    sig = query_signals(run.model, test.embeddings, run.classes, M=run.M)
-    err = errors_from_top1_m(run.classes, sig, places_of(test.labels))
+    sig = query_signals(run.model, test.embeddings, run.classes, M=run.M, rule=answer_rule(run.calibration))
+    err = errors_m(sig, places_of(test.labels))
     conf = run.calibration.confidence(sig.values)
     top = np.argsort(-conf, kind="stable")[: len(conf) // 2]
     wrong = err[top][err[top] > run.calibration.threshold_m]
