@@ -37,7 +37,7 @@ import torch
 from PIL import Image, ImageOps
 
 from dcfeat.backbone import Backbone, load_backbone
-from dcfeat.confidence import query_signals
+from dcfeat.confidence import answer_rule, query_signals
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput
 from dcfeat.finetune import use_tuned_blocks
@@ -45,6 +45,7 @@ from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, load_image
 from dcfeat.partition import centres_of
+from dcfeat.positions import positions_of, probabilities
 from dcfeat.progress import progress_bar
 from dcfeat.run import Run, load_run
 
@@ -101,24 +102,31 @@ def run_status(run: Run) -> str:
 
 
 def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
-    """Long table: one row per image and rank with the cell, its probability, UTM and lat/lon, and per
-    image the calibrated confidence and the 90 % radius (null for an uncalibrated run), the
-    threshold the confidence means, and the run's status."""
+    """Long table: one row per image and rank with the cell, its probability, its centre and the answer's
+    position there (UTM and lat/lon: dcfeat.positions, under the run's rule), and per image the
+    calibrated confidence and the 90 % radius (null for an uncalibrated run), the threshold the
+    confidence means, and the run's status."""
     ids, probs = cell_probabilities(run, features, k, scoring)
     n, kk = ids.shape
     flat = ids.reshape(-1)
     c = centres_of(run.classes, flat)
-    east, north, zone, letter = c.east, c.north, c.zone, c.letter
+    rule = answer_rule(run.calibration)
+    sig = query_signals(run.model, features, run.classes, M=run.M, rule=rule)
+    cells = centres_of(run.classes, ids)
+    at = positions_of(cells, centres_of(run.classes, sig.top_classes),
+                      probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature), rule.radius_m)
+    east, north = at.east.reshape(-1), at.north.reshape(-1)
+    zone, letter = np.asarray(at.zone).reshape(-1), np.asarray(at.letter).reshape(-1)
     lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
     confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
     if run.calibration is not None and n:
-        sig = query_signals(run.model, features, run.classes, M=run.M)
         confidence, radius = run.calibration.confidence(sig.values), run.calibration.radius_m(sig.base_radius_m)
     per_image = lambda v: np.repeat(v, kk)  # noqa: E731
     return pl.DataFrame({
         "image_id": np.repeat(np.asarray(image_ids, dtype=object), kk), "rank": np.tile(np.arange(1, kk + 1), n),
         "class": flat.astype(np.int64), "group": run.classes["group"].to_numpy()[flat], "probability": probs.reshape(-1),
-        "cell_east": east, "cell_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon,
+        "utm_east": east, "utm_north": north, "utm_zone": zone, "utm_letter": letter, "lat": lat, "lon": lon,
+        "cell_east": c.east, "cell_north": c.north, "cell_zone": c.zone, "cell_letter": c.letter,
         "confidence": per_image(confidence), "radius_m": per_image(radius),
     }).with_columns(pl.col("confidence", "radius_m").fill_nan(None),
                     threshold_m=pl.lit(run.calibration.threshold_m if run.calibration else None, pl.Float64),

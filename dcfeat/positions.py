@@ -70,24 +70,45 @@ def probabilities(scores: np.ndarray, logit_scale: float, temperature: float = 1
 def positions(top: Places, p: np.ndarray, radius_m: float, ranks: int | None = None) -> Places:
     """Position of each query's first `ranks` candidates (n, ranks): the p-weighted centroid of the
     candidates (n, k) within `radius_m` of it; in the zone and hemisphere of the query's best cell."""
+    ranks = np.shape(top.east)[1] if ranks is None else min(ranks, np.shape(top.east)[1])
+    return positions_of(Places(*(np.asarray(a)[:, :ranks] for a in (top.east, top.north, top.zone, top.letter))),
+                        top, p, radius_m)
+
+
+def positions_of(cells: Places, top: Places, p: np.ndarray, radius_m: float) -> Places:
+    """Position of given cells (n, r) of each query, weighed from its candidates (n, k) with probabilities
+    p (n, k): the centroid of the candidates within `radius_m` of the cell (the cell itself when none
+    is, e.g. a cell ranked by another rule outside the candidates); in the zone of the best candidate."""
     n, k = np.shape(top.east)
-    ranks = k if ranks is None else min(ranks, k)
+    r = np.shape(cells.east)[1]
     zone0 = np.asarray(top.zone)[:, :1]
     north0 = is_northern(np.asarray(top.letter)[:, :1].astype("U1"))
-    east, north = np.asarray(top.east, np.float64), np.asarray(top.north, np.float64)
-    if n and not ((np.asarray(top.zone) == zone0).all() and (is_northern(np.asarray(top.letter, "U1")) == north0).all()):
+
+    def on_plane(places: Places) -> tuple[np.ndarray, np.ndarray]:
+        east, north = np.asarray(places.east, np.float64), np.asarray(places.north, np.float64)
+        zones, hemis = np.asarray(places.zone), is_northern(np.asarray(places.letter, "U1"))
+        if not n or ((zones == zone0).all() and (hemis == north0).all()):
+            return east, north
         east, north = east.copy(), north.copy()
         for z, h in {(int(a), bool(b)) for a, b in zip(zone0[:, 0], north0[:, 0])}:
             rows = (zone0[:, 0] == z) & (north0[:, 0] == h)
-            e, nn = in_zone(east[rows], north[rows], np.asarray(top.zone)[rows], np.asarray(top.letter)[rows], z, h)
-            east[rows], north[rows] = e, nn
-    # (n, ranks, k): which candidates are within the radius of each ranked one.
-    near = np.hypot(east[:, None, :] - east[:, :ranks, None], north[:, None, :] - north[:, :ranks, None])
+            east[rows], north[rows] = in_zone(east[rows], north[rows], zones[rows], np.asarray(places.letter)[rows],
+                                              z, h)
+        return east, north
+
+    east, north = on_plane(top)
+    cell_east, cell_north = on_plane(cells)
+    # (n, r, k): which candidates are within the radius of each cell.
+    near = np.hypot(east[:, None, :] - cell_east[:, :, None], north[:, None, :] - cell_north[:, :, None])
     w = np.where(near <= radius_m + 1e-9, np.asarray(p, np.float64)[:, None, :], 0.0)
-    w /= w.sum(2, keepdims=True)
-    zone = np.broadcast_to(zone0, (n, ranks))
-    letter = np.broadcast_to(np.asarray(top.letter)[:, :1], (n, ranks))
-    return Places((w * east[:, None, :]).sum(2), (w * north[:, None, :]).sum(2), zone, letter)
+    total = w.sum(2)
+    alone = total <= 0
+    w /= np.where(alone, 1.0, total)[:, :, None]
+    at_east = np.where(alone, cell_east, (w * east[:, None, :]).sum(2))
+    at_north = np.where(alone, cell_north, (w * north[:, None, :]).sum(2))
+    zone = np.broadcast_to(zone0, (n, r))
+    letter = np.broadcast_to(np.asarray(top.letter)[:, :1], (n, r))
+    return Places(at_east, at_north, zone, letter)
 
 
 def answer(top: Places, scores: np.ndarray, logit_scale: float, rule: PositionRule,

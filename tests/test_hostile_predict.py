@@ -156,7 +156,7 @@ def test_geojson_radius_draws_the_90_percent_circle(city_run, city_store, tmp_pa
     answer = feature["properties"]["top_k"][0]
     for lon, lat in ring[:-1]:
         east, north, *_ = utm.from_latlon(lat, lon, force_zone_number=answer["utm_zone"])
-        radius = np.hypot(east - answer["cell_east"], north - answer["cell_north"])
+        radius = np.hypot(east - answer["utm_east"], north - answer["utm_north"])  # around the position
         assert radius == pytest.approx(feature["properties"]["radius_m"], rel=1e-3)
 
 

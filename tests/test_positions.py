@@ -66,3 +66,40 @@ def test_a_damaged_rule_is_refused(bad):
     with pytest.raises(ValueError):
         PositionRule.from_dict(bad)
     assert PositionRule.from_dict(PositionRule(45.0, 2.0).to_dict()) == PositionRule(45.0, 2.0)
+
+
+def test_predict_writes_the_position_and_the_top_cell_beside_it(city_run, city_store, tmp_path):
+    import json
+    import shutil
+
+    import polars as pl
+
+    from dcfeat.predict import predict_files
+    from dcfeat.run import load_run
+
+    rule = load_run(city_run).calibration.rule
+    frame = predict_files(city_run, tmp_path / "p.parquet", feats=city_store, split="test", k=3, device="cpu").frame
+    first = frame.filter(pl.col("rank") == 1)
+    offset = np.hypot(first["utm_east"] - first["cell_east"], first["utm_north"] - first["cell_north"]).to_numpy()
+    assert (offset <= rule.radius_m + 1e-6).all() and (offset > 0).any() == (rule.radius_m > 0)
+    assert {"class", "cell_east", "cell_north", "lat", "lon", "utm_zone"} <= set(frame.columns)
+    # A calibration whose rule is the cell centre answers with the centre, exactly.
+    run = tmp_path / "centre"
+    shutil.copytree(city_run, run)
+    cal = json.loads((run / "calibration.json").read_text())
+    cal["position"] = {"radius_m": 0.0, "temperature": 1.0}
+    (run / "calibration.json").write_text(json.dumps(cal))
+    frame = predict_files(run, tmp_path / "q.parquet", feats=city_store, split="test", k=3, device="cpu").frame
+    assert frame["utm_east"].to_list() == frame["cell_east"].to_list()
+
+
+def test_evaluate_reports_the_position_beside_the_paper_cell_centre(city_run, city_store, tmp_path):
+    from dcfeat.evaluate import evaluate
+    from dcfeat.run import load_run
+    from dcfeat.store import read_split
+
+    run = load_run(city_run)
+    report = evaluate(run, read_split(city_store, "test", dtype=np.float32), ks=(1, 5), repeats=1).report
+    assert list(report["methods"]) == ["classify", "classify-centre"]
+    assert report["methods"]["classify"]["position"] == run.calibration.rule.to_dict()
+    assert report["confidence"]["answer"].startswith("classification's position")
