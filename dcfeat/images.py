@@ -31,6 +31,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL's own bomb threshold (~89.5 Mpx); decoding one costs ~270 MB per image and worker.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# --crop full keeps the aspect ratio, so its cost grows with it (patches linearly, attention with their
+# square). 8:1 holds every camera format (4:3, 3:2, 16:9, 21:9), equirectangular panoramas (2:1) and most
+# stitched cylindrical ones, at most 8× the patches and 64× the attention of a square image; wider strips
+# are refused (the image skipped with its reason), never embedded for hours.
+MAX_ASPECT = 8
 _MEAN_RGB = tuple(round(255 * c) for c in IMAGENET_MEAN)
 
 
@@ -71,6 +76,30 @@ def whole_size(width: int, height: int, image_size: int, patch_size: int) -> tup
     return (image_size, side) if width <= height else (side, image_size)
 
 
+def check_shape(width: int, height: int, image_size: int, *, crop: str = "centre", patch_size: int = 1,
+                max_pixels: int = MAX_PIXELS) -> None:
+    """ImageProblem, from the header alone, for an image whose resized form would be unusable.
+
+    `full`: at most MAX_ASPECT:1. The resize keeps the aspect ratio, so a 1×100,000 strip would become
+    28×2,800,000 pixels, 200,000 patches, and attention costs the square of that: hours for one image.
+    Both crops: the resized image (before the centre crop) holds at most `max_pixels`, the decompression
+    bomb limit, as the decoded one does.
+    """
+    short, long = sorted((max(width, 1), max(height, 1)))
+    if crop == "full":
+        if long > MAX_ASPECT * short:
+            w, h = whole_size(width, height, image_size, patch_size)
+            raise ImageProblem(f"--crop full: {width}x{height} pixels is wider than the {MAX_ASPECT:g}:1 aspect ratio "
+                               f"limit; whole it would be {w}x{h} pixels, {(w // patch_size) * (h // patch_size):,} "
+                               "patches. Cut it into pieces, or extract with --crop centre")
+        return
+    target = resize_size(image_size)
+    resized = target * int(target * long / short)
+    if resized > max_pixels:
+        raise ImageProblem(f"{width}x{height} pixels is too elongated: resized to {target} on the short side it "
+                           f"would hold {resized:,} pixels > {max_pixels:,} (the decompression bomb limit)")
+
+
 def load_image(path: Path, image_size: int, *, crop: str = "centre", patch_size: int = 1, draft: bool = True,
                max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode, orient, convert and crop one image to uint8 (H, W, 3); ImageProblem if unusable.
@@ -87,6 +116,7 @@ def load_image(path: Path, image_size: int, *, crop: str = "centre", patch_size:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageProblem(f"decompression bomb: {w}x{h} pixels > {max_pixels}")
+                check_shape(w, h, image_size, crop=crop, patch_size=patch_size, max_pixels=max_pixels)
                 if draft and img.format == "JPEG":
                     # libjpeg's DCT scaling (1/2, 1/4, 1/8) decodes straight to a smaller size
                     # that still keeps the shortest edge >= target; bicubic does the rest.

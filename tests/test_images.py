@@ -117,3 +117,24 @@ def test_exif_rotation_is_applied(tmp_path):
     exif[0x0112] = 6  # "rotate 90 CW to display"
     rotated = _save(img, tmp_path / "rot.png", exif=exif.tobytes())
     assert np.array_equal(load_image(rotated, 224), load_image(upright, 224))
+
+
+# D18 of the second adversarial pass: an image that a resize keeping its aspect ratio would make enormous
+
+
+@pytest.mark.parametrize("crop, why", [("full", "aspect ratio"), ("centre", "too elongated")])
+def test_an_extremely_elongated_image_is_a_problem_before_decoding(tmp_path, crop, why):
+    import time
+
+    path = _save(Image.new("RGB", (100_000, 1), (90, 90, 90)), tmp_path / "strip.png")
+    t = time.perf_counter()
+    with pytest.raises(ImageProblem, match=why):
+        load_image(path, 224, crop=crop, patch_size=14)
+    assert time.perf_counter() - t < 2
+
+
+def test_whole_images_up_to_eight_to_one_are_kept(tmp_path):
+    path = _save(_noise(896, 112), tmp_path / "wide.png")
+    assert load_image(path, 56, crop="full", patch_size=14).shape == (56, 448, 3)
+    with pytest.raises(ImageProblem, match="8:1"):
+        load_image(_save(_noise(910, 112), tmp_path / "wider.png"), 56, crop="full", patch_size=14)
