@@ -130,7 +130,39 @@ def find_images(root: Path) -> list[str]:
             found += [(rel / name).as_posix() for name in filenames
                       if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
     found.sort()
+    check_utf8_names(root, found)
     return found
+
+
+def _shown_name(name: str) -> str:
+    """A file name as its bytes, undecodable ones escaped (\\xe9), printable on any terminal."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def check_utf8_names(root: Path, ids: list[str]) -> None:
+    """Refuse, naming them and the fix, image paths that are not valid UTF-8 (a Latin-1 `café` from an old
+    camera or archive): a store id, a label and every output file are UTF-8, and such a name has no
+    faithful spelling there. Checked before anything is read or written."""
+    bad = [i for i in ids if not i.isascii() and _undecodable(i)]
+    if not _undecodable(str(root)) and not bad:
+        return
+    where = f"--images {_shown_name(str(root))}"
+    if not bad:
+        raise BadInput(f"{where}: the folder's path is not valid UTF-8 (undecodable bytes shown as \\xNN). Rename it "
+                       "to a UTF-8 name (e.g. `convmv -f latin1 -t utf-8 --notest`), or move the images elsewhere")
+    shown = "\n  ".join(_shown_name(i) for i in bad[:5])
+    raise BadInput(f"{where}: {len(bad)} image paths are not valid UTF-8 (undecodable bytes shown as \\xNN), "
+                   f"first:\n  {shown}\nImage ids are stored as UTF-8: rename these files (and folders) to UTF-8 "
+                   f"names, e.g. `convmv -f latin1 -t utf-8 -r --notest {_shown_name(str(root))}`, or move them out")
+
+
+def _undecodable(name: str) -> bool:
+    """True for a name os.fsdecode() made of bytes that are not UTF-8 (they became lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _float_field(parts: pl.Expr, index: int) -> pl.Expr:
@@ -178,7 +210,7 @@ def _zone_numbers(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
 
 
 def latlon_to_utm(lat: np.ndarray, lon: np.ndarray) -> pl.DataFrame:
-    """UTM east/north/zone/letter of each point in its own zone."""
+    """UTM east/north/zone/letter of each point in its own zone and hemisphere."""
     lat = np.asarray(lat, dtype=np.float64)
     lon = np.asarray(lon, dtype=np.float64)
     if not (np.isfinite(lat).all() and np.isfinite(lon).all()):
@@ -186,14 +218,18 @@ def latlon_to_utm(lat: np.ndarray, lon: np.ndarray) -> pl.DataFrame:
     if (lat < -80).any() or (lat > 84).any() or (np.abs(lon) > 180).any():
         raise BadInput("lat must lie in [-80, 84] and lon in [-180, 180] for UTM")
     zone = _zone_numbers(lat, lon)
+    northern = lat >= 0  # utm's own rule (band N starts at 0°); its arrays must not mix hemispheres
     east = np.empty_like(lat)
     north = np.empty_like(lat)
     letter = np.empty(lat.shape, dtype=object)
     for z in np.unique(zone):
-        sel = zone == z
-        e, n, _, _ = utm.from_latlon(lat[sel], lon[sel], force_zone_number=int(z))
-        east[sel], north[sel] = e, n
-        letter[sel] = [utm.latitude_to_zone_letter(a) for a in lat[sel]]
+        for hemisphere in (True, False):
+            sel = (zone == z) & (northern == hemisphere)
+            if not sel.any():
+                continue
+            e, n, _, _ = utm.from_latlon(lat[sel], lon[sel], force_zone_number=int(z), force_northern=hemisphere)
+            east[sel], north[sel] = e, n
+            letter[sel] = [utm.latitude_to_zone_letter(a) for a in lat[sel]]
     return pl.DataFrame(
         {"utm_east": east, "utm_north": north, "utm_zone": zone, "utm_letter": list(letter)},
         schema={k: LABEL_SCHEMA[k] for k in UTM_COLUMNS},
@@ -220,7 +256,7 @@ def _read_table(path: Path) -> pl.DataFrame:
         raise BadInput(f"--manifest {path}: expected a .csv, .tsv or .parquet file")
     try:
         if suffix == ".parquet":
-            return pl.read_parquet(path)
+            return pl.read_parquet(path, glob=False)  # a file name, never a pattern
         # every cell as text: `_numbers` then names a cell that is not a number instead of polars failing
         return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False)
     except (pl.exceptions.PolarsError, OSError) as e:
@@ -315,8 +351,12 @@ def collect_images(images: Path | None, manifest: Path | None = None, *,
         labels = read_manifest(manifest, path_column=path_column, images=root)
         missing = [i for i in labels["image_id"].to_list() if not (root / i).is_file()]
         if missing:
-            raise BadInput(f"--manifest {manifest}: {len(missing)} listed images are not under {root}, first: "
-                           f"{missing[:3]}. Paths are relative to --images (default: the manifest's folder).")
+            shown = "\n  ".join(f"{i} → {os.path.abspath(root / i)}" for i in missing[:3])
+            relative_to = (f"--images {images}" if images is not None
+                           else f"the manifest's folder {os.path.abspath(root)}, since --images was not given")
+            raise BadInput(f"--manifest {manifest}: {len(missing)} of {labels.height} listed images are not files, "
+                           f"first (as listed → where looked for):\n  {shown}\nPaths in the manifest are relative to "
+                           f"{relative_to}. Pass the --images folder they are relative to, or correct the paths")
     else:
         if images is None:
             raise BadInput("pass --images DIR (SF-XL style file names) or --manifest FILE")

@@ -209,3 +209,41 @@ def test_manifest_without_positions_reads_only_paths(tmp_path, suffix):
 def test_a_missing_manifest_is_named(tmp_path):
     with pytest.raises(BadInput, match=f"--manifest {tmp_path / 'nope.csv'}: no such file"):
         read_manifest(tmp_path / "nope.csv", positions=False)
+
+
+# Second adversarial pass ----------------------------------------------------------------------------------------
+# D4: both sides of the equator in one UTM zone
+
+
+def test_points_on_both_sides_of_the_equator_in_one_zone_get_their_own_hemisphere(tmp_path):
+    import numpy as np
+    import utm
+
+    from dcfeat.labels import latlon_to_utm
+
+    lat, lon = np.array([0.5, -0.5, 0.0, -0.0001]), np.array([-78.5, -78.5, -78.4, -78.4])  # Quito, zone 17
+    got = latlon_to_utm(lat, lon)
+    for row, a, o in zip(got.iter_rows(named=True), lat, lon):
+        e, n, z, letter = utm.from_latlon(a, o)
+        assert (row["utm_zone"], row["utm_letter"]) == (z, letter) == (17, "N" if a >= 0 else "M")
+        assert row["utm_east"] == pytest.approx(e) and row["utm_north"] == pytest.approx(n)
+    m = manifest(tmp_path, "path,lat,lon\na.jpg,0.5,-78.5\nb.jpg,-0.5,-78.5\n")
+    assert read_manifest(m)["utm_letter"].to_list() == ["N", "M"]
+    names = ["@0776000.00@0055000.00@@@0.5@-78.5@@@@@@@@@.jpg", "@0776000.00@9945000.00@@@-0.5@-78.5@@@@@@@@@.jpg"]
+    assert parse_sfxl_names(names)["utm_letter"].to_list() == ["N", "M"]
+
+
+# A manifest listing images that are not there
+
+
+def test_a_missing_listed_image_shows_where_it_was_looked_for_and_what_paths_are_relative_to(tmp_path):
+    (tmp_path / "photos").mkdir()
+    m = manifest(tmp_path, "path,lat,lon\nphotos/a.jpg,37.7,-122.4\n")
+    with pytest.raises(BadInput) as e:
+        collect_images(None, m)
+    assert str(tmp_path / "photos" / "a.jpg") in str(e.value)
+    assert "manifest's folder" in str(e.value) and "--images" in str(e.value)
+    with pytest.raises(BadInput) as e:
+        collect_images(tmp_path / "photos", m)
+    assert str(tmp_path / "photos" / "photos" / "a.jpg") in str(e.value)
+    assert f"--images {tmp_path / 'photos'}" in str(e.value)
