@@ -2,17 +2,26 @@
 
 A reader sees the old file or the new one, never half of one. Whatever is
 raised while writing (a full disk, an interrupt), the temporary file is removed
-and a full disk becomes one `EnvironmentProblem` that names the folder; one that
-a killed writer leaves behind is hidden and recognisable (`tmp_path`).
+and the original error is raised (a failure to remove the temporary file never
+hides it); a full disk, or a folder that cannot be written (read-only file
+system, permission denied), becomes one `EnvironmentProblem` that names the
+folder. Each writer gets its own temporary name, so two writers of one file
+never write into each other's; one that a killed writer leaves behind is hidden
+and recognisable: `.NAME[.tag].<random>.tmp` (`leftover_tmp_files`). The file
+gets the permissions a plain `open()` gives (0666 less the umask), whatever the
+writing library chose for its own file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-from contextlib import contextmanager
+import secrets
+import stat
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from dcfeat.errors import disk_full, is_disk_full
+from dcfeat.errors import disk_full, is_disk_full, is_not_writable, not_writable
 
 TMP_SUFFIX = ".tmp"
 
@@ -34,27 +43,70 @@ def replace_atomically(tmp: Path, final: Path) -> None:
 
 
 def tmp_path(final: Path, tag: str = "") -> Path:
-    """`.NAME[.tag].tmp` beside `final`: hidden, and recognisable as ours when a crash leaves it."""
+    """`.NAME[.tag].tmp` beside `final`: the temporary name writers used before each got its own
+    (`atomic_write` names its files `.NAME[.tag].<random>.tmp`; `leftover_tmp_files` finds both)."""
     final = Path(final)
     return final.with_name(f".{final.name}{'.' + tag if tag else ''}{TMP_SUFFIX}")
 
 
+def leftover_tmp_files(final: Path) -> list[Path]:
+    """Temporary files of `final` that writers left (killed mid-write), under any writer's name."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    prefix = f".{final.name}."
+    return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(TMP_SUFFIX))
+
+
+def _new_tmp(final: Path, tag: str) -> tuple[Path, int]:
+    """Create this writer's own empty temporary file beside `final`: (its path, the mode it got).
+
+    Created as open() creates a file (0666 less the umask, a default ACL applied), and never one that
+    exists (O_EXCL): two writers of one file get two names.
+    """
+    for _ in range(100):
+        tmp = final.with_name(f".{final.name}{'.' + tag if tag else ''}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final))
+
+
 @contextmanager
 def atomic_write(final: Path, *, needed: int | None = None, tag: str = ""):
-    """Yields a temporary path to write; on success it replaces `final` atomically.
+    """Yields a temporary path (an empty file) to write; on success it replaces `final` atomically.
 
-    On any error the temporary file is removed; a full disk is raised as one
-    EnvironmentProblem naming the folder (and `needed` bytes, when known).
+    On any error the temporary file is removed and the error raised as it was; a full disk is
+    raised as one EnvironmentProblem naming the folder (and `needed` bytes, when known), and so is a
+    folder that cannot be written.
     """
     final = Path(final)
-    tmp = tmp_path(final, tag)
+    try:
+        tmp, mode = _new_tmp(final, tag)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full(final.parent, needed) from None
+        if is_not_writable(e):
+            raise not_writable(final.parent, e) from None
+        raise
     try:
         yield tmp
+        # Libraries that write through their own temporary file (safetensors) leave it at 0600.
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         replace_atomically(tmp, final)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # a read-only or vanished folder: the error that matters is `e`
+            tmp.unlink(missing_ok=True)
         if is_disk_full(e) or is_disk_full(e.__cause__ or e.__context__):
             raise disk_full(final.parent, needed) from None
+        if is_not_writable(e) and (e.filename is None or Path(e.filename).parent == final.parent):
+            raise not_writable(final.parent, e) from None
         raise
 
 

@@ -327,3 +327,60 @@ def test_impossible_labels_in_a_foreign_store_are_a_damaged_store(store, tmp_pat
     labels.with_columns(utm_letter=pl.lit("Z")).write_parquet(part)
     refused(invoke("train", "--feats", store, "--out", tmp_path / "run", "--no-progress"), "damaged store", "Z",
             "labels")
+
+
+# Second adversarial pass ----------------------------------------------------------------------------------------
+# D25: one file written by two writers at once, and the permissions of what is written
+
+
+def test_two_writers_of_one_file_never_share_a_temporary_file(tmp_path):
+    from dcfeat.atomic import atomic_write
+
+    final = tmp_path / "x.json"
+    with atomic_write(final) as first:
+        with atomic_write(final) as second:
+            assert first != second and first.parent == second.parent == tmp_path
+            assert first.name.startswith(".x.json.") and first.name.endswith(".tmp")
+            second.write_text("second")
+        first.write_text("first")
+    assert final.read_text() == "first" and list(tmp_path.iterdir()) == [final]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path, umask):
+    import torch
+    from safetensors.torch import save_file
+
+    from dcfeat.atomic import atomic_write, write_bytes
+
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain").write_bytes(b"")
+        write_bytes(tmp_path / "a.bin", b"x")
+        with atomic_write(tmp_path / "model.safetensors") as tmp:  # safetensors writes its own file at 0600
+            save_file({"w": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes == {n: oct(0o666 & ~umask) for n in ("plain", "a.bin", "model.safetensors")}
+
+
+def test_every_file_of_a_run_has_the_same_permissions(city_run):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in city_run.iterdir() if p.is_file()}
+    assert "model.safetensors" in modes and len(set(modes.values())) == 1, modes
+
+
+# D11: a failure to remove the temporary file never hides what went wrong
+
+
+def test_a_failed_clean_up_keeps_the_original_error(tmp_path, monkeypatch):
+    from dcfeat.atomic import atomic_write
+
+    def read_only_unlink(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    with pytest.raises(ValueError, match="the original"):
+        with atomic_write(tmp_path / "x.bin") as tmp:
+            tmp.write_bytes(b"half")
+            monkeypatch.setattr(Path, "unlink", read_only_unlink)
+            raise ValueError("the original")
