@@ -13,7 +13,7 @@ import glob
 import re
 from pathlib import Path
 
-from dcfeat.errors import BadInput
+from dcfeat.errors import BadInput, check_writable
 
 FORMAT_VERSION = 1
 STORE_SUFFIXES = (".h5", ".hdf5")
@@ -29,13 +29,15 @@ def check_split_name(split: str) -> str:
 
 
 def check_store_path(store: Path) -> Path:
-    """NAME.h5 or NAME.hdf5, not a folder, and no other store sharing its NAME.labels/ and NAME.shards/."""
+    """The store a writer may write: NAME.h5 or NAME.hdf5, not a folder, in a folder that is one (or can be
+    made) and can be written, and no other store sharing its NAME.labels/ and NAME.shards/."""
     store = Path(store)
     if store.suffix.lower() not in STORE_SUFFIXES:
         raise BadInput(f"--out {store}: a feature store is a NAME.h5 (or .hdf5) file, its labels and shards go to "
                        "NAME.labels/ and NAME.shards/ beside it. Choose a name ending in .h5")
     if store.is_dir():
         raise BadInput(f"--out {store} is a folder; name the store file inside it, e.g. {store / 'feats.h5'}")
+    check_output_folder(store, "--out")
     if store.parent.is_dir():
         others = [p.name for p in store.parent.glob(f"{glob.escape(store.stem)}.*")
                   if p.suffix.lower() in STORE_SUFFIXES and p.name != store.name]
@@ -45,12 +47,29 @@ def check_store_path(store: Path) -> Path:
     return store
 
 
+def check_output_folder(out: Path, option: str) -> None:
+    """Refuse, before anything is created, an output whose folder cannot exist (BadInput: a regular file
+    stands on its path) or cannot be written (EnvironmentProblem: read-only file system, no permission)."""
+    folder = Path(out).absolute().parent
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInput(f"{option} {out}: {existing} is a file, not a folder, so nothing can be written under it. "
+                       f"Choose another {option}")
+    check_writable(folder)
+
+
 def labels_dir(store: Path) -> Path:
     return Path(store).with_suffix(".labels")
 
 
 def shards_dir(store: Path) -> Path:
     return Path(store).with_suffix(".shards")
+
+
+# In the plan folder of a split being committed: the split's other plans, which the commit makes stale.
+SUPERSEDED_FILE = "superseded.json"
 
 
 def label_part(plan_id: str) -> str:

@@ -1,13 +1,15 @@
 """One writer per store, and the clean-up that only the one writer may do.
 
-A writer killed mid-way leaves temporary files, and label parts beside the
-one a split committed; the next writer removes them under the lock, when nobody
-else can be halfway through writing them.
+A writer killed mid-way leaves temporary files, label parts beside the one a
+split committed, and (killed between a split's commit and its clean-up) the
+shards of the plans that commit replaced; the next writer removes them under
+the lock, when nobody else can be halfway through writing them.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -15,9 +17,10 @@ from pathlib import Path
 
 import h5py
 
-from dcfeat.atomic import TMP_SUFFIX
+from dcfeat.atomic import TMP_SUFFIX, leftover_tmp_files
 from dcfeat.errors import EnvironmentProblem
 from dcfeat.layout import (
+    SUPERSEDED_FILE,
     check_store_path,
     label_part,
     labels_dir,
@@ -73,13 +76,14 @@ def existing_split_attrs(store: Path) -> dict[str, dict]:
 
 
 def clean_stale_files(store: Path) -> list[Path]:
-    """Remove what killed writers left: temporary files, and the label parts of each split of the
-    store other than the one it committed (a split not in the store yet is left alone)."""
+    """Remove what killed writers left: temporary files, the label parts of each split of the store
+    other than the one it committed, and the plans (shards) its commit made stale (a split not in
+    the store yet, and a plan begun after the split's commit, are left alone: the same command resumes them)."""
     store = Path(store)
-    stale = list(store.parent.glob(f".{store.name}.*{TMP_SUFFIX}"))
+    stale = leftover_tmp_files(store)
     for folder in (labels_dir(store), shards_dir(store)):
         if folder.is_dir():
-            stale += folder.glob(f"*/**/.*{TMP_SUFFIX}")
+            stale += folder.glob(f"*/**/.*{TMP_SUFFIX}")  # a pattern below `folder`: its own path is never one
     committed = {name: a.get("plan_id") for name, a in existing_split_attrs(store).items()}
     for name, plan_id in committed.items():
         part = labels_dir(store) / f"split={name}"
@@ -87,7 +91,33 @@ def clean_stale_files(store: Path) -> list[Path]:
             stale += [p for p in part.glob("*.parquet") if p.name != label_part(plan_id)]
     for path in stale:
         path.unlink(missing_ok=True)
+    for name, plan_id in committed.items():
+        if plan_id:
+            stale += remove_superseded(store, name, plan_id)
     return stale
+
+
+def superseded_plans(store: Path, split: str, plan_id: str) -> list[Path]:
+    """The plan folders that the commit of `plan_id` made stale and that are still there: listed in its
+    SUPERSEDED_FILE before the store's rename, removed after it (a crash between the two leaves them)."""
+    record = shards_dir(store) / split / plan_id / SUPERSEDED_FILE
+    try:
+        names = json.loads(record.read_text()) if record.is_file() else []
+    except ValueError:
+        names = []
+    folders = [shards_dir(store) / split / name for name in (names if isinstance(names, list) else [])
+               if isinstance(name, str) and "/" not in name and name not in ("", ".", "..", plan_id)]
+    return [f for f in folders if f.is_dir()]
+
+
+def remove_superseded(store: Path, split: str, plan_id: str) -> list[Path]:
+    """Remove the plans that the commit of `plan_id` made stale, then their list; call only once
+    `plan_id` is the split's committed plan."""
+    removed = superseded_plans(store, split, plan_id)
+    for folder in removed:
+        remove_plan(store, folder)
+    (shards_dir(store) / split / plan_id / SUPERSEDED_FILE).unlink(missing_ok=True)
+    return removed
 
 
 def remove_plan(store: Path, directory: Path) -> None:

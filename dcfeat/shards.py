@@ -44,14 +44,15 @@ from dcfeat.errors import BadInput, DamagedStore, check_free_space
 from dcfeat.identity import ATTR_DEFAULTS, check_compatible, with_defaults
 from dcfeat.layout import (
     FORMAT_VERSION,
+    SUPERSEDED_FILE,
     check_split_name,
     check_store_path,
     label_part,
     labels_dir,
     shards_dir,
 )
-from dcfeat.locking import existing_split_attrs, remove_plan, writer_lock
-from dcfeat.store import attr_value, read_ids
+from dcfeat.locking import existing_split_attrs, remove_superseded, writer_lock
+from dcfeat.store import attr_value, read_ids, vds_file_name
 
 # HDF5 images up to this size are built in memory; larger shards (cached tokens) are written
 # by HDF5 directly after a free-space check, so as not to hold them twice.
@@ -95,7 +96,7 @@ class Plan:
 
     @cached_property
     def labels(self) -> pl.DataFrame:
-        return pl.read_parquet(self.directory / "labels.parquet")
+        return pl.read_parquet(self.directory / "labels.parquet", glob=False)  # a path, never a pattern
 
     @cached_property
     def ids(self) -> np.ndarray:
@@ -163,6 +164,23 @@ def hdf5_file(final: Path, needed: int):
                 yield f
 
 
+def check_finite(plan: Plan, index: int, what: str, computed: np.ndarray, stored: np.ndarray) -> np.ndarray:
+    """`stored` (`computed` cast to the plan's dtype) when every value is finite; else BadInput saying why:
+    the backbone's own output is not finite (its weights), or the cast overflowed (--dtype float32)."""
+    if np.isfinite(stored).all():
+        return stored
+    model = plan.attrs.get("model_source") or plan.attrs.get("model")
+    where = f"shard {index} of split '{plan.split}' ({plan.shard_path(index)})"
+    if not np.isfinite(computed).all():
+        raise BadInput(f"--model {model}: the backbone computed {what} that are not finite (NaN or inf) for {where}: "
+                       "its weights are not finite, or its activations overflow. Check the checkpoint (download or "
+                       "save it again); nothing of this shard was written")
+    top = float(np.abs(computed[np.isfinite(computed)]).max())
+    raise BadInput(f"--model {model}: {what} reach {top:.3g} in {where}, beyond the range of {stored.dtype} "
+                   f"(±{float(np.finfo(stored.dtype).max):,.0f}); extract with --dtype float32. Nothing of this shard "
+                   "was written")
+
+
 def write_shard(plan: Plan, index: int, rows: np.ndarray, embeddings: np.ndarray,
                 failures: list[tuple[int, str]], *, tokens: np.ndarray | None = None) -> Path:
     """Write shard `index` (plan rows `rows` succeeded, `failures` did not) atomically.
@@ -173,26 +191,27 @@ def write_shard(plan: Plan, index: int, rows: np.ndarray, embeddings: np.ndarray
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) + len(failures) != stop - start or len(rows) != len(embeddings):
         raise ValueError(f"shard {index}: {len(rows)} rows + {len(failures)} failures != {stop - start} images")
-    if not np.isfinite(embeddings).all():
-        raise ValueError(f"shard {index}: non-finite embeddings; refusing to store them")
     token_shape = tuple(plan.attrs.get("tokens_shape", ()))
     if token_shape and (tokens is None or tokens.shape != (len(rows), *token_shape)):
         raise ValueError(f"shard {index}: the plan caches tokens {token_shape} per image; got "
                          f"{None if tokens is None else tokens.shape}")
     dtype = np.dtype(plan.attrs["dtype"])
+    # Checked in the dtype stored, before the file is begun: a float32 value beyond float16's range
+    # is finite until the cast makes it inf.
+    with np.errstate(over="ignore"):  # an overflow is what check_finite reports
+        stored = check_finite(plan, index, "features", embeddings, embeddings.astype(dtype))
+        stored_tokens = (check_finite(plan, index, "cached tokens", tokens, tokens.astype(dtype)) if token_shape
+                         else None)
     final = plan.shard_path(index)
     with hdf5_file(final, plan.shard_bytes(stop - start)) as f:
         f.attrs.update({"plan_id": plan.plan_id, "index": index, "start": start, "stop": stop})
         # Chunks of ~1 MB along rows; no compression: DINOv2 features do not compress.
         chunk = (max(1, min(len(rows), (1 << 20) // (embeddings.shape[1] * dtype.itemsize))), embeddings.shape[1])
-        f.create_dataset("embeddings", data=embeddings.astype(dtype), chunks=chunk if len(rows) else None,
+        f.create_dataset("embeddings", data=stored, chunks=chunk if len(rows) else None,
                          maxshape=(None, embeddings.shape[1]))
         if token_shape:
-            stored = tokens.astype(dtype)
-            if not np.isfinite(stored).all():
-                raise ValueError(f"shard {index}: tokens overflow {dtype}; extract with --dtype float32")
             # One image per chunk: training and evaluation read runs of whole images.
-            f.create_dataset("tokens", data=stored, chunks=(1, *token_shape) if len(rows) else None)
+            f.create_dataset("tokens", data=stored_tokens, chunks=(1, *token_shape) if len(rows) else None)
         # UTF-8, fixed length: virtual datasets need one fixed type across shards.
         id_type = h5py.string_dtype("utf-8", plan.id_bytes)
         f.create_dataset("ids", data=np.array([i.encode() for i in plan.ids[rows]], dtype=id_type))
@@ -306,6 +325,7 @@ def assemble(plan: Plan) -> int:
     at = 0
     files = [os.path.relpath(plan.shard_path(index), store.parent) for index, _ in checked]
     for rel, (index, meta) in zip(files, checked):
+        rel = vds_file_name(rel)
         if meta["n"]:
             emb[at:at + meta["n"]] = h5py.VirtualSource(rel, "embeddings", shape=(meta["n"], dim))
             ids[at:at + meta["n"]] = h5py.VirtualSource(rel, "ids", shape=(meta["n"],), dtype=id_type)
@@ -321,6 +341,12 @@ def assemble(plan: Plan) -> int:
     part.mkdir(parents=True, exist_ok=True)
     write_parquet(labels, part / label_part(plan.plan_id))
 
+    # The plans this commit makes stale, recorded before the commit: removed after it, or by the next
+    # writer when a crash comes between the two (dcfeat.locking.remove_superseded).
+    superseded = sorted(d.name for d in (shards_dir(store) / plan.split).iterdir()
+                        if d.is_dir() and d.name != plan.plan_id)
+    if superseded:
+        write_bytes(plan.directory / SUPERSEDED_FILE, json.dumps(superseded).encode())
     old_splits = []
     if store.is_file():
         with h5py.File(store, "r") as old:
@@ -348,7 +374,5 @@ def assemble(plan: Plan) -> int:
     for stale in part.glob("*.parquet"):
         if stale.name != label_part(plan.plan_id):
             stale.unlink()
-    for old_plan in (shards_dir(store) / plan.split).iterdir():
-        if old_plan.is_dir() and old_plan.name != plan.plan_id:
-            remove_plan(store, old_plan)
+    remove_superseded(store, plan.split, plan.plan_id)
     return total

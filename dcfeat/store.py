@@ -120,11 +120,17 @@ def open_store(store: Path) -> h5py.File:
     return f
 
 
+def vds_file_name(path: str) -> str:
+    """A source file name as a virtual dataset records it: HDF5 reads `%` as a printf-style specifier
+    (`%b`: block number), so a literal one is written `%%` (a store named `50%.h5`)."""
+    return path.replace("%", "%%")
+
+
 def source_files(store: Path, ds: h5py.Dataset) -> list[Path]:
     """The shard files a virtual dataset reads from (none for an ordinary dataset)."""
     if not ds.is_virtual:
         return []
-    names = sorted({m.file_name for m in ds.virtual_sources()} - {"."})
+    names = sorted({m.file_name.replace("%%", "%") for m in ds.virtual_sources()} - {"."})
     return [Path(store).parent / n for n in names]
 
 
@@ -142,14 +148,38 @@ def label_files(store: Path, split: str, plan_id: str | None = None) -> list[Pat
     return sorted(p for p in part.glob("*.parquet") if not p.name.startswith("."))
 
 
+def layout_problem(group: h5py.Group) -> str | None:
+    """What keeps a split from being format v1 (stores written by other programs), None when nothing:
+    embeddings (rows, D) of floats, ids (rows,), and a `dim` attribute, when given, of D."""
+    ds, ids = group["embeddings"], group.get("ids")
+    if not isinstance(ds, h5py.Dataset) or ds.ndim != 2:
+        return f"embeddings of shape {getattr(ds, 'shape', None)}; they must be 2-D, (rows, D)"
+    if ds.dtype.kind != "f":
+        return f"embeddings of type {ds.dtype}; they must be float16 or float32"
+    if not isinstance(ids, h5py.Dataset) or ids.shape != (ds.shape[0],):
+        return (f"ids of shape {getattr(ids, 'shape', None)} for {ds.shape[0]} embedding rows; they must be one "
+                "image id per row, shape (rows,)")
+    if "dim" in group.attrs and attr_value(group.attrs["dim"]) != ds.shape[1]:
+        return f"attribute dim = {attr_value(group.attrs['dim'])!r} but the embeddings have {ds.shape[1]} columns"
+    return None
+
+
+def layout_fix(split: str) -> str:
+    return (f"rewrite split '{split}' in format v1 (README, \"The feature store\") with the program that made it, "
+            f"or re-extract it with `dcfeat extract --split {split} --overwrite`")
+
+
 def _info(store: Path, name: str, group: h5py.Group) -> SplitInfo:
+    problem = layout_problem(group)
+    if problem:
+        raise DamagedStore(f"{store}: split '{name}' has {problem}. Fix: {layout_fix(name)}")
     ds = group["embeddings"]
     attrs = split_attrs(group)
     files = label_files(store, name, attrs.get("plan_id"))
     fail = group.get("failures/ids")
     tokens = group.get("tokens")
     try:
-        labels_rows = pl.scan_parquet(files).select(pl.len()).collect().item() if files else None
+        labels_rows = pl.scan_parquet(files, glob=False).select(pl.len()).collect().item() if files else None
     except (OSError, pl.exceptions.PolarsError):
         labels_rows = -1
     return SplitInfo(
@@ -198,7 +228,7 @@ def read_labels(store: Path, split: str, plan_id: str | None = None) -> pl.DataF
     if not files:
         raise _labels_problem(store, split, "no labels")
     try:
-        frame = pl.read_parquet(files, hive_partitioning=False)
+        frame = pl.read_parquet(files, hive_partitioning=False, glob=False)  # paths, never patterns
     except (OSError, pl.exceptions.PolarsError) as e:
         raise _labels_problem(store, split, f"unreadable label file ({type(e).__name__}: {e})") from None
     missing = [c for c in LABEL_COLUMNS if c not in frame.columns]

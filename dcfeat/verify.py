@@ -14,11 +14,20 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dcfeat.atomic import TMP_SUFFIX
+from dcfeat.atomic import TMP_SUFFIX, leftover_tmp_files
 from dcfeat.errors import DcfeatError
 from dcfeat.layout import label_part, labels_dir, shards_dir
+from dcfeat.locking import superseded_plans
 from dcfeat.shards import shard_checksum
-from dcfeat.store import label_files, open_store, read_ids, read_labels, split_info
+from dcfeat.store import (
+    label_files,
+    layout_fix,
+    layout_problem,
+    open_store,
+    read_ids,
+    read_labels,
+    split_info,
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,8 @@ def _leftovers(store: Path, split: str, plan_id: str | None) -> list[Problem]:
     if part.is_dir():
         for path in part.glob(f"*/.*{TMP_SUFFIX}"):
             out.append(Problem(split, str(path), "temporary file of a killed writer", later, serious=False))
+    for path in superseded_plans(store, split, plan_id) if plan_id else []:
+        out.append(Problem(split, str(path), "shards of the plan this split replaced", later, serious=False))
     return out
 
 
@@ -107,11 +118,15 @@ def verify_store(store: Path) -> tuple[list[str], list[Problem]]:
     store = Path(store)
     problems = [Problem("-", str(p), "temporary file of a killed writer",
                         "removed by the next `dcfeat extract` on this store; nothing to do", serious=False)
-                for p in store.parent.glob(f".{store.name}.*{TMP_SUFFIX}")]
+                for p in leftover_tmp_files(store)]
     with open_store(store) as f:
         names = [n for n, g in f.items() if isinstance(g, h5py.Group) and "embeddings" in g]
         for name in names:
             group = f[name]
+            problem = layout_problem(group)
+            if problem:  # datasets of the wrong shape: nothing below can be read sensibly
+                problems.append(Problem(name, f"{store}:/{name}", problem, layout_fix(name)))
+                continue
             attrs = split_info(store, name).attrs
             fix = _extract_fix(store, name, attrs)
             if not attrs.get("complete", True):

@@ -330,6 +330,105 @@ def test_impossible_labels_in_a_foreign_store_are_a_damaged_store(store, tmp_pat
 
 
 # Second adversarial pass ----------------------------------------------------------------------------------------
+# D22: stores written by other programs with datasets of the wrong shape
+
+
+def _foreign_store(tmp_path: Path, embeddings: np.ndarray, dim: int | None = None) -> Path:
+    """A store as another program writes it with h5py, following README's "The feature store"."""
+    import polars as pl
+
+    store = tmp_path / "foreign.h5"
+    n = embeddings.shape[0]
+    ids = [f"img{i}.jpg" for i in range(n)]
+    with h5py.File(store, "w") as f:
+        f.attrs["dcfeat_format"] = 1
+        g = f.create_group("train")
+        g.create_dataset("embeddings", data=embeddings)
+        g.create_dataset("ids", data=ids, dtype=h5py.string_dtype())
+        g.attrs.update(model="other", pooling="cls", image_size=224, images_root="/x", complete=True,
+                       dim=embeddings.shape[-1] if dim is None else dim)
+    part = store.with_suffix(".labels") / "split=train"
+    part.mkdir(parents=True)
+    pl.DataFrame({"row": np.arange(n), "image_id": ids, "utm_east": 550000.0 + np.arange(n),
+                  "utm_north": np.full(n, 4180000.0), "utm_zone": np.full(n, 10, np.int8), "utm_letter": ["S"] * n,
+                  "lat": [None] * n, "lon": [None] * n, "heading": [None] * n}).write_parquet(part / "part-0.parquet")
+    return store
+
+
+@pytest.mark.parametrize("shape, dim, shown", [((12,), None, "shape (12,)"), ((12, 4, 8), None, "shape (12, 4, 8)"),
+                                               ((12, 8), 16, "dim = 16")])
+def test_a_foreign_store_of_the_wrong_shape_is_a_damaged_store(tmp_path, shape, dim, shown):
+    store = _foreign_store(tmp_path, np.ones(shape, np.float32), dim)
+    for args in (("info", store), ("info", store, "--verify"),
+                 ("train", "--feats", store, "--out", tmp_path / "run", "--no-progress")):
+        refused(invoke(*args), "damaged store", "'train'" if args[-1] != "--verify" else "train", shown)
+    with pytest.raises(DamagedStore, match="split 'train'"):
+        read_split(store, "train")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_sound_foreign_store_verifies(tmp_path):
+    store = _foreign_store(tmp_path, np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32))
+    assert verified(store) and read_split(store, "train").embeddings.shape == (12, 8)
+
+
+# D24: shards of a replaced plan, left by a crash between the commit and the clean-up
+
+
+def test_a_crash_after_the_commit_leaves_old_shards_that_the_next_writer_removes(store, tmp_path, tiny_model,
+                                                                                  monkeypatch):
+    import dcfeat.atomic as atomic
+
+    fewer = tmp_path / "fewer"
+    write_images(fewer, 6, seed=5)
+    real = atomic.replace_atomically
+
+    def crash_after_store(tmp, final):
+        real(tmp, final)
+        if Path(final) == store:  # committed: the old plan's shards are not removed yet
+            raise SimulatedCrash
+
+    monkeypatch.setattr(atomic, "replace_atomically", crash_after_store)
+    with pytest.raises(SimulatedCrash):
+        invoke(*extract_args(fewer, store, tiny_model, "--overwrite"), catch_exceptions=False)
+    monkeypatch.setattr(atomic, "replace_atomically", real)
+    plans = store.with_suffix(".shards") / "train"
+    assert read_split(store, "train").labels.height == 6 and len(list(plans.iterdir())) == 2
+    assert any("replaced" in p.what and not p.serious for p in verify_store(store)[1]) and verified(store)
+    r = invoke(*extract_args(fewer, store, tiny_model, "--overwrite"))
+    assert r.exit_code == 0 and "already complete" in r.output, r.output
+    [kept] = plans.iterdir()
+    assert kept.name == list_splits(store)[0].attrs["plan_id"] and verified(store)
+    assert len(label_files(store, "train")) == 1
+
+
+def test_an_unfinished_plan_begun_after_the_commit_is_kept_for_its_resume(store, tmp_path, tiny_model, monkeypatch):
+    import dcfeat.shards as shards
+
+    more = tmp_path / "more"
+    write_images(more, 30, seed=6)
+    real = shards.write_shard
+    written = []
+
+    def crash_on_second_shard(*a, **k):
+        if written:
+            raise SimulatedCrash
+        written.append(real(*a, **k))
+        return written[-1]
+
+    monkeypatch.setattr(shards, "write_shard", crash_on_second_shard)
+    monkeypatch.setattr("dcfeat.extract.write_shard", crash_on_second_shard)
+    with pytest.raises(SimulatedCrash):
+        invoke(*extract_args(more, store, tiny_model, "--overwrite"), catch_exceptions=False)
+    monkeypatch.undo()
+    [pending] = [p for p in (store.with_suffix(".shards") / "train").iterdir()
+                 if p.name != list_splits(store)[0].attrs["plan_id"]]
+    assert invoke(*extract_args(more, store, tiny_model, "--split", "other")).exit_code == 0  # another writer
+    assert (pending / written[0].name).is_file()  # its shard waits for the same command
+    r = invoke(*extract_args(more, store, tiny_model, "--overwrite"))
+    assert r.exit_code == 0 and read_split(store, "train").labels.height == 30 and verified(store)
+
+
 # D25: one file written by two writers at once, and the permissions of what is written
 
 
@@ -384,3 +483,24 @@ def test_a_failed_clean_up_keeps_the_original_error(tmp_path, monkeypatch):
             tmp.write_bytes(b"half")
             monkeypatch.setattr(Path, "unlink", read_only_unlink)
             raise ValueError("the original")
+
+
+# D17's sibling: `%` in a store's name is a printf-style specifier to HDF5's virtual datasets
+
+
+@pytest.mark.parametrize("name", ["50%b.h5", "a%%x.h5", "100%.h5"])
+def test_a_percent_sign_in_the_store_name_reads_back_its_own_shards(tmp_path, name):
+    import polars as pl
+
+    from dcfeat.labels import LABEL_SCHEMA
+    from dcfeat.shards import write_split
+
+    n = 6
+    labels = pl.DataFrame({"image_id": [f"i{i}.jpg" for i in range(n)], "utm_east": [550000.0 + i for i in range(n)],
+                           "utm_north": [4180000.0] * n, "utm_zone": [10] * n, "utm_letter": ["S"] * n},
+                          ).with_columns(pl.lit(None).alias(c) for c in ("lat", "lon", "heading")
+                                         ).select([pl.col(c).cast(t) for c, t in LABEL_SCHEMA.items()])
+    emb = np.arange(n * 8, dtype=np.float32).reshape(n, 8)
+    write_split(tmp_path / name, "train", emb, labels, {"model": "m", "pooling": "cls", "image_size": 224,
+                                                        "images_root": "/x"}, shard_rows=4)
+    assert np.array_equal(read_split(tmp_path / name, "train").embeddings, emb) and verified(tmp_path / name)
