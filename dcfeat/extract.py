@@ -23,7 +23,7 @@ from dcfeat import __version__
 from dcfeat.backbone import Backbone, load_backbone
 from dcfeat.choices import CROPS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS
 from dcfeat.devices import is_cuda, resolve_device
-from dcfeat.errors import BadInput, DcfeatError, check_free_space
+from dcfeat.errors import BadInput, DcfeatError, check_free_space, writing
 from dcfeat.images import MAX_PIXELS, ImageDataset, collate, decoding_workers
 from dcfeat.labels import LabelledImages, collect_images
 from dcfeat.layout import check_split_name, check_store_path
@@ -122,6 +122,21 @@ def check_crop(crop: str, cache_tokens: int) -> None:
                        "whole-image features, or --crop centre to cache tokens for --finetune-blocks")
 
 
+def check_finite_weights(backbone: Backbone) -> None:
+    """Refuse a checkpoint holding NaN or inf before anything is embedded: every feature would be NaN."""
+    tensors = [(n, t) for n, t in [*backbone.model.named_parameters(), *backbone.model.named_buffers()]
+               if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu().numpy()
+    bad = [n for (n, _), ok in zip(tensors, finite) if not ok]
+    if bad:
+        raise BadInput(f"--model {backbone.source}: the checkpoint's weights are not finite: {len(bad)} of "
+                       f"{len(tensors)} tensors hold NaN or inf, first: {', '.join(bad[:3])}. The checkpoint is "
+                       "damaged or was saved from a diverged training: download or save it again, or pass another "
+                       "--model")
+
+
 def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: LabelledImages, draft: bool,
                 cache_tokens: int = 0, crop: str = "centre") -> dict:
     """Everything that changes the features' content, recorded with them (STYLE 6)."""
@@ -214,12 +229,14 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
     if not 0 <= cache_tokens <= backbone.num_layers:
         raise BadInput(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
                          f"choose 0 to {backbone.num_layers}")
+    check_finite_weights(backbone)
     ranks = ranks or Ranks()
     workers = decoding_workers(workers)
     store.parent.mkdir(parents=True, exist_ok=True)
     attrs = store_attrs(backbone, image_size, dtype, images, draft, cache_tokens, crop)
     t0 = time.perf_counter()
-    with writer_lock(store) if ranks.rank == 0 else nullcontext():
+    # A read-only folder or a refused permission while writing is one message naming the folder.
+    with writing(store.parent), writer_lock(store) if ranks.rank == 0 else nullcontext():
         shared = None
         if ranks.rank == 0:
             try:
