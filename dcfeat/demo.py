@@ -11,6 +11,7 @@ initialised DINOv2 of the same architecture, and every number is labelled as suc
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from dcfeat.backbone import load_backbone, save_random_vit
 from dcfeat.evaluate import evaluate_files
 from dcfeat.extract import extract_files
 from dcfeat.progress import stderr
-from dcfeat.synthetic.photos import render_city
+from dcfeat.synthetic.photos import CITY_FILE, is_incomplete_rendering, render_city
 from dcfeat.train import TrainConfig, train_files
 
 PRETRAINED = "facebook/dinov2-small"
@@ -69,13 +70,20 @@ def demo_backbone(root: Path, *, prefer_pretrained: bool = True) -> str:
 def run_demo(root: Path = Path("data/demo"), *, streets: int = 4, spacing_m: float = 4.0, image_size: int = 224,
              epochs: int = 10, workers: int | None = None, device: str = "auto", progress: bool = True,
              prefer_pretrained: bool = True, model: str | None = None) -> DemoResult:
-    """Render (once), extract (resumable), train a new run, evaluate all modes."""
+    """Render (once; an interrupted rendering is rendered again), extract (resumable), train a new run,
+    evaluate all modes."""
     root = Path(root)
     images = root / "images"
     store = root / "feats.h5"
     seconds = {}
     t = time.perf_counter()
-    if not (images / "city.json").is_file():
+    if (images / CITY_FILE).is_file():
+        stderr.print(f"[bold]1/4 render[/bold] reusing the synthetic city in {images} ({CITY_FILE})")
+    else:
+        if is_incomplete_rendering(images):
+            stderr.print(f"[yellow]{images} holds an interrupted rendering (no {CITY_FILE}): rendering it "
+                         "again[/yellow]")
+            shutil.rmtree(images)
         stderr.print(f"[bold]1/4 render[/bold] synthetic city → {images}")
         render_city(images, streets=streets, spacing_m=spacing_m)
     seconds["render"] = time.perf_counter() - t

@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 from pipelines.readme import reference
 from tests.conftest import ROOT, invoke
 
@@ -33,7 +35,7 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model):
     result = run_demo(tmp_path / "demo", streets=2, image_size=56, epochs=3, workers=0, progress=False,
                       model=str(tiny_model))
     report = result.report
-    assert set(report["methods"]) == {"classify", "retrieve", "hybrid", "adaptive"} and report["random_backbone"]
+    assert set(report["methods"]) == {"classify", "classify-centre", "retrieve", "hybrid", "adaptive"} and report["random_backbone"]
     for m in report["methods"].values():
         assert set(m) >= {"recall", "median_error_m", "mean_error_m", "queries_per_s", "ms_per_query"}
         assert set(m["recall"]) == {"1", "5", "10", "20"}
@@ -87,3 +89,39 @@ def test_the_demo_backbone_says_which_case_applied(tmp_path, monkeypatch, capsys
     for why in ("HF_HUB_OFFLINE is set", "no connection", "Network is unreachable", "--random-backbone",
                 "downloaded"):
         assert why in err, err
+
+
+def test_an_interrupted_demo_runs_again(tmp_path, tiny_model, monkeypatch):
+    """D19 of the second adversarial pass: Ctrl-C while rendering, then the same demo command."""
+    import dcfeat.synthetic.photos as photos
+    from dcfeat.demo import run_demo
+
+    real, calls = photos._photo, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) > 30:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(photos, "_photo", interrupted)
+    options = dict(streets=2, image_size=56, epochs=1, workers=0, progress=False, model=str(tiny_model))
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path / "demo", **options)
+    monkeypatch.setattr(photos, "_photo", real)
+    result = run_demo(tmp_path / "demo", **options)
+    fresh = photos.render_city(tmp_path / "fresh", streets=2)
+    assert {p.name for p in (tmp_path / "demo").iterdir()} >= {"images", "feats.h5"}
+    for split, paths in fresh.items():
+        assert sorted(p.name for p in (tmp_path / "demo" / "images" / split).iterdir()) == sorted(p.name for p in paths)
+    assert result.report["queries"] == len(fresh["test"])
+
+
+def test_an_incomplete_rendering_in_place_is_recognised(tmp_path):
+    from dcfeat.synthetic.photos import is_incomplete_rendering
+
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "images" / "train" / "@0550000.00@4180000.00@10@S@@@p000000@@0@@@@@@.jpg").write_bytes(b"")
+    assert is_incomplete_rendering(tmp_path / "images")
+    (tmp_path / "images" / "notes.txt").write_text("mine")
+    assert not is_incomplete_rendering(tmp_path / "images")

@@ -10,6 +10,7 @@ cars and pedestrians, with a tilted horizon.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ from dcfeat.synthetic.streets import (
     palette_view,
     saturated,
 )
+
+SPLITS = ("train", "test-db", "test", "val")
+CITY_FILE = "city.json"  # written last: a folder holding it is a complete rendering
 
 
 def _occlude(rng: np.random.Generator, img: np.ndarray) -> None:
@@ -85,6 +89,11 @@ def render_city(out_dir: Path, *, seed: int = 0, streets: int = 4, block_m: floa
     out_dir = Path(out_dir)
     if any(out_dir.glob("*/*.jpg")):
         raise FileExistsError(f"{out_dir} already holds images; pass an empty or new folder")
+    # Rendered beside out_dir and moved into it when complete: an interrupted rendering never looks
+    # like a city, and the next one starts afresh.
+    work = rendering_dir(out_dir)
+    if work.exists():
+        shutil.rmtree(work)
     city = make_streets(seed=seed, streets=streets, block_m=block_m, rotation_deg=rotation_deg)
     rng = np.random.default_rng([seed, 99])  # conditions and queries; buildings have their own seeds
     paths: dict[str, list[Path]] = {}
@@ -93,17 +102,17 @@ def render_city(out_dir: Path, *, seed: int = 0, streets: int = 4, block_m: floa
         view = palette_view(city, index, along, across, heading, size, horizon_px)
         photo = _photo(*view, rng, query=split in ("test", "val"))
         east, north = city.streets[index].utm_of(along, across)
-        path = out_dir / split / sfxl_name(float(east), float(north), pano, heading)
-        photo.save(path, quality=quality)
-        paths.setdefault(split, []).append(path)
+        name = sfxl_name(float(east), float(north), pano, heading)
+        photo.save(work / split / name, quality=quality)
+        paths.setdefault(split, []).append(out_dir / split / name)
 
     for split, step in (("train", spacing_m), ("test-db", database_spacing_m)):
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        (work / split).mkdir(parents=True, exist_ok=True)
         for k, (index, along) in enumerate(_drive(city, step)):
             for rel in headings:
                 save(split, f"p{k:06d}", index, along, 0.0, int(round(city.streets[index].bearing + rel)) % 360, 0.0)
     for split, count in (("test", queries), ("val", val_queries)):
-        (out_dir / split).mkdir(parents=True, exist_ok=True)
+        (work / split).mkdir(parents=True, exist_ok=True)
         for k in range(count):
             index = int(rng.integers(len(city.streets)))
             # Off the centre line (a pedestrian, another lane), any heading, a tilted horizon.
@@ -112,5 +121,40 @@ def render_city(out_dir: Path, *, seed: int = 0, streets: int = 4, block_m: floa
     settings = dict(seed=seed, streets=streets, block_m=block_m, spacing_m=spacing_m, headings=list(headings),
                     size=size, queries=queries, val_queries=val_queries, database_spacing_m=database_spacing_m,
                     quality=quality, rotation_deg=rotation_deg, origin=list(ORIGIN))
-    (out_dir / "city.json").write_text(json.dumps(settings, indent=1))
-    return {split: paths.get(split, []) for split in ("train", "test-db", "test", "val")}
+    (work / CITY_FILE).write_text(json.dumps(settings, indent=1))
+    _move_into(work, out_dir)
+    return {split: paths.get(split, []) for split in SPLITS}
+
+
+def rendering_dir(out_dir: Path) -> Path:
+    """Where render_city works before its city is complete: hidden, beside `out_dir`."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(f".{out_dir.name}.rendering")
+
+
+def _move_into(work: Path, out_dir: Path) -> None:
+    """The finished rendering becomes `out_dir`: one rename where out_dir is new or empty, else folder by
+    folder with CITY_FILE, the mark of a complete city, last."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        work.rename(out_dir)
+        return
+    for split in SPLITS:
+        if (out_dir / split).is_dir():
+            (out_dir / split).rmdir()  # empty of photos: checked before rendering
+        (work / split).rename(out_dir / split)
+    (work / CITY_FILE).rename(out_dir / CITY_FILE)
+    work.rmdir()
+
+
+def is_incomplete_rendering(folder: Path) -> bool:
+    """A folder holding split folders of rendered photos and nothing else, without CITY_FILE: what an
+    interrupted render_city left when it still rendered in place."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / CITY_FILE).exists():
+        return False
+    entries = list(folder.iterdir())
+    return bool(entries) and all(
+        e.is_dir() and e.name in SPLITS and all(f.name.startswith("@") and f.suffix == ".jpg" for f in e.iterdir())
+        for e in entries)
