@@ -23,6 +23,7 @@ CHOICES = {
     "test_prototypes": tuple(TEST_PROTOTYPES),
     "prototype_init": ("class-means", "xavier"),
     "keep": ("best-val", "lowest-train-loss"),
+    "group_order": ("id", "first-seen"),
 }
 
 
@@ -41,11 +42,14 @@ class TrainConfig:
     # Past θ = π − m: False keeps the target logit falling (insightface); True drops the margin
     # wherever cos θ ≤ 0 ("easy margin", D&C). AAMC only.
     easy_margin: bool = False
-    dim: int = 512
+    dim: int | None = 512  # None: the features' own width (D&C's projection keeps the backbone's)
     epochs: int = 10
     iterations_per_epoch: int | None = None  # None: one epoch draws as many samples as there are images in classes
     batch_size: int = 256
     group_rotation: str = "step"  # groups take turns every step, or one group trains a whole epoch
+    # The order groups take turns in: by group id, or as each is first met in the split's rows (sorted
+    # by image id), which is D&C's code's (its datasets.py builds the groups while reading the images).
+    group_order: str = "id"
     optimizer: str = "adamw"
     lr_projection: float = 1e-3
     lr_heads: float = 1e-3
@@ -77,12 +81,13 @@ PRESETS: dict[str, dict] = {
     "dcfeat": {},
     # D&C's parser.py defaults and train.py. epochs: its --epochs_num 500, a ceiling: training also
     # ends once the plateau schedule's third cut takes the projection's rate below 1e-6. Its Adam
-    # takes torch's default weight decay, 0. Its projection keeps the backbone's width, which no
-    # preset can know: pass --dim 768 for ViT-B features.
+    # takes torch's default weight decay, 0. Its projection keeps the backbone's width (dim None:
+    # the features' own), and it trains the groups in the order it first meets them in its sorted images.
     "dc-paper": {"s": 100.0, "m": 0.2, "easy_margin": True, "optimizer": "adam", "lr_projection": 1e-4,
                  "lr_heads": 1e-2, "weight_decay": 0.0, "lr_schedule": "plateau", "batch_size": 64,
                  "epochs": 500, "iterations_per_epoch": 2000, "group_rotation": "epoch",
-                 "prototype_init": "xavier", "test_prototypes": "raw", "keep": "lowest-train-loss"},
+                 "prototype_init": "xavier", "test_prototypes": "raw", "keep": "lowest-train-loss",
+                 "group_order": "first-seen", "dim": None},
 }
 
 
@@ -92,8 +97,12 @@ def preset_config(preset: str = "dcfeat", **overrides) -> TrainConfig:
     return replace(TrainConfig(), preset=preset, **{**PRESETS.get(preset, {}), **given})  # checked there
 
 
+# What a field set to None means, for --help.
+NONE_MEANS = {"iterations_per_epoch": "one pass", "dim": "the features' width"}
+
+
 def preset_values(name: str) -> str:
     """A field's value in every preset, for --help: "dcfeat: 30, dc-paper: 100"."""
     def show(v):
-        return "one pass" if v is None else f"{v:g}" if isinstance(v, float) else str(v).lower()
+        return NONE_MEANS[name] if v is None else f"{v:g}" if isinstance(v, float) else str(v).lower()
     return ", ".join(f"{p}: {show(getattr(preset_config(p), name))}" for p in PRESETS)

@@ -249,6 +249,8 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
         features = torch.as_tensor(split.embeddings).to(dev)  # numpy, or a tensor already in place
         check_finite(features, split.name)
     in_dim = int(split.attrs["dim"]) if streamed is not None else features.shape[1]
+    if config.dim is None:
+        config = replace(config, dim=in_dim)
     recorded = dict(run_config or {})
     own = {k: recorded.pop(k) for k in ("store", "train_split", "val_split", "store_fingerprint") if k in recorded}
     run = RunConfig(train=config, features={"dim": in_dim, **recorded.pop("features", {})},
@@ -261,7 +263,7 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
         *(tail.param_groups() if tail else []),
     ], fused=is_cuda(dev))
     schedule = Schedule(config, opt)
-    groups = [g for g, c in enumerate(part.classes_per_group) if c > 0]
+    groups = group_order(part, config.group_order)
     used = int((part.class_index >= 0).sum())
     steps = config.iterations_per_epoch or max(len(groups), math.ceil(used / config.batch_size))
     if tail is not None:
@@ -357,6 +359,17 @@ def same_split(a: Split, b: Split) -> bool:
     """Whether two splits hold the same images: their plan ids where both have one, else their names."""
     pa, pb = a.attrs.get("plan_id"), b.attrs.get("plan_id")
     return pa == pb if pa and pb else a.name == b.name
+
+
+def group_order(part: Partition, order: str) -> list[int]:
+    """The groups with classes, in the order they take turns: by id, or "first-seen": as each group is first
+    met among the split's rows in classes (rows are sorted by image id)."""
+    groups = [g for g, c in enumerate(part.classes_per_group) if c > 0]
+    if order == "id":
+        return groups
+    kept = part.class_index >= 0
+    seen, first = np.unique(part.group[kept], return_index=True)
+    return [int(g) for g in seen[np.argsort(first, kind="stable")]]
 
 
 def _epoch_line(record: dict, epochs: int) -> str:
@@ -534,6 +547,8 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
     dev = resolve_device(device)
     budget = memory_budget or devices.memory_budget(dev)
     info = split_info(feats, split)
+    if config.dim is None:  # the features' own width, as D&C's projection keeps the backbone's
+        config = replace(config, dim=info.dim)
     row_bytes = info.dim * np.dtype(info.dtype).itemsize
     streamed = None
     if info.rows * row_bytes > budget and not config.finetune_blocks:

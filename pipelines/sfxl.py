@@ -41,6 +41,8 @@ from pathlib import Path
 
 import click
 
+from dcfeat.presets import preset_config
+
 QUERY_SETS = {"test-v1": "processed/test/queries_v1", "test-v2": "processed/test/queries_v2",
               "test-night": "processed/test/queries_night", "test-occlusion": "processed/test/queries_occlusion"}
 DATABASE = {"test-db": "processed/test/database"}
@@ -69,7 +71,7 @@ IMAGES = {"raw/train/database": 41_200_000, "processed/train": 5_600_000, "proce
 MODELS = {"small": (384, 22e6), "base": (768, 86e6), "large": (1024, 304e6), "giant": (1536, 1.1e9),
           "vits16plus": (384, 29e6), "vits16": (384, 21e6), "vitb16": (768, 86e6), "vitl16": (1024, 300e6),
           "vith16plus": (1280, 840e6), "vit7b16": (4096, 6.7e9)}
-EXTRACT_BATCH, TOKENS, PROJECTED = 64, 257, 512  # extract's default batch; tokens of a 224 crop; train --dim
+EXTRACT_BATCH, TOKENS = 64, 257  # extract's default batch; tokens of a 224 crop
 
 
 @dataclass(frozen=True)
@@ -119,10 +121,12 @@ def steps(root: Path, out: Path, model: str, preset: str, gpus: int, epochs: int
                          "the free memory (`train --memory-budget`)"))
     database = IMAGES[DATABASE["test-db"]]
     db_bytes = feature_bytes(model, database)
+    spec = _spec(model)  # the projection's width: dcfeat's 512, or the features' own under dc-paper (D&C's)
+    projected = preset_config(preset).dim or (spec[0] if spec else 0)
     for split in QUERY_SETS:
         plan.append(Step(["dcfeat", "evaluate", "--feats", str(feats), "--run", str(run), "--split", split,
                           "--database-split", "test-db", "--mode", "all"],
-                         f"memory {_size(db_bytes and db_bytes + database * PROJECTED * 4)} (the database, raw "
+                         f"memory {_size(db_bytes and db_bytes + database * projected * 4)} (the database, raw "
                          "and projected)"))
     return plan
 

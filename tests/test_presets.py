@@ -17,7 +17,7 @@ from dcfeat.heads import AAMC, GroupHeads
 from dcfeat.model import top_cells
 from dcfeat.presets import PRESETS, TrainConfig, preset_config
 from dcfeat.run import load_run
-from dcfeat.store import read_split
+from dcfeat.store import read_split, split_info
 from dcfeat.train import Schedule, make_optimizer, train, train_files
 from tests.conftest import invoke
 
@@ -245,3 +245,26 @@ def test_a_short_dc_paper_training_learns(city_store, tmp_path):
     log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
     assert [e["lr_projection"] for e in log] == [PAPER["lr_projection"]] * 4
     assert max(e["val_lr1"] for e in log) > 0.3  # measured 0.26, 0.36, 0.37, 0.44; chance 0.7 %
+
+
+def test_groups_take_turns_in_the_order_dc_papers_code_meets_them():
+    from dcfeat.partition import partition
+    from dcfeat.train import group_order
+
+    # Rows as a store holds them (sorted by image id): the first row lies in group 3 (p, q odd), then 0.
+    east = np.array([30.0, 30, 10, 10, 50, 50, 30, 10])
+    north = np.array([30.0, 30, 10, 10, 10, 10, 50, 30])
+    part = partition(east + 500_000, north + 4_000_000, np.full(8, 10), np.full(8, "S"), M=20, N=2,
+                     min_images_per_class=1)
+    assert group_order(part, "id") == [0, 1, 2, 3]
+    first_group = [int(part.group[i]) for i in range(8)]
+    assert group_order(part, "first-seen") == list(dict.fromkeys(first_group)) and first_group[0] == 3
+
+
+def test_dc_paper_keeps_the_features_width(city_store, tmp_path):
+    config = preset_config("dc-paper", epochs=1, iterations_per_epoch=2)
+    assert config.dim is None and config.group_order == "first-seen"
+    result = train(read_split(city_store, "train"), config, tmp_path / "r", progress=False)
+    run = load_run(result.out)
+    width = split_info(city_store, "train").dim
+    assert run.config.train.dim == width and run.model.projection.linear.out_features == width

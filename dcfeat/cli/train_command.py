@@ -64,13 +64,16 @@ def choice(field: str) -> click.Choice:
 @preset_option("--m", field="m", type=MARGIN, help="Margin m.")
 @preset_option("--easy-margin/--no-easy-margin", field="easy_margin", help="AAMC: no margin where cos θ ≤ 0 (D&C's "
                "code), instead of keeping the target logit falling past θ = π − m (insightface).")
-@click.option("--dim", type=AT_LEAST_1, default=TRAIN_DEFAULTS.dim, show_default=True, help="Embedding dimension after projection.")
+@preset_option("--dim", field="dim", type=AT_LEAST_1, help="Embedding dimension after projection.")
 @preset_option("--epochs", field="epochs", type=AT_LEAST_1, help="Epochs (at most, with --lr-schedule plateau).")
 @preset_option("--iterations-per-epoch", field="iterations_per_epoch", type=AT_LEAST_0,
                help="Steps per epoch; 0: one pass, as many samples as there are images in classes.")
 @preset_option("--batch-size", field="batch_size", type=AT_LEAST_1, help="Samples per step.")
 @preset_option("--group-rotation", field="group_rotation", type=choice("group_rotation"),
                help="Groups take turns every step, or one group trains a whole epoch (D&C's code).")
+@preset_option("--group-order", field="group_order", type=choice("group_order"),
+               help="The order groups take turns in: by group id, or as each is first met in the split's sorted "
+               "images (D&C's code).")
 @preset_option("--optimizer", field="optimizer", type=choice("optimizer"), help="AdamW, or Adam (D&C's code).")
 @preset_option("--lr-projection", field="lr_projection", type=POSITIVE, help="Learning rate of the projection.")
 @preset_option("--lr-heads", field="lr_heads", type=POSITIVE, help="Learning rate of the prototypes.")
