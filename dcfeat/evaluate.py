@@ -434,7 +434,7 @@ def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, spa
 def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
                    modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
                    threshold_m: float = THRESHOLD_M, cells: int | None = None, space: str = "projected",
-                   repeats: int = TIMING_REPEATS,
+                   repeats: int = TIMING_REPEATS, weights: str = "kept",
                    scoring: str = "cosine", device: str = "auto", out: Path | None = None) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
     (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT), together: a
@@ -444,7 +444,7 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
         raise BadInput(f"--out {out} is a file; evaluate writes a folder of files (report.json, predictions.parquet, "
                        "plots) there. Choose a folder, new or one that evaluate wrote")
     dev = resolve_device(device)
-    run = load_run(run_dir, dev)
+    run = load_run(run_dir, dev, weights=weights)
     modes = default_modes(database_split, run) if modes is None else modes
     check_modes(modes, database_split, run)
     check_writable(out)
@@ -463,6 +463,7 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
                       repeats=repeats,
                       cells=cells, space=space, device=str(dev), store=feats)
     result.report["options"]["device"] = device
+    result.report["weights"] = weights  # the kept epoch's model, or the last one's
     background = None
     if database is not None:
         background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())

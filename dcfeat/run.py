@@ -50,6 +50,9 @@ from dcfeat.presets import TrainConfig
 from dcfeat.reports import remove_outputs
 
 MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
+# The last epoch's weights, where training kept another epoch's (D&C's script reports the last model).
+LAST_FILE = "model_last.safetensors"
+WEIGHTS = ("kept", "last")  # which of the two `load_run` reads
 BLOCKS_FILE, CALIBRATION_FILE = "blocks.safetensors", "calibration.json"
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE)
 COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"
@@ -60,7 +63,8 @@ RESUME_FILE, LOCK_FILE = "resume.safetensors", ".lock"
 # SHA-256 of every file below as dcfeat last wrote it (`dcfeat info RUN --verify` compares them).
 CHECKSUM_FILE = "checksums.json"
 CHECKSUMMED = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE, BLOCKS_FILE, CALIBRATION_FILE)
-TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, RESUME_FILE, CHECKSUM_FILE)
+TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, RESUME_FILE, CHECKSUM_FILE,
+               LAST_FILE)
 # Where `dcfeat evaluate` writes by default: RUN/eval/<split>/.
 EVAL_DIR = "eval"
 
@@ -319,8 +323,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise _damaged(path, f"cannot be read as safetensors ({_first_line(e)})") from None
 
 
-def read_model(directory: Path, config: RunConfig) -> DCModel:
-    path = directory / MODEL_FILE
+def read_model(directory: Path, config: RunConfig, weights: str = "kept") -> DCModel:
+    """The model of the kept epoch, or with `weights="last"` of the last one (the kept one when they are one)."""
+    path = directory / (LAST_FILE if weights == "last" and (directory / LAST_FILE).is_file() else MODEL_FILE)
     state = _read_tensors(path)
     model = new_model(config)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -557,14 +562,17 @@ def append_log(directory: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def load_run(directory: Path, device: torch.device | str = "cpu", *, calibration: bool = True) -> Run:
+def load_run(directory: Path, device: torch.device | str = "cpu", *, calibration: bool = True,
+             weights: str = "kept") -> Run:
     """The run in `directory`, checked file by file, its model in eval mode on `device`.
-    `calibration=False` skips calibration.json (`dcfeat calibrate` replaces it, even a damaged one)."""
+    `calibration=False` skips calibration.json (`dcfeat calibrate` replaces it, even a damaged one).
+    `weights="last"`: the last epoch's model instead of the kept one (its calibration was fitted for
+    the kept one)."""
     directory = Path(directory)
     check_folder(directory)
     config = read_config(directory)
     classes = read_classes(directory, config)
-    model = read_model(directory, config).to(device).eval()
+    model = read_model(directory, config, weights).to(device).eval()
     blocks = read_blocks(directory, config.train.finetune_blocks) if config.train.finetune_blocks else None
     return Run(directory=directory, model=model, config=config, classes=classes, blocks=blocks,
                calibration=read_calibration(directory) if calibration else None)

@@ -38,6 +38,7 @@ from dcfeat.progress import progress_bar, stderr
 from dcfeat.run import (
     BLOCKS_FILE,
     COMMAND_FILE,
+    LAST_FILE,
     LOG_FILE,
     MODEL_FILE,
     RESUME_FILE,
@@ -52,6 +53,7 @@ from dcfeat.run import (
     run_lock,
     save_model,
     save_resume,
+    save_tensors,
     saved_epoch,
     write_calibration,
     write_config,
@@ -344,6 +346,8 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
         write_config(out, replace(run, complete=done and val is None))
         if done:
             break
+    if state.best_epoch != state.epoch:  # the last epoch's model beside the kept one (D&C's script reports it)
+        save_tensors(out / LAST_FILE, cpu_copy(model.state_dict()), {"epoch": str(state.epoch)})
     calibration, warnings = "uncalibrated: no --val-split", []
     if val is not None:
         calibration, warnings = _calibrate(model, tail, kept, part, config, val, out, split,

@@ -173,3 +173,27 @@ def test_inputs_training_accepts_with_a_warning_on_stderr(city_store, tmp_path):
     r = invoke("train", "--feats", city_store, "--preset", "dc-paper", "--out", tmp_path / "c", "--epochs", 1,
                "--iterations-per-epoch", 4, "--no-progress")  # features no backbone pooled: no crop to speak of
     assert r.exit_code == 0 and r.stderr == "", r.stderr
+
+
+def test_the_last_epochs_model_is_saved_beside_the_kept_one(city_store, tmp_path, monkeypatch):
+    """D&C's script reports the last model and keeps another: both are in the run, evaluate picks one."""
+    import dcfeat.train as train_module
+    from safetensors.torch import load_file
+
+    from dcfeat.run import saved_epoch
+
+    scores = iter([0.9, 0.5, 0.4])  # the first epoch's val LR@1 is the best: it is kept
+    monkeypatch.setattr(train_module, "recall_at_1", lambda *a, **k: next(scores))
+    out = tmp_path / "run"
+    r = invoke("train", "--feats", city_store, "--val-split", "val", "--out", out, "--epochs", 3, "--dim", 16,
+               "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert saved_epoch(out / "model.safetensors") == 1 and saved_epoch(out / "model_last.safetensors") == 3
+    kept, last = load_file(str(out / "model.safetensors")), load_file(str(out / "model_last.safetensors"))
+    assert not all(torch.equal(kept[k], last[k]) for k in kept)
+    for weights, model in (("kept", kept), ("last", last)):
+        run = load_run(out, weights=weights)
+        assert all(torch.equal(run.model.state_dict()[k], model[k]) for k in model)
+    r = invoke("evaluate", "--feats", city_store, "--run", out, "--weights", "last", "--out", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e" / "report.json").read_text())["weights"] == "last"

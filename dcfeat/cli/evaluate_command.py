@@ -36,6 +36,9 @@ from dcfeat.errors import BadInput
 @click.option("--cells", type=AT_LEAST_1, default=None,
               help="Hybrid: retrieve among the top-c cells' images [default: the fewest top cells holding the run's "
               "share of the probability, its gate fitted on val].")
+@click.option("--weights", type=click.Choice(["kept", "last"]), default="kept", show_default=True,
+              help="The model of the epoch training kept (train --keep), or of its last epoch (what D&C's script "
+              "reports; its confidence was fitted for the kept one).")
 @click.option("--repeats", type=AT_LEAST_1, default=3, show_default=True,
               help="Time each mode as the median of this many runs over the queries, after a warm-up.")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True, help="Metres within which a prediction is right.")
@@ -43,7 +46,8 @@ from dcfeat.errors import BadInput
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: RUN/eval/SPLIT].")
-def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, repeats, threshold, ks, device, out):
+def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, weights, repeats, threshold, ks, device,
+             out):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
     from dcfeat.cli.tables import confidence_table, recall_table
     from dcfeat.evaluate import evaluate_files
@@ -53,7 +57,7 @@ def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells,
     modes = None if mode in (None, "all") else (mode,)
     result = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
                             threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out,
-                            repeats=repeats)
+                            repeats=repeats, weights=weights)
     report = result.report
     stdout.print(recall_table(report))
     stdout.print(confidence_table(report))

@@ -1,0 +1,49 @@
+"""Quality on every city of the synthetic family: what each answer scores, and how true its confidence is.
+
+Per city (dcfeat.synthetic.features.FAMILY): train with the default TrainConfig, calibrate on the
+city's val split against its database (the position rule, the confidence and the hybrid's gate are
+fitted there, never on test), evaluate every mode on its test split against the database.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from dcfeat.calibrate import calibrate_files
+from dcfeat.evaluate import evaluate_files
+from dcfeat.synthetic.features import FAMILY, make_city, write_city
+from dcfeat.train import TrainConfig, train_files
+
+METHODS = ("classify", "classify-centre", "retrieve", "hybrid", "adaptive")
+
+
+def world(name: str, *, queries: int, val_queries: int, device: str = "cpu") -> dict:
+    """One city's figures (see the module docstring)."""
+    city = make_city(**{"queries": queries, "val_queries": val_queries, **FAMILY[name]})
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "city.h5"
+        write_city(city, store)
+        t = time.perf_counter()
+        run = train_files(store, "train", TrainConfig(), val_split="val", device=device, progress=False,
+                          out=Path(tmp) / "run")
+        cal = calibrate_files(store, run.out, "val", device=device, database_split="test-db").calibrator
+        report = evaluate_files(store, run.out, "test", database_split="test-db", device=device,
+                                out=Path(tmp) / "eval").report
+    conf = report["confidence"]
+    signal = conf["signals"]["confidence"]
+    return {
+        "city": FAMILY[name], "train_rows": city.size("train"), "classes": report["classes"],
+        "queries": report["queries"], "database_rows": report["database_rows"], "seconds": time.perf_counter() - t,
+        "position": cal.rule.to_dict(), "gate": cal.gate, "coverage": report["coverage"],
+        "methods": {m: {"lr1": r["recall"]["1"], "lr5": r["recall"]["5"], "median_error_m": r["median_error_m"],
+                        "ms_per_query": r["ms_per_query"],
+                        **({"candidate_share": r["mean_candidates"] / report["database_rows"]}
+                           if "mean_candidates" in r else {})}
+                    for m, r in report["methods"].items() if m in METHODS},
+        "confidence": {"ece": signal["ece"], "auc_pr": signal["auc_pr"],
+                       "lr1_most_confident_half": signal["lr1_at_coverage"]["50"],
+                       "radius_90_inside": conf["radius_90"]["inside"], "radius_90_median_m": conf["radius_90"]["median_m"],
+                       "uses_database": conf["uses_database"]},
+    }
