@@ -237,11 +237,28 @@ def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: s
         _check_folder(folder)
     source = str(folder) if local else model
     net = _load_model(source, local=local)
+    _check_finite(net, source)
     fingerprint = _fingerprint(net)  # before the cast: the stored dtype's bytes
     net.to(device=dev, dtype=dtype).eval().requires_grad_(False)
     random_init = bool(getattr(net.config, "dcfeat_random_init", False))
     return Backbone(model=net, name=folder.name if local else model, source=source, fingerprint=fingerprint,
                     random_init=random_init, pooling=pooling, device=dev, dtype=dtype)
+
+
+def _check_finite(net: nn.Module, source: str) -> None:
+    """Refuse a checkpoint holding NaN or inf when it is loaded (extract, predict, serve, a tuned tail):
+    every feature would be NaN."""
+    tensors = [(n, t) for n, t in [*net.named_parameters(), *net.named_buffers()]
+               if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu().numpy()
+    bad = [n for (n, _), ok in zip(tensors, finite) if not ok]
+    if bad:
+        raise BadInput(f"--model {source}: the checkpoint's weights are not finite: {len(bad)} of "
+                       f"{len(tensors)} tensors hold NaN or inf, first: {', '.join(bad[:3])}. The checkpoint is "
+                       "damaged or was saved from a diverged training: download or save it again, or pass another "
+                       "--model")
 
 
 # name → (hidden size, layers, heads): the shapes of the public DINOv2 checkpoints.

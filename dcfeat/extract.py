@@ -122,21 +122,6 @@ def check_crop(crop: str, cache_tokens: int) -> None:
                        "whole-image features, or --crop centre to cache tokens for --finetune-blocks")
 
 
-def check_finite_weights(backbone: Backbone) -> None:
-    """Refuse a checkpoint holding NaN or inf before anything is embedded: every feature would be NaN."""
-    tensors = [(n, t) for n, t in [*backbone.model.named_parameters(), *backbone.model.named_buffers()]
-               if t.is_floating_point() and t.numel()]
-    if not tensors:
-        return
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu().numpy()
-    bad = [n for (n, _), ok in zip(tensors, finite) if not ok]
-    if bad:
-        raise BadInput(f"--model {backbone.source}: the checkpoint's weights are not finite: {len(bad)} of "
-                       f"{len(tensors)} tensors hold NaN or inf, first: {', '.join(bad[:3])}. The checkpoint is "
-                       "damaged or was saved from a diverged training: download or save it again, or pass another "
-                       "--model")
-
-
 def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: LabelledImages, draft: bool,
                 cache_tokens: int = 0, crop: str = "centre") -> dict:
     """Everything that changes the features' content, recorded with them (STYLE 6)."""
@@ -229,7 +214,6 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
     if not 0 <= cache_tokens <= backbone.num_layers:
         raise BadInput(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
                          f"choose 0 to {backbone.num_layers}")
-    check_finite_weights(backbone)
     ranks = ranks or Ranks()
     workers = decoding_workers(workers)
     store.parent.mkdir(parents=True, exist_ok=True)

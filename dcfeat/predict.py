@@ -32,7 +32,7 @@ import polars as pl
 
 from dcfeat.atomic import atomic_write
 from dcfeat.devices import resolve_device
-from dcfeat.errors import BadInput
+from dcfeat.errors import BadInput, check_writable, write_problem
 from dcfeat.finetune import tuned_splits
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
@@ -58,14 +58,7 @@ def check_out(out: Path) -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise BadInput(f"--out {out}: {folder} is a file, not a folder. Choose another --out")
-    probe = folder / f".{out.name}.probe"  # os.access says yes to root on a read-only mount: try it
-    try:
-        with open(probe, "wb"):
-            pass
-        probe.unlink()
-    except OSError as e:
-        raise BadInput(f"--out {out}: {folder} is not writable ({e.strerror or 'permission denied'}). Choose a "
-                       "folder you can write to, or make this one writable") from None
+    check_writable(folder)  # an unwritable folder: EnvironmentProblem naming it, as every stage's
     return out
 
 
@@ -86,9 +79,11 @@ def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, 
             else:
                 doc = geojson(frame, meta, radius_polygons=radius_polygons)
                 f.write(json.dumps(doc, allow_nan=False).encode())
-    except PermissionError as e:
-        raise BadInput(f"--out {out}: cannot write in {out.parent} ({e.strerror or 'permission denied'}). Choose "
-                       "a folder you can write to, or make this one writable") from None
+    except OSError as e:
+        problem = write_problem(out.parent, e)
+        if problem is None:
+            raise
+        raise problem from None
     return out
 
 

@@ -21,7 +21,6 @@ The run folder sits at the top of the model layer: loading one rebuilds the mode
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import math
@@ -37,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dcfeat.atomic import TMP_SUFFIX, atomic_write, tmp_path, write_text
+from dcfeat.atomic import atomic_write, leftover_tmp_files, write_text
 from dcfeat.choices import CROPS, HEADS, POOLINGS, TEST_PROTOTYPES
 from dcfeat.confidence import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, writing
@@ -602,16 +601,10 @@ def unfinished_run(directory: Path) -> bool:
         return False
 
 
-def _leftover_tmp_files(final: Path) -> list[Path]:
-    """Temporary files of `final` that killed writers left: `.NAME.tmp`, or `.NAME.<random>.tmp` of
-    writers that each take their own name (dcfeat.atomic)."""
-    return [tmp_path(final), *Path(final).parent.glob(f".{glob.escape(Path(final).name)}.*{TMP_SUFFIX}")]
-
-
 def clear_unfinished_run(directory: Path) -> None:
     """Remove what `dcfeat train` wrote in `directory` (and temporary files it left), nothing else."""
     for name in TRAIN_FILES:
-        for path in (Path(directory) / name, *_leftover_tmp_files(Path(directory) / name)):
+        for path in (Path(directory) / name, *leftover_tmp_files(Path(directory) / name)):
             path.unlink(missing_ok=True)
 
 
@@ -673,7 +666,7 @@ def resume_or_clear(directory: Path, *, restart: bool = False) -> bool:
                        "--out")
     clear_evaluations(directory)
     for name in TRAIN_FILES:  # what killed writers left: under the lock no other writer is alive
-        for path in _leftover_tmp_files(Path(directory) / name):
+        for path in leftover_tmp_files(Path(directory) / name):
             path.unlink(missing_ok=True)
     if unfinished_run(directory) and not restart and (Path(directory) / RESUME_FILE).is_file():
         return True

@@ -401,3 +401,35 @@ def test_serve_refuses_a_missing_run_or_a_bad_option_before_listening(tmp_path, 
     r = invoke("serve", "--port", "70000")
     assert r.exit_code == 2 and "70000" in r.output
     assert "POST /v1/locate" in invoke("serve", "--help").output
+
+
+@pytest.mark.slow
+def test_several_worker_processes_serve_one_run_on_one_port(calibrated_run):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dcfeat", "serve", "--run", str(calibrated_run), "--port", str(port),
+                             "--device", "cpu", "--workers", "2"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(1200):  # polled until both processes listen (bounded in tries)
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        answers = [httpx.post(f"{url}/v1/locate", content=jpeg_bytes(6), timeout=60).json()["answers"][0]
+                   for _ in range(6)]
+        assert all(a["top_k"] == answers[0]["top_k"] for a in answers)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

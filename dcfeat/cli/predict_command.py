@@ -13,6 +13,7 @@ from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
     FRACTION,
+    device_option,
     split_name,
 )
 
@@ -40,7 +41,7 @@ from dcfeat.cli.options import (
               "such images stay in the output with abstained = true (needs a calibrated run).")
 @click.option("--geojson-radius", is_flag=True, help="GeoJSON: draw each answer as its 90 % circle (a polygon) "
               "instead of a point (needs a calibrated run).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option
 @no_progress
 def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, batch_size, workers,
             min_confidence, geojson_radius, device, no_progress):

@@ -39,8 +39,10 @@ from dcfeat.errors import EnvironmentProblem
               help="Abstain below this calibrated confidence when a request names none (needs a calibrated run).")
 @click.option("--max-connections", type=AT_LEAST_1, default=128, show_default=True,
               help="Connections per process at once; more are answered 503 by uvicorn.")
+@click.option("--threads", type=AT_LEAST_1, default=None,
+              help="torch threads per process for the model [default: half the cores, the rest decode and answer].")
 def serve(run_dir, host, port, device, scoring, workers, max_batch, max_wait_ms, max_queue, max_images, max_body_mb,
-          max_k, timeout_s, min_confidence, max_connections):
+          max_k, timeout_s, min_confidence, max_connections, threads):
     """Serve a run over HTTP: POST /v1/locate (images → answers), POST /scrs/geopose (OSCP GeoPose), a page
     at /, /health, /v1/run and /metrics (Prometheus). Requests share forward passes (micro-batching)."""
     try:
@@ -53,4 +55,4 @@ def serve(run_dir, host, port, device, scoring, workers, max_batch, max_wait_ms,
                          max_body_bytes=int(max_body_mb * (1 << 20)), max_k=max_k, timeout_s=timeout_s,
                          k=min(5, max_k), min_confidence=min_confidence)
     serve_run(run_dir, host=host, port=port, device=device, scoring=scoring, config=config, workers=workers,
-              max_connections=max_connections)
+              max_connections=max_connections, threads=threads)
