@@ -123,12 +123,14 @@ def plot_query_map(
     segments = np.stack([np.column_stack([qe - e0, qn - n0]), np.column_stack([pe - e0, pn - n0])], axis=1)[tied]
     colours = np.where(correct[tied, None], [[0.1, 0.6, 0.1, 0.6]], [[0.8, 0.1, 0.1, 0.6]])
     ax.add_collection(LineCollection(segments, colors=colours, linewidths=0.5))
-    for mask, colour, label in ((correct, "tab:green", "correct"), (~correct, "tab:red", "wrong")):
-        ax.scatter(qe[mask] - e0, qn[mask] - n0, s=8, c=colour, label=f"{label} ({int(mask.sum())})")
+    for mask, colour, label in ((correct, "tab:green", "right"), (~correct, "tab:red", "wrong")):
+        ax.scatter(qe[mask] - e0, qn[mask] - n0, s=8, c=colour,
+                   label=f"where a query was taken, answer {label} ({int(mask.sum())})")
+    ax.plot([], [], color="0.3", linewidth=0.8, label="line: from the query to its top-1 answer")
     ax.set_aspect("equal", adjustable="datalim")
     ax.autoscale_view()
-    ax.set_xlabel(f"east - {e0:.0f} (m)")
-    ax.set_ylabel(f"north - {n0:.0f} (m)")
+    ax.set_xlabel(f"metres east of UTM easting {e0:,.0f}")
+    ax.set_ylabel(f"metres north of UTM northing {n0:,.0f}")
     ax.legend(loc="best", fontsize=8, markerscale=2)
     return _save_atomic(fig, path)
 

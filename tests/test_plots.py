@@ -162,3 +162,15 @@ def test_confidence_plots_reject_ragged_input(tmp_path):
     with pytest.raises(ValueError, match="per bin"):
         plot_reliability(bins, tmp_path / "reliability.png", title="t")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_query_map_says_what_its_dots_and_lines_are(tmp_path, monkeypatch):
+    saved = _figures_saved(monkeypatch)
+    qe, qn = np.array([549_949.0, 550_010.0]), np.array([4_180_000.0, 4_180_050.0])
+    plot_query_map(qe, qn, np.array([True, False]), qe + 5, qn + 5, tmp_path / "map.png")
+    _, legend = _texts(saved[0])
+    assert legend[:2] == ["where a query was taken, answer right (1)", "where a query was taken, answer wrong (1)"]
+    assert "line: from the query to its top-1 answer" in legend
+    ax = saved[0].axes[0]
+    assert ax.get_xlabel() == "metres east of UTM easting 549,949"  # no "east - 549949", read as a dash
+    assert ax.get_ylabel() == "metres north of UTM northing 4,180,000"
