@@ -197,3 +197,12 @@ def test_the_last_epochs_model_is_saved_beside_the_kept_one(city_store, tmp_path
     r = invoke("evaluate", "--feats", city_store, "--run", out, "--weights", "last", "--out", tmp_path / "e")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "e" / "report.json").read_text())["weights"] == "last"
+
+
+def test_info_on_a_run_says_what_it_is(city_run):
+    r = invoke("info", city_run)
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    for words in ("preset │ dcfeat", "synthetic-city (fingerprint", "6 of 6 epochs, complete", "by best-val, val LR@1",
+                  "fitted on 'val' (100 queries) at 25 m", "answers weigh the cells within"):
+        assert words in text, (words, r.output)

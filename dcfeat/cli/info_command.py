@@ -17,13 +17,14 @@ from dcfeat.errors import DamagedStore
               "list each problem with what to do (exit code 3 when the store is damaged).")
 def info(store, show_failures, verify):
     """Show the splits of a feature store (rows, dim, model, completeness, size, failures), or check a run folder."""
-    from dcfeat.cli.tables import problems_table, splits_table
+    from dcfeat.cli.tables import problems_table, run_table, splits_table
     from dcfeat.run import verified_run
     from dcfeat.store import list_splits, read_failures
     from dcfeat.verify import verify_store
 
     if store.is_dir():
         run, checked = verified_run(store)
+        stdout.print(run_table(run))
         sums = (f"{', '.join(checked)} match the checksums dcfeat recorded when it wrote them" if checked else
                 "no checksums to compare (a run written before dcfeat recorded them in checksums.json)")
         stdout.print(f"verified: run {store} loads ({len(run.classes)} classes) and finished training; {sums}",

@@ -98,3 +98,41 @@ def answers_table(frame) -> Table:
                       f"{r['probability']:.3f}", fmt(r["confidence"], "{:.3f}"), fmt(r["radius_m"], "{:.0f} m"),
                       "yes" if r.get("abstained") else "no")
     return table
+
+
+def run_table(run) -> Table:
+    """`dcfeat info RUN`: what a run is — preset, backbone and features, classes, training, confidence."""
+    import json
+
+    from dcfeat.run import LAST_FILE, LOG_FILE
+
+    c, f = run.config, run.feature_identity
+    log = run.directory / LOG_FILE
+    records = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    best = next((r for r in records if r.get("epoch") == c.best_epoch), {})
+    cal = run.calibration
+    rows = [
+        ("preset", c.train.preset),
+        ("backbone", f"{f.get('model')} (fingerprint {f.get('model_fingerprint')})"
+                     + (" — RANDOM BACKBONE" if run.random_backbone else "")),
+        ("features", f"pooling {f.get('pooling')}, {f.get('image_size')} px {f.get('crop')} crop, dim {f.get('dim')}"),
+        ("classes", f"{len(run.classes):,} cells of M = {c.train.M:g} m in N² = {c.train.N ** 2} groups "
+                    f"(at least {c.train.min_images_per_class} images each)"),
+        ("model", f"{c.train.head} head, s = {c.train.s:g}, m = {c.train.m:g}, projection to {c.train.dim}"),
+        ("training", f"{c.epochs_done} of {c.train.epochs} epochs" + (", complete" if c.complete else ", INCOMPLETE")
+                     + (f", stopped: {c.stopped}" if c.stopped else "")),
+        ("kept epoch", f"{c.best_epoch} by {c.train.keep}"
+                       + (f", val LR@1 {100 * best['val_lr1']:.1f} %" if "val_lr1" in best else "")
+                       + (f", train loss {best['loss']:.4f}" if "loss" in best else "")
+                       + ("; the last epoch's model beside it" if (run.directory / LAST_FILE).is_file() else "")),
+        ("confidence", "UNCALIBRATED (`dcfeat calibrate --split val`)" if cal is None else
+         f"fitted on '{cal.fitted_on.get('split')}' ({cal.fitted_on.get('queries')} queries) at {cal.threshold_m:g} m; "
+         f"answers weigh the cells within {cal.rule.radius_m:g} m (temperature {cal.rule.temperature:g})"
+         + (f"; hybrid gate {100 * cal.gate['mass']:g} % of the probability" if cal.gate else "")),
+    ]
+    table = Table(title=str(run.directory), show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", overflow="fold")
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
