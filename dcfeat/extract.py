@@ -13,7 +13,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from dcfeat.choices import CROPS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS
 from dcfeat.devices import is_cuda, resolve_device
 from dcfeat.errors import BadInput, DcfeatError, check_free_space, writing
 from dcfeat.images import MAX_PIXELS, ImageDataset, collate, decoding_workers
-from dcfeat.labels import LabelledImages, collect_images
+from dcfeat.labels import LabelledImages, collect_images, unread_files
 from dcfeat.layout import check_split_name, check_store_path
 from dcfeat.locking import writer_lock
 from dcfeat.progress import progress_bar
@@ -46,6 +46,7 @@ class ExtractResult:
     random_init: bool
     failed_examples: list[tuple[str, str]] = field(default_factory=list)
     rank: int = 0  # under torchrun only rank 0 reports
+    unread: list[tuple[str, str]] = field(default_factory=list)  # image files of a format dcfeat does not read
 
     @property
     def images_per_s(self) -> float:
@@ -265,4 +266,5 @@ def extract_files(images: Path | None, out: Path, split: str = "train", *, manif
     ranks = Ranks.from_env()
     backbone = backbone or load_backbone(model, pooling=pooling, device=resolve_device(
         device, local_rank=ranks.local_rank, world=ranks.world))
-    return extract(labelled, backbone, out, split, ranks=ranks, **options)
+    result = extract(labelled, backbone, out, split, ranks=ranks, **options)
+    return replace(result, unread=unread_files(images) if manifest is None else [])

@@ -78,6 +78,8 @@ def check_labels(frame: pl.DataFrame, source: str) -> None:
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# Image files dcfeat does not read (animations, formats PIL needs plugins for): listed as skipped, not ignored.
+UNREAD_SUFFIXES = (".gif", ".heic", ".heif", ".avif", ".jp2", ".jxl", ".svg", ".raw", ".dng")
 
 SFXL_PATTERN = (
     "@UTM_east@UTM_north@UTM_zone_number@UTM_zone_letter@latitude@longitude"
@@ -104,8 +106,9 @@ class LabelledImages:
         return [self.root / i for i in self.labels["image_id"].to_list()]
 
 
-def find_images(root: Path) -> list[str]:
-    """Image ids (paths relative to root, '/' separators) found recursively, sorted.
+def find_images(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
+    """Image ids (paths relative to root, '/' separators) found recursively, sorted; files ending in
+    one of `suffixes` (UNREAD_SUFFIXES: the image files dcfeat skips, to list them).
 
     Links to directories are followed, but each real directory is listed once, and
     under its own path where it lies in the tree: the real tree is walked before any
@@ -128,10 +131,18 @@ def find_images(root: Path) -> list[str]:
             tops += [Path(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
             rel = Path(dirpath).relative_to(root)
             found += [(rel / name).as_posix() for name in filenames
-                      if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")]
+                      if name.lower().endswith(suffixes) and not name.startswith(".")]
     found.sort()
     check_utf8_names(root, found)
     return found
+
+
+def unread_files(images: Path | None) -> list[tuple[str, str]]:
+    """(image id, reason) of the image files under `images` that dcfeat does not read (a .gif, …)."""
+    if images is None or not Path(images).is_dir():
+        return []
+    return [(i, f"{Path(i).suffix.lower()} files are not read by dcfeat; convert it to one of "
+                f"{', '.join(IMAGE_SUFFIXES)}") for i in find_images(images, UNREAD_SUFFIXES)]
 
 
 def _shown_name(name: str) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from dcfeat.finetune import tuned_splits
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
 from dcfeat.images import decoding_workers
-from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest
+from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest, unread_files
 from dcfeat.localizer import IMAGE_COLUMNS, Localizer, abstain
 from dcfeat.run import Run, load_run
 from dcfeat.store import read_split
@@ -174,6 +174,7 @@ class Prediction:
     frame: pl.DataFrame  # predictions(): one row per image and rank
     skipped: list[tuple[str, str]]  # (image id, reason) of images that could not be read
     run: Run  # its status_line() says whether training finished
+    warnings: list[str] = field(default_factory=list)  # inputs accepted that deserve a word (stderr)
 
     @property
     def random_backbone(self) -> bool:
@@ -193,13 +194,17 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
     Localizer(run).check_min_confidence(min_confidence)
-    skipped = []
+    skipped, warnings = [], []
     if feats is not None:
+        if images is not None or manifest is not None:
+            warnings.append(f"--feats and {'--images' if images is not None else '--manifest'} both given: predicting "
+                            f"the cached split '{split}' of {feats}; the image files are not read")
         frame = predict_cached(run, feats, split, k=k, device=str(dev), scoring=scoring)
     else:
         frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
                                         workers=decoding_workers(workers), device=str(dev), progress=progress,
                                         path_column=path_column, scoring=scoring)
+        skipped += unread_files(images) if manifest is None else []
     frame = abstain(frame, min_confidence)
     path = write_predictions(frame, out, random_backbone=run.random_backbone, run=run, radius_polygons=geojson_radius)
-    return Prediction(path=path, frame=frame, skipped=skipped, run=run)
+    return Prediction(path=path, frame=frame, skipped=skipped, run=run, warnings=warnings)

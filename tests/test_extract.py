@@ -244,3 +244,13 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_model):
     a, b = read_split(single, "train"), read_split(out, "train")
     assert a.labels.equals(b.labels)
     assert np.array_equal(a.embeddings, b.embeddings)
+
+
+def test_image_files_dcfeat_does_not_read_are_listed_on_stderr(images, tmp_path, tiny_model):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(images / "d0" / "animation.gif")
+    r = invoke(*extract_args(images, tmp_path / "f.h5", tiny_model))
+    assert r.exit_code == 0, r.output
+    assert "skipped d0/animation.gif: .gif files are not read by dcfeat" in r.stderr
+    assert "RANDOM BACKBONE" in r.stderr and "RANDOM BACKBONE" not in r.stdout  # warnings apart from results

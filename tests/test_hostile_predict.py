@@ -186,3 +186,18 @@ def test_predict_decodes_with_a_worker_per_core_by_default():
     from dcfeat.images import decoding_workers
 
     assert decoding_workers(None) == min(16, os.cpu_count() or 1) and decoding_workers(0) == 0
+
+
+def test_unread_image_files_are_listed_and_both_inputs_get_a_word(tiny_run, photos, tmp_path, city_store):
+    Image.fromarray(np.zeros((60, 60, 3), np.uint8)).save(photos / "anim.gif")
+    r = invoke("predict", "--run", tiny_run, "--images", photos, "--out", tmp_path / "p.csv", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "skipped anim.gif: .gif files are not read by dcfeat" in r.stderr  # listed, not silently ignored
+    assert pl.read_csv(tmp_path / "p.csv")["image_id"].unique().sort().to_list() == [f"photo{i}.jpg" for i in range(3)]
+
+
+def test_feats_and_images_together_say_which_is_used(city_run, city_store, photos, tmp_path):
+    r = invoke("predict", "--run", city_run, "--feats", city_store, "--split", "test", "--images", photos,
+               "--out", tmp_path / "p.csv", "--no-progress")
+    assert r.exit_code == 0, r.output
+    assert "--feats and --images both given: predicting the cached split 'test'" in r.stderr

@@ -63,6 +63,7 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     """
     from dcfeat.backbone import RANDOM_NOTICE
     from dcfeat.extract import extract_files
+    from dcfeat.progress import stderr
 
     result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
                            pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
@@ -75,7 +76,7 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     else:
         stdout.print(f"{out} split '{split}': {result.rows} rows written, {result.failures} failures, "
                      f"{result.seconds:.1f} s, {result.images_per_s:.1f} images/s")
-    for image_id, reason in result.failed_examples:
-        stdout.print(f"  skipped {image_id}: {reason}", markup=False, highlight=False)
+    for image_id, reason in [*result.failed_examples, *result.unread]:
+        stderr.print(f"skipped {image_id}: {reason}", markup=False, highlight=False)
     if result.random_init:
-        stdout.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")
+        stderr.print(f"[yellow]{RANDOM_NOTICE}[/yellow]")

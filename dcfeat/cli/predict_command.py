@@ -63,7 +63,7 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
         if min_confidence is not None else ""
     fewer = f" (the run has {cells} classes)" if cells < k else ""
     stdout.print(f"{first.height} images, top-{cells} cells each{fewer}{abstained} → {result.path}", highlight=False)
-    warnings = [f"skipped {image_id}: {reason}" for image_id, reason in result.skipped]
+    warnings = [*result.warnings, *(f"skipped {image_id}: {reason}" for image_id, reason in result.skipped)]
     if result.run.calibration is None:
         warnings.append("UNCALIBRATED RUN: confidence and radius_m are empty; fit them with "
                         "`dcfeat calibrate --split val`")
