@@ -130,6 +130,8 @@ def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: Labelle
              "backbone_random_init": backbone.random_init, "pooling": backbone.pooling,
              "image_size": image_size, "crop": crop, "dim": backbone.dim, "dtype": dtype, "draft": draft,
              "images_root": str(Path(images.root).resolve()), "dcfeat_version": __version__}
+    if not images.positions:  # only then, as below: plans of labelled splits are unchanged
+        attrs["labelled"] = False
     if cache_tokens:  # only then: plans (and so resumes) of splits without tokens are unchanged
         attrs.update(cache_tokens=cache_tokens,
                      tokens_shape=[backbone.tokens_per_image(image_size), backbone.hidden_size])
@@ -253,18 +255,19 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
 
 def extract_files(images: Path | None, out: Path, split: str = "train", *, manifest: Path | None = None,
                   path_column: str = "path", model: str = DEFAULT_MODEL, pooling: str = "cls", device: str = "auto",
-                  backbone: Backbone | None = None, **options) -> ExtractResult:
+                  backbone: Backbone | None = None, labelled: bool = True, **options) -> ExtractResult:
     """`dcfeat extract`: label the images, load the backbone (each torchrun process on its own GPU), embed.
 
     `backbone`: one already loaded (several splits, one load). `options` are those of `extract`
-    (image_size, batch_size, workers, draft, dtype, shard_rows, …).
+    (image_size, batch_size, workers, draft, dtype, shard_rows, …). `labelled=False`: photos whose
+    positions are unknown, any file names, cached for `dcfeat predict --feats`.
     """
     check_split_name(split)
     check_crop(options.get("crop", "centre"), options.get("cache_tokens", 0))  # before labels and weights load
     out = check_store_path(out)
-    labelled = collect_images(images, manifest, path_column=path_column)
+    listed = collect_images(images, manifest, path_column=path_column, positions=labelled)
     ranks = Ranks.from_env()
     backbone = backbone or load_backbone(model, pooling=pooling, device=resolve_device(
         device, local_rank=ranks.local_rank, world=ranks.world))
-    result = extract(labelled, backbone, out, split, ranks=ranks, **options)
+    result = extract(listed, backbone, out, split, ranks=ranks, **options)
     return replace(result, unread=unread_files(images) if manifest is None else [])

@@ -97,6 +97,7 @@ class LabelledImages:
 
     root: Path
     labels: pl.DataFrame  # LABEL_SCHEMA columns, sorted by image_id, ids unique
+    positions: bool = True  # False: photos whose positions are unknown, every position column null
 
     def __len__(self) -> int:
         return self.labels.height
@@ -354,12 +355,21 @@ def read_manifest(path: Path, *, path_column: str = "path", positions: bool = Tr
     return _complete_utm(out)
 
 
+def unlabelled(ids: list[str]) -> pl.DataFrame:
+    """The label columns of images whose positions are unknown: ids only, every position null."""
+    return pl.DataFrame({"image_id": ids}, schema={"image_id": pl.String}).with_columns(
+        pl.lit(None, t).alias(c) for c, t in LABEL_SCHEMA.items() if c != "image_id").select(list(LABEL_SCHEMA))
+
+
 def collect_images(images: Path | None, manifest: Path | None = None, *,
-                   path_column: str = "path") -> LabelledImages:
-    """The labelled image list for `extract`: from file names under `images` or a manifest."""
+                   path_column: str = "path", positions: bool = True) -> LabelledImages:
+    """The labelled image list for `extract`: from file names under `images` or a manifest.
+    `positions=False`: photos whose positions are unknown (a split to predict), any file names."""
     if manifest is not None:
         root = Path(images) if images is not None else Path(manifest).parent
-        labels = read_manifest(manifest, path_column=path_column, images=root)
+        labels = read_manifest(manifest, path_column=path_column, images=root, positions=positions)
+        if not positions:
+            labels = unlabelled(labels["image_id"].to_list())
         missing = [i for i in labels["image_id"].to_list() if not (root / i).is_file()]
         if missing:
             shown = "\n  ".join(f"{i} → {os.path.abspath(root / i)}" for i in missing[:3])
@@ -374,6 +384,6 @@ def collect_images(images: Path | None, manifest: Path | None = None, *,
         ids = find_images(images)
         if not ids:
             raise BadInput(f"--images {images}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-        labels = parse_sfxl_names(ids, f"image file names under {images}")
+        labels = (parse_sfxl_names(ids, f"image file names under {images}") if positions else unlabelled(ids))
         root = Path(images)
-    return LabelledImages(root=root, labels=labels.sort("image_id"))
+    return LabelledImages(root=root, labels=labels.sort("image_id"), positions=positions)

@@ -161,7 +161,7 @@ def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "
                    scoring: str = "cosine") -> pl.DataFrame:
     """Predictions for a cached split (through the run's tuned blocks when it has them)."""
 
-    data = read_split(feats, split, dtype="float32")
+    data = read_split(feats, split, dtype="float32", positions=False)  # unlabelled photos too
     check_features(run.feature_identity, data.attrs, what=f"split '{split}' of {feats}")
     if run.finetune_blocks:
         [data] = tuned_splits(run, feats, [data], resolve_device(device))

@@ -223,7 +223,9 @@ def _labels_problem(store: Path, split: str, problem: str) -> DamagedStore:
                         "problem)")
 
 
-def read_labels(store: Path, split: str, plan_id: str | None = None) -> pl.DataFrame:
+def read_labels(store: Path, split: str, plan_id: str | None = None, *, positions: bool = True) -> pl.DataFrame:
+    """A split's label table, checked (`positions=False`: a split of photos whose positions are unknown,
+    extracted with --unlabelled, whose position columns are null)."""
     files = label_files(store, split, plan_id)
     if not files:
         raise _labels_problem(store, split, "no labels")
@@ -236,7 +238,8 @@ def read_labels(store: Path, split: str, plan_id: str | None = None) -> pl.DataF
         raise _labels_problem(store, split, f"labels lack columns {missing}")
     try:
         frame = frame.select([pl.col(c).cast(t) for c, t in LABEL_COLUMNS.items()]).sort("row")
-        check_labels(frame, "labels")
+        if positions:
+            check_labels(frame, "labels")
     except (pl.exceptions.PolarsError, BadInput) as e:  # written by another program: checked like ours
         raise _labels_problem(store, split, str(e).replace("\n", " ")) from None
     if not np.array_equal(frame["row"].to_numpy(), np.arange(frame.height)):
@@ -275,7 +278,7 @@ def damaged_split(store: Path, split: str, bad: list[tuple[Path, str]]) -> Damag
 
 
 def read_split(store: Path, split: str, *, dtype=None, allow_incomplete: bool = False,
-               chunk_rows: int = 1 << 16, embeddings: bool = True) -> Split:
+               chunk_rows: int = 1 << 16, embeddings: bool = True, positions: bool = True) -> Split:
     """One split in memory: embeddings as one array, labels as a polars frame, checked.
 
     `embeddings=False`: the labels only, for a split trained from disk (`embeddings` is None;
@@ -288,7 +291,12 @@ def read_split(store: Path, split: str, *, dtype=None, allow_incomplete: bool = 
         raise damaged_split(store, split, bad)
     if not info.complete and not allow_incomplete:
         raise DamagedStore(f"{store}: split '{split}' is incomplete; re-run the same `dcfeat extract` to finish it")
-    labels = read_labels(store, split, info.attrs.get("plan_id"))
+    labelled = bool(info.attrs.get("labelled", True))
+    if positions and not labelled:
+        raise BadInput(f"{store}: split '{split}' holds photos whose positions are unknown (extracted with "
+                       f"--unlabelled): predict where they were taken with `dcfeat predict --feats {store} --split "
+                       f"{split}`; training, calibrating and evaluating need a labelled split")
+    labels = read_labels(store, split, info.attrs.get("plan_id"), positions=labelled)
     if labels.height != info.rows:
         raise _labels_problem(store, split, f"{labels.height} label rows for {info.rows} embeddings")
     if not embeddings:

@@ -82,7 +82,8 @@ def _check_shards(store: Path, split: str, group: h5py.Group, fix: str) -> list[
 def _check_labels(store: Path, split: str, group: h5py.Group, fix: str) -> list[Problem]:
     where = str(labels_dir(store) / f"split={split}")
     try:
-        labels = read_labels(store, split, group.attrs.get("plan_id"))
+        labels = read_labels(store, split, group.attrs.get("plan_id"),
+                             positions=bool(group.attrs.get("labelled", True)))
     except DcfeatError as e:
         return [Problem(split, where, str(e).split(". Re-run")[0], fix)]
     rows = group["embeddings"].shape[0]

@@ -254,3 +254,34 @@ def test_image_files_dcfeat_does_not_read_are_listed_on_stderr(images, tmp_path,
     assert r.exit_code == 0, r.output
     assert "skipped d0/animation.gif: .gif files are not read by dcfeat" in r.stderr
     assert "RANDOM BACKBONE" in r.stderr and "RANDOM BACKBONE" not in r.stdout  # warnings apart from results
+
+
+def test_unlabelled_photos_are_cached_for_predict_and_refused_by_training(tmp_path, tiny_model, city_store):
+    """Photos of any names whose positions are unknown: `extract --unlabelled`, then `predict --feats`."""
+    from PIL import Image
+
+    photos = tmp_path / "new"
+    photos.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((80, 90, 3), 40 * i, np.uint8)).save(photos / f"holiday {i}.jpg")
+    store = tmp_path / "f.h5"
+    r = invoke(*extract_args(photos, store, tiny_model, "--split", "new", "--unlabelled"))
+    assert r.exit_code == 0, r.output
+    labels = read_split(store, "new", positions=False).labels
+    assert labels["image_id"].to_list() == [f"holiday {i}.jpg" for i in range(5)]
+    assert labels["utm_east"].null_count() == 5 and split_info(store, "new").attrs["labelled"] is False
+    r = invoke("train", "--feats", store, "--split", "new", "--out", tmp_path / "run", "--no-progress")
+    assert r.exit_code == 2 and "positions are unknown" in r.output and "dcfeat predict --feats" in r.output
+    assert not (tmp_path / "run").exists()
+    assert invoke("info", store, "--verify").exit_code == 0
+    # A run of the same backbone answers for them from the cache.
+    write_images(tmp_path / "train", 24)
+    assert invoke(*extract_args(tmp_path / "train", store, tiny_model)).exit_code == 0
+    assert invoke("train", "--feats", store, "--M", 200, "--min-images-per-class", 1, "--epochs", 1, "--dim", 8,
+                  "--out", tmp_path / "run2", "--no-progress").exit_code == 0
+    r = invoke("predict", "--run", tmp_path / "run2", "--feats", store, "--split", "new", "--out", tmp_path / "p.csv",
+               "--no-progress")
+    assert r.exit_code == 0, r.output
+    import polars as pl
+
+    assert pl.read_csv(tmp_path / "p.csv")["image_id"].unique().sort().to_list() == [f"holiday {i}.jpg" for i in range(5)]

@@ -48,6 +48,8 @@ from dcfeat.cli.options import (
 @click.option("--dtype", type=click.Choice(STORE_DTYPES), default=STORE_DTYPES[0], show_default=True,
               help="Storage type of the embeddings.")
 @click.option("--shard-rows", type=AT_LEAST_1, default=DEFAULT_SHARD_ROWS, show_default=True, help="Images per shard (the unit of resume).")
+@click.option("--unlabelled", is_flag=True, help="Photos whose positions are unknown, any file names: cached for "
+              "`dcfeat predict --feats OUT --split SPLIT` (train, calibrate and evaluate refuse such a split).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing split made from other images or settings.")
 @click.option("--cache-tokens", type=AT_LEAST_0, default=0, show_default=True, help="Also store every image's tokens entering "
               "the last K blocks, for `dcfeat train --finetune-blocks K` (ViT-B/14 at 224: 386 KB per image; "
@@ -55,7 +57,7 @@ from dcfeat.cli.options import (
               "counts differ between image shapes).")
 @no_progress
 def extract(images, manifest, path_column, out, split, model, pooling, image_size, crop, batch_size, workers,
-            device, draft, dtype, shard_rows, overwrite, cache_tokens, no_progress):
+            device, draft, dtype, shard_rows, unlabelled, overwrite, cache_tokens, no_progress):
     """Compute frozen DINOv2/DINOv3 features of images once and cache them in a feature store.
 
     Resumable: after a crash, run the same command again. For several GPUs or
@@ -68,7 +70,7 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
                            pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
                            workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
-                           progress=not no_progress, cache_tokens=cache_tokens, crop=crop)
+                           progress=not no_progress, cache_tokens=cache_tokens, crop=crop, labelled=not unlabelled)
     if result.rank:
         return
     if result.already_complete:
