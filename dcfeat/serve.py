@@ -37,7 +37,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -239,10 +239,11 @@ class Batcher:
                     nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
-                if nxt is None or n + len(nxt.images) > self.config.max_batch:
-                    carry = nxt if nxt is not None else None
-                    if nxt is None:
-                        self._queue.put(None)  # stop after this batch
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                if n + len(nxt.images) > self.config.max_batch:
+                    carry = nxt  # the next batch's first
                     break
                 batch.append(nxt)
                 n += len(nxt.images)
@@ -283,7 +284,7 @@ class Batcher:
 def _renamed(answer: Answer, image_id: str, min_confidence: float | None) -> Answer:
     """An answer of a batch under its request's own image name and abstention threshold."""
     abstained = min_confidence is not None and answer.confidence is not None and answer.confidence < min_confidence
-    return Answer(**{**answer.__dict__, "image_id": image_id, "abstained": abstained})
+    return replace(answer, image_id=image_id, abstained=abstained)
 
 
 def _settle(future: asyncio.Future, result, error) -> None:
