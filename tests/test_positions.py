@@ -103,3 +103,27 @@ def test_evaluate_reports_the_position_beside_the_paper_cell_centre(city_run, ci
     assert list(report["methods"]) == ["classify", "classify-centre"]
     assert report["methods"]["classify"]["position"] == run.calibration.rule.to_dict()
     assert report["confidence"]["answer"].startswith("classification's position")
+
+
+def test_the_gate_keeps_the_fewest_top_cells_holding_its_share_of_the_probability():
+    from dcfeat.confidence import QueryScores, gate_cells
+
+    # Probabilities at s = 1, T = 1 from log-probabilities: 0.5, 0.3, 0.15, 0.05 (and 0.6/0.4 for the second).
+    p = np.array([[0.5, 0.3, 0.15, 0.05], [0.6, 0.4, 1e-9, 1e-9]])
+    scores = QueryScores(np.array([[7, 3, 9, 1], [2, 5, 8, 4]]), np.log(p), np.zeros(2), np.zeros(2), 1.0)
+    assert gate_cells(scores, 1.0, {"mass": 0.8, "cap": 20}).tolist() == [[7, 3, -1, -1], [2, 5, -1, -1]]
+    assert gate_cells(scores, 1.0, {"mass": 0.9, "cap": 20}).tolist() == [[7, 3, 9, -1], [2, 5, -1, -1]]
+    assert gate_cells(scores, 1.0, {"mass": 0.5, "cap": 20}).tolist() == [[7, -1, -1, -1], [2, -1, -1, -1]]
+    assert gate_cells(scores, 1.0, {"mass": 1.0, "cap": 2}).tolist() == [[7, 3, -1, -1], [2, 5, -1, -1]]  # the cap
+
+
+def test_the_rule_and_gate_travel_with_the_calibration(city_run):
+    import json
+
+    from dcfeat.confidence import Calibrator
+    from dcfeat.run import load_run
+
+    cal = load_run(city_run).calibration
+    assert cal.position is not None and cal.rule == cal.position  # fitted at training's end, on val
+    back = Calibrator.from_dict(json.loads(cal.to_json()))
+    assert back.position == cal.position and back.gate == cal.gate and back.to_dict() == cal.to_dict()
