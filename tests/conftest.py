@@ -7,6 +7,11 @@ import time
 from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never waits on the hub's retries
+# One thread per process: every tensor of the tests is tiny, and a second OpenMP thread only spins
+# waiting for work (it doubled the suite's CPU time on 2 cores for no speed). Before torch loads, so
+# that the CLI processes some tests start inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from pathlib import Path
 
