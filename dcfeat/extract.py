@@ -218,7 +218,7 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
         raise BadInput(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
                          f"choose 0 to {backbone.num_layers}")
     ranks = ranks or Ranks()
-    workers = decoding_workers(workers)
+    workers = decoding_workers(workers, len(images), batch_size)
     store.parent.mkdir(parents=True, exist_ok=True)
     attrs = store_attrs(backbone, image_size, dtype, images, draft, cache_tokens, crop)
     t0 = time.perf_counter()

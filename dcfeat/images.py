@@ -235,6 +235,11 @@ def collate(items):
     return [i for i, _ in ok], crops, failed
 
 
-def decoding_workers(workers: int | None) -> int:
-    """DataLoader processes that decode images: `workers`, or by default one per core (at most 16)."""
-    return min(16, os.cpu_count() or 1) if workers is None else workers
+def decoding_workers(workers: int | None, images: int | None = None, batch_size: int = 1) -> int:
+    """DataLoader processes that decode images: `workers`, or by default one per core (at most 16) and no
+    more than the batches beyond the first: a handful of photos decodes in the main process, where
+    starting processes would cost more than decoding them."""
+    if workers is not None:
+        return workers
+    cores = min(16, os.cpu_count() or 1)
+    return cores if images is None else min(cores, max(0, -(-images // batch_size) - 1))

@@ -43,7 +43,7 @@ from dcfeat.errors import BadInput
 from dcfeat.finetune import use_tuned_blocks
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
-from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, load_image
+from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
 from dcfeat.partition import centres_of
 from dcfeat.positions import positions_of, probabilities
 from dcfeat.progress import progress_bar
@@ -61,12 +61,14 @@ BACKBONE_DIR = "backbone"
 
 
 def embed_images(paths: list[Path], backbone: Backbone, image_size: int, *, crop: str = "centre",
-                 batch_size: int = 64, workers: int = 0,
+                 batch_size: int = 64, workers: int | None = 0,
                  progress: bool = True) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Backbone features of image files: (features of the readable ones, their indices into `paths`,
-    [(index, reason)] of the rest). `crop`: as the features were extracted (dcfeat.images.CROPS)."""
+    [(index, reason)] of the rest). `crop`: as the features were extracted (dcfeat.images.CROPS).
+    `workers` None: decoding processes by `images.decoding_workers`."""
     dataset = ImageDataset(paths, image_size, crop=crop, patch_size=backbone.patch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
+                                         num_workers=decoding_workers(workers, len(paths), batch_size))
     feats, kept, failed = [], [], []
     with progress_bar("embed", len(paths), enabled=progress) as advance:
         for indices, crops, bad in loader:

@@ -36,7 +36,6 @@ from dcfeat.errors import BadInput, check_writable, write_problem
 from dcfeat.finetune import tuned_splits
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
-from dcfeat.images import decoding_workers
 from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest, unread_files
 from dcfeat.localizer import IMAGE_COLUMNS, Localizer, abstain
 from dcfeat.run import Run, load_run
@@ -202,7 +201,7 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | None = None, manif
         frame = predict_cached(run, feats, split, k=k, device=str(dev), scoring=scoring)
     else:
         frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
-                                        workers=decoding_workers(workers), device=str(dev), progress=progress,
+                                        workers=workers, device=str(dev), progress=progress,
                                         path_column=path_column, scoring=scoring)
         skipped += unread_files(images) if manifest is None else []
     frame = abstain(frame, min_confidence)

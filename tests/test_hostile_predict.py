@@ -186,6 +186,10 @@ def test_predict_decodes_with_a_worker_per_core_by_default():
     from dcfeat.images import decoding_workers
 
     assert decoding_workers(None) == min(16, os.cpu_count() or 1) and decoding_workers(0) == 0
+    cores = min(16, os.cpu_count() or 1)
+    assert decoding_workers(None, 3, 64) == 0  # one batch: decoded in the main process, no process started
+    assert decoding_workers(None, 64 * 3, 64) == min(cores, 2) and decoding_workers(None, 10_000, 64) == cores
+    assert decoding_workers(4, 3, 64) == 4  # asked for: as asked
 
 
 def test_unread_image_files_are_listed_and_both_inputs_get_a_word(tiny_run, photos, tmp_path, city_store):
