@@ -69,13 +69,19 @@ FEW_QUERIES = 100
 @dataclass
 class QueryScores:
     """What the model says of each query: its top-k cells (n, k) and their cosines, the top cell's
-    softmax probability over every cell and within its group, at the model's logit scale."""
+    softmax probability over every cell and within its group, at the model's logit scale, and the
+    softmax's log normaliser over every cell (n,)."""
 
     top_classes: np.ndarray
     cos_top: np.ndarray
     softmax_top1: np.ndarray
     group_top1: np.ndarray
     logit_scale: float
+    log_norm: np.ndarray
+
+    def softmax_top(self, k: int) -> np.ndarray:
+        """The top-k cells' softmax probabilities over every cell (n, k), at the logit scale."""
+        return np.exp(self.logit_scale * self.cos_top[:, :k].astype(np.float64) - self.log_norm[:, None])
 
 
 @dataclass
@@ -93,7 +99,7 @@ class QuerySignals:
 def query_scores(model: DCModel, features, *, k: int = TOP_K, chunk: int = 4096) -> QueryScores:
     """The model's top-k cells and scores for cached features (one forward pass, chunk by chunk)."""
     s = model.heads.logit_scale
-    cos_top, ids, soft, group_p = [], [], [], []
+    cos_top, ids, soft, group_p, norm = [], [], [], [], []
     with torch.no_grad():
         for start in range(0, len(features), chunk):
             h = model.embed(features[start:start + chunk])
@@ -102,13 +108,16 @@ def query_scores(model: DCModel, features, *, k: int = TOP_K, chunk: int = 4096)
             top = cos.topk(min(k, cos.shape[1]), dim=1)
             cos_top.append(top.values.cpu().numpy())
             ids.append(top.indices.cpu().numpy())
-            soft.append(torch.exp(s * top.values[:, 0] - torch.logsumexp(s * cos, dim=1)).cpu().numpy())
+            lse = torch.logsumexp(s * cos, dim=1)
+            norm.append(lse.cpu().numpy())
+            soft.append(torch.exp(s * top.values[:, 0] - lse).cpu().numpy())
             group_p.append(torch.exp(log_group.gather(1, top.indices[:, :1])[:, 0]).cpu().numpy())
     kk = min(k, sum(model.heads.classes_per_group))
     return QueryScores(np.concatenate(ids) if ids else np.zeros((0, kk), np.int64),
                        np.concatenate(cos_top) if cos_top else np.zeros((0, kk), np.float32),
                        np.concatenate(soft).astype(np.float64) if soft else np.zeros(0),
-                       np.concatenate(group_p).astype(np.float64) if group_p else np.zeros(0), s)
+                       np.concatenate(group_p).astype(np.float64) if group_p else np.zeros(0), s,
+                       np.concatenate(norm).astype(np.float64) if norm else np.zeros(0))
 
 
 def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, rule: PositionRule = DEFAULT_RULE,

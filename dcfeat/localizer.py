@@ -44,7 +44,7 @@ from dcfeat.finetune import use_tuned_blocks
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
-from dcfeat.partition import centres_of
+from dcfeat.partition import Places, centres_of
 from dcfeat.positions import positions_of, probabilities
 from dcfeat.progress import progress_bar
 from dcfeat.run import Run, load_run
@@ -108,13 +108,17 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
     position there (UTM and lat/lon: dcfeat.positions, under the run's rule), and per image the
     calibrated confidence and the 90 % radius (null for an uncalibrated run), the threshold the
     confidence means, and the run's status."""
-    ids, probs = cell_probabilities(run, features, k, scoring)
-    n, kk = ids.shape
-    flat = ids.reshape(-1)
-    c = centres_of(run.classes, flat)
     rule = answer_rule(run.calibration)
     sig = query_signals(run.model, features, run.classes, M=run.M, rule=rule)
+    if (scoring == "cosine" and k <= sig.top_classes.shape[1]) or len(sig.top_classes) == 0:
+        # The signals' one scoring of every cell already ranks them: no second pass over the model.
+        ids, probs = sig.top_classes[:, :k], sig.scores.softmax_top(k).astype(np.float32)
+    else:
+        ids, probs = cell_probabilities(run, features, k, scoring)
+    n, kk = ids.shape
+    flat = ids.reshape(-1)
     cells = centres_of(run.classes, ids)
+    c = Places(*(np.asarray(a).reshape(-1) for a in (cells.east, cells.north, cells.zone, cells.letter)))
     at = positions_of(cells, centres_of(run.classes, sig.top_classes),
                       probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature), rule.radius_m)
     east, north = at.east.reshape(-1), at.north.reshape(-1)
@@ -141,7 +145,7 @@ def abstain(frame: pl.DataFrame, min_confidence: float | None) -> pl.DataFrame:
     return frame.with_columns(abstained=below.fill_null(False))
 
 
-def _json_value(v):
+def json_value(v):
     """A JSON-safe scalar: NaN and infinities (not valid JSON) become None, numpy scalars Python ones."""
     if isinstance(v, np.generic):
         v = v.item()
@@ -180,12 +184,12 @@ class Answer:
         first = rows[0]
         east = first.get("utm_east", first.get("cell_east"))
         north = first.get("utm_north", first.get("cell_north"))
-        return cls(image_id=str(first["image_id"]), lat=_json_value(first.get("lat")), lon=_json_value(first.get("lon")),
-                   utm_east=_json_value(east), utm_north=_json_value(north), utm_zone=_json_value(first.get("utm_zone")),
-                   utm_letter=first.get("utm_letter"), confidence=_json_value(first.get("confidence")),
-                   radius_m=_json_value(first.get("radius_m")), abstained=bool(first.get("abstained", False)),
-                   threshold_m=_json_value(first.get("threshold_m")), run_status=first.get("run_status"),
-                   top_k=[{c: _json_value(v) for c, v in r.items() if c not in IMAGE_COLUMNS} for r in rows])
+        return cls(image_id=str(first["image_id"]), lat=json_value(first.get("lat")), lon=json_value(first.get("lon")),
+                   utm_east=json_value(east), utm_north=json_value(north), utm_zone=json_value(first.get("utm_zone")),
+                   utm_letter=first.get("utm_letter"), confidence=json_value(first.get("confidence")),
+                   radius_m=json_value(first.get("radius_m")), abstained=bool(first.get("abstained", False)),
+                   threshold_m=json_value(first.get("threshold_m")), run_status=first.get("run_status"),
+                   top_k=[{c: json_value(v) for c, v in r.items() if c not in IMAGE_COLUMNS} for r in rows])
 
     def to_dict(self) -> dict:
         """The answer as JSON-ready data (what `dcfeat serve` returns per image)."""

@@ -23,7 +23,6 @@ holds the true position with probability 0.9.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from dcfeat.finetune import tuned_splits
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
 from dcfeat.labels import IMAGE_SUFFIXES, find_images, read_manifest, unread_files
-from dcfeat.localizer import IMAGE_COLUMNS, Localizer, abstain
+from dcfeat.localizer import IMAGE_COLUMNS, Localizer, abstain, json_value
 from dcfeat.run import Run, load_run
 from dcfeat.store import read_split
 
@@ -89,11 +88,6 @@ def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, 
 CIRCLE_VERTICES = 64  # of a 90 % circle drawn as a GeoJSON polygon: within 0.2 % of its radius
 
 
-def _finite(v):
-    """A JSON value: NaN and infinities (not valid JSON) become null."""
-    return None if isinstance(v, float) and not math.isfinite(v) else v
-
-
 def geojson(frame: pl.DataFrame, meta: dict, *, radius_polygons: bool = False) -> dict:
     """One feature per image: the rank-1 answer as a Point (or, with `radius_polygons` and a radius, its
     90 % circle as a Polygon), the image's confidence and the top-k cells in its properties."""
@@ -101,12 +95,12 @@ def geojson(frame: pl.DataFrame, meta: dict, *, radius_polygons: bool = False) -
     for (image_id,), rows in frame.group_by("image_id", maintain_order=True):
         ranked = rows.sort("rank").to_dicts()
         first = ranked[0]
-        point = [_finite(first["lon"]), _finite(first["lat"])]
+        point = [json_value(first["lon"]), json_value(first["lat"])]
         geometry = {"type": "Point", "coordinates": point} if None not in point else None
         if radius_polygons and geometry and first.get("radius_m") is not None:
             geometry = {"type": "Polygon", "coordinates": [_circle(first, first["radius_m"])]}
-        properties = {c: _finite(first[c]) for c in IMAGE_COLUMNS if c in first}
-        properties["top_k"] = [{c: _finite(v) for c, v in r.items() if c not in IMAGE_COLUMNS} for r in ranked]
+        properties = {c: json_value(first[c]) for c in IMAGE_COLUMNS if c in first}
+        properties["top_k"] = [{c: json_value(v) for c, v in r.items() if c not in IMAGE_COLUMNS} for r in ranked]
         features.append({"type": "Feature", "geometry": geometry, "properties": properties})
     doc = {"type": "FeatureCollection", "features": features, "dcfeat": meta}
     if meta.get("random_backbone"):

@@ -110,7 +110,7 @@ def test_the_gate_keeps_the_fewest_top_cells_holding_its_share_of_the_probabilit
 
     # Probabilities at s = 1, T = 1 from log-probabilities: 0.5, 0.3, 0.15, 0.05 (and 0.6/0.4 for the second).
     p = np.array([[0.5, 0.3, 0.15, 0.05], [0.6, 0.4, 1e-9, 1e-9]])
-    scores = QueryScores(np.array([[7, 3, 9, 1], [2, 5, 8, 4]]), np.log(p), np.zeros(2), np.zeros(2), 1.0)
+    scores = QueryScores(np.array([[7, 3, 9, 1], [2, 5, 8, 4]]), np.log(p), np.zeros(2), np.zeros(2), 1.0, np.zeros(2))
     assert gate_cells(scores, 1.0, {"mass": 0.8, "cap": 20}).tolist() == [[7, 3, -1, -1], [2, 5, -1, -1]]
     assert gate_cells(scores, 1.0, {"mass": 0.9, "cap": 20}).tolist() == [[7, 3, 9, -1], [2, 5, -1, -1]]
     assert gate_cells(scores, 1.0, {"mass": 0.5, "cap": 20}).tolist() == [[7, -1, -1, -1], [2, -1, -1, -1]]

@@ -25,6 +25,7 @@ from PIL import Image
 from dcfeat.localizer import Localizer
 from dcfeat.predict import predict_files
 from dcfeat.serve import UNKNOWN_ORIENTATION_DEG, ServeConfig, create_app
+from pipelines.bench.serve import raw as raw_exchange
 from tests.conftest import invoke, jpeg_bytes, live_server, refused
 
 
@@ -277,20 +278,6 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
 def server(localizer):
     with live_server(create_app(localizer, ServeConfig(timeout_s=1.0, max_wait_ms=2))) as url:
         yield url
-
-
-def raw_exchange(url: str, head: bytes, body: bytes = b"", *, close_early: bool = False) -> bytes:
-    """Send a request's head and (part of its) body over a plain socket; the server's reply ('' if none)."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as s:
-        s.sendall(head + body)
-        if close_early:
-            return b""
-        s.settimeout(30)
-        reply = b""
-        while chunk := s.recv(65536):
-            reply += chunk
-        return reply
 
 
 def still_answering(url: str) -> None:

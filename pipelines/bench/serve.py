@@ -174,7 +174,9 @@ def bench_predict(run: Path, folder: Path, out: Path) -> dict:
             "images_per_s": n / times["all"], "images_per_s_after_start": after}
 
 
-def raw(url: str, head: bytes, body: bytes, *, close_early: bool) -> bytes:
+def raw(url: str, head: bytes, body: bytes = b"", *, close_early: bool = False) -> bytes:
+    """Send a request's head and (part of its) body over a plain socket; the server's reply (b"" if none or
+    `close_early`): what no HTTP client sends, for the hostile cases (the service's tests use it too)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
         s.sendall(head + body)
