@@ -174,3 +174,30 @@ def test_the_query_map_says_what_its_dots_and_lines_are(tmp_path, monkeypatch):
     ax = saved[0].axes[0]
     assert ax.get_xlabel() == "metres east of UTM easting 549,949"  # no "east - 549949", read as a dash
     assert ax.get_ylabel() == "metres north of UTM northing 4,180,000"
+
+
+def _drawn_past_the_edge(fig) -> tuple[float, float, float, float]:
+    """How far (inches) what the figure draws, texts included, reaches past its left, bottom, right and
+    top edges: 0 where it stays inside."""
+    box = fig.get_tightbbox(fig.canvas.get_renderer())
+    width, height = fig.get_size_inches()
+    return max(0.0, -box.x0), max(0.0, -box.y0), max(0.0, box.x1 - width), max(0.0, box.y1 - height)
+
+
+@pytest.mark.parametrize("title", ["short", LONG_TITLE])
+def test_no_text_reaches_past_the_figure(tmp_path, monkeypatch, title):
+    """The margins are fixed, not measured: a title wrapped to several lines, a map 60 km wide (6-digit
+    tick labels) and the longest labels must still fit inside each figure."""
+    saved = _figures_saved(monkeypatch)
+    rng = np.random.default_rng(1)
+    errors = {name: rng.lognormal(3, 3, 300) for name in ("classify", "classify-centre", "retrieve", "hybrid")}
+    plot_error_cdf(errors, tmp_path / "cdf.png", title=title)
+    qe, qn = 400000 + rng.uniform(0, 60000, 300), 4100000 + rng.uniform(0, 60000, 300)
+    plot_query_map(qe, qn, rng.random(300) < 0.5, qe + 9, qn - 9, tmp_path / "map.png", title=title,
+                   background=(qe, qn))
+    confidence, correct = _confidence_case()
+    plot_risk_coverage({"margin": risk_coverage(confidence, correct)}, tmp_path / "risk.png", title=title)
+    plot_reliability(reliability_bins(confidence, correct), tmp_path / "rel.png", title=title, ece=0.5)
+    assert len(saved) == 4
+    for fig in saved:
+        assert _drawn_past_the_edge(fig) == (0, 0, 0, 0), fig.axes[0].get_title()
