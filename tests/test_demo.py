@@ -29,7 +29,8 @@ def test_readme_cli_reference_is_current():
     assert block == reference(), "run `python pipelines/readme.py`"
 
 
-def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model):
+def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model, monkeypatch):
+    import dcfeat.demo
     from dcfeat.demo import run_demo
 
     result = run_demo(tmp_path / "demo", streets=2, image_size=56, epochs=3, workers=0, progress=False,
@@ -44,22 +45,17 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model):
     on_disk = json.loads(result.paths["report"].read_text())
     assert on_disk["methods"] == report["methods"]
     assert all(p.is_file() for p in result.paths.values())
-    # A second run reuses the rendered images and the complete store, and makes a new run folder.
-    again = run_demo(tmp_path / "demo", streets=2, image_size=56, epochs=1, workers=0, progress=False,
-                     model=str(tiny_model))
-    assert again.report["queries"] == report["queries"]
-    assert len(list((tmp_path / "demo" / "runs").glob("2*"))) == 2
-
-
-def test_demo_command_prints_the_table(tmp_path, tiny_model, monkeypatch):
-    import dcfeat.demo
-
+    # The command on the same root reuses the rendered images and the complete store, makes a new run
+    # folder and prints the table.
     monkeypatch.setattr(dcfeat.demo, "demo_backbone", lambda root, prefer_pretrained=True: str(tiny_model))
-    r = invoke("demo", "--root", tmp_path / "d", "--streets", 2, "--image-size", 56, "--epochs", 2, "--workers", 0,
-               "--no-progress")
+    r = invoke("demo", "--root", tmp_path / "demo", "--streets", 2, "--image-size", 56, "--epochs", 1,
+               "--workers", 0, "--no-progress")
     assert r.exit_code == 0, r.output
     for word in ("classify", "retrieve (projected)", "hybrid (projected)", "LR@1", "RANDOM BACKBONE", "error_cdf"):
         assert word in r.output
+    reports = sorted((tmp_path / "demo" / "runs").glob("2*/eval/test/report.json"))
+    assert len(reports) == 2 and result.paths["report"] in reports
+    assert all(json.loads(p.read_text())["queries"] == report["queries"] for p in reports)
 
 
 def test_the_demo_backbone_says_which_case_applied(tmp_path, monkeypatch, capsys):
