@@ -53,6 +53,21 @@ def extract_args(images, out, model, *extra) -> list:
             "--workers", 0, "--batch-size", 4, "--shard-rows", 8, "--no-progress", *extra]
 
 
+def assert_predict_from_images_as_from_feats(run: Path, store: Path, split: str) -> None:
+    """`predict --images` on the split's photos (folder STORE_DIR/SPLIT) answers as `predict --feats`:
+    the same classes, probabilities within 1e-5."""
+    import polars as pl
+
+    by_feats, by_images = store.parent / "a.parquet", store.parent / "b.parquet"
+    r = invoke("predict", "--run", run, "--feats", store, "--split", split, "--out", by_feats)
+    assert r.exit_code == 0, r.output
+    r = invoke("predict", "--run", run, "--images", store.parent / split, "--out", by_images, "--no-progress")
+    assert r.exit_code == 0, r.output
+    a, b = (pl.read_parquet(p).sort("image_id", "rank") for p in (by_feats, by_images))
+    assert a["class"].to_list() == b["class"].to_list()
+    assert np.abs(a["probability"].to_numpy() - b["probability"].to_numpy()).max() < 1e-5
+
+
 def sfxl_name(east: float, north: float, zone: int = 10, letter: str = "S", heading: int = 0) -> str:
     return f"@{east:010.2f}@{north:010.2f}@{zone}@{letter}@@@pano{int(east)}@@{heading}@@@@@@.jpg"
 

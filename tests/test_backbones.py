@@ -5,7 +5,6 @@ import shutil
 
 import h5py
 import numpy as np
-import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,7 +20,7 @@ from dcfeat.errors import BadInput
 from dcfeat.finetune import BLOCKS_FILE, load_tail
 from dcfeat.images import load_image
 from dcfeat.store import read_split, split_info
-from tests.conftest import invoke, write_images
+from tests.conftest import assert_predict_from_images_as_from_feats, invoke, write_images
 
 TINY = {"hidden_size": 32, "layers": 2, "heads": 2}
 # family → (save function and its extra arguments, patch size, registers, a valid crop, an invalid one)
@@ -157,13 +156,7 @@ def test_a_tuned_run_evaluates_and_predicts_from_images_alike(family, tuned):
     assert set(load_file(str(run / BLOCKS_FILE))) >= {"layernorm.weight", "layernorm.bias"}
     r = invoke("evaluate", "--feats", store, "--run", run, "--split", "val", "--out", store.parent / "e")
     assert r.exit_code == 0, r.output
-    by_feats, by_images = store.parent / "a.parquet", store.parent / "b.parquet"
-    assert invoke("predict", "--run", run, "--feats", store, "--split", "val", "--out", by_feats).exit_code == 0
-    r = invoke("predict", "--run", run, "--images", store.parent / "val", "--out", by_images, "--no-progress")
-    assert r.exit_code == 0, r.output
-    a, b = (pl.read_parquet(p).sort("image_id", "rank") for p in (by_feats, by_images))
-    assert a["class"].to_list() == b["class"].to_list()
-    assert np.abs(a["probability"].to_numpy() - b["probability"].to_numpy()).max() < 1e-5
+    assert_predict_from_images_as_from_feats(run, store, "val")
 
 
 def test_another_model_type_is_refused_naming_the_supported_ones(tmp_path, images):

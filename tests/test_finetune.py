@@ -15,7 +15,7 @@ from dcfeat.backbone import load_backbone, save_random_dinov2
 from dcfeat.finetune import BLOCKS_FILE, TokenTraining, load_tail
 from dcfeat.store import read_split, split_info
 from dcfeat.train import TrainConfig, train
-from tests.conftest import invoke, write_images
+from tests.conftest import assert_predict_from_images_as_from_feats, invoke, write_images
 
 # 48 training images over 300 m: cells of 100 m, one group, 3 images make a class (7 classes).
 SMALL_CITY = ["--M", "100", "--N", "1", "--min-images-per-class", "3", "--dim", "16", "--no-progress"]
@@ -105,13 +105,7 @@ def test_saved_run_evaluates_and_predicts_identically(store, ft_run, tiny_model)
     assert frames[0].equals(frames[1])
 
     # New images: the full backbone with its last block replaced = the cached tokens through the tuned one.
-    by_feats, by_images = store.parent / "a.parquet", store.parent / "b.parquet"
-    assert invoke("predict", "--run", ft_run, "--feats", store, "--split", "val", "--out", by_feats).exit_code == 0
-    r = invoke("predict", "--run", ft_run, "--images", store.parent / "val", "--out", by_images, "--no-progress")
-    assert r.exit_code == 0, r.output
-    a, b = (pl.read_parquet(p).sort("image_id", "rank") for p in (by_feats, by_images))
-    assert a["class"].to_list() == b["class"].to_list()
-    assert np.abs(a["probability"].to_numpy() - b["probability"].to_numpy()).max() < 1e-5
+    assert_predict_from_images_as_from_feats(ft_run, store, "val")
 
 
 def test_streamed_tokens_train_like_in_memory_ones(store, tmp_path, monkeypatch):
