@@ -186,13 +186,13 @@ def _drawn_past_the_edge(fig) -> tuple[float, float, float, float]:
 
 @pytest.mark.parametrize("title", ["short", LONG_TITLE])
 def test_no_text_reaches_past_the_figure(tmp_path, monkeypatch, title):
-    """The margins are fixed, not measured: a title wrapped to several lines, a map 60 km wide (6-digit
+    """The margins are fixed, not measured: a title wrapped to several lines, a map 150 km wide (6-digit
     tick labels) and the longest labels must still fit inside each figure."""
     saved = _figures_saved(monkeypatch)
     rng = np.random.default_rng(1)
     errors = {name: rng.lognormal(3, 3, 300) for name in ("classify", "classify-centre", "retrieve", "hybrid")}
     plot_error_cdf(errors, tmp_path / "cdf.png", title=title)
-    qe, qn = 400000 + rng.uniform(0, 60000, 300), 4100000 + rng.uniform(0, 60000, 300)
+    qe, qn = 400000 + rng.uniform(0, 150000, 300), 4100000 + rng.uniform(0, 150000, 300)
     plot_query_map(qe, qn, rng.random(300) < 0.5, qe + 9, qn - 9, tmp_path / "map.png", title=title,
                    background=(qe, qn))
     confidence, correct = _confidence_case()
