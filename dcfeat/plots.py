@@ -28,9 +28,9 @@ TITLE_WIDTH_CHARS = 70
 
 
 # Margins around the axes, in inches. They are fixed rather than measured by a layout engine: what
-# sits in them is known (tick labels of at most 7 characters at 10 pt, one axis label, the title
+# sits in them is known (tick labels of at most 6 digits at 10 pt, one axis label, the title
 # wrapped at TITLE_WIDTH_CHARS), and matplotlib's constrained layout spent a third of each figure's
-# time measuring it again. tests/test_plots.py checks that every text stays inside the figure.
+# time measuring it again. tests/test_plots.py checks that nothing drawn reaches past the edge.
 LEFT_IN, RIGHT_IN, BOTTOM_IN = 0.9, 0.25, 0.6
 TITLE_LINE_IN, TITLE_PAD_IN = 0.19, 0.1
 
