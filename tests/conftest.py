@@ -1,9 +1,8 @@
 """Seeded synthetic inputs for every test: tiny DINOv2, SF-XL-named JPEGs. No network."""
 
 import os
-import signal
-import subprocess
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test never waits on the hub's retries
@@ -164,17 +163,43 @@ def city_run(city_store, tmp_path_factory) -> Path:
     return out
 
 
-def kill_9_after(cmd: list[str], shards: Path, wanted: int, timeout_s: float = 120) -> None:
-    """Run `cmd` (a dcfeat command line) and kill -9 it once `shards` holds `wanted` shard files."""
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def run_dcfeat_quietly(args: list[str]) -> None:
+    """`dcfeat ARGS...` with its output thrown away: what a process that `kill_9_when` starts runs."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    from dcfeat.cli import main
+
+    main(args)
+
+
+@pytest.fixture(scope="session")
+def forks():
+    """multiprocessing's forkserver with the package, torch and transformers imported once: a process it
+    starts costs its own work, where a new interpreter spent ~4 s of CPU importing them first. (Plain
+    fork() is no option: polars' thread pool hangs in a child forked after its first query.) The server
+    is stopped and waited for at the end, so the CPU time of it and its children counts in the suite's."""
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tests.conftest", "dcfeat.cli", "dcfeat.extract", "dcfeat.train",
+                                    "transformers.models.dinov2.modeling_dinov2"])
+    yield context
+    forkserver._forkserver._stop()  # the one way the standard library has to stop it and wait for it
+
+
+def kill_9_when(forks, args: list, ready: Callable[[], bool], timeout_s: float = 120) -> None:
+    """Run `dcfeat ARGS...` in its own process (started by the `forks` fixture) and kill -9 it once
+    `ready()` holds: no handler runs, nothing is flushed or cleaned up. Returns without killing if the
+    command ends first; gives up waiting for `ready` after `timeout_s`."""
+    proc = forks.Process(target=run_dcfeat_quietly, args=([str(a) for a in args],))
+    proc.start()
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(shards.glob("train/*/0*.h5"))) >= wanted:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    while time.monotonic() < deadline and proc.is_alive() and not ready():
+        time.sleep(0.005)
+    proc.kill()
+    proc.join()
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dcfeat.locking import writer_lock
 from dcfeat.store import list_splits, read_failures, read_split, split_info
-from tests.conftest import ROOT, extract_args, invoke, kill_9_after, sfxl_name, write_images
+from tests.conftest import ROOT, extract_args, invoke, kill_9_when, sfxl_name, write_images
 
 
 def test_extract_writes_a_format_v1_store(images, tmp_path, tiny_model):
@@ -166,12 +166,8 @@ def test_bad_images_are_skipped_and_recorded_never_zero_rows(tmp_path, tiny_mode
     assert "truncated" in info.output
 
 
-def _extract_cmd(images, out, model, *extra):
-    return [sys.executable, "-m", "dcfeat"] + [str(a) for a in extract_args(images, out, model, *extra)]
-
-
 @pytest.mark.slow
-def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model):
+def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model, forks):
     folder = tmp_path / "img"
     write_images(folder, 64, size=160)
     reference = tmp_path / "ref.h5"
@@ -182,7 +178,7 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, 
     shards = out.with_suffix(".shards")
     killed_with = []
     for wanted in (1, 4):  # kill after the first shard, then again mid-run
-        kill_9_after(_extract_cmd(folder, out, tiny_model), shards, wanted)
+        kill_9_when(forks, extract_args(folder, out, tiny_model), lambda: len(list(shards.glob("train/*/0*.h5"))) >= wanted)
         killed_with.append(len(list(shards.glob("train/*/0*.h5"))))
         if out.exists():  # whatever is there must open
             list_splits(out)

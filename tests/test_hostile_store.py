@@ -24,7 +24,7 @@ from dcfeat.locking import remove_plan, writer_lock
 from dcfeat.shards import open_plan
 from dcfeat.store import label_files, list_splits, read_split
 from dcfeat.verify import verify_store
-from tests.conftest import extract_args, invoke, kill_9_after, refused, sfxl_name, write_images
+from tests.conftest import extract_args, invoke, kill_9_when, refused, sfxl_name, write_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
@@ -120,17 +120,17 @@ def test_a_crash_between_labels_and_store_of_an_overwrite_rolls_back(store, tmp_
 
 
 @pytest.mark.slow
-def test_kill_9_during_overwrite_then_the_same_command_leaves_a_verified_store(store, tmp_path, tiny_model):
+def test_kill_9_during_overwrite_then_the_same_command_leaves_a_verified_store(store, tmp_path, tiny_model, forks):
     other = tmp_path / "other"
     write_images(other, 48, seed=7, size=160)
     reference = tmp_path / "ref.h5"
     assert invoke(*extract_args(other, reference, tiny_model)).exit_code == 0
-    cmd = [os.sys.executable, "-m", "dcfeat", *map(str, extract_args(other, store, tiny_model, "--overwrite"))]
+    args = extract_args(other, store, tiny_model, "--overwrite")
     shards = store.with_suffix(".shards")
     for wanted in (3, 5):  # kill once the new plan has that many shards
-        kill_9_after(cmd, shards, wanted)
+        kill_9_when(forks, args, lambda: len(list(shards.glob("train/*/0*.h5"))) >= wanted)
         assert verified(store)  # whatever the kill hit, the store verifies (old split or new)
-    assert invoke(*extract_args(other, store, tiny_model, "--overwrite")).exit_code == 0  # here: the state is on disk
+    assert invoke(*args).exit_code == 0
     got, ref = read_split(store, "train"), read_split(reference, "train")
     assert got.labels.equals(ref.labels) and np.array_equal(got.embeddings, ref.embeddings)
     assert verified(store) and not list(tmp_path.glob("**/.*.tmp"))

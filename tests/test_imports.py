@@ -6,6 +6,7 @@ one stage to another.
 """
 
 import ast
+import functools
 import re
 import subprocess
 import sys
@@ -36,6 +37,12 @@ def modules() -> dict[str, Path]:
 
 def imports() -> dict[str, set[str]]:
     """dcfeat module → the dcfeat modules it imports, anywhere in its body (functions included)."""
+    return {name: set(found) for name, found in _import_graph().items()}
+
+
+@functools.cache
+def _import_graph() -> dict[str, frozenset[str]]:
+    """`imports()`, parsed once per session (every module's syntax tree: a second or so of CPU)."""
     found_modules = modules()
     graph = {}
     for name, path in found_modules.items():
@@ -51,7 +58,7 @@ def imports() -> dict[str, set[str]]:
                         [a.name for a in node.names] != ["__version__"]:
                     found.add(node.module)
                 found |= submodules
-        graph[name] = {m for m in found if m in found_modules and m != name}
+        graph[name] = frozenset(m for m in found if m in found_modules and m != name)
     return graph
 
 

@@ -2,11 +2,6 @@
 ends bit for bit as an uninterrupted run (CPU); --restart starts over; one `dcfeat train` per run folder."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +10,7 @@ from safetensors.torch import load_file
 from dcfeat import run as run_module
 from dcfeat import train as train_module
 from dcfeat.run import run_lock
-from tests.conftest import FAST_TRAIN, ROOT, invoke, refused
+from tests.conftest import FAST_TRAIN, invoke, kill_9_when, refused
 
 
 class Killed(BaseException):
@@ -90,20 +85,11 @@ def test_a_killed_run_resumes_to_the_same_end_as_an_uninterrupted_one(city_store
 
 
 def test_kill_9_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(city_store, uninterrupted,
-                                                                                 tmp_path):
+                                                                                 tmp_path, forks):
     out = tmp_path / "run"
-    args = ["dcfeat", *map(str, command(city_store, out))]
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from dcfeat.cli import main; main(sys.argv[1:])",
-                             *args[1:]], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = out / "train_log.jsonl"
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if log.is_file() and len(log.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_9_when(forks, command(city_store, out), lambda: log.is_file() and len(log.read_text().splitlines()) >= 2)
+    assert not json.loads((out / "config.json").read_text())["complete"]  # killed before the end
     r = invoke(*command(city_store, out))
     assert r.exit_code == 0, r.output
     assert_same_run(uninterrupted, out)

@@ -406,17 +406,20 @@ def test_several_worker_processes_serve_one_run_on_one_port(calibrated_run):
                              "--device", "cpu", "--workers", "2"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
+    # A new connection for every request, as separate clients would open (whichever process accepts it
+    # answers); one client, so that httpx builds its SSL context once, not at every poll.
+    client = httpx.Client(timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
     try:
         for _ in range(1200):  # polled until both processes listen (bounded in tries)
             assert proc.poll() is None, proc.stderr.read()
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if client.get(f"{url}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        answers = [httpx.post(f"{url}/v1/locate", content=jpeg_bytes(6), timeout=60).json()["answers"][0]
-                   for _ in range(6)]
+        answers = [client.post(f"{url}/v1/locate", content=jpeg_bytes(6)).json()["answers"][0] for _ in range(6)]
         assert all(a["top_k"] == answers[0]["top_k"] for a in answers)
     finally:
+        client.close()
         proc.terminate()
         proc.wait(timeout=60)
