@@ -601,11 +601,26 @@ def unfinished_run(directory: Path) -> bool:
         return False
 
 
+# safetensors (0.8 on) writes a file through a temporary file of its own beside it, `.tmp` and six
+# random letters or digits, and renames that: a writer killed meanwhile leaves it in the run folder.
+_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
+def killed_writers_files(directory: Path) -> list[Path]:
+    """What writers killed mid-write left in the run folder: temporary files of its files, dcfeat's
+    (`atomic_write`) and safetensors' own."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    ours = [p for name in TRAIN_FILES for p in leftover_tmp_files(directory / name)]
+    theirs = [p for p in directory.iterdir() if _SAFETENSORS_TMP.fullmatch(p.name) and p.is_file()]
+    return sorted(ours + theirs)
+
+
 def clear_unfinished_run(directory: Path) -> None:
     """Remove what `dcfeat train` wrote in `directory` (and temporary files it left), nothing else."""
-    for name in TRAIN_FILES:
-        for path in (Path(directory) / name, *leftover_tmp_files(Path(directory) / name)):
-            path.unlink(missing_ok=True)
+    for path in (*(Path(directory) / name for name in TRAIN_FILES), *killed_writers_files(directory)):
+        path.unlink(missing_ok=True)
 
 
 def clear_evaluations(directory: Path) -> None:
@@ -665,9 +680,8 @@ def resume_or_clear(directory: Path, *, restart: bool = False) -> bool:
         raise BadInput(f"--out {directory} exists (a finished run); a run never overwrites another. Choose another "
                        "--out")
     clear_evaluations(directory)
-    for name in TRAIN_FILES:  # what killed writers left: under the lock no other writer is alive
-        for path in leftover_tmp_files(Path(directory) / name):
-            path.unlink(missing_ok=True)
+    for path in killed_writers_files(directory):  # under the lock no other writer is alive
+        path.unlink(missing_ok=True)
     if unfinished_run(directory) and not restart and (Path(directory) / RESUME_FILE).is_file():
         return True
     clear_unfinished_run(directory)

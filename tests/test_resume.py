@@ -2,6 +2,7 @@
 ends bit for bit as an uninterrupted run (CPU); --restart starts over; one `dcfeat train` per run folder."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -62,6 +63,7 @@ def kill_at(monkeypatch, module, name, when):
 # before its config.json, and while fitting the confidence after the last epoch.
 KILLS = {
     "mid-epoch": ("recall_at_1", 3),
+    "after the log line": ("save_resume", 2),
     "after the resume state": ("save_model", 2),
     "before config.json": ("write_config", 4),
     "while calibrating": ("fit_confidence", 1),
@@ -93,6 +95,50 @@ def test_kill_9_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run
     r = invoke(*command(city_store, out))
     assert r.exit_code == 0, r.output
     assert_same_run(uninterrupted, out)
+
+
+def _save_again_and_again(path: str) -> None:
+    """Write a 64 MB safetensors file over and over: a process to kill -9 mid-save."""
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.zeros(16 << 20)}
+    for _ in range(100):
+        save_file(tensors, path)
+
+
+def _left_by_a_save_killed_midway(forks, folder) -> list:
+    """The files besides its target that safetensors leaves when killed mid-save ([] if it writes in place)."""
+    folder.mkdir()
+    for _ in range(20):  # each try kills it the moment another file appears, which may be just after the rename
+        proc = forks.Process(target=_save_again_and_again, args=(str(folder / "w.safetensors"),))
+        proc.start()
+        while proc.is_alive() and [p.name for p in folder.iterdir()] in ([], ["w.safetensors"]):
+            time.sleep(0.001)
+        proc.kill()
+        proc.join()
+        if left := [p for p in folder.iterdir() if p.name != "w.safetensors"]:
+            return left
+    return []
+
+
+def test_what_safetensors_leaves_when_killed_mid_save_is_removed_on_resume(city_store, uninterrupted, tmp_path,
+                                                                        monkeypatch, forks):
+    """safetensors writes through a temporary file of its own beside its target; a kill -9 mid-save
+    leaves that file, which the resumed run must not keep."""
+    left = _left_by_a_save_killed_midway(forks, tmp_path / "scratch")
+    if not left:
+        pytest.skip("this safetensors writes its files in place")
+    out = tmp_path / "run"
+    kill_at(monkeypatch, train_module, "save_model", 2)
+    with pytest.raises(Killed):
+        invoke(*command(city_store, out), catch_exceptions=False)
+    monkeypatch.undo()
+    for path in left:
+        path.rename(out / path.name)
+    assert run_module.killed_writers_files(out) == sorted(out / p.name for p in left)
+    r = invoke(*command(city_store, out))
+    assert r.exit_code == 0, r.output
+    assert_same_run(uninterrupted, out)  # the same files: none left over
 
 
 def test_restart_trains_an_unfinished_run_again_from_its_first_epoch(city_store, uninterrupted, tmp_path,
