@@ -186,7 +186,9 @@ def forks():
     context.set_forkserver_preload(["tests.conftest", "dcfeat.cli", "dcfeat.extract", "dcfeat.train",
                                     "transformers.models.dinov2.modeling_dinov2"])
     yield context
-    forkserver._forkserver._stop()  # the one way the standard library has to stop it and wait for it
+    stop = getattr(forkserver._forkserver, "_stop", None)  # the standard library's one way to stop it and
+    if stop is not None:  # wait for it (private: a Python without it leaves the server to end with pytest)
+        stop()
 
 
 def kill_9_when(forks, args: list, ready: Callable[[], bool], timeout_s: float = 120) -> None:
