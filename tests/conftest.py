@@ -191,11 +191,12 @@ def forks():
         stop()
 
 
-def kill_9_when(forks, args: list, ready: Callable[[], bool], timeout_s: float = 120) -> None:
-    """Run `dcfeat ARGS...` in its own process (started by the `forks` fixture) and kill -9 it once
-    `ready()` holds: no handler runs, nothing is flushed or cleaned up. Returns without killing if the
-    command ends first; gives up waiting for `ready` after `timeout_s`."""
-    proc = forks.Process(target=run_dcfeat_quietly, args=([str(a) for a in args],))
+def kill_9_when(forks, args: list, ready: Callable[[], bool], timeout_s: float = 120,
+                target: Callable[[list[str]], None] = run_dcfeat_quietly) -> None:
+    """Run `dcfeat ARGS...` (or `target(ARGS)`, a module-level function) in its own process, started by
+    the `forks` fixture, and kill -9 it once `ready()` holds: no handler runs, nothing is flushed or
+    cleaned up. Returns without killing if it ends first; gives up waiting for `ready` after `timeout_s`."""
+    proc = forks.Process(target=target, args=([str(a) for a in args],))
     proc.start()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.is_alive() and not ready():

@@ -2,7 +2,6 @@
 ends bit for bit as an uninterrupted run (CPU); --restart starts over; one `dcfeat train` per run folder."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -97,25 +96,21 @@ def test_kill_9_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run
     assert_same_run(uninterrupted, out)
 
 
-def _save_again_and_again(path: str) -> None:
-    """Write a 64 MB safetensors file over and over: a process to kill -9 mid-save."""
+def _save_again_and_again(args: list[str]) -> None:
+    """Write a 64 MB safetensors file at args[0] over and over: a process to kill -9 mid-save."""
     from safetensors.torch import save_file
 
     tensors = {"w": torch.zeros(16 << 20)}
     for _ in range(100):
-        save_file(tensors, path)
+        save_file(tensors, args[0])
 
 
 def _left_by_a_save_killed_midway(forks, folder) -> list:
     """The files besides its target that safetensors leaves when killed mid-save ([] if it writes in place)."""
     folder.mkdir()
     for _ in range(20):  # each try kills it the moment another file appears, which may be just after the rename
-        proc = forks.Process(target=_save_again_and_again, args=(str(folder / "w.safetensors"),))
-        proc.start()
-        while proc.is_alive() and [p.name for p in folder.iterdir()] in ([], ["w.safetensors"]):
-            time.sleep(0.001)
-        proc.kill()
-        proc.join()
+        kill_9_when(forks, [folder / "w.safetensors"], lambda: any(p.name != "w.safetensors" for p in folder.iterdir()),
+                    target=_save_again_and_again)
         if left := [p for p in folder.iterdir() if p.name != "w.safetensors"]:
             return left
     return []
