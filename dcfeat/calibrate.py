@@ -25,7 +25,7 @@ from dcfeat.errors import BadInput, check_writable, writing
 from dcfeat.finetune import tuned_splits
 from dcfeat.identity import check_features
 from dcfeat.run import EVAL_DIR, Run, load_run, write_calibration
-from dcfeat.store import Split, read_split, split_info
+from dcfeat.store import Split, read_split, same_plan, split_info
 
 
 @dataclass
@@ -58,7 +58,7 @@ def evaluated_on(run_dir: Path, split: str, plan_id: str | None) -> Path | None:
         if not isinstance(report, dict):
             continue
         recorded = report.get("split_plan_id")
-        if (recorded == plan_id) if (recorded and plan_id) else report.get("split") == split:
+        if same_plan(recorded, plan_id, report.get("split") == split):
             return report_path
     return None
 
@@ -67,9 +67,8 @@ def check_held_out(run: Run, feats: Path, split: str, *, allow_test_split: bool 
     """Refuse to calibrate on the run's training split, or (unless allowed) on a test split."""
     plan_id = split_info(feats, split).attrs.get("plan_id")
     trained = run.config.store_fingerprint
-    same = (plan_id == trained) if (plan_id and trained) else \
-        (split == run.config.train_split and Path(feats).resolve() == Path(run.config.store or ""))
-    if same:
+    if same_plan(plan_id, trained, split == run.config.train_split and
+                 Path(feats).resolve() == Path(run.config.store or "")):
         raise BadInput(f"--split {split} of {feats} is the run's training split (the same images: plan id "
                        f"{plan_id}): answers on it are surer than on new photos. Calibrate on a held-out split "
                        "(e.g. val), never on the training or the test split")

@@ -12,6 +12,9 @@ from __future__ import annotations
 THRESHOLD_M = 25.0
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
 
+# evaluate --weights: which model of a run `run.load_run` reads.
+WEIGHTS = ("kept", "last")
+
 # --head: the per-group classifier (dcfeat.heads).
 HEADS = {
     "aamc": "additive angular margin, target logit s·cos(θ + m) (ArcFace; D&C's head)",

@@ -71,7 +71,7 @@ from dcfeat.retrieval import (
     topk_in_cells,
 )
 from dcfeat.run import EVAL_DIR, Run, load_run
-from dcfeat.store import Split, read_split
+from dcfeat.store import Split, read_split, same_split
 
 
 @dataclass
@@ -414,8 +414,7 @@ def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, spa
     --space without a database, a --threshold other than the confidence's."""
     warnings = []
     if database is not None:
-        q_plan, d_plan = queries.attrs.get("plan_id"), database.attrs.get("plan_id")
-        if (q_plan == d_plan) if (q_plan and d_plan) else queries.name == database.name:
+        if same_split(queries, database):
             warnings.append(f"--database-split {database.name} is the query split '{queries.name}' itself: every query "
                             "finds its own image, so retrieval and the hybrid score near 100 % and measure nothing. "
                             "Pass the database images' own split (e.g. test-db)")

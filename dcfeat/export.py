@@ -22,9 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcfeat import __version__
+from dcfeat.atomic import tmp_path
 from dcfeat.backbone import RANDOM_NOTICE
+from dcfeat.choices import THRESHOLD_M
 from dcfeat.errors import BadInput, writing
 from dcfeat.localizer import BACKBONE_DIR
+from dcfeat.reports import REPORT
 from dcfeat.run import (
     BLOCKS_FILE,
     CALIBRATION_FILE,
@@ -40,7 +43,6 @@ from dcfeat.run import (
 
 CARD = "README.md"
 COPIED = (*RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, CHECKSUM_FILE, COMMAND_FILE, LOG_FILE)
-REPORT = "report.json"
 EVAL_SUFFIXES = (".json", ".png")  # of eval/<split>/: the reports and plots, not predictions.parquet
 
 
@@ -88,7 +90,7 @@ def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool) -> st
     features, train, cal = run.feature_identity, run.config.train, run.calibration
     backbone = features.get("model") or "unknown"
     hub_id = backbone if "/" in backbone and not Path(backbone).is_absolute() else None
-    threshold = reports[next(iter(reports))].get("threshold_m", 25.0) if reports else 25.0
+    threshold = reports[next(iter(reports))].get("threshold_m", THRESHOLD_M) if reports else THRESHOLD_M
     header = ["---", "library_name: dcfeat", "pipeline_tag: image-classification",
               f"tags: {_yaml(['visual-place-recognition', 'geolocalization', 'divide-and-classify', 'dinov2'])}"]
     if hub_id and not run.random_backbone:
@@ -192,7 +194,7 @@ def export_run(run_dir: Path, out: Path, *, with_backbone: bool = False) -> Expo
     verify_checksums(run_dir)
     reports = _reports(run_dir)
     backbone = _backbone_files(run.feature_identity.get("model_source") or "") if with_backbone else []
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = tmp_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     files = []
     with writing(out.parent if out.parent.exists() else Path.cwd()):

@@ -51,7 +51,6 @@ from dcfeat.reports import remove_outputs
 MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
 # The last epoch's weights, where training kept another epoch's (D&C's script reports the last model).
 LAST_FILE = "model_last.safetensors"
-WEIGHTS = ("kept", "last")  # which of the two `load_run` reads
 BLOCKS_FILE, CALIBRATION_FILE = "blocks.safetensors", "calibration.json"
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE)
 COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"

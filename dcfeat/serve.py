@@ -482,7 +482,7 @@ def run_info(localizer: Localizer, config: ServeConfig) -> dict:
             "preset": run.config.train.preset, "M": run.M, "N": run.config.train.N, "classes": localizer.classes,
             "scoring": localizer.scoring,
             "calibration": None if cal is None else {"threshold_m": cal.threshold_m, "fitted_on": cal.fitted_on},
-            "limits": {k: v for k, v in asdict(config).items()}}
+            "limits": asdict(config)}
 
 
 def cells(localizer: Localizer) -> dict:
@@ -537,7 +537,6 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
         batcher.stop()
 
     app = FastAPI(title="dcfeat", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.batcher, app.state.metrics, app.state.localizer, app.state.config = batcher, metrics, localizer, config
 
     @app.exception_handler(Problem)
     async def problem(request: Request, e: Problem):

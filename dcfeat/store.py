@@ -104,6 +104,17 @@ class Split:
     attrs: dict
 
 
+def same_plan(plan_a: str | None, plan_b: str | None, otherwise: bool) -> bool:
+    """Whether two splits hold the same images: their plan ids (`plan_id`, unique to each extraction)
+    where both have one, else `otherwise` (a weaker test such as equal names)."""
+    return plan_a == plan_b if plan_a and plan_b else otherwise
+
+
+def same_split(a: Split, b: Split) -> bool:
+    """Whether two splits hold the same images: their plan ids where both have one, else their names."""
+    return same_plan(a.attrs.get("plan_id"), b.attrs.get("plan_id"), a.name == b.name)
+
+
 def open_store(store: Path) -> h5py.File:
     """The store opened for reading, checked to be a dcfeat format-v1 file."""
     store = Path(store)

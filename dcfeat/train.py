@@ -66,7 +66,7 @@ from dcfeat.sampling import (
     check_finite,
     read_rows,
 )
-from dcfeat.store import Split, read_split, split_info
+from dcfeat.store import Split, read_split, same_split, split_info
 
 # ReduceLROnPlateau as D&C's train.py builds it: on the mean train loss of each epoch, patience 10
 # (its --scheduler_patience), torch's default factor 0.1, on the backbone's optimiser only (here the
@@ -357,12 +357,6 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
     return TrainResult(out=out, epochs=history, best_epoch=state.best_epoch, classes=len(part.classes),
                        images_used=used, seconds=time.perf_counter() - t_start, calibration=calibration,
                        resumed_from=resumed_from, warnings=warnings)
-
-
-def same_split(a: Split, b: Split) -> bool:
-    """Whether two splits hold the same images: their plan ids where both have one, else their names."""
-    pa, pb = a.attrs.get("plan_id"), b.attrs.get("plan_id")
-    return pa == pb if pa and pb else a.name == b.name
 
 
 def group_order(part: Partition, order: str) -> list[int]:

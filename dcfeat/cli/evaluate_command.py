@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dcfeat.choices import DEFAULT_KS, MODES, SCORINGS, SPACES, THRESHOLD_M
+from dcfeat.choices import DEFAULT_KS, MODES, SCORINGS, SPACES, THRESHOLD_M, WEIGHTS
 from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout, warn
 from dcfeat.cli.options import (
     AT_LEAST_1,
@@ -36,7 +36,7 @@ from dcfeat.errors import BadInput
 @click.option("--cells", type=AT_LEAST_1, default=None,
               help="Hybrid: retrieve among the top-c cells' images [default: the fewest top cells holding the run's "
               "share of the probability, its gate fitted on val].")
-@click.option("--weights", type=click.Choice(["kept", "last"]), default="kept", show_default=True,
+@click.option("--weights", type=click.Choice(WEIGHTS), default=WEIGHTS[0], show_default=True,
               help="The model of the epoch training kept (train --keep), or of its last epoch (what D&C's script "
               "reports; its confidence was fitted for the kept one).")
 @click.option("--repeats", type=AT_LEAST_1, default=3, show_default=True,
