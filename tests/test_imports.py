@@ -1,4 +1,4 @@
-"""The module layout of README's Architecture table, checked on the source: arrows point down only.
+"""The module layout of docs/architecture.md's table, checked on the source: arrows point down only.
 
 The table is the source of truth: every module of the package is in exactly one of its layers,
 and every import (function bodies included) goes to the same layer or one below, never from
@@ -63,9 +63,8 @@ def _import_graph() -> dict[str, frozenset[str]]:
 
 
 def layers() -> dict[str, str]:
-    """Module → its layer, as README's Architecture table says."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    """Module → its layer, as docs/architecture.md's table says."""
+    section = (ROOT / "docs" / "architecture.md").read_text()
     layer_of, layer = {}, None
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -74,7 +73,7 @@ def layers() -> dict[str, str]:
         layer = cells[0] or layer
         for file in re.findall(r"`([\w/]+\.py)`", cells[1]):
             module = _module_name(PACKAGE / file)
-            assert module not in layer_of, f"{file} is in two rows of README's Architecture table"
+            assert module not in layer_of, f"{file} is in two rows of docs/architecture.md's table"
             layer_of[module] = layer
     return layer_of
 
