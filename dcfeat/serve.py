@@ -1,6 +1,6 @@
 """`dcfeat serve`: a run folder behind HTTP (FastAPI + uvicorn), micro-batched, bounded, stateless.
 
-Endpoints (README, "Serving a run", has the request and answer formats):
+Endpoints (docs/serving.md has the request and answer formats):
 
 * `POST /v1/locate`: one or more images (multipart parts, or one image as the raw body), query
   or form fields `k` and `min_confidence`; one answer per image (`Localizer`'s `Answer`).

@@ -176,7 +176,7 @@ def layout_problem(group: h5py.Group) -> str | None:
 
 
 def layout_fix(split: str) -> str:
-    return (f"rewrite split '{split}' in format v1 (README, \"The feature store\") with the program that made it, "
+    return (f"rewrite split '{split}' in format v1 (docs/data.md, \"The feature store\") with the program that made it, "
             f"or re-extract it with `dcfeat extract --split {split} --overwrite`")
 
 

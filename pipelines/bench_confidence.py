@@ -42,7 +42,7 @@ def main() -> None:
                           out=Path(tmp) / "run")
         cal = calibrate_files(store, run.out, "val", device="cpu", database_split="test-db").calibrator
         report = evaluate_files(store, run.out, "test", database_split="test-db", device="cpu",
-                                   out=RESULTS / "confidence").report  # the plots README shows
+                                   out=RESULTS / "confidence").report  # the plots docs/confidence.md shows
         (RESULTS / "confidence" / "predictions.parquet").unlink()  # 6 MB the figures do not need
         out["near_misses"] = near_misses(load_run(run.out), read_split(store, "test", dtype=np.float32))
     out["calibrator"] = {"weights": dict(zip(cal.signals, cal.weights)), "radius_scale": cal.radius_scale,

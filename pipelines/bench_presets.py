@@ -25,7 +25,7 @@ from dcfeat.train import train_files
 RESULTS = Path(__file__).resolve().parents[1] / "pipelines" / "results"
 EPOCHS = 4
 SEEDS = (0, 1, 2)  # initialisation and sampling; one city. 500 queries alone leave ±2 points of noise per run
-# One row per difference of README's preset table (the test-time image belongs to the features), each
+# One row per difference of docs/method.md's preset table (the test-time image belongs to the features), each
 # switched from dc-paper's value to dcfeat's.
 DCFEAT = preset_config("dcfeat")
 TOWARD_DCFEAT = {

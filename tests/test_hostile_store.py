@@ -333,7 +333,7 @@ def test_impossible_labels_in_a_foreign_store_are_a_damaged_store(store, tmp_pat
 
 
 def _foreign_store(tmp_path: Path, embeddings: np.ndarray, dim: int | None = None) -> Path:
-    """A store as another program writes it with h5py, following README's "The feature store"."""
+    """A store as another program writes it with h5py, following docs/data.md's "The feature store"."""
     import polars as pl
 
     store = tmp_path / "foreign.h5"
