@@ -457,6 +457,8 @@ def descriptor_request(body: bytes, localizer: Localizer, config: ServeConfig) -
     unknown = sorted(set(doc) - set(DESCRIPTOR_FIELDS))
     if unknown:
         raise bad(f"unknown fields {unknown}")
+    if doc["descriptors"] == []:
+        raise bad("no descriptor in the request", "no_descriptor")
     try:
         values = np.asarray(doc["descriptors"])
     except ValueError:  # rows of different lengths
@@ -464,14 +466,13 @@ def descriptor_request(body: bytes, localizer: Localizer, config: ServeConfig) -
     if values.ndim != 2 or values.dtype.kind not in "iuf":
         raise bad(f"`descriptors` must be a list of lists of numbers (shape (n, {dim})), not of shape {values.shape} "
                   f"and type {values.dtype}")
-    if len(values) == 0:
-        raise bad("no descriptor in the request", "no_descriptor")
     if len(values) > config.max_images:
         raise Problem(413, "too_many_descriptors", f"{len(values)} descriptors in one request, at most "
                       f"{config.max_images}; send them in several (dcfeat serve --max-images)")
     if values.shape[1] != dim:
         raise bad(f"descriptors of {values.shape[1]} values; this run's features have {dim}", "wrong_dim")
-    values = values.astype(np.float32)
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+        values = values.astype(np.float32)
     finite = np.isfinite(values).all(axis=1)
     if not finite.all():
         raise bad(f"descriptors {np.flatnonzero(~finite)[:5].tolist()} hold values that are not finite (NaN or "
