@@ -500,7 +500,9 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
         if space == "projected":
             raise BadInput("--space projected is the run's learned embedding, and no run is evaluated; leave --space "
                            "out (raw), or pass --run DIR")
-    out = Path(out) if out else (Path(run_dir) / EVAL_DIR / split if run_dir is not None else raw_eval_dir(feats, split))
+    if not out:
+        out = Path(run_dir) / EVAL_DIR / split if run_dir is not None else raw_eval_dir(feats, split)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; evaluate writes a folder of files (report.json, predictions.parquet, "
                        "plots) there. Choose a folder, new or one that evaluate wrote")

@@ -110,9 +110,9 @@ def _hdf5(path: Path, where: str, split: str, stack: ExitStack) -> Descriptors:
         groups = [g for g in f.values() if isinstance(g, h5py.Group) and isinstance(g.get("embeddings"), h5py.Dataset)]
         group = f[split] if split in f and f[split] in groups else (groups[0] if len(groups) == 1 else None)
         if group is None:
-            raise BadInput(f"{where}: no dataset {' or '.join(DESCRIPTOR_NAMES)} at its root, and not one "
-                           f"group with `embeddings` (it holds {sorted(f)}); name the descriptors `descriptors` and "
-                           "their ids `ids`")
+            raise BadInput(f"{where}: no dataset {' or '.join(DESCRIPTOR_NAMES)} at its root (it holds {sorted(f)}); "
+                           + ("of its groups with `embeddings`, import one by --split of the same name"
+                              if groups else "name the descriptors `descriptors` and their ids `ids`"))
         name = "embeddings"
     values = group[name]
     ids = next((group[n] for n in ID_NAMES if isinstance(group.get(n), h5py.Dataset)), None)

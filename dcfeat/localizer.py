@@ -248,7 +248,9 @@ class Localizer:
     """A run folder loaded once, answering where photos (or their cached features) were taken.
 
     The backbone loads on the first image (`locate_features` needs none) and is checked against
-    the run's training features by its weights' fingerprint. `model`: another copy of the same
+    the run's training features by its weights' fingerprint. A run of descriptors no dcfeat
+    backbone made (`dcfeat import`, synthetic cities) has none: it answers `locate_features` only,
+    and refuses images naming that (`embeds_images`, `check_images`). `model`: another copy of the same
     backbone (a local folder); default the run's exported `backbone/` folder if it has one, else
     the backbone the run's features came from. Thread-safe: one forward pass at a time.
     """

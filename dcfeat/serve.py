@@ -18,10 +18,11 @@ Endpoints (README, "Serving a run", has the request and answer formats):
   (Prometheus text format), and the page at `/` (dcfeat/static/index.html).
 
 One worker thread owns the model. Requests decode their images in threads (at most one per
-core at a time), then queue them (descriptors are queued as they come, and count as images); the worker takes the first waiting request and, within
-`max_wait_ms` of it, every other that fits `max_batch` images, runs one forward pass for them
-all, and answers each. The queue holds at most `max_queue` images: a request that would overflow
-it is answered 503 with Retry-After at once. A body over `max_body_bytes` is answered 413 (from
+core at a time), then queue them (descriptors are queued as they come, and count as images);
+the worker takes the first waiting request and, within `max_wait_ms` of it, every other that
+fits `max_batch` images, runs one forward pass for them all, and answers each. The queue holds
+at most `max_queue` images: a request that would overflow it is answered 503 with Retry-After
+at once. A body over `max_body_bytes` is answered 413 (from
 Content-Length, before it is read, or as soon as it grows past), a body that does not arrive
 within `timeout_s` 408, and a request the model has not answered within `timeout_s` 504.
 Undecodable images, decompression bombs and bad fields are 422 naming the reason, malformed
