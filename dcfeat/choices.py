@@ -33,8 +33,10 @@ SCORINGS = {
 }
 # --mode of `dcfeat evaluate` (dcfeat.evaluate).
 MODES = {
-    "classify": "the top-k cells over every group's prototypes; the answer is the cell centre",
-    "retrieve": "exact cosine k-NN against the database split (the NetVLAD/CosPlace way)",
+    "classify": "the top-k cells over every group's prototypes; the answer is a position weighed from the top "
+                "cells' centres (the best cell's centre is reported beside it as classify-centre)",
+    "retrieve": "exact cosine k-NN against the database split (the NetVLAD/CosPlace way; with no run, over the "
+                "raw features)",
     "hybrid": "retrieval among the database images inside the top --cells cells (D&C)",
     "adaptive": "the gated hybrid, and exact retrieval for the least sure queries (a calibrated run)",
 }
@@ -52,6 +54,9 @@ POOLINGS = {
     "gem": "generalised mean (p = 3) of the patch tokens",
     "cls+mean": "the CLS token and the patch mean, concatenated (twice the width)",
 }
+# The pooling of features that no backbone of dcfeat pooled (synthetic cities, other tools' descriptors
+# brought in by `dcfeat import`): no image can be embedded into their space here.
+NO_POOLING = "none"
 # --crop: what part of the image the backbone sees (dcfeat.images); "centre" is what stores
 # written before `crop` existed hold.
 CROPS = {
@@ -59,6 +64,8 @@ CROPS = {
     "full": "the whole image, shorter side resized to size and the longer one in proportion, rounded to a "
             "multiple of the patch size (D&C's test images)",
 }
+# `dcfeat import --crop`: the crop of descriptors another tool computed, where the user knows it.
+UNKNOWN_CROP = "unknown"
 # --device: where dcfeat computes. Its kernels, precision and memory checks know the CPU and CUDA only.
 DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
 DEVICES = "auto, cpu, cuda or cuda:N"

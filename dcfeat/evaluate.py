@@ -8,6 +8,10 @@
   run's share of the probability (its gate), or the top --cells.
 * adaptive: the gated hybrid, and exact retrieval for the least sure queries.
 
+With no run (`evaluate_raw`), retrieval alone over the raw features: exact cosine k-NN of each
+query among the database split, LR@k and the same files (what VPR-methods-evaluation measures for
+descriptors of any model, extracted or imported); its report says no run was used.
+
 The confidence of classification's answers is measured beside: the calibrated confidence
 (when the run has calibration.json) and each single signal side by side on the same
 queries — AUC-PR and AUROC of right-vs-wrong, LR@1 among the most confident 50/75/90 %,
@@ -48,7 +52,7 @@ from dcfeat.confidence import (
 from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures, check_writable, writing
 from dcfeat.finetune import tuned_splits
-from dcfeat.identity import check_features
+from dcfeat.identity import RECORDED_ATTRS, check_features
 from dcfeat.metrics import (
     DEFAULT_KS,
     THRESHOLD_M,
@@ -137,8 +141,9 @@ def _spaces(run: Run, queries: Split, db: Split, space: str, device: torch.devic
     return queries.embeddings, d, time.perf_counter() - t
 
 
-def retrieve(run: Run, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected",
+def retrieve(run: Run | None, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected",
              cache: dict | None = None) -> Ranking:
+    """Exact cosine k-NN of the queries among the database rows; `run` None for the raw space."""
     q, d, index_seconds = _spaces(run, queries, db, space, device, cache)
     t = time.perf_counter()
     if space == "projected":
@@ -373,14 +378,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     for mode in modes:
         methods.extend(_timed(lambda split, mode=mode: run_mode(mode, split), queries, repeats))
     n = queries.embeddings.shape[0]
-    results, report_methods = {}, {}
-    for m in methods:
-        lr = score(m, queries, ks=ks, threshold_m=threshold_m)
-        results[m.name] = lr
-        report_methods[m.name] = {"recall": {str(k_): v for k_, v in lr.recall.items()}, "median_error_m": lr.median_m,
-                                  "mean_error_m": lr.mean_m, "seconds": m.seconds,
-                                  "queries_per_s": n / m.seconds if m.seconds > 0 else None,
-                                  "ms_per_query": 1000 * m.seconds / n if n else None, **m.extra}
+    results, report_methods = _recall(methods, queries, ks=ks, threshold_m=threshold_m)
     retrieved = next((m for m in methods if m.name == "retrieve"), None)
     section, plots = assess_confidence(
         run, queries, threshold_m=threshold_m, database_split=database.name if database is not None else None,
@@ -408,16 +406,65 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     return Evaluation(report, methods, results, plots, warnings=warnings)
 
 
+def _recall(methods: list[Ranking], queries: Split, *, ks: tuple[int, ...],
+            threshold_m: float) -> tuple[dict[str, LocalisationRecall], dict[str, dict]]:
+    """Each method's LR@k, and its entry of the report (recall, errors, speed, its own details)."""
+    n = len(queries.labels)
+    results, report_methods = {}, {}
+    for m in methods:
+        lr = score(m, queries, ks=ks, threshold_m=threshold_m)
+        results[m.name] = lr
+        report_methods[m.name] = {"recall": {str(k_): v for k_, v in lr.recall.items()}, "median_error_m": lr.median_m,
+                                  "mean_error_m": lr.mean_m, "seconds": m.seconds,
+                                  "queries_per_s": n / m.seconds if m.seconds > 0 else None,
+                                  "ms_per_query": 1000 * m.seconds / n if n else None, **m.extra}
+    return results, report_methods
+
+
+# What a report without a run says in place of the run's status.
+NO_RUN = "NO RUN: exact k-NN over the raw features of the store (no training, no confidence)"
+
+
+def evaluate_raw(queries: Split, database: Split, *, ks: tuple[int, ...] = DEFAULT_KS,
+                 threshold_m: float = THRESHOLD_M, device: str = "cpu", store: Path | None = None,
+                 repeats: int = TIMING_REPEATS) -> Evaluation:
+    """Retrieval with no run: exact cosine k-NN of each query among the database rows on the raw
+    features, LR@k and timing as `evaluate` reports them; no classification and no confidence."""
+    check_rows(queries, "--split", store)
+    check_rows(database, "--database-split", store)
+    dev = torch.device(device)
+    warnings = _database_warnings(queries, database)
+    asked_ks = ks
+    ks = tuple(sorted({min(k_, len(database.labels)) for k_ in ks}))
+    methods = _timed(lambda split: [retrieve(None, split, database, max(ks), dev, "raw")], queries, repeats)
+    results, report_methods = _recall(methods, queries, ks=ks, threshold_m=threshold_m)
+    report = {"split": queries.name, "split_plan_id": queries.attrs.get("plan_id"), "queries": len(queries.labels),
+              "database_split": database.name, "database_rows": len(database.labels), "threshold_m": threshold_m,
+              "ks": list(ks), "device": str(dev), "space": "raw", "run": None, "run_status": NO_RUN,
+              "features": {k: queries.attrs.get(k) for k in RECORDED_ATTRS},
+              "random_backbone": bool(queries.attrs.get("backbone_random_init")), "methods": report_methods,
+              "store": str(Path(store).resolve()) if store is not None else None,
+              "options": {"modes": ["retrieve"], "ks": list(asked_ks), "threshold_m": threshold_m, "space": "raw",
+                          "device": device},
+              "confidence": None, "warnings": warnings}
+    return Evaluation(report, methods, results, {}, warnings=warnings)
+
+
+def _database_warnings(queries: Split, database: Split) -> list[str]:
+    if same_split(queries, database):
+        return [f"--database-split {database.name} is the query split '{queries.name}' itself: every query finds its "
+                "own image, so retrieval and the hybrid score near 100 % and measure nothing. Pass the database "
+                "images' own split (e.g. test-db)"]
+    return []
+
+
 def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, space: str,
                         threshold_m: float) -> list[str]:
     """What an evaluation accepts but should say: a database that is the query split itself, a
     --space without a database, a --threshold other than the confidence's."""
     warnings = []
     if database is not None:
-        if same_split(queries, database):
-            warnings.append(f"--database-split {database.name} is the query split '{queries.name}' itself: every query "
-                            "finds its own image, so retrieval and the hybrid score near 100 % and measure nothing. "
-                            "Pass the database images' own split (e.g. test-db)")
+        warnings += _database_warnings(queries, database)
     elif space != "projected":
         warnings.append(f"--space {space} has no effect without --database-split: only retrieval and the hybrid "
                         "compare descriptors, and classification always uses the run's projection")
@@ -430,45 +477,70 @@ def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, spa
     return warnings
 
 
-def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: str | None = None,
+def raw_eval_dir(feats: Path, split: str) -> Path:
+    """Where an evaluation without a run writes by default: STORE_FOLDER/eval/STORE_NAME/SPLIT."""
+    return Path(feats).parent / EVAL_DIR / Path(feats).stem / split
+
+
+def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_split: str | None = None,
                    modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
-                   threshold_m: float = THRESHOLD_M, cells: int | None = None, space: str = "projected",
+                   threshold_m: float = THRESHOLD_M, cells: int | None = None, space: str | None = None,
                    repeats: int = TIMING_REPEATS, weights: str = "kept",
                    scoring: str = "cosine", device: str = "auto", out: Path | None = None) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
     (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT), together: a
-    failure leaves `out` as it was."""
-    out = Path(out) if out else Path(run_dir) / EVAL_DIR / split
+    failure leaves `out` as it was. `run_dir` None: no run, `--mode retrieve` on the raw features
+    only (`evaluate_raw`; default `out` STORE_FOLDER/eval/STORE_NAME/SPLIT). `space` None: projected
+    with a run, raw without."""
+    if run_dir is None:
+        if tuple(modes or ()) != ("retrieve",):
+            raise BadInput(f"--mode {'/'.join(modes) if modes else 'all'} needs a run: train one with `dcfeat train`, "
+                           "or pass --run DIR of a folder it wrote. Without a run only `--mode retrieve "
+                           "--database-split SPLIT` can be evaluated: exact k-NN over the raw features")
+        if space == "projected":
+            raise BadInput("--space projected is the run's learned embedding, and no run is evaluated; leave --space "
+                           "out (raw), or pass --run DIR")
+    if not out:
+        out = Path(run_dir) / EVAL_DIR / split if run_dir is not None else raw_eval_dir(feats, split)
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; evaluate writes a folder of files (report.json, predictions.parquet, "
                        "plots) there. Choose a folder, new or one that evaluate wrote")
     dev = resolve_device(device)
-    run = load_run(run_dir, dev, weights=weights)
-    modes = default_modes(database_split, run) if modes is None else modes
+    run = load_run(run_dir, dev, weights=weights) if run_dir is not None else None
+    if run is not None:
+        modes = default_modes(database_split, run) if modes is None else modes
     check_modes(modes, database_split, run)
     check_writable(out)
     queries = read_split(feats, split, dtype=np.float32)
-    check_features(run.feature_identity, queries.attrs, what=f"split '{split}' of {feats}")
+    if run is not None:
+        check_features(run.feature_identity, queries.attrs, what=f"split '{split}' of {feats}")
     check_rows(queries, "--split", feats)
     database = None
     if database_split:
         database = read_split(feats, database_split)
-        check_features(run.feature_identity, database.attrs, what=f"split '{database_split}' of {feats}")
+        if run is not None:
+            check_features(run.feature_identity, database.attrs, what=f"split '{database_split}' of {feats}")
         check_rows(database, "--database-split", feats)
-    if run.finetune_blocks:
-        queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
-        database = rest[0] if rest else None
-    result = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring, threshold_m=threshold_m,
-                      repeats=repeats,
-                      cells=cells, space=space, device=str(dev), store=feats)
+    if run is None:
+        result = evaluate_raw(queries, database, ks=ks, threshold_m=threshold_m, device=str(dev), store=feats,
+                              repeats=repeats)
+    else:
+        if run.finetune_blocks:
+            queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
+            database = rest[0] if rest else None
+        result = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring,
+                          threshold_m=threshold_m, repeats=repeats, cells=cells, space=space or "projected",
+                          device=str(dev), store=feats)
+        result.report["weights"] = weights  # the kept epoch's model, or the last one's
     result.report["options"]["device"] = device
-    result.report["weights"] = weights  # the kept epoch's model, or the last one's
     background = None
     if database is not None:
         background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
+    notice = f" — {RANDOM_NOTICE}" if result.report["random_backbone"] else ""
     with writing(out), staged(out) as folder:
-        extra = write_confidence_plots(folder, result.confidence_plots, split=split,
-                                       notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")
+        extra = (write_confidence_plots(folder, result.confidence_plots, split=split, notice=notice)
+                 if result.confidence_plots else {})
         result.report, paths = write_outputs(folder, result.report, queries.labels, result.methods, result.recall,
                                              background=background, extra_files=extra)
     result.paths = {name: out / path.name for name, path in paths.items()}

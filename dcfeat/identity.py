@@ -8,10 +8,19 @@ The weights are compared by their fingerprint (every tensor and the architecture
 the name they were loaded under: `facebook/dinov2-base` on one machine and `./dinov2-base`
 on another, or a checkpoint folder copied elsewhere, are the same model. The name is recorded
 for people, and compared only where a side has no fingerprint (stores of other programs).
+
+Descriptors another tool computed (`dcfeat import`) come without the function that made them,
+which dcfeat therefore cannot hash. Their fingerprint is a hash of the name the user gives them
+(`--model-name`) and their width: splits imported under one name mix, splits of another name or
+width are refused. It is only as true as the names: two different descriptors imported under one
+name and width are not told apart.
 """
 
 from __future__ import annotations
 
+import hashlib
+
+from dcfeat.choices import NO_POOLING
 from dcfeat.errors import IncompatibleFeatures
 
 # Attributes that must agree between splits of one store, and between a run's training features
@@ -28,6 +37,28 @@ IDENTITY_OPTIONS = {"model": "--model", "model_fingerprint": "--model", "pooling
                     "image_size": "--image-size", "crop": "--crop"}
 
 
+# The model name (and fingerprint) of imported descriptors start with this: `imported:MegaLoc`.
+IMPORTED = "imported:"
+
+
+def imported_identity(name: str, dim: int) -> dict:
+    """The identity of descriptors named `name` (what `dcfeat import --model-name` records), `dim` wide:
+    a fingerprint that is a stable function of the name and the width, and no backbone pooling."""
+    digest = hashlib.sha256(f"{name}\n{dim}".encode()).hexdigest()[:16]
+    return {"model": f"{IMPORTED}{name}", "model_source": f"{IMPORTED}{name}",
+            "model_fingerprint": f"{IMPORTED}{digest}", "pooling": NO_POOLING, "dim": int(dim)}
+
+
+def is_imported(attrs: dict) -> bool:
+    """Whether features were brought in by `dcfeat import` (their fingerprint says so)."""
+    return str(attrs.get("model_fingerprint") or "").startswith(IMPORTED)
+
+
+def imported_name(attrs: dict) -> str:
+    """The `--model-name` imported features were recorded under."""
+    return str(attrs.get("model", "")).removeprefix(IMPORTED)
+
+
 def with_defaults(attrs: dict) -> dict:
     """Split, plan or run-feature attributes with ATTR_DEFAULTS where they predate an attribute."""
     return {**ATTR_DEFAULTS, **attrs}
@@ -40,24 +71,45 @@ def identity_diff(a: dict, b: dict) -> dict[str, tuple]:
     return {k: (a[k], b[k]) for k in keys if k in a and k in b and a[k] != b[k]}
 
 
-def _shown(diff: dict[str, tuple], first: str = "") -> str:
-    return "; ".join(f"{k}: {first}{a!r} vs {b!r}" for k, (a, b) in diff.items())
+def _shown(diff: dict[str, tuple], first: str = "", models: tuple = ()) -> str:
+    """The differences, with the models' names beside differing fingerprints (a hash says nothing to people)."""
+    named = {k: (f"{a!r} ({models[0]!r})", f"{b!r} ({models[1]!r})") if k == "model_fingerprint" and all(models)
+             else (repr(a), repr(b)) for k, (a, b) in diff.items()}
+    return "; ".join(f"{k}: {first}{a} vs {b}" for k, (a, b) in named.items())
+
+
+def _models(a: dict, b: dict) -> tuple:
+    return a.get("model"), b.get("model")
+
+
+def import_fix(attrs: dict) -> str:
+    """How to make features that fit imported ones: import them under the same name and width."""
+    return (f"import them with `dcfeat import --model-name {imported_name(attrs)}` ({attrs.get('dim')} values per "
+            "descriptor), computed by the same tool and model")
 
 
 def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
     """Refuse mixing the splits of one store that do not belong together."""
     diff = identity_diff(existing, new)
     if diff:
-        raise IncompatibleFeatures(f"{what} do not belong together ({_shown(diff)}). {fix}")
+        if is_imported(existing) or is_imported(new):
+            fix = f"A store holds one kind of descriptor: {import_fix(existing)}, or write to another --out."
+        raise IncompatibleFeatures(f"{what} do not belong together ({_shown(diff, models=_models(existing, new))}). "
+                                   f"{fix}")
 
 
 def check_features(run_features: dict, split_attrs: dict, *, what: str) -> None:
     """Refuse to apply a run to features from other weights, pooling, size, crop or dim."""
     diff = identity_diff(run_features, split_attrs)
-    if diff:
-        name = run_features.get("model_source") or run_features.get("model")
-        value = {**run_features, "model": name, "model_fingerprint": name}
-        options = " ".join(dict.fromkeys(f"{IDENTITY_OPTIONS[k]} {value[k]}" for k in diff if k in IDENTITY_OPTIONS))
-        raise IncompatibleFeatures(f"{what} was made by another backbone or setting than the run's training "
-                                   f"features ({_shown(diff, 'run ')}); extract it with the run's "
-                                   f"{options or '--model/--pooling/--image-size/--crop'}")
+    if not diff:
+        return
+    shown = _shown(diff, "run ", _models(run_features, split_attrs))
+    if is_imported(run_features):
+        raise IncompatibleFeatures(f"{what} holds other features than the run's training features ({shown}); "
+                                   f"{import_fix(run_features)}")
+    name = run_features.get("model_source") or run_features.get("model")
+    value = {**run_features, "model": name, "model_fingerprint": name}
+    options = " ".join(dict.fromkeys(f"{IDENTITY_OPTIONS[k]} {value[k]}" for k in diff if k in IDENTITY_OPTIONS))
+    raise IncompatibleFeatures(f"{what} was made by another backbone or setting than the run's training "
+                               f"features ({shown}); extract it with the run's "
+                               f"{options or '--model/--pooling/--image-size/--crop'}")

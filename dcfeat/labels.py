@@ -290,16 +290,21 @@ def _numbers(column: pl.Series, where: str) -> pl.Series:
     return values
 
 
-def _relative_id(path: str, prefixes: tuple[str, ...]) -> str | None:
-    """`path` normalised and relative to the images root; None where it lies outside."""
+def _relative_id(path: str, prefixes: tuple[str, ...] | None) -> str | None:
+    """`path` normalised and relative to the images root; None where it lies outside. `prefixes`
+    None: no root, an absolute path stays absolute."""
     path = posixpath.normpath(path)
     if path.startswith("/"):
+        if prefixes is None:
+            return path
         return next((path[len(p):] for p in prefixes if path.startswith(p)), None)
     return None if path == ".." or path.startswith("../") else path
 
 
-def _image_ids(paths: pl.Series, root: Path, where: str) -> pl.Series:
-    """Manifest paths as store ids: relative to the images root, '/' separators (DESIGN.md, store `ids`)."""
+def image_ids(paths: pl.Series, root: Path | None, where: str) -> pl.Series:
+    """Image paths (a manifest's, another tool's ids) as store ids: normalised, '/' separators, relative to
+    the images root (DESIGN.md, store `ids`); `root` None: absolute paths stay absolute. BadInput naming
+    `where` for an empty path, a path outside the root, or a path listed twice."""
     try:
         raw = paths.cast(pl.String).str.replace_all("\\", "/", literal=True).replace("", None)
     except pl.exceptions.PolarsError:
@@ -309,12 +314,14 @@ def _image_ids(paths: pl.Series, root: Path, where: str) -> pl.Series:
         raise BadInput(f"{where}: {raw.null_count()} rows have no `{paths.name}`, first data rows {rows}. "
                        "Give every row the image path.")
     # absolute paths may spell --images with or without its links resolved
-    prefixes = tuple({Path(p).as_posix().rstrip("/") + "/" for p in (os.path.abspath(root), os.path.realpath(root))})
+    prefixes = None if root is None else tuple({Path(p).as_posix().rstrip("/") + "/"
+                                                for p in (os.path.abspath(root), os.path.realpath(root))})
     idx = np.flatnonzero(raw.str.contains(_UNNORMALISED).to_numpy())  # only these can change: fast on clean paths
     fixed = pl.Series([_relative_id(p, prefixes) for p in raw.gather(idx).to_list()], dtype=pl.String)
     outside = raw.gather(idx).filter(fixed.is_null())
     if outside.len():
-        raise BadInput(f"{where}: {outside.len()} paths lie outside the images folder {root}, first: "
+        folder = f"the images folder {root}" if root is not None else "the folder they are relative to (../)"
+        raise BadInput(f"{where}: {outside.len()} paths lie outside {folder}, first: "
                        f"{outside.head(3).to_list()}. Paths must lie under --images (default: the manifest's "
                        "folder): write them relative to it, or pass the --images folder that holds them.")
     ids = (raw.scatter(idx, fixed) if len(idx) else raw).alias("image_id")
@@ -343,7 +350,7 @@ def read_manifest(path: Path, *, path_column: str = "path", positions: bool = Tr
                        f"relative to --images; another name with --path-column){need}.")
     if frame.height == 0:
         raise BadInput(f"{where}: lists no images. Add one row per image below the header.")
-    ids = _image_ids(frame[path_column], Path(images) if images is not None else path.parent, where)
+    ids = image_ids(frame[path_column], Path(images) if images is not None else path.parent, where)
     if not positions:
         return ids.to_frame()
     numeric = ("utm_east", "utm_north", "utm_zone", "lat", "lon", "heading")

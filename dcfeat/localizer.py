@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageOps
 
 from dcfeat.backbone import Backbone, load_backbone
+from dcfeat.choices import NO_POOLING
 from dcfeat.confidence import answer_rule, query_signals
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput
@@ -247,7 +248,9 @@ class Localizer:
     """A run folder loaded once, answering where photos (or their cached features) were taken.
 
     The backbone loads on the first image (`locate_features` needs none) and is checked against
-    the run's training features by its weights' fingerprint. `model`: another copy of the same
+    the run's training features by its weights' fingerprint. A run of descriptors no dcfeat
+    backbone made (`dcfeat import`, synthetic cities) has none: it answers `locate_features` only,
+    and refuses images naming that (`embeds_images`, `check_images`). `model`: another copy of the same
     backbone (a local folder); default the run's exported `backbone/` folder if it has one, else
     the backbone the run's features came from. Thread-safe: one forward pass at a time.
     """
@@ -280,6 +283,11 @@ class Localizer:
         return self.run.feature_identity["crop"]
 
     @property
+    def dim(self) -> int:
+        """Values per descriptor that `locate_features` takes: the width of the run's training features."""
+        return int(self.run.feature_identity["dim"])
+
+    @property
     def calibrated(self) -> bool:
         return self.run.calibration is not None
 
@@ -307,8 +315,29 @@ class Localizer:
         return features.get("model_source") or features.get("model")
 
     @property
+    def embeds_images(self) -> bool:
+        """Whether photos can be embedded for this run: its features came from a backbone dcfeat loads, not
+        from another tool (`dcfeat import`) or a synthetic city. Without one it answers descriptors only."""
+        return self.run.feature_identity.get("pooling") != NO_POOLING
+
+    def check_images(self) -> None:
+        """Refuse photos, naming what to send instead, where the run has no backbone to embed them."""
+        if not self.embeds_images:
+            raise BadInput(f"the run {self.run.directory} was trained on descriptors that no dcfeat backbone made "
+                           f"({self.run.feature_identity.get('model')}), so it cannot embed photos. Compute their "
+                           "descriptors with the tool that made the training ones, then `dcfeat import --unlabelled "
+                           "--split SPLIT` them and `dcfeat predict --feats STORE --split SPLIT`, or send them to "
+                           "`dcfeat serve` as JSON {\"descriptors\": [[...], ...]} (Localizer.locate_features)")
+
+    def load_backbone(self) -> None:
+        """Load and check the backbone now where the run has one (a server, before its first request)."""
+        if self.embeds_images:
+            _ = self.backbone
+
+    @property
     def backbone(self) -> Backbone:
         """The run's backbone (with its tuned blocks), loaded and checked on first use."""
+        self.check_images()
         if self._backbone is not None:  # no lock: decoding threads ask for its patch size during forward passes
             return self._backbone
         with self._lock:
@@ -364,7 +393,7 @@ class Localizer:
         """predictions() of backbone features, with `abstained` (below `min_confidence`)."""
         self.check_min_confidence(min_confidence)
         features = np.asarray(features, dtype=np.float32)
-        dim = int(self.run.feature_identity["dim"])
+        dim = self.dim
         if features.ndim != 2 or features.shape[1] != dim:
             raise BadInput(f"features of shape {features.shape}: the run {self.run.directory} takes (n, {dim}) "
                            "backbone features")

@@ -137,8 +137,9 @@ def predict_images(run: Run, images: Path | None, manifest: Path | None, *, mode
                    path_column: str = "path", scoring: str = "cosine") -> tuple[pl.DataFrame, list]:
     """Embed image files with the run's backbone and classify them; (table, [(image id, reason)] skipped)."""
 
-    root, ids, where = _image_list(images, manifest, path_column)
     localizer = Localizer(run, device=device, model=model, scoring=scoring)
+    localizer.check_images()
+    root, ids, where = _image_list(images, manifest, path_column)
     feats, kept, failed = localizer.embed_files([root / i for i in ids], batch_size=batch_size, workers=workers,
                                                 progress=progress)
     skipped = [(ids[i], reason) for i, reason in failed]

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dcfeat.atomic import atomic_write, leftover_tmp_files, write_text
-from dcfeat.choices import CROPS, HEADS, POOLINGS, TEST_PROTOTYPES
+from dcfeat.choices import CROPS, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, writing
 from dcfeat.geo import UTM_LETTERS
@@ -112,8 +112,6 @@ def _positive(v) -> bool:
     return _number(v) and v > 0
 
 
-# Features that no backbone pooled (synthetic cities, other tools' vectors) say pooling "none", image size 0.
-NO_POOLING = "none"
 
 
 def _feature_problems(features: dict) -> list[str]:
@@ -133,8 +131,9 @@ def _feature_problems(features: dict) -> list[str]:
                                  and (size > 0 if backbone else size >= 0)):
         problems.append(f"`features.image_size` is {size!r} (expected the crop size in pixels, a positive integer"
                         + (", or 0 for features no backbone pooled)" if not backbone else ")"))
-    if crop is not None and crop not in tuple(CROPS):
-        problems.append(f"`features.crop` is {crop!r} (expected one of {', '.join(CROPS)})")
+    crops = (*CROPS, UNKNOWN_CROP) if not backbone else tuple(CROPS)  # another tool's descriptors: maybe unknown
+    if crop is not None and crop not in crops:
+        problems.append(f"`features.crop` is {crop!r} (expected one of {', '.join(crops)})")
     return problems
 
 

@@ -3,7 +3,12 @@
 Endpoints (docs/serving.md has the request and answer formats):
 
 * `POST /v1/locate`: one or more images (multipart parts, or one image as the raw body), query
-  or form fields `k` and `min_confidence`; one answer per image (`Localizer`'s `Answer`).
+  or form fields `k` and `min_confidence`; one answer per image (`Localizer`'s `Answer`). Or,
+  with Content-Type application/json, descriptors the run's features are made of:
+  `{"descriptors": [[...], ...], "ids": [...], "k": 5, "min_confidence": 0.5}`, one answer per
+  row, through the same queue and batches without the backbone. A run trained on imported
+  descriptors (no backbone dcfeat can load) starts without loading one and answers these only;
+  an image sent to it is a 422 naming the JSON form.
 * `POST /scrs/geopose`: the Open AR Cloud (OSCP) GeoPose protocol's GeoPoseReq → GeoPoseResp. The
   position is the answer's, `accuracy.position` its 90 % radius. dcfeat knows no orientation and
   no height: the quaternion is the identity, `accuracy.orientation` is 180 (degrees, the largest
@@ -13,10 +18,11 @@ Endpoints (docs/serving.md has the request and answer formats):
   (Prometheus text format), and the page at `/` (dcfeat/static/index.html).
 
 One worker thread owns the model. Requests decode their images in threads (at most one per
-core at a time), then queue them; the worker takes the first waiting request and, within
-`max_wait_ms` of it, every other that fits `max_batch` images, runs one forward pass for them
-all, and answers each. The queue holds at most `max_queue` images: a request that would overflow
-it is answered 503 with Retry-After at once. A body over `max_body_bytes` is answered 413 (from
+core at a time), then queue them (descriptors are queued as they come, and count as images);
+the worker takes the first waiting request and, within `max_wait_ms` of it, every other that
+fits `max_batch` images, runs one forward pass for them all, and answers each. The queue holds
+at most `max_queue` images: a request that would overflow it is answered 503 with Retry-After
+at once. A body over `max_body_bytes` is answered 413 (from
 Content-Length, before it is read, or as soon as it grows past), a body that does not arrive
 within `timeout_s` 408, and a request the model has not answered within `timeout_s` 504.
 Undecodable images, decompression bombs and bad fields are 422 naming the reason, malformed
@@ -174,6 +180,8 @@ class Metrics:
 
 @dataclass
 class Job:
+    """One request's queries: decoded images for the backbone, or descriptors (`features`) that skip it."""
+
     images: list[np.ndarray]
     ids: list[str]
     k: int
@@ -181,6 +189,12 @@ class Job:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     abandoned: threading.Event = field(default_factory=threading.Event)  # its request timed out or went away
+    features: np.ndarray | None = None  # (n, dim) float32 descriptors, instead of images
+
+    @property
+    def size(self) -> int:
+        """Queries in the job: what the queue and a batch count."""
+        return len(self.features) if self.features is not None else len(self.images)
 
 
 class QueueFull(Exception):
@@ -214,9 +228,9 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue a job, or QueueFull when its images would overflow the bounded queue."""
         with self._lock:
-            if self._pending + len(job.images) > self.config.max_queue:
+            if self._pending + job.size > self.config.max_queue:
                 raise QueueFull
-            self._pending += len(job.images)
+            self._pending += job.size
             self.metrics.queue_depth = self._pending
         self._queue.put(job)
 
@@ -232,7 +246,7 @@ class Batcher:
             carry = None
             if job is None:
                 return
-            batch, n = [job], len(job.images)
+            batch, n = [job], job.size
             deadline = time.monotonic() + self.config.max_wait_ms / 1000
             while n < self.config.max_batch:
                 try:
@@ -242,11 +256,11 @@ class Batcher:
                 if nxt is None:
                     self._queue.put(None)  # stop after this batch
                     break
-                if n + len(nxt.images) > self.config.max_batch:
+                if n + nxt.size > self.config.max_batch:
                     carry = nxt  # the next batch's first
                     break
                 batch.append(nxt)
-                n += len(nxt.images)
+                n += nxt.size
             self._taken(n)
             self._answer([j for j in batch if not j.abandoned.is_set()])
 
@@ -255,19 +269,17 @@ class Batcher:
             return
         start = time.perf_counter()
         try:
-            images = [im for job in batch for im in job.images]
-            feats = np.concatenate([self.localizer.embed(images[s:s + self.config.max_batch])
-                                    for s in range(0, len(images), self.config.max_batch)])
-            offsets = np.cumsum([0] + [len(job.images) for job in batch])
+            feats = self._features(batch)
+            offsets = np.cumsum([0] + [job.size for job in batch])
             results = {}
             for k in sorted({job.k for job in batch}):  # one classifier pass per k asked in the batch
                 rows = [i for i, job in enumerate(batch) if job.k == k]
                 index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in rows])
-                ids = [f"{i}:{j}" for i in rows for j in range(len(batch[i].images))]
+                ids = [f"{i}:{j}" for i in rows for j in range(batch[i].size)]
                 found = answers(self.localizer.table(feats[index], ids, k=k))
                 for i in rows:
-                    results[i] = found[:len(batch[i].images)]
-                    found = found[len(batch[i].images):]
+                    results[i] = found[:batch[i].size]
+                    found = found[batch[i].size:]
         except Exception as e:  # noqa: BLE001 - every waiting request gets the failure, the worker goes on
             for job in batch:
                 job.loop.call_soon_threadsafe(_settle, job.future, None, e)
@@ -279,6 +291,21 @@ class Batcher:
         for i, job in enumerate(batch):
             own = [_renamed(a, name, job.min_confidence) for a, name in zip(results[i], job.ids)]
             job.loop.call_soon_threadsafe(_settle, job.future, own, None)
+
+    def _features(self, batch: list[Job]) -> np.ndarray:
+        """The batch's features in job order: its images through the backbone (one forward pass per
+        max_batch of them), its descriptors as they came."""
+        images = [im for job in batch if job.features is None for im in job.images]
+        embedded = (np.concatenate([self.localizer.embed(images[s:s + self.config.max_batch])
+                                    for s in range(0, len(images), self.config.max_batch)]) if images else None)
+        parts, at = [], 0
+        for job in batch:
+            if job.features is not None:
+                parts.append(job.features)
+            else:
+                parts.append(embedded[at:at + len(job.images)])
+                at += len(job.images)
+        return np.concatenate(parts)
 
 
 def _renamed(answer: Answer, image_id: str, min_confidence: float | None) -> Answer:
@@ -409,6 +436,57 @@ async def decode_all(localizer: Localizer, parts: list[tuple[str, bytes]], confi
     return decoded
 
 
+DESCRIPTOR_FIELDS = ("descriptors", "ids", "k", "min_confidence")
+
+
+def descriptor_request(body: bytes, localizer: Localizer, config: ServeConfig) -> tuple[np.ndarray, list[str], dict]:
+    """(descriptors (n, dim) float32, their ids, the k / min_confidence fields as text) of a JSON body
+    `{"descriptors": [[...], ...], "ids": [...], "k": 5, "min_confidence": 0.5}`: 400 when it is not
+    JSON, 413 past max_images descriptors, 422 naming what is wrong with it."""
+    dim = localizer.dim
+    form = f'{{"descriptors": [[...{dim} numbers], ...], "ids": [...], "k": 5, "min_confidence": 0.5}}'
+
+    def bad(message: str, code: str = "bad_descriptors") -> Problem:
+        return Problem(422, code, f"{message}; send {form} (ids, k and min_confidence optional)")
+
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Problem(400, "malformed_json", f"the body is not JSON ({e}); send {form}") from None
+    if not isinstance(doc, dict) or "descriptors" not in doc:
+        raise bad("expected a JSON object with `descriptors`")
+    unknown = sorted(set(doc) - set(DESCRIPTOR_FIELDS))
+    if unknown:
+        raise bad(f"unknown fields {unknown}")
+    if doc["descriptors"] == []:
+        raise bad("no descriptor in the request", "no_descriptor")
+    try:
+        values = np.asarray(doc["descriptors"])
+    except ValueError:  # rows of different lengths
+        raise bad("`descriptors` rows of different lengths") from None
+    if values.ndim != 2 or values.dtype.kind not in "iuf":
+        raise bad(f"`descriptors` must be a list of lists of numbers (shape (n, {dim})), not of shape {values.shape} "
+                  f"and type {values.dtype}")
+    if len(values) > config.max_images:
+        raise Problem(413, "too_many_descriptors", f"{len(values)} descriptors in one request, at most "
+                      f"{config.max_images}; send them in several (dcfeat serve --max-images)")
+    if values.shape[1] != dim:
+        raise bad(f"descriptors of {values.shape[1]} values; this run's features have {dim}", "wrong_dim")
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+        values = values.astype(np.float32)
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        raise bad(f"descriptors {np.flatnonzero(~finite)[:5].tolist()} hold values that are not finite (NaN or "
+                  "infinity, or beyond float32)")
+    ids = doc.get("ids")
+    if ids is None:
+        ids = [f"#{i}" for i in range(len(values))]
+    elif not (isinstance(ids, list) and len(ids) == len(values) and all(isinstance(i, str) for i in ids)):
+        raise bad(f"`ids` must be a list of {len(values)} strings, one per descriptor")
+    fields = {name: str(doc[name]) for name in ("k", "min_confidence") if doc.get(name) is not None}
+    return values, ids, fields
+
+
 def geopose_image(doc) -> tuple[bytes, str]:
     """(image bytes, what they are) of a GeoPoseReq's first camera reading; 422 naming the field."""
     def bad(message: str) -> Problem:
@@ -478,6 +556,7 @@ def run_info(localizer: Localizer, config: ServeConfig) -> dict:
             "backbone": {"model": features.get("model"), "fingerprint": features.get("model_fingerprint"),
                          "random": run.random_backbone, "pooling": features.get("pooling"),
                          "image_size": features.get("image_size"), "crop": features.get("crop")},
+            "accepts": {"images": localizer.embeds_images, "descriptors": localizer.dim},
             "notice": RANDOM_NOTICE if run.random_backbone else None,
             "preset": run.config.train.preset, "M": run.M, "N": run.config.train.N, "classes": localizer.classes,
             "scoring": localizer.scoring,
@@ -555,15 +634,32 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
         if len(parts) > config.max_images:
             raise Problem(413, "too_many_images", f"{len(parts)} images in one request, at most {config.max_images}; "
                           "send them in several (dcfeat serve --max-images)")
+        if not localizer.embeds_images:
+            raise Problem(422, "no_backbone", f"this server's run was trained on descriptors that no dcfeat backbone "
+                          f"made ({localizer.run.feature_identity.get('model')}), so it cannot embed images: send "
+                          "the images' descriptors instead, as a JSON body (Content-Type application/json) "
+                          f'{{"descriptors": [[...{localizer.dim} numbers], ...], "ids": [...], "k": 5}}')
         if not batcher.alive:
             raise Problem(503, "worker_down", "the model's worker thread is not running; restart the server")
         arrays = await decode_all(localizer, parts, config, decoding["limiter"])
         loop = asyncio.get_running_loop()
-        job = Job(arrays, [name for name, _ in parts], k, min_confidence, loop.create_future(), loop)
+        return await answered(Job(arrays, [name for name, _ in parts], k, min_confidence, loop.create_future(), loop),
+                              started)
+
+    async def locate_descriptors(body: bytes, query: dict, started: float) -> list[Answer]:
+        features, ids, fields = descriptor_request(body, localizer, config)
+        k, min_confidence = request_options({**fields, **query}, localizer, config)
+        if not batcher.alive:
+            raise Problem(503, "worker_down", "the model's worker thread is not running; restart the server")
+        loop = asyncio.get_running_loop()
+        return await answered(Job([], ids, k, min_confidence, loop.create_future(), loop, features=features), started)
+
+    async def answered(job: Job, started: float) -> list[Answer]:
+        """Queue a job and wait for its answers: 503 when the queue is full, 504 past the timeout."""
         try:
             batcher.submit(job)
         except QueueFull:
-            raise Problem(503, "queue_full", f"{config.max_queue} images are waiting for the model already; retry "
+            raise Problem(503, "queue_full", f"{config.max_queue} queries are waiting for the model already; retry "
                           "shortly", headers={"Retry-After": "1"}) from None
         try:
             found = await asyncio.wait_for(asyncio.shield(job.future),
@@ -598,13 +694,16 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
             body = await read_body(request, config, started)
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             fields = dict(request.query_params)
-            if ctype == "multipart/form-data":
-                parts, form_fields = await multipart_images(request, body, config)
-                fields = {**form_fields, **fields}
+            if ctype == "application/json":
+                found = await locate_descriptors(body, fields, started)
             else:
-                parts = [("body", body)] if body else []
-            k, min_confidence = request_options(fields, localizer, config)
-            found = await locate_images(parts, k, min_confidence, started)
+                if ctype == "multipart/form-data":
+                    parts, form_fields = await multipart_images(request, body, config)
+                    fields = {**form_fields, **fields}
+                else:
+                    parts = [("body", body)] if body else []
+                k, min_confidence = request_options(fields, localizer, config)
+                found = await locate_images(parts, k, min_confidence, started)
             return JSONResponse({"run_status": localizer.status, "random_backbone": localizer.random_backbone,
                                  "notice": RANDOM_NOTICE if localizer.random_backbone else None,
                                  "answers": [a.to_dict() for a in found]})
@@ -691,7 +790,7 @@ def app_from_env() -> FastAPI:
     settings = json.loads(os.environ[CONFIG_ENV])
     _set_threads(settings.get("threads"))
     localizer = Localizer.from_run(settings["run"], device=settings["device"], scoring=settings["scoring"])
-    _ = localizer.backbone  # load and check it before the first request
+    localizer.load_backbone()
     return create_app(localizer, ServeConfig(**settings["config"]))
 
 
@@ -705,7 +804,7 @@ def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, devic
     config = config or ServeConfig()
     _set_threads(threads)
     localizer = Localizer.from_run(run_dir, device=device, scoring=scoring)
-    _ = localizer.backbone
+    localizer.load_backbone()
     if config.min_confidence is not None:
         localizer.check_min_confidence(config.min_confidence)
     options = {"host": host, "port": port, "limit_concurrency": max_connections, "log_level": log_level,

@@ -285,8 +285,11 @@ def load_plan(store: Path, split: str, plan_id: str) -> Plan:
 
 
 def write_split(store: Path, split: str, embeddings: np.ndarray, labels: pl.DataFrame, attrs: dict, *,
-                overwrite: bool = False, shard_rows: int = DEFAULT_SHARD_ROWS) -> int:
-    """Write in-memory features (rows in `labels` order) as a split; returns rows."""
+                overwrite: bool = False, shard_rows: int = DEFAULT_SHARD_ROWS) -> bool:
+    """Write features (rows in `labels` order) as a split; whether it was complete already (nothing written).
+
+    `embeddings`: anything sliced along rows into arrays (an array, a memory-mapped .npy, an h5py
+    dataset): one shard's rows are read at a time."""
     if len(embeddings) != labels.height:
         raise ValueError(f"{len(embeddings)} embeddings for {labels.height} label rows")
     attrs = {"dtype": "float16", "complete": True, **attrs, "dim": int(embeddings.shape[1])}
@@ -297,7 +300,7 @@ def write_split(store: Path, split: str, embeddings: np.ndarray, labels: pl.Data
                 if not shard_complete(plan, index):
                     write_shard(plan, index, np.arange(start, stop), embeddings[start:stop], [])
             assemble(plan)
-    return labels.height
+    return done
 
 
 def _shard_meta(plan: Plan, index: int) -> dict:

@@ -150,6 +150,63 @@ def test_a_request_the_model_cannot_answer_in_time_is_504_and_the_server_goes_on
         assert c.post("/v1/locate", content=jpeg_bytes(0)).status_code == 200
 
 
+# --------------------------------------------------------------------------- descriptors
+
+def test_descriptor_queries_answer_as_locate_features(client, localizer):
+    feats = np.random.default_rng(0).standard_normal((3, localizer.dim))
+    r = client.post("/v1/locate?k=2", json={"descriptors": feats.tolist(), "ids": ["a", "b", "c"], "k": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()["answers"]
+    want = localizer.locate_features(feats, k=2)  # the query's k wins over the body's, as over a form field
+    assert [a["image"] for a in body] == ["a", "b", "c"]
+    assert [[c["class"] for c in a["top_k"]] for a in body] == [[c["class"] for c in a.top_k] for a in want]
+    assert [a["confidence"] for a in body] == pytest.approx([a.confidence for a in want], abs=1e-6)
+    r = client.post("/v1/locate", json={"descriptors": feats[:1].tolist(), "min_confidence": 1})
+    assert r.json()["answers"][0]["image"] == "#0" and r.json()["answers"][0]["abstained"] is True
+    assert client.get("/v1/run").json()["accepts"] == {"images": True, "descriptors": localizer.dim}
+
+
+def test_a_batch_of_images_and_descriptors_answers_each_as_alone(localizer):
+    import asyncio
+
+    from dcfeat.serve import Batcher, Job, Metrics
+
+    loop = asyncio.new_event_loop()
+    feats = np.random.default_rng(1).standard_normal((2, localizer.dim)).astype(np.float32)
+    jobs = [Job([localizer.decode(jpeg_bytes(5))], ["photo"], 3, None, loop.create_future(), loop),
+            Job([], ["a", "b"], 3, None, loop.create_future(), loop, features=feats)]
+    Batcher(localizer, ServeConfig(), Metrics())._answer(jobs)  # one forward pass for the photo, one table for all
+    photo, described = loop.run_until_complete(asyncio.gather(*(job.future for job in jobs)))
+    loop.close()
+    want = [*localizer.locate([jpeg_bytes(5)], k=3), *localizer.locate_features(feats, k=3)]
+    assert [a.image_id for a in photo + described] == ["photo", "a", "b"]
+    assert [[c["class"] for c in a.top_k] for a in photo + described] == [[c["class"] for c in a.top_k] for a in want]
+
+
+@pytest.mark.parametrize("body, status, code, words", [
+    (b"{", 400, "malformed_json", ["not JSON", '"descriptors"']),
+    (b"[1, 2]", 422, "bad_descriptors", ["`descriptors`"]),
+    (b'{"descriptors": [], "ids": []}', 422, "no_descriptor", ["no descriptor"]),
+    (b'{"descriptors": [[1, 2], [3]]}', 422, "bad_descriptors", ["different lengths"]),
+    (b'{"descriptors": [["a", "b"]]}', 422, "bad_descriptors", ["lists of numbers"]),
+    (b'{"descriptors": [[1, 2, 3]]}', 422, "wrong_dim", ["3 values", "have 32"]),
+    (b'{"descriptors": [[NaN' + b", 0" * 31 + b"]]}", 422, "bad_descriptors", ["[0]", "not finite"]),
+    (b'{"descriptors": [[1e39' + b", 0" * 31 + b"]]}", 422, "bad_descriptors", ["not finite"]),
+    (b'{"descriptors": [[' + b"0, " * 31 + b'0]], "ids": ["a", "b"]}', 422, "bad_descriptors", ["1 strings"]),
+    (b'{"descriptors": [[' + b"0, " * 31 + b'0]], "k": 2.5}', 422, "bad_field", ["k='2.5'", "integer"]),
+    (b'{"descriptors": [[' + b"0, " * 31 + b'0]], "K": 2}', 422, "bad_descriptors", ["unknown fields ['K']"]),
+])
+def test_descriptor_requests_that_cannot_be_answered_are_refused(client, body, status, code, words):
+    assert_error(client.post("/v1/locate", content=body, headers={"content-type": "application/json"}), status, code,
+                 *words)
+
+
+def test_too_many_descriptors_are_413(localizer):
+    with TestClient(create_app(localizer, ServeConfig(max_images=2))) as c:
+        r = c.post("/v1/locate", json={"descriptors": np.zeros((3, localizer.dim)).tolist()})
+        assert_error(r, 413, "too_many_descriptors", "at most 2", "--max-images")
+
+
 # --------------------------------------------------------------------------- /scrs/geopose
 
 def test_geopose_answers_field_by_field(client, localizer):

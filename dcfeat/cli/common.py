@@ -13,6 +13,7 @@ from dcfeat.presets import TrainConfig
 
 DATA = Path("data")
 DEFAULT_STORE = DATA / "feats.h5"
+DEFAULT_RUN = DATA / "runs" / "latest"  # `dcfeat train` points it at the newest run
 TRAIN_DEFAULTS = TrainConfig()
 # Wide enough for the tables when piped (rich falls back to 80 columns without a terminal).
 stdout = Console(width=None if sys.stdout.isatty() else 160)

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from dcfeat.choices import DEFAULT_KS, MODES, SCORINGS, SPACES, THRESHOLD_M, WEIGHTS
-from dcfeat.cli.common import DATA, DEFAULT_STORE, stdout, warn
+from dcfeat.cli.common import DEFAULT_RUN, DEFAULT_STORE, stdout, warn
 from dcfeat.cli.options import (
     AT_LEAST_1,
     POSITIVE,
@@ -22,15 +22,18 @@ from dcfeat.errors import BadInput
 @click.option("--split", default="test", show_default=True, callback=split_name, help="Query split.")
 @click.option("--feats", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
               help="Feature store holding the query (and database) split.")
-@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
-              show_default=True, help="Run folder written by `dcfeat train`.")
+@click.option("--run", "run_dir", type=click.Path(path_type=Path), default=None,
+              help=f"Run folder written by `dcfeat train` [default: {DEFAULT_RUN}]. `none`: no run, with --mode "
+              "retrieve only: exact k-NN over the raw features (also what --mode retrieve does when the default "
+              "holds no run).")
 @click.option("--database-split", default=None, callback=split_name, help="Database split for retrieval and the hybrid "
               "(e.g. test-db).")
 @click.option("--mode", type=click.Choice([*MODES, "all"]), default=None,
               help="; ".join(f"{name}: {what}" for name, what in MODES.items()) + "; all: every mode the inputs "
               "allow. [default: all with --database-split (adaptive if calibrated), else classify]")
-@click.option("--space", type=click.Choice(list(SPACES)), default="projected", show_default=True,
-              help="Retrieval descriptors: " + "; ".join(f"{name}: {what}" for name, what in SPACES.items()) + ".")
+@click.option("--space", type=click.Choice(list(SPACES)), default=None,
+              help="Retrieval descriptors: " + "; ".join(f"{name}: {what}" for name, what in SPACES.items())
+              + ". [default: projected with a run, raw without]")
 @click.option("--scoring", type=click.Choice(list(SCORINGS)), default="cosine", show_default=True,
               help="Rank cells by " + "; ".join(f"{name}: {what}" for name, what in SCORINGS.items()) + ".")
 @click.option("--cells", type=AT_LEAST_1, default=None,
@@ -45,23 +48,33 @@ from dcfeat.errors import BadInput
 @click.option("--k", "ks", type=KList(), default=",".join(map(str, DEFAULT_KS)), show_default=True, help="Comma-separated k of LR@k.")
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output folder [default: RUN/eval/SPLIT].")
+              help="Output folder [default: RUN/eval/SPLIT; without a run STORE_FOLDER/eval/STORE_NAME/SPLIT].")
 def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, weights, repeats, threshold, ks, device,
              out):
-    """Localisation recall LR@k of classification, retrieval and the hybrid, with plots."""
+    """Localisation recall LR@k of classification, retrieval and the hybrid, with plots.
+
+    With no run (`--run none`, or none trained at the default) `--mode retrieve` evaluates the raw
+    features: exact k-NN of the queries among the database split, for descriptors of any model.
+    """
     from dcfeat.cli.tables import confidence_table, recall_table
     from dcfeat.evaluate import evaluate_files
 
     if mode == "all" and database_split is None:
         raise BadInput("--mode all needs --database-split (the database images' split, e.g. test-db)")
     modes = None if mode in (None, "all") else (mode,)
+    if run_dir is None:
+        run_dir = DEFAULT_RUN if DEFAULT_RUN.exists() else None  # none trained here yet
+    elif str(run_dir).lower() == "none":
+        run_dir = None
     result = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
                             threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out,
                             repeats=repeats, weights=weights)
     report = result.report
     stdout.print(recall_table(report))
-    stdout.print(confidence_table(report))
-    stdout.print(f"coverage {100 * report['coverage']:.1f} % of queries lie in a class cell; device {report['device']}")
+    if report["confidence"] is not None:
+        stdout.print(confidence_table(report))
+        stdout.print(f"coverage {100 * report['coverage']:.1f} % of queries lie in a class cell; device "
+                     f"{report['device']}")
     for name, path in result.paths.items():
         stdout.print(f"{name}: {path}", highlight=False)
     warn(result.warnings)
