@@ -52,6 +52,10 @@ POOLINGS = {
     "gem": "generalised mean (p = 3) of the patch tokens",
     "cls+mean": "the CLS token and the patch mean, concatenated (twice the width)",
 }
+# The pooling recorded for features of a torch.hub descriptor model (dcfeat.hub), which pools its own.
+DESCRIPTOR_POOLING = "descriptor"
+# --model: a torch.hub entry instead of a DINOv2/DINOv3 checkpoint (dcfeat.hub).
+HUB_PREFIX = "torchhub:"
 # --crop: what part of the image the backbone sees (dcfeat.images); "centre" is what stores
 # written before `crop` existed hold.
 CROPS = {
