@@ -196,12 +196,15 @@ def _unreachable(url: str, timeout: float) -> str | None:
 
 
 def _offline_fix(spec: HubSpec, why: str) -> EnvironmentProblem:
+    """An EnvironmentProblem saying how to load `spec` without network: a local clone, and the weights' cache."""
+    weights = (f"the weights its entry downloads are kept in {Path(torch.hub.get_dir()) / 'checkpoints'}: copy that "
+               "folder from a machine where the entry ran, or set TORCH_HOME to one that holds them")
+    if spec.local:
+        return EnvironmentProblem(f"--model {spec.source}: {why}. Run it once where there is network: {weights}")
     owner_repo = spec.repo.split(":")[0]
     local = HubSpec(f"/path/to/{owner_repo.split('/')[1]}", spec.entry, spec.kwargs).source
-    return EnvironmentProblem(
-        f"--model {spec.source}: {why}. Where there is network, `git clone https://github.com/{owner_repo}` and pass "
-        f"--model {local}; the weights its entry downloads land in {Path(torch.hub.get_dir()) / 'checkpoints'}: "
-        "copy that folder along, or set TORCH_HOME to one that holds them")
+    return EnvironmentProblem(f"--model {spec.source}: {why}. Where there is network, `git clone "
+                              f"https://github.com/{owner_repo}` and pass --model {local}; {weights}")
 
 
 def _github_repo(spec: HubSpec) -> str:

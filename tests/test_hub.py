@@ -53,6 +53,12 @@ def tiny_descriptor(dim=32, seed=0, shape="ok"):
 
 def not_a_model():
     return "a string"
+
+
+def offline_weights():
+    import urllib.error
+
+    raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")  # as a download offline
 '''
 
 
@@ -213,10 +219,19 @@ def test_a_folder_without_hubconf_or_entry_is_refused_naming_it(hub_repo, tmp_pa
         load_backbone(model_of(hub_repo, "colour=red"), device="cpu")
 
 
+def test_an_entry_that_cannot_download_its_weights_says_where_they_are_kept(hub_repo):
+    with pytest.raises(EnvironmentProblem, match=r"offline_weights\(\) could not download .* Run it once where there is "
+                                                 r"network: the weights its entry downloads are kept in .*checkpoints"):
+        load_backbone(f"torchhub:{hub_repo}:offline_weights", device="cpu")
+
+
 def test_missing_dependencies_are_an_environment_problem(tmp_path):
     repo = make_hub_repo(tmp_path / "needy", HUBCONF.replace('dependencies = ["torch"]',
                                                                'dependencies = ["torch", "no_such_package_x"]'))
     with pytest.raises(EnvironmentProblem, match="no_such_package_x"):
+        load_backbone(model_of(repo), device="cpu")
+    repo = make_hub_repo(tmp_path / "importing", HUBCONF.replace("import torch\n", "import torch\nimport no_such_module_y\n", 1))
+    with pytest.raises(EnvironmentProblem, match="imports 'no_such_module_y', which is not installed here"):
         load_backbone(model_of(repo), device="cpu")
 
 
@@ -236,6 +251,16 @@ def test_hub_models_take_no_pooling_cache_tokens_or_tuned_blocks(hub_repo, tmp_p
     refused(invoke("train", "--feats", store, "--M", 200, "--min-images-per-class", 1, "--epochs", 1,
                    "--finetune-blocks", 1, "--out", tmp_path / "run", "--no-progress"), "bad input",
             "--finetune-blocks 0")
+
+
+def test_whole_images_of_any_size_go_through_a_hub_model(hub_repo, tmp_path):
+    write_images(tmp_path / "img", 6, shapes=[(96, 112), (80, 150)])
+    store = tmp_path / "f.h5"
+    r = invoke(*extract_args(tmp_path / "img", store, model_of(hub_repo), "--crop", "full", "--image-size", 50))
+    assert r.exit_code == 0, r.output
+    with h5py.File(store) as f:
+        assert f["train/embeddings"].shape == (6, 32)
+        assert (f["train"].attrs["crop"], f["train"].attrs["image_size"]) == ("full", 50)
 
 
 def test_a_known_model_needing_patch_multiples_refuses_other_sizes(tmp_path, images):
