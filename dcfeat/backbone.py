@@ -1,4 +1,7 @@
-"""The frozen ViT backbone: loading, pooling, and what identifies its features.
+"""The frozen backbone: loading, pooling, and what identifies its features.
+
+`load_backbone` gives a `FrozenBackbone`, the one thing the stages use: a DINOv2/DINOv3 `Backbone`
+(below), or a torch.hub descriptor model, `dcfeat.hub.HubBackbone`, for a `torchhub:` model string.
 
 Any checkpoint `transformers.AutoModel` loads as one of `FAMILIES` (hub id or local directory):
 DINOv2 with or without registers, DINOv3 ViT; patch size, registers and depth come from its config.
@@ -9,12 +12,12 @@ demo's and the tests'); every number made with it is labelled as such.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,6 +25,8 @@ from torch import nn
 from dcfeat.choices import DEFAULT_MODEL
 from dcfeat.devices import compute_dtype, resolve_device
 from dcfeat.errors import BadInput, EnvironmentProblem
+from dcfeat.hub import HubBackbone, is_hub, load_hub_backbone
+from dcfeat.identity import weights_fingerprint
 from dcfeat.images import normalize
 
 
@@ -43,7 +48,6 @@ FAMILIES = {
 }
 # Said wherever numbers of features from a randomly initialised backbone appear.
 RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
-FINGERPRINT_VERSION = "v2"  # v1 hashed the path and 8 tensors; the prefix keeps v1 values from ever matching
 # Config keys that do not change the function the weights compute (bookkeeping, dtype, output switches).
 _NOT_ARCHITECTURE = {"transformers_version", "torch_dtype", "dtype", "architectures", "attn_implementation",
                      "return_dict", "output_hidden_states", "output_attentions", "use_cache", "id2label",
@@ -71,8 +75,40 @@ def pool(sequence: torch.Tensor, pooling: str, registers: int) -> torch.Tensor:
     return POOLINGS[pooling][1](sequence[:, 0], sequence[:, 1 + registers:]).float()
 
 
+class FrozenBackbone(Protocol):
+    """What extract, predict and serve use of a backbone: `Backbone` and `dcfeat.hub.HubBackbone` both offer it."""
+
+    model: nn.Module
+    fingerprint: str  # the weights' (dcfeat.identity.weights_fingerprint)
+    random_init: bool
+    pooling: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str: ...  # for people: hub id, folder name or torch.hub model string, never a path
+
+    @property
+    def source(self) -> str: ...  # what to pass to load_backbone again
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def patch_size(self) -> int: ...  # image sides are multiples of it (1: any size)
+
+    @property
+    def record(self) -> dict: ...  # what a store records of the model besides the common attributes
+
+    def check_cache_tokens(self, cache_tokens: int) -> None: ...
+
+    def embed(self, batch_uint8: torch.Tensor, *, cache_tokens: int = 0): ...
+
+
 @dataclass
 class Backbone:
+    """A DINOv2/DINOv3 ViT checkpoint, frozen: a FrozenBackbone with blocks the tuned tail (dcfeat.finetune) reuses."""
+
     model: nn.Module
     name: str  # hub id, or the directory's name for a local checkpoint
     source: str  # what to pass to load_backbone again: hub id or absolute directory
@@ -118,6 +154,15 @@ class Backbone:
     def rope(self) -> nn.Module | None:
         return self.model.get_submodule(self.family.rope) if self.family.rope else None
 
+    @property
+    def record(self) -> dict:
+        return {}
+
+    def check_cache_tokens(self, cache_tokens: int) -> None:
+        if not 0 <= cache_tokens <= self.num_layers:
+            raise BadInput(f"--cache-tokens {cache_tokens}: {self.name} has {self.num_layers} blocks; "
+                           f"choose 0 to {self.num_layers}")
+
     def tokens_per_image(self, image_size: int) -> int:
         return 1 + self.num_register_tokens + (image_size // self.patch_size) ** 2
 
@@ -138,22 +183,11 @@ class Backbone:
 
 
 def _fingerprint(model: nn.Module, *, hash_name: str = "sha256") -> str:
-    """Identifies the function the weights compute: every tensor and the architecture, never a path.
-
-    Hash the state dict in the dtype the checkpoint stores, before any cast to the run's dtype, so a
-    bf16 GPU run and an fp32 CPU run of one checkpoint agree. sha256 because OpenSSL's SHA-NI path
-    hashes ~2.5x faster than blake2b on these CPUs (pipelines/bench_fingerprint.py).
-    """
+    """The checkpoint's weights fingerprint: its config (architecture keys only) and every tensor."""
     config = {k: v for k, v in model.config.to_dict().items()
               if not k.startswith("_") and k not in _NOT_ARCHITECTURE}
-    h = hashlib.new(hash_name, json.dumps(config, sort_keys=True, default=str).encode())
-    state = model.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
-        # Raw bytes through the buffer protocol: no float copy; a uint8 view also covers bf16.
-        h.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-    return f"{FINGERPRINT_VERSION}-{h.hexdigest()[:16]}"
+    return weights_fingerprint(json.dumps(config, sort_keys=True, default=str), model.state_dict(),
+                               hash_name=hash_name)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -215,13 +249,17 @@ def _load_model(model: str, *, local: bool) -> nn.Module:
             "--local-dir DIR`) and pass --model DIR, or set HF_HOME to a cache that holds them") from None
 
 
-def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str = "cls", device: str = "auto",
-                  _dtype: torch.dtype | None = None) -> Backbone:
-    """Load a checkpoint of one of FAMILIES frozen, in eval mode, SDPA attention, bf16 on CUDA (`_dtype`: tests)."""
+def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str | None = None, device: str = "auto",
+                  _dtype: torch.dtype | None = None) -> Backbone | HubBackbone:
+    """Load a checkpoint of one of FAMILIES frozen, in eval mode, SDPA attention, bf16 on CUDA (`_dtype`: tests),
+    pooled by `pooling` (default "cls"); or a `torchhub:` model (dcfeat.hub), which pools its own features."""
+    if is_hub(model):
+        return load_hub_backbone(model, pooling=pooling, device=device)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
+    pooling = pooling or "cls"
     if pooling not in POOLINGS:
         raise BadInput(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
     dev = resolve_device(device)

@@ -57,6 +57,10 @@ POOLINGS = {
 # The pooling of features that no backbone of dcfeat pooled (synthetic cities, other tools' descriptors
 # brought in by `dcfeat import`): no image can be embedded into their space here.
 NO_POOLING = "none"
+# The pooling recorded for features of a torch.hub descriptor model (dcfeat.hub), which pools its own.
+DESCRIPTOR_POOLING = "descriptor"
+# --model: a torch.hub entry instead of a DINOv2/DINOv3 checkpoint (dcfeat.hub).
+HUB_PREFIX = "torchhub:"
 # --crop: what part of the image the backbone sees (dcfeat.images); "centre" is what stores
 # written before `crop` existed hold.
 CROPS = {

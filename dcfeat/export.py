@@ -26,6 +26,7 @@ from dcfeat.atomic import tmp_path
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.choices import THRESHOLD_M
 from dcfeat.errors import BadInput, writing
+from dcfeat.hub import is_hub
 from dcfeat.localizer import BACKBONE_DIR
 from dcfeat.reports import REPORT
 from dcfeat.run import (
@@ -89,7 +90,7 @@ def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool) -> st
     """README.md of the exported folder: Hugging Face model card metadata, then what the run is and its limits."""
     features, train, cal = run.feature_identity, run.config.train, run.calibration
     backbone = features.get("model") or "unknown"
-    hub_id = backbone if "/" in backbone and not Path(backbone).is_absolute() else None
+    hub_id = backbone if "/" in backbone and not Path(backbone).is_absolute() and not is_hub(backbone) else None
     threshold = reports[next(iter(reports))].get("threshold_m", THRESHOLD_M) if reports else THRESHOLD_M
     header = ["---", "library_name: dcfeat", "pipeline_tag: image-classification",
               f"tags: {_yaml(['visual-place-recognition', 'geolocalization', 'divide-and-classify', 'dinov2'])}"]

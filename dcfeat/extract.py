@@ -1,4 +1,4 @@
-"""`dcfeat extract`: images → frozen ViT (DINOv2, DINOv3) features in a feature store, once.
+"""`dcfeat extract`: images → frozen backbone (DINOv2, DINOv3, a torch.hub VPR model) features in a feature store, once.
 
 DataLoader workers decode and crop while the model runs; results go into
 shards of the split's plan (dcfeat.shards), so a killed run resumes where it
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from dcfeat import __version__
-from dcfeat.backbone import Backbone, load_backbone
+from dcfeat.backbone import FrozenBackbone, load_backbone
 from dcfeat.choices import CROPS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS
 from dcfeat.devices import is_cuda, resolve_device
 from dcfeat.errors import BadInput, DcfeatError, check_free_space, writing
@@ -123,13 +123,13 @@ def check_crop(crop: str, cache_tokens: int) -> None:
                        "whole-image features, or --crop centre to cache tokens for --finetune-blocks")
 
 
-def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: LabelledImages, draft: bool,
+def store_attrs(backbone: FrozenBackbone, image_size: int, dtype: str, images: LabelledImages, draft: bool,
                 cache_tokens: int = 0, crop: str = "centre") -> dict:
     """Everything that changes the features' content, recorded with them (STYLE 6)."""
     attrs = {"model": backbone.name, "model_source": backbone.source, "model_fingerprint": backbone.fingerprint,
              "backbone_random_init": backbone.random_init, "pooling": backbone.pooling,
              "image_size": image_size, "crop": crop, "dim": backbone.dim, "dtype": dtype, "draft": draft,
-             "images_root": str(Path(images.root).resolve()), "dcfeat_version": __version__}
+             "images_root": str(Path(images.root).resolve()), "dcfeat_version": __version__, **backbone.record}
     if not images.positions:  # only then, as below: plans of labelled splits are unchanged
         attrs["labelled"] = False
     if cache_tokens:  # only then: plans (and so resumes) of splits without tokens are unchanged
@@ -138,7 +138,7 @@ def store_attrs(backbone: Backbone, image_size: int, dtype: str, images: Labelle
     return attrs
 
 
-def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: LabelledImages, backbone: Backbone, *,
+def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: LabelledImages, backbone: FrozenBackbone, *,
                 batch_size: int, workers: int, draft: bool, max_pixels: int, progress: bool) -> int:
     dataset = ImageDataset(images.paths, int(plan.attrs["image_size"]), crop=plan.attrs["crop"],
                            patch_size=backbone.patch_size, draft=draft, max_pixels=max_pixels)
@@ -195,7 +195,7 @@ def _run_shards(plan: Plan, shards: list[tuple[int, int, int]], images: Labelled
     return done
 
 
-def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str = "train", *,
+def extract(images: LabelledImages, backbone: FrozenBackbone, store: Path, split: str = "train", *,
             image_size: int = 224, batch_size: int = 64, workers: int | None = None, draft: bool = True,
             dtype: str = "float16", shard_rows: int = DEFAULT_SHARD_ROWS, overwrite: bool = False,
             max_pixels: int = MAX_PIXELS, progress: bool = True, ranks: Ranks | None = None,
@@ -214,9 +214,7 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
         raise BadInput(f"--image-size {image_size}: {backbone.name} has patch size {patch}; choose a multiple of "
                        f"{patch} (nearest: {' or '.join(map(str, near))}; e.g. {16 * patch}, {24 * patch}, "
                        f"{32 * patch})")
-    if not 0 <= cache_tokens <= backbone.num_layers:
-        raise BadInput(f"--cache-tokens {cache_tokens}: {backbone.name} has {backbone.num_layers} blocks; "
-                         f"choose 0 to {backbone.num_layers}")
+    backbone.check_cache_tokens(cache_tokens)
     ranks = ranks or Ranks()
     workers = decoding_workers(workers, len(images), batch_size)
     store.parent.mkdir(parents=True, exist_ok=True)
@@ -254,8 +252,8 @@ def extract(images: LabelledImages, backbone: Backbone, store: Path, split: str 
 
 
 def extract_files(images: Path | None, out: Path, split: str = "train", *, manifest: Path | None = None,
-                  path_column: str = "path", model: str = DEFAULT_MODEL, pooling: str = "cls", device: str = "auto",
-                  backbone: Backbone | None = None, labelled: bool = True, **options) -> ExtractResult:
+                  path_column: str = "path", model: str = DEFAULT_MODEL, pooling: str | None = None, device: str = "auto",
+                  backbone: FrozenBackbone | None = None, labelled: bool = True, **options) -> ExtractResult:
     """`dcfeat extract`: label the images, load the backbone (each torchrun process on its own GPU), embed.
 
     `backbone`: one already loaded (several splits, one load). `options` are those of `extract`

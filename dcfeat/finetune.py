@@ -21,6 +21,7 @@ from torch import nn
 
 from dcfeat import sampling
 from dcfeat.backbone import POOLINGS, Backbone, load_backbone, pool
+from dcfeat.choices import DESCRIPTOR_POOLING
 from dcfeat.devices import autocast
 from dcfeat.errors import BadInput, DamagedRun, IncompatibleFeatures
 from dcfeat.run import BLOCKS_FILE, save_tensors
@@ -108,10 +109,16 @@ def require_tokens(store: Path, split: str, blocks: int) -> int:
 
 
 def check_blocks(store: Path, split: str, blocks: int) -> None:
-    """Refuse --finetune-blocks below 1, naming the depth the split's cached tokens allow."""
+    """Refuse --finetune-blocks below 1, naming the depth the split's cached tokens allow, and any on the
+    descriptors of a torch.hub model (no blocks dcfeat knows)."""
+    info = split_info(store, split)
+    if info.attrs.get("pooling") == DESCRIPTOR_POOLING:
+        raise BadInput(f"--finetune-blocks {blocks}: split '{split}' of {store} holds the descriptors of "
+                       f"{info.attrs.get('model')}, a torch.hub model; tuned blocks are for DINOv2/DINOv3 checkpoints. "
+                       "Pass --finetune-blocks 0")
     if blocks >= 1:
         return
-    have = split_info(store, split).cache_tokens
+    have = info.cache_tokens
     if have:
         raise BadInput(f"--finetune-blocks {blocks}: choose 1 to {have} (split '{split}' of {store} caches the "
                        f"tokens entering the last {have} blocks), or 0 to tune no block")

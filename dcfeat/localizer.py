@@ -36,7 +36,7 @@ import polars as pl
 import torch
 from PIL import Image, ImageOps
 
-from dcfeat.backbone import Backbone, load_backbone
+from dcfeat.backbone import FrozenBackbone, load_backbone
 from dcfeat.choices import NO_POOLING
 from dcfeat.confidence import answer_rule, query_signals
 from dcfeat.devices import resolve_device
@@ -61,7 +61,7 @@ _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 BACKBONE_DIR = "backbone"
 
 
-def embed_images(paths: list[Path], backbone: Backbone, image_size: int, *, crop: str = "centre",
+def embed_images(paths: list[Path], backbone: FrozenBackbone, image_size: int, *, crop: str = "centre",
                  batch_size: int = 64, workers: int | None = 0,
                  progress: bool = True) -> tuple[np.ndarray, list[int], list[tuple[int, str]]]:
     """Backbone features of image files: (features of the readable ones, their indices into `paths`,
@@ -264,7 +264,7 @@ class Localizer:
         self.k = k
         self.batch_size = batch_size
         self.workers = workers
-        self._backbone: Backbone | None = None
+        self._backbone: FrozenBackbone | None = None
         self._lock = threading.RLock()
 
     @classmethod
@@ -335,7 +335,7 @@ class Localizer:
             _ = self.backbone
 
     @property
-    def backbone(self) -> Backbone:
+    def backbone(self) -> FrozenBackbone:
         """The run's backbone (with its tuned blocks), loaded and checked on first use."""
         self.check_images()
         if self._backbone is not None:  # no lock: decoding threads ask for its patch size during forward passes

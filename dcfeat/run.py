@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dcfeat.atomic import atomic_write, leftover_tmp_files, write_text
-from dcfeat.choices import CROPS, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
+from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, writing
 from dcfeat.geo import UTM_LETTERS
@@ -123,9 +123,10 @@ def _feature_problems(features: dict) -> list[str]:
     if not _positive_int(features.get("dim")):
         problems.append(f"`features.dim` is {features.get('dim')!r} (expected the features' width, a positive "
                         "integer)")
-    if pooling is not None and pooling not in (*POOLINGS, NO_POOLING):
-        problems.append(f"`features.pooling` is {pooling!r} (expected one of {', '.join(POOLINGS)}, or "
-                        f"{NO_POOLING} for features no backbone pooled)")
+    if pooling is not None and pooling not in (*POOLINGS, DESCRIPTOR_POOLING, NO_POOLING):
+        problems.append(f"`features.pooling` is {pooling!r} (expected one of {', '.join(POOLINGS)}, "
+                        f"{DESCRIPTOR_POOLING} for a torch.hub model's descriptors, or {NO_POOLING} for features no "
+                        "backbone pooled)")
     backbone = pooling != NO_POOLING
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
                                  and (size > 0 if backbone else size >= 0)):

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from dcfeat.choices import CROPS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS, POOLINGS, STORE_DTYPES
+from dcfeat.choices import (
+    CROPS,
+    DEFAULT_MODEL,
+    DEFAULT_SHARD_ROWS,
+    DESCRIPTOR_POOLING,
+    HUB_PREFIX,
+    POOLINGS,
+    STORE_DTYPES,
+)
 from dcfeat.cli.common import DEFAULT_STORE, no_progress, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
@@ -29,12 +37,17 @@ from dcfeat.cli.options import (
               help="Split to write (train, val, test, test-db, …).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="DINOv2 or DINOv3 ViT hub id (facebook/dinov2-small|base|large|giant, …-with-registers-…, "
-              "facebook/dinov3-vit*16-…) or local directory.")
-@click.option("--pooling", type=click.Choice(list(POOLINGS)), default="cls", show_default=True,
-              help="; ".join(f"{name}: {what}" for name, what in POOLINGS.items()) + ".")
+              "facebook/dinov3-vit*16-…) or local directory; or a torch.hub VPR model (MegaLoc, CosPlace, "
+              f"EigenPlaces, BoQ, SALAD): {HUB_PREFIX}OWNER/REPO:ENTRY or {HUB_PREFIX}/path/to/clone:ENTRY, the "
+              "entry's keyword arguments after a ? (ENTRY?key=value&key=value). Loading runs the repository's "
+              "hubconf.py: name only repositories you trust.")
+@click.option("--pooling", type=click.Choice(list(POOLINGS)), default=None,
+              help="; ".join(f"{name}: {what}" for name, what in POOLINGS.items()) + " [default: cls; a torch.hub "
+              f"model pools its own features, recorded as '{DESCRIPTOR_POOLING}', and takes no --pooling].")
 @click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
               help="Centre crop size (--crop centre) or shorter side of the whole image (--crop full), a multiple "
-              "of the model's patch size (14 for DINOv2, 16 for DINOv3).")
+              "of the model's patch size (14 for DINOv2, 16 for DINOv3; any size for a torch.hub model unless it "
+              "needs multiples).")
 @click.option("--crop", type=click.Choice(list(CROPS)), default="centre", show_default=True,
               help="centre: " + CROPS["centre"] + "; full: " + CROPS["full"] + ", the backbone interpolating its "
               "position embeddings. Part of the split's identity: a run refuses features cropped the other way.")
@@ -58,7 +71,8 @@ from dcfeat.cli.options import (
 @no_progress
 def extract(images, manifest, path_column, out, split, model, pooling, image_size, crop, batch_size, workers,
             device, draft, dtype, shard_rows, unlabelled, overwrite, cache_tokens, no_progress):
-    """Compute frozen DINOv2/DINOv3 features of images once and cache them in a feature store.
+    """Compute frozen DINOv2/DINOv3 features (or a torch.hub VPR model's descriptors) of images once and cache
+    them in a feature store.
 
     Resumable: after a crash, run the same command again. For several GPUs or
     nodes run it under `torchrun --nproc-per-node K -m dcfeat extract …`.

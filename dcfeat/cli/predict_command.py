@@ -33,8 +33,9 @@ from dcfeat.cli.options import (
               help="cosine: probability = softmax at scale s over all cells' cosines (dot products for runs trained "
               "with --test-prototypes raw); group-softmax: each cell's probability "
               "under its own group's classifier (D&C Eq. 4.19-4.20), also used to rank.")
-@click.option("--model", default=None, help="Backbone [default: the one the run's features came from]; its "
-              "weights must be the same (checked).")
+@click.option("--model", default=None, help="Backbone [default: the one the run's features came from]: a "
+              "checkpoint folder or a torch.hub model string (torchhub:/path/to/clone:ENTRY…) whose weights must be "
+              "the same (checked by fingerprint).")
 @click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=AT_LEAST_0, default=None, help="DataLoader decoding processes [default: min(16, CPUs)].")
 @click.option("--min-confidence", type=FRACTION, default=None, help="Abstain below this calibrated confidence: "
