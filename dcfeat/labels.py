@@ -142,11 +142,15 @@ def find_images(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[
 
 
 def unread_files(images: Path | None) -> list[tuple[str, str]]:
-    """(image id, reason) of the image files under `images` that dcfeat does not read (a .gif, …)."""
-    if images is None or not Path(images).is_dir():
-        return []
+    """(image id, reason) of the image files under `images` (a folder, or one file: its path as given) that
+    dcfeat does not read (a .gif, …)."""
+    images = Path(images) if images is not None else None
+    if images is not None and images.is_file():
+        found = [images.as_posix()] if images.suffix.lower() in UNREAD_SUFFIXES else []
+    else:
+        found = find_images(images, UNREAD_SUFFIXES) if images is not None and images.is_dir() else []
     return [(i, f"{Path(i).suffix.lower()} files are not read by dcfeat; convert it to one of "
-                f"{', '.join(IMAGE_SUFFIXES)}") for i in find_images(images, UNREAD_SUFFIXES)]
+                f"{', '.join(IMAGE_SUFFIXES)}") for i in found]
 
 
 def _shown_name(name: str) -> str:
