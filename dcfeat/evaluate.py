@@ -62,7 +62,7 @@ from dcfeat.metrics import (
 from dcfeat.model import top_cells
 from dcfeat.partition import Places, class_keys, label_keys, places_of
 from dcfeat.positions import answer as positions_answer
-from dcfeat.reports import Ranking, staged, write_confidence_plots, write_outputs
+from dcfeat.reports import Ranking, staged, training_photos, write_confidence_plots, write_grids, write_outputs
 from dcfeat.retrieval import (
     CellIndex,
     normalised,
@@ -434,10 +434,13 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
                    modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
                    threshold_m: float = THRESHOLD_M, cells: int | None = None, space: str = "projected",
                    repeats: int = TIMING_REPEATS, weights: str = "kept",
-                   scoring: str = "cosine", device: str = "auto", out: Path | None = None) -> Evaluation:
+                   scoring: str = "cosine", device: str = "auto", out: Path | None = None,
+                   grid: int = 0) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
-    (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT), together: a
-    failure leaves `out` as it was."""
+    (report.json, predictions.parquet, the plots; with `grid`, that many queries beside their answers' photos
+    per method) into `out` (default RUN/eval/SPLIT), together: a failure leaves `out` as it was."""
+    if grid < 0:
+        raise BadInput(f"--grid {grid}: give a number of queries, 0 or more")
     out = Path(out) if out else Path(run_dir) / EVAL_DIR / split
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; evaluate writes a folder of files (report.json, predictions.parquet, "
@@ -469,6 +472,13 @@ def evaluate_files(feats: Path, run_dir: Path, split: str, *, database_split: st
     with writing(out), staged(out) as folder:
         extra = write_confidence_plots(folder, result.confidence_plots, split=split,
                                        notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")
+        if grid:
+            grids, said = write_grids(folder, queries, result.methods, result.recall, rows=grid,
+                                      threshold_m=threshold_m, database=database,
+                                      photos=database or training_photos(run.config.store, run.config.train_split),
+                                      notice=f" — {RANDOM_NOTICE}" if run.random_backbone else "")
+            extra.update(grids)
+            result.warnings.extend(said)  # the report's list too
         result.report, paths = write_outputs(folder, result.report, queries.labels, result.methods, result.recall,
                                              background=background, extra_files=extra)
     result.paths = {name: out / path.name for name, path in paths.items()}

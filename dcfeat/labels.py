@@ -390,7 +390,8 @@ def _complete_utm(frame: pl.DataFrame) -> pl.DataFrame:
     """Cast checked labels to LABEL_SCHEMA and fill the UTM fields the source left empty from lat/lon (rows
     without a position stay empty)."""
     frame = frame.select([pl.col(c).cast(t) for c, t in LABEL_SCHEMA.items()])
-    missing = pl.any_horizontal(pl.col(UTM_COLUMNS).is_null()) & pl.col("lat").is_not_null() & pl.col("lon").is_not_null()
+    missing = (pl.any_horizontal(pl.col(UTM_COLUMNS).is_null()) & pl.col("lat").is_not_null()
+               & pl.col("lon").is_not_null())
     idx = np.flatnonzero(frame.select(missing).to_series().to_numpy())
     if len(idx):
         derived = latlon_to_utm(frame["lat"].to_numpy()[idx], frame["lon"].to_numpy()[idx])

@@ -279,12 +279,14 @@ class Prediction:
         return error_summary(self.frame)
 
 
-def predict_files(run_dir: Path, out: Path, *, images: Path | Sequence[Path] | None = None, manifest: Path | None = None,
-                  path_column: str = "path", feats: Path | None = None, split: str | None = None, k: int = 5,
+def predict_files(run_dir: Path, out: Path, *, images: Path | Sequence[Path] | None = None,
+                  manifest: Path | None = None, path_column: str = "path", feats: Path | None = None,
+                  split: str | None = None, k: int = 5,
                   model: str | None = None, batch_size: int = 64, workers: int | None = None, device: str = "auto",
                   progress: bool = True, scoring: str = "cosine", min_confidence: float | None = None,
                   geojson_radius: bool = False) -> Prediction:
-    """`dcfeat predict`: check the options and output, load the run, predict, write `out`."""
+    """`dcfeat predict`: check the options and output, load the run, predict, write `out`. `images`: image
+    files and folders (searched recursively), one or several."""
 
     out = check_out(out)
     if feats is not None and not split:
