@@ -1,4 +1,4 @@
-"""Image labels: what a label is, and its two sources (SF-XL style `@`-separated file names, a manifest).
+"""Image labels: what a label is, and its sources (a manifest, SF-XL style `@`-separated file names, EXIF GPS).
 
 Every image gets the label columns of the feature store (DESIGN.md, "Labels"):
 utm_east, utm_north, utm_zone, utm_letter, lat, lon, heading. lat/lon → UTM is
@@ -8,6 +8,16 @@ forced. Labels are checked (`check_labels`) before anything is written, so a
 NaN or an impossible zone is refused naming the file to fix, not met later; the
 store's reader checks the label files of a store written by another program the
 same way.
+
+Where sources disagree, the first that gives a position wins, image by image: a
+manifest row, then the file's SF-XL name, then its EXIF GPS (GPSLatitude and
+GPSLongitude with their refs, as phones write them; read from the header, no
+pixels decoded). A manifest row or a name is what a dataset was curated with; EXIF
+is whatever the camera's receiver said. The heading comes with the position's
+source (EXIF: GPSImgDirection), or from the manifest where it gives one. EXIF that
+is missing or malformed (a zero denominator, minutes past 60, a latitude past 90°,
+a ref that is not N/S or E/W, 0°, 0°, a receiver without a fix) gives no position
+and a reason for that image, never an exception.
 """
 
 from __future__ import annotations
