@@ -66,7 +66,7 @@ from dcfeat.metrics import (
 from dcfeat.model import top_cells
 from dcfeat.partition import Places, class_keys, label_keys, places_of
 from dcfeat.positions import answer as positions_answer
-from dcfeat.reports import Ranking, staged, write_confidence_plots, write_outputs
+from dcfeat.reports import Ranking, staged, training_photos, write_confidence_plots, write_grids, write_outputs
 from dcfeat.retrieval import (
     CellIndex,
     normalised,
@@ -486,12 +486,15 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
                    modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
                    threshold_m: float = THRESHOLD_M, cells: int | None = None, space: str | None = None,
                    repeats: int = TIMING_REPEATS, weights: str = "kept",
-                   scoring: str = "cosine", device: str = "auto", out: Path | None = None) -> Evaluation:
+                   scoring: str = "cosine", device: str = "auto", out: Path | None = None,
+                   grid: int = 0) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
-    (report.json, predictions.parquet, the plots) into `out` (default RUN/eval/SPLIT), together: a
-    failure leaves `out` as it was. `run_dir` None: no run, `--mode retrieve` on the raw features
-    only (`evaluate_raw`; default `out` STORE_FOLDER/eval/STORE_NAME/SPLIT). `space` None: projected
-    with a run, raw without."""
+    (report.json, predictions.parquet, the plots; with `grid`, that many queries beside their answers' photos
+    per method) into `out` (default RUN/eval/SPLIT), together: a failure leaves `out` as it was. `run_dir`
+    None: no run, `--mode retrieve` on the raw features only (`evaluate_raw`; default `out`
+    STORE_FOLDER/eval/STORE_NAME/SPLIT). `space` None: projected with a run, raw without."""
+    if grid < 0:
+        raise BadInput(f"--grid {grid}: give a number of queries, 0 or more")
     if run_dir is None:
         if tuple(modes or ()) != ("retrieve",):
             raise BadInput(f"--mode {'/'.join(modes) if modes else 'all'} needs a run: train one with `dcfeat train`, "
@@ -541,6 +544,12 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
     with writing(out), staged(out) as folder:
         extra = (write_confidence_plots(folder, result.confidence_plots, split=split, notice=notice)
                  if result.confidence_plots else {})
+        if grid:
+            photos = database or (training_photos(run.config.store, run.config.train_split) if run else None)
+            grids, said = write_grids(folder, queries, result.methods, result.recall, rows=grid,
+                                      threshold_m=threshold_m, database=database, photos=photos, notice=notice)
+            extra.update(grids)
+            result.warnings.extend(said)  # the report's list too
         result.report, paths = write_outputs(folder, result.report, queries.labels, result.methods, result.recall,
                                              background=background, extra_files=extra)
     result.paths = {name: out / path.name for name, path in paths.items()}

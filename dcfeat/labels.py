@@ -1,4 +1,4 @@
-"""Image labels: what a label is, and its two sources (SF-XL style `@`-separated file names, a manifest).
+"""Image labels: what a label is, and its sources (a manifest, SF-XL style `@`-separated file names, EXIF GPS).
 
 Every image gets the label columns of the feature store (DESIGN.md, "Labels"):
 utm_east, utm_north, utm_zone, utm_letter, lat, lon, heading. lat/lon → UTM is
@@ -8,18 +8,31 @@ forced. Labels are checked (`check_labels`) before anything is written, so a
 NaN or an impossible zone is refused naming the file to fix, not met later; the
 store's reader checks the label files of a store written by another program the
 same way.
+
+Where sources disagree, the first that gives a position wins, image by image: a
+manifest row, then the file's SF-XL name, then its EXIF GPS (GPSLatitude and
+GPSLongitude with their refs, as phones write them; read from the header, no
+pixels decoded). A manifest row or a name is what a dataset was curated with; EXIF
+is whatever the camera's receiver said. The heading comes with the position's
+source (EXIF: GPSImgDirection), or from the manifest where it gives one. EXIF that
+is missing or malformed (a zero denominator, minutes past 60, a latitude past 90°,
+a ref that is not N/S or E/W, 0°, 0°, a receiver without a fix) gives no position
+and a reason for that image, never an exception.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import utm
+from PIL import Image
 
 from dcfeat.errors import BadInput
 from dcfeat.geo import UTM_LETTERS
@@ -139,11 +152,15 @@ def find_images(root: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[
 
 
 def unread_files(images: Path | None) -> list[tuple[str, str]]:
-    """(image id, reason) of the image files under `images` that dcfeat does not read (a .gif, …)."""
-    if images is None or not Path(images).is_dir():
-        return []
+    """(image id, reason) of the image files under `images` (a folder, or one file: its path as given) that
+    dcfeat does not read (a .gif, …)."""
+    images = Path(images) if images is not None else None
+    if images is not None and images.is_file():
+        found = [images.as_posix()] if images.suffix.lower() in UNREAD_SUFFIXES else []
+    else:
+        found = find_images(images, UNREAD_SUFFIXES) if images is not None and images.is_dir() else []
     return [(i, f"{Path(i).suffix.lower()} files are not read by dcfeat; convert it to one of "
-                f"{', '.join(IMAGE_SUFFIXES)}") for i in find_images(images, UNREAD_SUFFIXES)]
+                f"{', '.join(IMAGE_SUFFIXES)}") for i in found]
 
 
 def _shown_name(name: str) -> str:
@@ -181,40 +198,171 @@ def _float_field(parts: pl.Expr, index: int) -> pl.Expr:
     return parts.list.get(index, null_on_oob=True).replace("", None).cast(pl.Float64, strict=False)
 
 
-def parse_sfxl_names(image_ids: list[str], source: str = "image file names") -> pl.DataFrame:
-    """Labels from `@`-separated file names; BadInput naming `source` and the first bad files."""
+def _name_fields(image_ids: list[str]) -> pl.DataFrame:
+    """The label fields SF-XL names carry, unchecked (the zone still a float: 10.5 must not truncate to 10),
+    and `_carries`: whether a name gives a position (east and north, and zone and letter or lat and lon)."""
     frame = pl.DataFrame({"image_id": image_ids}, schema={"image_id": pl.String})
     stem = pl.col("image_id").str.split("/").list.last()
     parts = stem.str.split("@")
     frame = frame.with_columns(
         utm_east=_float_field(parts, 1),
         utm_north=_float_field(parts, 2),
-        utm_zone=_float_field(parts, 3),  # float until checked: a zone of 10.5 must not truncate to 10
+        utm_zone=_float_field(parts, 3),
         utm_letter=parts.list.get(4, null_on_oob=True).replace("", None).str.to_uppercase(),
         lat=_float_field(parts, 5),
         lon=_float_field(parts, 6),
         heading=_float_field(parts, 9).cast(pl.Float32),
         _at=stem.str.starts_with("@"),
     )
-    bad = frame.filter(
-        ~pl.col("_at")
-        | pl.col("utm_east").is_null()
-        | pl.col("utm_north").is_null()
-        | ((pl.col("utm_zone").is_null() | pl.col("utm_letter").is_null())
-           & (pl.col("lat").is_null() | pl.col("lon").is_null()))
+    return frame.with_columns(_carries=(
+        pl.col("_at") & pl.col("utm_east").is_not_null() & pl.col("utm_north").is_not_null()
+        & ((pl.col("utm_zone").is_not_null() & pl.col("utm_letter").is_not_null())
+           | (pl.col("lat").is_not_null() & pl.col("lon").is_not_null())))).drop("_at")
+
+
+NOT_A_NAME = "not an SF-XL name"
+
+
+def refuse_unplaced(unplaced: list[tuple[str, str]], total: int, source: str) -> None:
+    """BadInput naming `source`, the first images that carry no position (each with why) and every way to give one."""
+    if not unplaced:
+        return
+    shown = "\n  ".join(f"{i}: {why}" for i, why in unplaced[:5])
+    raise BadInput(
+        f"{len(unplaced)} of {total} {source} do not carry a position:\n  {shown}\n"
+        f"Expected SF-XL style names {SFXL_PATTERN}\n  e.g. {SFXL_EXAMPLE}\n"
+        "(UTM east and north required; zone and letter, or lat and lon, needed too), or EXIF GPS in the file "
+        "(GPSLatitude/GPSLongitude with their N/S and E/W refs, as phones and cameras write them).\n"
+        "For other names pass --manifest FILE.csv|.parquet with a `path` column and "
+        "utm_east/utm_north/utm_zone/utm_letter or lat/lon columns."
     )
-    if bad.height:
-        shown = "\n  ".join(bad["image_id"].head(5).to_list())
-        raise BadInput(
-            f"{bad.height} of {frame.height} {source} do not carry a position:\n  {shown}\n"
-            f"Expected SF-XL style names {SFXL_PATTERN}\n  e.g. {SFXL_EXAMPLE}\n"
-            "(UTM east and north required; zone and letter, or lat and lon, needed too).\n"
-            "For other names pass --manifest FILE.csv|.parquet with a `path` column and "
-            "utm_east/utm_north/utm_zone/utm_letter or lat/lon columns."
-        )
-    frame = frame.drop("_at")
+
+
+def parse_sfxl_names(image_ids: list[str], source: str = "image file names") -> pl.DataFrame:
+    """Labels from `@`-separated file names; BadInput naming `source` and the first bad files."""
+    frame = _name_fields(image_ids)
+    refuse_unplaced([(i, NOT_A_NAME) for i in frame.filter(~pl.col("_carries"))["image_id"].to_list()],
+                    frame.height, source)
+    frame = frame.drop("_carries")
     check_labels(frame, source)
     return _complete_utm(frame)
+
+
+# EXIF GPS (the GPSInfo IFD, tag 0x8825) as phones and cameras write it: the tags dcfeat reads.
+GPS_IFD = 0x8825
+GPS_LATITUDE_REF, GPS_LATITUDE, GPS_LONGITUDE_REF, GPS_LONGITUDE = 1, 2, 3, 4
+GPS_STATUS, GPS_IMG_DIRECTION = 9, 17
+
+
+class NoExifPosition(ValueError):
+    """An image whose EXIF gives no usable position; str(self) says why."""
+
+
+def _exif_text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value).strip("\x00 ").upper()
+
+
+def _degrees(value, what: str, limit: float) -> float:
+    """Degrees of an EXIF GPS angle: degree, minute, second rationals (or fewer: degrees, minutes)."""
+    parts = value if isinstance(value, (tuple, list)) else (value,)
+    try:
+        d = [float(x) for x in parts]
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise NoExifPosition(f"EXIF {what} {value!r} is not degrees, minutes, seconds") from None
+    if not 1 <= len(d) <= 3 or not all(math.isfinite(x) and x >= 0 for x in d) or any(x > 60 for x in d[1:]):
+        # a zero denominator reads as NaN
+        raise NoExifPosition(f"EXIF {what} {value!r} is not degrees, minutes, seconds (a zero denominator, a "
+                             "negative part, or minutes or seconds past 60)")
+    degrees = sum(x / 60 ** i for i, x in enumerate(d))
+    if degrees > limit:
+        raise NoExifPosition(f"EXIF {what} {degrees:g}° is beyond {limit:g}°")
+    return degrees
+
+
+def exif_position(path: Path) -> tuple[float, float, float | None]:
+    """(lat, lon, heading or None) from an image file's EXIF GPS, read from its header, no pixels decoded;
+    NoExifPosition saying why where it gives none. The heading is GPSImgDirection (true or magnetic
+    north, as the camera wrote it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's decompression bomb warning: no pixels are decoded here
+            with Image.open(path) as img:
+                # A PNG's getexif() decodes the whole image to look for an eXIf chunk after the pixels:
+                # only the one before them (where writers put it) is read.
+                gps = ({} if img.format == "PNG" and "exif" not in img.info else img.getexif().get_ifd(GPS_IFD))
+    except Exception as e:  # noqa: BLE001 - EXIF is any bytes a camera or an editor wrote: never a crash
+        raise NoExifPosition(f"EXIF not readable ({type(e).__name__}: {e})") from None
+    if GPS_LATITUDE not in gps or GPS_LONGITUDE not in gps:
+        raise NoExifPosition("no EXIF GPS position")
+    if _exif_text(gps.get(GPS_STATUS, "A")) == "V":
+        raise NoExifPosition("EXIF GPSStatus V: the receiver had no fix")
+    lat_ref, lon_ref = _exif_text(gps.get(GPS_LATITUDE_REF, "")), _exif_text(gps.get(GPS_LONGITUDE_REF, ""))
+    if lat_ref not in ("N", "S") or lon_ref not in ("E", "W"):
+        raise NoExifPosition(f"EXIF GPSLatitudeRef {lat_ref!r} / GPSLongitudeRef {lon_ref!r}: expected N or S / "
+                             "E or W")
+    lat = _degrees(gps[GPS_LATITUDE], "GPSLatitude", 90) * (-1 if lat_ref == "S" else 1)
+    lon = _degrees(gps[GPS_LONGITUDE], "GPSLongitude", 180) * (-1 if lon_ref == "W" else 1)
+    if lat == 0 and lon == 0:
+        raise NoExifPosition("EXIF GPS 0°, 0°: what a camera without a fix writes")
+    if not -80 <= lat <= 84:
+        raise NoExifPosition(f"EXIF GPS latitude {lat:g}° is beyond the latitudes UTM covers (80°S to 84°N)")
+    try:
+        heading = float(gps[GPS_IMG_DIRECTION]) if GPS_IMG_DIRECTION in gps else None
+    except (TypeError, ValueError, ZeroDivisionError):
+        heading = None
+    heading = heading % 360 if heading is not None and 0 <= heading <= 360 else None
+    return lat, lon, heading
+
+
+POSITION_FIELDS = ("utm_east", "utm_north", "lat", "lon")
+
+
+def has_position() -> pl.Expr:
+    """True where a row of labels gives any position field (it may still break a rule)."""
+    return pl.any_horizontal(pl.col(POSITION_FIELDS).is_not_null())
+
+
+def fill_positions(labels: pl.DataFrame, paths: list[Path], *, source: str,
+                   strict: bool = True) -> tuple[pl.DataFrame, list[tuple[str, str]]]:
+    """Labels (LABEL_SCHEMA) whose rows that give no position take their file's: its SF-XL name's, else
+    its EXIF GPS' (`paths`: the file of each row). Returns them with (image id, why) of each image that
+    still has none, its position left null.
+
+    `strict`: names carrying impossible labels are refused (BadInput naming `source`), as for training
+    labels; otherwise (`predict`, which only compares) such a name counts as none.
+    """
+    empty = ~labels.select(has_position()).to_series()
+    idx = np.flatnonzero(empty.to_numpy())
+    if not len(idx):
+        return labels, []
+    names = _name_fields(labels["image_id"].gather(idx).to_list())
+    if strict:
+        check_labels(names.filter("_carries").drop("_carries"), source)
+    else:
+        faults = _label_faults()
+        names = names.with_columns(_carries=pl.col("_carries") & ~pl.any_horizontal(
+            r.fill_null(False) for r in faults.values()))
+    named = names["_carries"]
+    names = names.drop("_carries").with_columns(
+        pl.when(pl.lit(named)).then(pl.col(c)).otherwise(None).alias(c) for c in LABEL_SCHEMA if c != "image_id")
+    found, unplaced = [], []
+    for row in np.flatnonzero(~named.to_numpy()):  # only files without a name label are opened
+        try:
+            found.append((row, *exif_position(paths[idx[row]])))
+        except NoExifPosition as e:
+            unplaced.append((names["image_id"][int(row)], f"{NOT_A_NAME}; {e}"))
+    if found:
+        rows, lat, lon, heading = zip(*found)
+        at = pl.Series(rows, dtype=pl.UInt32)
+        names = names.with_columns(lat=names["lat"].scatter(at, lat), lon=names["lon"].scatter(at, lon),
+                                   heading=names["heading"].scatter(at, pl.Series(heading, dtype=pl.Float32)))
+    filled = _complete_utm(names)
+    given = labels["heading"].gather(idx)  # a heading the source gave stays
+    filled = filled.with_columns(heading=given.zip_with(given.is_not_null(), filled["heading"]))
+    return labels.with_row_index("_row").update(filled.with_columns(_row=pl.Series(idx, dtype=pl.UInt32)),
+                                                on="_row", include_nulls=True).drop("_row"), unplaced
 
 
 def _zone_numbers(lat: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -249,9 +397,12 @@ def latlon_to_utm(lat: np.ndarray, lon: np.ndarray) -> pl.DataFrame:
 
 
 def _complete_utm(frame: pl.DataFrame) -> pl.DataFrame:
-    """Cast checked labels to LABEL_SCHEMA and fill the UTM fields the source left empty from lat/lon."""
+    """Cast checked labels to LABEL_SCHEMA and fill the UTM fields the source left empty from lat/lon (rows
+    without a position stay empty)."""
     frame = frame.select([pl.col(c).cast(t) for c, t in LABEL_SCHEMA.items()])
-    idx = np.flatnonzero(frame.select(pl.any_horizontal(pl.col(UTM_COLUMNS).is_null())).to_series().to_numpy())
+    missing = (pl.any_horizontal(pl.col(UTM_COLUMNS).is_null()) & pl.col("lat").is_not_null()
+               & pl.col("lon").is_not_null())
+    idx = np.flatnonzero(frame.select(missing).to_series().to_numpy())
     if len(idx):
         derived = latlon_to_utm(frame["lat"].to_numpy()[idx], frame["lon"].to_numpy()[idx])
         frame = frame.with_columns(
@@ -336,6 +487,8 @@ def read_manifest(path: Path, *, path_column: str = "path", positions: bool = Tr
                   images: Path | None = None) -> pl.DataFrame:
     """Labels (LABEL_SCHEMA) from a CSV, TSV or Parquet manifest with UTM or lat/lon columns.
 
+    Rows that give no position (every position cell empty, or no position columns) keep it empty:
+    `collect_images` takes it from the image's name or EXIF GPS. Rows that give one are checked.
     With positions=False only `image_id`, for images without labels (`predict`). Paths
     become ids relative to `images` (default: the manifest's folder).
     """
@@ -343,9 +496,9 @@ def read_manifest(path: Path, *, path_column: str = "path", positions: bool = Tr
     where = f"--manifest {path}"
     frame = _read_table(path)
     cols = set(frame.columns)
-    if path_column not in cols or (positions and not (set(UTM_COLUMNS) <= cols or {"lat", "lon"} <= cols)):
-        need = (" and either utm_east, utm_north, utm_zone, utm_letter or lat, lon (optional: heading)"
-                if positions else "")
+    if path_column not in cols:
+        need = (" and utm_east, utm_north, utm_zone, utm_letter or lat, lon columns (optional: heading; where a row "
+                "gives no position, the image's SF-XL name or EXIF GPS is read)" if positions else "")
         raise BadInput(f"{where}: columns {sorted(cols)}; expected a `{path_column}` column (image path "
                        f"relative to --images; another name with --path-column){need}.")
     if frame.height == 0:
@@ -358,7 +511,8 @@ def read_manifest(path: Path, *, path_column: str = "path", positions: bool = Tr
         [_numbers(frame[c], where) if c in cols else pl.lit(None, pl.Float64).alias(c) for c in numeric]
         + [frame["utm_letter"].cast(pl.String).str.strip_chars().str.to_uppercase() if "utm_letter" in cols
            else pl.lit(None, pl.String).alias("utm_letter")])
-    check_labels(out, where)
+    given = out.select(has_position()).to_series()
+    check_labels(out.filter(given), where)
     return _complete_utm(out)
 
 
@@ -370,7 +524,8 @@ def unlabelled(ids: list[str]) -> pl.DataFrame:
 
 def collect_images(images: Path | None, manifest: Path | None = None, *,
                    path_column: str = "path", positions: bool = True) -> LabelledImages:
-    """The labelled image list for `extract`: from file names under `images` or a manifest.
+    """The labelled image list for `extract`: from a manifest's rows, else file names under `images`, else
+    (image by image) the files' EXIF GPS; refused naming the images that carry no position.
     `positions=False`: photos whose positions are unknown (a split to predict), any file names."""
     if manifest is not None:
         root = Path(images) if images is not None else Path(manifest).parent
@@ -385,12 +540,16 @@ def collect_images(images: Path | None, manifest: Path | None = None, *,
             raise BadInput(f"--manifest {manifest}: {len(missing)} of {labels.height} listed images are not files, "
                            f"first (as listed → where looked for):\n  {shown}\nPaths in the manifest are relative to "
                            f"{relative_to}. Pass the --images folder they are relative to, or correct the paths")
+        source = f"images of --manifest {manifest}"
     else:
         if images is None:
-            raise BadInput("pass --images DIR (SF-XL style file names) or --manifest FILE")
+            raise BadInput("pass --images DIR (SF-XL style file names, or photos with EXIF GPS) or --manifest FILE")
         ids = find_images(images)
         if not ids:
             raise BadInput(f"--images {images}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
-        labels = (parse_sfxl_names(ids, f"image file names under {images}") if positions else unlabelled(ids))
-        root = Path(images)
+        labels, root = unlabelled(ids), Path(images)
+        source = f"image file names under {images}"
+    if positions:
+        labels, unplaced = fill_positions(labels, [root / i for i in labels["image_id"].to_list()], source=source)
+        refuse_unplaced(unplaced, labels.height, source)
     return LabelledImages(root=root, labels=labels.sort("image_id"), positions=positions)

@@ -54,8 +54,8 @@ from dcfeat.run import Run, load_run
 # or an (H, W, 3) uint8 array.
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 # Columns of predictions() that hold one value per image (repeated on its every rank); the others
-# describe the ranked cell and go into an answer's top_k.
-IMAGE_COLUMNS = ("image_id", "confidence", "radius_m", "abstained", "threshold_m", "run_status")
+# describe the ranked cell and go into an answer's top_k. `error_m` is predict's (where the truth is known).
+IMAGE_COLUMNS = ("image_id", "confidence", "radius_m", "abstained", "threshold_m", "run_status", "error_m")
 _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 # A run folder exported with its backbone (`dcfeat export --with-backbone`) keeps it here.
 BACKBONE_DIR = "backbone"

@@ -1,5 +1,6 @@
-"""Evaluation figures: error CDF per method, a map of right and wrong queries, and how
-well a confidence sorts them (risk-coverage curve, reliability diagram).
+"""Evaluation figures: error CDF per method, a map of right and wrong queries, how
+well a confidence sorts them (risk-coverage curve, reliability diagram), and a grid of
+queries beside their answers' photos.
 
 Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, never
 through pyplot, so importing or calling this module changes no global
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import os
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import LineCollection
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from PIL import Image as PILImage
 
 from dcfeat.atomic import atomic_write
 from dcfeat.choices import THRESHOLD_M
@@ -229,3 +233,75 @@ def plot_reliability(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     return _save_atomic(fig, path)
+
+
+# The qualitative grid (`evaluate --grid`): square tiles with a line of title above each, fixed sizes (inches at
+# GRID_DPI) so that a figure's pixel size follows from its rows and columns alone.
+GRID_TILE_IN, GRID_LABEL_IN, GRID_GAP_IN, GRID_DPI = 1.2, 0.25, 0.1, 100
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One picture of the grid: `image` (H, W, 3) uint8 or None (drawn as a grey tile saying `missing`),
+    its title, and whether the answer is right (green), wrong (red) or neither (the query: black)."""
+
+    image: np.ndarray | None
+    title: str
+    right: bool | None = None
+    missing: str = "no image"
+
+
+def grid_size_in(rows: int, columns: int, title: str) -> tuple[float, float]:
+    """(width, height) in inches of a grid of `rows` × `columns` tiles under `title` (wrapped as drawn)."""
+    lines = textwrap.fill(title, TITLE_WIDTH_CHARS).count("\n") + 1
+    width = GRID_GAP_IN + columns * (GRID_TILE_IN + GRID_GAP_IN)
+    return width, TITLE_PAD_IN + TITLE_LINE_IN * lines + rows * (GRID_LABEL_IN + GRID_TILE_IN + GRID_GAP_IN)
+
+
+def plot_grid(rows: list[list[Tile]], path: str | os.PathLike, *, title: str) -> Path:
+    """Rows of tiles, one row per query (its photo first, then its answers' photos), each tile titled and
+    framed in its colour; an image keeps its aspect ratio inside its square.
+
+    The tiles are composed into one pixel canvas placed as it is (`figimage`, no resampling): one axes per
+    tile cost 60 ms each, which a grid of dozens of tiles would spend for nothing."""
+    if not rows:
+        raise ValueError("no rows to draw")
+    width, height = grid_size_in(len(rows), max(len(r) for r in rows), title)
+    fig = Figure(figsize=(width, height), dpi=GRID_DPI)
+    FigureCanvasAgg(fig)
+    px = lambda inches: round(inches * GRID_DPI)  # noqa: E731
+    canvas = np.full((px(height), px(width), 3), 255, np.uint8)
+    fig.text(0.5, 1 - TITLE_PAD_IN / height, textwrap.fill(title, TITLE_WIDTH_CHARS), ha="center", va="top",
+             fontsize=10)
+    colours = {True: "tab:green", False: "tab:red", None: "black"}
+    side = px(GRID_TILE_IN)
+    for r, row in enumerate(rows):  # the first row on top, under the title
+        bottom = (len(rows) - 1 - r) * (GRID_LABEL_IN + GRID_TILE_IN + GRID_GAP_IN) + GRID_GAP_IN
+        for c, tile in enumerate(row):
+            left = GRID_GAP_IN + c * (GRID_TILE_IN + GRID_GAP_IN)
+            x, y, frame = px(left), px(height - bottom - GRID_TILE_IN), 1 if tile.right is None else 4
+            colour = colours[tile.right]
+            canvas[y:y + side, x:x + side] = np.round(255 * np.array(to_rgb(colour)))
+            inner = canvas[y + frame:y + side - frame, x + frame:x + side - frame]
+            inner[:] = 217  # grey 0.85 where the image does not reach
+            if tile.image is not None:
+                image = _fitted(tile.image, inner.shape[0])
+                top, first = (inner.shape[0] - image.shape[0]) // 2, (inner.shape[1] - image.shape[1]) // 2
+                inner[top:top + image.shape[0], first:first + image.shape[1]] = image
+            else:
+                fig.text((left + GRID_TILE_IN / 2) / width, (bottom + GRID_TILE_IN / 2) / height, tile.missing,
+                         ha="center", va="center", fontsize=7, color="0.3")
+            fig.text((left + GRID_TILE_IN / 2) / width, (bottom + GRID_TILE_IN + 0.03) / height, tile.title,
+                     ha="center", va="bottom", fontsize=7, color=colour)
+    fig.figimage(canvas, 0, 0, zorder=0)
+    return _save_atomic(fig, path)
+
+
+def _fitted(image: np.ndarray, side: int) -> np.ndarray:
+    """`image` (H, W, 3) uint8 scaled to fit a square of `side` pixels, aspect ratio kept."""
+    h, w = image.shape[:2]
+    if max(h, w) == side:
+        return image
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(PILImage.fromarray(image).resize(size, PILImage.Resampling.BICUBIC))

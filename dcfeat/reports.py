@@ -1,4 +1,4 @@
-"""Files of `dcfeat evaluate`: report.json, predictions.parquet, the PNG plots.
+"""Files of `dcfeat evaluate`: report.json, predictions.parquet, the PNG plots, the qualitative grids.
 
 All land in one folder (`dcfeat evaluate --out`, by default `<run>/eval/<split>/`). They are
 written into a temporary folder inside it first (`staged`) and moved into place together, report.json
@@ -22,12 +22,17 @@ import polars as pl
 from dcfeat.atomic import atomic_write, fsync_dir, write_text
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.choices import CENTRE_METHOD, MODES
-from dcfeat.plots import plot_error_cdf, plot_query_map, plot_reliability, plot_risk_coverage
+from dcfeat.images import ImageProblem, load_image
+from dcfeat.metrics import distances_m
+from dcfeat.plots import Tile, plot_error_cdf, plot_grid, plot_query_map, plot_reliability, plot_risk_coverage
+from dcfeat.errors import DcfeatError
+from dcfeat.store import Split, read_split
 
 REPORT, PREDICTIONS = "report.json", "predictions.parquet"
 # Every name `dcfeat evaluate` writes: only these are ever replaced or removed in an output folder.
 OWN_FILES = (REPORT, PREDICTIONS, "error_cdf.png", "risk_coverage.png", "reliability.png",
-             *(f"map_{method}.png" for method in (*MODES, CENTRE_METHOD)))
+             *(f"map_{method}.png" for method in (*MODES, CENTRE_METHOD)),
+             *(f"grid_{method}.png" for method in (*MODES, CENTRE_METHOD)))
 _STAGING = ".dcfeat-evaluate.tmp"
 
 
@@ -138,3 +143,100 @@ def write_confidence_plots(out: Path, plots: dict, *, split: str, notice: str = 
         "reliability": plot_reliability(plots["bins"], Path(out) / "reliability.png", ece=plots["ece"],
                                         title=f"Reliability of the {what}, split {split}{notice}"),
     }
+
+
+# `evaluate --grid`: each query beside this many answers, as thumbnails of this many pixels (the centre crop).
+GRID_ANSWERS, GRID_THUMB_PX = 4, 112
+
+
+def grid_queries(n: int, rows: int) -> np.ndarray:
+    """The queries a grid of `rows` shows: spread evenly over the split, the first and the last included."""
+    return np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(np.int64)) if n and rows else np.zeros(0, int)
+
+
+def nearest_photos(photos: pl.DataFrame, east: np.ndarray, north: np.ndarray, zone: np.ndarray,
+                   letter: np.ndarray) -> np.ndarray:
+    """Row of `photos` (labels) nearest to each position (across UTM zones); -1 where a position is missing."""
+    rows = np.full(east.shape, -1, dtype=np.int64)
+    if photos.height == 0:
+        return rows
+    p = [photos[c].to_numpy() for c in ("utm_east", "utm_north", "utm_zone", "utm_letter")]
+    for i in zip(*np.nonzero(np.isfinite(east) & np.isfinite(north))):  # one position at a time: memory of one row
+        d = distances_m(east[i][None], north[i][None], zone[i], p[0][None], p[1][None], p[2], q_letter=letter[i],
+                        p_letter=p[3])
+        rows[i] = int(np.argmin(d[0]))
+    return rows
+
+
+def training_photos(store: str | None, split: str | None) -> Split | None:
+    """A run's training split (labels only), whose photos illustrate classification's answers where no database
+    split is given; None where its store is gone."""
+    if not store or not split or not Path(store).is_file():
+        return None
+    try:
+        return read_split(Path(store), split, embeddings=False)
+    except DcfeatError:
+        return None
+
+
+def images_folder(split: Split) -> Path | None:
+    """Where `dcfeat extract` read the split's images (its `images_root`); None when that folder is gone."""
+    root = split.attrs.get("images_root")
+    return Path(root) if root and Path(root).is_dir() else None
+
+
+def _gone(split: Split) -> str:
+    return (f"--grid: the images of split '{split.name}' are not in {split.attrs.get('images_root')} (the folder "
+            "`dcfeat extract` read them from); put them back there to draw the grids")
+
+
+def _thumbnail(path: Path) -> np.ndarray | None:
+    try:
+        return load_image(path, GRID_THUMB_PX)
+    except ImageProblem:
+        return None
+
+
+def write_grids(out: Path, queries: Split, methods: list[Ranking], results: dict, *, rows: int, threshold_m: float,
+                database: Split | None, photos: Split | None, notice: str = "") -> tuple[dict[str, Path], list[str]]:
+    """grid_METHOD.png per method: `rows` queries, each beside its top GRID_ANSWERS answers' photos, titled with
+    the rank and the answer's distance to the truth, green within `threshold_m`, red beyond. A retrieval answer
+    shows the database photo it retrieved; a classification answer the photo of `photos` (the database, or
+    the run's training split) nearest to it. Images are read from each split's `images_root`; where a folder
+    is gone, the grids that need it are skipped, with a warning naming it. Returns (paths, warnings)."""
+    query_root = images_folder(queries)
+    if query_root is None:
+        return {}, [_gone(queries) + ", no grid drawn"]
+    picked = grid_queries(len(queries.labels), rows)
+    query_ids = queries.labels["image_id"].to_list()
+    paths, warnings = {}, []
+    for m in methods:
+        source = photos if m.name in ("classify", CENTRE_METHOD) else database
+        if source is None:
+            warnings.append(f"--grid: no photos to show for {m.name}'s answers: pass --database-split, or keep the "
+                            "run's training store where it was trained")
+            continue
+        root = images_folder(source)
+        if root is None:
+            warnings.append(_gone(source) + f", no grid of {m.name}")
+            continue
+        shown = min(GRID_ANSWERS, m.east.shape[1])
+        if source is photos:
+            at = np.s_[picked, :shown]
+            refs = nearest_photos(source.labels, m.east[at], m.north[at], m.zone[at], m.letter[at])
+        else:
+            refs = m.ref[picked, :shown]
+        ids = source.labels["image_id"].to_list()
+        grid = []
+        for q, answer_rows in zip(picked, refs):
+            tiles = [Tile(_thumbnail(query_root / query_ids[q]), f"query {q}", missing="unreadable")]
+            for rank, row in enumerate(answer_rows):
+                d = float(results[m.name].distances_m[q, rank])
+                label = f"#{rank + 1}  {d:.0f} m" if np.isfinite(d) else f"#{rank + 1}  none"
+                tiles.append(Tile(_thumbnail(root / ids[row]) if row >= 0 else None, label,
+                                  right=bool(d <= threshold_m), missing="unreadable" if row >= 0 else "no answer"))
+            grid.append(tiles)
+        title = (f"{m.name}: queries of '{queries.name}' and their top {shown} answers' photos (from "
+                 f"'{source.name}'), green within {threshold_m:g} m{notice}")
+        paths[f"grid_{m.name}"] = plot_grid(grid, Path(out) / f"grid_{m.name}.png", title=title)
+    return paths, warnings

@@ -9,6 +9,7 @@ import click
 from dcfeat.choices import DEFAULT_KS, MODES, SCORINGS, SPACES, THRESHOLD_M, WEIGHTS
 from dcfeat.cli.common import DEFAULT_RUN, DEFAULT_STORE, stdout, warn
 from dcfeat.cli.options import (
+    AT_LEAST_0,
     AT_LEAST_1,
     POSITIVE,
     KList,
@@ -49,8 +50,13 @@ from dcfeat.errors import BadInput
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: RUN/eval/SPLIT; without a run STORE_FOLDER/eval/STORE_NAME/SPLIT].")
+@click.option("--grid", type=AT_LEAST_0, default=0, show_default=True,
+              help="Draw this many queries (spread over the split) beside their top 4 answers' photos, green within "
+              "--threshold, red beyond: grid_METHOD.png per method. Retrieval shows the photo it found, "
+              "classification the database photo (else training photo) nearest to its answer; read from where "
+              "`dcfeat extract` found them.")
 def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, weights, repeats, threshold, ks, device,
-             out):
+             out, grid):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots.
 
     With no run (`--run none`, or none trained at the default) `--mode retrieve` evaluates the raw
@@ -68,7 +74,7 @@ def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells,
         run_dir = None
     result = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
                             threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out,
-                            repeats=repeats, weights=weights)
+                            repeats=repeats, weights=weights, grid=grid)
     report = result.report
     stdout.print(recall_table(report))
     if report["confidence"] is not None:

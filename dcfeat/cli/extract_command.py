@@ -26,10 +26,11 @@ from dcfeat.cli.options import (
 
 @click.command()
 @click.option("--images", type=click.Path(path_type=Path), help="Folder searched recursively for images "
-              "named @UTM_east@UTM_north@zone@letter@lat@lon@…@.jpg (SF-XL style); with --manifest, "
-              "the folder its paths are relative to.")
+              "named @UTM_east@UTM_north@zone@letter@lat@lon@…@.jpg (SF-XL style) or, whatever their names, carrying "
+              "EXIF GPS (phone photos); with --manifest, the folder its paths are relative to.")
 @click.option("--manifest", type=click.Path(path_type=Path), help="CSV/Parquet with a path column and "
-              "utm_east, utm_north, utm_zone, utm_letter or lat, lon (optional heading) columns.")
+              "utm_east, utm_north, utm_zone, utm_letter or lat, lon (optional heading) columns; a row that gives "
+              "no position takes its image's SF-XL name's or EXIF GPS'.")
 @click.option("--path-column", default="path", show_default=True, help="Manifest column holding image paths.")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_STORE, show_default=True,
               help="Feature store (HDF5); labels go to OUT's .labels/ folder beside it.")

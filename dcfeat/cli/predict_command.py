@@ -21,8 +21,11 @@ from dcfeat.cli.options import (
 @click.command()
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
               show_default=True, help="Run folder written by `dcfeat train`.")
-@click.option("--images", type=click.Path(path_type=Path), help="Folder of new images (any file names).")
-@click.option("--manifest", type=click.Path(path_type=Path), help="CSV/TSV/Parquet listing the images to predict.")
+@click.option("--images", type=click.Path(path_type=Path), multiple=True, help="An image file or a folder of images "
+              "(searched recursively; any file names); repeat for several. With --manifest: the one folder its paths "
+              "are relative to.")
+@click.option("--manifest", type=click.Path(path_type=Path), help="CSV/TSV/Parquet listing the images to predict "
+              "(optional lat/lon or UTM columns: each answer's error_m).")
 @click.option("--path-column", default="path", show_default=True, help="Manifest column holding image paths.")
 @click.option("--feats", type=click.Path(path_type=Path), help="Predict from a cached split of this store instead.")
 @click.option("--split", default=None, callback=split_name, help="With --feats: the split to predict.")
@@ -64,6 +67,12 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
         if min_confidence is not None else ""
     fewer = f" (the run has {cells} classes)" if cells < k else ""
     stdout.print(f"{first.height} images, top-{cells} cells each{fewer}{abstained} → {result.path}", highlight=False)
+    errors = result.errors
+    if errors is not None:
+        stdout.print(f"{errors['known']} of {first.height} images have a known position (manifest, SF-XL name, EXIF "
+                     f"GPS or the split's labels): {100 * errors['within']:.1f} % answered within "
+                     f"{errors['threshold_m']:g} m, median error {errors['median_m']:.1f} m (column error_m)",
+                     highlight=False)
     warnings = [*result.warnings, *(f"skipped {image_id}: {reason}" for image_id, reason in result.skipped)]
     if result.run.calibration is None:
         warnings.append("UNCALIBRATED RUN: confidence and radius_m are empty; fit them with "

@@ -90,13 +90,15 @@ def answers_table(frame) -> Table:
                   caption="probability: the cell's share of the softmax over every cell (it ranks cells); "
                           "confidence: the calibrated probability that the answer is within threshold_m of the "
                           "truth; radius: holds the truth with probability 0.9")
-    for col in ("image", "lat", "lon", "cell", "probability", "confidence", "radius", "abstained"):
+    known = "error_m" in first.columns and first["error_m"].null_count() < first.height
+    for col in ("image", "lat", "lon", "cell", "probability", "confidence", "radius", "abstained",
+                *(("error",) if known else ())):
         table.add_column(col, justify="left" if col == "image" else "right", overflow="fold")
     fmt = lambda v, f: "—" if v is None else f.format(v)  # noqa: E731
     for r in shown.iter_rows(named=True):
         table.add_row(r["image_id"], f"{r['lat']:.6f}", f"{r['lon']:.6f}", str(r["class"]),
                       f"{r['probability']:.3f}", fmt(r["confidence"], "{:.3f}"), fmt(r["radius_m"], "{:.0f} m"),
-                      "yes" if r.get("abstained") else "no")
+                      "yes" if r.get("abstained") else "no", *((fmt(r["error_m"], "{:.0f} m"),) if known else ()))
     return table
 
 
