@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from dcfeat.choices import CROPS, DEFAULT_MODEL, DEFAULT_SHARD_ROWS, POOLINGS, STORE_DTYPES
-from dcfeat.cli.common import DEFAULT_STORE, no_progress, stdout
+from dcfeat.cli.common import DEFAULT_STORE, no_progress, random_backbone_model, random_backbone_option, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -30,6 +30,8 @@ from dcfeat.cli.options import (
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="DINOv2 or DINOv3 ViT hub id (facebook/dinov2-small|base|large|giant, …-with-registers-…, "
               "facebook/dinov3-vit*16-…) or local directory.")
+@random_backbone_option("To try the pipeline offline; a run trained on these features predicts and serves with "
+                        "--random-backbone.")
 @click.option("--pooling", type=click.Choice(list(POOLINGS)), default="cls", show_default=True,
               help="; ".join(f"{name}: {what}" for name, what in POOLINGS.items()) + ".")
 @click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
@@ -56,8 +58,8 @@ from dcfeat.cli.options import (
               "a shard's tokens are held in memory, so lower --shard-rows, e.g. 1024). Not with --crop full (token "
               "counts differ between image shapes).")
 @no_progress
-def extract(images, manifest, path_column, out, split, model, pooling, image_size, crop, batch_size, workers,
-            device, draft, dtype, shard_rows, unlabelled, overwrite, cache_tokens, no_progress):
+def extract(images, manifest, path_column, out, split, model, random_backbone, pooling, image_size, crop, batch_size,
+            workers, device, draft, dtype, shard_rows, unlabelled, overwrite, cache_tokens, no_progress):
     """Compute frozen DINOv2/DINOv3 features of images once and cache them in a feature store.
 
     Resumable: after a crash, run the same command again. For several GPUs or
@@ -67,6 +69,9 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     from dcfeat.extract import extract_files
     from dcfeat.progress import stderr
 
+    if random_backbone:
+        given = click.get_current_context().get_parameter_source("model") != click.core.ParameterSource.DEFAULT
+        model = random_backbone_model(model_given=given)
     result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
                            pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
                            workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
