@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from dcfeat import __version__
 from dcfeat.atomic import tmp_path
@@ -108,7 +109,7 @@ def _markdown(text: str) -> str:
     return _MARKDOWN.sub(r"\\\1", text)
 
 
-def extent(classes) -> dict:
+def extent(classes: pl.DataFrame) -> dict:
     """The bounding box (degrees) of the classes' cell centres, each converted in its own UTM zone."""
     lat, lon = utm_to_latlon(classes["cell_east"].to_numpy(), classes["cell_north"].to_numpy(),
                              classes["utm_zone"].to_numpy(), classes["utm_letter"].to_numpy())
