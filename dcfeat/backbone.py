@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,9 +24,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from dcfeat.choices import DEFAULT_MODEL
+from dcfeat.choices import DEFAULT_MODEL, RANDOM_VIT_DIR
 from dcfeat.devices import compute_dtype, resolve_device
-from dcfeat.errors import BadInput, EnvironmentProblem
+from dcfeat.errors import BadInput, EnvironmentProblem, writing
 from dcfeat.hub import HubBackbone, is_hub, load_hub_backbone
 from dcfeat.identity import weights_fingerprint
 from dcfeat.images import normalize
@@ -48,6 +50,7 @@ FAMILIES = {
 }
 # Said wherever numbers of features from a randomly initialised backbone appear.
 RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
+PROBE_TIMEOUT_S = 2.0  # the one request asking whether the hub answers (hub_unreachable)
 # Config keys that do not change the function the weights compute (bookkeeping, dtype, output switches).
 _NOT_ARCHITECTURE = {"transformers_version", "torch_dtype", "dtype", "architectures", "attn_implementation",
                      "return_dict", "output_hidden_states", "output_attentions", "use_cache", "id2label",
@@ -224,29 +227,98 @@ def _check_folder(folder: Path) -> None:
         raise BadInput(_safetensors_fix(f"--model {folder}"))
 
 
-def _load_model(model: str, *, local: bool) -> nn.Module:
-    """The checkpoint on the CPU in the dtype it stores; errors name the option and the fix."""
-    from huggingface_hub import is_offline_mode
-    from transformers import AutoConfig, AutoModel
+def cached_checkpoint(model: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of hub id `model` when it holds a whole safetensors
+    checkpoint (config.json and every weights file), else None. Reads only the disk."""
+    from huggingface_hub import try_to_load_from_cache
 
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = try_to_load_from_cache(model, "config.json")
+    except ValueError:  # not a valid repo id
+        return None
+    if not isinstance(config, str):
+        return None
+    folder = Path(config).parent
+    if (folder / "model.safetensors").is_file():
+        return folder
+    try:  # a sharded checkpoint: every shard its index names
+        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return folder if shards and all((folder / s).is_file() for s in shards) else None
+
+
+def hub_unreachable(timeout_s: float | None = None) -> str | None:
+    """Why the Hugging Face hub cannot be asked for weights now, or None when it answers.
+
+    One request, no retries, within `timeout_s` (default PROBE_TIMEOUT_S, or HF_HUB_ETAG_TIMEOUT where
+    it is set): offline, the hub's own client retries a missing file for ~26 s before it gives up.
+    """
+    from huggingface_hub import constants, get_session, is_offline_mode
+
+    if is_offline_mode():
+        return "offline: HF_HUB_OFFLINE is set"
+    timeout_s = timeout_s or float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT_S)
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)  # any HTTP answer means it is reachable
+    except Exception as e:  # noqa: BLE001  no route, DNS, proxy, TLS, timeout: each means no weights from the hub
+        first = str(e).splitlines()[0][:120] if str(e) else ""
+        return f"no connection to {constants.ENDPOINT} ({type(e).__name__}: {first})"
+    return None
+
+
+def missing_weights(model: str, why: str) -> EnvironmentProblem:
+    """The hub checkpoint `model` is neither in the local cache nor downloadable (`why`): the fixes that need
+    no network."""
+    return EnvironmentProblem(
+        f"--model {model}: its weights are not in the local Hugging Face cache and cannot be downloaded ({why}). "
+        f"Without network: pass --random-backbone (a randomly initialised DINOv2-S/14, saved once under "
+        f"data/{RANDOM_VIT_DIR}/; every number it gives is labelled RANDOM BACKBONE and measures the pipeline, "
+        f"not DINOv2), or --model DIR with a checkpoint folder: `dcfeat demo` saves the same random model in "
+        f"data/demo/{RANDOM_VIT_DIR}/, and a pretrained one is `hf download {model} --local-dir DIR` run once where "
+        "there is network (or set HF_HOME to a cache that holds it)")
+
+
+def _load_model(model: str, *, local: bool) -> nn.Module:
+    """The checkpoint on the CPU in the dtype it stores; errors name the option and the fix.
+
+    A hub id loads from the local cache's snapshot when that holds the whole checkpoint (no request),
+    else from the hub once `hub_unreachable` says it answers: offline it fails at once.
+    """
+    from huggingface_hub import is_offline_mode
+
+    where = model
+    if not local:
+        cached = cached_checkpoint(model)
+        if cached is None:
+            why = hub_unreachable()
+            if why:
+                raise missing_weights(model, why)
+        where = str(cached or model)
+    # After the checks: importing transformers takes seconds, and offline the answer comes without it.
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(where)
         if config.model_type not in FAMILIES:
             raise _unsupported(model, config.model_type)
-        return AutoModel.from_pretrained(model, config=config, attn_implementation="sdpa", dtype="auto",
+        return AutoModel.from_pretrained(where, config=config, attn_implementation="sdpa", dtype="auto",
                                          use_safetensors=True)
     except (OSError, ValueError) as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if local:
             raise BadInput(f"--model {model}: cannot load this checkpoint folder ({reason}). Download it again "
                            f"where there is network (`hf download facebook/dinov2-base --local-dir {model}`)") from None
+        if where != model:
+            raise EnvironmentProblem(f"--model {model}: its copy in the local Hugging Face cache ({where}) cannot be "
+                                     f"loaded ({reason}). Delete that snapshot and download it again where there is "
+                                     f"network (`hf download {model}`)") from None
         # Offline, a weights file missing from the cache reads the same as a repo without safetensors.
         if "cannot be loaded with `safetensors`" in str(e) and not is_offline_mode():
             raise BadInput(_safetensors_fix(f"--model {model} (hub)")) from None
-        raise EnvironmentProblem(
-            f"--model {model}: missing weights, neither fetched from the Hugging Face hub nor found in its "
-            f"local cache ({reason}). Where there is network, download them once (`hf download {model} "
-            "--local-dir DIR`) and pass --model DIR, or set HF_HOME to a cache that holds them") from None
+        raise missing_weights(model, reason) from None
 
 
 def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str | None = None, device: str = "auto",
@@ -255,10 +327,6 @@ def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str | None = None, dev
     pooled by `pooling` (default "cls"); or a `torchhub:` model (dcfeat.hub), which pools its own features."""
     if is_hub(model):
         return load_hub_backbone(model, pooling=pooling, device=device)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
     pooling = pooling or "cls"
     if pooling not in POOLINGS:
         raise BadInput(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
@@ -307,6 +375,33 @@ def save_random_vit(shape: str, directory: Path, **kw) -> Path:
     """`save_random_dinov2` at the shape of a public checkpoint ("vits14", "vitb14", "vitl14")."""
     hidden, layers, heads = VIT_SHAPES[shape]
     return save_random_dinov2(directory, hidden_size=hidden, layers=layers, heads=heads, **kw)
+
+
+def random_vit(folder: Path) -> Path:
+    """The randomly initialised DINOv2-S/14 (`save_random_vit("vits14")`, seed 0) in `folder`, saved there on
+    first use and reused after: every copy has the same weights, so the same fingerprint.
+
+    Saved under a temporary name and renamed into place, so a killed save leaves no folder that
+    looks complete; of two processes saving at once (torchrun ranks), the first rename wins.
+    """
+    folder = Path(folder)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    with writing(folder.parent):  # a full disk or a read-only folder: one message naming it
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        try:
+            save_random_vit("vits14", tmp)
+            if folder.exists() and not (folder / "model.safetensors").is_file():
+                shutil.rmtree(folder)  # an incomplete save of an older dcfeat, which saved in place
+            try:
+                tmp.rename(folder)
+            except OSError:
+                if not (folder / "model.safetensors").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def save_random_dinov2(directory: Path, *, hidden_size: int = 384, layers: int = 12, heads: int = 6,

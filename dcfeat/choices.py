@@ -77,4 +77,6 @@ DEVICES = "auto, cpu, cuda or cuda:N"
 STORE_DTYPES = ("float16", "float32")
 
 DEFAULT_MODEL = "facebook/dinov2-base"
+# --random-backbone: the folder name of the saved randomly initialised DINOv2-S/14 (backbone.random_vit).
+RANDOM_VIT_DIR = "dinov2-small-random"
 DEFAULT_SHARD_ROWS = 8192  # images per shard file: the unit of resume

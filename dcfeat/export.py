@@ -4,11 +4,18 @@ DIR holds the run's files as `dcfeat train` wrote them (config.json, classes.par
 model.safetensors, blocks.safetensors and calibration.json where the run has them,
 checksums.json, command.txt, train_log.jsonl), each evaluation's report.json and plots
 (eval/<split>/, without the per-query predictions.parquet), and a README.md: a model card
-with a YAML header (Hugging Face's model card metadata) that says what the run is — backbone
-id and fingerprint, training command, classes, the split its confidence was fitted on, the
-metrics of every report.json — and its limits. `Localizer.from_run(DIR)` and `dcfeat serve
---run DIR` load DIR as it is. `--with-backbone` also copies a local backbone checkpoint
-(config.json and safetensors) into DIR/backbone/, which the Localizer then loads.
+with a YAML header (Hugging Face's model card metadata: license, dataset) that says what the
+run is — backbone id and fingerprint, how the features were made, training command, classes
+and the area their cells cover, the split its confidence was fitted on, the metrics of every
+report.json — and its limits. `Localizer.from_run(DIR)` and `dcfeat serve --run DIR` load DIR
+as it is (with `model=`/`--model` where the backbone was a local folder). `--with-backbone`
+also copies a local backbone checkpoint (config.json and safetensors) into DIR/backbone/,
+which the Localizer then loads.
+
+DIR can be published: no file names a path of the machine that made it. Every absolute path
+in the text and JSON files (the store, the images root, a local backbone folder, the run
+folder, in config.json, calibration.json, report.json, command.txt) is replaced by its last
+part, the file or folder name; checksums.json is updated for the files that changed.
 
 The run is checked before anything is written (`load_run` and its checksums); DIR is built
 under a temporary name and renamed into place, so it is never half written.
@@ -17,15 +24,20 @@ under a temporary name and renamed into place, so it is never half written.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import polars as pl
 
 from dcfeat import __version__
 from dcfeat.atomic import tmp_path
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.choices import THRESHOLD_M
 from dcfeat.errors import BadInput, writing
+from dcfeat.geo import utm_to_latlon
 from dcfeat.hub import is_hub
 from dcfeat.localizer import BACKBONE_DIR
 from dcfeat.reports import REPORT
@@ -39,12 +51,22 @@ from dcfeat.run import (
     RUN_FILES,
     Run,
     load_run,
+    record_checksum,
     verify_checksums,
 )
 
 CARD = "README.md"
-COPIED = (*RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, CHECKSUM_FILE, COMMAND_FILE, LOG_FILE)
+# checksums.json first: a file made portable after it records its new checksum there.
+COPIED = (CHECKSUM_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, COMMAND_FILE, LOG_FILE)
 EVAL_SUFFIXES = (".json", ".png")  # of eval/<split>/: the reports and plots, not predictions.parquet
+TEXT_SUFFIXES = (".json", ".jsonl", ".txt")  # files whose absolute paths are made portable
+# An absolute POSIX path of two parts or more, up to a quote, space or separator: "/home/me/f.h5" but not
+# "facebook/dinov2-base", "1/2" or "/v1": a slash after a word, dot or tilde does not start one.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s\"'`|,;()\[\]{}<>/]+(?:/[^\s\"'`|,;()\[\]{}<>/]*)+")
+# SPDX license ids (and Hugging Face's, lower case): letters, digits, dot, hyphen, plus.
+_LICENSE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,63}")
+NAME_MAX = 200  # characters of --dataset-name
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>|#])")
 
 
 @dataclass
@@ -64,6 +86,36 @@ def _reports(run_dir: Path) -> dict[str, dict]:
         except (OSError, ValueError):
             continue
     return found
+
+
+def portable(text: str) -> str:
+    """`text` with every absolute path replaced by its last part (the file or folder name)."""
+    return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0).rstrip("/")).name, text)
+
+
+def check_card_options(license: str | None, dataset_name: str | None) -> None:
+    """Refuse a --license that is not an SPDX id and a --dataset-name that would break the card (a
+    control character such as a newline, or too long); anything else is escaped where it is written."""
+    if license is not None and not _LICENSE.fullmatch(license):
+        raise BadInput(f"--license {license!r}: pass one SPDX license id (letters, digits, '.', '-', '+'), e.g. "
+                       "apache-2.0, mit, cc-by-4.0, cc-by-nc-4.0, or `other` for a license of your own "
+                       "(https://huggingface.co/docs/hub/repositories-licenses)")
+    if dataset_name is not None and (not dataset_name.strip() or len(dataset_name) > NAME_MAX
+                                     or any(not c.isprintable() for c in dataset_name)):
+        raise BadInput(f"--dataset-name {dataset_name!r}: pass a name of 1 to {NAME_MAX} printable characters on "
+                       "one line (a Hugging Face dataset id such as `owner/name`, or the data set's name)")
+
+
+def _markdown(text: str) -> str:
+    return _MARKDOWN.sub(r"\\\1", text)
+
+
+def extent(classes: pl.DataFrame) -> dict:
+    """The bounding box (degrees) of the classes' cell centres, each converted in its own UTM zone."""
+    lat, lon = utm_to_latlon(classes["cell_east"].to_numpy(), classes["cell_north"].to_numpy(),
+                             classes["utm_zone"].to_numpy(), classes["utm_letter"].to_numpy())
+    return {"lat_min": float(np.min(lat)), "lat_max": float(np.max(lat)), "lon_min": float(np.min(lon)),
+            "lon_max": float(np.max(lon))}
 
 
 def _pct(v) -> str:
@@ -86,14 +138,20 @@ def _yaml(value) -> str:
     return json.dumps(value)  # a JSON string or list is valid YAML, quoted and escaped
 
 
-def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool) -> str:
-    """README.md of the exported folder: Hugging Face model card metadata, then what the run is and its limits."""
+def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool, license: str | None = None,
+               dataset_name: str | None = None) -> str:
+    """README.md of the exported folder: Hugging Face model card metadata, then what the run is and its limits.
+    Names only, no path of this machine (`portable`)."""
     features, train, cal = run.feature_identity, run.config.train, run.calibration
-    backbone = features.get("model") or "unknown"
+    backbone = portable(features.get("model") or "unknown")
     hub_id = backbone if "/" in backbone and not Path(backbone).is_absolute() and not is_hub(backbone) else None
     threshold = reports[next(iter(reports))].get("threshold_m", THRESHOLD_M) if reports else THRESHOLD_M
     header = ["---", "library_name: dcfeat", "pipeline_tag: image-classification",
               f"tags: {_yaml(['visual-place-recognition', 'geolocalization', 'divide-and-classify', 'dinov2'])}"]
+    if license:
+        header.append(f"license: {_yaml(license.lower())}")
+    if dataset_name:
+        header.append(f"datasets: {_yaml([dataset_name])}")
     if hub_id and not run.random_backbone:
         header.append(f"base_model: {_yaml(hub_id)}")
     if reports:
@@ -107,7 +165,7 @@ def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool) -> st
         header.append(f"model-index: {_yaml([{'name': Path(run.directory).resolve().name, 'results': results}])}")
     header.append("---")
     command = (Path(run.directory) / COMMAND_FILE)
-    command_text = command.read_text().strip() if command.is_file() else "(not recorded)"
+    command_text = portable(command.read_text().strip()) if command.is_file() else "(not recorded)"
     notices = []
     if run.random_backbone:
         notices.append(f"**{RANDOM_NOTICE}.** The backbone was randomly initialised: this run tests the pipeline "
@@ -117,11 +175,19 @@ def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool) -> st
     if cal is None:
         notices.append("**UNCALIBRATED**: answers carry no confidence and no 90 % radius "
                        "(`dcfeat calibrate --run RUN --split val` fits them).")
-    backbone_line = (f"`{backbone}` (fingerprint `{features.get('model_fingerprint', 'not recorded')}`), pooling "
-                     f"`{features.get('pooling')}`, crop `{features.get('crop')}` at {features.get('image_size')} px")
+    def recorded(key: str) -> str:
+        return "not recorded" if features.get(key) is None else f"`{portable(str(features[key]))}`"
+
+    backbone_line = f"`{backbone}` (fingerprint `{features.get('model_fingerprint', 'not recorded')}`)"
+    made = (f"images of the folder {recorded('images_root')}, crop {recorded('crop')} at {recorded('image_size')} "
+            f"px, backbone `{backbone}`, pooling {recorded('pooling')}, stored as {recorded('dtype')}")
     where = (f"copied into `{BACKBONE_DIR}/` (loaded from there)" if with_backbone else
-             f"not included: `Localizer`/`dcfeat serve` load `{features.get('model_source') or backbone}`; where that "
-             "path does not exist, pass `model=`/`--model` a copy of the same weights (the fingerprint is checked)")
+             f"not included: `Localizer`/`dcfeat serve` load `{portable(features.get('model_source') or backbone)}`; "
+             "where that is not a hub id or a folder at hand, pass `model=`/`--model` a copy of the same weights (the "
+             "fingerprint is checked)")
+    box = extent(run.classes)
+    area = (f"cell centres within latitude {box['lat_min']:.5f} to {box['lat_max']:.5f}, longitude "
+            f"{box['lon_min']:.5f} to {box['lon_max']:.5f} (WGS 84), {run.classes.height:,} cells")
     calibration = ("none" if cal is None else
                    f"fitted on split `{cal.fitted_on.get('split')}` ({cal.fitted_on.get('queries')} queries, "
                    f"{cal.fitted_on.get('right')} right) at {cal.threshold_m:g} m: `confidence` is the probability that "
@@ -144,13 +210,18 @@ def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool) -> st
         "or over HTTP: `dcfeat serve --run THIS_FOLDER` (POST /v1/locate, OSCP GeoPose /scrs/geopose, a page at /).", "",
         "## What it is", "",
         "| | |", "|---|---|",
+        f"| data set | {_markdown(dataset_name) if dataset_name else 'not named (`dcfeat export --dataset-name`)'} |",
+        f"| license | {f'`{license.lower()}`' if license else 'not stated (`dcfeat export --license`)'} |",
+        f"| extent | {area} |",
         f"| backbone | {backbone_line} |",
+        f"| features | {made} |",
         f"| backbone weights | {where} |",
         f"| cells | {run.classes.height:,} classes of side M = {run.M:g} m in {train.N ** 2} groups (N = {train.N}), "
         f"cells with at least {train.min_images_per_class} training images |",
         f"| classifier | preset `{train.preset}`, head `{train.head}` (s = {train.s:g}, m = {train.m:g}), projection to "
         f"{train.dim} dims, test prototypes `{train.test_prototypes}` |",
-        f"| training | split `{run.config.train_split}` of `{run.config.store}`, {run.epochs_done} of {run.epochs} epochs, "
+        f"| training | split `{run.config.train_split}` of `{portable(str(run.config.store))}`, {run.epochs_done} of "
+        f"{run.epochs} epochs, "
         f"epoch kept {run.config.best_epoch} |",
         f"| confidence | {calibration} |",
         f"| tuned backbone blocks | {run.finetune_blocks or 'none'} |", "",
@@ -185,8 +256,24 @@ def _backbone_files(source: str) -> list[Path]:
     return files
 
 
-def export_run(run_dir: Path, out: Path, *, with_backbone: bool = False) -> Export:
-    """`dcfeat export`: check the run, copy it with its model card into `out` (a new folder)."""
+def _copy(source: Path, target: Path) -> None:
+    """Copy a run file; a text or JSON one with its absolute paths made portable (its checksum recorded anew)."""
+    if source.suffix not in TEXT_SUFFIXES:
+        shutil.copy2(source, target)
+        return
+    text = source.read_text(encoding="utf-8")
+    shutil.copy2(source, target)
+    if portable(text) != text:
+        target.write_text(portable(text), encoding="utf-8")
+        record_checksum(target)
+
+
+def export_run(run_dir: Path, out: Path, *, with_backbone: bool = False, license: str | None = None,
+               dataset_name: str | None = None) -> Export:
+    """`dcfeat export`: check the run, copy it with its model card into `out` (a new folder).
+
+    `license`: an SPDX id for the card's metadata; `dataset_name`: the data set the run was trained on."""
+    check_card_options(license, dataset_name)
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out} exists and is not an empty folder; an export never overwrites anything. Choose "
@@ -202,20 +289,21 @@ def export_run(run_dir: Path, out: Path, *, with_backbone: bool = False) -> Expo
         tmp.mkdir(parents=True)
         for name in COPIED:
             if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, tmp / name)
+                _copy(run_dir / name, tmp / name)
                 files.append(name)
         for split in reports:
             for path in sorted((run_dir / EVAL_DIR / split).iterdir()):
                 if path.is_file() and path.suffix in EVAL_SUFFIXES:
                     (tmp / EVAL_DIR / split).mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path, tmp / EVAL_DIR / split / path.name)
+                    _copy(path, tmp / EVAL_DIR / split / path.name)
                     files.append(f"{EVAL_DIR}/{split}/{path.name}")
         if backbone:
             (tmp / BACKBONE_DIR).mkdir()
             for path in backbone:
                 shutil.copy2(path, tmp / BACKBONE_DIR / path.name)
                 files.append(f"{BACKBONE_DIR}/{path.name}")
-        (tmp / CARD).write_text(model_card(run, reports, with_backbone=bool(backbone)), encoding="utf-8")
+        (tmp / CARD).write_text(model_card(run, reports, with_backbone=bool(backbone), license=license,
+                                           dataset_name=dataset_name), encoding="utf-8")
         files.append(CARD)
         if out.exists():
             out.rmdir()

@@ -40,7 +40,7 @@ from dcfeat.backbone import FrozenBackbone, load_backbone
 from dcfeat.choices import NO_POOLING
 from dcfeat.confidence import answer_rule, query_signals
 from dcfeat.devices import resolve_device
-from dcfeat.errors import BadInput
+from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import use_tuned_blocks
 from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
@@ -344,8 +344,16 @@ class Localizer:
             if self._backbone is None:
                 features, source = self.run.feature_identity, self.backbone_source
                 backbone = load_backbone(source, pooling=features["pooling"], device=str(self.device))
-                check_features(features, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
-                                          "dim": backbone.dim}, what=f"backbone '{source}'")
+                try:
+                    check_features(features, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
+                                              "dim": backbone.dim}, what=f"backbone '{source}'")
+                except IncompatibleFeatures as e:
+                    if not backbone.random_init:
+                        raise
+                    raise IncompatibleFeatures(
+                        f"{e}. '{source}' is a randomly initialised backbone, and not the one this run's features "
+                        "came from: a random backbone answers only for a run trained on features it made itself "
+                        "(`dcfeat extract --random-backbone`, then `dcfeat train`)") from None
                 if self.run.finetune_blocks:
                     use_tuned_blocks(backbone, self.run)
                 self._backbone = backbone

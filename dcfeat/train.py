@@ -568,7 +568,8 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
     check_writable(out or runs)
     with writing(out or runs):
         run = new_run_dir(out, runs)
-    features = {k: data.attrs.get(k) for k in (*RECORDED_ATTRS, "model_source", "backbone_random_init")}
+    features = {k: data.attrs.get(k) for k in (*RECORDED_ATTRS, "model_source", "backbone_random_init",
+                                               "images_root", "dtype")}  # the last two for the model card
     run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
                   "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev),
                   "memory_budget": budget}

@@ -2,7 +2,8 @@
 
 Inputs: none; the city is rendered under data/demo/images. Outputs under
 data/demo/: feats.h5 (+ .labels/, .shards/), runs/<timestamp>/ with
-eval/test/{report.json, predictions.parquet, *.png}. Run: `python pipelines/demo.py`
+eval/test/{report.json, predictions.parquet, *.png}; the feature city's store and
+runs the same way under data/demo/city/. Run: `python pipelines/demo.py`
 (extra options are those of `dcfeat demo --help`).
 """
 

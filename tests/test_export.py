@@ -2,8 +2,11 @@
 
 import json
 import shutil
+from pathlib import Path
 
+import polars as pl
 import pytest
+import utm
 import yaml
 
 from dcfeat.errors import BadInput, DamagedRun
@@ -51,11 +54,12 @@ def test_export_copies_the_run_with_a_model_card_quoting_its_report(evaluated, t
         assert words in card, words
 
 
-def test_the_exported_folder_answers_as_the_run_does(evaluated, tmp_path):
+def test_the_exported_folder_answers_as_the_run_does(evaluated, tiny_model, tmp_path):
     out = export_run(evaluated, tmp_path / "model").directory
     image = jpeg_bytes(4)
     want = Localizer.from_run(evaluated, device="cpu").locate([image])[0]
-    got = Localizer.from_run(out, device="cpu").locate([image])[0]
+    # The export names its local backbone by folder name only: a copy of the weights is passed.
+    got = Localizer.from_run(out, device="cpu", model=str(tiny_model)).locate([image])[0]
     assert got.top_k == want.top_k and got.confidence == want.confidence and got.radius_m == want.radius_m
     assert invoke("info", out, "--verify").exit_code == 0  # checksums and all
 
@@ -93,8 +97,58 @@ def test_export_refuses_a_used_folder_or_a_damaged_run_writing_nothing(evaluated
 
 
 def test_the_export_command(evaluated, tmp_path):
-    r = invoke("export", evaluated, tmp_path / "m")
+    r = invoke("export", evaluated, tmp_path / "m", "--license", "mit", "--dataset-name", "street photos")
     assert r.exit_code == 0, r.output
+    assert front_matter((tmp_path / "m" / "README.md").read_text())["license"] == "mit"
     assert "hf upload" in r.stdout and "metrics of train" in r.stdout and "RANDOM BACKBONE" in r.stderr
     refused(invoke("export", evaluated, tmp_path / "m"), "bad input", "not an empty folder")
     refused(invoke("export", tmp_path / "nothing", tmp_path / "n"), "bad input", "not a complete run folder")
+    refused(invoke("export", evaluated, tmp_path / "n", "--license", "my license"), "bad input", "SPDX")
+    assert not (tmp_path / "n").exists()
+
+
+def test_an_export_names_no_path_of_the_machine_that_made_it(evaluated, tmp_path_factory, tmp_path):
+    out = export_run(evaluated, tmp_path / "model", license="Apache-2.0", dataset_name="my-city/photos").directory
+    config = json.loads((evaluated / "config.json").read_text())
+    local = [str(tmp_path_factory.getbasetemp()), config["store"], config["features"]["model_source"],
+             config["features"]["images_root"], str(evaluated.resolve())]
+    if Path.home() != Path("/"):
+        local.append(str(Path.home()))
+    assert all(Path(p).is_absolute() for p in local)  # the run itself records where things were
+    texts = [p for p in out.rglob("*") if p.suffix in (".md", ".json", ".jsonl", ".txt")]
+    assert {p.name for p in texts} >= {"README.md", "config.json", "calibration.json", "command.txt", "report.json"}
+    for path in texts:
+        text = path.read_text()
+        for where in local:
+            assert where not in text, (path, where)
+    exported = json.loads((out / "config.json").read_text())
+    assert exported["store"] == "f.h5" and exported["features"]["images_root"] == "img"
+    assert invoke("info", out, "--verify").exit_code == 0  # checksums of the rewritten files recorded anew
+    card = (out / "README.md").read_text()
+    meta = front_matter(card)
+    assert meta["license"] == "apache-2.0" and meta["datasets"] == ["my-city/photos"]
+    # How the features were made, and the cells' extent (lat/lon of the cell centres, computed here with utm).
+    for words in ("images of the folder `img`", "crop `centre` at `56` px", "backbone `tiny-dinov2`",
+                  "pooling `cls`", "stored as `float16`", "4 cells"):
+        assert words in card, words
+    classes = pl.read_parquet(out / "classes.parquet")
+    lat, lon = utm.to_latlon(classes["cell_east"].to_numpy(), classes["cell_north"].to_numpy(), 10, "S")
+    assert (f"latitude {lat.min():.5f} to {lat.max():.5f}, longitude {lon.min():.5f} to {lon.max():.5f}"
+            in card)
+
+
+@pytest.mark.parametrize("license, name", [("MIT\nlicense: other", None), ("mit: x", None), ("GPL 3", None),
+                                           ("", None), (None, "two\nlines"), (None, "tab\there"), (None, "x" * 201),
+                                           (None, "  ")])
+def test_a_license_or_dataset_name_that_would_break_the_card_is_refused(evaluated, tmp_path, license, name):
+    with pytest.raises(BadInput, match="--license" if license is not None else "--dataset-name"):
+        export_run(evaluated, tmp_path / "m", license=license, dataset_name=name)
+    assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_dataset_name_with_yaml_and_markdown_characters_is_escaped(evaluated, tmp_path):
+    name = 'SF-XL "v1": test | #1 --- [x]: *y* <b> \\ é'
+    card = (export_run(evaluated, tmp_path / "m", dataset_name=name).directory / "README.md").read_text()
+    assert front_matter(card)["datasets"] == [name]
+    [row] = [line for line in card.splitlines() if line.startswith("| data set |")]
+    assert row.count(" | ") == 1 and "\\|" in row  # the name's | does not split the table's cell

@@ -27,14 +27,18 @@ from dcfeat.cli.options import (
               "facebook/dinov2-small (downloaded once, ~90 MB, where the network allows).")
 @no_progress
 def demo(root, streets, image_size, epochs, workers, device, random_backbone, no_progress):
-    """Render a synthetic city, then extract, train and evaluate on it."""
+    """Render a synthetic city, then extract, train and evaluate on it; then train and evaluate on the synthetic
+    feature city (no images, no backbone), where the method learns even with no pretrained weights."""
     from dcfeat.cli.tables import recall_table
-    from dcfeat.demo import run_demo
+    from dcfeat.demo import FEATURE_CITY_NOTICE, run_demo
 
     result = run_demo(root, streets=streets, image_size=image_size, epochs=epochs, workers=workers, device=device,
                       progress=not no_progress, prefer_pretrained=not random_backbone)
-    stdout.print(recall_table(result.report))
-    stdout.print("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
-                 + f"; backbone {result.model}")
+    stdout.print(recall_table(result.report, what=f"rendered photos, backbone {result.model}"))
     for name, path in result.paths.items():
         stdout.print(f"{name}: {path}", highlight=False)
+    if result.city_report is not None:
+        stdout.print(recall_table(result.city_report, what=f"feature city: {FEATURE_CITY_NOTICE}"))
+        stdout.print(f"feature city report: {result.city_paths['report']}", highlight=False)
+    stdout.print("stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
+                 + f"; backbone {result.model}")

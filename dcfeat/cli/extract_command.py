@@ -15,7 +15,7 @@ from dcfeat.choices import (
     POOLINGS,
     STORE_DTYPES,
 )
-from dcfeat.cli.common import DEFAULT_STORE, no_progress, stdout
+from dcfeat.cli.common import DEFAULT_STORE, no_progress, random_backbone_model, random_backbone_option, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -42,6 +42,8 @@ from dcfeat.cli.options import (
               f"EigenPlaces, BoQ, SALAD): {HUB_PREFIX}OWNER/REPO:ENTRY or {HUB_PREFIX}/path/to/clone:ENTRY, the "
               "entry's keyword arguments after a ? (ENTRY?key=value&key=value). Loading runs the repository's "
               "hubconf.py: name only repositories you trust.")
+@random_backbone_option("To try the pipeline offline; a run trained on these features predicts and serves with "
+                        "--random-backbone.")
 @click.option("--pooling", type=click.Choice(list(POOLINGS)), default=None,
               help="; ".join(f"{name}: {what}" for name, what in POOLINGS.items()) + " [default: cls; a torch.hub "
               f"model pools its own features, recorded as '{DESCRIPTOR_POOLING}', and takes no --pooling].")
@@ -70,8 +72,8 @@ from dcfeat.cli.options import (
               "a shard's tokens are held in memory, so lower --shard-rows, e.g. 1024). Not with --crop full (token "
               "counts differ between image shapes).")
 @no_progress
-def extract(images, manifest, path_column, out, split, model, pooling, image_size, crop, batch_size, workers,
-            device, draft, dtype, shard_rows, unlabelled, overwrite, cache_tokens, no_progress):
+def extract(images, manifest, path_column, out, split, model, random_backbone, pooling, image_size, crop, batch_size,
+            workers, device, draft, dtype, shard_rows, unlabelled, overwrite, cache_tokens, no_progress):
     """Compute frozen DINOv2/DINOv3 features (or a torch.hub VPR model's descriptors) of images once and cache
     them in a feature store.
 
@@ -82,6 +84,9 @@ def extract(images, manifest, path_column, out, split, model, pooling, image_siz
     from dcfeat.extract import extract_files
     from dcfeat.progress import stderr
 
+    if random_backbone:
+        given = click.get_current_context().get_parameter_source("model") != click.core.ParameterSource.DEFAULT
+        model = random_backbone_model(model_given=given)
     result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
                            pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
                            workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,

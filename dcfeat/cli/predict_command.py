@@ -8,7 +8,7 @@ import click
 from rich.markup import escape
 
 from dcfeat.choices import SCORINGS
-from dcfeat.cli.common import DATA, no_progress, stdout
+from dcfeat.cli.common import DATA, no_progress, random_backbone_model, random_backbone_option, stdout
 from dcfeat.cli.options import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -39,6 +39,8 @@ from dcfeat.cli.options import (
 @click.option("--model", default=None, help="Backbone [default: the one the run's features came from]: a "
               "checkpoint folder or a torch.hub model string (torchhub:/path/to/clone:ENTRY…) whose weights must be "
               "the same (checked by fingerprint).")
+@random_backbone_option("Only for a run trained on features that `dcfeat extract --random-backbone` made (the "
+                        "weights' fingerprint is checked).")
 @click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
 @click.option("--workers", type=AT_LEAST_0, default=None, help="DataLoader decoding processes [default: min(16, CPUs)].")
 @click.option("--min-confidence", type=FRACTION, default=None, help="Abstain below this calibrated confidence: "
@@ -47,8 +49,8 @@ from dcfeat.cli.options import (
               "instead of a point (needs a calibrated run).")
 @device_option
 @no_progress
-def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, batch_size, workers,
-            min_confidence, geojson_radius, device, no_progress):
+def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, random_backbone, batch_size,
+            workers, min_confidence, geojson_radius, device, no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon, with the
     answer's calibrated confidence and the radius holding the true position with probability 0.9."""
     from dcfeat.backbone import RANDOM_NOTICE
@@ -56,6 +58,8 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
     from dcfeat.predict import predict_files
     from dcfeat.progress import stderr
 
+    if random_backbone:
+        model = random_backbone_model(model_given=model is not None, run_dir=run_dir)
     result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
                            split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
                            progress=not no_progress, scoring=scoring, min_confidence=min_confidence,

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from dcfeat.choices import SCORINGS
-from dcfeat.cli.common import DATA
+from dcfeat.cli.common import DATA, random_backbone_model, random_backbone_option
 from dcfeat.cli.options import AT_LEAST_1, FRACTION, POSITIVE, Finite, device_option
 from dcfeat.errors import EnvironmentProblem
 
@@ -19,6 +19,8 @@ from dcfeat.errors import EnvironmentProblem
               help="Address to listen on (0.0.0.0: every interface, e.g. behind a load balancer).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
 @device_option
+@random_backbone_option("Only for a run trained on features that `dcfeat extract --random-backbone` made (the "
+                        "weights' fingerprint is checked).")
 @click.option("--scoring", type=click.Choice(list(SCORINGS)), default="cosine", show_default=True,
               help="How cells are ranked and given a probability, as `dcfeat predict --scoring`.")
 @click.option("--workers", type=AT_LEAST_1, default=1, show_default=True,
@@ -41,8 +43,8 @@ from dcfeat.errors import EnvironmentProblem
               help="Connections per process at once; more are answered 503 by uvicorn.")
 @click.option("--threads", type=AT_LEAST_1, default=None,
               help="torch threads per process for the model [default: half the cores, the rest decode and answer].")
-def serve(run_dir, host, port, device, scoring, workers, max_batch, max_wait_ms, max_queue, max_images, max_body_mb,
-          max_k, timeout_s, min_confidence, max_connections, threads):
+def serve(run_dir, host, port, device, random_backbone, scoring, workers, max_batch, max_wait_ms, max_queue, max_images,
+          max_body_mb, max_k, timeout_s, min_confidence, max_connections, threads):
     """Serve a run over HTTP: POST /v1/locate (images → answers), POST /scrs/geopose (OSCP GeoPose), a page
     at /, /health, /v1/run and /metrics (Prometheus). Requests share forward passes (micro-batching)."""
     try:
@@ -51,8 +53,9 @@ def serve(run_dir, host, port, device, scoring, workers, max_batch, max_wait_ms,
         raise EnvironmentProblem(f"dcfeat serve needs {e.name}, which is not installed: pip install 'dcfeat[serve]' "
                                  "(FastAPI, uvicorn and python-multipart)") from None
 
+    model = random_backbone_model(model_given=False, run_dir=run_dir) if random_backbone else None
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, max_images=max_images,
                          max_body_bytes=int(max_body_mb * (1 << 20)), max_k=max_k, timeout_s=timeout_s,
                          k=min(5, max_k), min_confidence=min_confidence)
-    serve_run(run_dir, host=host, port=port, device=device, scoring=scoring, config=config, workers=workers,
-              max_connections=max_connections, threads=threads)
+    serve_run(run_dir, host=host, port=port, device=device, scoring=scoring, model=model, config=config,
+              workers=workers, max_connections=max_connections, threads=threads)

@@ -37,9 +37,11 @@ def problems_table(problems) -> Table:
     return table
 
 
-def recall_table(report: dict) -> Table:
+def recall_table(report: dict, *, what: str = "") -> Table:
+    """LR@k, errors and speed of each method of an evaluation; `what`: the title's opening words (whose numbers)."""
     ks = report["ks"]
     title = f"split {report['split']}: {report['queries']} queries, LR@k at {report['threshold_m']:g} m"
+    title = f"{what}, {title}" if what else title
     if report.get("scoring", "cosine") != "cosine":
         title += f", cells ranked by {report['scoring']}"
     if report.get("database_rows"):
