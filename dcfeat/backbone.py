@@ -13,7 +13,6 @@ demo's and the tests'); every number made with it is labelled as such.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from dcfeat.choices import DEFAULT_MODEL, RANDOM_VIT_DIR
+from dcfeat.checkpoints import hub_source, looks_like_path, missing_weights
+from dcfeat.choices import DEFAULT_MODEL
 from dcfeat.devices import compute_dtype, resolve_device
 from dcfeat.errors import BadInput, EnvironmentProblem, writing
 from dcfeat.hub import HubBackbone, is_hub, load_hub_backbone
@@ -50,7 +50,6 @@ FAMILIES = {
 }
 # Said wherever numbers of features from a randomly initialised backbone appear.
 RANDOM_NOTICE = "RANDOM BACKBONE: these numbers measure the pipeline, not DINOv2"
-PROBE_TIMEOUT_S = 2.0  # the one request asking whether the hub answers (hub_unreachable)
 # Config keys that do not change the function the weights compute (bookkeeping, dtype, output switches).
 _NOT_ARCHITECTURE = {"transformers_version", "torch_dtype", "dtype", "architectures", "attn_implementation",
                      "return_dict", "output_hidden_states", "output_attentions", "use_cache", "id2label",
@@ -193,12 +192,6 @@ def _fingerprint(model: nn.Module, *, hash_name: str = "sha256") -> str:
                                hash_name=hash_name)
 
 
-def _looks_like_path(model: str) -> bool:
-    """A hub id is `name` or `owner/name`; anything else the user typed is meant as a folder."""
-    return (Path(model).is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
-            or (os.sep != "/" and os.sep in model))
-
-
 def _safetensors_fix(where: str) -> str:
     return (f"{where} holds no safetensors weights, and dcfeat does not unpickle pytorch_model.bin (loading a "
             "pickle can run any code). Convert a checkpoint you trust once: `python -c \"from transformers "
@@ -227,74 +220,15 @@ def _check_folder(folder: Path) -> None:
         raise BadInput(_safetensors_fix(f"--model {folder}"))
 
 
-def cached_checkpoint(model: str) -> Path | None:
-    """The local Hugging Face cache's snapshot folder of hub id `model` when it holds a whole safetensors
-    checkpoint (config.json and every weights file), else None. Reads only the disk."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        config = try_to_load_from_cache(model, "config.json")
-    except ValueError:  # not a valid repo id
-        return None
-    if not isinstance(config, str):
-        return None
-    folder = Path(config).parent
-    if (folder / "model.safetensors").is_file():
-        return folder
-    try:  # a sharded checkpoint: every shard its index names
-        shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return folder if shards and all((folder / s).is_file() for s in shards) else None
-
-
-def hub_unreachable(timeout_s: float | None = None) -> str | None:
-    """Why the Hugging Face hub cannot be asked for weights now, or None when it answers.
-
-    One request, no retries, within `timeout_s` (default PROBE_TIMEOUT_S, or HF_HUB_ETAG_TIMEOUT where
-    it is set): offline, the hub's own client retries a missing file for ~26 s before it gives up.
-    """
-    from huggingface_hub import constants, get_session, is_offline_mode
-
-    if is_offline_mode():
-        return "offline: HF_HUB_OFFLINE is set"
-    timeout_s = timeout_s or float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT_S)
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout_s)  # any HTTP answer means it is reachable
-    except Exception as e:  # noqa: BLE001  no route, DNS, proxy, TLS, timeout: each means no weights from the hub
-        first = str(e).splitlines()[0][:120] if str(e) else ""
-        return f"no connection to {constants.ENDPOINT} ({type(e).__name__}: {first})"
-    return None
-
-
-def missing_weights(model: str, why: str) -> EnvironmentProblem:
-    """The hub checkpoint `model` is neither in the local cache nor downloadable (`why`): the fixes that need
-    no network."""
-    return EnvironmentProblem(
-        f"--model {model}: its weights are not in the local Hugging Face cache and cannot be downloaded ({why}). "
-        f"Without network: pass --random-backbone (a randomly initialised DINOv2-S/14, saved once under "
-        f"data/{RANDOM_VIT_DIR}/; every number it gives is labelled RANDOM BACKBONE and measures the pipeline, "
-        f"not DINOv2), or --model DIR with a checkpoint folder: `dcfeat demo` saves the same random model in "
-        f"data/demo/{RANDOM_VIT_DIR}/, and a pretrained one is `hf download {model} --local-dir DIR` run once where "
-        "there is network (or set HF_HOME to a cache that holds it)")
-
-
 def _load_model(model: str, *, local: bool) -> nn.Module:
     """The checkpoint on the CPU in the dtype it stores; errors name the option and the fix.
 
     A hub id loads from the local cache's snapshot when that holds the whole checkpoint (no request),
-    else from the hub once `hub_unreachable` says it answers: offline it fails at once.
+    else from the hub once it answers (dcfeat.checkpoints): offline it fails at once.
     """
     from huggingface_hub import is_offline_mode
 
-    where = model
-    if not local:
-        cached = cached_checkpoint(model)
-        if cached is None:
-            why = hub_unreachable()
-            if why:
-                raise missing_weights(model, why)
-        where = str(cached or model)
+    where = model if local else hub_source(model)
     # After the checks: importing transformers takes seconds, and offline the answer comes without it.
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
@@ -334,7 +268,7 @@ def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str | None = None, dev
     dtype = _dtype or compute_dtype(dev)
     folder = Path(model).expanduser()
     local = folder.is_dir()
-    if not local and _looks_like_path(model):
+    if not local and looks_like_path(model):
         what = "not a directory" if folder.exists() else "no such directory"
         raise BadInput(f"--model {model}: {what}. Pass a checkpoint folder, or download one there where there is "
                        f"network (`hf download facebook/dinov2-base --local-dir {model}`)")

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from huggingface_hub import snapshot_download
 
-from dcfeat.backbone import cached_checkpoint, hub_unreachable, load_backbone, random_vit
+from dcfeat.backbone import load_backbone, random_vit
+from dcfeat.checkpoints import cached_checkpoint, hub_unreachable
 from dcfeat.choices import RANDOM_VIT_DIR
 from dcfeat.evaluate import evaluate_files
 from dcfeat.extract import extract_files

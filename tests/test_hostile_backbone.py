@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dcfeat import backbone as bb
+from dcfeat import checkpoints
 from dcfeat.backbone import load_backbone, save_random_dinov2
 from dcfeat.errors import BadInput, EnvironmentProblem
 from tests.conftest import invoke
@@ -104,7 +105,7 @@ def test_a_hub_repo_without_safetensors_is_told_apart_from_missing_weights(offli
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: transformers.Dinov2Config())
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_safetensors)
     monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: offline)
-    monkeypatch.setattr(bb, "hub_unreachable", lambda: "offline: HF_HUB_OFFLINE is set" if offline else None)
+    monkeypatch.setattr(checkpoints, "hub_unreachable", lambda: "offline: HF_HUB_OFFLINE is set" if offline else None)
     # Offline, the same words also mean "the weights are not in the cache": that is missing weights.
     with pytest.raises(EnvironmentProblem if offline else BadInput) as e:
         load_backbone("owner/old", device="cpu")

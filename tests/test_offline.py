@@ -4,6 +4,7 @@
 The network is never contacted: the hub's endpoint is a local port that refuses connections.
 """
 
+import os
 import shutil
 import socket
 
@@ -12,6 +13,7 @@ import pytest
 from safetensors.torch import save_file
 
 from dcfeat import backbone as bb
+from dcfeat import checkpoints
 from dcfeat.backbone import load_backbone, save_random_dinov2
 from dcfeat.choices import RANDOM_VIT_DIR
 from dcfeat.errors import EnvironmentProblem
@@ -66,14 +68,14 @@ def test_a_checkpoint_in_the_hub_cache_loads_with_no_request(no_network, tiny_mo
     shutil.copytree(tiny_model, snapshot)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
-    assert bb.cached_checkpoint("owner/tiny") == snapshot
+    assert checkpoints.cached_checkpoint("owner/tiny") == snapshot
     monkeypatch.undo()  # transformers' real loaders, the cache kept, and no way to ask the hub
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(bb, "hub_unreachable", lambda: pytest.fail("the hub was asked"))
+    monkeypatch.setattr(checkpoints, "hub_unreachable", lambda: pytest.fail("the hub was asked"))
     loaded = load_backbone("owner/tiny", device="cpu")
     assert loaded.name == "owner/tiny" and loaded.fingerprint == load_backbone(str(tiny_model), device="cpu").fingerprint
     (snapshot / "model.safetensors").unlink()  # a cache without the weights holds no checkpoint
-    assert bb.cached_checkpoint("owner/tiny") is None
+    assert checkpoints.cached_checkpoint("owner/tiny") is None
 
 
 def test_the_random_vit_is_saved_once_under_a_temporary_name(tmp_path, monkeypatch):
@@ -135,3 +137,18 @@ def test_predict_and_serve_with_the_random_backbone_only_for_its_own_runs(random
     monkeypatch.setattr(dcfeat.serve, "serve_run", lambda run, **kw: served.update(kw))
     assert invoke("serve", "--run", tiny_run, "--random-backbone").exit_code == 0
     assert served["model"] == str((random_home / "data" / RANDOM_VIT_DIR).resolve())
+
+
+def test_extract_refuses_an_unobtainable_hub_id_before_it_imports_torch(tmp_path):
+    """The answer comes in the time Python starts and reads the cache (no torch, no transformers: seconds)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom dcfeat.cli import main\ntry:\n    main(['extract', '--images', sys.argv[1], '--out', "
+              "sys.argv[2], '--no-progress'])\nexcept SystemExit as e:\n    print('exit', e.code)\n"
+              "print('imported', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path), str(tmp_path / "f.h5")], env=env,
+                       capture_output=True, text=True)
+    assert "exit 6" in r.stdout and "imported []" in r.stdout, (r.stdout, r.stderr)
+    assert "--random-backbone" in r.stdout + r.stderr and not (tmp_path / "f.h5").exists()

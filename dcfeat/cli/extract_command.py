@@ -80,13 +80,17 @@ def extract(images, manifest, path_column, out, split, model, random_backbone, p
     Resumable: after a crash, run the same command again. For several GPUs or
     nodes run it under `torchrun --nproc-per-node K -m dcfeat extract …`.
     """
-    from dcfeat.backbone import RANDOM_NOTICE
-    from dcfeat.extract import extract_files
-    from dcfeat.progress import stderr
+    from dcfeat.checkpoints import check_obtainable
 
     if random_backbone:
         given = click.get_current_context().get_parameter_source("model") != click.core.ParameterSource.DEFAULT
         model = random_backbone_model(model_given=given)
+    else:
+        check_obtainable(model)  # offline, a hub id is refused here, before torch is imported (seconds)
+    from dcfeat.backbone import RANDOM_NOTICE
+    from dcfeat.extract import extract_files
+    from dcfeat.progress import stderr
+
     result = extract_files(images, out, split, manifest=manifest, path_column=path_column, model=model,
                            pooling=pooling, device=device, image_size=image_size, batch_size=batch_size,
                            workers=workers, draft=draft, dtype=dtype, shard_rows=shard_rows, overwrite=overwrite,
