@@ -1,4 +1,5 @@
-"""One writer per store, and the clean-up that only the one writer may do.
+"""Locks (flock: one holder, or readers side by side, or a small file's update waited for) and, for a
+store, the clean-up that only its one writer may do.
 
 A writer killed mid-way leaves temporary files, label parts beside the one a
 split committed, and (killed between a split's commit and its clean-up) the
