@@ -104,9 +104,9 @@ def calibrate_files(feats: Path, run_dir: Path, split: str, *, threshold_m: floa
         for data in splits:
             check_features(run.feature_identity, data.attrs, what=f"split '{data.name}' of {feats}")
         if database_split and len(splits[1].embeddings) == 0:
-            raise BadInput(f"--database-split {database_split}: split '{database_split}' of {feats} holds no rows, so "
-                           "there is nothing to retrieve from. Extract the database images into it, or leave the option "
-                           "out")
+            raise BadInput(f"--database-split {database_split}: split '{database_split}' of {feats} holds no rows, "
+                           "so there is nothing to retrieve from. Extract the database images into it, or leave the "
+                           "option out")
         if run.finetune_blocks:
             splits = tuned_splits(run, feats, splits, dev)
         result = calibrate(run, splits[0], threshold_m=threshold_m, fitted_on={"store": str(Path(feats).resolve())},

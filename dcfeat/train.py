@@ -427,8 +427,8 @@ class _State:
         differ = {k: (saved["config"].get(k), v) for k, v in self.config.items() if saved["config"].get(k) != v}
         differ.update({k: (saved["inputs"].get(k), v) for k, v in self.inputs.items()
                        if saved["inputs"].get(k) != v})
-        if "streamed" in saved and saved["streamed"] != self.reading:  # states saved before it was recorded lack it
-            differ["streamed"] = (saved["streamed"], self.reading)
+        if "streamed" in saved and saved["streamed"] != self.reading:  # states saved before it was recorded
+            differ["streamed"] = (saved["streamed"], self.reading)  # lack it
         if differ:
             shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
             raise BadInput(f"{out} holds an unfinished run started with other settings or features ({shown}). "
@@ -546,7 +546,14 @@ def resumed_reading(run: Path, feats: Path, streamed: Streamed | None) -> Stream
     if saved is None or "streamed" not in saved[1]:
         return streamed
     reading = saved[1]["streamed"]
-    return None if reading is None else Streamed(Path(feats), reading["chunk_rows"], reading["buffer_chunks"])
+    if reading is None:
+        return None
+    if not (isinstance(reading, dict) and all(isinstance(reading.get(k), int) and not isinstance(reading[k], bool)
+                                              and reading[k] > 0 for k in ("chunk_rows", "buffer_chunks"))):
+        raise DamagedRun(f"{run / RESUME_FILE}: `streamed` is {reading!r}, not how a split was read (null, or "
+                         "positive `chunk_rows` and `buffer_chunks`). Train the run again from its first epoch "
+                         "with the same command and --restart")
+    return Streamed(Path(feats), reading["chunk_rows"], reading["buffer_chunks"])
 
 
 def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,

@@ -121,6 +121,23 @@ def test_a_resumed_run_reads_its_split_as_the_killed_one_did(city_store, tmp_pat
     assert_same_run(request.getfixturevalue(baseline), out)
 
 
+def test_a_resume_state_that_does_not_say_how_its_split_was_read_is_refused(city_store, tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    kill_at(monkeypatch, train_module, "recall_at_1", 3)
+    with pytest.raises(Killed):
+        invoke(*command(city_store, out), catch_exceptions=False)
+    monkeypatch.undo()
+    with safe_open(str(out / "resume.safetensors"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    state = json.loads(meta["dcfeat_resume"])
+    save_file(tensors, str(out / "resume.safetensors"),
+              metadata={"dcfeat_resume": json.dumps({**state, "streamed": {"chunk_rows": -1}})})
+    refused(invoke(*command(city_store, out)), "damaged run", "resume.safetensors", "`streamed`", "--restart")
+
+
 def test_kill_9_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(city_store, uninterrupted,
                                                                                  tmp_path, forks):
     out = tmp_path / "run"
