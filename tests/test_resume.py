@@ -58,6 +58,14 @@ def kill_at(monkeypatch, module, name, when):
     monkeypatch.setattr(module, name, dying)
 
 
+def kill_in_epoch_3(monkeypatch, store, out, *extra):
+    """`command` killed -9 (as it were) during epoch 3: a run folder with epochs 1 and 2 done; every patch undone."""
+    kill_at(monkeypatch, train_module, "recall_at_1", 3)
+    with pytest.raises(Killed):
+        invoke(*command(store, out, *extra), catch_exceptions=False)
+    monkeypatch.undo()
+
+
 # Points of an epoch's writes: during epoch 3's training, between its resume state and its kept model,
 # before its config.json, and while fitting the confidence after the last epoch.
 KILLS = {
@@ -111,11 +119,8 @@ def test_a_resumed_run_reads_its_split_as_the_killed_one_did(city_store, tmp_pat
     out = tmp_path / "run"
     if first == "free memory":
         monkeypatch.setattr("dcfeat.devices.memory_budget", lambda *a, **k: 200 * 1024)
-    kill_at(monkeypatch, train_module, "recall_at_1", 3)
-    budget = ["--memory-budget", first] if first not in (None, "free memory") else []
-    with pytest.raises(Killed):
-        invoke(*command(city_store, out, *budget), catch_exceptions=False)
-    monkeypatch.undo()
+    kill_in_epoch_3(monkeypatch, city_store, out,
+                    *(["--memory-budget", first] if first not in (None, "free memory") else []))
     r = invoke(*command(city_store, out, *(["--memory-budget", then] if then else [])))
     assert r.exit_code == 0, r.output
     assert_same_run(request.getfixturevalue(baseline), out)
@@ -126,10 +131,7 @@ def test_a_resume_state_that_does_not_say_how_its_split_was_read_is_refused(city
     from safetensors.torch import save_file
 
     out = tmp_path / "run"
-    kill_at(monkeypatch, train_module, "recall_at_1", 3)
-    with pytest.raises(Killed):
-        invoke(*command(city_store, out), catch_exceptions=False)
-    monkeypatch.undo()
+    kill_in_epoch_3(monkeypatch, city_store, out)
     with safe_open(str(out / "resume.safetensors"), "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     state = json.loads(meta["dcfeat_resume"])
@@ -192,10 +194,7 @@ def test_what_safetensors_leaves_when_killed_mid_save_is_removed_on_resume(city_
 def test_restart_trains_an_unfinished_run_again_from_its_first_epoch(city_store, uninterrupted, tmp_path,
                                                                      monkeypatch):
     out = tmp_path / "run"
-    kill_at(monkeypatch, train_module, "recall_at_1", 3)
-    with pytest.raises(Killed):
-        invoke(*command(city_store, out), catch_exceptions=False)
-    monkeypatch.undo()
+    kill_in_epoch_3(monkeypatch, city_store, out)
     started = []
     real = train_module.train_step
     monkeypatch.setattr(train_module, "train_step", lambda *a, **k: started.append(1) or real(*a, **k))
@@ -207,10 +206,7 @@ def test_restart_trains_an_unfinished_run_again_from_its_first_epoch(city_store,
 
 def test_resuming_with_other_settings_is_refused_and_changes_nothing(city_store, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    kill_at(monkeypatch, train_module, "recall_at_1", 3)
-    with pytest.raises(Killed):
-        invoke(*command(city_store, out), catch_exceptions=False)
-    monkeypatch.undo()
+    kill_in_epoch_3(monkeypatch, city_store, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     r = invoke(*command(city_store, out), "--seed", "7")
     refused(r, "bad input", "other settings", "seed: 0 then, 7 now", "--restart")
