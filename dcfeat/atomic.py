@@ -44,7 +44,8 @@ def replace_atomically(tmp: Path, final: Path) -> None:
 
 def tmp_path(final: Path, tag: str = "") -> Path:
     """`.NAME[.tag].tmp` beside `final`: the temporary name writers used before each got its own
-    (`atomic_write` names its files `.NAME[.tag].<random>.tmp`; `leftover_tmp_files` finds both)."""
+    (`atomic_write` names its files `.NAME[.tag].<random>.tmp`, `tmp_dir` its folders; `leftover_tmp_files`
+    finds both). Two writers of one `final` collide on it: new code claims its own with `tmp_dir`."""
     final = Path(final)
     return final.with_name(f".{final.name}{'.' + tag if tag else ''}{TMP_SUFFIX}")
 
@@ -58,23 +59,55 @@ def leftover_tmp_files(final: Path) -> list[Path]:
     return sorted(p for p in final.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(TMP_SUFFIX))
 
 
+def _claim(final: Path, tag: str, create) -> Path:
+    """A temporary name of this writer's own beside `final`, `.NAME[.tag].<random>.tmp`, made by
+    `create(path)`, which raises FileExistsError where the name is taken (O_EXCL, mkdir, symlink): two
+    writers of one file never get one name."""
+    final = Path(final)
+    for _ in range(100):
+        tmp = final.with_name(f".{final.name}{'.' + tag if tag else ''}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+        try:
+            create(tmp)
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final))
+
+
 def _new_tmp(final: Path, tag: str) -> tuple[Path, int]:
     """Create this writer's own empty temporary file beside `final`: (its path, the mode it got).
 
     Created as open() creates a file (0666 less the umask, a default ACL applied), and never one that
     exists (O_EXCL): two writers of one file get two names.
     """
-    for _ in range(100):
-        tmp = final.with_name(f".{final.name}{'.' + tag if tag else ''}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    modes = []
+
+    def create(tmp: Path) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        try:
-            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+            modes.append(stat.S_IMODE(os.fstat(fd).st_mode))
         finally:
             os.close(fd)
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final))
+
+    return _claim(final, tag, create), modes[-1]
+
+
+def tmp_dir(final: Path, tag: str = "") -> Path:
+    """A new empty folder of this writer's own beside `final` (`.NAME[.tag].<random>.tmp`), to fill and
+    rename or move into place."""
+    return _claim(final, tag, lambda tmp: tmp.mkdir())
+
+
+def replace_symlink(link: Path, target: str) -> None:
+    """`link` → `target`, swapped atomically (a reader sees the old link or the new one), through a
+    temporary link of this writer's own: two writers swapping one link at once both succeed, the last wins."""
+    link = Path(link)
+    tmp = _claim(link, "", lambda tmp: tmp.symlink_to(target))
+    try:
+        tmp.replace(link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

@@ -6,8 +6,8 @@
 A confidence fitted on the test split makes every figure measured on that split optimistic, so
 the split must be held out: never the run's training split (recognised by its identity, the
 split's plan id, not by a path a copy of the store changes), and a test split only with
-`allow_test_split`: one whose name starts with "test", or one this run was evaluated on
-(`RUN/eval/<split>/report.json`).
+`allow_test_split`: one whose name starts with "test", or one this run was evaluated on (by plan
+id, wherever the evaluation wrote its files: the run's `evaluations.json`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, check_writable, writing
 from dcfeat.finetune import tuned_splits
 from dcfeat.identity import check_features
-from dcfeat.run import EVAL_DIR, Run, load_run, write_calibration
+from dcfeat.reports import REPORT
+from dcfeat.run import EVAL_DIR, Run, load_run, read_evaluations, run_lock, write_calibration
 from dcfeat.store import Split, read_split, same_plan, split_info
 
 
@@ -47,9 +48,14 @@ def calibrate(run: Run, split: Split, *, threshold_m: float = THRESHOLD_M, fitte
     return Calibration(cal, warnings=[w for w in (few_queries_warning(cal),) if w])
 
 
-def evaluated_on(run_dir: Path, split: str, plan_id: str | None) -> Path | None:
-    """The report of an evaluation of this run on `split` (the same split: its plan id where both
-    record one, else its name), under RUN/eval/; None when there is none."""
+def evaluated_on(run_dir: Path, split: str, plan_id: str | None) -> str | None:
+    """The report of an evaluation of this run on `split` (the same images: its plan id where both record
+    one, else its name): from the run's record of its evaluations (`read_evaluations`,
+    wherever their --out pointed), or a report under RUN/eval/ (runs evaluated before that record);
+    None when there is none."""
+    for entry in read_evaluations(run_dir):
+        if same_plan(entry.get("plan_id"), plan_id, entry.get("split") == split):
+            return str(Path(str(entry.get("out"))) / REPORT)
     for report_path in sorted((Path(run_dir) / EVAL_DIR).glob("*/report.json")):
         try:
             report = json.loads(report_path.read_text())
@@ -59,7 +65,7 @@ def evaluated_on(run_dir: Path, split: str, plan_id: str | None) -> Path | None:
             continue
         recorded = report.get("split_plan_id")
         if same_plan(recorded, plan_id, report.get("split") == split):
-            return report_path
+            return str(report_path)
     return None
 
 
@@ -76,7 +82,8 @@ def check_held_out(run: Run, feats: Path, split: str, *, allow_test_split: bool 
         return
     report = evaluated_on(run.directory, split, plan_id)
     if split.startswith("test") or report is not None:
-        why = f"this run was evaluated on it ({report})" if report is not None else "its name says it is a test split"
+        why = "; ".join((["its name says it is a test split"] if split.startswith("test") else [])
+                        + ([f"this run was evaluated on it ({report})"] if report is not None else []))
         raise BadInput(f"--split {split}: {why}. A confidence fitted on the split it is measured on makes every "
                        "figure there optimistic: calibrate on a held-out split (e.g. val), or pass "
                        "--allow-test-split if you mean to")
@@ -85,23 +92,25 @@ def check_held_out(run: Run, feats: Path, split: str, *, allow_test_split: bool 
 def calibrate_files(feats: Path, run_dir: Path, split: str, *, threshold_m: float = THRESHOLD_M,
                     device: str = "auto", database_split: str | None = None,
                     allow_test_split: bool = False) -> Calibration:
-    """Read the run and the held-out split, fit, write RUN/calibration.json."""
-    dev = resolve_device(device)
-    run = load_run(run_dir, dev, calibration=False)  # the old calibration, even damaged, is replaced
-    check_held_out(run, feats, split, allow_test_split=allow_test_split)
-    check_writable(run_dir)
-    splits = [read_split(feats, name, dtype=np.float32 if name == split else None)
-              for name in (split, *([database_split] if database_split else []))]
-    for data in splits:
-        check_features(run.feature_identity, data.attrs, what=f"split '{data.name}' of {feats}")
-    if database_split and len(splits[1].embeddings) == 0:
-        raise BadInput(f"--database-split {database_split}: split '{database_split}' of {feats} holds no rows, so "
-                       "there is nothing to retrieve from. Extract the database images into it, or leave the option "
-                       "out")
-    if run.finetune_blocks:
-        splits = tuned_splits(run, feats, splits, dev)
-    result = calibrate(run, splits[0], threshold_m=threshold_m, fitted_on={"store": str(Path(feats).resolve())},
-                       database=splits[1] if database_split else None)
-    with writing(run_dir):
-        result.path = write_calibration(run_dir, result.calibrator)
-    return result
+    """Read the run and the held-out split, fit, write RUN/calibration.json; under the run's lock, so refused
+    while the run is trained (it would fit an early epoch's model) or evaluated."""
+    with run_lock(run_dir, "calibrate"):
+        dev = resolve_device(device)
+        run = load_run(run_dir, dev, calibration=False)  # the old calibration, even damaged, is replaced
+        check_held_out(run, feats, split, allow_test_split=allow_test_split)
+        check_writable(run_dir)
+        splits = [read_split(feats, name, dtype=np.float32 if name == split else None)
+                  for name in (split, *([database_split] if database_split else []))]
+        for data in splits:
+            check_features(run.feature_identity, data.attrs, what=f"split '{data.name}' of {feats}")
+        if database_split and len(splits[1].embeddings) == 0:
+            raise BadInput(f"--database-split {database_split}: split '{database_split}' of {feats} holds no rows, "
+                           "so there is nothing to retrieve from. Extract the database images into it, or leave the "
+                           "option out")
+        if run.finetune_blocks:
+            splits = tuned_splits(run, feats, splits, dev)
+        result = calibrate(run, splits[0], threshold_m=threshold_m, fitted_on={"store": str(Path(feats).resolve())},
+                           database=splits[1] if database_split else None)
+        with writing(run_dir):
+            result.path = write_calibration(run_dir, result.calibrator)
+        return result

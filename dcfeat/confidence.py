@@ -440,7 +440,8 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
                                    truth, threshold_m=threshold_m)
     sig = signals_of(scores, classes, M=M, rule=rule)
     err = errors_m(sig, truth)
-    fitted_on = {"split": split.name, **(fitted_on or {}), "position_lr1": grid}
+    plan = {"plan_id": split.attrs["plan_id"]} if split.attrs.get("plan_id") else {}  # the images, not the name
+    fitted_on = {"split": split.name, **plan, **(fitted_on or {}), "position_lr1": grid}
     try:
         cal = fit(sig.values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m, fitted_on=fitted_on)
         cal.position = rule

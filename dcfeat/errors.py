@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,7 +136,7 @@ def check_writable(folder: Path) -> None:
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
         return  # a file in the way: the writer's own check words it
-    probe = existing / f".dcfeat-write-probe-{os.getpid()}.tmp"
+    probe = existing / f".dcfeat-write-probe-{secrets.token_hex(4)}.tmp"  # one per caller, threads too
     try:
         with open(probe, "wb"):
             pass

@@ -25,6 +25,7 @@ that differs applies to LR@k only, and `Evaluation.warnings` says so.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +75,8 @@ from dcfeat.retrieval import (
     topk_cosine,
     topk_in_cells,
 )
-from dcfeat.run import EVAL_DIR, Run, load_run
-from dcfeat.store import Split, read_split, same_split
+from dcfeat.run import EVAL_DIR, Run, load_run, record_evaluation, run_lock
+from dcfeat.store import Split, read_split, same_plan, same_split
 
 
 @dataclass
@@ -386,7 +387,8 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
                                                              retrieved.zone[:, 0], retrieved.letter[:, 0]))
     fitted = run.calibration.fitted_on if run.calibration else {}
     store = str(Path(store).resolve()) if store is not None else None
-    if fitted.get("split") == queries.name and store is not None and fitted.get("store") == store:
+    if same_plan(fitted.get("plan_id"), queries.attrs.get("plan_id"),
+                 fitted.get("split") == queries.name and store is not None and fitted.get("store") == store):
         section["note"] = (f"CALIBRATED ON THIS SPLIT ('{queries.name}'): the confidence's figures here are "
                            "optimistic; calibrate on a held-out split (`dcfeat calibrate --split val`) and evaluate "
                            "on another")
@@ -490,9 +492,11 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
                    grid: int = 0) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
     (report.json, predictions.parquet, the plots; with `grid`, that many queries beside their answers' photos
-    per method) into `out` (default RUN/eval/SPLIT), together: a failure leaves `out` as it was. `run_dir`
-    None: no run, `--mode retrieve` on the raw features only (`evaluate_raw`; default `out`
-    STORE_FOLDER/eval/STORE_NAME/SPLIT). `space` None: projected with a run, raw without."""
+    per method) into `out` (default RUN/eval/SPLIT), together: a failure leaves `out` as it was. Under the
+    run's lock: refused while the run is trained or calibrated; the run records the split it was measured on
+    (`record_evaluation`), wherever `out` is. `run_dir` None: no run, `--mode retrieve` on the raw features
+    only (`evaluate_raw`; default `out` STORE_FOLDER/eval/STORE_NAME/SPLIT). `space` None: projected with a
+    run, raw without."""
     if grid < 0:
         raise BadInput(f"--grid {grid}: give a number of queries, 0 or more")
     if run_dir is None:
@@ -509,48 +513,51 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out} is a file; evaluate writes a folder of files (report.json, predictions.parquet, "
                        "plots) there. Choose a folder, new or one that evaluate wrote")
-    dev = resolve_device(device)
-    run = load_run(run_dir, dev, weights=weights) if run_dir is not None else None
-    if run is not None:
-        modes = default_modes(database_split, run) if modes is None else modes
-    check_modes(modes, database_split, run)
-    check_writable(out)
-    queries = read_split(feats, split, dtype=np.float32)
-    if run is not None:
-        check_features(run.feature_identity, queries.attrs, what=f"split '{split}' of {feats}")
-    check_rows(queries, "--split", feats)
-    database = None
-    if database_split:
-        database = read_split(feats, database_split)
+    with run_lock(run_dir, "evaluate") if run_dir is not None else nullcontext():
+        dev = resolve_device(device)
+        run = load_run(run_dir, dev, weights=weights) if run_dir is not None else None
         if run is not None:
-            check_features(run.feature_identity, database.attrs, what=f"split '{database_split}' of {feats}")
-        check_rows(database, "--database-split", feats)
-    if run is None:
-        result = evaluate_raw(queries, database, ks=ks, threshold_m=threshold_m, device=str(dev), store=feats,
-                              repeats=repeats)
-    else:
-        if run.finetune_blocks:
-            queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
-            database = rest[0] if rest else None
-        result = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring,
-                          threshold_m=threshold_m, repeats=repeats, cells=cells, space=space or "projected",
-                          device=str(dev), store=feats)
-        result.report["weights"] = weights  # the kept epoch's model, or the last one's
-    result.report["options"]["device"] = device
-    background = None
-    if database is not None:
-        background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
-    notice = f" — {RANDOM_NOTICE}" if result.report["random_backbone"] else ""
-    with writing(out), staged(out) as folder:
-        extra = (write_confidence_plots(folder, result.confidence_plots, split=split, notice=notice)
-                 if result.confidence_plots else {})
-        if grid:
-            photos = database or (training_photos(run.config.store, run.config.train_split) if run else None)
-            grids, said = write_grids(folder, queries, result.methods, result.recall, rows=grid,
-                                      threshold_m=threshold_m, database=database, photos=photos, notice=notice)
-            extra.update(grids)
-            result.warnings.extend(said)  # the report's list too
-        result.report, paths = write_outputs(folder, result.report, queries.labels, result.methods, result.recall,
-                                             background=background, extra_files=extra)
-    result.paths = {name: out / path.name for name, path in paths.items()}
+            modes = default_modes(database_split, run) if modes is None else modes
+        check_modes(modes, database_split, run)
+        check_writable(out)
+        queries = read_split(feats, split, dtype=np.float32)
+        if run is not None:
+            check_features(run.feature_identity, queries.attrs, what=f"split '{split}' of {feats}")
+        check_rows(queries, "--split", feats)
+        database = None
+        if database_split:
+            database = read_split(feats, database_split)
+            if run is not None:
+                check_features(run.feature_identity, database.attrs, what=f"split '{database_split}' of {feats}")
+            check_rows(database, "--database-split", feats)
+        if run is None:
+            result = evaluate_raw(queries, database, ks=ks, threshold_m=threshold_m, device=str(dev), store=feats,
+                                  repeats=repeats)
+        else:
+            if run.finetune_blocks:
+                queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
+                database = rest[0] if rest else None
+            result = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring,
+                              threshold_m=threshold_m, repeats=repeats, cells=cells, space=space or "projected",
+                              device=str(dev), store=feats)
+            result.report["weights"] = weights  # the kept epoch's model, or the last one's
+        result.report["options"]["device"] = device
+        background = None
+        if database is not None:
+            background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
+        notice = f" — {RANDOM_NOTICE}" if result.report["random_backbone"] else ""
+        with writing(out), staged(out) as folder:
+            extra = (write_confidence_plots(folder, result.confidence_plots, split=split, notice=notice)
+                     if result.confidence_plots else {})
+            if grid:
+                photos = database or (training_photos(run.config.store, run.config.train_split) if run else None)
+                grids, said = write_grids(folder, queries, result.methods, result.recall, rows=grid,
+                                          threshold_m=threshold_m, database=database, photos=photos, notice=notice)
+                extra.update(grids)
+                result.warnings.extend(said)  # the report's list too
+            result.report, paths = write_outputs(folder, result.report, queries.labels, result.methods,
+                                                 result.recall, background=background, extra_files=extra)
+        result.paths = {name: out / path.name for name, path in paths.items()}
+        if run is not None:
+            record_evaluation(run_dir, split, queries.attrs.get("plan_id"), str(Path(feats).resolve()), out)
     return result

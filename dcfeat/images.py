@@ -29,7 +29,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# PIL's own bomb threshold (~89.5 Mpx); decoding one costs ~270 MB per image and worker.
+# PIL's own bomb threshold (~89.5 Mpx); decoding one 8-bit RGB image that large holds ~1.2 GB per worker
+# (DECODE_BYTES below), which is the decoding memory budget of every mode.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # --crop full keeps the aspect ratio, so its cost grows with it (patches linearly, attention with their
 # square). 8:1 holds every camera format (4:3, 3:2, 16:9, 21:9), equirectangular panoramas (2:1) and most
@@ -37,6 +38,19 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # are refused (the image skipped with its reason), never embedded for hours.
 MAX_ASPECT = 8
 _MEAN_RGB = tuple(round(255 * c) for c in IMAGENET_MEAN)
+# The formats dcfeat reads (docs: JPEG, PNG, WebP, TIFF, BMP; MPO, a camera's JPEG, opens as JPEG). PIL
+# would try some forty others, each a decoder fed whatever a user or a client sends: EPS runs Ghostscript,
+# a fuzzed DDS or SPIDER file raises NotImplementedError or AttributeError. Those are never opened.
+FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
+FORMAT_NAMES = "JPEG, PNG, WebP, TIFF or BMP"
+# Bytes per pixel that decoding holds at its peak, by the mode the header announces: the decoded image
+# (PIL keeps a one-band 8-bit mode in 1 byte, 16-bit ones in 2, "I" and "F" in 4, every multi-band mode
+# in 4), its conversion (16-bit and float modes through numpy, alpha composited) and the RGB image. Peak
+# RSS of load_image on 16 Mpx images, rounded up: L 6.2, P 10.2, RGB and CMYK 12.1, 16-bit 13.2 (28.1
+# before its conversion went through integers), RGBA and LA 24.2, I and F 32.2.
+DECODE_BYTES = {"1": 7, "L": 7, "P": 11, "I;16": 14, "I;16L": 14, "I;16B": 14, "I;16N": 14, "I": 33, "F": 33,
+                "RGBA": 25, "LA": 25, "PA": 25, "RGBa": 25, "La": 25}
+DECODE_BYTES_OTHER = 13  # RGB, CMYK, YCbCr, …: 4-byte pixels
 
 
 class ImageProblem(Exception):
@@ -48,11 +62,23 @@ def resize_size(image_size: int) -> int:
     return round(image_size * 256 / 224)
 
 
+def decode_bytes(mode: str, width: int, height: int) -> int:
+    """Bytes that decoding a `width`×`height` image of `mode` holds at its peak (DECODE_BYTES)."""
+    return width * height * DECODE_BYTES.get(mode, DECODE_BYTES_OTHER)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # PIL's convert("RGB") clips 16-bit values at 255: rescale the real range instead.
+    if img.mode.startswith("I;16"):
+        # PIL's convert("RGB") clips 16-bit values at 255: rescale the real range instead, in integers
+        # (round half up, as the float formula below gives), 4 bytes a pixel instead of float64's 24.
+        wide = np.asarray(img).astype(np.uint32)
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+        return Image.fromarray(wide.astype(np.uint8), mode="L").convert("RGB")
+    if img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        top = 65535.0 if arr.max() > 255 else 255.0
         if img.mode == "F" and arr.max() <= 1.0:
             top = 1.0
         arr8 = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
@@ -101,18 +127,22 @@ def check_shape(width: int, height: int, image_size: int, *, crop: str = "centre
 
 
 def load_image(path: Path, image_size: int, *, crop: str = "centre", patch_size: int = 1, draft: bool = True,
-               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+               max_pixels: int = MAX_PIXELS, max_bytes: int | None = None) -> np.ndarray:
     """Decode, orient, convert and crop one image to uint8 (H, W, 3); ImageProblem if unusable.
 
     `crop` is one of CROPS: "centre" gives (S, S, 3); "full" the whole image (whole_size, rounded to
-    multiples of `patch_size`).
+    multiples of `patch_size`). Only FORMATS are opened, whatever the file's name. Refused from the
+    header, before anything is decoded: more than `max_pixels` pixels, or more than `max_bytes` of
+    memory to decode (`decode_bytes`: mode and bit depth count; default what `max_pixels` 8-bit RGB
+    pixels take, ~1.2 GB). Whatever else a decoder raises is the file's problem too, with its reason.
     """
     target = image_size if crop == "full" else resize_size(image_size)
+    budget = max_pixels * DECODE_BYTES_OTHER if max_bytes is None else max_bytes
     try:
         with warnings.catch_warnings():
             # The pixel limit is checked below, on the header, before anything is decoded.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path, formats=FORMATS) as img:
                 w, h = img.size
                 if w * h > max_pixels:
                     raise ImageProblem(f"decompression bomb: {w}x{h} pixels > {max_pixels}")
@@ -124,15 +154,23 @@ def load_image(path: Path, image_size: int, *, crop: str = "centre", patch_size:
                     scale = min(w, h) / target
                     if scale >= 2:
                         img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+                need = decode_bytes(img.mode, *img.size)  # what draft() left to decode
+                if need > budget:
+                    raise ImageProblem(f"too large to decode: {img.size[0]}x{img.size[1]} pixels of mode {img.mode} "
+                                       f"would take {need:,} bytes > {budget:,} (the decoding memory budget)")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 img = _to_rgb(img)
     except ImageProblem:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageProblem(f"{type(e).__name__}: {e} (not a {FORMAT_NAMES} image, the formats dcfeat reads)") from None
+    except Image.DecompressionBombError as e:
         raise ImageProblem(f"{type(e).__name__}: {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageProblem(f"unreadable: {type(e).__name__}: {e}") from None
+    except Exception as e:  # noqa: BLE001 — a decoder's own bug on a hostile file (NotImplementedError, …)
+        raise ImageProblem(f"undecodable: {type(e).__name__}: {e}") from None
     if crop == "full":
         size = whole_size(*img.size, image_size, patch_size)
         return np.array(img if size == img.size else img.resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
@@ -172,9 +210,10 @@ class ImageDataset(torch.utils.data.Dataset):
     """Item i → (i, uint8 image or None, reason); decoding runs in DataLoader workers."""
 
     def __init__(self, paths: list[Path], image_size: int, *, crop: str = "centre", patch_size: int = 1,
-                 draft: bool = True, max_pixels: int = MAX_PIXELS):
+                 draft: bool = True, max_pixels: int = MAX_PIXELS, max_bytes: int | None = None):
         self.paths = paths
-        self.options = {"crop": crop, "patch_size": patch_size, "draft": draft, "max_pixels": max_pixels}
+        self.options = {"crop": crop, "patch_size": patch_size, "draft": draft, "max_pixels": max_pixels,
+                        "max_bytes": max_bytes}
         self.image_size = image_size
 
     def __len__(self) -> int:

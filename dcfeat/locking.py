@@ -1,4 +1,5 @@
-"""One writer per store, and the clean-up that only the one writer may do.
+"""Locks (flock: one holder, or readers side by side, or a small file's update waited for) and, for a
+store, the clean-up that only its one writer may do.
 
 A writer killed mid-way leaves temporary files, label parts beside the one a
 split committed, and (killed between a split's commit and its clean-up) the
@@ -29,28 +30,87 @@ from dcfeat.layout import (
 from dcfeat.store import split_attrs
 
 
+def _same_file(f, path: Path) -> bool:
+    """Whether the open file `f` is still the one at `path` (a holder that removes the lock file on
+    release may have unlinked it between our open() and our flock())."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _locked_file(lock_path: Path, operation: int):
+    """`lock_path` opened and flock()ed with `operation`, retried until the file locked is the one at
+    the path: a lock taken on a file its last holder has just unlinked excludes nobody."""
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")
+        try:
+            fcntl.flock(f.fileno(), operation)
+        except BaseException:
+            f.close()
+            raise
+        if _same_file(f, lock_path):
+            return f
+        f.close()
+
+
 @contextmanager
-def exclusive(lock_path: Path, busy: str, *, remove: bool = False):
+def exclusive(lock_path: Path, busy: str, *, remove: bool = False, shared: bool = False, holder: str = ""):
     """Hold `lock_path` for the one process allowed; another is refused at once with EnvironmentProblem
     (`busy`, then who holds it) instead of waiting. flock: released by the kernel when the holder dies.
-    `remove`: the holder deletes the file when it is done (a killed holder leaves it, unlocked)."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
+
+    `shared`: any number of shared holders at once (readers), none beside an exclusive one. The
+    exclusive holder writes who it is (`holder`, its pid and host) into the file for the refused.
+    `remove`: the file is deleted on release by its last holder (a killed holder leaves it, unlocked);
+    whoever locks the file it just unlinked notices and locks the new one (`_locked_file`).
+    """
+    try:
+        f = _locked_file(lock_path, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise EnvironmentProblem(busy.format(holder=holder, lock=lock_path)) from None
-        f.truncate(0)
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        f.flush()
+            who = lock_path.read_text().strip()
+        except OSError:
+            who = ""
+        raise EnvironmentProblem(busy.format(holder=who or "another process", lock=lock_path)) from None
+    with f:
+        if not shared:
+            f.truncate(0)
+            f.write(f"{holder + ', ' if holder else ''}pid {os.getpid()} on {os.uname().nodename}")
+            f.flush()
         try:
             yield
         finally:
-            f.truncate(0)
+            if not shared:
+                f.truncate(0)
             if remove:
-                lock_path.unlink(missing_ok=True)
+                _remove_if_last(f, lock_path, shared)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_if_last(f, lock_path: Path, shared: bool) -> None:
+    """Unlink the lock file we hold, when no one else holds it (a shared holder first tries to take it
+    alone; where it cannot, the others remove it)."""
+    if shared:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+    lock_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def waiting(lock_path: Path):
+    """Hold `lock_path` alone, waiting for the holder before (a read-modify-write of a small file: two
+    writers in turn, never one's update lost under the other's). The file is removed on release."""
+    f = _locked_file(lock_path, fcntl.LOCK_EX)
+    with f:
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 

@@ -12,20 +12,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from dcfeat.atomic import atomic_write, fsync_dir, write_text
+from dcfeat.atomic import TMP_SUFFIX, atomic_write, fsync_dir, tmp_dir, write_text
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.choices import CENTRE_METHOD, MODES
+from dcfeat.errors import DcfeatError
 from dcfeat.images import ImageProblem, load_image
+from dcfeat.locking import waiting
 from dcfeat.metrics import distances_m
 from dcfeat.plots import Tile, plot_error_cdf, plot_grid, plot_query_map, plot_reliability, plot_risk_coverage
-from dcfeat.errors import DcfeatError
 from dcfeat.store import Split, read_split
 
 REPORT, PREDICTIONS = "report.json", "predictions.parquet"
@@ -33,7 +34,7 @@ REPORT, PREDICTIONS = "report.json", "predictions.parquet"
 OWN_FILES = (REPORT, PREDICTIONS, "error_cdf.png", "risk_coverage.png", "reliability.png",
              *(f"map_{method}.png" for method in (*MODES, CENTRE_METHOD)),
              *(f"grid_{method}.png" for method in (*MODES, CENTRE_METHOD)))
-_STAGING = ".dcfeat-evaluate.tmp"
+_STAGING, _LOCK = "dcfeat-evaluate", ".dcfeat-evaluate.lock"
 
 
 def remove_outputs(folder: Path, keep: set[str] | frozenset = frozenset()) -> None:
@@ -45,29 +46,37 @@ def remove_outputs(folder: Path, keep: set[str] | frozenset = frozenset()) -> No
 
 @contextmanager
 def staged(out: Path):
-    """Yields an empty temporary folder inside `out` for one evaluation's files. On success they
-    replace dcfeat's files in `out` (report.json last, after the old one is gone), and dcfeat's files
+    """Yields an empty temporary folder of this evaluation's own inside `out` for its files. On success
+    they replace dcfeat's files in `out` (report.json last, after the old one is gone), and dcfeat's files
     of an earlier evaluation that this one did not write are removed; on any failure the temporary
-    folder is removed and `out` keeps what it held (a folder made for it is removed again)."""
+    folder is removed and `out` keeps what it held (a folder made for it is removed again).
+
+    Evaluations writing into one `out` take turns (a lock file in it, waited for): each one's files
+    land whole, and the last one's are what `out` holds, never a report of one beside another's
+    predictions. Under that lock no other evaluation is writing there, so staging folders found are
+    what killed ones left, and are removed."""
     out = Path(out)
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / _STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed evaluation
     try:
-        staging.mkdir()
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    new = {p.name for p in staging.iterdir()}
-    remove_outputs(out, keep=new - {REPORT})
-    for name in sorted(new, key=lambda n: n == REPORT):
-        os.replace(staging / name, out / name)
-    staging.rmdir()
-    fsync_dir(out)
+        with waiting(out / _LOCK):
+            for left in out.glob(f".{_STAGING}*{TMP_SUFFIX}"):  # also the one fixed name of earlier versions
+                shutil.rmtree(left, ignore_errors=True)
+            staging = tmp_dir(out / _STAGING)
+            try:
+                yield staging
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            new = {p.name for p in staging.iterdir()}
+            remove_outputs(out, keep=new - {REPORT})
+            for name in sorted(new, key=lambda n: n == REPORT):
+                os.replace(staging / name, out / name)
+            staging.rmdir()
+            fsync_dir(out)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            with suppress(OSError):  # another evaluation has begun writing there
+                out.rmdir()
 
 
 @dataclass

@@ -26,7 +26,7 @@ import json
 import math
 import re
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -36,13 +36,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dcfeat.atomic import atomic_write, leftover_tmp_files, write_text
+from dcfeat.atomic import atomic_write, leftover_tmp_files, replace_symlink, write_text
 from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
-from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, writing
+from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, is_not_writable, not_writable, writing
 from dcfeat.geo import UTM_LETTERS
 from dcfeat.identity import with_defaults
-from dcfeat.locking import exclusive
+from dcfeat.locking import exclusive, waiting
 from dcfeat.model import DCModel
 from dcfeat.partition import cell_centre, group_of, load_classes, save_classes
 from dcfeat.presets import TrainConfig
@@ -58,6 +58,11 @@ COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"
 # Training's state after its last finished epoch (weights, optimiser, schedule, random generators),
 # what the same command resumes from; and the lock that keeps one `dcfeat train` per run folder.
 RESUME_FILE, LOCK_FILE = "resume.safetensors", ".lock"
+# Held (waiting) around each read-modify-write of the run's small records: checksums.json, evaluations.json.
+RECORDS_LOCK = ".records.lock"
+# Which splits (by plan id) `dcfeat evaluate` measured this run's model on, wherever its --out pointed: the
+# splits calibrate must not fit the confidence on.
+EVALUATIONS_FILE = "evaluations.json"
 # SHA-256 of every file below as dcfeat last wrote it (`dcfeat info RUN --verify` compares them).
 CHECKSUM_FILE = "checksums.json"
 CHECKSUMMED = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE, BLOCKS_FILE, CALIBRATION_FILE)
@@ -478,12 +483,14 @@ def read_checksums(directory: Path) -> dict[str, str]:
 
 
 def record_checksum(path: Path) -> None:
-    """Record the SHA-256 of a run file dcfeat has just written (CHECKSUMMED) in checksums.json, atomically."""
+    """Record the SHA-256 of a run file dcfeat has just written (CHECKSUMMED) in checksums.json,
+    atomically and under the run's records lock: two writers of one run never lose each other's sum."""
     path = Path(path)
     if path.name not in CHECKSUMMED:
         return
-    sums = {**read_checksums(path.parent), path.name: sha256_of(path)}
-    write_text(path.parent / CHECKSUM_FILE, json.dumps(dict(sorted(sums.items())), indent=1) + "\n")
+    with waiting(path.parent / RECORDS_LOCK):
+        sums = {**read_checksums(path.parent), path.name: sha256_of(path)}
+        write_text(path.parent / CHECKSUM_FILE, json.dumps(dict(sorted(sums.items())), indent=1) + "\n")
 
 
 def verify_checksums(directory: Path) -> list[str]:
@@ -521,26 +528,50 @@ def save_resume(directory: Path, tensors: dict[str, torch.Tensor], state: dict) 
     save_tensors(Path(directory) / RESUME_FILE, tensors, {"dcfeat_resume": json.dumps(state)})
 
 
-def read_resume(directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(tensors, state) of RESUME_FILE; None when training never finished an epoch there."""
+def read_resume(directory: Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(tensors, state) of RESUME_FILE; None when training never finished an epoch there. `tensors=False`:
+    the state alone (tensors {})."""
     path = Path(directory) / RESUME_FILE
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), "pt") as f:
             state = json.loads((f.metadata() or {})["dcfeat_resume"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, KeyError) as e:
         raise DamagedRun(f"{path}: cannot be read as the state training resumes from ({_first_line(e)}). Train "
                          "the run again from its first epoch with the same command and --restart") from None
-    return tensors, state
+    return found, state
+
+
+# What each command that takes the run's lock is told when another holds it.
+_BUSY = {
+    "train": "{run} is in use by {{holder}} ({{lock}}); wait for it to finish, or train into another --out",
+    "calibrate": "--run {run} is in use by {{holder}} ({{lock}}): calibrate fits the model training finished and "
+                 "writes into the run, so it runs alone; calibrate once that process has finished",
+    "evaluate": "--run {run} is in use by {{holder}} ({{lock}}): a run being trained or calibrated is still "
+                "changing; evaluate it once that process has finished",
+}
 
 
 @contextmanager
-def run_lock(directory: Path):
-    """One `dcfeat train` per run folder: a second one is refused at once."""
-    with exclusive(Path(directory) / LOCK_FILE, f"{directory} is being trained by {{holder}} ({{lock}}); wait for "
-                   "it to finish, or train into another --out", remove=True):
+def run_lock(directory: Path, command: str = "train"):
+    """The run folder's lock, taken by `command` (a key of _BUSY) for as long as it works on the run:
+    `train` and `calibrate` (they write the model or its confidence) alone, `evaluate` (it reads them)
+    beside other evaluations. Whoever cannot have it is refused at once, with a message naming the holder."""
+    directory = Path(directory)
+    if command != "train" and not directory.is_dir():
+        check_folder(directory)  # the lock would make the folder: say there is none
+    with ExitStack() as held:
+        try:
+            held.enter_context(exclusive(directory / LOCK_FILE, _BUSY[command].format(run=directory), remove=True,
+                                         shared=command == "evaluate", holder=f"`dcfeat {command}`"))
+        except OSError as e:
+            if not is_not_writable(e):
+                raise
+            if command != "evaluate":
+                raise not_writable(directory, e) from None
+            # A run folder nobody can write is trained or calibrated by nobody: it is read unlocked.
         yield
 
 
@@ -622,10 +653,34 @@ def clear_unfinished_run(directory: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def read_evaluations(directory: Path) -> list[dict]:
+    """The evaluations `record_evaluation` recorded ([] where none, or the file is unreadable)."""
+    try:
+        found = json.loads((Path(directory) / EVALUATIONS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [e for e in found if isinstance(e, dict)] if isinstance(found, list) else []
+
+
+def record_evaluation(directory: Path, split: str, plan_id: str | None, store: str | None, out: Path) -> None:
+    """Add to EVALUATIONS_FILE that the run's model was evaluated on `split` (its plan id, its store)
+    with the files in `out`; atomically, under the records lock (evaluations run side by side). Nothing
+    where the run folder cannot be written (a read-only copy: calibrate cannot write there either)."""
+    entry = {"split": split, "plan_id": plan_id, "store": store, "out": str(Path(out).resolve())}
+    try:
+        with waiting(Path(directory) / RECORDS_LOCK):
+            entries = [e for e in read_evaluations(directory) if e != entry]
+            write_text(Path(directory) / EVALUATIONS_FILE, json.dumps([*entries, entry], indent=1) + "\n")
+    except OSError as e:  # a run folder nobody can write: nobody can calibrate it there either
+        if not is_not_writable(e):
+            raise
+
+
 def clear_evaluations(directory: Path) -> None:
-    """Remove `dcfeat evaluate`'s files under RUN/eval/ (its own file names only): they describe a
-    model of an unfinished run that training is about to change, and would go on saying
-    `run_complete: false` of a run that then completes."""
+    """Remove `dcfeat evaluate`'s files under RUN/eval/ (its own file names only) and its record of the
+    splits it measured: they describe a model of an unfinished run that training is about to change,
+    and would go on saying `run_complete: false` of a run that then completes."""
+    (Path(directory) / EVALUATIONS_FILE).unlink(missing_ok=True)
     evals = Path(directory) / EVAL_DIR
     if not evals.is_dir():
         return
@@ -651,7 +706,8 @@ def new_run_dir(out: Path | None, runs: Path) -> Path:
         out = Path(out)
         if out.is_dir() and unfinished_run(out):
             return out
-        if out.is_dir() and not [p for p in out.iterdir() if p.name != LOCK_FILE]:  # made beforehand, or a kill
+        locks = (LOCK_FILE, RECORDS_LOCK)  # what a kill leaves in a folder made beforehand
+        if out.is_dir() and not [p for p in out.iterdir() if p.name not in locks]:
             return out
         if out.exists():
             what = "a finished run" if (out / COMMAND_FILE).is_file() else "not a run folder of dcfeat"
@@ -689,10 +745,6 @@ def resume_or_clear(directory: Path, *, restart: bool = False) -> bool:
 
 def point_latest(run: Path) -> None:
     """runs/latest → the newest run, swapped atomically."""
-    latest = run.parent / "latest"
-    tmp = run.parent / ".latest.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run.name)
-    tmp.replace(latest)
+    replace_symlink(run.parent / "latest", run.name)
 
 

@@ -283,7 +283,8 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
     out.mkdir(parents=True, exist_ok=True)
     state = _State(model, opt, schedule, _generators(gen, tail.source if tail else batches), tail, config,
                    inputs={**own, "rows": len(part.group), "dim": in_dim,
-                           "model_fingerprint": run.features.get("model_fingerprint")})
+                           "model_fingerprint": run.features.get("model_fingerprint")},
+                   reading=details["streamed"])
     saved = read_resume(out) if resume else None
     if saved is not None:
         history = state.restore(out, *saved, part.classes)
@@ -336,8 +337,7 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
         if improved:
             kept = (save_model(out, model, part.classes, epoch, state=current["model"]),
                     tail.save(out, epoch, state=current["tail"]) if tail else None)
-        if progress:
-            stderr.print(_epoch_line(record, config.epochs), highlight=False)
+        stderr.print(_epoch_line(record, config.epochs), highlight=False)  # --no-progress hides bars only
         run = replace(run, best_epoch=state.best_epoch, epochs_done=epoch, stopped=state.stopped,
                       details={**details, **(tail.config() if tail else {})})
         # Last, so that a run killed at any point reads as stopped after the epochs it finished; the
@@ -387,7 +387,8 @@ def _generators(gen: torch.Generator, source) -> dict[str, torch.Generator]:
 
 class _State:
     """What resumes training after an epoch: the model's and tuned blocks' weights, the optimiser and
-    schedule, every random generator, and the epochs done, best score and kept epoch so far.
+    schedule, every random generator, the epochs done, best score and kept epoch so far, and how the
+    split is read (in memory, or streamed in chunks of which size: `resumed_reading`).
 
     Saved as one safetensors file (tensors, and the rest as JSON in its metadata), after the epoch's
     log line and before the kept model and config.json.
@@ -395,9 +396,10 @@ class _State:
 
     def __init__(self, model: DCModel, opt: torch.optim.Optimizer, schedule: Schedule,
                  generators: dict[str, torch.Generator], tail: TokenTraining | None, config: TrainConfig,
-                 inputs: dict):
+                 inputs: dict, reading: dict | None = None):
         self.model, self.opt, self.schedule, self.generators, self.tail = model, opt, schedule, generators, tail
         self.config, self.inputs = asdict(config), inputs
+        self.reading = reading  # how the split is read: None in memory, else streamed's chunk_rows, buffer_chunks
         self.epoch, self.best, self.best_epoch, self.stopped = 0, -math.inf, 0, None
 
     def save(self, out: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -413,7 +415,8 @@ class _State:
                    "rng.torch": torch.get_rng_state()}
         save_resume(out, tensors, {
             "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stopped": self.stopped,
-            "config": self.config, "inputs": self.inputs, "param_groups": opt["param_groups"],
+            "config": self.config, "inputs": self.inputs, "streamed": self.reading,
+            "param_groups": opt["param_groups"],
             "optimizer_scalars": {str(i): {k: v for k, v in s.items() if not torch.is_tensor(v)}
                                   for i, s in opt["state"].items()},
             "schedule": self.schedule.plateau.state_dict() if self.schedule.plateau else None})
@@ -424,6 +427,8 @@ class _State:
         differ = {k: (saved["config"].get(k), v) for k, v in self.config.items() if saved["config"].get(k) != v}
         differ.update({k: (saved["inputs"].get(k), v) for k, v in self.inputs.items()
                        if saved["inputs"].get(k) != v})
+        if "streamed" in saved and saved["streamed"] != self.reading:  # states saved before it was recorded
+            differ["streamed"] = (saved["streamed"], self.reading)  # lack it
         if differ:
             shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
             raise BadInput(f"{out} holds an unfinished run started with other settings or features ({shown}). "
@@ -532,6 +537,25 @@ def train_warnings(config: TrainConfig, data: Split, val: Split | None) -> list[
     return warnings
 
 
+def resumed_reading(run: Path, feats: Path, streamed: Streamed | None) -> Streamed | None:
+    """How the interrupted run in `run` read its split, saved with its resume state: in memory, or streamed
+    in chunks of its size. Whether a split streams depends on the memory free at the start; a resumed run
+    reads it as before, or it would not end as the uninterrupted one (`streamed`: what this start chose,
+    kept for a state saved before the choice was recorded)."""
+    saved = read_resume(run, tensors=False)
+    if saved is None or "streamed" not in saved[1]:
+        return streamed
+    reading = saved[1]["streamed"]
+    if reading is None:
+        return None
+    if not (isinstance(reading, dict) and all(isinstance(reading.get(k), int) and not isinstance(reading[k], bool)
+                                              and reading[k] > 0 for k in ("chunk_rows", "buffer_chunks"))):
+        raise DamagedRun(f"{run / RESUME_FILE}: `streamed` is {reading!r}, not how a split was read (null, or "
+                         "positive `chunk_rows` and `buffer_chunks`). Train the run again from its first epoch "
+                         "with the same command and --restart")
+    return Streamed(Path(feats), reading["chunk_rows"], reading["buffer_chunks"])
+
+
 def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,
                 val_split: str | None = None, device: str = "auto", progress: bool = True,
                 command: str = "", memory_budget: int | None = None, restart: bool = False) -> TrainResult:
@@ -577,6 +601,10 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
         resume = resume_or_clear(run, restart=restart)
         if not resume:
             write_text(run / COMMAND_FILE, command + "\n")
+        else:
+            streamed = resumed_reading(run, feats, streamed)
+            if streamed is None and data.embeddings is None:
+                data = read_split(feats, split)
         result = train(data, config, run, val=val, device=str(dev), progress=progress, run_config=run_config,
                        tail=tail, streamed=streamed, part=part, resume=resume)
     if out is None:

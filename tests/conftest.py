@@ -237,3 +237,27 @@ def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (80, 100)) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buffer, "JPEG")
     return buffer.getvalue()
+
+
+def hostile_image_bytes(kind: str) -> bytes:
+    """A file of a format dcfeat does not read, as an upload or a mislabelled photo brings it: "dds" (an
+    unknown pixel format: PIL raises NotImplementedError), "spider" (a stack header that PIL's reader
+    trips on: AttributeError) or "eps" (PostScript: PIL hands it to Ghostscript)."""
+    import io
+    import struct
+
+    if kind == "dds":
+        header = struct.pack("<4sIIIIIII", b"DDS ", 124, 0x1007, 8, 8, 0, 0, 0) + bytes(44)
+        pixel_format = struct.pack("<II4sIIIII", 32, 0x4, b"XXXX", 0, 0, 0, 0, 0)
+        return header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + bytes(256)
+    buffer = io.BytesIO()
+    if kind == "spider":
+        Image.new("F", (8, 8)).save(buffer, "SPIDER")
+        data = bytearray(buffer.getvalue())
+        data[26 * 4:27 * 4] = struct.pack("<f", 1.0)  # an image number without a stack
+        return bytes(data)
+    Image.new("RGB", (8, 8)).save(buffer, "EPS")
+    return buffer.getvalue()
+
+
+HOSTILE_KINDS = ("dds", "spider", "eps")

@@ -13,9 +13,17 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from dcfeat.store import read_failures, read_split
+from dcfeat.store import read_failures, read_split, split_info
 from dcfeat.verify import verify_store
-from tests.conftest import extract_args, invoke, refused, sfxl_name, write_images
+from tests.conftest import (
+    HOSTILE_KINDS,
+    extract_args,
+    hostile_image_bytes,
+    invoke,
+    refused,
+    sfxl_name,
+    write_images,
+)
 
 
 def _nothing_written(folder: Path) -> bool:
@@ -192,3 +200,20 @@ def test_an_extremely_wide_image_is_skipped_with_a_reason_under_crop_full(tmp_pa
     assert r.exit_code == 0, r.output
     [(image_id, reason)] = read_failures(out, "train")
     assert image_id.startswith("d0/@0550020.00") and "aspect" in reason and "--crop centre" in reason
+
+
+# H1 (third pass) ------------------------------------------------------ files of formats dcfeat does not read
+
+
+def test_files_of_other_formats_named_jpg_are_skipped_with_their_reason_and_the_split_completes(tmp_path, tiny_model,
+                                                                                                images):
+    """A fuzzed DDS (NotImplementedError) or SPIDER file (AttributeError) named .jpg stopped extract with a
+    traceback, and the rerun stopped on the same file: the split could never complete."""
+    for i, kind in enumerate(HOSTILE_KINDS):
+        (images / "d0" / sfxl_name(550100 + i, 4180100)).write_bytes(hostile_image_bytes(kind))
+    out = tmp_path / "f.h5"
+    r = invoke(*extract_args(images, out, tiny_model))
+    assert r.exit_code == 0, r.output
+    failures = read_failures(out, "train")
+    assert len(failures) == len(HOSTILE_KINDS) and all("JPEG, PNG, WebP, TIFF or BMP" in why for _, why in failures)
+    assert split_info(out, "train").complete and len(read_split(out, "train").labels) == 24

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from dcfeat.images import IMAGENET_MEAN, ImageProblem, load_image, normalize
+from tests.conftest import HOSTILE_KINDS, hostile_image_bytes
 
 
 def _save(img: Image.Image, path, **kw):
@@ -138,3 +139,50 @@ def test_whole_images_up_to_eight_to_one_are_kept(tmp_path):
     assert load_image(path, 56, crop="full", patch_size=14).shape == (56, 448, 3)
     with pytest.raises(ImageProblem, match="8:1"):
         load_image(_save(_noise(910, 112), tmp_path / "wider.png"), 56, crop="full", patch_size=14)
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
+def test_other_formats_named_jpg_are_problems_and_never_reach_their_decoder(tmp_path, monkeypatch, kind):
+    """H1: a fuzzed DDS raised NotImplementedError, a SPIDER file AttributeError out of load_image (a
+    traceback in extract and predict), and an EPS file reached PIL's Ghostscript."""
+    from PIL import EpsImagePlugin
+
+    ghostscript = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: ghostscript.append(a) or pytest.fail("gs"))
+    path = tmp_path / f"{kind}.jpg"
+    path.write_bytes(hostile_image_bytes(kind))
+    with pytest.raises(ImageProblem, match="JPEG, PNG, WebP, TIFF or BMP"):
+        load_image(path, 56)
+    assert ghostscript == []
+
+
+def test_any_decoder_exception_is_the_files_problem_with_its_reason(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    def broken(self):
+        raise NotImplementedError("a decoder's own bug")
+
+    path = _save(_noise(64, 64), tmp_path / "a.png")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", broken)
+    with pytest.raises(ImageProblem, match="undecodable: NotImplementedError: a decoder's own bug"):
+        load_image(path, 56)
+
+
+def test_a_16_bit_png_over_the_byte_budget_is_refused_before_decoding(tmp_path, monkeypatch):
+    """H1: the limit counted pixels only, so a 16-bit 88 Mpx PNG passed and took 2.3 GB to decode. At a
+    budget of 10,000 8-bit RGB pixels, 10,000 RGB pixels decode and 10,000 16-bit ones are refused."""
+    from PIL import ImageFile
+
+    wide = _save(Image.fromarray(np.full((100, 100), 40000, np.uint16)), tmp_path / "wide.png")
+    rgb = _save(_noise(100, 100), tmp_path / "rgb.png")
+    assert load_image(rgb, 56, max_pixels=100 * 100).shape == (56, 56, 3)
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or pytest.fail("decoded"))
+    with pytest.raises(ImageProblem, match=r"100x100 pixels of mode I;16 would take 140,000 bytes > 130,000"):
+        load_image(wide, 56, max_pixels=100 * 100)
+    with pytest.raises(ImageProblem, match="decoding memory budget"):
+        load_image(rgb, 56, max_bytes=100 * 100 * 12)
+    assert decoded == []
+    from dcfeat.images import DECODE_BYTES_OTHER, MAX_PIXELS, decode_bytes
+
+    assert decode_bytes("I;16", 9380, 9380) > MAX_PIXELS * DECODE_BYTES_OTHER  # 88 Mpx at 16 bits: over the default

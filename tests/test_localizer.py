@@ -13,7 +13,7 @@ from dcfeat.errors import BadInput
 from dcfeat.localizer import Answer, Localizer
 from dcfeat.predict import predict_files
 from dcfeat.store import read_split
-from tests.conftest import ROOT
+from tests.conftest import HOSTILE_KINDS, ROOT, hostile_image_bytes
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,15 @@ def test_locate_returns_one_answer_per_image_in_order_even_for_unusable_ones(loc
     assert "UnidentifiedImageError" in found[1].error and found[1].lat is None and found[1].top_k == []
     assert "not an image: int" in found[4].error
     assert all(a.run_status == "complete; RANDOM BACKBONE; UNCALIBRATED" for a in found)
+
+
+def test_files_of_other_formats_get_an_error_answer_each_not_a_traceback(loc, photos, tmp_path):
+    """H1: a DDS or SPIDER upload raised NotImplementedError or AttributeError out of `locate`."""
+    named = tmp_path / "dds.jpg"
+    named.write_bytes(hostile_image_bytes("dds"))
+    found = loc.locate([named, *(hostile_image_bytes(kind) for kind in HOSTILE_KINDS), photos[0]])
+    assert [a.error is None for a in found] == [False] * (1 + len(HOSTILE_KINDS)) + [True]
+    assert all("JPEG, PNG, WebP, TIFF or BMP" in a.error and a.top_k == [] for a in found[:-1])
 
 
 def test_an_answer_is_json_ready_with_its_top_k(loc, photos):

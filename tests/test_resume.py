@@ -58,6 +58,14 @@ def kill_at(monkeypatch, module, name, when):
     monkeypatch.setattr(module, name, dying)
 
 
+def kill_in_epoch_3(monkeypatch, store, out, *extra):
+    """`command` killed -9 (as it were) during epoch 3: a run folder with epochs 1 and 2 done; every patch undone."""
+    kill_at(monkeypatch, train_module, "recall_at_1", 3)
+    with pytest.raises(Killed):
+        invoke(*command(store, out, *extra), catch_exceptions=False)
+    monkeypatch.undo()
+
+
 # Points of an epoch's writes: during epoch 3's training, between its resume state and its kept model,
 # before its config.json, and while fitting the confidence after the last epoch.
 KILLS = {
@@ -83,6 +91,53 @@ def test_a_killed_run_resumes_to_the_same_end_as_an_uninterrupted_one(city_store
     r = invoke(*command(city_store, out))
     assert r.exit_code == 0, r.output
     assert_same_run(uninterrupted, out)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_streamed(city_store, tmp_path_factory):
+    """The run of `command` with the train split (333 kB) streamed, 100 kB of rows at a time."""
+    out = tmp_path_factory.mktemp("streamed") / "run"
+    r = invoke(*command(city_store, out, "--memory-budget", "200kB"))
+    assert r.exit_code == 0 and "streamed from disk" in r.output, r.output
+    return out
+
+
+# (how the killed run read the split, how the resumed one would by itself, the uninterrupted run it must equal)
+READINGS = {
+    "in memory, then streamed": (None, "200kB", "uninterrupted"),
+    "streamed for lack of free memory, then in memory": ("free memory", None, "uninterrupted_streamed"),
+    "streamed, then in other chunks": ("200kB", "150kB", "uninterrupted_streamed"),
+}
+
+
+@pytest.mark.parametrize("case", READINGS)
+def test_a_resumed_run_reads_its_split_as_the_killed_one_did(city_store, tmp_path, monkeypatch, request, case):
+    """M3: whether a split streams depends on the memory free at the start, and the resume state did not say:
+    killed in memory and resumed streamed, `KeyError: 'rng.chunk_order'`; the other way, or in other
+    chunks, a run silently unlike the uninterrupted one."""
+    first, then, baseline = READINGS[case]
+    out = tmp_path / "run"
+    if first == "free memory":
+        monkeypatch.setattr("dcfeat.devices.memory_budget", lambda *a, **k: 200 * 1024)
+    kill_in_epoch_3(monkeypatch, city_store, out,
+                    *(["--memory-budget", first] if first not in (None, "free memory") else []))
+    r = invoke(*command(city_store, out, *(["--memory-budget", then] if then else [])))
+    assert r.exit_code == 0, r.output
+    assert_same_run(request.getfixturevalue(baseline), out)
+
+
+def test_a_resume_state_that_does_not_say_how_its_split_was_read_is_refused(city_store, tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    kill_in_epoch_3(monkeypatch, city_store, out)
+    with safe_open(str(out / "resume.safetensors"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    state = json.loads(meta["dcfeat_resume"])
+    save_file(tensors, str(out / "resume.safetensors"),
+              metadata={"dcfeat_resume": json.dumps({**state, "streamed": {"chunk_rows": -1}})})
+    refused(invoke(*command(city_store, out)), "damaged run", "resume.safetensors", "`streamed`", "--restart")
 
 
 def test_kill_9_at_any_moment_then_the_same_command_ends_as_an_uninterrupted_run(city_store, uninterrupted,
@@ -139,10 +194,7 @@ def test_what_safetensors_leaves_when_killed_mid_save_is_removed_on_resume(city_
 def test_restart_trains_an_unfinished_run_again_from_its_first_epoch(city_store, uninterrupted, tmp_path,
                                                                      monkeypatch):
     out = tmp_path / "run"
-    kill_at(monkeypatch, train_module, "recall_at_1", 3)
-    with pytest.raises(Killed):
-        invoke(*command(city_store, out), catch_exceptions=False)
-    monkeypatch.undo()
+    kill_in_epoch_3(monkeypatch, city_store, out)
     started = []
     real = train_module.train_step
     monkeypatch.setattr(train_module, "train_step", lambda *a, **k: started.append(1) or real(*a, **k))
@@ -154,10 +206,7 @@ def test_restart_trains_an_unfinished_run_again_from_its_first_epoch(city_store,
 
 def test_resuming_with_other_settings_is_refused_and_changes_nothing(city_store, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    kill_at(monkeypatch, train_module, "recall_at_1", 3)
-    with pytest.raises(Killed):
-        invoke(*command(city_store, out), catch_exceptions=False)
-    monkeypatch.undo()
+    kill_in_epoch_3(monkeypatch, city_store, out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     r = invoke(*command(city_store, out), "--seed", "7")
     refused(r, "bad input", "other settings", "seed: 0 then, 7 now", "--restart")
@@ -169,7 +218,7 @@ def test_two_trainings_into_one_folder_are_refused(city_store, tmp_path):
     out.mkdir()
     with run_lock(out):
         r = invoke(*command(city_store, out))
-    refused(r, "environment", "is being trained by", "another --out")
+    refused(r, "environment", "is in use by `dcfeat train`, pid", "another --out")
     assert sorted(p.name for p in out.iterdir()) == []  # nothing written, the lock file gone with its holder
 
 
@@ -179,8 +228,10 @@ def test_a_run_finished_while_waiting_for_the_lock_is_never_cleared(uninterrupte
     assert (uninterrupted / "model.safetensors").is_file()
 
 
-def test_every_epoch_prints_a_line_on_stderr(city_store, tmp_path):
-    args = [a for a in command(city_store, tmp_path / "run") if a != "--no-progress"]
+@pytest.mark.parametrize("bars", ["progress bars", "--no-progress"])
+def test_every_epoch_prints_a_line_on_stderr(city_store, tmp_path, bars):
+    """--no-progress hides progress bars only: it also dropped the epoch lines, all a log showed of training."""
+    args = [a for a in command(city_store, tmp_path / "run") if a != "--no-progress" or bars == "--no-progress"]
     r = invoke(*args)
     assert r.exit_code == 0, r.output
     lines = [line for line in r.stderr.splitlines() if line.startswith("epoch ") and "loss" in line]
