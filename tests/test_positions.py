@@ -41,7 +41,7 @@ def test_probabilities_are_a_softmax_at_scale_over_temperature():
     p = probabilities(np.array([[0.9, 0.8, 0.5]]), logit_scale=10.0, temperature=2.0)
     e = np.exp(5.0 * np.array([0.9, 0.8, 0.5]))
     assert p[0] == pytest.approx(e / e.sum())
-    assert answer(row([10.0, 30.0, 50.0]), np.array([[0.9, 0.8, 0.5]]), 10.0, CENTRE).east[0, 0] == 500_010
+    assert answer(row([10.0, 30.0, 50.0]), np.array([[0.9, 0.8, 0.5]]), 10.0, CENTRE)[0].east[0, 0] == 500_010
 
 
 def test_the_fitted_rule_is_the_one_that_answers_best_on_held_out_queries():

@@ -17,6 +17,7 @@ from dcfeat.synthetic.features import FAMILY, make_city, write_city
 from dcfeat.train import TrainConfig, train_files
 
 METHODS = ("classify", "classify-centre", "retrieve", "hybrid", "adaptive")
+KS = (1, 5, 10, 20)  # LR@k recorded per method: the position's ranked answers against the cell centres'
 
 
 def world(name: str, *, queries: int, val_queries: int, device: str = "cpu") -> dict:
@@ -29,7 +30,7 @@ def world(name: str, *, queries: int, val_queries: int, device: str = "cpu") -> 
         run = train_files(store, "train", TrainConfig(), val_split="val", device=device, progress=False,
                           out=Path(tmp) / "run")
         cal = calibrate_files(store, run.out, "val", device=device, database_split="test-db").calibrator
-        report = evaluate_files(store, run.out, "test", database_split="test-db", device=device,
+        report = evaluate_files(store, run.out, "test", database_split="test-db", device=device, ks=KS,
                                 out=Path(tmp) / "eval").report
     conf = report["confidence"]
     signal = conf["signals"]["confidence"]
@@ -37,7 +38,7 @@ def world(name: str, *, queries: int, val_queries: int, device: str = "cpu") -> 
         "city": FAMILY[name], "train_rows": city.size("train"), "classes": report["classes"],
         "queries": report["queries"], "database_rows": report["database_rows"], "seconds": time.perf_counter() - t,
         "position": cal.rule.to_dict(), "gate": cal.gate, "coverage": report["coverage"],
-        "methods": {m: {"lr1": r["recall"]["1"], "lr5": r["recall"]["5"], "median_error_m": r["median_error_m"],
+        "methods": {m: {**{f"lr{k}": r["recall"][str(k)] for k in KS}, "median_error_m": r["median_error_m"],
                         "ms_per_query": r["ms_per_query"],
                         **({"candidate_share": r["mean_candidates"] / report["database_rows"]}
                            if "mean_candidates" in r else {})}
