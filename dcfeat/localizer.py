@@ -166,7 +166,8 @@ class Answer:
 
     The position is the rank-1 row of `predictions()`: its `utm_east`/`utm_north` where the table
     gives a position, else the rank-1 cell's centre; `lat`/`lon` are the table's. `top_k` holds the
-    ranked cells, best first, each with every per-rank column of the table (rank, class, group,
+    ranked answers (rank 1 the position, then other places: dcfeat.positions.ranked), each with every
+    per-rank column of the table (rank, the class answered, group,
     probability, cell centre, lat/lon). `error` says why an image could not be used (then every
     other field is empty).
     """
