@@ -41,6 +41,9 @@ SPREAD_M = 30.0
 # The disc of SPREAD_M as points (a 7 × 7 grid of the square around it, those inside): its probability's carriers.
 _GRID = np.stack(np.meshgrid(np.linspace(-1, 1, 7), np.linspace(-1, 1, 7)), -1).reshape(-1, 2)
 DISC = _GRID[np.hypot(*_GRID.T) <= 1 + 1e-9]
+# The candidates `ranked` chooses among, and the ranks it chooses (the rest follow the candidates' order):
+# its cost grows as the square of the candidates, and the 40th holds next to no probability.
+WINDOW = 40
 
 
 @dataclass(frozen=True)
@@ -81,8 +84,9 @@ def probabilities(scores: np.ndarray, logit_scale: float, temperature: float = 1
 
 
 def positions(top: Places, p: np.ndarray, radius_m: float, ranks: int | None = None) -> Places:
-    """Position of each query's first `ranks` candidates (n, ranks): the p-weighted centroid of the
-    candidates (n, k) within `radius_m` of it; in the zone and hemisphere of the query's best cell."""
+    """Centroid around each of a query's first `ranks` candidates (n, ranks): the p-weighted centroid of the
+    candidates (n, k) within `radius_m` of it; in the zone and hemisphere of the query's best cell. Its
+    first column is the position (rank 1); the ranked answers are `ranked`'s."""
     ranks = np.shape(top.east)[1] if ranks is None else min(ranks, np.shape(top.east)[1])
     return positions_of(Places(*(np.asarray(a)[:, :ranks] for a in (top.east, top.north, top.zone, top.letter))),
                         top, p, radius_m)
@@ -131,41 +135,45 @@ def positions_of(cells: Places, top: Places, p: np.ndarray, radius_m: float) -> 
 
 
 def ranked(first: Places, cells: Places, p: np.ndarray, ranks: int, threshold_m: float = THRESHOLD_M,
-           spread_m: float = SPREAD_M, chunk: int = 256) -> tuple[Places, np.ndarray]:
+           spread_m: float = SPREAD_M) -> tuple[Places, np.ndarray]:
     """The ranked answers (n, ranks) of each query and the candidate each answers (n, ranks), an index into
     `cells`' columns: rank 1 is `first` (n, 1), the position of the best cell (column 0); each next rank
     is the unused candidate centre that brings the most probability not yet within `threshold_m` of an
     answer above it, a candidate's probability p (n, k) spread evenly over the disc of `spread_m` around
     its centre (ties: the better-ranked candidate). A centre at the first position is that position
-    already, and is not answered again. In the zone of the best cell; `chunk` queries at a time bound
-    the (chunk, k, k · 37) coverage table."""
+    already, and is not answered again. The choice is among the first WINDOW candidates, for the first
+    WINDOW ranks; later ranks take the unused candidates in their order. In the zone of the best cell."""
     n, k = np.shape(cells.east)
-    ranks = min(ranks, k)
+    ranks, w = min(ranks, k), min(k, WINDOW)
     zone0, north0 = best_zone(cells)
     east, north = on_plane(cells, zone0, north0)
     first_east, first_north = on_plane(first, zone0, north0)
     p = np.asarray(p, np.float64)
     index = np.zeros((n, ranks), np.int64)
-    at_east, at_north = np.zeros((n, ranks)), np.zeros((n, ranks))
-    at_east[:, :1], at_north[:, :1] = first_east[:, :1], first_north[:, :1]
+    # Queries at a time: the (chunk, w, w · |DISC|) coverage table stays under ~4 M entries.
+    chunk = max(1, 4_000_000 // (w * w * len(DISC)))
     for lo in range(0, n, chunk):
-        e, no, fe, fn = east[lo:lo + chunk], north[lo:lo + chunk], first_east[lo:lo + chunk, :1], first_north[lo:lo + chunk, :1]
-        m = len(e)
-        # The candidates' probability as points of their discs: (m, k · |DISC|) places and weights.
-        he = (e[:, :, None] + spread_m * DISC[:, 0]).reshape(m, -1)
-        hn = (no[:, :, None] + spread_m * DISC[:, 1]).reshape(m, -1)
-        hw = np.repeat(p[lo:lo + chunk] / len(DISC), len(DISC), axis=1)
-        reach = np.hypot(e[:, :, None] - he[:, None, :], no[:, :, None] - hn[:, None, :]) <= threshold_m
+        e, no = east[lo:lo + chunk], north[lo:lo + chunk]
+        fe, fn = first_east[lo:lo + chunk, :1], first_north[lo:lo + chunk, :1]
+        m, rows = len(e), np.arange(len(e))
+        # The window's probability as points of its candidates' discs: (m, w · |DISC|) places and weights.
+        he = (e[:, :w, None] + spread_m * DISC[:, 0]).reshape(m, -1)
+        hn = (no[:, :w, None] + spread_m * DISC[:, 1]).reshape(m, -1)
+        hw = np.repeat(p[lo:lo + chunk, :w] / len(DISC), len(DISC), axis=1)
+        reach = np.hypot(e[:, :w, None] - he[:, None, :], no[:, :w, None] - hn[:, None, :]) <= threshold_m
         covered = np.hypot(fe - he, fn - hn) <= threshold_m
         used = np.hypot(e - fe, no - fn) < 1e-6
-        rows = np.arange(m)
-        for r in range(1, ranks):
+        chosen = min(ranks, w)
+        for r in range(1, chosen):
             gain = np.einsum("ckh,ch->ck", reach & ~covered[:, None, :], hw)
-            best = np.where(used, -np.inf, gain).argmax(1)
+            best = np.where(used[:, :w], -np.inf, gain).argmax(1)
             used[rows, best] = True
             covered |= reach[rows, best]
             index[lo + rows, r] = best
-            at_east[lo + rows, r], at_north[lo + rows, r] = e[rows, best], no[rows, best]
+        # Past the window: the unused candidates, in their order (a stable sort puts them first).
+        index[lo:lo + m, chosen:] = np.argsort(used, axis=1, kind="stable")[:, :ranks - chosen]
+    at_east, at_north = np.take_along_axis(east, index, 1), np.take_along_axis(north, index, 1)
+    at_east[:, :1], at_north[:, :1] = first_east[:, :1], first_north[:, :1]
     zone = np.broadcast_to(zone0, (n, ranks))
     letter = np.broadcast_to(np.asarray(cells.letter)[:, :1], (n, ranks))
     return Places(at_east, at_north, zone, letter), index
