@@ -194,3 +194,17 @@ def test_the_rule_and_gate_travel_with_the_calibration(city_run):
     assert cal.position is not None and cal.rule == cal.position  # fitted at training's end, on val
     back = Calibrator.from_dict(json.loads(cal.to_json()))
     assert back.position == cal.position and back.gate == cal.gate and back.to_dict() == cal.to_dict()
+
+
+def test_ranks_past_the_window_follow_the_candidates_order(monkeypatch):
+    import dcfeat.positions
+
+    # Five cells in a row 100 m apart, the third the likeliest after the best: within a window of 3
+    # candidates the coverage rule answers the third before the second; past it, the rest in order.
+    top = row([0.0, 100.0, 200.0, 300.0, 400.0], north=[0.0] * 5)
+    p = np.array([[0.4, 0.1, 0.3, 0.15, 0.05]])
+    first = positions(top, p, radius_m=45.0, ranks=1)
+    assert ranked(first, top, p, 5)[1].tolist() == [[0, 2, 3, 1, 4]]
+    monkeypatch.setattr(dcfeat.positions, "WINDOW", 3)
+    at, index = ranked(first, top, p, 5)
+    assert index.tolist() == [[0, 2, 1, 3, 4]] and at.east[0] - 500_000 == pytest.approx([0, 200, 100, 300, 400])
