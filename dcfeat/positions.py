@@ -160,15 +160,17 @@ def ranked(first: Places, cells: Places, p: np.ndarray, ranks: int, threshold_m:
         he = (e[:, :w, None] + spread_m * DISC[:, 0]).reshape(m, -1)
         hn = (no[:, :w, None] + spread_m * DISC[:, 1]).reshape(m, -1)
         hw = np.repeat(p[lo:lo + chunk, :w] / len(DISC), len(DISC), axis=1)
-        reach = np.hypot(e[:, :w, None] - he[:, None, :], no[:, :w, None] - hn[:, None, :]) <= threshold_m
-        covered = np.hypot(fe - he, fn - hn) <= threshold_m
+        # Squared distances: hypot is several times slower, and float32 sums of the masses twice as fast.
+        reach = (e[:, :w, None] - he[:, None, :]) ** 2 + (no[:, :w, None] - hn[:, None, :]) ** 2 <= threshold_m ** 2
+        mass = (reach * hw[:, None, :]).astype(np.float32)  # what each candidate's answer would cover, point by point
+        open_ = ((fe - he) ** 2 + (fn - hn) ** 2 > threshold_m ** 2).astype(np.float32)[:, :, None]  # not yet covered
         used = np.hypot(e - fe, no - fn) < 1e-6
         chosen = min(ranks, w)
         for r in range(1, chosen):
-            gain = np.einsum("ckh,ch->ck", reach & ~covered[:, None, :], hw)
+            gain = np.matmul(mass, open_)[:, :, 0]
             best = np.where(used[:, :w], -np.inf, gain).argmax(1)
             used[rows, best] = True
-            covered |= reach[rows, best]
+            open_[reach[rows, best]] = 0.0
             index[lo + rows, r] = best
         # Past the window: the unused candidates, in their order (a stable sort puts them first).
         index[lo:lo + m, chosen:] = np.argsort(used, axis=1, kind="stable")[:, :ranks - chosen]
