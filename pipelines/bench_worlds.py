@@ -2,7 +2,7 @@
 
 Inputs: none (the cities are generated, seeded). Output: pipelines/results/worlds.json, rendered into
 BENCHMARKS.md by pipelines/bench.py. Run from the repository root: `python pipelines/bench_worlds.py`
-(about 15 minutes on 2 cores; `--cities grid,sparse` for some). Measurement code: pipelines/bench/worlds.py.
+(about 20 minutes on 2 shared cores; `--cities grid,sparse` for some). Measurement code: pipelines/bench/worlds.py.
 """
 
 import json

@@ -349,18 +349,18 @@ def worlds(path: Path) -> str:
         ["ECE ≤ 0.03, every city", f"{len(ece)} of {n} cities", verdict(len(ece) == n)],
         ["LR@1 of the most confident half ≥ 90 %, on average", f"{pct(half)} %", verdict(half >= 0.9)],
         ["90 % radius holds 88–92 %, every city", f"{len(radius)} of {n} cities", verdict(len(radius) == n)]])
-    return (f"On this 2-core CPU{measured(w)}: per city {w['queries']:,} test and {w['val_queries']:,} val queries, "
+    return (f"On {machine(w)}{measured(w)}: per city {w['queries']:,} test and {w['val_queries']:,} val queries, "
             "default `TrainConfig`, the position rule, confidence and gate fitted on val against the database "
-            f"(`pipelines/bench_worlds.py`){machine(w)}.\n\n" + per_city + "\n\n" + ranked + "\n\n" + goals)
+            "(`pipelines/bench_worlds.py`).\n\n" + per_city + "\n\n" + ranked + "\n\n" + goals)
 
 
 def machine(w: dict) -> str:
     """Where a worlds run was measured, as recorded with it."""
     if "machine" not in w:
-        return ""
+        return "this 2-core CPU"
     mc = w["machine"]
-    load = f", 1-minute load {mc['load_before']:.1f} at the start" if "load_before" in mc else ""
-    return f", on {mc['cores']} cores of an {mc['cpu']}{load}"
+    load = f" (shared: 1-minute load {mc['load_before']:.1f} at the start)" if "load_before" in mc else ""
+    return f"{mc['cores']} cores of an {mc['cpu']}{load}"
 
 
 def ranked_answers(w: dict) -> tuple[str, list[str]]:
