@@ -341,8 +341,8 @@ def worlds(path: Path) -> str:
     n = len(cities)
     goals = table(["goal", "measured", ""], [
         ["position LR@1 ≥ exact retrieval's, every city", f"{len(beat)} of {n} cities", verdict(len(beat) == n)],
-        ["position LR@k ≥ cell centre's − 0.5 points, k = 1, 5, 10, 20, every city", f"{len(ranked_ok)} of {n} cities",
-         verdict(len(ranked_ok) == n)],
+        ["position LR@k ≥ cell centre's − 0.5 points, k = 1, 5, 10, 20, every city",
+         f"{len(ranked_ok)} of {n} cities", verdict(len(ranked_ok) == n)],
         ["position LR@1 ≥ cell centre's + 3 points, on average", f"+{100 * gain:.1f} points", verdict(gain >= 0.03)],
         ["gated hybrid ≥ retrieval + 1 point at ≤ 5 % of the database, every city", f"{len(hyb)} of {n} cities",
          verdict(len(hyb) == n)],
