@@ -106,11 +106,13 @@ def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: st
     p = top_cells(run.model, queries.embeddings, run.classes, max(k, TOP_K), scoring)
     centre_seconds = time.perf_counter() - t
     top = Places(p["east"], p["north"], p["zone"], p["letter"])
-    at = positions_answer(top, p["score"], run.model.heads.logit_scale, rule, ranks=k)
+    at, index = positions_answer(top, p["score"], run.model.heads.logit_scale, rule, ranks=k,
+                                 threshold_m=run.calibration.threshold_m if run.calibration else THRESHOLD_M)
     synchronize(device)
     seconds = time.perf_counter() - t
-    return [Ranking("classify", at.east, at.north, at.zone, at.letter, p["score"][:, :k], p["class"][:, :k], seconds,
-                    {"position": rule.to_dict()}),
+    answered = lambda a: np.take_along_axis(a, index, 1)  # noqa: E731
+    return [Ranking("classify", at.east, at.north, at.zone, at.letter, answered(p["score"]), answered(p["class"]),
+                    seconds, {"position": rule.to_dict()}),
             Ranking(CENTRE_METHOD, p["east"][:, :k], p["north"][:, :k], p["zone"][:, :k], p["letter"][:, :k],
                     p["score"][:, :k], p["class"][:, :k], centre_seconds)]
 

@@ -46,7 +46,8 @@ from dcfeat.geo import utm_to_latlon
 from dcfeat.identity import check_features
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
 from dcfeat.partition import Places, centres_of
-from dcfeat.positions import positions_of, probabilities
+from dcfeat.metrics import THRESHOLD_M
+from dcfeat.positions import positions_of, probabilities, ranked
 from dcfeat.progress import progress_bar
 from dcfeat.run import Run, load_run
 
@@ -105,23 +106,30 @@ def run_status(run: Run) -> str:
 
 
 def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
-    """Long table: one row per image and rank with the cell, its probability, its centre and the answer's
-    position there (UTM and lat/lon: dcfeat.positions, under the run's rule), and per image the
+    """Long table: one row per image and rank with the answer there (UTM and lat/lon: dcfeat.positions, under
+    the run's rule; rank 1 the position, ranks 2.. other cells' centres), the cell it answers, its
+    probability and its centre, and per image the
     calibrated confidence and the 90 % radius (null for an uncalibrated run), the threshold the
     confidence means, and the run's status."""
     rule = answer_rule(run.calibration)
     sig = query_signals(run.model, features, run.classes, M=run.M, rule=rule)
+    weights = p_rule = probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature)
     if (scoring == "cosine" and k <= sig.top_classes.shape[1]) or len(sig.top_classes) == 0:
         # The signals' one scoring of every cell already ranks them: no second pass over the model.
-        ids, probs = sig.top_classes[:, :k], sig.scores.softmax_top(k).astype(np.float32)
+        ids, probs = sig.top_classes, sig.scores.softmax_top(sig.top_classes.shape[1]).astype(np.float32)
     else:
         ids, probs = cell_probabilities(run, features, k, scoring)
+        weights = probs
+    # Rank 1 is the best cell's position; ranks 2.. the cells dcfeat.positions.ranked orders (one row per answer).
+    cells = centres_of(run.classes, ids)
+    first = positions_of(Places(*(np.asarray(a)[:, :1] for a in (cells.east, cells.north, cells.zone, cells.letter))),
+                         centres_of(run.classes, sig.top_classes), p_rule, rule.radius_m)
+    at, index = ranked(first, cells, weights, k, run.calibration.threshold_m if run.calibration else THRESHOLD_M)
+    ids, probs = np.take_along_axis(ids, index, 1), np.take_along_axis(probs, index, 1)
     n, kk = ids.shape
     flat = ids.reshape(-1)
     cells = centres_of(run.classes, ids)
     c = Places(*(np.asarray(a).reshape(-1) for a in (cells.east, cells.north, cells.zone, cells.letter)))
-    at = positions_of(cells, centres_of(run.classes, sig.top_classes),
-                      probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature), rule.radius_m)
     east, north = at.east.reshape(-1), at.north.reshape(-1)
     zone, letter = np.asarray(at.zone).reshape(-1), np.asarray(at.letter).reshape(-1)
     lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
@@ -159,7 +167,8 @@ class Answer:
 
     The position is the rank-1 row of `predictions()`: its `utm_east`/`utm_north` where the table
     gives a position, else the rank-1 cell's centre; `lat`/`lon` are the table's. `top_k` holds the
-    ranked cells, best first, each with every per-rank column of the table (rank, class, group,
+    ranked answers (rank 1 the position, then other places: dcfeat.positions.ranked), each with every
+    per-rank column of the table (rank, the class answered, group,
     probability, cell centre, lat/lon). `error` says why an image could not be used (then every
     other field is empty).
     """

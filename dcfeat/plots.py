@@ -39,14 +39,19 @@ LEFT_IN, RIGHT_IN, BOTTOM_IN = 0.9, 0.25, 0.6
 TITLE_LINE_IN, TITLE_PAD_IN = 0.19, 0.1
 
 
-def _new_figure(title: str, size: tuple[float, float]) -> tuple[Figure, Axes]:
+# A legend below the axes: a row of entries at 8 pt, and the gap above and below the block.
+LEGEND_ROW_IN, LEGEND_PAD_IN = 0.19, 0.12
+
+
+def _new_figure(title: str, size: tuple[float, float], below_in: float = 0.0) -> tuple[Figure, Axes]:
+    """A figure of `size` (inches) for the axes and its title, `below_in` taller for what goes under them."""
     # Wrap rather than shrink: a notice such as "RANDOM BACKBONE ..." must stay readable.
     title = textwrap.fill(title, TITLE_WIDTH_CHARS)
-    width, height = size
-    fig = Figure(figsize=size, dpi=120)
+    width, height = size[0], size[1] + below_in
+    fig = Figure(figsize=(width, height), dpi=120)
     FigureCanvasAgg(fig)
     top_in = TITLE_PAD_IN + TITLE_LINE_IN * (title.count("\n") + 1)
-    fig.subplots_adjust(left=LEFT_IN / width, right=1 - RIGHT_IN / width, bottom=BOTTOM_IN / height,
+    fig.subplots_adjust(left=LEFT_IN / width, right=1 - RIGHT_IN / width, bottom=(BOTTOM_IN + below_in) / height,
                         top=1 - top_in / height)
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=10)
@@ -71,8 +76,9 @@ def plot_error_cdf(
     """Cumulative fraction of queries against top-1 error (m, log axis), one curve per method.
 
     Missing predictions (inf or NaN error) count in the denominator but never
-    on the curve, so such a curve ends below 1. The legend gives each
-    method's LR@1 at ``threshold_m``.
+    on the curve, so such a curve ends below 1. The legend, below the axes so
+    that it covers no curve, gives each method's LR@1 at ``threshold_m``;
+    methods with identical errors share one curve, named "a = b".
     """
     if not errors_by_method:
         raise ValueError("no methods to plot: errors_by_method is empty")
@@ -80,20 +86,32 @@ def plot_error_cdf(
     for name, e in errors.items():
         if e.size == 0:
             raise ValueError(f"method {name!r} has no errors to plot")
-
-    fig, ax = _new_figure(title, (7.0, 4.5))
+    # One curve per distinct error array: a second curve drawn on the first would hide under it.
+    curves: dict[str, np.ndarray] = {}
     for name, e in errors.items():
+        same = next((label for label, c in curves.items() if np.array_equal(c, e, equal_nan=True)), None)
+        if same is None:
+            curves[name] = e
+        else:
+            curves[f"{same} = {name}"] = curves.pop(same)
+
+    columns = 2
+    rows = -(-(len(curves) + 1) // columns)
+    below_in = 2 * LEGEND_PAD_IN + rows * LEGEND_ROW_IN
+    fig, ax = _new_figure(title, (7.0, 4.5), below_in)
+    for label, e in curves.items():
         finite = np.sort(np.maximum(e[np.isfinite(e)], MIN_PLOTTED_ERROR_M))
         frac = np.arange(1, finite.size + 1) / e.size
         lr1 = correct_at_k(e, threshold_m).mean()
-        ax.step(finite, frac, where="post", label=f"{name} (LR@1 {100 * lr1:.1f} %)")
+        ax.step(finite, frac, where="post", label=f"{label} (LR@1 {100 * lr1:.1f} %)")
     ax.axvline(threshold_m, color="0.3", linestyle="--", linewidth=1, label=f"{threshold_m:g} m")
     ax.set_xscale("log")
     ax.set_ylim(0, 1)
     ax.set_xlabel("top-1 error (m)")
     ax.set_ylabel("fraction of queries")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, LEGEND_PAD_IN / fig.get_figheight()),
+              bbox_transform=fig.transFigure, ncol=columns, fontsize=8, frameon=False)
     return _save_atomic(fig, path)
 
 

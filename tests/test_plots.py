@@ -201,3 +201,22 @@ def test_no_text_reaches_past_the_figure(tmp_path, monkeypatch, title):
     assert len(saved) == 4
     for fig in saved:
         assert _drawn_past_the_edge(fig) == (0, 0, 0, 0), fig.axes[0].get_title()
+
+
+def test_the_error_cdf_legend_sits_below_the_axes_and_names_identical_curves_once(tmp_path, monkeypatch):
+    saved = _figures_saved(monkeypatch)
+    rng = np.random.default_rng(2)
+    position, retrieve = rng.lognormal(3, 1.5, 200), rng.lognormal(2, 1, 200)
+    plot_error_cdf({"classify": position, "classify-centre": position.copy(), "retrieve": retrieve},
+                   tmp_path / "cdf.png")
+    (fig,) = saved
+    ax = fig.axes[0]
+    _, legend = _texts(fig)
+    assert legend == [f"classify = classify-centre (LR@1 {100 * (position <= 25).mean():.1f} %)",
+                      f"retrieve (LR@1 {100 * (retrieve <= 25).mean():.1f} %)", "25 m"]
+    assert len(ax.get_lines()) == 3  # two curves and the threshold: none drawn under another
+    renderer = fig.canvas.get_renderer()
+    legend, axes = ax.get_legend(), ax.get_tightbbox(renderer, bbox_extra_artists=[])
+    box = legend.get_window_extent(renderer)
+    assert box.y1 < axes.y0 and box.y0 >= 0  # under the axes, their tick labels and axis label; inside the figure
+    assert _drawn_past_the_edge(fig) == (0, 0, 0, 0)

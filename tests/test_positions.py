@@ -1,11 +1,16 @@
-"""Positions from the top cells: exact centroids on hand-made cells, across a UTM zone boundary too."""
+"""Positions from the top cells: exact centroids on hand-made cells, across a UTM zone boundary too; ranked
+answers that stay distinct."""
 
 import numpy as np
 import pytest
 import utm
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from dcfeat.metrics import localisation_recall
 from dcfeat.partition import Places
-from dcfeat.positions import CENTRE, PositionRule, answer, fit_position_rule, positions, probabilities
+from dcfeat.positions import (CENTRE, RADII_M, SPREAD_M, PositionRule, answer, fit_position_rule, positions,
+                              probabilities, ranked)
 
 
 def row(east, north=(0.0, 0.0, 0.0), zone=10, letter="S") -> Places:
@@ -35,13 +40,75 @@ def test_a_neighbour_across_a_zone_boundary_is_weighed_in_the_best_cells_zone():
     assert at.east[0, 0] == pytest.approx(0.75 * e10 + 0.25 * e11_in_10, abs=1e-3)
     assert at.north[0, 0] == pytest.approx(0.75 * n10 + 0.25 * n11_in_10, abs=1e-3)
     assert np.hypot(e11_in_10 - e10, n11_in_10 - n10) == pytest.approx(17.8, abs=0.5)  # neighbours indeed
+    # Ranked: rank 2 is the zone-11 cell's centre, given on the best cell's plane (zone 10).
+    at, index = ranked(at, top, np.array([[0.75, 0.25]]), 2)
+    assert index.tolist() == [[0, 1]] and at.zone.tolist() == [[10, 10]] and at.letter.tolist() == [["S", "S"]]
+    assert (at.east[0, 1], at.north[0, 1]) == pytest.approx((e11_in_10, n11_in_10), abs=1e-3)
+
+
+def test_ranked_answers_stay_distinct_where_centroids_collapse():
+    # Two neighbours 20 m apart nearly as likely, a far cell unlikely: every centroid within 45 m of
+    # either neighbour is the same point, so the old ranks 1 and 2 coincided 9.5 m east of the best
+    # cell and missed a photo 20 m west of it, which the centres' list hits. Ranked, rank 2 is the best
+    # cell's centre (the side of its probability the position left uncovered), then the neighbour.
+    top = row([0.0, 20.0, 200.0])
+    p = np.array([[0.5, 0.45, 0.05]])
+    collapsed = positions(top, p, radius_m=45.0)
+    assert collapsed.east[0, 0] == collapsed.east[0, 1] == pytest.approx(500_000 + 0.45 * 20 / 0.95)
+    at, index = ranked(positions(top, p, radius_m=45.0, ranks=1), top, p, 3)
+    assert at.east[0] - 500_000 == pytest.approx([0.45 * 20 / 0.95, 0.0, 20.0]) and index.tolist() == [[0, 0, 1]]
+    truth = [np.array([500_000.0 - 20]), np.array([4_000_000.0]), np.array([10]), np.array(["S"])]
+
+    def lr2(a):
+        return localisation_recall(*truth[:2], truth[2], a.east[:, :2], a.north[:, :2], a.zone[:, :2],
+                                   q_letter=truth[3], p_letter=a.letter[:, :2], ks=(1, 2)).recall
+    assert lr2(top) == {1: 1.0, 2: 1.0} and lr2(collapsed) == {1: 0.0, 2: 0.0} and lr2(at) == {1: 0.0, 2: 1.0}
+    # The paper's rule (radius 0): the position is the best centre, answered once; the others follow.
+    centre, index = answer(top, np.array([[0.9, 0.8, 0.5]]), 10.0, CENTRE)
+    assert centre.east[0] - 500_000 == pytest.approx([0.0, 20.0, 200.0]) and index.tolist() == [[0, 1, 2]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(2, 12), st.sampled_from(RADII_M), st.booleans())
+def test_ranked_answers_are_the_position_then_distinct_centres(seed, k, radius, apart):
+    """What `ranked` guarantees for any top-k cells: rank 1 is the position; ranks 2.. are distinct
+    candidate centres, none at the position. Where the candidates lie farther apart than the radius plus
+    the threshold plus SPREAD_M (no answer's reach touches another candidate's probability), the answers
+    are the centres' list with the best centre as the position: LR@k equals the centres' for every k and
+    any truth."""
+    rng = np.random.default_rng(seed)
+    step = 20.0 if not apart else radius + 25.0 + SPREAD_M + 1.0
+    cells = rng.choice(np.arange(-6, 7), size=(2, 49), replace=True)  # a 13 × 13 block of cells around the best
+    cells = np.unique(cells.T, axis=0)[:k]
+    k = len(cells)
+    n = 1
+    top = Places(500_000 + step * cells[None, :, 0], 4_000_000 + step * cells[None, :, 1], np.full((n, k), 10),
+                 np.full((n, k), "S"))
+    scores = -np.sort(-rng.random((n, k)))
+    at, index = answer(top, scores, 30.0, PositionRule(radius, 2.0))
+    rule_p = probabilities(scores, 30.0, 2.0)
+    first = positions(top, rule_p, radius, ranks=1)
+    assert (at.east[:, 0], at.north[:, 0]) == (first.east[:, 0], first.north[:, 0])
+    assert len(set(index[0, 1:])) == k - 1 and index[0, 0] == 0
+    assert at.east[0, 1:] == pytest.approx(top.east[0, index[0, 1:]]) and at.north[0, 1:] == pytest.approx(
+        top.north[0, index[0, 1:]])
+    points = np.stack([at.east[0], at.north[0]], 1)
+    assert (np.hypot(*(points[:, None] - points[None]).transpose(2, 0, 1)) + np.eye(k) > 1e-6).all()
+    if apart:
+        truth = (500_000 + rng.uniform(-7, 7, 50) * step, 4_000_000 + rng.uniform(-7, 7, 50) * step)
+        ks = tuple(range(1, k + 1))
+
+        def lr(a):
+            return localisation_recall(*truth, 10, np.repeat(a.east, 50, 0), np.repeat(a.north, 50, 0), 10,
+                                       ks=ks).recall
+        assert index.tolist() == [list(range(k))] and lr(at) == lr(top)
 
 
 def test_probabilities_are_a_softmax_at_scale_over_temperature():
     p = probabilities(np.array([[0.9, 0.8, 0.5]]), logit_scale=10.0, temperature=2.0)
     e = np.exp(5.0 * np.array([0.9, 0.8, 0.5]))
     assert p[0] == pytest.approx(e / e.sum())
-    assert answer(row([10.0, 30.0, 50.0]), np.array([[0.9, 0.8, 0.5]]), 10.0, CENTRE).east[0, 0] == 500_010
+    assert answer(row([10.0, 30.0, 50.0]), np.array([[0.9, 0.8, 0.5]]), 10.0, CENTRE)[0].east[0, 0] == 500_010
 
 
 def test_the_fitted_rule_is_the_one_that_answers_best_on_held_out_queries():
@@ -127,3 +194,17 @@ def test_the_rule_and_gate_travel_with_the_calibration(city_run):
     assert cal.position is not None and cal.rule == cal.position  # fitted at training's end, on val
     back = Calibrator.from_dict(json.loads(cal.to_json()))
     assert back.position == cal.position and back.gate == cal.gate and back.to_dict() == cal.to_dict()
+
+
+def test_ranks_past_the_window_follow_the_candidates_order(monkeypatch):
+    import dcfeat.positions
+
+    # Five cells in a row 100 m apart, the third the likeliest after the best: within a window of 3
+    # candidates the coverage rule answers the third before the second; past it, the rest in order.
+    top = row([0.0, 100.0, 200.0, 300.0, 400.0], north=[0.0] * 5)
+    p = np.array([[0.4, 0.1, 0.3, 0.15, 0.05]])
+    first = positions(top, p, radius_m=45.0, ranks=1)
+    assert ranked(first, top, p, 5)[1].tolist() == [[0, 2, 3, 1, 4]]
+    monkeypatch.setattr(dcfeat.positions, "WINDOW", 3)
+    at, index = ranked(first, top, p, 5)
+    assert index.tolist() == [[0, 2, 1, 3, 4]] and at.east[0] - 500_000 == pytest.approx([0, 200, 100, 300, 400])
