@@ -1111,6 +1111,7 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
                 if ctype == "multipart/form-data":
                     parts, form_fields = await asyncio.to_thread(multipart_images, body,
                                                                  request.headers.get("content-type", ""), config)
+                    del body  # its parts are all that is needed now
                     fields = {**form_fields, **fields}
                 else:
                     parts = [("body", body)] if body else []
@@ -1133,11 +1134,12 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
         async def handle(started: float):
             body = await read_body(request, config, started)
             doc = await asyncio.to_thread(parse_json, body, "a GeoPoseReq")
-            del body  # its JSON is all that is needed now
+            del body  # its JSON is all that is needed now: each copy of a body is held no longer than it is used
             if isinstance(doc, dict) and isinstance(doc.get("id"), str):
                 request_id["id"] = doc["id"]
             version = geopose_version(request.headers.get("accept", ""))
             data, what = await asyncio.to_thread(geopose_image, doc)
+            del doc  # its base64 text: the image is all that is needed now (a waiting request holds only that)
             if not localizer.calibrated:
                 raise Problem(501, "uncalibrated_run", "GeoPose answers need an accuracy, and this server's run has "
                               "no calibration.json: fit one with `dcfeat calibrate --run RUN --split val`")
@@ -1148,7 +1150,7 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
                               f"min_confidence {min_confidence:g} (the probability that it lies within "
                               f"{answer.threshold_m:g} m)")
             media = f"{GEOPOSE_MEDIA}; version={version}" if version else "application/json"
-            return JSONResponse(geopose_response(doc["id"], answer), media_type=media)
+            return JSONResponse(geopose_response(request_id["id"], answer), media_type=media)
 
         return await guarded(request, handle, wrap)
 
