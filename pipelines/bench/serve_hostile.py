@@ -154,8 +154,9 @@ def while_sending(url: str, path: str, body: bytes, content_type: str, seconds: 
 
 
 async def _many(url: str, body: bytes, clients: int, max_seconds: float) -> dict:
-    """`clients` concurrent POST /scrs/geopose of `body`, each retried after a 503 (Retry-After) until answered
-    otherwise or `max_seconds` pass; bodies written in 64 KB pieces (one copy of `body` on this side)."""
+    """`clients` concurrent POST /scrs/geopose of `body`, each retried a second after a 503 (Retry-After; a
+    connection the server closes as the body is written is one too: it answered before reading it) until
+    answered otherwise or `max_seconds` pass; bodies written in 64 KB pieces (one copy of `body` on this side)."""
     host, port = url.removeprefix("http://").split(":")
     statuses, refused = {}, 0
     end = time.monotonic() + max_seconds
@@ -173,9 +174,8 @@ async def _many(url: str, body: bytes, clients: int, max_seconds: float) -> dict
                     await writer.drain()
                 head = await reader.readuntil(b"\r\n\r\n")
                 status = int(head.split(b" ", 2)[1])
-            except (OSError, asyncio.IncompleteReadError):  # refused unread: the server closed as we wrote
-                head = b""
-                status = None
+            except (OSError, asyncio.IncompleteReadError):  # refused unread (503): the server closed as we wrote
+                status = 503
             finally:
                 writer.close()
             if status == 503:
