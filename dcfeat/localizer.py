@@ -58,6 +58,9 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, 
 # describe the ranked cell and go into an answer's top_k. `error_m` is predict's (where the truth is known).
 IMAGE_COLUMNS = ("image_id", "confidence", "radius_m", "abstained", "threshold_m", "run_status", "error_m")
 _IN_MEMORY = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+# PIL modes its TIFF writer cannot write, and the mode each is written in instead (what `_to_rgb` would make
+# of it anyway: premultiplied alpha unpremultiplied, HSV/LAB as RGB).
+_TIFF_INSTEAD = {"RGBa": "RGBA", "La": "LA", "HSV": "RGB", "LAB": "RGB", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
 # A run folder exported with its backbone (`dcfeat export --with-backbone`) keeps it here.
 BACKBONE_DIR = "backbone"
 
@@ -245,8 +248,15 @@ def _as_file(image: ImageInput):
             raise ImageProblem(f"an array must be (H, W, 3) or (H, W) uint8, not {image.shape} {image.dtype}")
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ImageProblem(f"empty: {image.width}x{image.height} pixels")
+        if image.mode in _TIFF_INSTEAD:
+            image = image.convert(_TIFF_INSTEAD[image.mode])
         buffer = io.BytesIO()
-        ImageOps.exif_transpose(image).save(buffer, format="TIFF")
+        try:
+            ImageOps.exif_transpose(image).save(buffer, format="TIFF")
+        except (OSError, ValueError) as e:  # a mode no writer knows
+            raise ImageProblem(f"a PIL image of mode {image.mode} cannot be used: {e}") from None
         buffer.seek(0)
         return buffer
     raise ImageProblem(f"not an image: {type(image).__name__} (pass a path, the bytes of an image file, a PIL image "
@@ -372,7 +382,8 @@ class Localizer:
         """Refuse an abstention threshold the run cannot apply (no calibration) or that means nothing."""
         if min_confidence is None:
             return
-        if not (isinstance(min_confidence, (int, float)) and 0 < min_confidence <= 1):
+        if isinstance(min_confidence, bool) or not (isinstance(min_confidence, (int, float, np.floating))
+                                                    and 0 < min_confidence <= 1):
             raise BadInput(f"min_confidence {min_confidence!r}: a probability in (0, 1] is expected")
         if not self.calibrated:
             raise BadInput(f"--min-confidence needs a calibrated run, and {self.run.directory} has no "
@@ -404,11 +415,20 @@ class Localizer:
                                 batch_size=batch_size or self.batch_size,
                                 workers=self.workers if workers is None else workers, progress=progress)
 
+    def check_k(self, k) -> int:
+        """Cells per answer: `k`, or the Localizer's own when None; BadInput naming it unless a whole number >= 1."""
+        if k is None:
+            return self.k
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise BadInput(f"k={k!r}: cells per answer must be a whole number >= 1")
+        return int(k)
+
     # Features → answers.
     def table(self, features: np.ndarray, image_ids: list[str], *, k: int | None = None,
               min_confidence: float | None = None) -> pl.DataFrame:
         """predictions() of backbone features, with `abstained` (below `min_confidence`)."""
         self.check_min_confidence(min_confidence)
+        k = self.check_k(k)
         features = np.asarray(features, dtype=np.float32)
         dim = self.dim
         if features.ndim != 2 or features.shape[1] != dim:
@@ -417,18 +437,27 @@ class Localizer:
         if len(image_ids) != len(features):
             raise BadInput(f"{len(image_ids)} ids for {len(features)} feature rows: pass one id per row")
         with self._lock:
-            frame = predictions(self.run, list(image_ids), features, k or self.k, self.scoring)
+            frame = predictions(self.run, list(image_ids), features, k, self.scoring)
         return abstain(frame, min_confidence)
 
     def locate_features(self, features: np.ndarray, *, ids: list[str] | None = None, k: int | None = None,
                         min_confidence: float | None = None, as_frame: bool = False) -> list[Answer] | pl.DataFrame:
-        """Answers for backbone features (n, dim) (a store's cached rows): one per row, or the table."""
+        """Answers for backbone features (n, dim) (a store's cached rows): one per row, or the table. A row
+        holding NaN or infinity gets an Answer whose `error` says so (and no row in the table)."""
         features = np.asarray(features, dtype=np.float32)
         if features.ndim == 1:
             features = features[None]
         ids = [f"#{i}" for i in range(len(features))] if ids is None else [str(i) for i in ids]
-        frame = self.table(features, ids, k=k, min_confidence=min_confidence)
-        return frame if as_frame else answers(frame)
+        if len(ids) != len(features):
+            raise BadInput(f"{len(ids)} ids for {len(features)} feature rows: pass one id per row")
+        finite = np.isfinite(features).all(axis=1) if features.ndim == 2 else np.ones(len(features), bool)
+        kept = np.flatnonzero(finite)
+        frame = self.table(features[kept], [ids[i] for i in kept], k=k, min_confidence=min_confidence)
+        if as_frame:
+            return frame
+        found = iter(answers(frame))
+        return [next(found) if ok else Answer(ids[i], error="the descriptor holds values that are not finite (NaN or "
+                                              "infinity)", run_status=self.status) for i, ok in enumerate(finite)]
 
     def locate(self, images: ImageInput | list[ImageInput], *, ids: list[str] | None = None, k: int | None = None,
                min_confidence: float | None = None, as_frame: bool = False) -> list[Answer] | pl.DataFrame:
@@ -436,6 +465,7 @@ class Localizer:
         order; an image that cannot be used gets an Answer whose `error` says why. `as_frame`: the
         predictions() table of the usable ones instead (one row per image and rank)."""
         self.check_min_confidence(min_confidence)
+        self.check_k(k)
         if not isinstance(images, (list, tuple)):
             images = [images]
         ids = [_image_id(im, i) for i, im in enumerate(images)] if ids is None else [str(i) for i in ids]

@@ -9,24 +9,35 @@ Endpoints (docs/serving.md has the request and answer formats):
   row, through the same queue and batches without the backbone. A run trained on imported
   descriptors (no backbone dcfeat can load) starts without loading one and answers these only;
   an image sent to it is a 422 naming the JSON form.
-* `POST /scrs/geopose`: the Open AR Cloud (OSCP) GeoPose protocol's GeoPoseReq → GeoPoseResp. The
+* `POST /geopose` (the OSCP reference servers' path) and `POST /scrs/geopose`: the Open AR Cloud (OSCP)
+  GeoPose protocol's GeoPoseReq → GeoPoseResp, version 2.0 (`Accept: application/vnd.oscp+json;
+  version=2.0`; v1's requests are read too, another major version is a 400); `GET /geopose` says it runs. The
   position is the answer's, `accuracy.position` its 90 % radius. dcfeat knows no orientation and
   no height: the quaternion is the identity, `accuracy.orientation` is 180 (degrees, the largest
   angular error there is: "unknown" in a number every client can read) and `h` is 0, each said
-  again in the response's `dcfeat` member. An abstention is a 404 error response, never a pose.
+  again in the response's `dcfeat` member. An abstention is a 404 error response, never a pose. A camera
+  reading whose bytes are a JPEG, PNG, GIF, TIFF or WebP file is decoded as that file whatever its
+  `imageFormat` says (the reference client labels JPEG bytes RGBA32); raw RGBA32/GRAY8 pixels otherwise.
 * `GET /health`, `GET /v1/run`, `GET /v1/cells` (the class table, for the page), `GET /metrics`
   (Prometheus text format), and the page at `/` (dcfeat/static/index.html).
 
 One worker thread owns the model. Requests decode their images in threads (at most one per
-core at a time), then queue them (descriptors are queued as they come, and count as images);
+core at a time, plus one for small images; requests take turns, one image each, within a budget of
+pixel memory that each image's header gives), then queue them (descriptors are queued as they come,
+and count as images);
 the worker takes the first waiting request and, within `max_wait_ms` of it, every other that
 fits `max_batch` images, runs one forward pass for them all, and answers each. The queue holds
 at most `max_queue` images: a request that would overflow it is answered 503 with Retry-After
-at once. A body over `max_body_bytes` is answered 413 (from
-Content-Length, before it is read, or as soon as it grows past), a body that does not arrive
-within `timeout_s` 408, and a request the model has not answered within `timeout_s` 504.
+at once. What a client can make the server hold is bounded (ServeConfig): headers by
+`header_timeout_s` and `max_header_bytes` per connection (408, 431: ConnectionGuard), requests in
+progress by `max_connections` (503), bodies by `max_body_bytes` each (413, from Content-Length before
+it is read, or as soon as it grows past) and `max_inflight_bytes` together (503 before it is read:
+BodyBudget), decoding by `max_decode_bytes` (413 from the images' headers: DecodePool). A body that does
+not arrive within `timeout_s` is 408, a request the model has not answered within `timeout_s` 504.
 Undecodable images, decompression bombs and bad fields are 422 naming the reason, malformed
-multipart or JSON 400; every error is a JSON body `{"error": {"status", "code", "message"}}`.
+multipart or JSON 400, a bug 500 (its traceback in the log); every error is a JSON body
+`{"error": {"status", "code", "message"}}`. JSON, base64 and multipart bodies are parsed in threads:
+the event loop only moves bytes, so /health answers while a 16 MB request is read.
 
 The run folder is only read: any number of processes or replicas can serve one copy of it.
 """
@@ -36,31 +47,40 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import io
+import itertools
 import json
+import logging
 import math
 import os
 import queue
+import re
 import threading
 import time
+import warnings
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
+from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
-from starlette.datastructures import UploadFile
+from PIL import Image, UnidentifiedImageError
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from dcfeat import __version__
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.errors import BadInput, DcfeatError
 from dcfeat.geo import utm_to_latlon
-from dcfeat.images import MAX_PIXELS, ImageProblem
+from dcfeat.images import MAX_PIXELS, ImageProblem, resize_size
 from dcfeat.localizer import Answer, Localizer, answers
 
 # GeoPose has no way to say "orientation unknown": 180° is the largest angular error there is.
@@ -71,6 +91,7 @@ RAW_FORMATS = {"RGBA32": (4, "RGBA"), "GRAY8": (1, "L")}
 # Latency buckets (seconds) of /metrics' histograms; batch sizes are bucketed in powers of two.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before its answer: recorded, never sent
+LOG = logging.getLogger("dcfeat.serve")
 
 
 @dataclass(frozen=True)
@@ -87,15 +108,25 @@ class ServeConfig:
     timeout_s: float = 30.0  # to receive the body, and again to get the model's answer
     k: int = 5  # cells per answer when the request names none
     min_confidence: float | None = None  # abstain below it when the request names none (calibrated runs)
+    max_connections: int = 128  # requests in progress at once (headers received, not yet answered); beyond: 503
+    header_timeout_s: float = 10.0  # to receive a request's headers; beyond: 408 and the connection closed
+    max_header_bytes: int = 32 << 10  # a request's line and headers; beyond: 431 and the connection closed
+    max_inflight_bytes: int = 256 << 20  # bodies of the requests in progress, together; beyond: 503
+    max_decode_bytes: int = 1 << 30  # pixel memory of the images decoding at once (from their headers); beyond: 413
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_images", "max_body_bytes", "max_pixels", "max_k", "k"):
+        for name in ("max_batch", "max_queue", "max_images", "max_body_bytes", "max_pixels", "max_k", "k",
+                     "max_connections", "max_header_bytes", "max_inflight_bytes", "max_decode_bytes"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise BadInput(f"{name} {getattr(self, name)!r}: a positive integer is expected")
-        if not (self.max_wait_ms >= 0 and self.timeout_s > 0):
-            raise BadInput("max_wait_ms must be >= 0 and timeout_s > 0")
+        if not (self.max_wait_ms >= 0 and self.timeout_s > 0 and self.header_timeout_s > 0):
+            raise BadInput("max_wait_ms must be >= 0, timeout_s and header_timeout_s > 0")
         if self.k > self.max_k:
             raise BadInput(f"k {self.k} is more than max_k {self.max_k}")
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise BadInput(f"max_inflight_bytes {self.max_inflight_bytes:,} is less than max_body_bytes "
+                           f"{self.max_body_bytes:,}: a body of the largest size could never be received "
+                           "(dcfeat serve --max-inflight-mb, --max-body-mb)")
 
 
 class Problem(Exception):
@@ -108,9 +139,30 @@ class Problem(Exception):
     def body(self) -> dict:
         return {"error": {"status": self.status, "code": self.code, "message": self.message}}
 
+    def encoded(self) -> bytes:
+        return json.dumps(self.body(), separators=(",", ":")).encode()
+
 
 def _error(problem: Problem, extra: dict | None = None) -> JSONResponse:
     return JSONResponse({**(extra or {}), **problem.body()}, status_code=problem.status, headers=problem.headers)
+
+
+def _raw_response(problem: Problem) -> bytes:
+    """A Problem as a whole HTTP/1.1 response that closes the connection: what the connection guard writes
+    itself, below the application."""
+    body = problem.encoded()
+    head = [f"HTTP/1.1 {problem.status} {HTTPStatus(problem.status).phrase}", "content-type: application/json",
+            f"content-length: {len(body)}", "connection: close", *(f"{k}: {v}" for k, v in problem.headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def _send(send, problem: Problem) -> None:
+    """A Problem as an ASGI response (for the layers under FastAPI's own handlers)."""
+    body = problem.encoded()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode(), str(v).encode()) for k, v in problem.headers.items())]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,6 +197,7 @@ class Metrics:
     images: int = 0
     abstained: int = 0
     queue_depth: int = 0  # images waiting for the model
+    body_bytes: int = 0  # request body bytes the server has agreed to receive and hold (BodyBudget)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -168,11 +221,215 @@ class Metrics:
                       "# TYPE dcfeat_forward_seconds histogram", *self.forward.lines("dcfeat_forward_seconds"),
                       "# HELP dcfeat_queue_images Images waiting for the model.", "# TYPE dcfeat_queue_images gauge",
                       f"dcfeat_queue_images {self.queue_depth}",
+                      "# HELP dcfeat_body_bytes Request body bytes being received or answered.",
+                      "# TYPE dcfeat_body_bytes gauge", f"dcfeat_body_bytes {self.body_bytes}",
                       "# HELP dcfeat_images_total Images answered.", "# TYPE dcfeat_images_total counter",
                       f"dcfeat_images_total {self.images}",
                       "# HELP dcfeat_abstained_total Answers below min_confidence.",
                       "# TYPE dcfeat_abstained_total counter", f"dcfeat_abstained_total {self.abstained}"]
         return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds on what clients make the server hold: connections, request bodies, decoded pixels.
+
+class ConnectionGuard(HttpToolsProtocol):
+    """uvicorn's httptools connection with the bounds uvicorn has not: a request's line and headers must
+    arrive within `header_timeout_s` of the connection (or of the first byte of a keep-alive request), or it
+    is answered 408 and closed, and they may not grow past `max_header_bytes` (431). `max_connections`
+    counts requests in progress, not connections: a client holding connections open without finishing its
+    headers costs a socket until its deadline, never the place of a request (uvicorn's own
+    limit_concurrency counts every open connection, so 130 slow sockets kept /health at 503)."""
+
+    def __init__(self, *args, limits: ServeConfig, **kw):
+        super().__init__(*args, **kw)
+        self.limits = limits
+        self._deadline: asyncio.TimerHandle | None = None
+        self._awaiting = False  # between a request's first byte (or the connection's start) and its last header
+        self._header_bytes = 0
+
+    def _await_headers(self) -> None:
+        self._awaiting, self._header_bytes = True, 0
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.limits.header_timeout_s, self._headers_late)
+
+    def _stop_waiting(self) -> None:
+        self._awaiting = False
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _refuse(self, problem: Problem) -> None:
+        self._stop_waiting()
+        if not self.transport.is_closing():
+            self.logger.warning("%s:%s refused: %s", *(self.client or ("?", "?")), problem.message)
+            self.transport.write(_raw_response(problem))
+            self.transport.close()
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        if not self._awaiting or self.transport.is_closing():
+            return
+        if self._header_bytes == 0:  # a connection opened and never used: closed without a word
+            self.transport.close()
+            return
+        self._refuse(Problem(408, "header_timeout", f"the request's headers did not arrive within "
+                             f"{self.limits.header_timeout_s:g} s (dcfeat serve --header-timeout)"))
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._await_headers()
+
+    def connection_lost(self, exc) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._awaiting:
+            self._header_bytes += len(data)
+        super().data_received(data)
+        if self._awaiting and self._header_bytes > self.limits.max_header_bytes:
+            self._refuse(Problem(431, "headers_too_large", f"the request's line and headers are longer than "
+                                 f"{self.limits.max_header_bytes:,} bytes"))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if not self._awaiting:  # a keep-alive connection's next request: its headers get a deadline of their own
+            self._await_headers()
+            self._header_bytes = 1  # begun: answered 408 if late, never closed as unused
+
+    def on_headers_complete(self) -> None:
+        self._stop_waiting()
+        if len(self.tasks) < self.limits.max_connections:
+            return super().on_headers_complete()
+        app, self.app = self.app, self._busy
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    async def _busy(self, scope, receive, send) -> None:
+        await _send(send, Problem(503, "too_many_requests", f"{self.limits.max_connections} requests are in progress "
+                                  "already; retry shortly (dcfeat serve --max-connections)", {"Retry-After": "1"}))
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(Problem(400, "malformed_http", msg))
+
+
+def uvicorn_options(config: ServeConfig) -> dict:
+    """What uvicorn runs `dcfeat serve` with: connections guarded by ConnectionGuard (which counts requests
+    in progress itself, in place of uvicorn's limit_concurrency)."""
+    return {"http": functools.partial(ConnectionGuard, limits=config), "limit_concurrency": None}
+
+
+class BodyBudget:
+    """Request body bytes the server has agreed to receive and hold, across requests: a request takes its
+    Content-Length (max_body_bytes when it sends none) before its body is read, and gives it back when it
+    is answered; one that does not fit is answered 503 with Retry-After, unread. Each body is held a few
+    times over while it is parsed (the bytes, their parts or JSON, the decoded base64), so this bounds the
+    memory of bodies to about three times max_inflight_bytes, whatever the number of connections."""
+
+    def __init__(self, config: ServeConfig, metrics: Metrics):
+        self.config, self.metrics, self.used = config, metrics, 0
+
+    def take(self, request: Request) -> int:
+        length = request.headers.get("content-length")
+        declared = length is not None and length.isdigit()
+        if declared and int(length) > self.config.max_body_bytes:
+            raise _too_large(self.config)
+        n = int(length) if declared else self.config.max_body_bytes
+        if self.used + n > self.config.max_inflight_bytes:
+            raise Problem(503, "busy", f"the server is receiving {self.used / 2**20:,.1f} MB of other requests' "
+                          f"bodies already, and {n / 2**20:,.1f} MB more would pass its {self.config.max_inflight_bytes / 2**20:,.0f} MB "
+                          "(dcfeat serve --max-inflight-mb); retry shortly" + ("" if declared else
+                          ": without a Content-Length a body counts as the largest allowed"), {"Retry-After": "1"})
+        self.used += n
+        self.metrics.body_bytes = self.used
+        return n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        self.metrics.body_bytes = self.used
+
+
+# Images whose decoding takes at most this much pixel memory (a phone photo, JPEG-drafted to about 500x375,
+# takes ~1.5 MB) have a decoding thread of their own besides the one per core, so that they never wait
+# behind huge images.
+SMALL_DECODE_BYTES = 8 << 20
+
+
+class DecodePool:
+    """Images decode in threads: at most one per core at a time plus one for small images, within
+    `max_decode_bytes` of pixel memory (estimated from each image's header, `decode_cost`). Requests take
+    turns, one image each, so that a request of many huge images cannot keep another's waiting until all of
+    its own are done. Lives in the serving event loop (no locks): `run` is awaited there."""
+
+    def __init__(self, slots: int, budget: int):
+        self.slots, self.budget = slots, budget
+        self.busy, self.small_busy, self.bytes = 0, False, 0
+        self.waiting: OrderedDict[int, deque] = OrderedDict()  # request → its images' (cost, future), in turn
+        self.executor = ThreadPoolExecutor(slots + 1, thread_name_prefix="dcfeat-decode")
+
+    async def run(self, request: int, cost: int, work):
+        # Others waiting go first, but a small image may take the small images' thread past them.
+        lane = self._free_lane(cost) if not self.waiting or cost <= SMALL_DECODE_BYTES else None
+        if lane is None:
+            ready = asyncio.get_running_loop().create_future()
+            self.waiting.setdefault(request, deque()).append((cost, ready))
+            try:
+                lane = await ready
+            except asyncio.CancelledError:
+                if ready.done() and not ready.cancelled():  # granted as it was cancelled: hand the lane on
+                    self._release(ready.result(), cost)
+                else:
+                    self._forget(request, ready)
+                raise
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        finally:
+            self._release(lane, cost)
+
+    def _free_lane(self, cost: int) -> str | None:
+        if cost <= SMALL_DECODE_BYTES and not self.small_busy:
+            self.small_busy = True
+            self.bytes += cost
+            return "small"
+        if self.busy < self.slots and (self.bytes + cost <= self.budget or self.busy == 0):
+            self.busy += 1
+            self.bytes += cost
+            return "core"
+        return None
+
+    def _release(self, lane: str, cost: int) -> None:
+        if lane == "small":
+            self.small_busy = False
+        else:
+            self.busy -= 1
+        self.bytes -= cost
+        self._dispatch()
+
+    def _forget(self, request: int, ready: asyncio.Future) -> None:
+        waiting = self.waiting.get(request)
+        if waiting is not None:
+            self.waiting[request] = deque(w for w in waiting if w[1] is not ready)
+            if not self.waiting[request]:
+                del self.waiting[request]
+
+    def _dispatch(self) -> None:
+        """Grant free lanes to waiting images: the requests in turn, each its next image, the turn passing on."""
+        while self.waiting:
+            for request, waiting in self.waiting.items():
+                lane = self._free_lane(waiting[0][0])
+                if lane is not None:
+                    break
+            else:
+                return
+            _, ready = waiting.popleft()
+            if waiting:
+                self.waiting.move_to_end(request)
+            else:
+                del self.waiting[request]
+            ready.set_result(lane)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,14 +583,15 @@ def _settle(future: asyncio.Future, result, error) -> None:
 # ---------------------------------------------------------------------------------------------
 # Requests: reading bounded bodies, decoding images, checking fields.
 
+def _too_large(config: ServeConfig) -> Problem:
+    return Problem(413, "body_too_large", f"the request body is larger than {config.max_body_bytes:,} bytes; "
+                   "send smaller images or fewer per request (dcfeat serve --max-body-mb)")
+
+
 async def read_body(request: Request, config: ServeConfig, started: float) -> bytes:
-    """The whole body, refused with 413 past max_body_bytes (from Content-Length before reading) and
-    with 408 when it has not arrived within timeout_s of the request's start."""
-    length = request.headers.get("content-length")
-    too_large = Problem(413, "body_too_large", f"the request body is larger than {config.max_body_bytes:,} bytes; "
-                        "send smaller images or fewer per request (dcfeat serve --max-body-mb)")
-    if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-        raise too_large
+    """The whole body, refused with 413 as soon as it grows past max_body_bytes (one that says so in its
+    Content-Length is refused unread, by BodyBudget.take) and with 408 when it has not arrived within
+    timeout_s of the request's start."""
     chunks, size = [], 0
     stream = request.stream().__aiter__()
     while True:
@@ -347,7 +605,7 @@ async def read_body(request: Request, config: ServeConfig, started: float) -> by
                           "send it faster, or smaller") from None
         size += len(chunk)
         if size > config.max_body_bytes:
-            raise too_large
+            raise _too_large(config)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -381,53 +639,133 @@ def request_options(fields: dict, localizer: Localizer, config: ServeConfig) -> 
     return k, p
 
 
-class _Parser(MultiPartParser):
-    spool_max_size = 1 << 62  # the body is in memory already: keep its parts there
+MAX_FIELDS, MAX_FIELD_BYTES = 32, 64 << 10  # the text fields of a multipart body (k, min_confidence, …)
 
 
-async def _one(body: bytes):
-    yield body
+def multipart_images(body: bytes, content_type: str, config: ServeConfig) -> tuple[list[tuple[str, bytes]], dict]:
+    """([(name, bytes)] of every file part in order, {field: value} of the text parts) of a multipart/form-data
+    body; 400 unless it is whole, valid multipart up to its closing boundary (a part cut short is never
+    dropped in silence), 413 past max_images. Called in a thread: parsing 16 MB keeps a core busy a while."""
 
+    def bad(why: str) -> Problem:
+        return Problem(400, "malformed_multipart", f"the multipart body cannot be parsed: {why}")
 
-async def multipart_images(request: Request, body: bytes, config: ServeConfig) -> tuple[list[tuple[str, bytes]], dict]:
-    """([(name, bytes)] of every file part in order, {field: value} of the text parts); 400 when the
-    body is not valid multipart, 413 past max_images."""
-    try:
-        form = await _Parser(request.headers, _one(body), max_files=config.max_images + 1,
-                             max_fields=32, max_part_size=1 << 16).parse()
-    except MultiPartException as e:
-        if e.message.startswith("Too many files"):
-            raise Problem(413, "too_many_images", f"more than {config.max_images} images in one request; send "
-                          "them in several (dcfeat serve --max-images)") from None
-        raise Problem(400, "malformed_multipart", f"the multipart body cannot be parsed ({e.message})") from None
-    except (ValueError, KeyError, AssertionError) as e:  # python-multipart's own complaints
-        raise Problem(400, "malformed_multipart", f"the multipart body cannot be parsed ({e})") from None
-    parts, fields = [], {}
-    for key, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            parts.append((value.filename or key, await value.read()))
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise bad("its Content-Type names no boundary (multipart/form-data; boundary=...)")
+    parts, fields, part, header = [], {}, {}, [b"", b""]
+
+    def on_part_begin():
+        part.clear()
+        part.update(headers={}, chunks=[], size=0, name="", file=False)
+
+    def on_header_field(data, start, end):
+        header[0] += data[start:end]
+
+    def on_header_value(data, start, end):
+        header[1] += data[start:end]
+
+    def on_header_end():
+        part["headers"][header[0].lower()] = header[1]
+        header[:] = [b"", b""]
+
+    def on_headers_finished():
+        _, disposition = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        part["file"] = b"filename" in disposition
+        part["name"] = (disposition.get(b"filename") or disposition.get(b"name") or b"").decode("utf-8", "replace")
+        if part["file"] and len(parts) >= config.max_images:
+            raise Problem(413, "too_many_images", f"more than {config.max_images} images in one request, at most "
+                          f"{config.max_images}; send them in several (dcfeat serve --max-images)")
+        if not part["file"] and len(fields) >= MAX_FIELDS:
+            raise bad(f"more than {MAX_FIELDS} text fields")
+
+    def on_part_data(data, start, end):
+        part["chunks"].append(data[start:end])
+        part["size"] += end - start
+        if not part["file"] and part["size"] > MAX_FIELD_BYTES:
+            raise bad(f"the text field {part['name']!r} is longer than {MAX_FIELD_BYTES:,} bytes")
+
+    def on_part_end():
+        data = b"".join(part["chunks"])
+        if part["file"]:
+            parts.append((part["name"], data))
         else:
-            fields[key] = value
+            fields[part["name"]] = data.decode("utf-8", "replace")
+
+    callbacks = {"on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+                 "on_header_field": on_header_field, "on_header_value": on_header_value,
+                 "on_header_end": on_header_end, "on_headers_finished": on_headers_finished}
+    parser = MultipartParser(boundary, callbacks)
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as e:
+        raise bad(str(e)) from None
+    if parser.state != MultipartState.END:
+        raise bad(f"it ends before its closing boundary --{boundary.decode('latin-1')}--, after {len(parts)} "
+                  "whole part(s): truncated, or never closed")
     return parts, fields
 
 
-async def decode_all(localizer: Localizer, parts: list[tuple[str, bytes]], config: ServeConfig,
-                     limiter: asyncio.Semaphore) -> list[np.ndarray]:
-    """Every image decoded in a thread (at most one per core at a time); 422 naming each that cannot be."""
+def decode_cost(image: bytes | Image.Image, image_size: int, crop: str) -> tuple[int, str]:
+    """(the pixel memory decoding `image` takes at its peak, in bytes; what it is, e.g. "9400x9400 RGBA PNG"),
+    from its header alone: PIL keeps 1 byte a pixel for L and P, 2 for 16-bit grey, 4 for every other mode;
+    the RGB copy the crop is cut from takes 4 more, and compositing transparency onto a background 8 more.
+    A JPEG counts at the size its DCT scaling (`draft`, as `load_image` decodes it) gives. (0, "unreadable")
+    for bytes PIL cannot identify: decoding them says why."""
+    if isinstance(image, Image.Image):
+        img, kind = image, "pixels"
+    else:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(image))
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
+            return 0, "unreadable"
+        kind = img.format
+        target = image_size if crop == "full" else resize_size(image_size)
+        scale = min(img.size) / target
+        if img.format == "JPEG" and scale >= 2:
+            img.draft("RGB", (math.ceil(img.width / scale), math.ceil(img.height / scale)))
+    (w, h), mode = img.size, img.mode
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    alpha = 8 if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info else 0
+    return w * h * (stored + 4 + alpha), f"{w}x{h} {mode} {kind}"
 
-    def decode(data: bytes):
-        if not data:
+
+async def decode_all(localizer: Localizer, parts: list[tuple[str, bytes | Image.Image]], config: ServeConfig,
+                     pool: DecodePool, request: int) -> list[np.ndarray]:
+    """Every image decoded in the pool's threads (`request` takes its turns there), once the pixel memory
+    their headers say they take is checked against max_decode_bytes, each and together (413 before any is
+    decoded); 422 naming each that cannot be decoded."""
+    costs = await asyncio.gather(*(asyncio.to_thread(decode_cost, data, localizer.image_size, localizer.crop)
+                                   for _, data in parts))
+    budget = f"{config.max_decode_bytes / 2**20:,.0f} MB"
+    over = [f"{name}: {what}, {cost / 2**20:,.0f} MB" for (name, _), (cost, what) in zip(parts, costs)
+            if cost > config.max_decode_bytes]
+    if over:
+        raise Problem(413, "decode_budget", f"{len(over)} of {len(parts)} images would take more pixel memory to "
+                      f"decode than this server gives all decoding at once ({budget}): " + "; ".join(over)
+                      + ". Send them smaller (dcfeat serve --max-decode-mb)")
+    total = sum(cost for cost, _ in costs)
+    if total > config.max_decode_bytes:
+        raise Problem(413, "decode_budget", f"the {len(parts)} images together would take {total / 2**20:,.0f} MB "
+                      f"of pixel memory to decode, more than this server gives all decoding at once ({budget}); "
+                      "send them in several requests (dcfeat serve --max-decode-mb)")
+
+    def decode(data):
+        if isinstance(data, bytes) and not data:
             raise ImageProblem("empty: 0 bytes")
         return localizer.decode(data, max_pixels=config.max_pixels)
 
-    async def one(data: bytes):
-        async with limiter:
-            try:
-                return await asyncio.to_thread(decode, data)
-            except ImageProblem as e:
-                return e
+    async def one(data, cost: int):
+        try:
+            return await pool.run(request, cost, functools.partial(decode, data))
+        except ImageProblem as e:
+            return e
 
-    decoded = await asyncio.gather(*(one(data) for _, data in parts))
+    decoded = await asyncio.gather(*(one(data, cost) for (_, data), (cost, _) in zip(parts, costs)))
     bad = [f"{name}: {d}" for (name, _), d in zip(parts, decoded) if isinstance(d, ImageProblem)]
     if bad:
         raise Problem(422, "undecodable_image", f"{len(bad)} of {len(parts)} images cannot be used: "
@@ -436,23 +774,31 @@ async def decode_all(localizer: Localizer, parts: list[tuple[str, bytes]], confi
     return decoded
 
 
+def parse_json(body: bytes, form: str):
+    """The body's JSON; 400 naming `form` (what to send) when it is not JSON or is nested too deeply to read."""
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise Problem(400, "malformed_json", f"the body's JSON is nested too deeply to read; send {form}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Problem(400, "malformed_json", f"the body is not JSON ({e}); send {form}") from None
+
+
 DESCRIPTOR_FIELDS = ("descriptors", "ids", "k", "min_confidence")
 
 
 def descriptor_request(body: bytes, localizer: Localizer, config: ServeConfig) -> tuple[np.ndarray, list[str], dict]:
     """(descriptors (n, dim) float32, their ids, the k / min_confidence fields as text) of a JSON body
     `{"descriptors": [[...], ...], "ids": [...], "k": 5, "min_confidence": 0.5}`: 400 when it is not
-    JSON, 413 past max_images descriptors, 422 naming what is wrong with it."""
+    JSON, 413 past max_images descriptors, 422 naming what is wrong with it. Called in a thread: reading
+    32 rows of 1,024 numbers as JSON keeps a core busy a while."""
     dim = localizer.dim
     form = f'{{"descriptors": [[...{dim} numbers], ...], "ids": [...], "k": 5, "min_confidence": 0.5}}'
 
     def bad(message: str, code: str = "bad_descriptors") -> Problem:
         return Problem(422, code, f"{message}; send {form} (ids, k and min_confidence optional)")
 
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Problem(400, "malformed_json", f"the body is not JSON ({e}); send {form}") from None
+    doc = parse_json(body, form)
     if not isinstance(doc, dict) or "descriptors" not in doc:
         raise bad("expected a JSON object with `descriptors`")
     unknown = sorted(set(doc) - set(DESCRIPTOR_FIELDS))
@@ -487,8 +833,21 @@ def descriptor_request(body: bytes, localizer: Localizer, config: ServeConfig) -
     return values, ids, fields
 
 
-def geopose_image(doc) -> tuple[bytes, str]:
-    """(image bytes, what they are) of a GeoPoseReq's first camera reading; 422 naming the field."""
+# File signatures of the encoded images a camera reading may hold, whatever its imageFormat says (the OSCP
+# reference client labels the bytes of a JPEG file RGBA32): what starts so is decoded as the file it is.
+ENCODED_IMAGES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+
+
+def encoded_image(data: bytes) -> bool:
+    """Whether `data` starts as a JPEG, PNG, GIF, TIFF or WebP file does."""
+    return data.startswith(ENCODED_IMAGES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def geopose_image(doc) -> tuple[bytes | Image.Image, str]:
+    """(the image: an encoded file's bytes, or raw pixels as a PIL image; what it is) of a GeoPoseReq's first
+    camera reading; 422 naming the field. Bytes that are an encoded image are decoded as one whatever
+    `imageFormat` says; raw formats (RAW_FORMATS) are read as raw pixels of `size` only when they are not.
+    Called in a thread: a 16 MB body holds 12 MB of base64."""
     def bad(message: str) -> Problem:
         return Problem(422, "bad_geopose", f"GeoPoseReq: {message}")
 
@@ -520,17 +879,37 @@ def geopose_image(doc) -> tuple[bytes, str]:
     except (binascii.Error, ValueError):
         raise bad("`imageBytes` is not valid base64") from None
     fmt = str(camera.get("imageFormat") or "")
-    if fmt.upper() in RAW_FORMATS:  # raw pixels: width × height × bytes per pixel
+    if fmt.upper() in RAW_FORMATS and not encoded_image(data):  # raw pixels: width × height × bytes per pixel
         depth, mode = RAW_FORMATS[fmt.upper()]
         size = camera.get("size")
         if not (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) and s > 0 for s in size)):
             raise bad(f"imageFormat {fmt} needs `size` [width, height]")
         if len(data) != size[0] * size[1] * depth:
-            raise bad(f"imageFormat {fmt} of size {size} needs {size[0] * size[1] * depth:,} bytes, got {len(data):,}")
-        buffer = io.BytesIO()
-        Image.frombytes(mode, tuple(size), data).save(buffer, format="PNG")
-        return buffer.getvalue(), f"camera reading ({fmt})"
+            raise bad(f"imageFormat {fmt} of size {size} needs {size[0] * size[1] * depth:,} bytes, got {len(data):,} "
+                      "(and they are not a JPEG, PNG, GIF, TIFF or WebP file either)")
+        return Image.frombytes(mode, tuple(size), data), f"camera reading ({fmt})"
     return data, "camera reading"
+
+
+GEOPOSE_MEDIA, GEOPOSE_VERSION = "application/vnd.oscp+json", "2.0"
+_ACCEPT_VERSION = re.compile(r"application/vnd\.oscp\+json\s*(?:;[^,]*?\bversion\s*=\s*\"?(\d+)(?:\.(\d+))?)?", re.I)
+
+
+def geopose_version(accept: str) -> str | None:
+    """The GeoPose protocol version an Accept header asks for ("2.0"; None when it names no OSCP media type,
+    and 2.0 is answered as plain JSON); 400 naming 2.0 for a major version other than 2 or 1 (whose
+    requests this server reads too, and whose GeoPoseResp is the same)."""
+    found = _ACCEPT_VERSION.search(accept)
+    if found is None:
+        return None
+    major, minor = found.group(1), found.group(2) or "0"
+    if major is None:
+        return GEOPOSE_VERSION
+    if major not in ("1", "2"):
+        raise Problem(400, "unsupported_version", f"the request asks for GeoPose protocol version {major}.{minor} "
+                      f"(Accept: {accept}); this server speaks version {GEOPOSE_VERSION} (and reads 1.x requests): "
+                      f"send Accept: {GEOPOSE_MEDIA}; version={GEOPOSE_VERSION}")
+    return f"{major}.{minor}"
 
 
 def geopose_response(request_id: str, answer: Answer) -> dict:
@@ -600,20 +979,48 @@ class MetricsMiddleware:
             self.metrics.request(endpoint, status["code"], time.perf_counter() - start)
 
 
+class ErrorMiddleware:
+    """An exception no handler expected (a bug) becomes a JSON 500 naming where to look, its traceback in the
+    server's log; under MetricsMiddleware, which counts it as the 500 it is."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = {"yes": False}
+
+        async def sending(message):
+            started["yes"] = started["yes"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:  # noqa: BLE001 - answered here, logged with its traceback
+            LOG.exception("%s %s failed", scope.get("method"), scope.get("path"))
+            if started["yes"]:  # the answer is half sent: the connection is all there is left to close
+                raise
+            await _send(send, Problem(500, "internal_error", f"the server failed on this request ({type(e).__name__}); "
+                                      "its traceback is in the server log. Please report it"))
+
+
 def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastAPI:
     """The service of one loaded run (the worker thread starts with the app's lifespan)."""
     config = config or ServeConfig()
     metrics = Metrics()
     batcher = Batcher(localizer, config, metrics)
-    decoding = {}  # the semaphore of concurrent decodes, made in the serving event loop
+    bodies = BodyBudget(config, metrics)
+    pool = DecodePool(max(1, os.cpu_count() or 1), config.max_decode_bytes)
+    requests = itertools.count()  # each request's turn in the decoding pool
     page = resources.files("dcfeat").joinpath("static/index.html").read_text(encoding="utf-8")
     cell_table = cells(localizer)
 
     async def lifespan(app):
-        decoding["limiter"] = asyncio.Semaphore(max(1, os.cpu_count() or 1))
         batcher.start()
         yield
         batcher.stop()
+        pool.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="dcfeat", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
 
@@ -641,13 +1048,13 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
                           f'{{"descriptors": [[...{localizer.dim} numbers], ...], "ids": [...], "k": 5}}')
         if not batcher.alive:
             raise Problem(503, "worker_down", "the model's worker thread is not running; restart the server")
-        arrays = await decode_all(localizer, parts, config, decoding["limiter"])
+        arrays = await decode_all(localizer, parts, config, pool, next(requests))
         loop = asyncio.get_running_loop()
         return await answered(Job(arrays, [name for name, _ in parts], k, min_confidence, loop.create_future(), loop),
                               started)
 
     async def locate_descriptors(body: bytes, query: dict, started: float) -> list[Answer]:
-        features, ids, fields = descriptor_request(body, localizer, config)
+        features, ids, fields = await asyncio.to_thread(descriptor_request, body, localizer, config)
         k, min_confidence = request_options({**fields, **query}, localizer, config)
         if not batcher.alive:
             raise Problem(503, "worker_down", "the model's worker thread is not running; restart the server")
@@ -677,9 +1084,11 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
         return found
 
     async def guarded(request: Request, handle, wrap=None):
-        """Run a POST handler: a Problem becomes its JSON error, a client gone away a recorded 499."""
-        started = time.monotonic()
+        """Run a POST handler within the body budget (its body's share taken before it is read, given back
+        once it is answered): a Problem becomes its JSON error, a client gone away a recorded 499."""
+        started, held = time.monotonic(), 0
         try:
+            held = bodies.take(request)
             return await handle(started)
         except Problem as e:
             return _error(e, wrap(e) if wrap else None)
@@ -687,6 +1096,8 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
             return Response(status_code=CLIENT_CLOSED)
         except DcfeatError as e:
             return _error(Problem(422, "bad_request", str(e)), wrap and wrap(None))
+        finally:
+            bodies.give(held)
 
     @app.post("/v1/locate")
     async def locate(request: Request):
@@ -698,7 +1109,9 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
                 found = await locate_descriptors(body, fields, started)
             else:
                 if ctype == "multipart/form-data":
-                    parts, form_fields = await multipart_images(request, body, config)
+                    parts, form_fields = await asyncio.to_thread(multipart_images, body,
+                                                                 request.headers.get("content-type", ""), config)
+                    del body  # its parts are all that is needed now
                     fields = {**form_fields, **fields}
                 else:
                     parts = [("body", body)] if body else []
@@ -711,6 +1124,7 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
         return await guarded(request, handle)
 
     @app.post("/scrs/geopose")
+    @app.post("/geopose")  # the path of the OSCP reference servers, which their reference client posts to
     async def geopose(request: Request):
         request_id = {"id": None}
 
@@ -719,13 +1133,13 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
 
         async def handle(started: float):
             body = await read_body(request, config, started)
-            try:
-                doc = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise Problem(400, "malformed_json", f"the body is not JSON ({e}); send a GeoPoseReq") from None
+            doc = await asyncio.to_thread(parse_json, body, "a GeoPoseReq")
+            del body  # its JSON is all that is needed now: each copy of a body is held no longer than it is used
             if isinstance(doc, dict) and isinstance(doc.get("id"), str):
                 request_id["id"] = doc["id"]
-            data, what = geopose_image(doc)
+            version = geopose_version(request.headers.get("accept", ""))
+            data, what = await asyncio.to_thread(geopose_image, doc)
+            del doc  # its base64 text: the image is all that is needed now (a waiting request holds only that)
             if not localizer.calibrated:
                 raise Problem(501, "uncalibrated_run", "GeoPose answers need an accuracy, and this server's run has "
                               "no calibration.json: fit one with `dcfeat calibrate --run RUN --split val`")
@@ -735,9 +1149,15 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
                 raise Problem(404, "abstained", f"no pose: the answer's confidence {answer.confidence:.3f} is below "
                               f"min_confidence {min_confidence:g} (the probability that it lies within "
                               f"{answer.threshold_m:g} m)")
-            return JSONResponse(geopose_response(doc["id"], answer))
+            media = f"{GEOPOSE_MEDIA}; version={version}" if version else "application/json"
+            return JSONResponse(geopose_response(request_id["id"], answer), media_type=media)
 
         return await guarded(request, handle, wrap)
+
+    @app.get("/geopose")
+    async def geopose_status():
+        return {"status": "running" if batcher.alive else "worker down", "protocol": GEOPOSE_VERSION,
+                "paths": ["/geopose", "/scrs/geopose"]}
 
     @app.get("/health")
     async def health():
@@ -761,8 +1181,9 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
     async def index():
         return HTMLResponse(page)
 
-    endpoints = {"/v1/locate", "/scrs/geopose", "/health", "/v1/run", "/v1/cells", "/metrics", "/"}
-    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=endpoints)
+    endpoints = {"/v1/locate", "/scrs/geopose", "/geopose", "/health", "/v1/run", "/v1/cells", "/metrics", "/"}
+    app.add_middleware(ErrorMiddleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, endpoints=endpoints)  # added last: the outer one
     return app
 
 
@@ -797,7 +1218,7 @@ def app_from_env() -> FastAPI:
 
 def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
               scoring: str = "cosine", model: str | None = None, config: ServeConfig | None = None,
-              workers: int = 1, max_connections: int = 128, threads: int | None = None, log_level: str = "info") -> None:
+              workers: int = 1, threads: int | None = None, log_level: str = "info") -> None:
     """`dcfeat serve`: load the run and its backbone (refusing a damaged run before listening), then
     serve it with uvicorn until interrupted; `workers` > 1 runs that many processes on one port. `model`:
     another copy of the run's backbone (the Localizer's)."""
@@ -809,8 +1230,8 @@ def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, devic
     localizer.load_backbone()
     if config.min_confidence is not None:
         localizer.check_min_confidence(config.min_confidence)
-    options = {"host": host, "port": port, "limit_concurrency": max_connections, "log_level": log_level,
-               "timeout_graceful_shutdown": 5}
+    options = {"host": host, "port": port, "log_level": log_level, "timeout_graceful_shutdown": 5,
+               **uvicorn_options(config)}
     if workers == 1:
         uvicorn.run(create_app(localizer, config), **options)
         return

@@ -206,9 +206,10 @@ def kill_9_when(forks, args: list, ready: Callable[[], bool], timeout_s: float =
 
 
 @contextmanager
-def live_server(app):
+def live_server(app, **options):
     """A real uvicorn serving `app` on 127.0.0.1 at a free port (its socket bound here first), in a
-    thread; yields the base URL and stops the server on exit."""
+    thread, with uvicorn `options` (dcfeat.serve.uvicorn_options: what `dcfeat serve` runs with); yields
+    the base URL and stops the server on exit."""
     import socket
     import threading
 
@@ -217,7 +218,7 @@ def live_server(app):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started and thread.is_alive():

@@ -147,3 +147,34 @@ def test_import_dcfeat_loads_no_torch_until_the_localizer_is_asked_for():
             "try:\n    dcfeat.Nothing\nexcept AttributeError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert "has no attribute 'Nothing'" in out.stdout
+
+
+def test_odd_image_modes_and_empty_arrays_get_their_own_answer_with_an_error(loc, photos):
+    rgb = Image.open(photos[0]).convert("RGB")
+    odd = [rgb.convert("HSV"), rgb.convert("RGBA").convert("RGBa"), rgb.convert("LA").convert("La")]
+    empty = [np.zeros((0, 0, 3), np.uint8), np.zeros((0, 5, 3), np.uint8)]
+    found = loc.locate([*odd, *empty, photos[1]])
+    assert len(found) == 6
+    assert [a.error is None for a in found] == [True, True, True, False, False, True]
+    assert all("empty" in a.error for a in found[3:5])
+    assert [c["class"] for c in found[1].top_k] == [c["class"] for c in loc.locate([rgb.convert("RGBA")])[0].top_k]
+
+
+@pytest.mark.parametrize("options, words", [({"k": 0}, "k=0"), ({"k": -3}, "k=-3"), ({"k": 2.5}, "k=2.5"),
+                                            ({"k": True}, "k=True"), ({"min_confidence": True}, "min_confidence")])
+def test_k_and_min_confidence_are_checked_naming_the_argument(loc, photos, options, words):
+    feats = np.random.default_rng(0).standard_normal((2, loc.dim))
+    for call in (lambda: loc.locate(photos[:1], **options), lambda: loc.locate_features(feats, **options)):
+        with pytest.raises(BadInput, match=words.replace("[", r"\[")):
+            call()
+
+
+def test_a_descriptor_row_that_is_not_finite_gets_an_answer_with_an_error(loc):
+    feats = np.random.default_rng(0).standard_normal((3, loc.dim)).astype(np.float32)
+    feats[1, 4] = np.nan
+    found = loc.locate_features(feats, ids=["a", "b", "c"])
+    assert [a.image_id for a in found] == ["a", "b", "c"]
+    assert found[0].error is None and found[2].error is None and "not finite" in found[1].error
+    assert found[1].lat is None and found[1].top_k == []
+    alone = loc.locate_features(feats[[0, 2]], ids=["a", "c"])
+    assert [a.top_k for a in alone] == [found[0].top_k, found[2].top_k]

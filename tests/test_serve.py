@@ -480,3 +480,249 @@ def test_several_worker_processes_serve_one_run_on_one_port(calibrated_run):
         client.close()
         proc.terminate()
         proc.wait(timeout=60)
+
+
+# --------------------------------------------------------------------------- slow, costly and concurrent clients
+
+def png_header(width: int, height: int, color_type: int = 6) -> bytes:
+    """A PNG whose header says width × height pixels of `color_type` (6: RGBA, 2: RGB, 0: grey) with almost no
+    pixel data: what it would cost to decode is in its header, nothing else."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def png_bytes(side: int, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (seed % 256, 90, 160)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def readable(sock: socket.socket) -> bool:
+    import select
+
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_clients_that_send_their_headers_slowly_are_cut_off_and_health_answers_meanwhile(localizer):
+    from dcfeat.serve import uvicorn_options
+
+    config = ServeConfig(max_connections=8, header_timeout_s=3.0)
+    with live_server(create_app(localizer, config), **uvicorn_options(config)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        slow = [socket.create_connection((host, int(port))) for _ in range(20)]  # more than max_connections
+        try:
+            for s in slow:
+                s.sendall(b"POST /v1/locate HTTP/1.1\r\nHost: x\r\n")
+            for s in slow:
+                s.sendall(b"X-Slow: 1\r\n")  # one header line at a time, never the blank line that ends them
+            assert httpx.get(f"{url}/health").status_code == 200
+            assert httpx.post(f"{url}/v1/locate", content=jpeg_bytes(9)).status_code == 200
+            assert not any(readable(s) for s in slow)  # all 20 still connected, unanswered, while those were served
+            for s in slow:
+                s.settimeout(60)
+                reply = b""
+                while chunk := s.recv(65536):
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+                assert b'"code":"header_timeout"' in reply
+        finally:
+            for s in slow:
+                s.close()
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + (b"X-Pad: " + b"a" * 1000 + b"\r\n") * 40
+        reply = raw_exchange(url, head)  # 40 KB of headers, no end: refused before the deadline
+        assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+        assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_images_too_costly_to_decode_are_refused_from_their_headers(localizer, monkeypatch):
+    decoded = []
+    real = localizer.decode
+    monkeypatch.setattr(localizer, "decode", lambda *a, **kw: decoded.append(1) or real(*a, **kw))
+    with TestClient(create_app(localizer, ServeConfig(max_decode_bytes=64 << 20))) as c:
+        six = [("image", (f"{i}.png", png_header(9400, 9400), "image/png")) for i in range(6)]
+        assert_error(c.post("/v1/locate", files=six), 413, "decode_budget", "0.png", "9400x9400", "RGBA",
+                     "--max-decode-mb")
+        four = [("image", (f"{i}.png", png_header(1500, 1500, 2), "image/png")) for i in range(4)]
+        assert_error(c.post("/v1/locate", files=four), 413, "decode_budget", "together", "--max-decode-mb")
+        assert decoded == []  # refused from the headers alone
+        big = png_bytes(1000)  # an 8-bit RGB photo of 1000², well within the budget: decoded and answered
+        assert c.post("/v1/locate", files=[("image", ("big.png", big, "image/png"))]).status_code == 200
+
+
+def test_a_small_image_is_decoded_while_huge_ones_of_another_request_wait(localizer, monkeypatch):
+    import os
+
+    release, entered = threading.Event(), threading.Semaphore(0)
+    real = localizer.decode
+
+    def decode(image, **kw):
+        if bytes(image[:4]) == b"\x89PNG":  # the big photos: held in their decoding thread until released
+            entered.release()
+            assert release.wait(60)
+        return real(image, **kw)
+
+    monkeypatch.setattr(localizer, "decode", decode)
+    cores = os.cpu_count() or 1
+    big = [("image", (f"{i}.png", png_bytes(1200, i), "image/png")) for i in range(cores + 2)]
+    with live_server(create_app(localizer, ServeConfig(timeout_s=60))) as url, ThreadPoolExecutor(1) as pool:
+        huge = pool.submit(httpx.post, f"{url}/v1/locate", files=big, timeout=90)
+        try:
+            for _ in range(cores):  # every decoding slot taken by a big photo
+                assert entered.acquire(timeout=60)
+            r = httpx.post(f"{url}/v1/locate", content=jpeg_bytes(9), timeout=30)
+            assert r.status_code == 200 and not huge.done()  # answered while every big one still decodes or waits
+        finally:
+            release.set()
+        assert huge.result().status_code == 200
+
+
+def test_geopose_and_descriptor_bodies_are_parsed_off_the_event_loop(client, localizer, monkeypatch):
+    import asyncio
+
+    from dcfeat import serve
+
+    on_loop = []
+
+    def watched(real):
+        def parse(*args, **kw):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(real.__name__)
+            except RuntimeError:  # no loop runs in this thread: a worker thread
+                pass
+            return real(*args, **kw)
+        return parse
+
+    monkeypatch.setattr(serve, "geopose_image", watched(serve.geopose_image))
+    monkeypatch.setattr(serve, "descriptor_request", watched(serve.descriptor_request))
+    monkeypatch.setattr(serve, "multipart_images", watched(serve.multipart_images))
+    assert client.post("/scrs/geopose", json=geopose_request(jpeg_bytes(5))).status_code == 200
+    assert client.post("/v1/locate", json={"descriptors": np.zeros((1, localizer.dim)).tolist()}).status_code == 200
+    assert client.post("/v1/locate", files=[("image", ("a.jpg", jpeg_bytes(1), "image/jpeg"))]).status_code == 200
+    assert on_loop == []
+
+
+def test_an_unexpected_error_is_a_json_500_and_counted_as_500(localizer, monkeypatch):
+    from dcfeat import serve
+
+    def broken(*args, **kw):
+        raise RuntimeError("a bug")
+
+    with TestClient(create_app(localizer), raise_server_exceptions=False) as c:
+        monkeypatch.setattr(serve, "request_options", broken)
+        assert_error(c.post("/v1/locate", content=jpeg_bytes(0)), 500, "internal_error", "server log")
+        assert 'dcfeat_requests_total{endpoint="/v1/locate",status="500"} 1' in c.get("/metrics").text
+
+
+@pytest.mark.parametrize("path", ["/v1/locate", "/scrs/geopose"])
+def test_json_nested_too_deeply_is_400(client, path):
+    body = b"[" * 200_000 + b"]" * 200_000
+    assert_error(client.post(path, content=body, headers={"content-type": "application/json"}), 400,
+                 "malformed_json", "nested")
+
+
+def test_bodies_beyond_the_in_flight_budget_are_refused_before_they_are_read(localizer):
+    config = ServeConfig(max_body_bytes=1 << 20, max_inflight_bytes=(1 << 20) + (100 << 10), timeout_s=5)
+    with live_server(create_app(localizer, config)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as holder:  # a 1 MB body on its way, slowly
+            holder.sendall(b"POST /v1/locate HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                           b"Content-Length: 1048576\r\n\r\n" + b"\xff" * 1000)
+            assert in_flight_bytes(url, until=lambda n: n == 1 << 20) == 1 << 20  # its whole body is counted
+            r = httpx.post(f"{url}/v1/locate", content=png_bytes(700) + b"\0" * (900 << 10))
+            assert_error(r, 503, "busy", "retry")
+            assert r.headers["retry-after"] == "1"
+            assert httpx.post(f"{url}/v1/locate", content=jpeg_bytes(9)).status_code == 200  # fits beside it
+            chunked = (b"\xff" * 1000 for _ in range(3))  # no Content-Length: counted as max_body_bytes
+            assert_error(httpx.post(f"{url}/v1/locate", content=chunked), 503, "busy", "Content-Length")
+        assert in_flight_bytes(url, until=lambda n: n == 0) == 0  # the holder went away: its share is back
+        assert httpx.post(f"{url}/v1/locate", content=png_bytes(700) + b"\0" * (900 << 10)).status_code == 200
+
+
+def in_flight_bytes(url: str, until) -> float:
+    """/metrics' gauge of request body bytes in flight, polled (a bounded number of times) until `until` holds."""
+    import time
+
+    for _ in range(300):
+        text = httpx.get(f"{url}/metrics").text
+        value = next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("dcfeat_body_bytes "))
+        if until(value):
+            return value
+        time.sleep(0.05)
+    return value
+
+
+def multipart(*parts: bytes, close: bool = True) -> tuple[bytes, dict]:
+    body = b"".join(b"--XB\r\nContent-Disposition: form-data; name=\"image\"; filename=\"%d.jpg\"\r\n"
+                    b"Content-Type: image/jpeg\r\n\r\n" % i + p + b"\r\n" for i, p in enumerate(parts))
+    return body + (b"--XB--\r\n" if close else b""), {"content-type": "multipart/form-data; boundary=XB"}
+
+
+def test_a_truncated_multipart_body_is_400_never_a_partial_answer(client):
+    body, headers = multipart(jpeg_bytes(1), jpeg_bytes(2))
+    assert client.post("/v1/locate", content=body, headers=headers).status_code == 200
+    cut = body[:body.index(b"--XB", 10) + 120]  # the second part's headers and a few bytes, then nothing
+    assert_error(client.post("/v1/locate", content=cut, headers=headers), 400, "malformed_multipart", "truncated")
+    unclosed, _ = multipart(jpeg_bytes(1), close=False)
+    assert_error(client.post("/v1/locate", content=unclosed, headers=headers), 400, "malformed_multipart",
+                 "closing boundary")
+
+
+def reference_client_request(image: bytes, width: int, height: int) -> dict:
+    """A GeoPoseReq as the OSCP GeoPose protocol's Python reference client (v2.0) writes it: every member of
+    its classes serialised, `imageFormat` RGBA32 on the JPEG file's bytes, timestamps in float milliseconds."""
+    privacy = {"dataRetention": [], "dataAcceptableUse": [], "dataSanitizationApplied": [],
+               "dataSanitizationRequested": []}
+    now = 1.7e12 + 0.5
+    sensor = {"name": "", "model": "", "rigIdentifier": "", "rigRotation": {"x": 0.0, "y": 0.0, "z": 0.0, "w": 0.0},
+              "rigTranslation": {"x": 0.0, "y": 0.0, "z": 0.0}}
+    return {"type": "geopose", "id": "0b5c2f7e-3c57-4c4e-9d0a-5f3c1d2e8a91", "timestamp": now,
+            "sensors": [{**sensor, "type": "camera", "id": "my_camera_sensor"},
+                        {**sensor, "type": "geolocation", "id": "my_gps_sensor"}],
+            "sensorReadings": {
+                "cameraReadings": [{"timestamp": now, "sensorId": "my_camera_sensor", "privacy": privacy,
+                                    "sequenceNumber": 1, "imageFormat": "RGBA32", "size": [width, height],
+                                    "imageBytes": base64.b64encode(image).decode(),
+                                    "imageOrientation": {"mirrored": False, "rotation": 0.0},
+                                    "params": {"model": "PINHOLE", "modelParams": [90.0, 90.0, 50.0, 40.0],
+                                               "minMaxDepth": [], "minMaxDisparity": []}}],
+                "geolocationReadings": [{"timestamp": now, "sensorId": "my_gps_sensor", "privacy": privacy,
+                                         "latitude": 47.6, "longitude": -122.3, "altitude": 0.0, "accuracy": 0.0,
+                                         "altitudeAccuracy": 0.0, "heading": 0.0, "speed": 0.0}],
+                "accelerometerReadings": [], "gyroscopeReadings": [], "magnetometerReadings": [], "wifiReadings": [],
+                "bluetoothReadings": []},
+            "priorPoses": []}
+
+
+V2 = {"Content-Type": "application/json", "Accept": "application/vnd.oscp+json; version=2.0"}
+
+
+def test_the_reference_client_gets_a_geopose_at_its_path(client):
+    image = jpeg_bytes(5)
+    want = client.post("/scrs/geopose", json=geopose_request(image)).json()["geopose"]
+    r = client.post("/geopose", content=json.dumps(reference_client_request(image, 100, 80)), headers=V2)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/vnd.oscp+json") and "version=2.0" in r.headers["content-type"]
+    pose = r.json()  # GeoPoseResp, as the reference client's GeoPoseResponse.fromJson reads it: these members exactly
+    assert pose["type"] == "geopose" and pose["id"] == "0b5c2f7e-3c57-4c4e-9d0a-5f3c1d2e8a91"
+    assert isinstance(pose["timestamp"], (int, float))
+    assert set(pose["accuracy"]) == {"position", "orientation"} and pose["accuracy"]["position"] > 0
+    assert set(pose["geopose"]) == {"position", "quaternion"}
+    assert set(pose["geopose"]["position"]) == {"lat", "lon", "h"} and set(pose["geopose"]["quaternion"]) == set("xyzw")
+    assert pose["geopose"] == want  # the JPEG read as the JPEG it is, whatever its label says
+    assert client.get("/geopose").json()["status"] == "running"
+
+
+@pytest.mark.parametrize("accept, status", [("application/vnd.oscp+json;version=2.0", 200),
+                                            ("application/vnd.oscp+json; version=1.0", 200),
+                                            ("application/json", 200), ("*/*", 200),
+                                            ("application/vnd.oscp+json; version=3.0", 400)])
+def test_geopose_honours_the_protocol_version_it_is_asked_for(client, accept, status):
+    r = client.post("/geopose", json=geopose_request(jpeg_bytes(5)), headers={"Accept": accept})
+    if status == 200:
+        assert r.status_code == 200, r.text
+    else:
+        body = assert_error(r, 400, "unsupported_version", "2.0", "3.0")
+        assert body["type"] == "geopose" and body["id"] == "req-42"
