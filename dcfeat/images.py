@@ -17,6 +17,7 @@ caller records it and goes on. No image ever becomes a zero-filled row.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -65,6 +66,32 @@ def resize_size(image_size: int) -> int:
 def decode_bytes(mode: str, width: int, height: int) -> int:
     """Bytes that decoding a `width`×`height` image of `mode` holds at its peak (DECODE_BYTES)."""
     return width * height * DECODE_BYTES.get(mode, DECODE_BYTES_OTHER)
+
+
+def _draft(img: Image.Image, target: int) -> None:
+    """A JPEG decodes at libjpeg's DCT scaling (1/2, 1/4, 1/8): straight to a smaller size that still keeps
+    the shortest edge >= target; bicubic does the rest. BENCHMARKS.md: 3.5-4.5x faster on 512² JPEGs, crops
+    within ~1 grey level."""
+    if img.format == "JPEG":
+        scale = min(img.size) / target
+        if scale >= 2:
+            img.draft("RGB", (math.ceil(img.width / scale), math.ceil(img.height / scale)))
+
+
+def decode_cost(image: bytes | Image.Image, image_size: int, crop: str = "centre") -> tuple[int, str]:
+    """(the bytes decoding `image` holds at its peak, `decode_bytes`; what it is, e.g. "9400x9400 RGBA PNG"),
+    from its header alone, a JPEG at the size `load_image`'s draft decodes it to. (0, "unreadable") for bytes
+    of no format dcfeat reads: decoding them says why."""
+    if isinstance(image, Image.Image):
+        return decode_bytes(image.mode, *image.size), f"{image.width}x{image.height} {image.mode} pixels"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(image), formats=FORMATS)
+        _draft(img, image_size if crop == "full" else resize_size(image_size))
+    except Exception:  # noqa: BLE001  whatever the header's parser raises: decoding gives the reason
+        return 0, "unreadable"
+    return decode_bytes(img.mode, *img.size), f"{img.width}x{img.height} {img.mode} {img.format}"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -147,13 +174,8 @@ def load_image(path: Path, image_size: int, *, crop: str = "centre", patch_size:
                 if w * h > max_pixels:
                     raise ImageProblem(f"decompression bomb: {w}x{h} pixels > {max_pixels}")
                 check_shape(w, h, image_size, crop=crop, patch_size=patch_size, max_pixels=max_pixels)
-                if draft and img.format == "JPEG":
-                    # libjpeg's DCT scaling (1/2, 1/4, 1/8) decodes straight to a smaller size
-                    # that still keeps the shortest edge >= target; bicubic does the rest.
-                    # BENCHMARKS.md: 3.5-4.5x faster on 512² JPEGs, crops within ~1 grey level.
-                    scale = min(w, h) / target
-                    if scale >= 2:
-                        img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
+                if draft:
+                    _draft(img, target)
                 need = decode_bytes(img.mode, *img.size)  # what draft() left to decode
                 if need > budget:
                     raise ImageProblem(f"too large to decode: {img.size[0]}x{img.size[1]} pixels of mode {img.mode} "

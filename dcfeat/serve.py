@@ -48,7 +48,6 @@ import asyncio
 import base64
 import binascii
 import functools
-import io
 import itertools
 import json
 import logging
@@ -58,7 +57,6 @@ import queue
 import re
 import threading
 import time
-import warnings
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -69,7 +67,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -80,7 +78,7 @@ from dcfeat import __version__
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.errors import BadInput, DcfeatError
 from dcfeat.geo import utm_to_latlon
-from dcfeat.images import MAX_PIXELS, ImageProblem, resize_size
+from dcfeat.images import MAX_PIXELS, ImageProblem, decode_cost
 from dcfeat.localizer import Answer, Localizer, answers
 
 # GeoPose has no way to say "orientation unknown": 180° is the largest angular error there is.
@@ -706,32 +704,6 @@ def multipart_images(body: bytes, content_type: str, config: ServeConfig) -> tup
         raise bad(f"it ends before its closing boundary --{boundary.decode('latin-1')}--, after {len(parts)} "
                   "whole part(s): truncated, or never closed")
     return parts, fields
-
-
-def decode_cost(image: bytes | Image.Image, image_size: int, crop: str) -> tuple[int, str]:
-    """(the pixel memory decoding `image` takes at its peak, in bytes; what it is, e.g. "9400x9400 RGBA PNG"),
-    from its header alone: PIL keeps 1 byte a pixel for L and P, 2 for 16-bit grey, 4 for every other mode;
-    the RGB copy the crop is cut from takes 4 more, and compositing transparency onto a background 8 more.
-    A JPEG counts at the size its DCT scaling (`draft`, as `load_image` decodes it) gives. (0, "unreadable")
-    for bytes PIL cannot identify: decoding them says why."""
-    if isinstance(image, Image.Image):
-        img, kind = image, "pixels"
-    else:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(image))
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
-            return 0, "unreadable"
-        kind = img.format
-        target = image_size if crop == "full" else resize_size(image_size)
-        scale = min(img.size) / target
-        if img.format == "JPEG" and scale >= 2:
-            img.draft("RGB", (math.ceil(img.width / scale), math.ceil(img.height / scale)))
-    (w, h), mode = img.size, img.mode
-    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
-    alpha = 8 if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info else 0
-    return w * h * (stored + 4 + alpha), f"{w}x{h} {mode} {kind}"
 
 
 async def decode_all(localizer: Localizer, parts: list[tuple[str, bytes | Image.Image]], config: ServeConfig,

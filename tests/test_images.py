@@ -186,3 +186,23 @@ def test_a_16_bit_png_over_the_byte_budget_is_refused_before_decoding(tmp_path, 
     from dcfeat.images import DECODE_BYTES_OTHER, MAX_PIXELS, decode_bytes
 
     assert decode_bytes("I;16", 9380, 9380) > MAX_PIXELS * DECODE_BYTES_OTHER  # 88 Mpx at 16 bits: over the default
+
+
+def test_decode_cost_reads_the_header_as_load_image_decodes_it():
+    """Serve's budget and load_image's agree: a big JPEG counts at its draft size, other formats not at all."""
+    import io
+
+    from PIL import Image
+
+    from dcfeat.images import decode_bytes, decode_cost
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2000, 1000)).save(buf, "JPEG")
+    cost, what = decode_cost(buf.getvalue(), 224)  # shortest edge 1000 → 256: drafted by 1/2 to 1000×500
+    assert (cost, what) == (decode_bytes("RGB", 1000, 500), "1000x500 RGB JPEG")
+    buf = io.BytesIO()
+    Image.new("RGBA", (300, 200)).save(buf, "PNG")
+    assert decode_cost(buf.getvalue(), 224) == (decode_bytes("RGBA", 300, 200), "300x200 RGBA PNG")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, "GIF")  # not a format dcfeat reads
+    assert decode_cost(buf.getvalue(), 224) == (0, "unreadable")
