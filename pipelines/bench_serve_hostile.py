@@ -11,6 +11,7 @@ every loop is bounded in time, and the servers it starts stop when it ends.
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def main(run_dir, runs, seconds, clients, out):
     with tempfile.TemporaryDirectory() as tmp:
         if run_dir is None:
             run_dir, _ = make_run(Path(tmp), hidden=32, layers=2, image_size=56)
-        result = measure(run_dir, runs=runs, seconds=seconds, clients=clients)
+        result = {"date": time.strftime("%Y-%m-%d"), **measure(run_dir, runs=runs, seconds=seconds, clients=clients)}
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
 
