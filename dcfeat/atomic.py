@@ -42,14 +42,6 @@ def replace_atomically(tmp: Path, final: Path) -> None:
     fsync_dir(Path(final).parent)
 
 
-def tmp_path(final: Path, tag: str = "") -> Path:
-    """`.NAME[.tag].tmp` beside `final`: the temporary name writers used before each got its own
-    (`atomic_write` names its files `.NAME[.tag].<random>.tmp`, `tmp_dir` its folders; `leftover_tmp_files`
-    finds both). Two writers of one `final` collide on it: new code claims its own with `tmp_dir`."""
-    final = Path(final)
-    return final.with_name(f".{final.name}{'.' + tag if tag else ''}{TMP_SUFFIX}")
-
-
 def leftover_tmp_files(final: Path) -> list[Path]:
     """Temporary files of `final` that writers left (killed mid-write), under any writer's name."""
     final = Path(final)

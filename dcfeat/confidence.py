@@ -25,6 +25,13 @@ built from signals that the scores of every cell of every group give for free, w
 probability 0.9 scales a base radius around the answer (the top-k cells' probability mass reaching
 0.9, plus half a cell diagonal) by a split-conformal factor fitted on the same held-out split.
 
+A calibration is fitted for one scoring of the cells (`Calibrator.scoring`; always cosine today, and a
+calibration.json written before the field existed reads as cosine): its signals, position rule and
+radius describe that ranking's answers. One ranking feeds an answer, its position, its confidence and
+its radius, so answers ranked by another scoring (`--scoring group-softmax`) use no calibration
+(`calibration_for`): they carry no confidence and no radius, their positions follow DEFAULT_RULE, and
+an abstention threshold is refused (`scoring_note` says why).
+
 The hybrid's posterior-mass gate is fitted here too: each query searches the database images of
 the fewest top cells that hold a share q of the probability (at most `cap` cells), q chosen on the
 held-out split against a database when one is given.
@@ -40,6 +47,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from dcfeat.choices import SCORINGS
 from dcfeat.errors import BadInput
 from dcfeat.model import DCModel
 from dcfeat.partition import Places, centres_of, class_keys, label_keys, metres_between, places_of
@@ -214,6 +222,9 @@ class Calibrator:
     position: PositionRule | None = None
     # The hybrid's posterior-mass gate: {"mass": q, "cap": cells} (None: DEFAULT_GATE).
     gate: dict | None = None
+    # The ranking of the cells whose answers it was fitted for (dcfeat.choices.SCORINGS); a calibration
+    # written before the field existed was fitted for cosine.
+    scoring: str = "cosine"
 
     @property
     def rule(self) -> PositionRule:
@@ -281,9 +292,12 @@ class Calibrator:
             raise ValueError("`with_database` cannot hold another `with_database`")
         position = PositionRule.from_dict(d["position"]) if d.get("position") is not None else None
         gate = _checked_gate(d["gate"]) if d.get("gate") is not None else None
+        scoring = d.get("scoring", "cosine")
+        if scoring not in SCORINGS:
+            raise ValueError(f"`scoring` must be one of {', '.join(SCORINGS)}, not {scoring!r}")
         return cls(tuple(signals), d["mean"], d["std"], d["weights"], float(d["bias"]), float(d["radius_scale"]),
                    float(d["threshold_m"]), fitted_on, hybrid,
-                   cls.from_dict(inner, nested=True) if inner is not None else None, position, gate)
+                   cls.from_dict(inner, nested=True) if inner is not None else None, position, gate, scoring)
 
 
 def _checked_fitted_on(fitted_on, nested: bool) -> dict:
@@ -456,6 +470,22 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
         return cal
     except ValueError as e:
         raise BadInput(f"split '{split.name}': {e}. Calibrate on a larger held-out split") from None
+
+
+def calibration_for(calibration: Calibrator | None, scoring: str) -> Calibrator | None:
+    """The calibration that answers ranked by `scoring` use: the run's where it was fitted for that scoring,
+    else None (they are then an uncalibrated run's: DEFAULT_RULE positions, no confidence, no radius)."""
+    return calibration if calibration is not None and calibration.scoring == scoring else None
+
+
+def scoring_note(calibration: Calibrator | None, scoring: str) -> str | None:
+    """Why a calibrated run's answers under `scoring` carry no confidence (None where they do, or the run has
+    no calibration at all)."""
+    if calibration is None or calibration.scoring == scoring:
+        return None
+    return (f"the run's calibration was fitted for {calibration.scoring} scoring, so answers ranked by --scoring "
+            f"{scoring} carry no confidence and no 90 % radius, and their positions follow the default rule. Use "
+            f"--scoring {calibration.scoring} for calibrated answers")
 
 
 def answer_rule(calibration: Calibrator | None) -> PositionRule:

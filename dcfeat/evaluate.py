@@ -19,7 +19,9 @@ and for probabilities ECE (15 equal-count bins) and Brier score; the 90 % radius
 checked against where the photos were taken. A calibrated confidence is the probability of an
 answer within the threshold it was fitted at (`calibration.json`'s `threshold_m`), so the section
 measures right and wrong at that threshold, which the report records beside it; a --threshold
-that differs applies to LR@k only, and `Evaluation.warnings` says so.
+that differs applies to LR@k only, and `Evaluation.warnings` says so. The confidence is fitted for
+cosine scoring: under --scoring group-softmax the classify answers are weighed by the group probabilities
+under the default rule, and the report holds no confidence section (a warning says why).
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ from dcfeat.confidence import (
     PROBABILITY_SIGNALS,
     TOP_K,
     answer_rule,
+    calibration_for,
     disagreement_m,
     errors_m,
     gate_cells,
     query_scores,
     query_signals,
+    scoring_note,
     signals_of,
 )
 from dcfeat.devices import resolve_device, synchronize
@@ -67,6 +71,7 @@ from dcfeat.metrics import (
 from dcfeat.model import top_cells
 from dcfeat.partition import Places, class_keys, label_keys, places_of
 from dcfeat.positions import answer as positions_answer
+from dcfeat.positions import weighing_scale
 from dcfeat.reports import Ranking, staged, training_photos, write_confidence_plots, write_grids, write_outputs
 from dcfeat.retrieval import (
     CellIndex,
@@ -100,14 +105,17 @@ def coverage(run: Run, labels: pl.DataFrame) -> float:
 
 def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: str = "cosine") -> list[Ranking]:
     """The answers of classification: positions weighed from the top cells under the run's rule
-    ("classify"), and the D&C paper's cell centres ("classify-centre"), one scoring of the cells for both."""
-    rule = answer_rule(run.calibration)
+    ("classify"), and the D&C paper's cell centres ("classify-centre"), one scoring of the cells for both: its
+    scores weigh the positions (`positions.weighing_scale`), under the rule of a calibration fitted for it
+    (`calibration_for`; DEFAULT_RULE where there is none), as `localizer.predictions` answers."""
+    cal = calibration_for(run.calibration, scoring)
+    rule = answer_rule(cal)
     t = time.perf_counter()
     p = top_cells(run.model, queries.embeddings, run.classes, max(k, TOP_K), scoring)
     centre_seconds = time.perf_counter() - t
     top = Places(p["east"], p["north"], p["zone"], p["letter"])
-    at, index = positions_answer(top, p["score"], run.model.heads.logit_scale, rule, ranks=k,
-                                 threshold_m=run.calibration.threshold_m if run.calibration else THRESHOLD_M)
+    at, index = positions_answer(top, p["score"], weighing_scale(run.model.heads.logit_scale, scoring), rule,
+                                 ranks=k, threshold_m=cal.threshold_m if cal else THRESHOLD_M)
     synchronize(device)
     seconds = time.perf_counter() - t
     answered = lambda a: np.take_along_axis(a, index, 1)  # noqa: E731
@@ -359,7 +367,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     check_zones(run, queries)
     if database is not None:
         check_rows(database, "--database-split", store)
-    warnings = evaluation_warnings(run, queries, database, space=space, threshold_m=threshold_m)
+    warnings = evaluation_warnings(run, queries, database, space=space, threshold_m=threshold_m, scoring=scoring)
     # No method answers more than the run's classes or the database's rows: larger k and cells say nothing more.
     most = max(len(run.classes), len(database.labels) if database is not None else 0)
     asked_ks, asked_cells = ks, cells
@@ -383,13 +391,15 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     n = queries.embeddings.shape[0]
     results, report_methods = _recall(methods, queries, ks=ks, threshold_m=threshold_m)
     retrieved = next((m for m in methods if m.name == "retrieve"), None)
-    section, plots = assess_confidence(
-        run, queries, threshold_m=threshold_m, database_split=database.name if database is not None else None,
-        retrieval_top1=None if retrieved is None else Places(retrieved.east[:, 0], retrieved.north[:, 0],
-                                                             retrieved.zone[:, 0], retrieved.letter[:, 0]))
+    section, plots = None, {}  # the confidence is fitted and measured for cosine answers only
+    if scoring == "cosine":
+        section, plots = assess_confidence(
+            run, queries, threshold_m=threshold_m, database_split=database.name if database is not None else None,
+            retrieval_top1=None if retrieved is None else Places(retrieved.east[:, 0], retrieved.north[:, 0],
+                                                                 retrieved.zone[:, 0], retrieved.letter[:, 0]))
     fitted = run.calibration.fitted_on if run.calibration else {}
     store = str(Path(store).resolve()) if store is not None else None
-    if same_plan(fitted.get("plan_id"), queries.attrs.get("plan_id"),
+    if section is not None and same_plan(fitted.get("plan_id"), queries.attrs.get("plan_id"),
                  fitted.get("split") == queries.name and store is not None and fitted.get("store") == store):
         section["note"] = (f"CALIBRATED ON THIS SPLIT ('{queries.name}'): the confidence's figures here are "
                            "optimistic; calibrate on a held-out split (`dcfeat calibrate --split val`) and evaluate "
@@ -463,16 +473,20 @@ def _database_warnings(queries: Split, database: Split) -> list[str]:
 
 
 def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, space: str,
-                        threshold_m: float) -> list[str]:
+                        threshold_m: float, scoring: str = "cosine") -> list[str]:
     """What an evaluation accepts but should say: a database that is the query split itself, a
-    --space without a database, a --threshold other than the confidence's."""
+    --space without a database, a --threshold other than the confidence's, a calibration fitted for
+    another scoring than the one that ranks the cells."""
     warnings = []
+    note = scoring_note(run.calibration, scoring)
+    if note:
+        warnings.append(f"{note}; the report measures no confidence")
     if database is not None:
         warnings += _database_warnings(queries, database)
     elif space != "projected":
         warnings.append(f"--space {space} has no effect without --database-split: only retrieval and the hybrid "
                         "compare descriptors, and classification always uses the run's projection")
-    cal = run.calibration
+    cal = calibration_for(run.calibration, scoring)
     if cal is not None and cal.threshold_m != threshold_m:
         warnings.append(f"the run's confidence was fitted at {cal.threshold_m:g} m (the probability of an answer "
                         f"within {cal.threshold_m:g} m) but --threshold is {threshold_m:g} m: LR@k is measured at "

@@ -24,6 +24,7 @@ under a temporary name and renamed into place, so it is never half written.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import numpy as np
 import polars as pl
 
 from dcfeat import __version__
-from dcfeat.atomic import tmp_path
+from dcfeat.atomic import tmp_dir
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.choices import THRESHOLD_M
 from dcfeat.errors import BadInput, writing
@@ -270,11 +271,19 @@ def _copy(source: Path, target: Path) -> None:
 
 def export_run(run_dir: Path, out: Path, *, with_backbone: bool = False, license: str | None = None,
                dataset_name: str | None = None) -> Export:
-    """`dcfeat export`: check the run, copy it with its model card into `out` (a new folder).
+    """`dcfeat export`: check the run, copy it with its model card into `out` (a new folder, or an empty one).
 
+    The copy is staged in a folder of this export's own beside `out` (`atomic.tmp_dir`) and renamed into
+    place when complete; a failure removes that folder and nothing else (a folder dcfeat did not make is
+    never deleted). `out` may not be a symbolic link: renaming onto it would replace the link, not fill
+    its target, so it is refused naming the target to pass instead.
     `license`: an SPDX id for the card's metadata; `dataset_name`: the data set the run was trained on."""
     check_card_options(license, dataset_name)
     run_dir, out = Path(run_dir), Path(out)
+    if out.is_symlink():
+        target = Path(os.path.realpath(out))
+        raise BadInput(f"{out} is a symbolic link to {target}; an export writes a new folder and never replaces a "
+                       f"link. Export into the target itself (`dcfeat export RUN {target}`), or remove the link")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out} exists and is not an empty folder; an export never overwrites anything. Choose "
                        "another DIR")
@@ -282,30 +291,37 @@ def export_run(run_dir: Path, out: Path, *, with_backbone: bool = False, license
     verify_checksums(run_dir)
     reports = _reports(run_dir)
     backbone = _backbone_files(run.feature_identity.get("model_source") or "") if with_backbone else []
-    tmp = tmp_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
     files = []
     with writing(out.parent if out.parent.exists() else Path.cwd()):
-        tmp.mkdir(parents=True)
-        for name in COPIED:
-            if (run_dir / name).is_file():
-                _copy(run_dir / name, tmp / name)
-                files.append(name)
-        for split in reports:
-            for path in sorted((run_dir / EVAL_DIR / split).iterdir()):
-                if path.is_file() and path.suffix in EVAL_SUFFIXES:
-                    (tmp / EVAL_DIR / split).mkdir(parents=True, exist_ok=True)
-                    _copy(path, tmp / EVAL_DIR / split / path.name)
-                    files.append(f"{EVAL_DIR}/{split}/{path.name}")
-        if backbone:
-            (tmp / BACKBONE_DIR).mkdir()
-            for path in backbone:
-                shutil.copy2(path, tmp / BACKBONE_DIR / path.name)
-                files.append(f"{BACKBONE_DIR}/{path.name}")
-        (tmp / CARD).write_text(model_card(run, reports, with_backbone=bool(backbone), license=license,
-                                           dataset_name=dataset_name), encoding="utf-8")
-        files.append(CARD)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_dir(out)
+        try:
+            _fill(tmp, run_dir, run, reports, backbone, files, license=license, dataset_name=dataset_name)
+            tmp.replace(out)  # onto an empty folder too: POSIX renames a folder over an empty one
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return Export(directory=out, files=files, reports=list(reports), run=run)
+
+
+def _fill(tmp: Path, run_dir: Path, run: Run, reports: dict[str, dict], backbone: list[Path], files: list[str], *,
+          license: str | None, dataset_name: str | None) -> None:
+    """Copy the run's files, its reports, its backbone and its card into the staging folder `tmp`, listing each."""
+    for name in COPIED:
+        if (run_dir / name).is_file():
+            _copy(run_dir / name, tmp / name)
+            files.append(name)
+    for split in reports:
+        for path in sorted((run_dir / EVAL_DIR / split).iterdir()):
+            if path.is_file() and path.suffix in EVAL_SUFFIXES:
+                (tmp / EVAL_DIR / split).mkdir(parents=True, exist_ok=True)
+                _copy(path, tmp / EVAL_DIR / split / path.name)
+                files.append(f"{EVAL_DIR}/{split}/{path.name}")
+    if backbone:
+        (tmp / BACKBONE_DIR).mkdir()
+        for path in backbone:
+            shutil.copy2(path, tmp / BACKBONE_DIR / path.name)
+            files.append(f"{BACKBONE_DIR}/{path.name}")
+    (tmp / CARD).write_text(model_card(run, reports, with_backbone=bool(backbone), license=license,
+                                       dataset_name=dataset_name), encoding="utf-8")
+    files.append(CARD)

@@ -17,7 +17,9 @@ Two numbers per answer: `probability` ranks the cells (a softmax over every cell
 the rank-1 cell can hold most of the mass and still be wrong), `confidence` is the
 calibrated probability that the rank-1 answer lies within `threshold_m` of where the photo
 was taken (fitted on a held-out split), with `radius_m` the radius that holds the true
-position with probability 0.9. Both are empty for an uncalibrated run.
+position with probability 0.9. Both are empty for an uncalibrated run, and under a `scoring`
+the run's calibration was not fitted for (it is fitted for cosine: `--scoring group-softmax`
+answers carry none, and `min_confidence` is refused).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from PIL import Image, ImageOps
 
 from dcfeat.backbone import FrozenBackbone, load_backbone
 from dcfeat.choices import NO_POOLING
-from dcfeat.confidence import answer_rule, query_signals
+from dcfeat.confidence import TOP_K, answer_rule, calibration_for, query_signals, scoring_note
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import use_tuned_blocks
@@ -47,7 +49,9 @@ from dcfeat.identity import check_features
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
 from dcfeat.partition import Places, centres_of
 from dcfeat.metrics import THRESHOLD_M
-from dcfeat.positions import positions_of, probabilities, ranked
+from dcfeat.model import top_cells
+from dcfeat.positions import answer as positions_answer
+from dcfeat.positions import positions_of, probabilities, ranked, weighing_scale
 from dcfeat.progress import progress_bar
 from dcfeat.run import Run, load_run
 
@@ -86,25 +90,17 @@ def embed_images(paths: list[Path], backbone: FrozenBackbone, image_size: int, *
     return (np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)), kept, failed
 
 
-def cell_probabilities(run: Run, features: np.ndarray, k: int, scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
-    """Top-k class ids and their probabilities, on the model's device.
-
-    "cosine": a softmax at scale s over every class of every group (a ranking score);
-    "group-softmax": each cell's probability under its own group's classifier (D&C Eq. 4.19-4.20).
-    """
-    if scoring == "group-softmax":
-        ids, log_p = run.model.topk(features, k, scoring=scoring)
-        return ids, np.exp(log_p)
-    return run.model.topk(features, k, softmax_scale=run.model.heads.logit_scale)
-
-
-def run_status(run: Run) -> str:
-    """What made a run's answers, in a word or a few: `complete`, or the warnings that go with them."""
+def run_status(run: Run, scoring: str = "cosine") -> str:
+    """What made a run's answers, in a word or a few: `complete`, or the warnings that go with them (under
+    a `scoring` its calibration was not fitted for, that it gives no confidence)."""
     notes = [f"INCOMPLETE RUN (epoch {run.epochs_done} of {run.epochs})" if not run.complete else "complete"]
     if run.random_backbone:
         notes.append("RANDOM BACKBONE")
     if run.calibration is None:
         notes.append("UNCALIBRATED")
+    elif calibration_for(run.calibration, scoring) is None:
+        notes.append(f"NO CONFIDENCE UNDER {scoring.upper()} SCORING (calibration fitted for {run.calibration.scoring} "
+                     "scoring)")
     return "; ".join(notes)
 
 
@@ -113,32 +109,50 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
     the run's rule; rank 1 the position, ranks 2.. other cells' centres), the cell it answers, its
     probability and its centre, and per image the
     calibrated confidence and the 90 % radius (null for an uncalibrated run), the threshold the
-    confidence means, and the run's status."""
-    rule = answer_rule(run.calibration)
-    sig = query_signals(run.model, features, run.classes, M=run.M, rule=rule)
-    weights = p_rule = probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature)
-    if (scoring == "cosine" and k <= sig.top_classes.shape[1]) or len(sig.top_classes) == 0:
-        # The signals' one scoring of every cell already ranks them: no second pass over the model.
-        ids, probs = sig.top_classes, sig.scores.softmax_top(sig.top_classes.shape[1]).astype(np.float32)
-    else:
-        ids, probs = cell_probabilities(run, features, k, scoring)
-        weights = probs
-    # Rank 1 is the best cell's position; ranks 2.. the cells dcfeat.positions.ranked orders (one row per answer).
-    cells = centres_of(run.classes, ids)
-    first = positions_of(Places(*(np.asarray(a)[:, :1] for a in (cells.east, cells.north, cells.zone, cells.letter))),
-                         centres_of(run.classes, sig.top_classes), p_rule, rule.radius_m)
-    at, index = ranked(first, cells, weights, k, run.calibration.threshold_m if run.calibration else THRESHOLD_M)
+    confidence means, and the run's status.
+
+    One ranking feeds the answers, their positions, confidence and radius. Under `scoring` "cosine" the
+    probability is the softmax over every cell at scale s. Under "group-softmax" it is each cell's probability
+    within its own group, and the positions are weighed by those probabilities normalised over the top cells,
+    exactly as `dcfeat evaluate --scoring group-softmax` answers (evaluate.classify); the run's calibration
+    was fitted for cosine answers (`confidence.calibration_for`), so these answers carry no confidence and no
+    radius, follow DEFAULT_RULE, and the status says so."""
+    cal = calibration_for(run.calibration, scoring)
+    rule = answer_rule(cal)
+    threshold_m = cal.threshold_m if cal else THRESHOLD_M
+    n = len(features)
+    confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
+    if scoring == "cosine":
+        sig = query_signals(run.model, features, run.classes, M=run.M, rule=rule)
+        weights = p_rule = probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature)
+        if k <= sig.top_classes.shape[1] or len(sig.top_classes) == 0:
+            # The signals' one scoring of every cell already ranks them: no second pass over the model.
+            ids, probs = sig.top_classes, sig.scores.softmax_top(sig.top_classes.shape[1]).astype(np.float32)
+        else:  # a softmax at scale s over every class of every group
+            ids, probs = run.model.topk(features, k, softmax_scale=run.model.heads.logit_scale)
+            weights = probs
+        # Rank 1 is the best cell's position; ranks 2.. the cells dcfeat.positions.ranked orders (one row per answer).
+        cells = centres_of(run.classes, ids)
+        first = positions_of(Places(*(np.asarray(a)[:, :1] for a in (cells.east, cells.north, cells.zone,
+                                                                      cells.letter))),
+                             centres_of(run.classes, sig.top_classes), p_rule, rule.radius_m)
+        at, index = ranked(first, cells, weights, k, threshold_m)
+        if cal is not None and n:
+            confidence, radius = cal.confidence(sig.values), cal.radius_m(sig.base_radius_m)
+    else:  # the scores are log group probabilities: evaluate.classify's answers
+        top = top_cells(run.model, features, run.classes, max(k, TOP_K), scoring)
+        ids, probs = top["class"], np.exp(top["score"]).astype(np.float32)
+        at, index = positions_answer(Places(top["east"], top["north"], top["zone"], top["letter"]), top["score"],
+                                     weighing_scale(run.model.heads.logit_scale, scoring), rule, ranks=k,
+                                     threshold_m=threshold_m)
     ids, probs = np.take_along_axis(ids, index, 1), np.take_along_axis(probs, index, 1)
-    n, kk = ids.shape
+    kk = ids.shape[1]
     flat = ids.reshape(-1)
     cells = centres_of(run.classes, ids)
     c = Places(*(np.asarray(a).reshape(-1) for a in (cells.east, cells.north, cells.zone, cells.letter)))
     east, north = at.east.reshape(-1), at.north.reshape(-1)
     zone, letter = np.asarray(at.zone).reshape(-1), np.asarray(at.letter).reshape(-1)
     lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
-    confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
-    if run.calibration is not None and n:
-        confidence, radius = run.calibration.confidence(sig.values), run.calibration.radius_m(sig.base_radius_m)
     per_image = lambda v: np.repeat(v, kk)  # noqa: E731
     return pl.DataFrame({
         "image_id": np.repeat(np.asarray(image_ids, dtype=object), kk), "rank": np.tile(np.arange(1, kk + 1), n),
@@ -147,8 +161,8 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
         "cell_east": c.east, "cell_north": c.north, "cell_zone": c.zone, "cell_letter": c.letter,
         "confidence": per_image(confidence), "radius_m": per_image(radius),
     }).with_columns(pl.col("confidence", "radius_m").fill_nan(None),
-                    threshold_m=pl.lit(run.calibration.threshold_m if run.calibration else None, pl.Float64),
-                    run_status=pl.lit(run_status(run)))
+                    threshold_m=pl.lit(cal.threshold_m if cal else None, pl.Float64),
+                    run_status=pl.lit(run_status(run, scoring)))
 
 
 def abstain(frame: pl.DataFrame, min_confidence: float | None) -> pl.DataFrame:
@@ -308,7 +322,13 @@ class Localizer:
 
     @property
     def calibrated(self) -> bool:
-        return self.run.calibration is not None
+        """Whether answers carry a confidence and a radius: the run has a calibration fitted for this scoring."""
+        return calibration_for(self.run.calibration, self.scoring) is not None
+
+    @property
+    def scoring_note(self) -> str | None:
+        """Why a calibrated run's answers carry no confidence under this scoring (None where they do)."""
+        return scoring_note(self.run.calibration, self.scoring)
 
     @property
     def random_backbone(self) -> bool:
@@ -316,7 +336,7 @@ class Localizer:
 
     @property
     def status(self) -> str:
-        return run_status(self.run)
+        return run_status(self.run, self.scoring)
 
     @property
     def classes(self) -> int:
@@ -385,9 +405,11 @@ class Localizer:
         if isinstance(min_confidence, bool) or not (isinstance(min_confidence, (int, float, np.floating))
                                                     and 0 < min_confidence <= 1):
             raise BadInput(f"min_confidence {min_confidence!r}: a probability in (0, 1] is expected")
-        if not self.calibrated:
+        if self.run.calibration is None:
             raise BadInput(f"--min-confidence needs a calibrated run, and {self.run.directory} has no "
                            f"calibration.json: fit one with `dcfeat calibrate --run {self.run.directory} --split val`")
+        if not self.calibrated:
+            raise BadInput(f"--min-confidence needs a confidence, and {self.scoring_note}")
 
     # Images → features.
     def decode(self, image: ImageInput, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:

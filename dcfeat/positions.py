@@ -4,7 +4,8 @@ D&C answers with the centre of the best cell, so a photo taken near a cell's bor
 neighbour wins lands 25–30 m off. Here the answer for the best cell is the centroid of the
 centres of the candidate cells within `radius_m` of it (itself included), each weighed by
 its probability: a softmax at the model's logit scale s divided by `temperature` over the
-query's top-k cells. Radius 0 is the paper's cell centre.
+query's top-k cells (under --scoring group-softmax, each cell's probability within its own group,
+normalised over the top-k: `weighing_scale`). Radius 0 is the paper's cell centre.
 
 Ranked answers stay distinct (`ranked`): rank 1 is that position, and each next rank is the
 candidate cell centre that brings the most probability not yet within the threshold of an
@@ -81,6 +82,13 @@ def probabilities(scores: np.ndarray, logit_scale: float, temperature: float = 1
     z = (logit_scale / temperature) * (np.asarray(scores, np.float64) - np.asarray(scores, np.float64)[:, :1])
     e = np.exp(z)
     return e / e.sum(1, keepdims=True) if e.size else e
+
+
+def weighing_scale(logit_scale: float, scoring: str) -> float:
+    """The scale at which a ranking's scores weigh its candidates (`probabilities`): the model's logit scale s
+    for cosines; 1 for log-probabilities (--scoring group-softmax, and every score of a softmax head), so
+    each candidate weighs its own probability, normalised over the candidates (to the power 1 / temperature)."""
+    return logit_scale if scoring == "cosine" else 1.0
 
 
 def positions(top: Places, p: np.ndarray, radius_m: float, ranks: int | None = None) -> Places:

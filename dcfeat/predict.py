@@ -38,6 +38,7 @@ import polars as pl
 
 from dcfeat.atomic import atomic_write
 from dcfeat.choices import THRESHOLD_M
+from dcfeat.confidence import calibration_for, scoring_note
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, check_writable, write_problem
 from dcfeat.finetune import tuned_splits
@@ -79,12 +80,13 @@ def check_out(out: Path) -> Path:
 
 
 def write_predictions(frame: pl.DataFrame, out: Path, *, random_backbone: bool, run: Run | None = None,
-                      radius_polygons: bool = False) -> Path:
+                      radius_polygons: bool = False, scoring: str = "cosine") -> Path:
     """The table as Parquet, CSV or GeoJSON (by `out`'s extension), written atomically.
-    `radius_polygons`: GeoJSON answers are their 90 % circles (polygons) instead of points."""
+    `radius_polygons`: GeoJSON answers are their 90 % circles (polygons) instead of points. `scoring`: how
+    the table's cells were ranked (its answers are calibrated only under the calibration's own)."""
     out = check_out(out)
-    meta = {**(run.status() if run is not None else {}), "random_backbone": random_backbone,
-            "calibrated": run is not None and run.calibration is not None}
+    meta = {**(run.status() if run is not None else {}), "random_backbone": random_backbone, "scoring": scoring,
+            "calibrated": run is not None and calibration_for(run.calibration, scoring) is not None}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(out) as tmp, open(tmp, "wb") as f:
@@ -293,8 +295,11 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | Sequence[Path] | N
         raise BadInput("--feats needs --split (the cached split to predict)")
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
-    Localizer(run).check_min_confidence(min_confidence)
+    Localizer(run, scoring=scoring).check_min_confidence(min_confidence)
     skipped, warnings = [], []
+    note = scoring_note(run.calibration, scoring)
+    if note:
+        warnings.append(note)
     if feats is not None:
         if _as_tuple(images) or manifest is not None:
             warnings.append(f"--feats and {'--images' if _as_tuple(images) else '--manifest'} both given: predicting "
@@ -305,5 +310,6 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | Sequence[Path] | N
                                         workers=workers, device=str(dev), progress=progress,
                                         path_column=path_column, scoring=scoring)
     frame = abstain(frame, min_confidence)
-    path = write_predictions(frame, out, random_backbone=run.random_backbone, run=run, radius_polygons=geojson_radius)
+    path = write_predictions(frame, out, random_backbone=run.random_backbone, run=run, radius_polygons=geojson_radius,
+                             scoring=scoring)
     return Prediction(path=path, frame=frame, skipped=skipped, run=run, warnings=warnings)

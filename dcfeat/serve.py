@@ -631,6 +631,8 @@ def request_options(fields: dict, localizer: Localizer, config: ServeConfig) -> 
     p = config.min_confidence if p is None else p
     if p is not None and not 0 < p <= 1:
         raise Problem(422, "bad_field", f"min_confidence={p:g}: a probability in (0, 1] is expected")
+    if p is not None and localizer.scoring_note:
+        raise Problem(422, "uncalibrated_run", f"min_confidence needs a confidence, and {localizer.scoring_note}")
     if p is not None and not localizer.calibrated:
         raise Problem(422, "uncalibrated_run", "min_confidence needs a calibrated run, and this server's run has no "
                       "calibration.json: leave min_confidence out, or serve a run fitted with `dcfeat calibrate`")
@@ -1112,6 +1114,8 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
             version = geopose_version(request.headers.get("accept", ""))
             data, what = await asyncio.to_thread(geopose_image, doc)
             del doc  # its base64 text: the image is all that is needed now (a waiting request holds only that)
+            if localizer.scoring_note:
+                raise Problem(501, "uncalibrated_run", f"GeoPose answers need an accuracy, and {localizer.scoring_note}")
             if not localizer.calibrated:
                 raise Problem(501, "uncalibrated_run", "GeoPose answers need an accuracy, and this server's run has "
                               "no calibration.json: fit one with `dcfeat calibrate --run RUN --split val`")

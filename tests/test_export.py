@@ -152,3 +152,41 @@ def test_a_dataset_name_with_yaml_and_markdown_characters_is_escaped(evaluated, 
     assert front_matter(card)["datasets"] == [name]
     [row] = [line for line in card.splitlines() if line.startswith("| data set |")]
     assert row.count(" | ") == 1 and "\\|" in row  # the name's | does not split the table's cell
+
+
+def test_a_folder_of_the_users_named_like_a_staging_folder_survives_an_export(evaluated, tmp_path):
+    mine = tmp_path / ".mine.tmp"  # the name exports staged through before each took its own
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    export_run(evaluated, tmp_path / "mine")
+    assert (mine / "notes.txt").read_text() == "keep" and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".mine.tmp", "mine"]  # no staging folder left
+    assert (tmp_path / "mine" / "README.md").is_file()
+
+
+def test_export_into_a_symlink_is_refused_naming_its_target_and_leaves_nothing(evaluated, tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    for link, to in ((tmp_path / "L", target), (tmp_path / "dangling", tmp_path / "nowhere")):
+        link.symlink_to(to)
+        with pytest.raises(BadInput, match=f"is a symbolic link to {to}.*dcfeat export RUN {to}"):
+            export_run(evaluated, link)
+        refused(invoke("export", evaluated, link), "bad input", "symbolic link")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["L", "dangling", "target"]
+    assert not any(target.iterdir()) and (tmp_path / "L").is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_failed_export_leaves_no_staging_folder(evaluated, tmp_path, monkeypatch):
+    import dcfeat.export
+
+    def broken(source, target):
+        raise RuntimeError(f"copying {source.name} failed")
+
+    monkeypatch.setattr(dcfeat.export, "_copy", broken)
+    with pytest.raises(RuntimeError, match="failed"):
+        export_run(evaluated, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "empty").mkdir()  # an empty folder given stays as it was
+    with pytest.raises(RuntimeError, match="failed"):
+        export_run(evaluated, tmp_path / "empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not any((tmp_path / "empty").iterdir())

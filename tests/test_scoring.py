@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dcfeat.heads import GroupHeads
-from tests.conftest import invoke
+from tests.conftest import invoke, refused
 
 
 def _heads() -> GroupHeads:
@@ -60,3 +60,74 @@ def test_evaluate_and_predict_record_the_scoring(city_store, city_run, tmp_path)
     assert ((soft["probability"] > 0) & (soft["probability"] <= 1)).all()
     top = [cos.filter(pl.col("rank") == 1)["class"].to_numpy(), soft.filter(pl.col("rank") == 1)["class"].to_numpy()]
     assert 0.5 < float(np.mean(top[0] == top[1])) <= 1.0  # mostly the same top cell, not necessarily all
+    for scoring in ("cosine", "group-softmax"):
+        # One ranking, one answer: evaluate's predictions.parquet and predict's table agree, rank by rank.
+        evaluated = pl.read_parquet(tmp_path / scoring / "predictions.parquet")
+        predicted = pl.read_parquet(tmp_path / f"{scoring}.parquet")
+        assert evaluated["image_id"].to_list() == predicted.filter(pl.col("rank") == 1)["image_id"].to_list()
+        for column, table in (("class", "classify_class"), ("utm_east", "classify_east"),
+                              ("utm_north", "classify_north")):
+            said = np.array(evaluated[table].to_list())[:, :3]
+            given = predicted[column].to_numpy().reshape(-1, 3)
+            assert np.allclose(said, given, atol=1e-6), (scoring, column)
+
+
+def test_group_softmax_positions_do_not_collapse_onto_the_centre(city_store, city_run, tmp_path):
+    """Positions weighed by the group probabilities (not softmax(s · log p), which puts all the weight on the
+    best cell) gain over the cell centres at rank 1 and lose no more than a query at rank 5."""
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", tmp_path, "--scoring", "group-softmax",
+               "--k", "1,5")
+    assert r.exit_code == 0, r.output
+    methods = json.loads((tmp_path / "report.json").read_text())["methods"]
+    position, centre = methods["classify"]["recall"], methods["classify-centre"]["recall"]
+    assert position["1"] > centre["1"] + 0.02
+    assert position["5"] >= centre["5"] - 0.005
+
+
+def test_group_softmax_answers_carry_no_confidence_of_the_cosine_answer(city_store, city_run, tmp_path):
+    from dcfeat.errors import BadInput
+    from dcfeat.localizer import Localizer
+    from dcfeat.serve import Problem, ServeConfig, request_options
+    from dcfeat.store import read_split
+
+    feats = read_split(city_store, "test", dtype=np.float32).embeddings[:20]
+    cosine = Localizer.from_run(city_run, device="cpu").locate_features(feats, k=3, as_frame=True)
+    assert cosine["confidence"].null_count() == 0 and cosine["radius_m"].null_count() == 0  # a calibrated run
+    localizer = Localizer.from_run(city_run, device="cpu", scoring="group-softmax")
+    soft = localizer.locate_features(feats, k=3, as_frame=True)
+    assert soft["confidence"].null_count() == soft["radius_m"].null_count() == soft["threshold_m"].null_count() \
+        == soft.height
+    assert (soft["run_status"] == "complete; NO CONFIDENCE UNDER GROUP-SOFTMAX SCORING (calibration fitted for cosine "
+            "scoring)").all()
+    assert not localizer.calibrated and "fitted for cosine scoring" in localizer.scoring_note
+    # An abstention threshold means nothing without a confidence: refused, naming the scoring.
+    with pytest.raises(BadInput, match="fitted for cosine scoring.*--scoring group-softmax"):
+        localizer.locate_features(feats, min_confidence=0.5)
+    with pytest.raises(Problem, match="group-softmax"):
+        request_options({"min_confidence": "0.5"}, localizer, ServeConfig())
+    out = tmp_path / "p.parquet"
+    r = invoke("predict", "--run", city_run, "--feats", city_store, "--split", "test", "--scoring", "group-softmax",
+               "--min-confidence", "0.5", "--out", out)
+    refused(r, "bad input", "group-softmax", "fitted for cosine scoring")
+    assert not out.exists()
+    r = invoke("predict", "--run", city_run, "--feats", city_store, "--split", "test", "--scoring", "group-softmax",
+               "--out", out)
+    assert r.exit_code == 0 and "fitted for cosine scoring" in r.stderr, r.output
+    assert json.loads(pl.read_parquet_metadata(out)["dcfeat"])["calibrated"] is False
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", tmp_path / "e", "--scoring",
+               "group-softmax", "--k", "1")
+    assert r.exit_code == 0 and "fitted for cosine scoring" in r.stderr, r.output
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["confidence"] is None and any("fitted for cosine scoring" in w for w in report["warnings"])
+
+
+def test_a_calibration_records_its_scoring_and_one_written_before_reads_as_cosine(city_run):
+    from dcfeat.confidence import Calibrator
+
+    written = json.loads((city_run / "calibration.json").read_text())
+    assert written["scoring"] == "cosine"
+    old = {k: v for k, v in written.items() if k != "scoring"}
+    assert Calibrator.from_dict(old).scoring == "cosine"
+    assert Calibrator.from_dict(old).to_dict() == written
+    with pytest.raises(ValueError, match="`scoring` must be one of cosine, group-softmax"):
+        Calibrator.from_dict({**written, "scoring": "nope"})

@@ -81,7 +81,7 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
     if result.run.calibration is None:
         warnings.append("UNCALIBRATED RUN: confidence and radius_m are empty; fit them with "
                         "`dcfeat calibrate --split val`")
-    if geojson_radius and result.run.calibration is None and result.path.suffix.lower() == ".geojson":
+    if geojson_radius and first["radius_m"].is_null().all() and result.path.suffix.lower() == ".geojson":
         warnings.append("--geojson-radius: no radius without a calibration; the answers are points")
     if result.random_backbone:
         warnings.append(RANDOM_NOTICE)
