@@ -171,7 +171,7 @@ def nearest_photos(photos: pl.DataFrame, east: np.ndarray, north: np.ndarray, zo
         return rows
     p = Places(*(photos[c].to_numpy()[None] for c in ("utm_east", "utm_north", "utm_zone", "utm_letter")))
     for i in zip(*np.nonzero(np.isfinite(east) & np.isfinite(north))):  # one position at a time: memory of one row
-        d = metres_between(Places(east[i][None], north[i][None], zone[i][None], letter[i][None]), p)
+        d = metres_between(Places(*(np.reshape(np.asarray(c)[i], 1) for c in (east, north, zone, letter))), p)
         rows[i] = int(np.argmin(d[0]))
     return rows
 
