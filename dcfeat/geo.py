@@ -143,11 +143,6 @@ def best_zone(top: Places) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(top.zone)[:, :1], hemisphere(np.asarray(top.letter)[:, :1])
 
 
-def in_zone(east, north, zone, letter_or_northern, to_zone: int, to_northern: bool) -> tuple[np.ndarray, np.ndarray]:
-    """UTM points re-expressed in one given zone and hemisphere (`on_plane` for flat arrays)."""
-    return on_plane(Places(east, north, zone, letter_or_northern), to_zone, to_northern)
-
-
 def metres_between(queries: Places, answers: Places) -> np.ndarray:
     """Metres from each query place (n,) to its answer(s), (n,) or (n, k), under the module's policy: on the
     query's UTM plane, answers of other zones or hemispheres re-expressed there; the great circle for a pair
