@@ -49,8 +49,9 @@ import torch
 
 from dcfeat.choices import SCORINGS
 from dcfeat.errors import BadInput
+from dcfeat.geo import Places, metres_between
 from dcfeat.model import DCModel
-from dcfeat.partition import Places, centres_of, class_keys, label_keys, metres_between, places_of
+from dcfeat.partition import centres_of, class_keys, label_keys, places_of
 from dcfeat.positions import CENTRE, DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
 from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
 from dcfeat.store import Split

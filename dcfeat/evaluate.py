@@ -57,6 +57,7 @@ from dcfeat.confidence import (
 from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures, check_writable, writing
 from dcfeat.finetune import tuned_splits
+from dcfeat.geo import Places
 from dcfeat.identity import RECORDED_ATTRS, check_features
 from dcfeat.metrics import (
     DEFAULT_KS,
@@ -69,7 +70,7 @@ from dcfeat.metrics import (
     selective_report,
 )
 from dcfeat.model import top_cells
-from dcfeat.partition import Places, class_keys, label_keys, places_of
+from dcfeat.partition import class_keys, label_keys, places_of
 from dcfeat.positions import answer as positions_answer
 from dcfeat.positions import weighing_scale
 from dcfeat.reports import Ranking, staged, training_photos, write_confidence_plots, write_grids, write_outputs

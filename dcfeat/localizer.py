@@ -44,10 +44,10 @@ from dcfeat.confidence import TOP_K, answer_rule, calibration_for, query_signals
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import use_tuned_blocks
-from dcfeat.geo import utm_to_latlon
+from dcfeat.geo import Places, utm_to_latlon
 from dcfeat.identity import check_features
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
-from dcfeat.partition import Places, centres_of
+from dcfeat.partition import centres_of
 from dcfeat.metrics import THRESHOLD_M
 from dcfeat.model import top_cells
 from dcfeat.positions import answer as positions_answer

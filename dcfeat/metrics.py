@@ -33,26 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dcfeat.choices import DEFAULT_KS, THRESHOLD_M
-from dcfeat.geo import is_northern, utm_to_latlon
-
-# Mean Earth radius (IUGG R1). The spherical error against the ellipsoid is
-# below 0.5 %, far under the 25 m threshold at city scale.
-EARTH_RADIUS_M = 6_371_008.8
-
-def haversine_m(lat1: np.ndarray, lon1: np.ndarray, lat2: np.ndarray, lon2: np.ndarray) -> np.ndarray:
-    """Great-circle distance in metres between points given in degrees (broadcasts)."""
-    phi1, phi2 = np.radians(lat1), np.radians(lat2)
-    dphi = phi2 - phi1
-    dlmb = np.radians(np.asarray(lon2) - np.asarray(lon1))
-    a = np.sin(dphi / 2) ** 2 + np.cos(phi1) * np.cos(phi2) * np.sin(dlmb / 2) ** 2
-    # clip: rounding can push `a` a hair above 1 for antipodal points.
-    return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-
-
-def _northern(letter: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    if letter is None:
-        return np.ones(shape, dtype=bool)
-    return np.broadcast_to(is_northern(letter), shape)
+from dcfeat.geo import Places, metres_between
 
 
 def distances_m(
@@ -65,63 +46,17 @@ def distances_m(
     *,
     q_letter: np.ndarray | str | None = None,
     p_letter: np.ndarray | str | None = None,
-    q_lat: np.ndarray | None = None,
-    q_lon: np.ndarray | None = None,
-    p_lat: np.ndarray | None = None,
-    p_lon: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Metres between each query (n,) and its predictions, shape (n,) or (n, k).
-
-    Pairs in the same UTM zone (and hemisphere) use the planar Euclidean
-    distance, which is what the 25 m threshold of the VPR literature means.
-    Pairs across zones have no common plane, so they use the great-circle
-    distance, from the given lat/lon or else converted from UTM. Letters only
-    decide the hemisphere; without them every point counts as northern.
-    Zones, letters and lat/lon may be scalars or broadcast like the points.
-    A prediction with non-finite coordinates (padding) gets distance inf.
+    """Metres between each query (n,) and its predictions, shape (n,) or (n, k): `geo.metres_between` on
+    flat arrays (the planar distance on the query's UTM plane, predictions of other zones re-expressed
+    there). Letters only decide the hemisphere; without them every point counts as northern. Zones and
+    letters may be scalars or broadcast like the points. A prediction with non-finite coordinates
+    (padding) gets distance inf.
     """
-    p_east = np.asarray(p_east, dtype=np.float64)
-    shape = p_east.shape
-    if len(shape) not in (1, 2) or np.shape(q_east) != shape[:1]:
-        raise ValueError(
-            f"queries must have shape (n,) and predictions (n,) or (n, k); got {np.shape(q_east)} and {shape}"
-        )
-
-    def per_query(x: np.ndarray | int | str | None) -> np.ndarray | None:
-        # Query-side arrays are (n,): add a column axis so they meet (n, k).
-        if x is None:
-            return None
-        x = np.asarray(x)
-        return np.broadcast_to(x[:, None] if x.ndim == 1 and len(shape) == 2 else x, shape)
-
-    def per_pred(x: np.ndarray | int | str | None) -> np.ndarray | None:
-        return None if x is None else np.broadcast_to(np.asarray(x), shape)
-
-    qe, qn = per_query(np.asarray(q_east, dtype=np.float64)), per_query(np.asarray(q_north, dtype=np.float64))
-    pn = per_pred(np.asarray(p_north, dtype=np.float64))
-    qz, pz = per_query(q_zone), per_pred(p_zone)
-    q_hemi = _northern(per_query(q_letter), shape)
-    p_hemi = _northern(per_pred(p_letter), shape)
-
-    out = np.hypot(p_east - qe, pn - qn)
-    # A missing prediction (NaN/inf coordinates, whatever its zone says) is
-    # infinitely far: never correct, and never handed to the UTM conversion.
-    missing = ~np.isfinite(out)
-    out[missing] = np.inf
-    cross = ((qz != pz) | (q_hemi != p_hemi)) & ~missing
-    if not cross.any():
-        return out
-
-    if q_lat is None or q_lon is None:
-        la, lo = utm_to_latlon(qe[cross], qn[cross], qz[cross], q_hemi[cross])
-    else:
-        la, lo = per_query(q_lat)[cross], per_query(q_lon)[cross]
-    if p_lat is None or p_lon is None:
-        lb, lob = utm_to_latlon(p_east[cross], pn[cross], pz[cross], p_hemi[cross])
-    else:
-        lb, lob = per_pred(p_lat)[cross], per_pred(p_lon)[cross]
-    out[cross] = haversine_m(la, lo, lb, lob)
-    return out
+    return metres_between(
+        Places(q_east, q_north, q_zone, True if q_letter is None else q_letter),
+        Places(p_east, p_north, p_zone, True if p_letter is None else p_letter),
+    )
 
 
 def correct_at_k(dist: np.ndarray, threshold_m: float = THRESHOLD_M) -> np.ndarray:

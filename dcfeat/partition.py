@@ -16,8 +16,7 @@ import numpy as np
 import polars as pl
 
 from dcfeat.errors import BadInput
-from dcfeat.geo import UTM_LETTERS, is_northern
-from dcfeat.metrics import distances_m
+from dcfeat.geo import UTM_LETTERS, Places, is_northern
 
 # Bits of p and of q in a cell key: ±2^27 cells reach past 10,000 km at M = 0.1 m.
 _CELL_BITS = 28
@@ -246,16 +245,6 @@ def load_classes(path: str | Path) -> pl.DataFrame:
     return _checked(pl.read_parquet(path, glob=False), str(path))  # a file name, never a pattern
 
 
-@dataclass(frozen=True)
-class Places:
-    """UTM positions, each array of one shape: (n,) for one answer per query, (n, k) for top-k lists."""
-
-    east: np.ndarray
-    north: np.ndarray
-    zone: np.ndarray
-    letter: np.ndarray
-
-
 def centres_of(classes: pl.DataFrame, ids: np.ndarray) -> Places:
     """The cell centres of class ids (rows of the class table), in the shape of `ids`."""
     ids = np.asarray(ids)
@@ -280,8 +269,3 @@ def label_keys(labels: pl.DataFrame, M: float) -> np.ndarray:
     return cell_keys(labels["utm_zone"].to_numpy(), labels["utm_letter"].to_numpy(),
                      labels["utm_east"].to_numpy(), labels["utm_north"].to_numpy(), M)
 
-
-def metres_between(queries: Places, answers: Places) -> np.ndarray:
-    """Metres from each query position (n,) to its answer(s), (n,) or (n, k) (`metrics.distances_m`)."""
-    return distances_m(queries.east, queries.north, queries.zone, answers.east, answers.north, answers.zone,
-                       q_letter=queries.letter, p_letter=answers.letter)

@@ -13,9 +13,9 @@ answer above it, a candidate's probability spread evenly over the disc of SPREAD
 centre. So ranks 2..k are other places, not the rank-1 centroid again, and the best centre
 comes back below rank 1 where the position leaves some of its probability uncovered.
 
-Centres are compared on one plane: a candidate in another UTM zone (or hemisphere) than the
-query's best cell is re-expressed in that cell's zone (UTM runs on past the zone's edge), and
-every answer is given in the best cell's zone.
+Centres are compared on one plane, as `geo` measures every distance: a candidate in another UTM
+zone (or hemisphere) than the query's best cell is re-expressed in that cell's zone (`geo.on_plane`),
+and every answer is given in the best cell's zone.
 
 The rule is fitted on a held-out split with the confidence (`fit_position_rule`: the grid's
 best LR@1 at the threshold, smaller radius on ties) and stored in calibration.json; a run
@@ -28,9 +28,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from dcfeat.geo import in_zone, is_northern
-from dcfeat.metrics import THRESHOLD_M, distances_m
-from dcfeat.partition import Places
+from dcfeat.choices import THRESHOLD_M
+from dcfeat.geo import Places, best_zone, metres_between, on_plane
 
 # Searched on the held-out split: neighbourhood radii (0: the cell centre) and temperatures.
 RADII_M = (0.0, 30.0, 45.0, 60.0)
@@ -98,25 +97,6 @@ def positions(top: Places, p: np.ndarray, radius_m: float, ranks: int | None = N
     ranks = np.shape(top.east)[1] if ranks is None else min(ranks, np.shape(top.east)[1])
     return positions_of(Places(*(np.asarray(a)[:, :ranks] for a in (top.east, top.north, top.zone, top.letter))),
                         top, p, radius_m)
-
-
-def on_plane(places: Places, zone0: np.ndarray, north0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """East and north of `places` (n, r) in the zone `zone0` (n, 1) and hemisphere `north0` (n, 1) of each
-    query's best cell (UTM runs on past a zone's edge)."""
-    east, north = np.asarray(places.east, np.float64), np.asarray(places.north, np.float64)
-    zones, hemis = np.asarray(places.zone), is_northern(np.asarray(places.letter, "U1"))
-    if not len(east) or ((zones == zone0).all() and (hemis == north0).all()):
-        return east, north
-    east, north = east.copy(), north.copy()
-    for z, h in {(int(a), bool(b)) for a, b in zip(zone0[:, 0], north0[:, 0])}:
-        rows = (zone0[:, 0] == z) & (north0[:, 0] == h)
-        east[rows], north[rows] = in_zone(east[rows], north[rows], zones[rows], np.asarray(places.letter)[rows], z, h)
-    return east, north
-
-
-def best_zone(top: Places) -> tuple[np.ndarray, np.ndarray]:
-    """The zone (n, 1) and hemisphere (n, 1) of each query's best cell: the plane its answers are given on."""
-    return np.asarray(top.zone)[:, :1], is_northern(np.asarray(top.letter)[:, :1].astype("U1"))
 
 
 def positions_of(cells: Places, top: Places, p: np.ndarray, radius_m: float) -> Places:
@@ -208,8 +188,7 @@ def fit_position_rule(top: Places, scores: np.ndarray, logit_scale: float, truth
     for radius in sorted(radii):
         for temperature in sorted(temperatures) if radius > 0 else [1.0]:
             at = answer(top, scores, logit_scale, PositionRule(radius, temperature), ranks=1)[0]
-            dist = distances_m(truth.east, truth.north, truth.zone, at.east[:, 0], at.north[:, 0], at.zone[:, 0],
-                               q_letter=truth.letter, p_letter=at.letter[:, 0])
+            dist = metres_between(truth, Places(at.east[:, 0], at.north[:, 0], at.zone[:, 0], at.letter[:, 0]))
             grid[(radius, temperature)] = float((dist <= threshold_m).mean()) if len(dist) else 0.0
     best = max(grid, key=lambda key: (grid[key], -key[0], -key[1]))
     return PositionRule(*best), {f"{r:g} m, T {t:g}": v for (r, t), v in grid.items()}

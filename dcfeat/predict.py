@@ -42,11 +42,12 @@ from dcfeat.confidence import calibration_for, scoring_note
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, check_writable, write_problem
 from dcfeat.finetune import tuned_splits
-from dcfeat.geo import utm_to_latlon
+from dcfeat.geo import Places, metres_between, utm_to_latlon
 from dcfeat.identity import check_features
 from dcfeat.labels import (
     IMAGE_SUFFIXES,
     UNREAD_SUFFIXES,
+    UTM_COLUMNS,
     check_utf8_names,
     fill_positions,
     find_images,
@@ -55,7 +56,6 @@ from dcfeat.labels import (
     unread_files,
 )
 from dcfeat.localizer import IMAGE_COLUMNS, Localizer, abstain, json_value
-from dcfeat.metrics import distances_m
 from dcfeat.run import Run, load_run
 from dcfeat.store import read_split
 
@@ -199,7 +199,7 @@ def _image_list(images: Path | Sequence[Path] | None, manifest: Path | None, pat
 
 def with_errors(frame: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
     """`error_m` beside each answer: metres from its image's rank-1 position to where the photo was taken,
-    across UTM zones (`metrics.distances_m`); null where that is unknown. `truth`: LABEL_SCHEMA rows, one
+    across UTM zones (`geo.metres_between`); null where that is unknown. `truth`: LABEL_SCHEMA rows, one
     per image in the order of `frame`'s images (null positions where unknown)."""
     first = frame.filter(pl.col("rank") == 1)
     if first.height != truth.height:
@@ -208,11 +208,7 @@ def with_errors(frame: pl.DataFrame, truth: pl.DataFrame) -> pl.DataFrame:
     known = truth["utm_east"].is_not_null().to_numpy()
     if known.any():
         t, a = truth.filter(known), first.filter(known)
-        errors[known] = distances_m(
-            t["utm_east"].to_numpy(), t["utm_north"].to_numpy(), t["utm_zone"].to_numpy(),
-            a["utm_east"].to_numpy(), a["utm_north"].to_numpy(), a["utm_zone"].to_numpy(),
-            q_letter=t["utm_letter"].to_numpy(), p_letter=a["utm_letter"].to_numpy(),
-            p_lat=a["lat"].to_numpy(), p_lon=a["lon"].to_numpy())
+        errors[known] = metres_between(*(Places(*(f[c].to_numpy() for c in UTM_COLUMNS)) for f in (t, a)))
     per_image = frame.height // max(first.height, 1)  # predictions() gives every image the same number of rows
     return frame.with_columns(error_m=pl.Series(np.repeat(errors, per_image)).fill_nan(None))
 

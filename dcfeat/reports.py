@@ -23,9 +23,9 @@ from dcfeat.atomic import TMP_SUFFIX, atomic_write, fsync_dir, tmp_dir, write_te
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.choices import CENTRE_METHOD, MODES
 from dcfeat.errors import DcfeatError
+from dcfeat.geo import Places, metres_between
 from dcfeat.images import ImageProblem, load_image
 from dcfeat.locking import waiting
-from dcfeat.metrics import distances_m
 from dcfeat.plots import Tile, plot_error_cdf, plot_grid, plot_query_map, plot_reliability, plot_risk_coverage
 from dcfeat.store import Split, read_split
 
@@ -169,10 +169,9 @@ def nearest_photos(photos: pl.DataFrame, east: np.ndarray, north: np.ndarray, zo
     rows = np.full(east.shape, -1, dtype=np.int64)
     if photos.height == 0:
         return rows
-    p = [photos[c].to_numpy() for c in ("utm_east", "utm_north", "utm_zone", "utm_letter")]
+    p = Places(*(photos[c].to_numpy()[None] for c in ("utm_east", "utm_north", "utm_zone", "utm_letter")))
     for i in zip(*np.nonzero(np.isfinite(east) & np.isfinite(north))):  # one position at a time: memory of one row
-        d = distances_m(east[i][None], north[i][None], zone[i], p[0][None], p[1][None], p[2], q_letter=letter[i],
-                        p_letter=p[3])
+        d = metres_between(Places(*(np.reshape(np.asarray(c)[i], 1) for c in (east, north, zone, letter))), p)
         rows[i] = int(np.argmin(d[0]))
     return rows
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dcfeat.metrics import localisation_recall
-from dcfeat.partition import Places
+from dcfeat.geo import Places
 from dcfeat.positions import (CENTRE, RADII_M, SPREAD_M, PositionRule, answer, fit_position_rule, positions,
                               probabilities, ranked)
 

@@ -15,9 +15,9 @@ import numpy as np
 
 from dcfeat.calibrate import calibrate_files
 from dcfeat.evaluate import evaluate_files
+from dcfeat.geo import Places
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import top_cells
-from dcfeat.partition import Places
 from dcfeat.positions import PositionRule, positions, probabilities
 from dcfeat.run import load_run
 from dcfeat.store import read_split
