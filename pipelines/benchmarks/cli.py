@@ -16,7 +16,7 @@ import time
 
 import click
 
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 from pipelines.benchmarks.records import ROOT
 
 COMMANDS = {
@@ -54,10 +54,10 @@ def measure(*, runs: int = 9) -> dict:
 def render(results: list[dict]) -> str:
     """`dcfeat --help` against `import torch`, fresh processes side by side."""
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run cli`."
+        return not_measured("cli")
     c = results[-1]
     m = c["median_s"]
-    return (f"On this 2-core CPU{measured(c)}: median of {c['runs']} fresh processes each, alternating (`python -m pipelines.benchmarks run cli`); "
+    return (f"On this 2-core CPU{measured(c)}: median of {c['runs']} fresh processes each, alternating ({command('cli')}); "
             f"the interpreter alone starts in {m['python']:.2f} s.\n\n" + table(["what", "measured", "goal"], [
                 ["`dcfeat --help` / `python -c \"import torch\"`",
                  f"{m['dcfeat --help']:.2f} s / {m['import torch']:.2f} s = **{c['help_over_torch']:.2f}**", "≤ 0.2"],

@@ -23,7 +23,7 @@ from dcfeat.run import load_run
 from dcfeat.store import read_split
 from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import TrainConfig, train_files
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 from pipelines.benchmarks.quality import near_misses
 from pipelines.benchmarks.records import RESULTS
 CITY = {"seed": 0, "queries": 4000, "val_queries": 3000}
@@ -53,7 +53,7 @@ def measure() -> dict:
 
 def render(results: list[dict]) -> str:
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run confidence`."
+        return not_measured("confidence")
     cf = results[-1]
     sec = cf["confidence"]
     sig = sec["signals"]
@@ -88,7 +88,7 @@ def render(results: list[dict]) -> str:
               f"{r['mean_candidates']:,.0f}" if "mean_candidates" in r else "—"] for name, r in m.items()]
     return (f"`{cf['city']}`: default `TrainConfig`, calibrated on val ({cf['calibrator']['fitted_on']['queries']:,} "
             f"queries), measured on test ({cf['confidence']['right'] * 100:.1f} % right at 25 m){measured(cf)} "
-            "(`python -m pipelines.benchmarks run confidence`). Every signal ranks the same answers (classification's top 1); "
+            f"({command('confidence')}). Every signal ranks the same answers (classification's top 1); "
             "entropy and spread rank by their negation, `retrieval_disagreement_m` is the distance between "
             "classification's and retrieval's top 1 (a database is needed):\n\n"
             + table(["signal", "AUC-PR", "AUROC", "LR@1 at 50 %", "at 75 %", "at 90 %", "ECE", "Brier"], rows)

@@ -15,7 +15,7 @@ from dcfeat.backbone import save_random_vit
 from dcfeat.synthetic.features import make_city
 from dcfeat.train import TrainConfig
 from pipelines.benchmarks import speed
-from pipelines.benchmarks.markdown import recall_cells, table
+from pipelines.benchmarks.markdown import not_measured, recall_cells, table
 from pipelines.benchmarks.quality import city_benchmark
 from pipelines.benchmarks.records import RESULTS, software
 
@@ -44,6 +44,8 @@ def measure() -> dict:
 
 def render(results: list[dict]) -> dict[str, str]:
     """The header and the CPU sections, from the latest CPU record."""
+    if not results:
+        return dict.fromkeys(("header", "extraction", "training", "city", "city_1m"), not_measured("cpu"))
     cpu = results[-1]
     return {"header": header(cpu), "extraction": extraction(cpu), "training": training(cpu), "city": city(cpu),
             "city_1m": city_1m(cpu)}

@@ -22,7 +22,7 @@ from dcfeat.extract import extract
 from dcfeat.images import whole_size
 from dcfeat.labels import collect_images
 from pipelines.benchmarks import speed
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 from pipelines.benchmarks.records import software
 SETS = {"square": [(512, 512)], "mixed": [(480, 640), (640, 480), (512, 512), (432, 768)]}  # (height, width)
 IMAGES, IMAGE_SIZE, PATCH, BATCH, WORKERS, REPEATS = 32, 224, 14, 16, 2, 9
@@ -67,7 +67,7 @@ def measure() -> dict:
 
 def render(results: list[dict]) -> str:
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run crop`."
+        return not_measured("crop")
     cr = results[-1]
     rows = [[f"{name}: {', '.join(r['shapes'])}", *(f"{r[c]['img_s']:.1f} ({r[c]['patches_per_image']:.0f})"
                                                     for c in ("centre", "full")), f"**{r['full_over_centre']:.2f}**"]
@@ -76,6 +76,6 @@ def render(results: list[dict]) -> str:
             f"{cr['load_average_after']:.1f} after), `--image-size {cr['image_size']}`, batch {cr['batch_size']}, "
             f"{cr['workers']} workers, {cr['images']} JPEGs per set; `extract` end to end, median of {cr['repeats']} "
             f"runs after a warm-up, the two crops alternating; full ÷ centre is the median of the ratios of "
-            f"consecutive runs{measured(cr)} (`python -m pipelines.benchmarks run crop`):\n\n"
+            f"consecutive runs{measured(cr)} ({command('crop')}):\n\n"
             + table(["images", "centre: img/s (patches per image)", "full: img/s (patches per image)",
                      "full ÷ centre"], rows))

@@ -30,7 +30,7 @@ from dcfeat.model import DCModel
 from dcfeat.store import split_info
 from dcfeat.synthetic.photos import render_city
 from dcfeat.train import train_step
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import measured, not_measured, table
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -138,7 +138,7 @@ def measure(*, image_size: int = 112, epochs: int = 5) -> dict:
 
 def render(results: list[dict]) -> str:
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run finetune`."
+        return not_measured("finetune")
     ft = results[-1]
     c = ft["city"]
     runs = table(["tuned blocks K", "block lr", "test LR@1", "test LR@5", "best val LR@1", "s/epoch",

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from dcfeat.backbone import _fingerprint, load_backbone, save_random_vit
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 
 REPEATS = 3
 
@@ -44,11 +44,11 @@ def measure() -> dict:
 
 def render(results: list[dict]) -> str:
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run fingerprint`."
+        return not_measured("fingerprint")
     fp = results[-1]
     secs = fp["fingerprint_s"]
     return (f"{fp['model']}, {fp['tensor_bytes'] / 1e6:,.0f} MB of tensors, {fp['backbone_device']} ({fp['cpu']}), median "
-            f"of {fp['repeats']}{measured(fp)} (`python -m pipelines.benchmarks run fingerprint`):\n\n"
+            f"of {fp['repeats']}{measured(fp)} ({command('fingerprint')}):\n\n"
             + table(["what", "measured"], [
                 ["fingerprint of every tensor + the architecture, sha256 (the hash used)", f"{secs['sha256']:.2f} s"],
                 ["the same with blake2b, for comparison", f"{secs['blake2b']:.2f} s"],

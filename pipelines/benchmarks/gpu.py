@@ -24,7 +24,7 @@ from dcfeat.backbone import save_random_vit
 from dcfeat.synthetic.features import make_city
 from dcfeat.train import TrainConfig
 from pipelines.benchmarks import speed
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, table
 from pipelines.benchmarks.quality import city_benchmark
 
 GPU = True  # the record's device is the GPU's name
@@ -169,11 +169,11 @@ def _gpu_rows(steps: dict, note: str = "") -> list[list[str]]:
 def section(runs: list[dict]) -> str:
     """The GPU figures of one or more runs on one device, the rows of run 2 on prefixed `run 2: `."""
     if not runs:
-        return "No GPU run recorded yet: run `python -m pipelines.benchmarks run gpu --results $OUT` on a CUDA machine."
+        return f"No GPU run recorded yet: run {command('gpu')} with `--results $OUT` on a CUDA machine."
     env = _steps(runs[0])["env"][0]
     rows = [row for n, run in enumerate(runs, 1) for row in _gpu_rows(_steps(run), f"run {n}: " if n > 1 else "")]
     return (f"Device: {env['gpu']}, {env['cpus']} CPU cores, torch {env['torch']}, Python {env['python']} "
-            f"({len(runs)} run(s) of `python -m pipelines.benchmarks run gpu`{measured(env)}; each figure a median of 3 "
+            f"({len(runs)} run(s) of {command('gpu')}{measured(env)}; each figure a median of 3 "
             "timed repeats after a warm-up). Backbones are randomly initialised DINOv2 architectures: speed only.\n\n"
             + table(["what", "measured", "goal"], rows))
 

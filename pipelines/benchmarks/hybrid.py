@@ -26,7 +26,7 @@ from dcfeat.run import load_run
 from dcfeat.store import read_split
 from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import TrainConfig, train_files
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 
 CITY = {"seed": 0, "streets": 40, "db_spacing_m": 1.0, "val_queries": 1000}
 MODES = ("classify", "retrieve", "hybrid", "adaptive")
@@ -97,7 +97,7 @@ def measure() -> dict:
 
 def render(results: list[dict]) -> str:
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run hybrid`."
+        return not_measured("hybrid")
     hb = results[-1]
     q = hb["queries"]
     rows = [[name, f"{q[name]['ms_per_query']:.4f}", f"{100 * q[name]['recall']['1']:.1f}",
@@ -117,6 +117,6 @@ def render(results: list[dict]) -> str:
                       f"**{fz['dcfeat_over_faiss_queries_per_s']:.2f}**; top-1 agreement {fz['top1_agreement']:.3f}", "≥ 1"])
     return (f"`{q['city']}`: {q['database_rows']:,}-row database, {q['queries']} queries, {q['classes']:,} classes, "
             f"a run of {q['train_epochs']} epochs calibrated on val; CPU, median of 3 after a warm-up, modes "
-            f"interleaved{measured(hb)} (`python -m pipelines.benchmarks run hybrid`):\n\n"
+            f"interleaved{measured(hb)} ({command('hybrid')}):\n\n"
             + table(["mode", "ms/query", "LR@1", "mean candidates"], rows) + "\n\n"
             + table(["goal", "measured", "target"], goals))

@@ -8,6 +8,15 @@ def table(head: list[str], rows: list[list]) -> str:
                       *("| " + " | ".join(map(str, r)) + " |" for r in rows)])
 
 
+def command(name: str) -> str:
+    """The command that measures benchmark `name`, as captions name it."""
+    return f"`python -m pipelines.benchmarks run {name}`"
+
+
+def not_measured(name: str) -> str:
+    return f"Not measured yet: run {command(name)}."
+
+
 def measured(record: dict) -> str:
     return f", measured {record['date']}" if record.get("date") else ", date not recorded"
 

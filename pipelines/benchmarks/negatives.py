@@ -19,7 +19,7 @@ import torch
 from dcfeat.model import DCModel
 from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import TrainConfig, train_files, train_step
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 
 OPTIONS = [click.Option(["--classes"], default=1_000_000, show_default=True, type=click.IntRange(2),
                         help="Classes of the one group whose step is timed.")]
@@ -56,7 +56,7 @@ def measure(*, classes: int = 1_000_000) -> dict:
 
 def render(results: list[dict]) -> str:
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run negatives`."
+        return not_measured("negatives")
     ng = results[-1]
     full, sampled = ng["step_s"]["1.0"], ng["step_s"]["0.1"]
     rows = [[f"training step, batch {ng['batch']}, 768→512, {ng['classes']:,} classes in one group",
@@ -65,4 +65,4 @@ def render(results: list[dict]) -> str:
                f"{c['seconds_per_epoch']:.2f} s/epoch", "r = 0.2 within 1 point of r = 1"]
               for r, c in ng["city"].items()]]
     return (f"CPU, median of 3 steps after one that allocates AdamW's state{measured(ng)} "
-            "(`python -m pipelines.benchmarks run negatives`, timing `train.train_step`):\n\n" + table(["what", "measured", "goal"], rows))
+            f"({command('negatives')}, timing `train.train_step`):\n\n" + table(["what", "measured", "goal"], rows))

@@ -14,7 +14,7 @@ from pathlib import Path
 from dcfeat.evaluate import evaluate_files
 from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import TrainConfig, train_files
-from pipelines.benchmarks.markdown import measured, recall_cells, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, recall_cells, table
 
 
 def measure() -> dict:
@@ -34,10 +34,10 @@ def measure() -> dict:
 
 def render(results: list[dict]) -> str:
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run scoring`."
+        return not_measured("scoring")
     sc = results[-1]
     rows = [[f"{method} ({name})", *recall_cells(m)]
             for name, methods in sc["scorings"].items() for method, m in methods.items()]
     return (f"`{sc['city']}`, one trained run (default `TrainConfig`), the same 500 test queries and database for "
-            f"both rankings{measured(sc)} (`python -m pipelines.benchmarks run scoring`):\n\n"
+            f"both rankings{measured(sc)} ({command('scoring')}):\n\n"
             + table(["method (cells ranked by)", "LR@1", "LR@5", "LR@10", "LR@20", "median error"], rows))

@@ -28,7 +28,7 @@ import numpy as np
 
 from dcfeat.backbone import RANDOM_NOTICE, save_random_dinov2
 from dcfeat.synthetic.photos import render_city
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 from pipelines.benchmarks.records import ROOT, software
 
 def dcfeat(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -307,7 +307,7 @@ def _batches(metrics: str) -> dict:
 def render(results: list[dict]) -> str:
     """`dcfeat serve` on loopback against `dcfeat predict`, the soak and the hostile set (python -m pipelines.benchmarks run serve)."""
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run serve`."
+        return not_measured("serve")
     sv = results[-1]
     t, soak, m = sv["throughput"], sv["soak"], sv["model"]
     hostile = [[h["case"], "—" if h["wanted"] is None else h["wanted"], "—" if h["got"] is None else h["got"],
@@ -321,7 +321,7 @@ def render(results: list[dict]) -> str:
             f"{sv['photo_bytes_mean'] / 1024:.0f} kB JPEG per request); the machine was shared (1-minute load "
             f"average {sv['load_average_before']:.1f} before, {sv['load_average_after']:.1f} after). Throughput: "
             f"the same {sv['images']:,} photos through `dcfeat predict --images` and through the server, "
-            f"alternating, median of {len(t['rounds'])} rounds (`python -m pipelines.benchmarks run serve`):\n\n"
+            f"alternating, median of {len(t['rounds'])} rounds ({command('serve')}):\n\n"
             + table(["what", "measured", "goal"], [
                 ["`dcfeat serve`, 32 concurrent clients, one image per request",
                  f"{t['serve_requests_per_s']:.0f} requests/s", ""],

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 from pipelines.benchmarks.serve import free_port, make_run, rss_mb, start_server, stop_server
 
 SLOW_LINE = b"X-Slow: 1\r\n"
@@ -273,7 +273,7 @@ def _medians(run: Path, *, runs: int, seconds: float, clients: int) -> dict:
 def render(results: list[dict]) -> str:
     """`/health` under slow and maximal clients, and RSS under 128 maximal requests (python -m pipelines.benchmarks run serve_hostile)."""
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run serve_hostile`."
+        return not_measured("serve_hostile")
     h = results[-1]
     med, p90, runs = h["health_median_ms"], h["health_p90_ms"], h["runs"]
     said = {"idle": "idle", "slowloris": "130 connections sending one header line every 2 s (slowloris)",
@@ -284,7 +284,7 @@ def render(results: list[dict]) -> str:
     rss = [r["rss"] for r in runs]
     return (f"A random tiny DINOv2 at 56 px on this 2-core CPU{measured(h)}, loopback; median over {len(runs)} server "
             "lifetimes of the median `/health` latency (TCP connect included) while each load runs "
-            "(`python -m pipelines.benchmarks run serve_hostile`):\n\n"
+            f"({command('serve_hostile')}):\n\n"
             + table(["while", "`/health` median", "p90", "goal"], rows)
             + f"\n\nEvery slow client was cut off with 408 at `--header-timeout`. Memory: {rss[0]['clients']} "
             f"concurrent maximal GeoPose requests, each retried after its 503 `busy` (about "

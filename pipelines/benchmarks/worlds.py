@@ -28,7 +28,7 @@ from dcfeat.run import load_run
 from dcfeat.store import read_split
 from dcfeat.synthetic.features import FAMILY, make_city, write_city
 from dcfeat.train import TrainConfig, train_files
-from pipelines.benchmarks.markdown import measured, table
+from pipelines.benchmarks.markdown import command, measured, not_measured, table
 
 METHODS = ("classify", "classify-centre", "retrieve", "hybrid", "adaptive")
 KS = (1, 5, 10, 20)  # LR@k recorded per method: the position's ranked answers against the cell centres'
@@ -99,7 +99,7 @@ def old_rule(store: Path, run_dir: Path, rule: PositionRule) -> dict:
 def render(results: list[dict]) -> str:
     """Quality per city of the synthetic family and the goals, met or not."""
     if not results:
-        return "Not measured yet: run `python -m pipelines.benchmarks run worlds`."
+        return not_measured("worlds")
     w = results[-1]
     cities = w["cities"]
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
@@ -150,7 +150,7 @@ def render(results: list[dict]) -> str:
         ["90 % radius holds 88–92 %, every city", f"{len(radius)} of {n} cities", verdict(len(radius) == n)]])
     return (f"On {machine(w)}{measured(w)}: per city {w['queries']:,} test and {w['val_queries']:,} val queries, "
             "default `TrainConfig`, the position rule, confidence and gate fitted on val against the database "
-            "(`python -m pipelines.benchmarks run worlds`).\n\n" + per_city + "\n\n" + ranked + "\n\n" + goals)
+            f"({command('worlds')}).\n\n" + per_city + "\n\n" + ranked + "\n\n" + goals)
 
 
 def machine(w: dict) -> str:
