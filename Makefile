@@ -26,4 +26,5 @@ demo: install
 	$(PYTHON) -m dcfeat demo
 
 bench: install
-	$(PYTHON) pipelines/bench.py
+	$(PYTHON) -m pipelines.benchmarks run cpu
+	$(PYTHON) -m pipelines.benchmarks render

@@ -68,7 +68,7 @@ def weights_fingerprint(architecture: str, state: Mapping, *, hash_name: str = "
 
     Hash the tensors in the dtype they are stored in, before any cast to the run's dtype, so a bf16 GPU
     run and an fp32 CPU run of one checkpoint agree. sha256 because OpenSSL's SHA-NI path hashes ~2.5x
-    faster than blake2b on these CPUs (pipelines/bench_fingerprint.py).
+    faster than blake2b on these CPUs (`python -m pipelines.benchmarks run fingerprint`).
     """
     import torch  # here, not at import: the store and run readers that import this module need no torch
 

@@ -1,22 +1,19 @@
 """The README's picture of the page at `/` (docs/page.png), taken from the real page in headless chromium.
 
-Inputs: none (the street city and run of pipelines/bench/serve.py: a rendered synthetic city, a random
+Inputs: none (the street city and run of pipelines/benchmarks/serve.py: a rendered synthetic city, a random
 DINOv2, so the page shows its RANDOM BACKBONE notice). Needs Debian's chromium and chromium-driver and
-selenium. Output: docs/page.png. Run from the repository root: `python pipelines/page_screenshot.py`.
+selenium. Output: docs/page.png. Run from the repository root: `python -m pipelines.page_screenshot`.
 """
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for `pipelines.bench`, the measurement code
-
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from pipelines.bench.serve import free_port, make_run, start_server, stop_server
+from pipelines.benchmarks.records import ROOT
+from pipelines.benchmarks.serve import free_port, make_run, start_server, stop_server
 
 
 def main(out: Path = ROOT / "docs" / "page.png") -> None:

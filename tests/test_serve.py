@@ -25,7 +25,7 @@ from PIL import Image
 from dcfeat.localizer import Localizer
 from dcfeat.predict import predict_files
 from dcfeat.serve import UNKNOWN_ORIENTATION_DEG, ServeConfig, create_app
-from pipelines.bench.serve import raw as raw_exchange
+from pipelines.benchmarks.serve import raw as raw_exchange
 from tests.conftest import invoke, jpeg_bytes, live_server, refused
 
 

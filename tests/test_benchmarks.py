@@ -1,0 +1,56 @@
+"""The benchmark package's records and commands (pipelines/benchmarks); nothing long is measured here."""
+
+import json
+
+from click.testing import CliRunner
+
+from pipelines.benchmarks import BENCHMARKS, records
+from pipelines.benchmarks.__main__ import main, record_run
+from pipelines.benchmarks.render import render_all
+from tests.conftest import ROOT
+
+
+def test_a_run_is_recorded_by_date_device_and_commit_and_the_latest_renders(tmp_path, monkeypatch):
+    import pipelines.benchmarks.cli as cli
+
+    monkeypatch.setattr(cli, "measure", lambda runs: {"runs": runs, "median_s": dict.fromkeys(cli.COMMANDS, 0.5),
+                                                     "help_over_torch": 1.0, "version_over_torch": 1.0})
+    first, second = (record_run("cli", tmp_path, {"runs": n}) for n in (1, 2))
+    date, device = first.name.split(".")[1:3]
+    assert first.name == f"cli.{date}.{device}.1.json" and second.name == f"cli.{date}.{device}.2.json"
+    record = json.loads(second.read_text())
+    assert record["commit"].split("+")[0] and record["device"].endswith("cores") and set(record["load"]) == {"before", "after"}
+    assert [r["runs"] for r in records.records("cli", tmp_path)] == [1, 2]
+    assert "median of 2 fresh processes" in cli.render(records.records("cli", tmp_path))
+
+
+def test_rows_are_recorded_as_they_come_and_read_back_under_the_header(tmp_path, monkeypatch):
+    import pipelines.benchmarks.sweep as sweep
+
+    def rows_then_fail(rows, **options):
+        rows({"s": 30.0})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "measure", rows_then_fail)
+    try:
+        record_run("sweep", tmp_path, {})
+    except KeyboardInterrupt:
+        pass
+    (record,) = records.records("sweep", tmp_path)
+    assert record["rows"] == [{"s": 30.0}] and "date" in record and "commit" in record
+
+
+def test_the_recorded_results_render_every_section():
+    text = render_all({name: __import__(f"pipelines.benchmarks.{name}", fromlist=["render"]).render
+                       for name in BENCHMARKS})
+    assert "Not measured yet" not in text and "no sweep recorded" not in text and "No GPU run" not in text
+    assert text.splitlines()[:3] == (ROOT / "BENCHMARKS.md").read_text().splitlines()[:3]
+    # The first H100 run is marked superseded: only its correctness check is shown.
+    assert "NVIDIA H100 80GB HBM3, 16 CPU cores, torch 2.11.0+cu130, Python 3.12.3 (1 run(s)" in text
+    assert "NVIDIA H200, 16 CPU cores, torch 2.11.0+cu130, Python 3.12.3 (2 run(s)" in text
+    assert "Correctness on the GPU (first run)" in text
+
+
+def test_unknown_cities_are_refused_naming_the_option():
+    r = CliRunner().invoke(main, ["run", "worlds", "--cities", "grid,atlantis"])
+    assert r.exit_code == 2 and "--cities" in r.output and "atlantis" in r.output
