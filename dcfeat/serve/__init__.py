@@ -17,13 +17,10 @@ Endpoints (docs/serving.md has the request and answer formats):
 * `POST /geopose` (the OSCP reference servers' path) and `POST /scrs/geopose`: the Open AR Cloud (OSCP)
   GeoPose protocol's GeoPoseReq → GeoPoseResp, version 2.0 (`Accept: application/vnd.oscp+json;
   version=2.0`; v1's requests are read too, another major version is a 400); `GET /geopose` says it runs. The
-  position is the answer's, `accuracy.position` its 90 % radius. dcfeat knows no orientation and
-  no height: the quaternion is the identity, `accuracy.orientation` is 180 (degrees, the largest
-  angular error there is: "unknown" in a number every client can read) and `h` is 0, each said
-  again in the response's `dcfeat` member. An abstention is a 404 error response, never a pose. A camera
-  reading whose bytes are a JPEG, PNG, GIF, TIFF or WebP file is decoded as that file whatever its
-  `imageFormat` says (the reference client labels JPEG bytes RGBA32); raw RGBA32/GRAY8 pixels otherwise.
-* `GET /health`, `GET /v1/run`, `GET /v1/cells` (the class table, for the page), `GET /metrics`
+  position is the answer's, `accuracy.position` its 90 % radius; orientation and height are unknown
+  (`geopose` says how the response says so, and which camera images it reads). An abstention is a 404
+  error response, never a pose.
+* `GET /health` (with the answering process's pid), `GET /v1/run`, `GET /v1/cells` (the class table, for the page), `GET /metrics`
   (Prometheus text format), and the page at `/` (dcfeat/static/index.html).
 
 One worker thread owns the model. Requests decode their images in threads (at most one per

@@ -95,4 +95,3 @@ class MetricsMiddleware:
             await self.app(scope, receive, sending)
         finally:
             self.metrics.request(endpoint, status["code"], time.perf_counter() - start)
-

@@ -28,6 +28,7 @@ class Problem(Exception):
 
 
 def error_response(problem: Problem, extra: dict | None = None) -> JSONResponse:
+    """A Problem as the JSON response a route returns; `extra`: members beside `error` (a GeoPoseResp's id, …)."""
     return JSONResponse({**(extra or {}), **problem.body()}, status_code=problem.status, headers=problem.headers)
 
 
@@ -73,4 +74,3 @@ class ErrorMiddleware:
                 raise
             await send_problem(send, Problem(500, "internal_error", f"the server failed on this request ({type(e).__name__}); "
                                       "its traceback is in the server log. Please report it"))
-
