@@ -7,6 +7,7 @@ port) for concurrent requests, clients that go away or send slowly, and bodies r
 import base64
 import io
 import json
+import os
 import shutil
 import socket
 import struct
@@ -287,7 +288,7 @@ def test_geopose_that_is_not_json_is_400(client):
 # --------------------------------------------------------------------------- the other endpoints
 
 def test_health_run_cells_page_and_errors_of_unknown_routes(client, localizer):
-    assert client.get("/health").json() == {"status": "ok", "queue_images": 0}
+    assert client.get("/health").json() == {"status": "ok", "queue_images": 0, "pid": os.getpid()}
     run = client.get("/v1/run").json()
     assert run["classes"] == localizer.classes and run["complete"] is True and run["preset"] == "dcfeat"
     assert run["backbone"]["random"] is True and run["backbone"]["fingerprint"].startswith("v2")
@@ -449,7 +450,6 @@ def test_serve_refuses_a_missing_run_or_a_bad_option_before_listening(tmp_path, 
 
 @pytest.mark.slow
 def test_several_worker_processes_serve_one_run_on_one_port(calibrated_run):
-    import os
     import subprocess
     import sys
     import time
@@ -466,14 +466,20 @@ def test_several_worker_processes_serve_one_run_on_one_port(calibrated_run):
     # A new connection for every request, as separate clients would open (whichever process accepts it
     # answers); one client, so that httpx builds its SSL context once, not at every poll.
     client = httpx.Client(timeout=60, limits=httpx.Limits(max_keepalive_connections=0))
+    pids = set()
     try:
-        for _ in range(1200):  # polled until both processes listen (bounded in tries)
+        for _ in range(1200):  # polled until both processes have answered (bounded in tries)
             assert proc.poll() is None, proc.stderr.read()
             try:
-                if client.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
+                r = client.get(f"{url}/health", timeout=2)
+                if r.status_code == 200:
+                    pids.add(r.json()["pid"])
+                    if len(pids) == 2:
+                        break
             except httpx.TransportError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)  # the other process may still be loading its model
+        assert len(pids) == 2 and proc.pid not in pids  # two worker processes answered, neither the supervisor
         answers = [client.post(f"{url}/v1/locate", content=jpeg_bytes(6)).json()["answers"][0] for _ in range(6)]
         assert all(a["top_k"] == answers[0]["top_k"] for a in answers)
     finally:
@@ -581,12 +587,13 @@ def test_a_small_image_is_decoded_while_huge_ones_of_another_request_wait(locali
 def test_geopose_and_descriptor_bodies_are_parsed_off_the_event_loop(client, localizer, monkeypatch):
     import asyncio
 
-    from dcfeat import serve
+    from dcfeat.serve import app as routes  # where the routes look the parsers up
 
-    on_loop = []
+    on_loop, called = [], set()
 
     def watched(real):
         def parse(*args, **kw):
+            called.add(real.__name__)
             try:
                 asyncio.get_running_loop()
                 on_loop.append(real.__name__)
@@ -595,23 +602,23 @@ def test_geopose_and_descriptor_bodies_are_parsed_off_the_event_loop(client, loc
             return real(*args, **kw)
         return parse
 
-    monkeypatch.setattr(serve, "geopose_image", watched(serve.geopose_image))
-    monkeypatch.setattr(serve, "descriptor_request", watched(serve.descriptor_request))
-    monkeypatch.setattr(serve, "multipart_images", watched(serve.multipart_images))
+    monkeypatch.setattr(routes, "geopose_image", watched(routes.geopose_image))
+    monkeypatch.setattr(routes, "descriptor_request", watched(routes.descriptor_request))
+    monkeypatch.setattr(routes, "multipart_images", watched(routes.multipart_images))
     assert client.post("/scrs/geopose", json=geopose_request(jpeg_bytes(5))).status_code == 200
     assert client.post("/v1/locate", json={"descriptors": np.zeros((1, localizer.dim)).tolist()}).status_code == 200
     assert client.post("/v1/locate", files=[("image", ("a.jpg", jpeg_bytes(1), "image/jpeg"))]).status_code == 200
-    assert on_loop == []
+    assert on_loop == [] and called == {"geopose_image", "descriptor_request", "multipart_images"}
 
 
 def test_an_unexpected_error_is_a_json_500_and_counted_as_500(localizer, monkeypatch):
-    from dcfeat import serve
+    from dcfeat.serve import app as routes
 
     def broken(*args, **kw):
         raise RuntimeError("a bug")
 
     with TestClient(create_app(localizer), raise_server_exceptions=False) as c:
-        monkeypatch.setattr(serve, "request_options", broken)
+        monkeypatch.setattr(routes, "request_options", broken)
         assert_error(c.post("/v1/locate", content=jpeg_bytes(0)), 500, "internal_error", "server log")
         assert 'dcfeat_requests_total{endpoint="/v1/locate",status="500"} 1' in c.get("/metrics").text
 
