@@ -61,7 +61,7 @@ def _gem(tokens: torch.Tensor, p: float = 3.0) -> torch.Tensor:
 
 
 # choices.POOLINGS name → (pooled dim as a multiple of the hidden size, pooling of (CLS, patch tokens))
-POOLINGS = {
+POOLERS = {
     "cls": (1, lambda cls, patches: cls),
     "mean": (1, lambda cls, patches: patches.mean(dim=1)),
     "gem": (1, lambda cls, patches: _gem(patches)),
@@ -74,7 +74,7 @@ def pool(sequence: torch.Tensor, pooling: str, registers: int) -> torch.Tensor:
 
     Token 0 is CLS (`pooler_output` is exactly it), then `registers` register tokens, then patches.
     """
-    return POOLINGS[pooling][1](sequence[:, 0], sequence[:, 1 + registers:]).float()
+    return POOLERS[pooling][1](sequence[:, 0], sequence[:, 1 + registers:]).float()
 
 
 class FrozenBackbone(Protocol):
@@ -126,7 +126,7 @@ class Backbone:
 
     @property
     def dim(self) -> int:
-        return POOLINGS[self.pooling][0] * self.hidden_size
+        return POOLERS[self.pooling][0] * self.hidden_size
 
     @property
     def num_register_tokens(self) -> int:
@@ -262,8 +262,8 @@ def load_backbone(model: str = DEFAULT_MODEL, *, pooling: str | None = None, dev
     if is_hub(model):
         return load_hub_backbone(model, pooling=pooling, device=device)
     pooling = pooling or "cls"
-    if pooling not in POOLINGS:
-        raise BadInput(f"--pooling {pooling}: choose one of {', '.join(POOLINGS)}")
+    if pooling not in POOLERS:
+        raise BadInput(f"--pooling {pooling}: choose one of {', '.join(POOLERS)}")
     dev = resolve_device(device)
     dtype = _dtype or compute_dtype(dev)
     folder = Path(model).expanduser()

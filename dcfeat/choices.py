@@ -1,9 +1,10 @@
 """The choices a user makes by name, and the defaults the commands show: one registry each, torch-free.
 
-Each registry maps a name to what it means (the command line's help says it). The modules
-that implement a choice key their own tables by these names (`heads.HEADS`,
-`backbone.POOLINGS`, …; tests check the keys agree), and the command line builds its options
-from here without loading torch, so `dcfeat --help` answers at once.
+Each registry maps a name to what it means (the command line's help says it), or lists the
+names. The modules that implement a choice key their own tables by these names
+(`heads.HEAD_CLASSES`, `backbone.POOLERS`; tests check the keys agree), `presets.TrainConfig`
+checks its fields against `TRAIN_CHOICES`, and the command line builds its options from here
+without loading torch, so `dcfeat --help` answers at once.
 """
 
 from __future__ import annotations
@@ -21,10 +22,28 @@ HEADS = {
     "lmcc": "large margin cosine, target logit s·(cos θ − m) (CosFace; CosPlace's head)",
     "softmax": "a plain linear layer with bias, no scale or margin (PlaNet-style ablation)",
 }
+# train --optimizer, --lr-schedule, --group-rotation, --group-order, --prototype-init, --keep (dcfeat.train).
+OPTIMIZERS = ("adamw", "adam")
+LR_SCHEDULES = ("none", "plateau")
+GROUP_ROTATIONS = ("step", "epoch")
+GROUP_ORDERS = ("id", "first-seen")
+PROTOTYPE_INITS = ("class-means", "xavier")
+KEEPS = ("best-val", "lowest-train-loss")
 # --test-prototypes: what "cosine" ranking compares an embedding with.
 TEST_PROTOTYPES = {
     "normalised": "the unit prototypes: cells ranked by cos θ (the paper's rule)",
     "raw": "the prototypes as trained: cells ranked by h·w (D&C's code)",
+}
+# presets.TrainConfig's fields that name a choice → their allowed names (train's options offer these).
+TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZERS,
+    "lr_schedule": LR_SCHEDULES,
+    "group_rotation": GROUP_ROTATIONS,
+    "head": tuple(HEADS),
+    "test_prototypes": tuple(TEST_PROTOTYPES),
+    "prototype_init": PROTOTYPE_INITS,
+    "keep": KEEPS,
+    "group_order": GROUP_ORDERS,
 }
 # --scoring: how a query's cells are ranked across groups (dcfeat.heads.GroupHeads.scores).
 SCORINGS = {
@@ -47,7 +66,7 @@ SPACES = {
     "projected": "the run's learned embedding",
     "raw": "the raw backbone features",
 }
-# --pooling: the feature of an image from the backbone's final tokens (dcfeat.backbone.POOLINGS).
+# --pooling: the feature of an image from the backbone's final tokens (dcfeat.backbone.POOLERS).
 POOLINGS = {
     "cls": "the CLS token (pooler_output)",
     "mean": "the mean of the patch tokens",

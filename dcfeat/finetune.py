@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dcfeat import sampling
-from dcfeat.backbone import POOLINGS, Backbone, load_backbone, pool
+from dcfeat.backbone import POOLERS, Backbone, load_backbone, pool
 from dcfeat.choices import DESCRIPTOR_POOLING
 from dcfeat.devices import autocast
 from dcfeat.errors import BadInput, DamagedRun, IncompatibleFeatures
@@ -164,7 +164,7 @@ def embed_tokens(tail: TailBlocks, store: Path, split: str, cached: int, device:
         with autocast(device):
             out.append(tail(x, cached).float().cpu().numpy())
     tail.train(was_training)
-    dim = POOLINGS[tail.pooling][0] * tail.layernorm.normalized_shape[0]
+    dim = POOLERS[tail.pooling][0] * tail.layernorm.normalized_shape[0]
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 

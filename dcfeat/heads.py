@@ -151,8 +151,8 @@ def sample_negatives(labels: torch.Tensor, classes: int, fraction: float,
     return subset, position[labels]
 
 
-# The classes of choices.HEADS.
-HEADS: dict[str, type[nn.Module]] = {"aamc": AAMC, "lmcc": LMCC, "softmax": SoftmaxHead}
+# The class of each of choices.HEADS.
+HEAD_CLASSES: dict[str, type[nn.Module]] = {"aamc": AAMC, "lmcc": LMCC, "softmax": SoftmaxHead}
 
 
 class GroupHeads(nn.ModuleDict):
@@ -163,11 +163,11 @@ class GroupHeads(nn.ModuleDict):
 
     def __init__(self, classes_per_group: list[int], *, head: str, dim: int, s: float, m: float,
                  easy_margin: bool = False, test_prototypes: str = "normalised") -> None:
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEADS)}")
+        if head not in HEAD_CLASSES:
+            raise ValueError(f"unknown head {head!r}; choose one of {sorted(HEAD_CLASSES)}")
         if test_prototypes not in TEST_PROTOTYPES:
             raise ValueError(f"test_prototypes {test_prototypes!r}: choose one of {', '.join(TEST_PROTOTYPES)}")
-        make = HEADS[head]
+        make = HEAD_CLASSES[head]
         margin = issubclass(make, _MarginHead)
         super().__init__({str(g): make(dim, c, s, m, easy_margin) if margin else make(dim, c)
                           for g, c in enumerate(classes_per_group)})

@@ -11,20 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dcfeat.choices import HEADS, TEST_PROTOTYPES, THRESHOLD_M
+from dcfeat.choices import THRESHOLD_M, TRAIN_CHOICES
 from dcfeat.errors import BadInput
-
-# Field → its allowed values, for the fields that name a choice.
-CHOICES = {
-    "optimizer": ("adamw", "adam"),
-    "lr_schedule": ("none", "plateau"),
-    "group_rotation": ("step", "epoch"),
-    "head": tuple(HEADS),
-    "test_prototypes": tuple(TEST_PROTOTYPES),
-    "prototype_init": ("class-means", "xavier"),
-    "keep": ("best-val", "lowest-train-loss"),
-    "group_order": ("id", "first-seen"),
-}
 
 
 @dataclass
@@ -72,7 +60,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise BadInput(f"preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        for name, allowed in CHOICES.items():
+        for name, allowed in TRAIN_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise BadInput(f"{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
 

@@ -8,10 +8,10 @@ from dcfeat.cli import cli
 
 
 def test_every_named_choice_has_an_implementation_and_no_other():
-    assert list(heads.HEADS) == list(choices.HEADS)
-    assert list(backbone.POOLINGS) == list(choices.POOLINGS)
-    assert presets.CHOICES["head"] == tuple(choices.HEADS)
-    assert presets.CHOICES["test_prototypes"] == tuple(choices.TEST_PROTOTYPES)
+    assert list(heads.HEAD_CLASSES) == list(choices.HEADS)
+    assert list(backbone.POOLERS) == list(choices.POOLINGS)
+    assert choices.TRAIN_CHOICES["head"] == tuple(choices.HEADS)
+    assert choices.TRAIN_CHOICES["test_prototypes"] == tuple(choices.TEST_PROTOTYPES)
 
 
 def _choices(command: str, option: str) -> list[str]:
@@ -24,7 +24,10 @@ def _choices(command: str, option: str) -> list[str]:
     ("train", "head", choices.HEADS), ("train", "test-prototypes", choices.TEST_PROTOTYPES),
     ("evaluate", "space", choices.SPACES), ("evaluate", "scoring", choices.SCORINGS),
     ("predict", "scoring", choices.SCORINGS), ("extract", "pooling", choices.POOLINGS),
-    ("extract", "crop", choices.CROPS), ("extract", "dtype", choices.STORE_DTYPES)])
+    ("extract", "crop", choices.CROPS), ("extract", "dtype", choices.STORE_DTYPES),
+    ("train", "optimizer", choices.OPTIMIZERS), ("train", "lr-schedule", choices.LR_SCHEDULES),
+    ("train", "group-rotation", choices.GROUP_ROTATIONS), ("train", "group-order", choices.GROUP_ORDERS),
+    ("train", "prototype-init", choices.PROTOTYPE_INITS), ("train", "keep", choices.KEEPS)])
 def test_the_command_line_offers_exactly_the_registered_choices(command, option, registry):
     assert _choices(command, option) == list(registry)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dcfeat.heads import AAMC, HEADS, LMCC, GroupHeads, Projection, SoftmaxHead
+from dcfeat.heads import AAMC, HEAD_CLASSES, LMCC, GroupHeads, Projection, SoftmaxHead
 
 
 def unit(degrees: float) -> list[float]:
@@ -96,7 +96,7 @@ def test_repr_shows_classes_dim_s_m():
     assert "classes=7, dim=3" in repr(SoftmaxHead(3, 7))
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", sorted(HEAD_CLASSES))
 def test_group_scores_concatenate_groups_in_order(name):
     torch.manual_seed(1)
     heads = GroupHeads([3, 0, 2, 4], head=name, dim=5, s=30.0, m=0.4)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from dcfeat.choices import HEADS
+from dcfeat.choices import HEADS, TRAIN_CHOICES
 from dcfeat.cli.common import DEFAULT_STORE, TRAIN_DEFAULTS, no_progress, stdout, warn
 from dcfeat.cli.options import (
     AT_LEAST_0,
@@ -25,7 +25,7 @@ from dcfeat.cli.options import (
     split_name,
 )
 from dcfeat.errors import human_bytes
-from dcfeat.presets import CHOICES, PRESETS, preset_config, preset_values
+from dcfeat.presets import PRESETS, preset_config, preset_values
 
 
 def preset_option(*decls: str, field: str, help: str, **kwargs):
@@ -39,7 +39,7 @@ MAX_N = 100
 
 
 def choice(field: str) -> click.Choice:
-    return click.Choice(CHOICES[field])
+    return click.Choice(TRAIN_CHOICES[field])
 
 
 @click.command()
