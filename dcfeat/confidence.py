@@ -25,7 +25,7 @@ built from signals that the scores of every cell of every group give for free, w
 probability 0.9 scales a base radius around the answer (the top-k cells' probability mass reaching
 0.9, plus half a cell diagonal) by a split-conformal factor fitted on the same held-out split.
 
-A calibration is fitted for one scoring of the cells (`Calibrator.scoring`; always cosine today, and a
+A calibration is fitted for one scoring of the cells (`Calibrator.scoring`; `fit` fits for cosine, and a
 calibration.json written before the field existed reads as cosine): its signals, position rule and
 radius describe that ranking's answers. One ranking feeds an answer, its position, its confidence and
 its radius, so answers ranked by another scoring (`--scoring group-softmax`) use no calibration

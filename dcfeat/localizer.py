@@ -9,9 +9,9 @@
 Images go through the backbone, pooling, size and crop of the run's training features
 (checked by the weights' fingerprint) and the run's tuned blocks where it has them, then
 the run's classifier. Every answer is read off the one table `predictions()` makes (one
-row per image and rank): the answer is its rank-1 row, the top-k its rows. Whatever that
-table holds (a cell centre today, a position beside it when the run gives one) is what an
-`Answer` says; nothing here derives a position of its own.
+row per image and rank): the answer is its rank-1 row, the top-k its rows. What that table
+holds (each answer's position, and the centre of the cell it answers) is what an `Answer`
+says; nothing here derives a position of its own.
 
 Two numbers per answer: `probability` ranks the cells (a softmax over every cell's score;
 the rank-1 cell can hold most of the mass and still be wrong), `confidence` is the

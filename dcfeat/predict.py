@@ -132,7 +132,7 @@ def _circle(answer: dict, radius_m: float) -> list[list[float]]:
     """[lon, lat] ring of a circle of `radius_m` around an answer, drawn in its UTM zone (closed)."""
     angle = np.linspace(0, 2 * np.pi, CIRCLE_VERTICES + 1)
     angle[-1] = 0.0  # closed exactly: the first and last positions are equal
-    east, north = answer.get("utm_east", answer["cell_east"]), answer.get("utm_north", answer["cell_north"])
+    east, north = answer["utm_east"], answer["utm_north"]
     lat, lon = utm_to_latlon(east + radius_m * np.cos(angle), north + radius_m * np.sin(angle), answer["utm_zone"],
                              answer["utm_letter"])
     return [[float(a), float(b)] for a, b in zip(lon, lat)]

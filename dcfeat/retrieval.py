@@ -79,8 +79,8 @@ def topk_cosine(
 
     `backend`: "torch", "faiss" (faiss-cpu's brute-force `knn` per database chunk, CPU only), or
     "auto": faiss on the CPU where it is installed and there are at least FAISS_MIN_QUERIES
-    queries, torch otherwise. Both are exact. Measured on this project's 2-core CPU at 1.25 M x 512
-    rows (BENCHMARKS.md): faiss takes 0.66x torch's time at 256 queries and more, but 4x at 64-128.
+    queries, torch otherwise. Both are exact. Measured on a 2-core CPU at 1.25 M x 512 rows
+    (BENCHMARKS.md): faiss takes 0.66x torch's time at 256 queries and more, but 4x at 64-128.
     """
     nq, nd = _check_shapes(queries, database, k)
     k = min(k, nd)

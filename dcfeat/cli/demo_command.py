@@ -8,9 +8,9 @@ import click
 
 from dcfeat.cli.common import DATA, no_progress, stdout
 from dcfeat.cli.options import (
-    AT_LEAST_0,
     AT_LEAST_1,
     device_option,
+    workers_option,
 )
 
 
@@ -21,7 +21,7 @@ from dcfeat.cli.options import (
 @click.option("--image-size", type=AT_LEAST_1, default=224, show_default=True,
               help="Backbone crop size (a multiple of the model's patch size).")
 @click.option("--epochs", type=AT_LEAST_1, default=10, show_default=True, help="Training epochs.")
-@click.option("--workers", type=AT_LEAST_0, default=None, help="Decoding processes [default: min(16, CPUs)].")
+@workers_option
 @device_option
 @click.option("--random-backbone", is_flag=True, help="Use a random DINOv2-S/14 instead of pretrained "
               "facebook/dinov2-small (downloaded once, ~90 MB, where the network allows).")

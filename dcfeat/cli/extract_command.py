@@ -21,6 +21,7 @@ from dcfeat.cli.options import (
     AT_LEAST_1,
     device_option,
     split_name,
+    workers_option,
 )
 
 
@@ -56,8 +57,7 @@ from dcfeat.cli.options import (
               "position embeddings. Part of the split's identity: a run refuses features cropped the other way.")
 @click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True,
               help="Images per forward pass (--crop full: per batch, which runs one forward pass per image shape).")
-@click.option("--workers", type=AT_LEAST_0, default=None,
-              help="DataLoader decoding processes [default: min(16, CPUs)].")
+@workers_option
 @device_option
 @click.option("--draft/--no-draft", default=True, show_default=True,
               help="Let libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale before the bicubic resize.")

@@ -79,6 +79,14 @@ def device_option(f):
     return click.option("--device", type=Device(), default="auto", show_default=True, help=f"{DEVICES}.")(f)
 
 
+def workers_option(f):
+    """The --workers option of the commands that decode images (dcfeat.images.decoding_workers)."""
+    return click.option("--workers", type=AT_LEAST_0, default=None,
+                        help="DataLoader processes decoding images (0: the main process) [default: one per core, at "
+                             "most 16, and none beyond the batches after the first, so that a few images decode in "
+                             "the main process].")(f)
+
+
 def split_name(ctx, param, value):
     """click callback: a split name that is safe as an HDF5 group and a folder name (or None)."""
     if value is None:

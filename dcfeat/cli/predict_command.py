@@ -10,11 +10,11 @@ from rich.markup import escape
 from dcfeat.choices import SCORINGS
 from dcfeat.cli.common import DATA, no_progress, random_backbone_model, random_backbone_option, stdout
 from dcfeat.cli.options import (
-    AT_LEAST_0,
     AT_LEAST_1,
     FRACTION,
     device_option,
     split_name,
+    workers_option,
 )
 
 
@@ -42,7 +42,7 @@ from dcfeat.cli.options import (
 @random_backbone_option("Only for a run trained on features that `dcfeat extract --random-backbone` made (the "
                         "weights' fingerprint is checked).")
 @click.option("--batch-size", type=AT_LEAST_1, default=64, show_default=True, help="Images per forward pass.")
-@click.option("--workers", type=AT_LEAST_0, default=None, help="DataLoader decoding processes [default: min(16, CPUs)].")
+@workers_option
 @click.option("--min-confidence", type=FRACTION, default=None, help="Abstain below this calibrated confidence: "
               "such images stay in the output with abstained = true (needs a calibrated run).")
 @click.option("--geojson-radius", is_flag=True, help="GeoJSON: draw each answer as its 90 % circle (a polygon) "

@@ -20,7 +20,7 @@ CONFIG_ENV = "DCFEAT_SERVE"  # the worker processes' settings, as JSON (uvicorn 
 
 
 def default_threads() -> int:
-    """torch's intra-op threads for the model: half the cores, the rest decoding and answering HTTP. On this
+    """torch's intra-op threads for the model: half the cores, the rest decoding and answering HTTP. On a
     2-core CPU one thread runs a batch 4-40× faster than two when the cores are busy (OpenMP threads
     spinning against the decoders)."""
     return max(1, (os.cpu_count() or 2) // 2)
