@@ -9,6 +9,12 @@ without loading torch, so `dcfeat --help` answers at once.
 
 from __future__ import annotations
 
+# The partition of D&C (and train's defaults): cells of side M metres, N² groups, a cell a class from this
+# many training images.
+DEFAULT_M = 20.0
+DEFAULT_N = 2
+MIN_IMAGES_PER_CLASS = 10
+
 # The threshold of the VPR literature (a query is localised if an answer lies within it), and the k of LR@k.
 THRESHOLD_M = 25.0
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)

@@ -50,7 +50,7 @@ import torch
 from dcfeat.choices import SCORINGS
 from dcfeat.errors import BadInput
 from dcfeat.geo import Places, metres_between
-from dcfeat.model import DCModel
+from dcfeat.model import SCORE_CHUNK, DCModel
 from dcfeat.partition import centres_of, class_keys, label_keys, places_of
 from dcfeat.positions import CENTRE, DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
 from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
@@ -105,7 +105,7 @@ class QuerySignals:
     scores: QueryScores
 
 
-def query_scores(model: DCModel, features, *, k: int = TOP_K, chunk: int = 4096) -> QueryScores:
+def query_scores(model: DCModel, features, *, k: int = TOP_K, chunk: int = SCORE_CHUNK) -> QueryScores:
     """The model's top-k cells and scores for cached features (one forward pass, chunk by chunk)."""
     s = model.heads.logit_scale
     cos_top, ids, soft, group_p, norm = [], [], [], [], []

@@ -10,6 +10,11 @@ from torch import nn
 from dcfeat.heads import GroupHeads, Projection
 from dcfeat.partition import centres_of
 
+# Queries scored at once: their (chunk, classes) scores against every cell are what one pass holds.
+SCORE_CHUNK = 4096
+# Features projected at once by `DCModel.embed`.
+EMBED_CHUNK = 65536
+
 
 class DCModel(nn.Module):
     """Projection + group heads; scores every class of every group for a batch of features."""
@@ -30,7 +35,7 @@ class DCModel(nn.Module):
         return (rows if isinstance(rows, torch.Tensor) else torch.as_tensor(np.asarray(rows))).to(self.device)
 
     @torch.no_grad()
-    def embed(self, features, chunk: int = 65536) -> torch.Tensor:
+    def embed(self, features, chunk: int = EMBED_CHUNK) -> torch.Tensor:
         """Projected unit embeddings (n, dim) of cached features, on the model's device, chunk by chunk."""
         if len(features) == 0:
             return torch.zeros((0, self.projection.linear.out_features), device=self.device)
@@ -38,7 +43,7 @@ class DCModel(nn.Module):
                           for i in range(0, len(features), chunk)])
 
     @torch.no_grad()
-    def topk(self, features: torch.Tensor | np.ndarray, k: int, *, chunk: int = 4096,
+    def topk(self, features: torch.Tensor | np.ndarray, k: int, *, chunk: int = SCORE_CHUNK,
              softmax_scale: float | None = None, scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
         """Global class ids (rows of classes.parquet) and scores of the top-k classes, best first.
 

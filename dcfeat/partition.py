@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from dcfeat.choices import DEFAULT_M, DEFAULT_N, MIN_IMAGES_PER_CLASS
 from dcfeat.errors import BadInput
 from dcfeat.geo import UTM_LETTERS, Places, is_northern
 
@@ -143,9 +144,9 @@ def partition(
     zone: np.ndarray,
     letter: np.ndarray,
     *,
-    M: float = 20.0,
-    N: int = 2,
-    min_images_per_class: int = 10,
+    M: float = DEFAULT_M,
+    N: int = DEFAULT_N,
+    min_images_per_class: int = MIN_IMAGES_PER_CLASS,
 ) -> Partition:
     """Cells of side M over the images, their N² groups, and the cells kept as classes.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dcfeat.choices import THRESHOLD_M, TRAIN_CHOICES
+from dcfeat.choices import DEFAULT_M, DEFAULT_N, MIN_IMAGES_PER_CLASS, THRESHOLD_M, TRAIN_CHOICES
 from dcfeat.errors import BadInput
 
 
@@ -20,9 +20,9 @@ class TrainConfig:
     """Every setting of `dcfeat train`; the defaults are the `dcfeat` preset (`preset_config` for another)."""
 
     preset: str = "dcfeat"  # the preset the other fields started from, recorded with the run
-    M: float = 20.0
-    N: int = 2
-    min_images_per_class: int = 10
+    M: float = DEFAULT_M
+    N: int = DEFAULT_N
+    min_images_per_class: int = MIN_IMAGES_PER_CLASS
     head: str = "aamc"
     # Defaults chosen by val LR@1 in the sweep of BENCHMARKS.md ("Training defaults").
     s: float = 30.0
