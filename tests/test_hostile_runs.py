@@ -3,7 +3,6 @@
 import errno
 import inspect
 import json
-import os
 import shutil
 
 import numpy as np
