@@ -1,5 +1,6 @@
 """Seeded synthetic inputs for every test: tiny DINOv2, SF-XL-named JPEGs. No network."""
 
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -229,6 +230,70 @@ def live_server(app, **options):
         server.should_exit = True
         thread.join()
         sock.close()
+
+
+@pytest.fixture
+def fake_mount(monkeypatch):
+    """fake_mount(folder, size=None): what Python writes under `folder` (open() for writing, Path.mkdir; not
+    what a C library or os.open writes) fails as on a filesystem mounted there: read-only (EROFS) when `size`
+    is None (root's chmod would not refuse), else one of `size` bytes in all, where a write that does not fit
+    raises ENOSPC midway as a full tmpfs does. Call it again to resize. Nothing is mounted: a test must not
+    change the host."""
+    import builtins
+    import io
+    import pathlib
+
+    sizes: dict[str, int | None] = {}
+    real_open, real_mkdir = builtins.open, pathlib.Path.mkdir
+
+    def mounted(path) -> str | None:
+        path = os.path.abspath(path)
+        return next((f for f in sizes if path == f or path.startswith(f + os.sep)), None)
+
+    class OnSmallMount:
+        """A file open for writing under a mount of some size: a write that does not fit is refused."""
+
+        def __init__(self, file, folder: str):
+            self._file, self._folder = file, folder
+
+        def write(self, data):
+            self._file.flush()
+            used = sum(p.stat().st_size for p in Path(self._folder).rglob("*") if p.is_file())
+            if used + len(data) > sizes[self._folder]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a write's error names no file
+            return self._file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._file, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self._file.__exit__(*exc)
+
+    def open_(file, mode="r", *args, **kwargs):
+        writes = isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+")
+        folder = mounted(file) if writes else None
+        if folder is not None and sizes[folder] is None:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(file))
+        opened = real_open(file, mode, *args, **kwargs)
+        return opened if folder is None else OnSmallMount(opened, folder)
+
+    def mkdir(self, *args, **kwargs):
+        folder = mounted(self)
+        if folder is not None and sizes[folder] is None and not self.exists():
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+
+    def mount(folder: Path, size: int | None = None) -> None:
+        sizes[os.path.abspath(folder)] = size
+
+    return mount
 
 
 def jpeg_bytes(seed: int = 0, size: tuple[int, int] = (80, 100)) -> bytes:

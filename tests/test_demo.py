@@ -34,6 +34,7 @@ def test_readme_cli_reference_is_current():
 TINY_CITY = {"streets": 4, "block_m": 60.0, "dim": 64, "place_dim": 32, "queries": 100, "val_queries": 50}
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model, monkeypatch):
     import dcfeat.demo
     from dcfeat.demo import run_demo
@@ -100,6 +101,7 @@ def test_the_demo_backbone_says_which_case_applied(tmp_path, monkeypatch, capsys
         assert why in err, err
 
 
+@pytest.mark.slow
 def test_an_interrupted_demo_runs_again(tmp_path, tiny_model, monkeypatch):
     """D19 of the second adversarial pass: Ctrl-C while rendering, then the same demo command."""
     import dcfeat.synthetic.photos as photos

@@ -3,8 +3,6 @@
 import io
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -15,7 +13,7 @@ from PIL import Image
 
 from dcfeat.locking import writer_lock
 from dcfeat.store import list_splits, read_failures, read_split, split_info
-from tests.conftest import ROOT, extract_args, invoke, kill_9_when, sfxl_name, write_images
+from tests.conftest import extract_args, invoke, kill_9_when, sfxl_name, write_images
 
 
 def test_extract_writes_a_format_v1_store(images, tmp_path, tiny_model):
@@ -221,8 +219,22 @@ def test_a_crash_while_replacing_the_store_keeps_the_old_one(images, tmp_path, t
     assert read_split(out, "test").embeddings.shape[0] == 4
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_equal_one(tmp_path, tiny_model):
+def _rank(rank: int, port: int, output: str, args: list[str]) -> None:
+    """`dcfeat ARGS...` as rank `rank` of two, with the environment torchrun gives each process it starts,
+    its stdout and stderr in the file `output`."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    log = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    from dcfeat.cli import main
+
+    main(args)
+
+
+def test_two_torchrun_ranks_equal_one_process(tmp_path, tiny_model, forks):
+    """Two ranks as `torchrun --nproc-per-node 2 -m dcfeat extract` starts them (its environment: RANK,
+    WORLD_SIZE, MASTER_ADDR …), from the `forks` server: a launcher and two new interpreters cost ~14 s of CPU."""
     folder = tmp_path / "img"
     write_images(folder, 40)
     single = tmp_path / "one.h5"
@@ -231,12 +243,16 @@ def test_torchrun_two_processes_equal_one(tmp_path, tiny_model):
     with socket.socket() as sock:  # a free port: tests may run beside other torchrun jobs
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-           "-m", "dcfeat"] + [str(a) for a in extract_args(folder, out, tiny_model)]
-    r = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("rows written") == 1  # rank 0 reports for all
+    args = [str(a) for a in extract_args(folder, out, tiny_model)]
+    logs = [tmp_path / f"rank{rank}.log" for rank in (0, 1)]
+    ranks = [forks.Process(target=_rank, args=(rank, port, str(logs[rank]), args)) for rank in (0, 1)]
+    for proc in ranks:
+        proc.start()
+    for proc in ranks:
+        proc.join()
+    output = [log.read_text() for log in logs]
+    assert [proc.exitcode for proc in ranks] == [0, 0], output
+    assert [text.count("rows written") for text in output] == [1, 0]  # rank 0 reports for all
     a, b = read_split(single, "train"), read_split(out, "train")
     assert a.labels.equals(b.labels)
     assert np.array_equal(a.embeddings, b.embeddings)

@@ -3,7 +3,6 @@
 import errno
 import inspect
 import json
-import os
 import shutil
 
 import numpy as np
@@ -456,39 +455,10 @@ def test_a_full_disk_while_training_names_the_run_folder(city_store, tmp_path, m
     assert invoke("info", run, "--verify").exit_code == 0
 
 
-@pytest.fixture
-def read_only(monkeypatch):
-    """read_only(folder): every write under `folder` fails as on a read-only mount (root's chmod would not)."""
-    import builtins
-    import io
-    import pathlib
-
-    def under(path, folders):
-        return any(os.path.abspath(path).startswith(os.path.abspath(f)) for f in folders)
-
-    folders = []
-    real_open, real_mkdir = builtins.open, pathlib.Path.mkdir
-
-    def open_(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and under(file, folders):
-            raise OSError(errno.EROFS, "Read-only file system", str(file))
-        return real_open(file, mode, *args, **kwargs)
-
-    def mkdir(self, *args, **kwargs):
-        if under(self, folders) and not self.exists():
-            raise OSError(errno.EROFS, "Read-only file system", str(self))
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "open", open_)
-    monkeypatch.setattr(io, "open", open_)
-    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
-    return folders.append
-
-
-def test_a_read_only_folder_is_refused_naming_it_before_any_work(city_store, run_copy, tmp_path, read_only):
+def test_a_read_only_folder_is_refused_naming_it_before_any_work(city_store, run_copy, tmp_path, fake_mount):
     """D11: calibrate, evaluate and train --out on a read-only filesystem gave EROFS tracebacks."""
     before = (run_copy / "calibration.json").read_bytes()
-    read_only(run_copy)
+    fake_mount(run_copy)  # read-only
     r = invoke("calibrate", "--feats", city_store, "--run", run_copy)
     refused(r, "environment", str(run_copy), "read-only")
     assert (run_copy / "calibration.json").read_bytes() == before
@@ -496,7 +466,7 @@ def test_a_read_only_folder_is_refused_naming_it_before_any_work(city_store, run
     refused(r, "environment", str(run_copy / "eval" / "test"), "read-only")
     mount = tmp_path / "mount"
     mount.mkdir()
-    read_only(mount)
+    fake_mount(mount)
     r = invoke("evaluate", "--feats", city_store, "--run", run_copy, "--out", mount / "eval")
     refused(r, "environment", str(mount / "eval"), "read-only")
     r = invoke("train", "--feats", city_store, "--out", mount / "run", "--epochs", 1, "--no-progress")
