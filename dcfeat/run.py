@@ -36,13 +36,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dcfeat.atomic import atomic_write, leftover_tmp_files, replace_symlink, write_text
+from dcfeat.atomic import atomic_write, exclusive, leftover_tmp_files, replace_symlink, waiting, write_text
 from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, is_not_writable, not_writable, writing
 from dcfeat.geo import UTM_LETTERS
 from dcfeat.identity import with_defaults
-from dcfeat.locking import exclusive, waiting
 from dcfeat.model import DCModel
 from dcfeat.partition import cell_centre, group_of, load_classes, save_classes
 from dcfeat.presets import TrainConfig

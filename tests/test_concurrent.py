@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from dcfeat.errors import EnvironmentProblem
-from dcfeat.locking import exclusive
+from dcfeat.atomic import exclusive
 from dcfeat.reports import recall_from_predictions
 from dcfeat.run import point_latest, record_checksum, run_lock, verify_checksums
 from tests.conftest import FAST_TRAIN, invoke, refused
