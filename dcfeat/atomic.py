@@ -13,12 +13,15 @@ writing library chose for its own file.
 
 The locks (flock, released by the kernel when the holder dies): `exclusive` (one holder, or readers
 side by side, the others refused at once) and `waiting` (a small file's read-modify-write, writers in turn).
+Checksummed writes: `record_checksum` keeps the SHA-256 of a file just written in its folder's checksums.json.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import secrets
 import stat
@@ -28,6 +31,10 @@ from pathlib import Path
 from dcfeat.errors import EnvironmentProblem, disk_full, is_disk_full, is_not_writable, not_writable
 
 TMP_SUFFIX = ".tmp"
+# The SHA-256 of the files dcfeat last wrote in a folder (a run's: `dcfeat info RUN --verify` compares them).
+CHECKSUM_FILE = "checksums.json"
+# Held (waiting) around each read-modify-write of a folder's small records: checksums.json, evaluations.json.
+RECORDS_LOCK = ".records.lock"
 
 
 def fsync_dir(path: Path) -> None:
@@ -233,3 +240,29 @@ def waiting(lock_path: Path):
         finally:
             lock_path.unlink(missing_ok=True)
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checksums(directory: Path) -> dict[str, str]:
+    """CHECKSUM_FILE: file name → SHA-256 ({} where there is none, or it is unreadable)."""
+    try:
+        found = json.loads((Path(directory) / CHECKSUM_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
+
+
+def record_checksum(path: Path) -> None:
+    """Record the SHA-256 of a file dcfeat has just written in its folder's checksums.json (CHECKSUM_FILE),
+    atomically and under the folder's records lock: two writers of one folder never lose each other's sum."""
+    path = Path(path)
+    with waiting(path.parent / RECORDS_LOCK):
+        sums = {**read_checksums(path.parent), path.name: sha256_of(path)}
+        write_text(path.parent / CHECKSUM_FILE, json.dumps(dict(sorted(sums.items())), indent=1) + "\n")

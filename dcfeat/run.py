@@ -21,7 +21,6 @@ The run folder sits at the top of the model layer: loading one rebuilds the mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -36,7 +35,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dcfeat.atomic import atomic_write, exclusive, leftover_tmp_files, replace_symlink, waiting, write_text
+from dcfeat.atomic import (
+    CHECKSUM_FILE,
+    RECORDS_LOCK,
+    atomic_write,
+    exclusive,
+    leftover_tmp_files,
+    read_checksums,
+    record_checksum,
+    replace_symlink,
+    sha256_of,
+    waiting,
+    write_text,
+)
 from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
 from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, is_not_writable, not_writable, writing
@@ -57,13 +68,10 @@ COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"
 # Training's state after its last finished epoch (weights, optimiser, schedule, random generators),
 # what the same command resumes from; and the lock that keeps one `dcfeat train` per run folder.
 RESUME_FILE, LOCK_FILE = "resume.safetensors", ".lock"
-# Held (waiting) around each read-modify-write of the run's small records: checksums.json, evaluations.json.
-RECORDS_LOCK = ".records.lock"
 # Which splits (by plan id) `dcfeat evaluate` measured this run's model on, wherever its --out pointed: the
 # splits calibrate must not fit the confidence on.
 EVALUATIONS_FILE = "evaluations.json"
-# SHA-256 of every file below as dcfeat last wrote it (`dcfeat info RUN --verify` compares them).
-CHECKSUM_FILE = "checksums.json"
+# The files whose SHA-256 CHECKSUM_FILE keeps as dcfeat last wrote them (`dcfeat info RUN --verify` compares them).
 CHECKSUMMED = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE, BLOCKS_FILE, CALIBRATION_FILE)
 TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, RESUME_FILE, CHECKSUM_FILE,
                LAST_FILE)
@@ -451,7 +459,7 @@ _OS_CODE = re.compile(r"(?:code: |os error )(\d+)")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors written atomically, with string metadata; a run file's checksum recorded."""
+    """safetensors written atomically, with string metadata; a checksummed run file's checksum recorded."""
     path = Path(path)
     with atomic_write(path) as tmp:
         try:
@@ -461,35 +469,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
             if code is None:
                 raise
             raise OSError(int(code.group(1)), _first_line(e), str(tmp)) from None
-    record_checksum(path)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_checksums(directory: Path) -> dict[str, str]:
-    """checksums.json: file name → SHA-256 ({} where there is none, or it is unreadable)."""
-    try:
-        found = json.loads((Path(directory) / CHECKSUM_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
-
-
-def record_checksum(path: Path) -> None:
-    """Record the SHA-256 of a run file dcfeat has just written (CHECKSUMMED) in checksums.json,
-    atomically and under the run's records lock: two writers of one run never lose each other's sum."""
-    path = Path(path)
-    if path.name not in CHECKSUMMED:
-        return
-    with waiting(path.parent / RECORDS_LOCK):
-        sums = {**read_checksums(path.parent), path.name: sha256_of(path)}
-        write_text(path.parent / CHECKSUM_FILE, json.dumps(dict(sorted(sums.items())), indent=1) + "\n")
+    if path.name in CHECKSUMMED:
+        record_checksum(path)
 
 
 def verify_checksums(directory: Path) -> list[str]:
