@@ -35,24 +35,26 @@ from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
 from dcfeat.presets import TrainConfig
 from dcfeat.progress import progress_bar, stderr
+from dcfeat.resume import (
+    RESUME_FILE,
+    new_run_dir,
+    point_latest,
+    read_resume,
+    resume_or_clear,
+    run_lock,
+    save_resume,
+)
 from dcfeat.run import (
     BLOCKS_FILE,
     COMMAND_FILE,
     LAST_FILE,
     LOG_FILE,
     MODEL_FILE,
-    RESUME_FILE,
     RunConfig,
     append_log,
     cpu_copy,
     new_model,
-    new_run_dir,
-    point_latest,
-    read_resume,
-    resume_or_clear,
-    run_lock,
     save_model,
-    save_resume,
     save_tensors,
     saved_epoch,
     write_calibration,

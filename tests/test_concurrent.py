@@ -15,7 +15,8 @@ import pytest
 from dcfeat.errors import EnvironmentProblem
 from dcfeat.atomic import exclusive, record_checksum
 from dcfeat.reports import recall_from_predictions
-from dcfeat.run import point_latest, run_lock, verify_checksums
+from dcfeat.resume import point_latest, run_lock
+from dcfeat.run import verify_checksums
 from tests.conftest import FAST_TRAIN, invoke, refused
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcfeat import run as run_module
+from dcfeat import resume as resume_module
 from dcfeat import train as train_module
-from dcfeat.run import run_lock
+from dcfeat.resume import run_lock
 from tests.conftest import FAST_TRAIN, invoke, kill_9_when, refused
 
 
@@ -185,7 +185,7 @@ def test_what_safetensors_leaves_when_killed_mid_save_is_removed_on_resume(city_
     monkeypatch.undo()
     for path in left:
         path.rename(out / path.name)
-    assert run_module.killed_writers_files(out) == sorted(out / p.name for p in left)
+    assert resume_module.killed_writers_files(out) == sorted(out / p.name for p in left)
     r = invoke(*command(city_store, out))
     assert r.exit_code == 0, r.output
     assert_same_run(uninterrupted, out)  # the same files: none left over
@@ -223,8 +223,8 @@ def test_two_trainings_into_one_folder_are_refused(city_store, tmp_path):
 
 
 def test_a_run_finished_while_waiting_for_the_lock_is_never_cleared(uninterrupted):
-    with pytest.raises(run_module.BadInput, match="a finished run"):
-        run_module.resume_or_clear(uninterrupted)
+    with pytest.raises(resume_module.BadInput, match="a finished run"):
+        resume_module.resume_or_clear(uninterrupted)
     assert (uninterrupted / "model.safetensors").is_file()
 
 
