@@ -69,20 +69,20 @@ def kill_in_epoch_3(monkeypatch, store, out, *extra):
 # Points of an epoch's writes: during epoch 3's training, between its resume state and its kept model,
 # before its config.json, and while fitting the confidence after the last epoch.
 KILLS = {
-    "mid-epoch": ("recall_at_1", 3),
-    "after the log line": ("save_resume", 2),
-    "after the resume state": ("save_model", 2),
-    "before config.json": ("write_config", 4),
-    "while calibrating": ("fit_confidence", 1),
+    "mid-epoch": (train_module, "recall_at_1", 3),
+    "after the log line": (resume_module, "save_resume", 2),
+    "after the resume state": (train_module, "save_model", 2),
+    "before config.json": (train_module, "write_config", 4),
+    "while calibrating": (train_module, "fit_confidence", 1),
 }
 
 
 @pytest.mark.parametrize("where", KILLS)
 def test_a_killed_run_resumes_to_the_same_end_as_an_uninterrupted_one(city_store, uninterrupted, tmp_path,
                                                                        monkeypatch, where):
-    name, when = KILLS[where]
+    module, name, when = KILLS[where]
     out = tmp_path / "run"
-    kill_at(monkeypatch, train_module, name, when)
+    kill_at(monkeypatch, module, name, when)
     with pytest.raises(Killed):
         invoke(*command(city_store, out), catch_exceptions=False)
     monkeypatch.undo()
