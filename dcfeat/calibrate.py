@@ -25,7 +25,8 @@ from dcfeat.errors import BadInput, check_writable, writing
 from dcfeat.finetune import tuned_splits
 from dcfeat.identity import check_features
 from dcfeat.reports import REPORT
-from dcfeat.run import EVAL_DIR, Run, load_run, read_evaluations, run_lock, write_calibration
+from dcfeat.resume import run_lock
+from dcfeat.run import EVAL_DIR, Run, load_run, read_evaluations, write_calibration
 from dcfeat.store import Split, read_split, same_plan, split_info
 
 

@@ -81,7 +81,8 @@ from dcfeat.retrieval import (
     topk_cosine,
     topk_in_cells,
 )
-from dcfeat.run import EVAL_DIR, Run, load_run, record_evaluation, run_lock
+from dcfeat.resume import run_lock
+from dcfeat.run import EVAL_DIR, Run, load_run, record_evaluation
 from dcfeat.store import Split, read_split, same_plan, same_split
 
 

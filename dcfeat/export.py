@@ -34,7 +34,7 @@ import numpy as np
 import polars as pl
 
 from dcfeat import __version__
-from dcfeat.atomic import tmp_dir
+from dcfeat.atomic import CHECKSUM_FILE, record_checksum, tmp_dir
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.choices import THRESHOLD_M
 from dcfeat.errors import BadInput, writing
@@ -45,14 +45,13 @@ from dcfeat.reports import REPORT
 from dcfeat.run import (
     BLOCKS_FILE,
     CALIBRATION_FILE,
-    CHECKSUM_FILE,
+    CHECKSUMMED,
     COMMAND_FILE,
     EVAL_DIR,
     LOG_FILE,
     RUN_FILES,
     Run,
     load_run,
-    record_checksum,
     verify_checksums,
 )
 
@@ -266,7 +265,8 @@ def _copy(source: Path, target: Path) -> None:
     shutil.copy2(source, target)
     if portable(text) != text:
         target.write_text(portable(text), encoding="utf-8")
-        record_checksum(target)
+        if target.name in CHECKSUMMED:
+            record_checksum(target)
 
 
 def export_run(run_dir: Path, out: Path, *, with_backbone: bool = False, license: str | None = None,

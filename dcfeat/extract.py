@@ -27,7 +27,7 @@ from dcfeat.errors import BadInput, DcfeatError, check_free_space, writing
 from dcfeat.images import MAX_PIXELS, ImageDataset, collate, decoding_workers
 from dcfeat.labels import LabelledImages, collect_images, unread_files
 from dcfeat.layout import check_split_name, check_store_path
-from dcfeat.locking import writer_lock
+from dcfeat.shards import writer_lock
 from dcfeat.progress import progress_bar
 from dcfeat.shards import Plan, assemble, load_plan, open_plan, shard_complete, write_shard
 from dcfeat.store import read_failures, split_info

@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from dcfeat.atomic import TMP_SUFFIX, atomic_write, fsync_dir, tmp_dir, write_text
+from dcfeat.atomic import TMP_SUFFIX, atomic_write, fsync_dir, tmp_dir, waiting, write_text
 from dcfeat.backbone import RANDOM_NOTICE
 from dcfeat.choices import CENTRE_METHOD, MODES
 from dcfeat.errors import DcfeatError
 from dcfeat.geo import Places, metres_between
 from dcfeat.images import ImageProblem, load_image
-from dcfeat.locking import waiting
 from dcfeat.plots import Tile, plot_error_cdf, plot_grid, plot_query_map, plot_reliability, plot_risk_coverage
 from dcfeat.store import Split, read_split
 

@@ -15,18 +15,16 @@ with one `DamagedRun` naming the file, the field and the fix. Every file dcfeat 
 gets its SHA-256 in `checksums.json` (config.json cannot hold its own), which
 `dcfeat info RUN --verify` compares.
 
-The run folder sits at the top of the model layer: loading one rebuilds the model
-(dcfeat.model), its class table (dcfeat.partition) and its confidence (dcfeat.confidence).
+The run folder sits in the model layer: loading one rebuilds the model (dcfeat.model), its class
+table (dcfeat.partition) and its confidence (dcfeat.confidence). Its training lifecycle (the lock,
+resuming, clearing, `runs/latest`) is dcfeat.resume.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
-import time
-from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -36,17 +34,24 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dcfeat.atomic import atomic_write, leftover_tmp_files, replace_symlink, write_text
+from dcfeat.atomic import (
+    CHECKSUM_FILE,
+    RECORDS_LOCK,
+    atomic_write,
+    read_checksums,
+    record_checksum,
+    sha256_of,
+    waiting,
+    write_text,
+)
 from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
-from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, is_not_writable, not_writable, writing
+from dcfeat.errors import BadInput, DamagedRun, is_not_writable, writing
 from dcfeat.geo import UTM_LETTERS
 from dcfeat.identity import with_defaults
-from dcfeat.locking import exclusive, waiting
 from dcfeat.model import DCModel
 from dcfeat.partition import cell_centre, group_of, load_classes, save_classes
 from dcfeat.presets import TrainConfig
-from dcfeat.reports import remove_outputs
 
 MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
 # The last epoch's weights, where training kept another epoch's (D&C's script reports the last model).
@@ -54,20 +59,11 @@ LAST_FILE = "model_last.safetensors"
 BLOCKS_FILE, CALIBRATION_FILE = "blocks.safetensors", "calibration.json"
 RUN_FILES = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE)
 COMMAND_FILE, LOG_FILE = "command.txt", "train_log.jsonl"
-# Everything `dcfeat train` writes in a run folder: what a restart into an unfinished run clears.
-# Training's state after its last finished epoch (weights, optimiser, schedule, random generators),
-# what the same command resumes from; and the lock that keeps one `dcfeat train` per run folder.
-RESUME_FILE, LOCK_FILE = "resume.safetensors", ".lock"
-# Held (waiting) around each read-modify-write of the run's small records: checksums.json, evaluations.json.
-RECORDS_LOCK = ".records.lock"
 # Which splits (by plan id) `dcfeat evaluate` measured this run's model on, wherever its --out pointed: the
 # splits calibrate must not fit the confidence on.
 EVALUATIONS_FILE = "evaluations.json"
-# SHA-256 of every file below as dcfeat last wrote it (`dcfeat info RUN --verify` compares them).
-CHECKSUM_FILE = "checksums.json"
+# The files whose SHA-256 CHECKSUM_FILE keeps as dcfeat last wrote them (`dcfeat info RUN --verify` compares them).
 CHECKSUMMED = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE, BLOCKS_FILE, CALIBRATION_FILE)
-TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, RESUME_FILE, CHECKSUM_FILE,
-               LAST_FILE)
 # Where `dcfeat evaluate` writes by default: RUN/eval/<split>/.
 EVAL_DIR = "eval"
 
@@ -82,7 +78,7 @@ def _damaged(path: Path, problem: str) -> DamagedRun:
     return DamagedRun(f"{path}: {problem}. The run folder was edited or damaged. {_fix(path.parent)}")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -225,7 +221,7 @@ def _config_object(directory: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except ValueError as e:  # not JSON, or not UTF-8
-        raise _damaged(path, f"not valid JSON ({_first_line(e)})") from None
+        raise _damaged(path, f"not valid JSON ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise _damaged(path, "not a JSON object")
     rules = {**CONFIG_RULES, **(PROGRESS_RULES if "complete" in config else {}),
@@ -261,7 +257,7 @@ def read_config(directory: Path) -> RunConfig:
     try:
         return RunConfig.from_dict(config, complete=complete, epochs_done=epochs_done)
     except ValueError as e:
-        raise _damaged(directory / CONFIG_FILE, _first_line(e)) from None
+        raise _damaged(directory / CONFIG_FILE, first_line(e)) from None
 
 
 def read_classes(directory: Path, config: RunConfig) -> pl.DataFrame:
@@ -269,7 +265,7 @@ def read_classes(directory: Path, config: RunConfig) -> pl.DataFrame:
     try:
         classes = load_classes(path)
     except (ValueError, OSError, pl.exceptions.PolarsError) as e:
-        raise _damaged(path, f"cannot be read as the run's class table ({_first_line(e)})") from None
+        raise _damaged(path, f"cannot be read as the run's class table ({first_line(e)})") from None
     if classes.height == 0:
         raise _damaged(path, "holds no classes")
     expected = config.classes_per_group
@@ -323,7 +319,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise _damaged(path, f"cannot be read as safetensors ({_first_line(e)})") from None
+        raise _damaged(path, f"cannot be read as safetensors ({first_line(e)})") from None
 
 
 def read_model(directory: Path, config: RunConfig, weights: str = "kept") -> DCModel:
@@ -367,7 +363,7 @@ def read_calibration(directory: Path) -> Calibrator | None:
     try:
         return Calibrator.from_dict(json.loads(path.read_text()))
     except ValueError as e:  # not JSON, not UTF-8, or not a calibrator
-        raise DamagedRun(f"{path}: not a calibration dcfeat wrote ({_first_line(e)}). The run folder was edited "
+        raise DamagedRun(f"{path}: not a calibration dcfeat wrote ({first_line(e)}). The run folder was edited "
                          f"or damaged. Fit it again with `dcfeat calibrate --run {directory} --split val`, or "
                          "delete the file to use the run uncalibrated") from None
 
@@ -452,7 +448,7 @@ _OS_CODE = re.compile(r"(?:code: |os error )(\d+)")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors written atomically, with string metadata; a run file's checksum recorded."""
+    """safetensors written atomically, with string metadata; a checksummed run file's checksum recorded."""
     path = Path(path)
     with atomic_write(path) as tmp:
         try:
@@ -461,36 +457,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
             code = _OS_CODE.search(str(e))
             if code is None:
                 raise
-            raise OSError(int(code.group(1)), _first_line(e), str(tmp)) from None
-    record_checksum(path)
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_checksums(directory: Path) -> dict[str, str]:
-    """checksums.json: file name → SHA-256 ({} where there is none, or it is unreadable)."""
-    try:
-        found = json.loads((Path(directory) / CHECKSUM_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: v for k, v in found.items() if isinstance(v, str)} if isinstance(found, dict) else {}
-
-
-def record_checksum(path: Path) -> None:
-    """Record the SHA-256 of a run file dcfeat has just written (CHECKSUMMED) in checksums.json,
-    atomically and under the run's records lock: two writers of one run never lose each other's sum."""
-    path = Path(path)
-    if path.name not in CHECKSUMMED:
-        return
-    with waiting(path.parent / RECORDS_LOCK):
-        sums = {**read_checksums(path.parent), path.name: sha256_of(path)}
-        write_text(path.parent / CHECKSUM_FILE, json.dumps(dict(sorted(sums.items())), indent=1) + "\n")
+            raise OSError(int(code.group(1)), first_line(e), str(tmp)) from None
+    if path.name in CHECKSUMMED:
+        record_checksum(path)
 
 
 def verify_checksums(directory: Path) -> list[str]:
@@ -521,58 +490,6 @@ def saved_epoch(path: Path) -> int | None:
     except (SafetensorError, OSError):
         return None
     return int(epoch) if epoch and epoch.isdigit() else None
-
-
-def save_resume(directory: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    """The state that resumes training after the epoch it records (RESUME_FILE)."""
-    save_tensors(Path(directory) / RESUME_FILE, tensors, {"dcfeat_resume": json.dumps(state)})
-
-
-def read_resume(directory: Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """(tensors, state) of RESUME_FILE; None when training never finished an epoch there. `tensors=False`:
-    the state alone (tensors {})."""
-    path = Path(directory) / RESUME_FILE
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            state = json.loads((f.metadata() or {})["dcfeat_resume"])
-            found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise DamagedRun(f"{path}: cannot be read as the state training resumes from ({_first_line(e)}). Train "
-                         "the run again from its first epoch with the same command and --restart") from None
-    return found, state
-
-
-# What each command that takes the run's lock is told when another holds it.
-_BUSY = {
-    "train": "{run} is in use by {{holder}} ({{lock}}); wait for it to finish, or train into another --out",
-    "calibrate": "--run {run} is in use by {{holder}} ({{lock}}): calibrate fits the model training finished and "
-                 "writes into the run, so it runs alone; calibrate once that process has finished",
-    "evaluate": "--run {run} is in use by {{holder}} ({{lock}}): a run being trained or calibrated is still "
-                "changing; evaluate it once that process has finished",
-}
-
-
-@contextmanager
-def run_lock(directory: Path, command: str = "train"):
-    """The run folder's lock, taken by `command` (a key of _BUSY) for as long as it works on the run:
-    `train` and `calibrate` (they write the model or its confidence) alone, `evaluate` (it reads them)
-    beside other evaluations. Whoever cannot have it is refused at once, with a message naming the holder."""
-    directory = Path(directory)
-    if command != "train" and not directory.is_dir():
-        check_folder(directory)  # the lock would make the folder: say there is none
-    with ExitStack() as held:
-        try:
-            held.enter_context(exclusive(directory / LOCK_FILE, _BUSY[command].format(run=directory), remove=True,
-                                         shared=command == "evaluate", holder=f"`dcfeat {command}`"))
-        except OSError as e:
-            if not is_not_writable(e):
-                raise
-            if command != "evaluate":
-                raise not_writable(directory, e) from None
-            # A run folder nobody can write is trained or calibrated by nobody: it is read unlocked.
-        yield
 
 
 def write_config(directory: Path, config: RunConfig) -> None:
@@ -617,42 +534,6 @@ def verified_run(directory: Path) -> tuple[Run, list[str]]:
     return run, checked
 
 
-def unfinished_run(directory: Path) -> bool:
-    """Whether `directory` holds a run that `dcfeat train` started and never finished (to resume or restart)."""
-    directory = Path(directory)
-    if not (directory / COMMAND_FILE).is_file():
-        return False
-    config = directory / CONFIG_FILE
-    if not config.is_file():
-        return True
-    try:
-        return json.loads(config.read_text()).get("complete") is False
-    except (ValueError, AttributeError):
-        return False
-
-
-# safetensors (0.8 on) writes a file through a temporary file of its own beside it, `.tmp` and six
-# random letters or digits, and renames that: a writer killed meanwhile leaves it in the run folder.
-_SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
-
-
-def killed_writers_files(directory: Path) -> list[Path]:
-    """What writers killed mid-write left in the run folder: temporary files of its files, dcfeat's
-    (`atomic_write`) and safetensors' own."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    ours = [p for name in TRAIN_FILES for p in leftover_tmp_files(directory / name)]
-    theirs = [p for p in directory.iterdir() if _SAFETENSORS_TMP.fullmatch(p.name) and p.is_file()]
-    return sorted(ours + theirs)
-
-
-def clear_unfinished_run(directory: Path) -> None:
-    """Remove what `dcfeat train` wrote in `directory` (and temporary files it left), nothing else."""
-    for path in (*(Path(directory) / name for name in TRAIN_FILES), *killed_writers_files(directory)):
-        path.unlink(missing_ok=True)
-
-
 def read_evaluations(directory: Path) -> list[dict]:
     """The evaluations `record_evaluation` recorded ([] where none, or the file is unreadable)."""
     try:
@@ -674,77 +555,3 @@ def record_evaluation(directory: Path, split: str, plan_id: str | None, store: s
     except OSError as e:  # a run folder nobody can write: nobody can calibrate it there either
         if not is_not_writable(e):
             raise
-
-
-def clear_evaluations(directory: Path) -> None:
-    """Remove `dcfeat evaluate`'s files under RUN/eval/ (its own file names only) and its record of the
-    splits it measured: they describe a model of an unfinished run that training is about to change,
-    and would go on saying `run_complete: false` of a run that then completes."""
-    (Path(directory) / EVALUATIONS_FILE).unlink(missing_ok=True)
-    evals = Path(directory) / EVAL_DIR
-    if not evals.is_dir():
-        return
-    for folder in [evals, *(p for p in evals.iterdir() if p.is_dir())]:
-        remove_outputs(folder)
-        if folder != evals and not any(folder.iterdir()):
-            folder.rmdir()
-    if not any(evals.iterdir()):
-        evals.rmdir()
-
-
-def new_run_dir(out: Path | None, runs: Path) -> Path:
-    """The run folder to train in, default a fresh runs/<timestamp>.
-
-    An explicit `out` holding a run that `dcfeat train` started and never finished (killed, out
-    of memory) is returned as it is: `resume_or_clear` decides, under the run's lock, whether
-    training resumes there or starts over. So is an empty folder. A finished run, or a folder
-    holding anything else, is refused. Two default runs started within one second get
-    <timestamp>-2, -3, …; mkdir without exist_ok is the atomic claim, so concurrent runs cannot
-    share a folder either.
-    """
-    if out:
-        out = Path(out)
-        if out.is_dir() and unfinished_run(out):
-            return out
-        locks = (LOCK_FILE, RECORDS_LOCK)  # what a kill leaves in a folder made beforehand
-        if out.is_dir() and not [p for p in out.iterdir() if p.name not in locks]:
-            return out
-        if out.exists():
-            what = "a finished run" if (out / COMMAND_FILE).is_file() else "not a run folder of dcfeat"
-            raise BadInput(f"--out {out} exists ({what}); a run never overwrites another. Choose another --out")
-        out.mkdir(parents=True)
-        return out
-    runs.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for n in range(1, 1000):
-        out = runs / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            out.mkdir()
-            return out
-        except FileExistsError:
-            continue
-    raise EnvironmentProblem(f"{runs}: could not find a free run folder name for {stamp} among 999; remove "
-                             "old runs there or pass --out")
-
-
-def resume_or_clear(directory: Path, *, restart: bool = False) -> bool:
-    """Under the run's lock: whether training resumes in `directory` (it holds an unfinished run that
-    finished an epoch). Otherwise, or with `restart`, what an earlier `dcfeat train` left there is cleared.
-    A run that finished meanwhile (another `dcfeat train` held the lock until then) is refused."""
-    if (Path(directory) / COMMAND_FILE).is_file() and not unfinished_run(directory):
-        raise BadInput(f"--out {directory} exists (a finished run); a run never overwrites another. Choose another "
-                       "--out")
-    clear_evaluations(directory)
-    for path in killed_writers_files(directory):  # under the lock no other writer is alive
-        path.unlink(missing_ok=True)
-    if unfinished_run(directory) and not restart and (Path(directory) / RESUME_FILE).is_file():
-        return True
-    clear_unfinished_run(directory)
-    return False
-
-
-def point_latest(run: Path) -> None:
-    """runs/latest → the newest run, swapped atomically."""
-    replace_symlink(run.parent / "latest", run.name)
-
-

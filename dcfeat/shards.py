@@ -19,7 +19,10 @@ mid-write; larger ones (cached tokens) are written by HDF5 under a temporary
 name after a free-space check.
 A shard holds the embeddings (and cached tokens) of one run of plan rows, their
 ids and row numbers, the rows that failed with why, and a checksum. The
-one-writer lock and the clean-up after killed writers are dcfeat.locking.
+one writer per store (`writer_lock`) removes, under its lock, what killed writers left: temporary
+files, label parts beside the one a split committed, and (killed between a split's commit and its
+clean-up) the shards of the plans that commit replaced (`clean_stale_files`), when nobody else can be
+halfway through writing them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +42,7 @@ import h5py
 import numpy as np
 import polars as pl
 
-from dcfeat.atomic import atomic_write, write_bytes
+from dcfeat.atomic import TMP_SUFFIX, atomic_write, exclusive, leftover_tmp_files, write_bytes
 from dcfeat.choices import DEFAULT_SHARD_ROWS
 from dcfeat.errors import BadInput, DamagedStore, check_free_space
 from dcfeat.identity import ATTR_DEFAULTS, check_compatible, with_defaults
@@ -51,13 +55,87 @@ from dcfeat.layout import (
     labels_dir,
     shards_dir,
 )
-from dcfeat.locking import existing_split_attrs, remove_superseded, writer_lock
-from dcfeat.store import attr_value, read_ids, vds_file_name
+from dcfeat.store import attr_value, read_ids, split_attrs, vds_file_name
 
 # HDF5 images up to this size are built in memory; larger shards (cached tokens) are written
 # by HDF5 directly after a free-space check, so as not to hold them twice.
 IN_MEMORY_BYTES = 512 << 20
 SHARD_OVERHEAD = 16 << 10  # superblock, object headers and chunk index of a shard (measured ~15 KB)
+
+
+@contextmanager
+def writer_lock(store: Path):
+    """One writer per store; a second one is refused at once instead of waiting.
+
+    The holder also removes what killed writers left behind (`clean_stale_files`), which is
+    safe exactly because nobody else writes.
+    """
+    check_store_path(store)
+    with exclusive(shards_dir(store) / ".lock", f"{store} is being written by {{holder}} ({{lock}}); wait for it "
+                   "to finish or write to another --out"):
+        clean_stale_files(store)
+        yield
+
+
+def existing_split_attrs(store: Path) -> dict[str, dict]:
+    if not Path(store).is_file():
+        return {}
+    with h5py.File(store, "r") as f:
+        return {name: split_attrs(g) for name, g in f.items() if isinstance(g, h5py.Group)}
+
+
+def clean_stale_files(store: Path) -> list[Path]:
+    """Remove what killed writers left: temporary files, the label parts of each split of the store
+    other than the one it committed, and the plans (shards) its commit made stale (a split not in
+    the store yet, and a plan begun after the split's commit, are left alone: the same command resumes them)."""
+    store = Path(store)
+    stale = leftover_tmp_files(store)
+    for folder in (labels_dir(store), shards_dir(store)):
+        if folder.is_dir():
+            stale += folder.glob(f"*/**/.*{TMP_SUFFIX}")  # a pattern below `folder`: its own path is never one
+    committed = {name: a.get("plan_id") for name, a in existing_split_attrs(store).items()}
+    for name, plan_id in committed.items():
+        part = labels_dir(store) / f"split={name}"
+        if plan_id and (part / label_part(plan_id)).is_file():
+            stale += [p for p in part.glob("*.parquet") if p.name != label_part(plan_id)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    for name, plan_id in committed.items():
+        if plan_id:
+            stale += remove_superseded(store, name, plan_id)
+    return stale
+
+
+def superseded_plans(store: Path, split: str, plan_id: str) -> list[Path]:
+    """The plan folders that the commit of `plan_id` made stale and that are still there: listed in its
+    SUPERSEDED_FILE before the store's rename, removed after it (a crash between the two leaves them)."""
+    record = shards_dir(store) / split / plan_id / SUPERSEDED_FILE
+    try:
+        names = json.loads(record.read_text()) if record.is_file() else []
+    except ValueError:
+        names = []
+    folders = [shards_dir(store) / split / name for name in (names if isinstance(names, list) else [])
+               if isinstance(name, str) and "/" not in name and name not in ("", ".", "..", plan_id)]
+    return [f for f in folders if f.is_dir()]
+
+
+def remove_superseded(store: Path, split: str, plan_id: str) -> list[Path]:
+    """Remove the plans that the commit of `plan_id` made stale, then their list; call only once
+    `plan_id` is the split's committed plan."""
+    removed = superseded_plans(store, split, plan_id)
+    for folder in removed:
+        remove_plan(store, folder)
+    (shards_dir(store) / split / plan_id / SUPERSEDED_FILE).unlink(missing_ok=True)
+    return removed
+
+
+def remove_plan(store: Path, directory: Path) -> None:
+    """rmtree, but only of a plan folder inside this store's own shards folder."""
+    root = shards_dir(store).resolve()
+    target = directory.resolve()
+    if target.parent.parent != root or not target.is_dir():
+        raise RuntimeError(f"refusing to remove {directory}: not a plan folder of {store}")
+    shutil.rmtree(target)
 
 
 @dataclass(frozen=True)
@@ -345,7 +423,7 @@ def assemble(plan: Plan) -> int:
     write_parquet(labels, part / label_part(plan.plan_id))
 
     # The plans this commit makes stale, recorded before the commit: removed after it, or by the next
-    # writer when a crash comes between the two (dcfeat.locking.remove_superseded).
+    # writer when a crash comes between the two (remove_superseded).
     superseded = sorted(d.name for d in (shards_dir(store) / plan.split).iterdir()
                         if d.is_dir() and d.name != plan.plan_id)
     if superseded:

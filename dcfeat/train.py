@@ -13,20 +13,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from dcfeat import devices
 from dcfeat.atomic import write_text
 from dcfeat.confidence import few_queries_warning, fit_confidence
 from dcfeat.devices import autocast, is_cuda, reproducible, resolve_device
-from dcfeat.errors import BadInput, DamagedRun, check_writable, human_bytes, writing
+from dcfeat.errors import BadInput, check_writable, human_bytes, writing
 from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
 from dcfeat.identity import RECORDED_ATTRS, with_defaults
@@ -35,26 +34,25 @@ from dcfeat.model import DCModel, top_cells
 from dcfeat.partition import Partition, partition
 from dcfeat.presets import TrainConfig
 from dcfeat.progress import progress_bar, stderr
-from dcfeat.run import (
-    BLOCKS_FILE,
-    COMMAND_FILE,
-    LAST_FILE,
-    LOG_FILE,
-    MODEL_FILE,
+from dcfeat.resume import (
     RESUME_FILE,
-    RunConfig,
-    append_log,
-    cpu_copy,
-    new_model,
+    TrainingState,
     new_run_dir,
     point_latest,
     read_resume,
     resume_or_clear,
+    resumed_reading,
     run_lock,
+)
+from dcfeat.run import (
+    COMMAND_FILE,
+    LAST_FILE,
+    RunConfig,
+    append_log,
+    cpu_copy,
+    new_model,
     save_model,
-    save_resume,
     save_tensors,
-    saved_epoch,
     write_calibration,
     write_config,
 )
@@ -281,7 +279,7 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
                                                            "buffer_chunks": streamed.buffer_chunks}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = _State(model, opt, schedule, _generators(gen, tail.source if tail else batches), tail, config,
+    state = TrainingState(model, opt, schedule, _generators(gen, tail.source if tail else batches), tail, config,
                    inputs={**own, "rows": len(part.group), "dim": in_dim,
                            "model_fingerprint": run.features.get("model_fingerprint")},
                    reading=details["streamed"])
@@ -332,7 +330,7 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
         history.append(record)
         append_log(out, record)
         # The resume state before the kept model: a kill between the two leaves a state that says
-        # which epoch is kept, and resuming rewrites the kept model from it (_State.kept).
+        # which epoch is kept, and resuming rewrites the kept model from it (TrainingState.kept).
         current = state.save(out)
         if improved:
             kept = (save_model(out, model, part.classes, epoch, state=current["model"]),
@@ -383,94 +381,6 @@ def _generators(gen: torch.Generator, source) -> dict[str, torch.Generator]:
     if isinstance(source, StreamedBatches):
         gens["chunk_order"] = source.order_generator
     return gens
-
-
-class _State:
-    """What resumes training after an epoch: the model's and tuned blocks' weights, the optimiser and
-    schedule, every random generator, the epochs done, best score and kept epoch so far, and how the
-    split is read (in memory, or streamed in chunks of which size: `resumed_reading`).
-
-    Saved as one safetensors file (tensors, and the rest as JSON in its metadata), after the epoch's
-    log line and before the kept model and config.json.
-    """
-
-    def __init__(self, model: DCModel, opt: torch.optim.Optimizer, schedule: Schedule,
-                 generators: dict[str, torch.Generator], tail: TokenTraining | None, config: TrainConfig,
-                 inputs: dict, reading: dict | None = None):
-        self.model, self.opt, self.schedule, self.generators, self.tail = model, opt, schedule, generators, tail
-        self.config, self.inputs = asdict(config), inputs
-        self.reading = reading  # how the split is read: None in memory, else streamed's chunk_rows, buffer_chunks
-        self.epoch, self.best, self.best_epoch, self.stopped = 0, -math.inf, 0, None
-
-    def save(self, out: Path) -> dict[str, dict[str, torch.Tensor]]:
-        """Write the state; returns the CPU copies of the model's and the tail's weights it wrote."""
-        opt = self.opt.state_dict()
-        current = {"model": cpu_copy(self.model.state_dict()),
-                   "tail": self.tail.tail.tuned_state() if self.tail else {}}
-        tensors = {**{f"model.{k}": v for k, v in current["model"].items()},
-                   **{f"tail.{k}": v for k, v in current["tail"].items()},
-                   **{f"optimizer.{i}.{k}": v.cpu() for i, s in opt["state"].items() for k, v in s.items()
-                      if torch.is_tensor(v)},
-                   **{f"rng.{name}": g.get_state() for name, g in self.generators.items()},
-                   "rng.torch": torch.get_rng_state()}
-        save_resume(out, tensors, {
-            "epoch": self.epoch, "best": self.best, "best_epoch": self.best_epoch, "stopped": self.stopped,
-            "config": self.config, "inputs": self.inputs, "streamed": self.reading,
-            "param_groups": opt["param_groups"],
-            "optimizer_scalars": {str(i): {k: v for k, v in s.items() if not torch.is_tensor(v)}
-                                  for i, s in opt["state"].items()},
-            "schedule": self.schedule.plateau.state_dict() if self.schedule.plateau else None})
-        return current
-
-    def restore(self, out: Path, tensors: dict[str, torch.Tensor], saved: dict, classes) -> list[dict]:
-        """Back to the saved state (refusing one of other settings); the log's records up to it."""
-        differ = {k: (saved["config"].get(k), v) for k, v in self.config.items() if saved["config"].get(k) != v}
-        differ.update({k: (saved["inputs"].get(k), v) for k, v in self.inputs.items()
-                       if saved["inputs"].get(k) != v})
-        if "streamed" in saved and saved["streamed"] != self.reading:  # states saved before it was recorded
-            differ["streamed"] = (saved["streamed"], self.reading)  # lack it
-        if differ:
-            shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
-            raise BadInput(f"{out} holds an unfinished run started with other settings or features ({shown}). "
-                           f"Run the command in {out / COMMAND_FILE} to resume it, or add --restart to train "
-                           "it again from its first epoch")
-        device = self.model.device
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if self.tail:
-            self.tail.restore({k[5:]: v for k, v in tensors.items() if k.startswith("tail.")})
-        state = {}
-        for key, v in tensors.items():
-            if key.startswith("optimizer."):
-                _, i, name = key.split(".", 2)
-                state.setdefault(int(i), {})[name] = v.to(device) if name != "step" else v
-        for i, scalars in saved["optimizer_scalars"].items():
-            state.setdefault(int(i), {}).update(scalars)
-        self.opt.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-        if self.schedule.plateau is not None:
-            self.schedule.plateau.load_state_dict(saved["schedule"])
-        for name, g in self.generators.items():
-            g.set_state(tensors[f"rng.{name}"])
-        torch.set_rng_state(tensors["rng.torch"])
-        self.epoch, self.best, self.best_epoch = saved["epoch"], saved["best"], saved["best_epoch"]
-        self.stopped = saved["stopped"]
-        # The kept epoch's files: written after the state, so a kill in between left an older epoch's.
-        if saved_epoch(out / MODEL_FILE) != self.best_epoch:
-            if self.best_epoch != self.epoch:  # the state's own weights are the kept ones only then
-                raise DamagedRun(f"{out / MODEL_FILE} is not from epoch {self.best_epoch}, the one "
-                                 f"{out / RESUME_FILE} keeps: the run was edited. Train it again with the same "
-                                 "command and --restart")
-            save_model(out, self.model, classes, self.best_epoch)
-            if self.tail:
-                self.tail.save(out, self.best_epoch)
-        log = out / LOG_FILE
-        lines = log.read_text().splitlines()[:self.epoch] if log.is_file() else []
-        write_text(log, "".join(line + "\n" for line in lines))  # drops the line of an epoch the state lacks
-        return [json.loads(line) for line in lines]
-
-    def kept(self, out: Path) -> tuple:
-        """The kept epoch's weights (model, tail) as training holds them, read back from the run."""
-        model = load_file(str(out / MODEL_FILE))
-        return model, load_file(str(out / BLOCKS_FILE)) if self.tail else None
 
 
 def _calibrate(model: DCModel, tail: TokenTraining | None, kept: tuple, part: Partition, config: TrainConfig,
@@ -535,25 +445,6 @@ def train_warnings(config: TrainConfig, data: Split, val: Split | None) -> list[
         warnings.append(f"--preset dc-paper on centre-cropped features (split '{data.name}'): the D&C code tests "
                         "on whole images. Extract every split with `dcfeat extract --crop full` to follow it")
     return warnings
-
-
-def resumed_reading(run: Path, feats: Path, streamed: Streamed | None) -> Streamed | None:
-    """How the interrupted run in `run` read its split, saved with its resume state: in memory, or streamed
-    in chunks of its size. Whether a split streams depends on the memory free at the start; a resumed run
-    reads it as before, or it would not end as the uninterrupted one (`streamed`: what this start chose,
-    kept for a state saved before the choice was recorded)."""
-    saved = read_resume(run, tensors=False)
-    if saved is None or "streamed" not in saved[1]:
-        return streamed
-    reading = saved[1]["streamed"]
-    if reading is None:
-        return None
-    if not (isinstance(reading, dict) and all(isinstance(reading.get(k), int) and not isinstance(reading[k], bool)
-                                              and reading[k] > 0 for k in ("chunk_rows", "buffer_chunks"))):
-        raise DamagedRun(f"{run / RESUME_FILE}: `streamed` is {reading!r}, not how a split was read (null, or "
-                         "positive `chunk_rows` and `buffer_chunks`). Train the run again from its first epoch "
-                         "with the same command and --restart")
-    return Streamed(Path(feats), reading["chunk_rows"], reading["buffer_chunks"])
 
 
 def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | None = None,

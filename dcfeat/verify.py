@@ -17,8 +17,7 @@ import numpy as np
 from dcfeat.atomic import TMP_SUFFIX, leftover_tmp_files
 from dcfeat.errors import DcfeatError
 from dcfeat.layout import label_part, labels_dir, shards_dir
-from dcfeat.locking import superseded_plans
-from dcfeat.shards import shard_checksum
+from dcfeat.shards import shard_checksum, superseded_plans
 from dcfeat.store import (
     label_files,
     layout_fix,

@@ -13,9 +13,10 @@ import polars as pl
 import pytest
 
 from dcfeat.errors import EnvironmentProblem
-from dcfeat.locking import exclusive
+from dcfeat.atomic import exclusive, record_checksum
 from dcfeat.reports import recall_from_predictions
-from dcfeat.run import point_latest, record_checksum, run_lock, verify_checksums
+from dcfeat.resume import point_latest, run_lock
+from dcfeat.run import verify_checksums
 from tests.conftest import FAST_TRAIN, invoke, refused
 
 

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from dcfeat.locking import writer_lock
+from dcfeat.shards import writer_lock
 from dcfeat.store import list_splits, read_failures, read_split, split_info
 from tests.conftest import extract_args, invoke, kill_9_when, sfxl_name, write_images
 

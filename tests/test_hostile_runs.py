@@ -397,7 +397,7 @@ def test_info_verify_compares_every_run_file_with_its_recorded_checksum(run_copy
 
 
 def test_calibrate_and_training_record_the_checksums_of_what_they_write(city_store, run_copy):
-    from dcfeat.run import read_checksums, sha256_of
+    from dcfeat.atomic import read_checksums, sha256_of
 
     r = invoke("calibrate", "--feats", city_store, "--run", run_copy, "--database-split", "test-db")
     assert r.exit_code == 0, r.output

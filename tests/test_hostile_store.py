@@ -19,7 +19,7 @@ from dcfeat.errors import (
     EnvironmentProblem,
     IncompatibleFeatures,
 )
-from dcfeat.locking import remove_plan, writer_lock
+from dcfeat.shards import remove_plan, writer_lock
 from dcfeat.shards import open_plan
 from dcfeat.store import label_files, list_splits, read_split
 from dcfeat.verify import verify_store

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dcfeat import run as run_module
+from dcfeat import resume as resume_module
 from dcfeat import train as train_module
-from dcfeat.run import run_lock
+from dcfeat.resume import run_lock
 from tests.conftest import FAST_TRAIN, invoke, kill_9_when, refused
 
 
@@ -69,20 +69,20 @@ def kill_in_epoch_3(monkeypatch, store, out, *extra):
 # Points of an epoch's writes: during epoch 3's training, between its resume state and its kept model,
 # before its config.json, and while fitting the confidence after the last epoch.
 KILLS = {
-    "mid-epoch": ("recall_at_1", 3),
-    "after the log line": ("save_resume", 2),
-    "after the resume state": ("save_model", 2),
-    "before config.json": ("write_config", 4),
-    "while calibrating": ("fit_confidence", 1),
+    "mid-epoch": (train_module, "recall_at_1", 3),
+    "after the log line": (resume_module, "save_resume", 2),
+    "after the resume state": (train_module, "save_model", 2),
+    "before config.json": (train_module, "write_config", 4),
+    "while calibrating": (train_module, "fit_confidence", 1),
 }
 
 
 @pytest.mark.parametrize("where", KILLS)
 def test_a_killed_run_resumes_to_the_same_end_as_an_uninterrupted_one(city_store, uninterrupted, tmp_path,
                                                                        monkeypatch, where):
-    name, when = KILLS[where]
+    module, name, when = KILLS[where]
     out = tmp_path / "run"
-    kill_at(monkeypatch, train_module, name, when)
+    kill_at(monkeypatch, module, name, when)
     with pytest.raises(Killed):
         invoke(*command(city_store, out), catch_exceptions=False)
     monkeypatch.undo()
@@ -188,7 +188,7 @@ def test_what_safetensors_leaves_when_killed_mid_save_is_removed_on_resume(city_
     monkeypatch.undo()
     for path in left:
         path.rename(out / path.name)
-    assert run_module.killed_writers_files(out) == sorted(out / p.name for p in left)
+    assert resume_module.killed_writers_files(out) == sorted(out / p.name for p in left)
     r = invoke(*command(city_store, out))
     assert r.exit_code == 0, r.output
     assert_same_run(uninterrupted, out)  # the same files: none left over
@@ -226,8 +226,8 @@ def test_two_trainings_into_one_folder_are_refused(city_store, tmp_path):
 
 
 def test_a_run_finished_while_waiting_for_the_lock_is_never_cleared(uninterrupted):
-    with pytest.raises(run_module.BadInput, match="a finished run"):
-        run_module.resume_or_clear(uninterrupted)
+    with pytest.raises(resume_module.BadInput, match="a finished run"):
+        resume_module.resume_or_clear(uninterrupted)
     assert (uninterrupted / "model.safetensors").is_file()
 
 

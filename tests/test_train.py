@@ -152,7 +152,7 @@ def test_train_on_a_store_made_by_extract(images, tmp_path, tiny_model):
 
 
 def test_default_run_folders_started_in_one_second_do_not_collide(tmp_path):
-    from dcfeat.run import new_run_dir
+    from dcfeat.resume import new_run_dir
 
     names = [new_run_dir(None, tmp_path / "runs").name for _ in range(3)]
     assert len(set(names)) == 3 and all((tmp_path / "runs" / n).is_dir() for n in names)
