@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dcfeat.backbone import (
     FAMILIES,
-    POOLINGS,
+    POOLERS,
     load_backbone,
     save_random_dinov2,
     save_random_dinov3,
@@ -54,7 +54,7 @@ def test_the_checkpoint_config_gives_patch_registers_and_depth(family):
     assert (backbone.patch_size, backbone.num_register_tokens, backbone.num_layers) == (patch, registers, 2)
     assert backbone.tokens_per_image(size) == 1 + registers + (size // patch) ** 2
     crops = torch.randint(0, 256, (3, size, size, 3), dtype=torch.uint8)
-    for pooling, (multiple, _) in POOLINGS.items():
+    for pooling, (multiple, _) in POOLERS.items():
         backbone.pooling = pooling
         pooled, tokens = backbone.embed(crops, cache_tokens=2)
         assert pooled.shape == (3, multiple * 32) and pooled.dtype == torch.float32
