@@ -50,7 +50,7 @@ import torch
 from dcfeat.choices import SCORINGS
 from dcfeat.errors import BadInput
 from dcfeat.geo import Places, metres_between
-from dcfeat.model import SCORE_CHUNK, DCModel
+from dcfeat.model import SCORE_CHUNK, DCModel, Scores
 from dcfeat.partition import centres_of, class_keys, label_keys, places_of
 from dcfeat.positions import CENTRE, DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
 from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
@@ -75,22 +75,8 @@ _TINY = 1e-12
 FEW_QUERIES = 100
 
 
-@dataclass
-class QueryScores:
-    """What the model says of each query: its top-k cells (n, k) and their cosines, the top cell's
-    softmax probability over every cell and within its group, at the model's logit scale, and the
-    softmax's log normaliser over every cell (n,)."""
-
-    top_classes: np.ndarray
-    cos_top: np.ndarray
-    softmax_top1: np.ndarray
-    group_top1: np.ndarray
-    logit_scale: float
-    log_norm: np.ndarray
-
-    def softmax_top(self, k: int) -> np.ndarray:
-        """The top-k cells' softmax probabilities over every cell (n, k), at the logit scale."""
-        return np.exp(self.logit_scale * self.cos_top[:, :k].astype(np.float64) - self.log_norm[:, None])
+# What the model says of each query (one scoring pass, `DCModel.score`).
+QueryScores = Scores
 
 
 @dataclass
@@ -106,34 +92,15 @@ class QuerySignals:
 
 
 def query_scores(model: DCModel, features, *, k: int = TOP_K, chunk: int = SCORE_CHUNK) -> QueryScores:
-    """The model's top-k cells and scores for cached features (one forward pass, chunk by chunk)."""
-    s = model.heads.logit_scale
-    cos_top, ids, soft, group_p, norm = [], [], [], [], []
-    with torch.no_grad():
-        for start in range(0, len(features), chunk):
-            h = model.embed(features[start:start + chunk])
-            cos = model.heads.scores(h, "cosine").float()
-            log_group = model.heads.scores(h, "group-softmax").float()
-            top = cos.topk(min(k, cos.shape[1]), dim=1)
-            cos_top.append(top.values.cpu().numpy())
-            ids.append(top.indices.cpu().numpy())
-            lse = torch.logsumexp(s * cos, dim=1)
-            norm.append(lse.cpu().numpy())
-            soft.append(torch.exp(s * top.values[:, 0] - lse).cpu().numpy())
-            group_p.append(torch.exp(log_group.gather(1, top.indices[:, :1])[:, 0]).cpu().numpy())
-    kk = min(k, sum(model.heads.classes_per_group))
-    return QueryScores(np.concatenate(ids) if ids else np.zeros((0, kk), np.int64),
-                       np.concatenate(cos_top) if cos_top else np.zeros((0, kk), np.float32),
-                       np.concatenate(soft).astype(np.float64) if soft else np.zeros(0),
-                       np.concatenate(group_p).astype(np.float64) if group_p else np.zeros(0), s,
-                       np.concatenate(norm).astype(np.float64) if norm else np.zeros(0))
+    """The model's top-k cells by cosine and their scores for cached features (one pass, chunk by chunk)."""
+    return model.score(features, k, chunk=chunk)
 
 
 def query_signals(model: DCModel, features, classes: pl.DataFrame, *, M: float, rule: PositionRule = DEFAULT_RULE,
                   k: int = TOP_K) -> QuerySignals:
     """The answers (positions under `rule`) and signals of every query (see the module docstring), at
     the model's logit scale (s of margin heads, 1 for the softmax head)."""
-    return signals_of(query_scores(model, features, k=k), classes, M=M, rule=rule)
+    return signals_of(model.score(features, k), classes, M=M, rule=rule)
 
 
 def signals_of(scores: QueryScores, classes: pl.DataFrame, *, M: float, rule: PositionRule) -> QuerySignals:

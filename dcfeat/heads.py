@@ -211,6 +211,43 @@ class GroupHeads(nn.ModuleDict):
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
+    def prototypes(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per group, what `cell_scores` multiplies the queries by, made once per scoring pass: margin heads'
+        prototypes (normalised, or as trained under raw `test_prototypes`, with 1/|w| to turn their inner
+        products into cosines); None for a softmax head (scored by its own forward)."""
+        out = []
+        for g in range(len(self.classes_per_group)):
+            head = self[str(g)]
+            if not isinstance(head, _MarginHead):
+                out.append((None, None))
+            elif self.test_prototypes == "raw":
+                w = head.weight.float()
+                out.append((w, 1.0 / w.norm(dim=1).clamp_min(_EPS)))
+            else:
+                out.append((F.normalize(head.weight.float(), dim=1, eps=_EPS), None))
+        return out
+
+    def cell_scores(self, h: torch.Tensor, prototypes: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One product of the queries with every prototype (`prototypes()`): the "cosine" scores (n, total
+        classes), what turns them into cosines (a (total classes,) factor; ones but under raw prototypes)
+        and every group's log-sum-exp of scale × cosine (n, groups). The log of a cell's probability within
+        its group is scale × cosine − lse[group] (0 for a softmax head, whose scores are already that)."""
+        unit = F.normalize(h.float(), dim=1, eps=_EPS)
+        parts, factors, lse = [], [], []
+        for g, (w, inv) in enumerate(prototypes):
+            head = self[str(g)]
+            if w is None:
+                part = F.log_softmax(head(h), dim=1)
+                lse.append(torch.zeros(len(h), device=part.device))
+            else:
+                part = inner_products(unit, w)
+                cos = part if inv is None else part * inv
+                lse.append(torch.logsumexp(head.s * cos, dim=1))
+            parts.append(part)
+            factors.append(torch.ones(part.shape[1], device=part.device) if inv is None else inv)
+        return torch.cat(parts, dim=1), torch.cat(factors), torch.stack(lse, dim=1)
+
+    @torch.no_grad()
     def init_prototypes_(self, group: int, means: torch.Tensor) -> None:
         """Set group's prototypes to the given (C, d) class means, L2-normalised."""
         head = self[str(group)]

@@ -40,7 +40,7 @@ from PIL import Image, ImageOps
 
 from dcfeat.backbone import FrozenBackbone, load_backbone
 from dcfeat.choices import NO_POOLING
-from dcfeat.confidence import TOP_K, answer_rule, calibration_for, query_signals, scoring_note
+from dcfeat.confidence import TOP_K, answer_rule, calibration_for, scoring_note, signals_of
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import use_tuned_blocks
@@ -123,13 +123,14 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
     n = len(features)
     confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
     if scoring == "cosine":
-        sig = query_signals(run.model, features, run.classes, M=run.M, rule=rule)
+        # One scoring of every cell ranks the answers and gives the signals (of the top TOP_K cells).
+        scores = run.model.score(features, max(k, TOP_K))
+        sig = signals_of(scores.head(TOP_K), run.classes, M=run.M, rule=rule)
         weights = p_rule = probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature)
         if k <= sig.top_classes.shape[1] or len(sig.top_classes) == 0:
-            # The signals' one scoring of every cell already ranks them: no second pass over the model.
             ids, probs = sig.top_classes, sig.scores.softmax_top(sig.top_classes.shape[1]).astype(np.float32)
         else:  # a softmax at scale s over every class of every group
-            ids, probs = run.model.topk(features, k, softmax_scale=run.model.heads.logit_scale)
+            ids, probs = scores.top_classes, scores.softmax_top(k).astype(np.float32)
             weights = probs
         # Rank 1 is the best cell's position; ranks 2.. the cells dcfeat.positions.ranked orders (one row per answer).
         cells = centres_of(run.classes, ids)

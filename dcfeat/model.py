@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 import torch
 from torch import nn
 
+from dcfeat.choices import SCORINGS
 from dcfeat.heads import GroupHeads, Projection
 from dcfeat.partition import centres_of
 
@@ -14,6 +17,36 @@ from dcfeat.partition import centres_of
 SCORE_CHUNK = 4096
 # Features projected at once by `DCModel.embed`.
 EMBED_CHUNK = 65536
+
+
+@dataclass
+class Scores:
+    """What one scoring pass (`DCModel.score`) says of each query: its top-k cells (n, k) under the pass's
+    ranking and their "cosine" scores, the top cell's softmax probability over every cell and within its
+    group, at the model's logit scale, the softmax's log normaliser over every cell (n,), and, where the
+    ranking is not by cosine, the ranking's scores (n, k; None: the cosines)."""
+
+    top_classes: np.ndarray
+    cos_top: np.ndarray
+    softmax_top1: np.ndarray
+    group_top1: np.ndarray
+    logit_scale: float
+    log_norm: np.ndarray
+    ranking: np.ndarray | None = None
+
+    @property
+    def score(self) -> np.ndarray:
+        """The scores the cells are ranked by (n, k): cosines, or log group probabilities."""
+        return self.cos_top if self.ranking is None else self.ranking
+
+    def head(self, k: int) -> Scores:
+        """These scores of the top k cells only (the top-1 figures are the same)."""
+        return Scores(self.top_classes[:, :k], self.cos_top[:, :k], self.softmax_top1, self.group_top1,
+                      self.logit_scale, self.log_norm, None if self.ranking is None else self.ranking[:, :k])
+
+    def softmax_top(self, k: int) -> np.ndarray:
+        """The top-k cells' softmax probabilities over every cell (n, k), at the logit scale."""
+        return np.exp(self.logit_scale * self.cos_top[:, :k].astype(np.float64) - self.log_norm[:, None])
 
 
 class DCModel(nn.Module):
@@ -43,34 +76,70 @@ class DCModel(nn.Module):
                           for i in range(0, len(features), chunk)])
 
     @torch.no_grad()
-    def topk(self, features: torch.Tensor | np.ndarray, k: int, *, chunk: int = SCORE_CHUNK,
-             softmax_scale: float | None = None, scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
-        """Global class ids (rows of classes.parquet) and scores of the top-k classes, best first.
-
-        Scores where the model is: features go to the model's device chunk by chunk. With
-        `softmax_scale`, the scores are softmax probabilities of scale × score over every
-        class of every group. `scoring`: "cosine" or "group-softmax" (GroupHeads.scores).
-        """
+    def score(self, features: torch.Tensor | np.ndarray, k: int, *, scoring: str = "cosine",
+              chunk: int = SCORE_CHUNK) -> Scores:
+        """The one scoring of every cell of every group for cached features, chunk by chunk where the model
+        is: per chunk one product with the prototypes (normalised once per call) gives the cosines, their
+        top-k cells under `scoring` ("cosine" or "group-softmax", GroupHeads.scores), the log normaliser of
+        the softmax over every cell and each group's, so that every probability follows without a second
+        product."""
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
         was_training = self.training
         self.eval()
-        ids, scores = [], []
+        s, heads = self.heads.logit_scale, self.heads
+        prototypes = heads.prototypes()
+        group = torch.repeat_interleave(torch.arange(len(heads.classes_per_group), device=self.device),
+                                        torch.tensor(heads.classes_per_group, device=self.device))
+        scale = torch.tensor([head_scale(heads[str(g)]) for g in range(len(heads.classes_per_group))],
+                             device=self.device)[group]
+        kk = min(k, sum(heads.classes_per_group))
+        out = {name: [] for name in ("ids", "cos", "soft", "group", "norm", "rank")}
         for start in range(0, len(features), chunk):
-            s = self.heads.scores(self.projection(self._on_device(features[start:start + chunk])), scoring)
-            if softmax_scale is not None:
-                s = torch.softmax(softmax_scale * s.float(), dim=1)
-            top = s.topk(min(k, s.shape[1]), dim=1)
-            ids.append(top.indices.cpu().numpy())
-            scores.append(top.values.float().cpu().numpy())
+            cos, factor, lse = heads.cell_scores(self.projection(self._on_device(features[start:start + chunk])),
+                                                 prototypes)
+            log_group = lambda c, cols: scale[cols] * (c * factor[cols]) - lse.gather(1, group[cols])  # noqa: E731
+            if scoring == "cosine":
+                top = cos.topk(kk, dim=1)
+                ids, values = top.indices, top.values
+            else:
+                top = log_group(cos, torch.arange(cos.shape[1], device=cos.device).expand_as(cos)).topk(kk, dim=1)
+                ids, values = top.indices, cos.gather(1, top.indices)
+                out["rank"].append(top.values.cpu().numpy())
+            norm = torch.logsumexp(s * cos, dim=1)
+            out["ids"].append(ids.cpu().numpy())
+            out["cos"].append(values.cpu().numpy())
+            out["norm"].append(norm.cpu().numpy())
+            out["soft"].append(torch.exp(s * values[:, 0] - norm).cpu().numpy())
+            out["group"].append(torch.exp(log_group(values[:, :1], ids[:, :1])[:, 0]).cpu().numpy())
         self.train(was_training)
-        if not ids:
-            kk = min(k, sum(self.heads.classes_per_group))
-            return np.zeros((0, kk), np.int64), np.zeros((0, kk), np.float32)
-        return np.concatenate(ids), np.concatenate(scores)
+        if not out["ids"]:
+            return Scores(np.zeros((0, kk), np.int64), np.zeros((0, kk), np.float32), np.zeros(0), np.zeros(0), s,
+                          np.zeros(0), None if scoring == "cosine" else np.zeros((0, kk), np.float32))
+        cat = lambda name, dtype=None: (np.concatenate(out[name]) if dtype is None  # noqa: E731
+                                        else np.concatenate(out[name]).astype(dtype))
+        return Scores(cat("ids"), cat("cos"), cat("soft", np.float64), cat("group", np.float64), s,
+                      cat("norm", np.float64), cat("rank") if out["rank"] else None)
+
+    def topk(self, features: torch.Tensor | np.ndarray, k: int, *, chunk: int = SCORE_CHUNK,
+             scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
+        """Global class ids (rows of classes.parquet) and scores of the top-k classes under `scoring`, best
+        first (`score`)."""
+        scores = self.score(features, k, scoring=scoring, chunk=chunk)
+        return scores.top_classes, scores.score
 
 
-def top_cells(model: DCModel, features, classes: pl.DataFrame, k: int, scoring: str = "cosine") -> dict[str, np.ndarray]:
-    """Top-k class ids and scores and their cell centres (UTM) for a batch of cached features."""
-    ids, scores = model.topk(features, k, scoring=scoring)
+def head_scale(head: nn.Module) -> float:
+    """The scale s of a group's probability: a margin head's s; 1 for a softmax head."""
+    return float(getattr(head, "s", 1.0))
+
+
+def top_cells(model: DCModel, features, classes: pl.DataFrame, k: int, scoring: str = "cosine",
+              scores: Scores | None = None) -> dict[str, np.ndarray]:
+    """Top-k class ids and scores and their cell centres (UTM) for a batch of cached features (or for
+    `scores` already made for them under `scoring`)."""
+    scores = scores if scores is not None else model.score(features, k, scoring=scoring)
+    ids, scores = scores.top_classes[:, :k], scores.score[:, :k]
     centres = centres_of(classes, ids)
     return {"class": ids, "score": scores, "east": centres.east, "north": centres.north, "zone": centres.zone,
             "letter": centres.letter}
