@@ -211,41 +211,52 @@ class GroupHeads(nn.ModuleDict):
         return torch.cat(parts, dim=1)
 
     @torch.no_grad()
-    def prototypes(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per group, what `cell_scores` multiplies the queries by, made once per scoring pass: margin heads'
-        prototypes (normalised, or as trained under raw `test_prototypes`, with 1/|w| to turn their inner
-        products into cosines); None for a softmax head (scored by its own forward)."""
+    def prototypes(self) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per group, what `cell_scores` multiplies the queries by, made once per scoring pass: a margin
+        head's normalised prototypes, and under raw `test_prototypes` the prototypes as trained too (they rank
+        the cells; a probability is always on cosines); (None, None) for a softmax head."""
         out = []
         for g in range(len(self.classes_per_group)):
             head = self[str(g)]
             if not isinstance(head, _MarginHead):
                 out.append((None, None))
-            elif self.test_prototypes == "raw":
-                w = head.weight.float()
-                out.append((w, 1.0 / w.norm(dim=1).clamp_min(_EPS)))
-            else:
-                out.append((F.normalize(head.weight.float(), dim=1, eps=_EPS), None))
+                continue
+            w = F.normalize(head.weight.float(), dim=1, eps=_EPS)
+            out.append((w, head.weight.float() if self.test_prototypes == "raw" else None))
         return out
 
     def cell_scores(self, h: torch.Tensor, prototypes: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One product of the queries with every prototype (`prototypes()`): the "cosine" scores (n, total
-        classes), what turns them into cosines (a (total classes,) factor; ones but under raw prototypes)
-        and every group's log-sum-exp of scale × cosine (n, groups). The log of a cell's probability within
-        its group is scale × cosine − lse[group] (0 for a softmax head, whose scores are already that)."""
+        """The queries against every prototype (`prototypes()`): the "cosine" scores (n, total classes) that
+        rank the cells, the cosines probabilities are made of (the same tensor but under raw prototypes)
+        and every group's log-sum-exp of s × cosine as (2, n, groups): its largest term and the log of the
+        sum of exp(s × cosine − largest). The log of a cell's probability within its group is
+        (s × cosine − largest) − log sum, as log_softmax makes it (0 and 0 for a softmax head, whose scores
+        are already that). One product per group (two under raw prototypes)."""
         unit = F.normalize(h.float(), dim=1, eps=_EPS)
-        parts, factors, lse = [], [], []
-        for g, (w, inv) in enumerate(prototypes):
+        ranks, cosines, lse = [], [], []
+        for g, (w, raw) in enumerate(prototypes):
             head = self[str(g)]
             if w is None:
-                part = F.log_softmax(head(h), dim=1)
-                lse.append(torch.zeros(len(h), device=part.device))
+                cos = F.log_softmax(head(h), dim=1)
+                lse.append(torch.zeros((2, len(h)), device=cos.device))
             else:
-                part = inner_products(unit, w)
-                cos = part if inv is None else part * inv
-                lse.append(torch.logsumexp(head.s * cos, dim=1))
-            parts.append(part)
-            factors.append(torch.ones(part.shape[1], device=part.device) if inv is None else inv)
-        return torch.cat(parts, dim=1), torch.cat(factors), torch.stack(lse, dim=1)
+                cos = inner_products(unit, w)
+                logits = head.s * cos
+                peak = logits.amax(dim=1, keepdim=True) if cos.shape[1] else torch.zeros((len(h), 1), device=cos.device)
+                lse.append(torch.stack([peak[:, 0], torch.log(torch.exp(logits - peak).sum(dim=1))]))
+            ranks.append(cos if raw is None else inner_products(unit, raw))
+            cosines.append(cos)
+        rank = torch.cat(ranks, dim=1)
+        return rank, (rank if self.test_prototypes != "raw" else torch.cat(cosines, dim=1)), torch.stack(lse, dim=2)
+
+    def log_group_probabilities(self, cos: torch.Tensor) -> torch.Tensor:
+        """Every cell's log probability within its group (n, total classes) from `cell_scores`' cosines:
+        the "group-softmax" scores, with no second product."""
+        parts = []
+        for g in range(len(self.classes_per_group)):
+            head, part = self[str(g)], cos[:, self.offsets[g]:self.offsets[g + 1]]
+            parts.append(F.log_softmax(head.s * part, dim=1) if isinstance(head, _MarginHead) else part)
+        return torch.cat(parts, dim=1)
 
     @torch.no_grad()
     def init_prototypes_(self, group: int, means: torch.Tensor) -> None:

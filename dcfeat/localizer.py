@@ -124,13 +124,14 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
     confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
     if scoring == "cosine":
         # One scoring of every cell ranks the answers and gives the signals (of the top TOP_K cells).
-        scores = run.model.score(features, max(k, TOP_K))
+        wide = k > min(TOP_K, sum(run.model.heads.classes_per_group)) and n > 0  # more answers than signals' cells
+        scores = run.model.score(features, max(k, TOP_K), softmax=wide)
         sig = signals_of(scores.head(TOP_K), run.classes, M=run.M, rule=rule)
         weights = p_rule = probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature)
-        if k <= sig.top_classes.shape[1] or len(sig.top_classes) == 0:
+        if not wide:
             ids, probs = sig.top_classes, sig.scores.softmax_top(sig.top_classes.shape[1]).astype(np.float32)
         else:  # a softmax at scale s over every class of every group
-            ids, probs = scores.top_classes, scores.softmax_top(k).astype(np.float32)
+            ids, probs = scores.top_classes, scores.softmax
             weights = probs
         # Rank 1 is the best cell's position; ranks 2.. the cells dcfeat.positions.ranked orders (one row per answer).
         cells = centres_of(run.classes, ids)

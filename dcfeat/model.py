@@ -24,7 +24,8 @@ class Scores:
     """What one scoring pass (`DCModel.score`) says of each query: its top-k cells (n, k) under the pass's
     ranking and their "cosine" scores, the top cell's softmax probability over every cell and within its
     group, at the model's logit scale, the softmax's log normaliser over every cell (n,), and, where the
-    ranking is not by cosine, the ranking's scores (n, k; None: the cosines)."""
+    ranking is not by cosine, the ranking's scores (n, k; None: the cosines); `softmax`, where asked for, the
+    top cells' softmax probabilities over every cell (n, k)."""
 
     top_classes: np.ndarray
     cos_top: np.ndarray
@@ -33,6 +34,7 @@ class Scores:
     logit_scale: float
     log_norm: np.ndarray
     ranking: np.ndarray | None = None
+    softmax: np.ndarray | None = None
 
     @property
     def score(self) -> np.ndarray:
@@ -42,7 +44,8 @@ class Scores:
     def head(self, k: int) -> Scores:
         """These scores of the top k cells only (the top-1 figures are the same)."""
         return Scores(self.top_classes[:, :k], self.cos_top[:, :k], self.softmax_top1, self.group_top1,
-                      self.logit_scale, self.log_norm, None if self.ranking is None else self.ranking[:, :k])
+                      self.logit_scale, self.log_norm, None if self.ranking is None else self.ranking[:, :k],
+                      None if self.softmax is None else self.softmax[:, :k])
 
     def softmax_top(self, k: int) -> np.ndarray:
         """The top-k cells' softmax probabilities over every cell (n, k), at the logit scale."""
@@ -77,49 +80,56 @@ class DCModel(nn.Module):
 
     @torch.no_grad()
     def score(self, features: torch.Tensor | np.ndarray, k: int, *, scoring: str = "cosine",
-              chunk: int = SCORE_CHUNK) -> Scores:
+              chunk: int = SCORE_CHUNK, softmax: bool = False) -> Scores:
         """The one scoring of every cell of every group for cached features, chunk by chunk where the model
         is: per chunk one product with the prototypes (normalised once per call) gives the cosines, their
         top-k cells under `scoring` ("cosine" or "group-softmax", GroupHeads.scores), the log normaliser of
         the softmax over every cell and each group's, so that every probability follows without a second
-        product."""
+        product. `softmax`: also the top cells' softmax probabilities over every cell as torch's softmax
+        gives them (`Scores.softmax`; `softmax_top` is them within float rounding)."""
         if scoring not in SCORINGS:
             raise ValueError(f"scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
         was_training = self.training
         self.eval()
         s, heads = self.heads.logit_scale, self.heads
         prototypes = heads.prototypes()
-        group = torch.repeat_interleave(torch.arange(len(heads.classes_per_group), device=self.device),
-                                        torch.tensor(heads.classes_per_group, device=self.device))
-        scale = torch.tensor([head_scale(heads[str(g)]) for g in range(len(heads.classes_per_group))],
-                             device=self.device)[group]
+        group = torch.repeat_interleave(torch.arange(len(heads.classes_per_group)),
+                                        torch.tensor(heads.classes_per_group, dtype=torch.long))  # each cell's group
+        scale = torch.tensor([head_scale(heads[str(g)]) for g in range(len(heads.classes_per_group))])[group]
+        group, scale = group.to(self.device), scale.to(self.device)
         kk = min(k, sum(heads.classes_per_group))
-        out = {name: [] for name in ("ids", "cos", "soft", "group", "norm", "rank")}
+        out = {name: [] for name in ("ids", "cos", "soft", "group", "norm", "rank", "softmax")}
         for start in range(0, len(features), chunk):
-            cos, factor, lse = heads.cell_scores(self.projection(self._on_device(features[start:start + chunk])),
+            cos, cosines, lse = heads.cell_scores(self.projection(self._on_device(features[start:start + chunk])),
                                                  prototypes)
-            log_group = lambda c, cols: scale[cols] * (c * factor[cols]) - lse.gather(1, group[cols])  # noqa: E731
+            log_group = lambda cols: ((scale[cols] * cosines.gather(1, cols) - lse[0].gather(1, group[cols]))  # noqa: E731
+                                      - lse[1].gather(1, group[cols]))
             if scoring == "cosine":
                 top = cos.topk(kk, dim=1)
                 ids, values = top.indices, top.values
+                first = log_group(ids[:, :1])[:, 0]  # the top cell's log group probability
             else:
-                top = log_group(cos, torch.arange(cos.shape[1], device=cos.device).expand_as(cos)).topk(kk, dim=1)
-                ids, values = top.indices, cos.gather(1, top.indices)
+                top = heads.log_group_probabilities(cosines).topk(kk, dim=1)
+                ids, values, first = top.indices, cos.gather(1, top.indices), top.values[:, 0]
                 out["rank"].append(top.values.cpu().numpy())
             norm = torch.logsumexp(s * cos, dim=1)
             out["ids"].append(ids.cpu().numpy())
             out["cos"].append(values.cpu().numpy())
             out["norm"].append(norm.cpu().numpy())
             out["soft"].append(torch.exp(s * values[:, 0] - norm).cpu().numpy())
-            out["group"].append(torch.exp(log_group(values[:, :1], ids[:, :1])[:, 0]).cpu().numpy())
+            out["group"].append(torch.exp(first).cpu().numpy())
+            if softmax:
+                out["softmax"].append(torch.softmax(s * cos, dim=1).gather(1, ids).cpu().numpy())
         self.train(was_training)
         if not out["ids"]:
             return Scores(np.zeros((0, kk), np.int64), np.zeros((0, kk), np.float32), np.zeros(0), np.zeros(0), s,
-                          np.zeros(0), None if scoring == "cosine" else np.zeros((0, kk), np.float32))
+                          np.zeros(0), None if scoring == "cosine" else np.zeros((0, kk), np.float32),
+                          np.zeros((0, kk), np.float32) if softmax else None)
         cat = lambda name, dtype=None: (np.concatenate(out[name]) if dtype is None  # noqa: E731
                                         else np.concatenate(out[name]).astype(dtype))
         return Scores(cat("ids"), cat("cos"), cat("soft", np.float64), cat("group", np.float64), s,
-                      cat("norm", np.float64), cat("rank") if out["rank"] else None)
+                      cat("norm", np.float64), cat("rank") if out["rank"] else None,
+                      cat("softmax") if out["softmax"] else None)
 
     def topk(self, features: torch.Tensor | np.ndarray, k: int, *, chunk: int = SCORE_CHUNK,
              scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
