@@ -49,7 +49,7 @@ from dcfeat.identity import check_features
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
 from dcfeat.partition import centres_of
 from dcfeat.metrics import THRESHOLD_M
-from dcfeat.model import top_cells
+from dcfeat.model import Scores, top_cells
 from dcfeat.positions import answer as positions_answer
 from dcfeat.positions import positions_of, probabilities, ranked, weighing_scale
 from dcfeat.progress import progress_bar
@@ -104,7 +104,20 @@ def run_status(run: Run, scoring: str = "cosine") -> str:
     return "; ".join(notes)
 
 
-def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine") -> pl.DataFrame:
+def scores_for(run: Run, features: np.ndarray, k: int, scoring: str = "cosine") -> Scores:
+    """The one scoring of every cell that `predictions` answers `k` cells per image from: a pass made for
+    the largest k of a batch serves each smaller k too."""
+    wide = scoring == "cosine" and _wide(run, k) and len(features) > 0
+    return run.model.score(features, max(k, TOP_K), scoring=scoring, softmax=wide)
+
+
+def _wide(run: Run, k: int) -> bool:
+    """Whether k answers are more cells than the signals' top cells (answered by the softmax over every cell)."""
+    return k > min(TOP_K, sum(run.model.heads.classes_per_group))
+
+
+def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, scoring: str = "cosine",
+                scores: Scores | None = None) -> pl.DataFrame:
     """Long table: one row per image and rank with the answer there (UTM and lat/lon: dcfeat.positions, under
     the run's rule; rank 1 the position, ranks 2.. other cells' centres), the cell it answers, its
     probability and its centre, and per image the
@@ -116,22 +129,23 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
     within its own group, and the positions are weighed by those probabilities normalised over the top cells,
     exactly as `dcfeat evaluate --scoring group-softmax` answers (evaluate.classify); the run's calibration
     was fitted for cosine answers (`confidence.calibration_for`), so these answers carry no confidence and no
-    radius, follow DEFAULT_RULE, and the status says so."""
+    radius, follow DEFAULT_RULE, and the status says so. `scores`: `scores_for` these features at this k
+    or a larger one, under this `scoring` (made here when None)."""
     cal = calibration_for(run.calibration, scoring)
     rule = answer_rule(cal)
     threshold_m = cal.threshold_m if cal else THRESHOLD_M
     n = len(features)
     confidence, radius = np.full(n, np.nan), np.full(n, np.nan)
+    # One scoring of every cell ranks the answers and gives the signals (of the top TOP_K cells).
+    scores = scores if scores is not None else scores_for(run, features, k, scoring)
     if scoring == "cosine":
-        # One scoring of every cell ranks the answers and gives the signals (of the top TOP_K cells).
-        wide = k > min(TOP_K, sum(run.model.heads.classes_per_group)) and n > 0  # more answers than signals' cells
-        scores = run.model.score(features, max(k, TOP_K), softmax=wide)
+        wide = _wide(run, k) and n > 0
         sig = signals_of(scores.head(TOP_K), run.classes, M=run.M, rule=rule)
         weights = p_rule = probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature)
         if not wide:
             ids, probs = sig.top_classes, sig.scores.softmax_top(sig.top_classes.shape[1]).astype(np.float32)
         else:  # a softmax at scale s over every class of every group
-            ids, probs = scores.top_classes, scores.softmax
+            ids, probs = scores.top_classes[:, :k], scores.softmax[:, :k]
             weights = probs
         # Rank 1 is the best cell's position; ranks 2.. the cells dcfeat.positions.ranked orders (one row per answer).
         cells = centres_of(run.classes, ids)
@@ -142,7 +156,7 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
         if cal is not None and n:
             confidence, radius = cal.confidence(sig.values), cal.radius_m(sig.base_radius_m)
     else:  # the scores are log group probabilities: evaluate.classify's answers
-        top = top_cells(run.model, features, run.classes, max(k, TOP_K), scoring)
+        top = top_cells(run.model, features, run.classes, max(k, TOP_K), scoring, scores=scores)
         ids, probs = top["class"], np.exp(top["score"]).astype(np.float32)
         at, index = positions_answer(Places(top["east"], top["north"], top["zone"], top["letter"]), top["score"],
                                      weighing_scale(run.model.heads.logit_scale, scoring), rule, ranks=k,
@@ -448,9 +462,15 @@ class Localizer:
         return int(k)
 
     # Features → answers.
+    def scores(self, features: np.ndarray, k: int) -> Scores:
+        """One scoring of these features' cells that `table` answers every k up to `k` from."""
+        with self._lock:
+            return scores_for(self.run, np.asarray(features, dtype=np.float32), self.check_k(k), self.scoring)
+
     def table(self, features: np.ndarray, image_ids: list[str], *, k: int | None = None,
-              min_confidence: float | None = None) -> pl.DataFrame:
-        """predictions() of backbone features, with `abstained` (below `min_confidence`)."""
+              min_confidence: float | None = None, scores: Scores | None = None) -> pl.DataFrame:
+        """predictions() of backbone features, with `abstained` (below `min_confidence`); `scores`: `scores`
+        of these features at this k or a larger one (made here when None)."""
         self.check_min_confidence(min_confidence)
         k = self.check_k(k)
         features = np.asarray(features, dtype=np.float32)
@@ -461,7 +481,7 @@ class Localizer:
         if len(image_ids) != len(features):
             raise BadInput(f"{len(image_ids)} ids for {len(features)} feature rows: pass one id per row")
         with self._lock:
-            frame = predictions(self.run, list(image_ids), features, k, self.scoring)
+            frame = predictions(self.run, list(image_ids), features, k, self.scoring, scores)
         return abstain(frame, min_confidence)
 
     def locate_features(self, features: np.ndarray, *, ids: list[str] | None = None, k: int | None = None,

@@ -47,6 +47,12 @@ class Scores:
                       self.logit_scale, self.log_norm, None if self.ranking is None else self.ranking[:, :k],
                       None if self.softmax is None else self.softmax[:, :k])
 
+    def rows(self, index: np.ndarray) -> Scores:
+        """These scores of some queries only (`index` into the rows)."""
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return Scores(self.top_classes[index], self.cos_top[index], self.softmax_top1[index], self.group_top1[index],
+                      self.logit_scale, self.log_norm[index], pick(self.ranking), pick(self.softmax))
+
     def softmax_top(self, k: int) -> np.ndarray:
         """The top-k cells' softmax probabilities over every cell (n, k), at the logit scale."""
         return np.exp(self.logit_scale * self.cos_top[:, :k].astype(np.float64) - self.log_norm[:, None])

@@ -5,6 +5,7 @@ backbone runs)."""
 import asyncio
 
 import numpy as np
+import polars as pl
 import pytest
 
 from dcfeat.localizer import Localizer
@@ -20,9 +21,9 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.localizer, name)
 
-    def table(self, features, ids, *, k=None):
+    def scores(self, features, k):
         self.passes.append((len(features), k))
-        return self.localizer.table(features, ids, k=k)
+        return self.localizer.scores(features, k)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_one_batch_answers_each_job_with_its_own_k_and_min_confidence(localizer)
     recording = Recording(localizer)
     batcher = Batcher(recording, ServeConfig(max_batch=8, max_wait_ms=0), Metrics())
     _, (few, many, strict) = run_jobs(batcher, [(2, 1, None), (1, 4, None), (1, 4, 1.0)], localizer)
-    assert sorted(recording.passes) == [(2, 1), (2, 4)]  # one classifier pass per k of the batch
+    assert recording.passes == [(4, 4)]  # one classifier pass for the batch, at its largest k
     assert [len(a.top_k) for a in few + many + strict] == [1, 1, 4, 4]
     assert [a.abstained for a in few + many + strict] == [False, False, False, True]
     assert strict[0].confidence < 1.0
@@ -137,3 +138,12 @@ def test_an_abandoned_job_is_dropped_from_its_batch(localizer):
 
     gone, kept = asyncio.run(main())
     assert recording.passes == [(1, 3)] and kept[0].image_id == "1" and not gone.future.done()
+
+
+def test_a_scoring_pass_at_a_larger_k_answers_a_smaller_k_as_its_own_pass(localizer):
+    x, ids = features(localizer, 6, seed=3), [str(i) for i in range(6)]
+    for k in (1, 4, 20, 25):
+        own = localizer.table(x, ids, k=k)
+        for larger in (k, 30):
+            shared = localizer.table(x[2:], ids[2:], k=k, scores=localizer.scores(x, larger).rows(np.arange(2, 6)))
+            assert shared.equals(own.filter(pl.col("image_id").is_in(ids[2:])))

@@ -131,3 +131,30 @@ def test_a_calibration_records_its_scoring_and_one_written_before_reads_as_cosin
     assert Calibrator.from_dict(old).to_dict() == written
     with pytest.raises(ValueError, match="`scoring` must be one of cosine, group-softmax"):
         Calibrator.from_dict({**written, "scoring": "nope"})
+
+
+@pytest.mark.parametrize("prototypes", ["normalised", "raw"])
+def test_one_scoring_pass_gives_what_each_scoring_of_every_cell_gives(city_store, city_run, prototypes):
+    """DCModel.score's one product per chunk: its top cells under either scoring, their cosines and the top
+    cell's group and global softmax probabilities are those of GroupHeads.scores' full matrices."""
+    from dcfeat.run import load_run
+    from dcfeat.store import read_split
+
+    model = load_run(city_run, "cpu").model
+    model.heads.test_prototypes = prototypes
+    x = read_split(city_store, "val", dtype=np.float32).embeddings[:40]
+    with torch.no_grad():
+        h = model.embed(x)
+        cos, log_group = model.heads.scores(h, "cosine"), model.heads.scores(h, "group-softmax")
+    for scoring, full in (("cosine", cos), ("group-softmax", log_group)):
+        got = model.score(x, 7, scoring=scoring, chunk=16, softmax=True)  # chunks of 16, 16 and 8 queries
+        top = full.topk(7, dim=1)
+        assert np.array_equal(got.top_classes, top.indices.numpy())
+        assert np.allclose(got.score, top.values.numpy(), atol=1e-6)
+        assert np.allclose(got.cos_top, cos.gather(1, top.indices).numpy(), atol=1e-6)
+        first = top.indices[:, :1]
+        assert np.allclose(got.group_top1, log_group.gather(1, first)[:, 0].exp().numpy(), atol=1e-6)
+        softmax = torch.softmax(model.heads.logit_scale * cos, dim=1)
+        assert np.allclose(got.softmax_top1, softmax.gather(1, first)[:, 0].numpy(), atol=1e-6)
+        assert np.allclose(got.softmax, softmax.gather(1, top.indices).numpy(), atol=1e-6)
+    assert model.score(x[:0], 7).top_classes.shape == (0, 7)

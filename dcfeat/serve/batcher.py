@@ -112,11 +112,12 @@ class Batcher:
             feats = self._features(batch)
             offsets = np.cumsum([0] + [job.size for job in batch])
             results = {}
-            for k in sorted({job.k for job in batch}):  # one classifier pass per k asked in the batch
+            scores = self.localizer.scores(feats, max(job.k for job in batch))  # one classifier pass per batch
+            for k in sorted({job.k for job in batch}):  # each k answered from it
                 rows = [i for i, job in enumerate(batch) if job.k == k]
                 index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in rows])
                 ids = [f"{i}:{j}" for i in rows for j in range(batch[i].size)]
-                found = answers(self.localizer.table(feats[index], ids, k=k))
+                found = answers(self.localizer.table(feats[index], ids, k=k, scores=scores.rows(index)))
                 for i in rows:
                     results[i] = found[:batch[i].size]
                     found = found[batch[i].size:]
