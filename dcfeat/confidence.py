@@ -371,9 +371,10 @@ def disagreement_m(sig: QuerySignals, other: Places) -> np.ndarray:
     return np.nan_to_num(errors_m(sig, other), nan=1e9, posinf=1e9)
 
 
-def retrieval_disagreement_m(model: DCModel, sig: QuerySignals, queries: Split, database: Split) -> np.ndarray:
-    """DATABASE_SIGNAL of `queries`: exact retrieval in the model's space against `database`, top 1."""
-    q, db = model.embed(queries.embeddings), model.embed(database.embeddings)
+def retrieval_disagreement_m(model: DCModel, sig: QuerySignals, q: torch.Tensor, db: torch.Tensor,
+                             database: Split) -> np.ndarray:
+    """DATABASE_SIGNAL of queries embedded as `q`: exact retrieval in the model's space against `database`
+    (embedded as `db`), top 1."""
     rows = topk_cosine(q, db, 1, device=model.device)[1][:, 0]
     return disagreement_m(sig, places_of(database.labels, rows))
 
@@ -388,13 +389,14 @@ def gate_cells(scores: QueryScores, temperature: float, gate: dict) -> np.ndarra
 
 
 def fit_gate(model: DCModel, classes: pl.DataFrame, M: float, sig: QuerySignals, queries: Split, database: Split,
-             *, threshold_m: float, rule: PositionRule) -> tuple[dict, dict]:
+             q: torch.Tensor, db: torch.Tensor, *, threshold_m: float, rule: PositionRule) -> tuple[dict, dict]:
     """The gate whose hybrid answers held-out queries best (LR@1 at the threshold; fewer database images
-    searched on ties), and per mass its LR@1 and mean candidates, for the record."""
+    searched on ties), and per mass its LR@1 and mean candidates, for the record. `q`, `db`: the queries
+    and the database embedded by the model."""
     device = model.device
-    unit_db = normalised(model.embed(database.embeddings), device)
+    unit_db = normalised(db, device)
     index = CellIndex.build(class_keys(classes, M), label_keys(database.labels, M), device)
-    q = torch.nn.functional.normalize(model.embed(queries.embeddings).float(), dim=1)
+    q = torch.nn.functional.normalize(q.float(), dim=1)
     truth = places_of(queries.labels)
     grid = {}
     for mass in GATE_MASSES:
@@ -416,7 +418,9 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
     (`Calibrator.with_database`). BadInput when the split cannot be calibrated on."""
     if len(split.embeddings) == 0:
         raise BadInput(f"split '{split.name}' holds no queries to calibrate on")
-    scores = query_scores(model, split.embeddings)
+    # The queries embedded once: for their scores, and with a database for the gate and retrieval's agreement.
+    q = model.embed(split.embeddings)
+    scores = model.score(q, TOP_K, embedded=True)
     truth = places_of(split.labels)
     rule, grid = fit_position_rule(centres_of(classes, scores.top_classes), scores.cos_top, scores.logit_scale,
                                    truth, threshold_m=threshold_m)
@@ -428,9 +432,11 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
         cal = fit(sig.values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m, fitted_on=fitted_on)
         cal.position = rule
         if database is not None:
-            cal.gate, gates = fit_gate(model, classes, M, sig, split, database, threshold_m=threshold_m, rule=rule)
+            db = model.embed(database.embeddings)
+            cal.gate, gates = fit_gate(model, classes, M, sig, split, database, q, db, threshold_m=threshold_m,
+                                       rule=rule)
             cal.fitted_on["gate_lr1"] = gates
-            values = {**sig.values, DATABASE_SIGNAL: retrieval_disagreement_m(model, sig, split, database)}
+            values = {**sig.values, DATABASE_SIGNAL: retrieval_disagreement_m(model, sig, q, db, database)}
             cal.with_database = fit(values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m,
                                     signals=(*SIGNALS, DATABASE_SIGNAL),
                                     fitted_on={**fitted_on, "database_split": database.name})

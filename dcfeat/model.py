@@ -86,13 +86,14 @@ class DCModel(nn.Module):
 
     @torch.no_grad()
     def score(self, features: torch.Tensor | np.ndarray, k: int, *, scoring: str = "cosine",
-              chunk: int = SCORE_CHUNK, softmax: bool = False) -> Scores:
+              chunk: int = SCORE_CHUNK, softmax: bool = False, embedded: bool = False) -> Scores:
         """The one scoring of every cell of every group for cached features, chunk by chunk where the model
         is: per chunk one product with the prototypes (normalised once per call) gives the cosines, their
         top-k cells under `scoring` ("cosine" or "group-softmax", GroupHeads.scores), the log normaliser of
         the softmax over every cell and each group's, so that every probability follows without a second
         product. `softmax`: also the top cells' softmax probabilities over every cell as torch's softmax
-        gives them (`Scores.softmax`; `softmax_top` is them within float rounding)."""
+        gives them (`Scores.softmax`; `softmax_top` is them within float rounding). `embedded`: the features
+        are `embed`'s already (the caller needs them for more than the scores)."""
         if scoring not in SCORINGS:
             raise ValueError(f"scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
         was_training = self.training
@@ -106,8 +107,8 @@ class DCModel(nn.Module):
         kk = min(k, sum(heads.classes_per_group))
         out = {name: [] for name in ("ids", "cos", "soft", "group", "norm", "rank", "softmax")}
         for start in range(0, len(features), chunk):
-            cos, cosines, lse = heads.cell_scores(self.projection(self._on_device(features[start:start + chunk])),
-                                                 prototypes)
+            rows = self._on_device(features[start:start + chunk])
+            cos, cosines, lse = heads.cell_scores(rows if embedded else self.projection(rows), prototypes)
             log_group = lambda cols: ((scale[cols] * cosines.gather(1, cols) - lse[0].gather(1, group[cols]))  # noqa: E731
                                       - lse[1].gather(1, group[cols]))
             if scoring == "cosine":
