@@ -225,13 +225,14 @@ class GroupHeads(nn.ModuleDict):
             out.append((w, head.weight.float() if self.test_prototypes == "raw" else None))
         return out
 
-    def cell_scores(self, h: torch.Tensor, prototypes: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def cell_scores(self, h: torch.Tensor, prototypes: list,
+                    normalisers: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The queries against every prototype (`prototypes()`): the "cosine" scores (n, total classes) that
         rank the cells, the cosines probabilities are made of (the same tensor but under raw prototypes)
         and every group's log-sum-exp of s × cosine as (2, n, groups): its largest term and the log of the
         sum of exp(s × cosine − largest). The log of a cell's probability within its group is
         (s × cosine − largest) − log sum, as log_softmax makes it (0 and 0 for a softmax head, whose scores
-        are already that). One product per group (two under raw prototypes)."""
+        are already that; None without `normalisers`). One product per group (two under raw prototypes)."""
         unit = F.normalize(h.float(), dim=1, eps=_EPS)
         ranks, cosines, lse = [], [], []
         for g, (w, raw) in enumerate(prototypes):
@@ -241,13 +242,15 @@ class GroupHeads(nn.ModuleDict):
                 lse.append(torch.zeros((2, len(h)), device=cos.device))
             else:
                 cos = inner_products(unit, w)
+            if w is not None and normalisers:
                 logits = head.s * cos
                 peak = logits.amax(dim=1, keepdim=True) if cos.shape[1] else torch.zeros((len(h), 1), device=cos.device)
                 lse.append(torch.stack([peak[:, 0], torch.log(torch.exp(logits - peak).sum(dim=1))]))
             ranks.append(cos if raw is None else inner_products(unit, raw))
             cosines.append(cos)
         rank = torch.cat(ranks, dim=1)
-        return rank, (rank if self.test_prototypes != "raw" else torch.cat(cosines, dim=1)), torch.stack(lse, dim=2)
+        cosines = rank if self.test_prototypes != "raw" else torch.cat(cosines, dim=1)
+        return rank, cosines, torch.stack(lse, dim=2) if normalisers else None
 
     def log_group_probabilities(self, cos: torch.Tensor) -> torch.Tensor:
         """Every cell's log probability within its group (n, total classes) from `cell_scores`' cosines:

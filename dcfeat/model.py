@@ -86,14 +86,17 @@ class DCModel(nn.Module):
 
     @torch.no_grad()
     def score(self, features: torch.Tensor | np.ndarray, k: int, *, scoring: str = "cosine",
-              chunk: int = SCORE_CHUNK, softmax: bool = False, embedded: bool = False) -> Scores:
+              chunk: int = SCORE_CHUNK, softmax: bool = False, embedded: bool = False,
+              normalisers: bool = True) -> Scores:
         """The one scoring of every cell of every group for cached features, chunk by chunk where the model
         is: per chunk one product with the prototypes (normalised once per call) gives the cosines, their
         top-k cells under `scoring` ("cosine" or "group-softmax", GroupHeads.scores), the log normaliser of
         the softmax over every cell and each group's, so that every probability follows without a second
         product. `softmax`: also the top cells' softmax probabilities over every cell as torch's softmax
         gives them (`Scores.softmax`; `softmax_top` is them within float rounding). `embedded`: the features
-        are `embed`'s already (the caller needs them for more than the scores)."""
+        are `embed`'s already (the caller needs them for more than the scores). Without `normalisers` (a
+        ranking alone: `topk`, `top_cells`) no exp is taken over every cell under cosine scoring, and the
+        probabilities and the log normaliser are NaN."""
         if scoring not in SCORINGS:
             raise ValueError(f"scoring {scoring!r}: choose one of {', '.join(SCORINGS)}")
         was_training = self.training
@@ -108,23 +111,25 @@ class DCModel(nn.Module):
         out = {name: [] for name in ("ids", "cos", "soft", "group", "norm", "rank", "softmax")}
         for start in range(0, len(features), chunk):
             rows = self._on_device(features[start:start + chunk])
-            cos, cosines, lse = heads.cell_scores(rows if embedded else self.projection(rows), prototypes)
+            cos, cosines, lse = heads.cell_scores(rows if embedded else self.projection(rows), prototypes,
+                                                  normalisers)
             log_group = lambda cols: ((scale[cols] * cosines.gather(1, cols) - lse[0].gather(1, group[cols]))  # noqa: E731
                                       - lse[1].gather(1, group[cols]))
             if scoring == "cosine":
                 top = cos.topk(kk, dim=1)
                 ids, values = top.indices, top.values
-                first = log_group(ids[:, :1])[:, 0]  # the top cell's log group probability
+                first = log_group(ids[:, :1])[:, 0] if normalisers else None  # the top cell's log group probability
             else:
                 top = heads.log_group_probabilities(cosines).topk(kk, dim=1)
                 ids, values, first = top.indices, cos.gather(1, top.indices), top.values[:, 0]
                 out["rank"].append(top.values.cpu().numpy())
-            norm = torch.logsumexp(s * cos, dim=1)
             out["ids"].append(ids.cpu().numpy())
             out["cos"].append(values.cpu().numpy())
-            out["norm"].append(norm.cpu().numpy())
-            out["soft"].append(torch.exp(s * values[:, 0] - norm).cpu().numpy())
-            out["group"].append(torch.exp(first).cpu().numpy())
+            if normalisers:
+                norm = torch.logsumexp(s * cos, dim=1)
+                out["norm"].append(norm.cpu().numpy())
+                out["soft"].append(torch.exp(s * values[:, 0] - norm).cpu().numpy())
+                out["group"].append(torch.exp(first).cpu().numpy())
             if softmax:
                 out["softmax"].append(torch.softmax(s * cos, dim=1).gather(1, ids).cpu().numpy())
         self.train(was_training)
@@ -134,6 +139,8 @@ class DCModel(nn.Module):
                           np.zeros((0, kk), np.float32) if softmax else None)
         cat = lambda name, dtype=None: (np.concatenate(out[name]) if dtype is None  # noqa: E731
                                         else np.concatenate(out[name]).astype(dtype))
+        if not normalisers:
+            out["soft"] = out["group"] = out["norm"] = [np.full(len(features), np.nan)]
         return Scores(cat("ids"), cat("cos"), cat("soft", np.float64), cat("group", np.float64), s,
                       cat("norm", np.float64), cat("rank") if out["rank"] else None,
                       cat("softmax") if out["softmax"] else None)
@@ -142,7 +149,7 @@ class DCModel(nn.Module):
              scoring: str = "cosine") -> tuple[np.ndarray, np.ndarray]:
         """Global class ids (rows of classes.parquet) and scores of the top-k classes under `scoring`, best
         first (`score`)."""
-        scores = self.score(features, k, scoring=scoring, chunk=chunk)
+        scores = self.score(features, k, scoring=scoring, chunk=chunk, normalisers=False)
         return scores.top_classes, scores.score
 
 
@@ -155,7 +162,7 @@ def top_cells(model: DCModel, features, classes: pl.DataFrame, k: int, scoring: 
               scores: Scores | None = None) -> dict[str, np.ndarray]:
     """Top-k class ids and scores and their cell centres (UTM) for a batch of cached features (or for
     `scores` already made for them under `scoring`)."""
-    scores = scores if scores is not None else model.score(features, k, scoring=scoring)
+    scores = scores if scores is not None else model.score(features, k, scoring=scoring, normalisers=False)
     ids, scores = scores.top_classes[:, :k], scores.score[:, :k]
     centres = centres_of(classes, ids)
     return {"class": ids, "score": scores, "east": centres.east, "north": centres.north, "zone": centres.zone,
