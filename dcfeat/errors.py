@@ -25,6 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line for a one-line message (its type's name when it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class DcfeatError(Exception):
     """A failure the user can fix; str(self) says what is wrong, where, and how to fix it."""
 

@@ -24,6 +24,7 @@ from dcfeat.backbone import POOLERS, Backbone, load_backbone, pool
 from dcfeat.choices import DESCRIPTOR_POOLING
 from dcfeat.devices import autocast
 from dcfeat.errors import BadInput, DamagedRun, IncompatibleFeatures
+from dcfeat.identity import model_source
 from dcfeat.run import BLOCKS_FILE, save_tensors
 from dcfeat.sampling import InMemoryBatches, StreamedBatches, read_rows
 from dcfeat.store import Split, split_info
@@ -129,7 +130,7 @@ def check_blocks(store: Path, split: str, blocks: int) -> None:
 
 def load_tail(features: dict, cached: int, tuned: int) -> TailBlocks:
     """The last `cached` blocks of the features' own checkpoint (checked), the last `tuned` trainable; fp32, CPU."""
-    source = features.get("model_source") or features.get("model")
+    source = model_source(features)
     backbone = load_backbone(source, pooling=features["pooling"], device="cpu")
     if backbone.fingerprint != features.get("model_fingerprint"):
         raise IncompatibleFeatures(f"checkpoint '{source}' holds other weights than the model that cached the "

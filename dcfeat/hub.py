@@ -39,7 +39,7 @@ from torch import nn
 
 from dcfeat.choices import DESCRIPTOR_POOLING, HUB_PREFIX
 from dcfeat.devices import autocast, compute_dtype, resolve_device
-from dcfeat.errors import BadInput, EnvironmentProblem
+from dcfeat.errors import BadInput, EnvironmentProblem, first_line
 from dcfeat.identity import weights_fingerprint
 from dcfeat.images import normalize
 
@@ -336,7 +336,7 @@ class HubBackbone:
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as e:
-            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            line = first_line(e)
             raise BadInput(f"--model {self.name}: the model failed on a batch of shape {tuple(x.shape)} ({line}); "
                            "pass an --image-size it takes (e.g. the one its README names)") from None
         return descriptors(out, len(x), self.name)

@@ -81,6 +81,12 @@ def weights_fingerprint(architecture: str, state: Mapping, *, hash_name: str = "
     return f"{FINGERPRINT_VERSION}-{h.hexdigest()[:16]}"
 
 
+def model_source(attrs: dict) -> str | None:
+    """What to load the features' backbone from again: the recorded source (hub id, folder or torch.hub
+    string), else the model's name (stores and runs written before `model_source` existed)."""
+    return attrs.get("model_source") or attrs.get("model")
+
+
 def with_defaults(attrs: dict) -> dict:
     """Split, plan or run-feature attributes with ATTR_DEFAULTS where they predate an attribute."""
     return {**ATTR_DEFAULTS, **attrs}
@@ -129,7 +135,7 @@ def check_features(run_features: dict, split_attrs: dict, *, what: str) -> None:
     if is_imported(run_features):
         raise IncompatibleFeatures(f"{what} holds other features than the run's training features ({shown}); "
                                    f"{import_fix(run_features)}")
-    name = run_features.get("model_source") or run_features.get("model")
+    name = model_source(run_features)
     value = {**run_features, "model": name, "model_fingerprint": name}
     options = " ".join(dict.fromkeys(f"{IDENTITY_OPTIONS[k]} {value[k]}" for k in diff if k in IDENTITY_OPTIONS))
     raise IncompatibleFeatures(f"{what} was made by another backbone or setting than the run's training "

@@ -31,7 +31,7 @@ import polars as pl
 
 from dcfeat import __version__
 from dcfeat.choices import CROPS, DEFAULT_SHARD_ROWS, STORE_DTYPES, UNKNOWN_CROP
-from dcfeat.errors import BadInput, writing
+from dcfeat.errors import BadInput, first_line, writing
 from dcfeat.identity import imported_identity
 from dcfeat.labels import LABEL_SCHEMA, image_ids, parse_sfxl_names, read_manifest, unlabelled
 from dcfeat.layout import check_split_name, check_store_path
@@ -126,7 +126,7 @@ def _parquet(path: Path, where: str, id_column: str | None) -> Descriptors:
     try:
         frame = pl.read_parquet(path, glob=False)
     except (pl.exceptions.PolarsError, OSError) as e:
-        raise BadInput(f"{where}: cannot be read as Parquet ({str(e).strip().splitlines()[0]})") from None
+        raise BadInput(f"{where}: cannot be read as Parquet ({first_line(e)})") from None
     id_column = id_column or _first(ID_NAMES, frame.columns, "id column (another with --id-column)", where)
     if id_column not in frame.columns:
         raise BadInput(f"{where}: no column `{id_column}` (--id-column); it has {frame.columns}")
@@ -186,7 +186,7 @@ def open_descriptors(path: Path, *, ids_file: Path | None = None, split: str = "
             else:
                 found = _hdf5(path, where, split, stack)
         except (OSError, ValueError) as e:
-            raise BadInput(f"{where}: cannot be read as {suffix[1:]} ({str(e).strip().splitlines()[0]})") from None
+            raise BadInput(f"{where}: cannot be read as {suffix[1:]} ({first_line(e)})") from None
         if ids_file is not None:
             if found.ids is not None:
                 raise BadInput(f"{where} holds ids already; leave out --ids {ids_file}, or pass a file without them")

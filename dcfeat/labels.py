@@ -34,7 +34,7 @@ import polars as pl
 import utm
 from PIL import Image
 
-from dcfeat.errors import BadInput
+from dcfeat.errors import BadInput, first_line
 from dcfeat.geo import UTM_LETTERS
 
 LABEL_SCHEMA: dict[str, pl.DataType] = {
@@ -423,8 +423,7 @@ def _read_table(path: Path) -> pl.DataFrame:
         # every cell as text: `_numbers` then names a cell that is not a number instead of polars failing
         return pl.read_csv(path, separator="\t" if suffix == ".tsv" else ",", infer_schema=False)
     except (pl.exceptions.PolarsError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput(f"--manifest {path}: cannot be read as {suffix[1:]} ({first}). Write it as UTF-8 "
+        raise BadInput(f"--manifest {path}: cannot be read as {suffix[1:]} ({first_line(e)}). Write it as UTF-8 "
                        f"{suffix[1:]} with a header row, or convert it to .parquet") from None
 
 

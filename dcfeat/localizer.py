@@ -45,7 +45,7 @@ from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import use_tuned_blocks
 from dcfeat.geo import Places, utm_to_latlon
-from dcfeat.identity import check_features
+from dcfeat.identity import check_features, model_source
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
 from dcfeat.partition import centres_of
 from dcfeat.metrics import THRESHOLD_M
@@ -148,10 +148,11 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
             ids, probs = scores.top_classes[:, :k], scores.softmax[:, :k]
             weights = probs
         # Rank 1 is the best cell's position; ranks 2.. the cells dcfeat.positions.ranked orders (one row per answer).
-        cells = centres_of(run.classes, ids)
+        candidates = centres_of(run.classes, sig.top_classes)
+        cells = candidates if ids is sig.top_classes else centres_of(run.classes, ids)
         first = positions_of(Places(*(np.asarray(a)[:, :1] for a in (cells.east, cells.north, cells.zone,
                                                                       cells.letter))),
-                             centres_of(run.classes, sig.top_classes), p_rule, rule.radius_m)
+                             candidates, p_rule, rule.radius_m)
         at, index = ranked(first, cells, weights, k, threshold_m)
         if cal is not None and n:
             confidence, radius = cal.confidence(sig.values), cal.radius_m(sig.base_radius_m)
@@ -367,7 +368,7 @@ class Localizer:
             return self.model
         if exported.is_dir():
             return str(exported)
-        return features.get("model_source") or features.get("model")
+        return model_source(features)
 
     @property
     def embeds_images(self) -> bool:

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from dcfeat.atomic import CHECKSUM_FILE, RECORDS_LOCK, exclusive, leftover_tmp_files, replace_symlink, write_text
-from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, is_not_writable, not_writable
+from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, first_line, is_not_writable, not_writable
 from dcfeat.finetune import TokenTraining
 from dcfeat.model import DCModel
 from dcfeat.presets import TrainConfig
@@ -40,7 +40,6 @@ from dcfeat.run import (
     RUN_FILES,
     check_folder,
     cpu_copy,
-    first_line,
     save_model,
     save_tensors,
     saved_epoch,

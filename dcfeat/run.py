@@ -46,7 +46,7 @@ from dcfeat.atomic import (
 )
 from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
-from dcfeat.errors import BadInput, DamagedRun, is_not_writable, writing
+from dcfeat.errors import BadInput, DamagedRun, first_line, is_not_writable, writing
 from dcfeat.geo import UTM_LETTERS
 from dcfeat.identity import with_defaults
 from dcfeat.model import DCModel
@@ -76,11 +76,6 @@ def _fix(directory: Path) -> str:
 
 def _damaged(path: Path, problem: str) -> DamagedRun:
     return DamagedRun(f"{path}: {problem}. The run folder was edited or damaged. {_fix(path.parent)}")
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def check_folder(directory: Path) -> None:

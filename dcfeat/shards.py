@@ -45,7 +45,7 @@ import polars as pl
 from dcfeat.atomic import TMP_SUFFIX, atomic_write, exclusive, leftover_tmp_files, write_bytes
 from dcfeat.choices import DEFAULT_SHARD_ROWS
 from dcfeat.errors import BadInput, DamagedStore, check_free_space
-from dcfeat.identity import ATTR_DEFAULTS, check_compatible, with_defaults
+from dcfeat.identity import ATTR_DEFAULTS, check_compatible, model_source, with_defaults
 from dcfeat.layout import (
     FORMAT_VERSION,
     SUPERSEDED_FILE,
@@ -247,7 +247,7 @@ def check_finite(plan: Plan, index: int, what: str, computed: np.ndarray, stored
     the backbone's own output is not finite (its weights), or the cast overflowed (--dtype float32)."""
     if np.isfinite(stored).all():
         return stored
-    model = plan.attrs.get("model_source") or plan.attrs.get("model")
+    model = model_source(plan.attrs)
     where = f"shard {index} of split '{plan.split}' ({plan.shard_path(index)})"
     if not np.isfinite(computed).all():
         raise BadInput(f"--model {model}: the backbone computed {what} that are not finite (NaN or inf) for {where}: "

@@ -30,7 +30,7 @@ from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
 from dcfeat.identity import RECORDED_ATTRS, with_defaults
 from dcfeat.metrics import localisation_recall
-from dcfeat.model import DCModel, top_cells
+from dcfeat.model import EMBED_CHUNK, DCModel, top_cells
 from dcfeat.partition import Partition, partition
 from dcfeat.presets import TrainConfig
 from dcfeat.progress import progress_bar, stderr
@@ -184,8 +184,8 @@ def class_means(features: torch.Tensor, model: DCModel, sampler: BalancedSampler
         for g, (order, starts, counts, _) in enumerate(sampler.groups):
             if len(counts) == 0:
                 continue
-            h = torch.cat([model.projection(features[order[i:i + 65536]].float())
-                           for i in range(0, len(order), 65536)])
+            h = torch.cat([model.projection(features[order[i:i + EMBED_CHUNK]].float())
+                           for i in range(0, len(order), EMBED_CHUNK)])
             labels = torch.repeat_interleave(torch.arange(len(counts), device=h.device), counts)
             sums = torch.zeros(len(counts), h.shape[1], device=h.device).index_add_(0, labels, h)
             model.heads.init_prototypes_(g, sums / counts[:, None])
