@@ -40,11 +40,12 @@ class Calibration:
     warnings: list[str] = field(default_factory=list)
 
 
-def calibrate(run: Run, split: Split, *, threshold_m: float = THRESHOLD_M, fitted_on: dict | None = None,
+def calibrate(run: Run, split: Split, *, threshold_m: float = THRESHOLD_M, store: str | None = None,
               database: Split | None = None) -> Calibration:
     """Fit the run's confidence (right = top-1 within `threshold_m`) and radius on `split`; with a
-    `database`, also the confidence that uses retrieval's agreement (`Calibrator.with_database`)."""
-    cal = fit_confidence(run.model, run.classes, run.M, split, threshold_m=threshold_m, fitted_on=fitted_on,
+    `database`, also the confidence that uses retrieval's agreement (`Calibrator.with_database`). `store`: the
+    split's store, recorded in the calibration's `fitted_on`."""
+    cal = fit_confidence(run.model, run.classes, run.M, split, threshold_m=threshold_m, store=store,
                          database=database)
     return Calibration(cal, warnings=[w for w in (few_queries_warning(cal),) if w])
 
@@ -110,7 +111,7 @@ def calibrate_files(feats: Path, run_dir: Path, split: str, *, threshold_m: floa
                            "option out")
         if run.finetune_blocks:
             splits = tuned_splits(run, feats, splits, dev)
-        result = calibrate(run, splits[0], threshold_m=threshold_m, fitted_on={"store": str(Path(feats).resolve())},
+        result = calibrate(run, splits[0], threshold_m=threshold_m, store=str(Path(feats).resolve()),
                            database=splits[1] if database_split else None)
         with writing(run_dir):
             result.path = write_calibration(run_dir, result.calibrator)

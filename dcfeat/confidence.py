@@ -1,8 +1,7 @@
 """Confidence: how sure a classification answer is — query-time signals, a calibrated confidence, a 90 % radius.
 
 The answer is a position (dcfeat.positions: the probability-weighted centroid of the top cells
-near the best one, under a rule fitted here with the confidence; a calibration written before
-positions existed answered with the cell centre, and still does). A confidence is the
+near the best one, under a rule fitted here with the confidence). A confidence is the
 probability that the answer lies within the threshold (25 m) of where the photo was taken. It is
 built from signals that the scores of every cell of every group give for free, with no database:
 
@@ -25,34 +24,38 @@ built from signals that the scores of every cell of every group give for free, w
 probability 0.9 scales a base radius around the answer (the top-k cells' probability mass reaching
 0.9, plus half a cell diagonal) by a split-conformal factor fitted on the same held-out split.
 
-A calibration is fitted for one scoring of the cells (`Calibrator.scoring`; `fit` fits for cosine, and a
-calibration.json written before the field existed reads as cosine): its signals, position rule and
-radius describe that ranking's answers. One ranking feeds an answer, its position, its confidence and
-its radius, so answers ranked by another scoring (`--scoring group-softmax`) use no calibration
-(`calibration_for`): they carry no confidence and no radius, their positions follow DEFAULT_RULE, and
-an abstention threshold is refused (`scoring_note` says why).
+A calibration is fitted for one scoring of the cells (`Calibrator.scoring`; `fit` fits for cosine): its
+signals, position rule and radius describe that ranking's answers. One ranking feeds an answer, its
+position, its confidence and its radius, so answers ranked by another scoring (`--scoring group-softmax`)
+use no calibration (`calibration_for`): they carry no confidence and no radius, their positions follow
+DEFAULT_RULE, and an abstention threshold is refused (`scoring_note` says why).
 
 The hybrid's posterior-mass gate is fitted here too: each query searches the database images of
 the fewest top cells that hold a share q of the probability (at most `cap` cells), q chosen on the
 held-out split against a database when one is given.
+
+calibration.json is `Calibrator.to_json` (with its `format`, CALIBRATION_FORMAT); what it holds besides the
+regression is typed records (RECORDS: `fitted_on`, `hybrid`, `position`, `gate`), each checked field by field
+when read. A layout older dcfeats wrote (`hybrid` with `widen_below`/`widen_factor`, no `position`, no
+`scoring`) is refused (OlderLayout): `dcfeat calibrate` fits it anew.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import polars as pl
 import torch
 
 from dcfeat.choices import SCORINGS
-from dcfeat.errors import BadInput
+from dcfeat.errors import BadInput, OlderLayout, check_keys
 from dcfeat.geo import Places, metres_between
 from dcfeat.model import SCORE_CHUNK, DCModel, Scores
 from dcfeat.partition import centres_of, class_keys, label_keys, places_of
-from dcfeat.positions import CENTRE, DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
+from dcfeat.positions import DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
 from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
 from dcfeat.store import Split
 
@@ -150,6 +153,11 @@ def _features(values: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarr
     return np.stack(cols, axis=1) if cols else np.zeros((0, 0))
 
 
+def _logistic(values: dict[str, np.ndarray], signals: tuple[str, ...], mean, std, weights, bias: float) -> np.ndarray:
+    x = (_features(values, signals) - np.asarray(mean)) / np.asarray(std)
+    return 1 / (1 + np.exp(-np.clip(x @ np.asarray(weights) + bias, -50, 50)))
+
+
 def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 100) -> tuple[np.ndarray, float]:
     """L2-regularised logistic regression by Newton's method (the intercept is not penalised)."""
     n, d = x.shape
@@ -168,6 +176,105 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iterations: int = 100
     return w[:-1], float(w[-1])
 
 
+# calibration.json's format: a file without `format` is read as this one. Another dcfeat's newer format is refused.
+CALIBRATION_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FittedOn:
+    """calibration.json's `fitted_on`: the held-out split the confidence was fitted on, its query counts, and
+    for the record the grids its rules were chosen on."""
+
+    queries: int
+    right: int  # queries whose answer lay within the threshold
+    split: str | None = None
+    plan_id: str | None = None  # the split's images (dcfeat.shards), whatever its name
+    store: str | None = None
+    database_split: str | None = None  # the database of the `with_database` confidence
+    position_lr1: dict[str, float] | None = None  # LR@1 per position rule of the grid ("45 m, T 1")
+    gate_lr1: dict[str, dict[str, float]] | None = None  # per gate mass: its `lr1` and `mean_candidates`
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d) -> FittedOn:
+        """From `to_dict`'s object; ValueError naming the field that is wrong."""
+        check_keys(d, _names(cls), "fitted_on")
+        queries, right = d.get("queries"), d.get("right")
+        if not (_count(queries) and _count(right) and right <= queries):
+            raise ValueError(f"`fitted_on` must count the held-out `queries` and the `right` answers among them "
+                             f"(counts, right <= queries), not {queries!r} and {right!r}")
+        for key in ("split", "plan_id", "store", "database_split"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                what = "store" if key == "store" else key.replace("_", " ")
+                raise ValueError(f"`fitted_on.{key}` must name a {what}, not {d[key]!r}")
+        grid = d.get("position_lr1")
+        if grid is not None and not (isinstance(grid, dict) and all(_share(v) for v in grid.values())):
+            raise ValueError(f"`fitted_on.position_lr1` must map position rules to an LR@1 from 0 to 1, not {grid!r}")
+        gates = d.get("gate_lr1")
+        if gates is not None and not (isinstance(gates, dict) and all(
+                isinstance(v, dict) and set(v) == {"lr1", "mean_candidates"} and _share(v["lr1"])
+                and _finite(v["mean_candidates"]) and v["mean_candidates"] >= 0 for v in gates.values())):
+            raise ValueError(f"`fitted_on.gate_lr1` must map gate masses to their `lr1` (0 to 1) and "
+                             f"`mean_candidates`, not {gates!r}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class AdaptiveRule:
+    """calibration.json's `hybrid`: the adaptive hybrid's rule. Queries whose confidence lies below
+    `fallback_below` (the HYBRID_FALLBACK quantile of the held-out split's) search the whole database."""
+
+    fallback_below: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> AdaptiveRule:
+        if isinstance(d, dict) and {"widen_below", "widen_factor"} & set(d):
+            raise OlderLayout("`hybrid` holds `widen_below`/`widen_factor`, the adaptive hybrid's rule before the "
+                              "gate")
+        check_keys(d, _names(cls), "hybrid")
+        if not (_finite(d.get("fallback_below")) and 0 <= d["fallback_below"] <= 1):
+            raise ValueError(f"`hybrid.fallback_below` must be a confidence from 0 to 1, not "
+                             f"{d.get('fallback_below')!r}")
+        return cls(float(d["fallback_below"]))
+
+
+@dataclass(frozen=True)
+class Gate:
+    """calibration.json's `gate`: the hybrid searches the database images of each query's fewest top cells
+    that hold `mass` of the probability, at most `cap` cells."""
+
+    mass: float
+    cap: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> Gate:
+        check_keys(d, _names(cls), "gate")
+        mass, cap = d.get("mass"), d.get("cap")
+        if not (_finite(mass) and 0 < mass <= 1):
+            raise ValueError(f"`gate.mass` must be a share of the probability (0 < q <= 1), not {mass!r}")
+        if not (_count(cap) and 1 <= cap <= TOP_K):
+            raise ValueError(f"`gate.cap` must be a number of cells from 1 to {TOP_K}, not {cap!r}")
+        return cls(float(mass), cap)
+
+
+# The hybrid's gate where the calibration fitted none (no database at calibration): the cells holding
+# 90 % of the probability, at most TOP_K.
+DEFAULT_GATE = Gate(mass=0.9, cap=TOP_K)
+GATE_MASSES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+# calibration.json's records, each a typed field of Calibrator with to_dict/from_dict (one more fitted rule:
+# one more line here, and its field). `gate` alone may be null (no database to fit it on).
+RECORDS = {"fitted_on": FittedOn, "hybrid": AdaptiveRule, "position": PositionRule, "gate": Gate}
+OPTIONAL_RECORDS = ("gate",)
+
+
 @dataclass
 class Calibrator:
     """Signals → probability that the top-1 answer is right, and the 90 % radius; stored as JSON."""
@@ -179,61 +286,67 @@ class Calibrator:
     bias: float
     radius_scale: float
     threshold_m: float
-    fitted_on: dict = field(default_factory=dict)
-    # The adaptive hybrid: below `fallback_below` (a val quantile of the confidence) the whole database
-    # is searched. Calibrations written before the gate also hold `widen_below` and `widen_factor`.
-    hybrid: dict = field(default_factory=dict)
+    fitted_on: FittedOn
+    # How answers are made: the confidence and radius describe answers made by this rule.
+    position: PositionRule
+    # The adaptive hybrid's rule, fitted with the confidence.
+    hybrid: AdaptiveRule
     # Fitted with DATABASE_SIGNAL too, against the database split named in its `fitted_on`: used
     # where that database is searched (`dcfeat calibrate --database-split`).
     with_database: Calibrator | None = None
-    # How answers are made (None: a calibration written before positions, whose answers are cell centres).
-    position: PositionRule | None = None
-    # The hybrid's posterior-mass gate: {"mass": q, "cap": cells} (None: DEFAULT_GATE).
-    gate: dict | None = None
-    # The ranking of the cells whose answers it was fitted for (dcfeat.choices.SCORINGS); a calibration
-    # written before the field existed was fitted for cosine.
+    # The hybrid's posterior-mass gate (None: DEFAULT_GATE).
+    gate: Gate | None = None
+    # The ranking of the cells whose answers it was fitted for (dcfeat.choices.SCORINGS).
     scoring: str = "cosine"
 
     @property
     def rule(self) -> PositionRule:
         """The rule the confidence was fitted for: answers must be made by it."""
-        return self.position if self.position is not None else CENTRE
+        return self.position
 
     def confidence(self, values: dict[str, np.ndarray]) -> np.ndarray:
-        x = (_features(values, self.signals) - np.asarray(self.mean)) / np.asarray(self.std)
-        return 1 / (1 + np.exp(-np.clip(x @ np.asarray(self.weights) + self.bias, -50, 50)))
+        return _logistic(values, self.signals, self.mean, self.std, self.weights, self.bias)
 
     def radius_m(self, base_radius_m: np.ndarray) -> np.ndarray:
         return self.radius_scale * np.asarray(base_radius_m)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        """calibration.json: the calibrator's object, and the format it is written in."""
+        return json.dumps({"format": CALIBRATION_FORMAT, **self.to_dict()}, indent=1)
 
     def to_dict(self) -> dict:
+        records = {k: None if getattr(self, k) is None else getattr(self, k).to_dict() for k in RECORDS}
         nested = self.with_database.to_dict() if self.with_database is not None else None
-        return {**asdict(self), "signals": list(self.signals), "with_database": nested}  # position: a plain dict
+        return {"signals": list(self.signals), "mean": list(self.mean), "std": list(self.std),
+                "weights": list(self.weights), "bias": self.bias, "radius_scale": self.radius_scale,
+                "threshold_m": self.threshold_m, **records, "with_database": nested, "scoring": self.scoring}
 
     def for_database(self, database_split: str | None) -> Calibrator:
         """The calibrator to use when `database_split` is searched (itself when none was fitted for it)."""
         nested = self.with_database
-        if database_split is not None and nested is not None and nested.fitted_on.get("database_split") == database_split:
+        if database_split is not None and nested is not None and nested.fitted_on.database_split == database_split:
             return nested
         return self
 
     @classmethod
     def from_dict(cls, d: dict, *, nested: bool = False) -> Calibrator:
-        """Rebuilt from `to_json`'s object, every value checked; ValueError naming the field that is wrong.
+        """Rebuilt from `to_dict`'s object (or calibration.json's, its `format` checked by the reader), every value
+        checked; ValueError naming the field that is wrong, OlderLayout for a layout an older dcfeat wrote.
         `nested`: the `with_database` calibrator, the only one that may use DATABASE_SIGNAL (and must)."""
         where = "`with_database`: " if nested else ""
         try:
             return cls._from_dict(d, nested)
         except ValueError as e:
-            raise ValueError(f"{where}{e}") from None
+            raise type(e)(f"{where}{e}") from None
 
     @classmethod
     def _from_dict(cls, d: dict, nested: bool) -> Calibrator:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
+        for key, what in (("position", "positions"), ("scoring", "its scoring")):
+            if d.get(key) is None:
+                raise OlderLayout(f"`{key}` missing: a calibration written before {what} existed")
+        check_keys(d, (*_names(cls), "format") if not nested else _names(cls), "calibration")
         allowed = (*SIGNALS, DATABASE_SIGNAL) if nested else SIGNALS
         signals = d.get("signals")
         if not (isinstance(signals, list) and signals and all(isinstance(s, str) and s in allowed for s in signals)
@@ -253,67 +366,26 @@ class Calibrator:
                 raise ValueError(f"`{key}` must be a finite number")
         if d["radius_scale"] <= 0 or d["threshold_m"] <= 0:
             raise ValueError("`radius_scale` and `threshold_m` must be positive")
-        fitted_on = _checked_fitted_on(d.get("fitted_on"), nested)
-        hybrid = _checked_hybrid(d.get("hybrid"))
+        records = {k: None if k in OPTIONAL_RECORDS and d.get(k) is None else record.from_dict(d.get(k))
+                   for k, record in RECORDS.items()}
+        if nested and records["fitted_on"].database_split is None:
+            raise ValueError("`fitted_on.database_split` must name a split (the database it was fitted with)")
         inner = d.get("with_database")
         if inner is not None and nested:
             raise ValueError("`with_database` cannot hold another `with_database`")
-        position = PositionRule.from_dict(d["position"]) if d.get("position") is not None else None
-        gate = _checked_gate(d["gate"]) if d.get("gate") is not None else None
-        scoring = d.get("scoring", "cosine")
-        if scoring not in SCORINGS:
-            raise ValueError(f"`scoring` must be one of {', '.join(SCORINGS)}, not {scoring!r}")
+        if d["scoring"] not in SCORINGS:
+            raise ValueError(f"`scoring` must be one of {', '.join(SCORINGS)}, not {d['scoring']!r}")
         return cls(tuple(signals), d["mean"], d["std"], d["weights"], float(d["bias"]), float(d["radius_scale"]),
-                   float(d["threshold_m"]), fitted_on, hybrid,
-                   cls.from_dict(inner, nested=True) if inner is not None else None, position, gate, scoring)
+                   float(d["threshold_m"]), with_database=cls.from_dict(inner, nested=True) if inner is not None
+                   else None, scoring=d["scoring"], **records)
 
 
-def _checked_fitted_on(fitted_on, nested: bool) -> dict:
-    """calibration.json's `fitted_on`: the held-out split and its query counts (fit writes them)."""
-    if not isinstance(fitted_on, dict):
-        raise ValueError(f"`fitted_on` must be an object with the held-out split's `queries` and `right`, not "
-                         f"{fitted_on!r}")
-    queries, right = fitted_on.get("queries"), fitted_on.get("right")
-    if not (_count(queries) and _count(right) and right <= queries):
-        raise ValueError(f"`fitted_on` must count the held-out `queries` and the `right` answers among them "
-                         f"(counts, right <= queries), not {queries!r} and {right!r}")
-    for key in ("split", "store", *(("database_split",) if nested else ())):
-        if (key in fitted_on or (nested and key == "database_split")) and not isinstance(fitted_on.get(key), str):
-            raise ValueError(f"`fitted_on.{key}` must name a {'store' if key == 'store' else 'split'}")
-    return fitted_on
+def _names(record) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(record))
 
 
-HYBRID_KEYS = ("fallback_below", "widen_below", "widen_factor")  # before the gate; now only the first
-MAX_WIDEN_FACTOR = 100
-# The hybrid's gate where the calibration fitted none (no database at calibration): the cells holding
-# 90 % of the probability, at most TOP_K.
-DEFAULT_GATE = {"mass": 0.9, "cap": TOP_K}
-GATE_MASSES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-
-
-def _checked_gate(gate) -> dict:
-    if not (isinstance(gate, dict) and set(gate) == {"mass", "cap"} and _finite(gate["mass"])
-            and 0 < gate["mass"] <= 1 and _count(gate["cap"]) and 1 <= gate["cap"] <= TOP_K):
-        raise ValueError(f"`gate` must hold `mass` (0 < q <= 1) and `cap` (1 to {TOP_K} cells), not {gate!r}")
-    return gate
-
-
-def _checked_hybrid(hybrid) -> dict:
-    """calibration.json's `hybrid`: the adaptive hybrid's fallback threshold (and, written before the
-    gate, the widening rule)."""
-    if isinstance(hybrid, dict) and set(hybrid) == {"fallback_below"}:
-        if not (_finite(hybrid["fallback_below"]) and 0 <= hybrid["fallback_below"] <= 1):
-            raise ValueError(f"`hybrid.fallback_below` must be a confidence from 0 to 1, not {hybrid!r}")
-        return hybrid
-    if not (isinstance(hybrid, dict) and set(hybrid) == set(HYBRID_KEYS)):
-        raise ValueError(f"`hybrid` must hold fallback_below (the adaptive hybrid's rule), not {hybrid!r}")
-    low, wide, factor = (hybrid[k] for k in HYBRID_KEYS)
-    if not (_finite(low) and _finite(wide) and 0 <= low <= wide <= 1):
-        raise ValueError(f"`hybrid.fallback_below` and `hybrid.widen_below` must be confidences from 0 to 1, the "
-                         f"first no higher, not {low!r} and {wide!r}")
-    if not (_finite(factor) and factor == int(factor) and 1 <= factor <= MAX_WIDEN_FACTOR):
-        raise ValueError(f"`hybrid.widen_factor` must be a whole number from 1 to {MAX_WIDEN_FACTOR}, not {factor!r}")
-    return hybrid
+def _share(v) -> bool:
+    return _finite(v) and 0 <= v <= 1
 
 
 def _count(v) -> bool:
@@ -322,10 +394,10 @@ def _count(v) -> bool:
 
 def few_queries_warning(calibrator: Calibrator) -> str | None:
     """A warning for a confidence fitted on fewer than FEW_QUERIES held-out queries (None otherwise)."""
-    n = calibrator.fitted_on.get("queries", 0)
+    n = calibrator.fitted_on.queries
     if n >= FEW_QUERIES:
         return None
-    split = calibrator.fitted_on.get("split")
+    split = calibrator.fitted_on.split
     return (f"the confidence was fitted on only {n} held-out queries{f' of split {split!r}' if split else ''}: its "
             f"probabilities are loose, and the reliability plot's 15 bins hold {max(1, n // 15)}-"
             f"{max(1, -(-n // 15))} queries each (~{FEW_QUERIES} or more make it dependable). Calibrate on a larger "
@@ -337,10 +409,11 @@ def _finite(v) -> bool:
 
 
 def fit(values: dict[str, np.ndarray], correct: np.ndarray, base_radius_m: np.ndarray, true_dist_m: np.ndarray, *,
-        threshold_m: float, signals: tuple[str, ...] = SIGNALS, l2: float = 1.0, fitted_on: dict | None = None,
-        hybrid_fallback: float = HYBRID_FALLBACK) -> Calibrator:
-    """Fit the confidence on held-out queries (`correct`: top-1 within `threshold_m`) and the radius
-    scale (split conformal: the ⌈0.9 (n + 1)⌉-th smallest ratio of true distance to base radius)."""
+        threshold_m: float, position: PositionRule, signals: tuple[str, ...] = SIGNALS, l2: float = 1.0,
+        fitted_on: FittedOn | None = None, hybrid_fallback: float = HYBRID_FALLBACK) -> Calibrator:
+    """Fit the confidence on held-out queries (`correct`: top-1 within `threshold_m`) whose answers `position`
+    made, and the radius scale (split conformal: the ⌈0.9 (n + 1)⌉-th smallest ratio of true distance to
+    base radius). `fitted_on`: what to record of the split; its counts are this fit's."""
     correct = np.asarray(correct, bool)
     n = len(correct)
     if n < 10 or correct.all() or not correct.any():
@@ -353,11 +426,11 @@ def fit(values: dict[str, np.ndarray], correct: np.ndarray, base_radius_m: np.nd
     ratio = np.sort(np.asarray(true_dist_m, np.float64) / np.asarray(base_radius_m, np.float64))
     rank = min(n, math.ceil(RADIUS_COVERAGE * (n + 1))) - 1
     scale = float(ratio[rank]) if np.isfinite(ratio[rank]) else float(np.nanmax(ratio[np.isfinite(ratio)]))
-    cal = Calibrator(tuple(signals), mean.tolist(), std.tolist(), weights.tolist(), bias, max(scale, 1e-6),
-                     float(threshold_m), {**(fitted_on or {}), "queries": n, "right": int(correct.sum())})
-    conf = cal.confidence(values)
-    cal.hybrid = {"fallback_below": float(np.quantile(conf, hybrid_fallback))}
-    return cal
+    mean, std, weights = mean.tolist(), std.tolist(), weights.tolist()
+    conf = _logistic(values, tuple(signals), mean, std, weights, bias)
+    counted = replace(fitted_on or FittedOn(0, 0), queries=n, right=int(correct.sum()))
+    return Calibrator(tuple(signals), mean, std, weights, bias, max(scale, 1e-6), float(threshold_m), counted,
+                      position, AdaptiveRule(float(np.quantile(conf, hybrid_fallback))))
 
 
 def errors_m(sig: QuerySignals, places: Places) -> np.ndarray:
@@ -379,17 +452,17 @@ def retrieval_disagreement_m(model: DCModel, sig: QuerySignals, q: torch.Tensor,
     return disagreement_m(sig, places_of(database.labels, rows))
 
 
-def gate_cells(scores: QueryScores, temperature: float, gate: dict) -> np.ndarray:
-    """Each query's top cells (n, k) cut to the fewest that hold `gate["mass"]` of the probability (at
-    most `gate["cap"]`); the cells cut are -1."""
+def gate_cells(scores: QueryScores, temperature: float, gate: Gate) -> np.ndarray:
+    """Each query's top cells (n, k) cut to the fewest that hold `gate.mass` of the probability (at
+    most `gate.cap`); the cells cut are -1."""
     p = probabilities(scores.cos_top, scores.logit_scale, temperature)
     held = np.cumsum(p, axis=1) - p  # the mass before each cell
-    keep = (held < gate["mass"] - 1e-12) & (np.arange(p.shape[1]) < gate["cap"])
+    keep = (held < gate.mass - 1e-12) & (np.arange(p.shape[1]) < gate.cap)
     return np.where(keep, scores.top_classes, -1)
 
 
 def fit_gate(model: DCModel, classes: pl.DataFrame, M: float, sig: QuerySignals, queries: Split, database: Split,
-             q: torch.Tensor, db: torch.Tensor, *, threshold_m: float, rule: PositionRule) -> tuple[dict, dict]:
+             q: torch.Tensor, db: torch.Tensor, *, threshold_m: float, rule: PositionRule) -> tuple[Gate, dict]:
     """The gate whose hybrid answers held-out queries best (LR@1 at the threshold; fewer database images
     searched on ties), and per mass its LR@1 and mean candidates, for the record. `q`, `db`: the queries
     and the database embedded by the model."""
@@ -400,18 +473,17 @@ def fit_gate(model: DCModel, classes: pl.DataFrame, M: float, sig: QuerySignals,
     truth = places_of(queries.labels)
     grid = {}
     for mass in GATE_MASSES:
-        gate = {"mass": mass, "cap": TOP_K}
-        cells = gate_cells(sig.scores, rule.temperature, gate)
+        cells = gate_cells(sig.scores, rule.temperature, Gate(mass, TOP_K))
         rows = topk_in_cells(q, unit_db, index, cells, 1)[1][:, 0]
         found = places_of(database.labels, np.where(rows >= 0, rows, 0))
         right = np.where(rows >= 0, metres_between(truth, found) <= threshold_m, False)
         grid[mass] = (float(right.mean()), float(index.counts_of(cells).sum(1).double().mean()))
     best = max(grid, key=lambda m: (grid[m][0], -grid[m][1]))
-    return {"mass": best, "cap": TOP_K}, {f"{m:g}": {"lr1": v[0], "mean_candidates": v[1]} for m, v in grid.items()}
+    return Gate(best, TOP_K), {f"{m:g}": {"lr1": v[0], "mean_candidates": v[1]} for m, v in grid.items()}
 
 
 def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split, *, threshold_m: float,
-                   fitted_on: dict | None = None, database: Split | None = None) -> Calibrator:
+                   store: str | None = None, database: Split | None = None) -> Calibrator:
     """Fit, on a held-out `split` with the model in hand: the position rule (dcfeat.positions), then the
     confidence (right = the position within `threshold_m`) and the radius around it; with a `database`,
     also the hybrid's gate and a second confidence that uses retrieval's agreement
@@ -426,21 +498,22 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
                                    truth, threshold_m=threshold_m)
     sig = signals_of(scores, classes, M=M, rule=rule)
     err = errors_m(sig, truth)
-    plan = {"plan_id": split.attrs["plan_id"]} if split.attrs.get("plan_id") else {}  # the images, not the name
-    fitted_on = {"split": split.name, **plan, **(fitted_on or {}), "position_lr1": grid}
+    # The split's images by plan id, not by name.
+    fitted_on = FittedOn(0, 0, split=split.name, plan_id=split.attrs.get("plan_id") or None, store=store,
+                         position_lr1=grid)
     try:
-        cal = fit(sig.values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m, fitted_on=fitted_on)
-        cal.position = rule
+        cal = fit(sig.values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m, position=rule,
+                  fitted_on=fitted_on)
         if database is not None:
             db = model.embed(database.embeddings)
             cal.gate, gates = fit_gate(model, classes, M, sig, split, database, q, db, threshold_m=threshold_m,
                                        rule=rule)
-            cal.fitted_on["gate_lr1"] = gates
+            cal.fitted_on = replace(cal.fitted_on, gate_lr1=gates)
             values = {**sig.values, DATABASE_SIGNAL: retrieval_disagreement_m(model, sig, q, db, database)}
             cal.with_database = fit(values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m,
-                                    signals=(*SIGNALS, DATABASE_SIGNAL),
-                                    fitted_on={**fitted_on, "database_split": database.name})
-            cal.with_database.position, cal.with_database.gate = rule, cal.gate
+                                    position=rule, signals=(*SIGNALS, DATABASE_SIGNAL),
+                                    fitted_on=replace(fitted_on, database_split=database.name))
+            cal.with_database.gate = cal.gate
         return cal
     except ValueError as e:
         raise BadInput(f"split '{split.name}': {e}. Calibrate on a larger held-out split") from None
@@ -463,6 +536,5 @@ def scoring_note(calibration: Calibrator | None, scoring: str) -> str | None:
 
 
 def answer_rule(calibration: Calibrator | None) -> PositionRule:
-    """How a run answers: its calibration's rule (the cell centre for one written before positions), or
-    DEFAULT_RULE for an uncalibrated run."""
+    """How a run answers: its calibration's rule, or DEFAULT_RULE for an uncalibrated run."""
     return calibration.rule if calibration is not None else DEFAULT_RULE

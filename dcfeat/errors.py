@@ -49,6 +49,34 @@ class DamagedRun(DcfeatError):
     exit_code = 4
 
 
+class OlderLayout(ValueError):
+    """A record read from a run file (config.json, calibration.json) in a layout an older dcfeat wrote and this
+    one no longer reads; the file's reader words it as a DamagedRun naming the command that writes it anew."""
+
+
+def check_keys(d, allowed, where: str) -> dict:
+    """A JSON object `d` whose keys are all among `allowed` (a record's fields); ValueError naming `where`
+    (the record's key in its file) and the keys it does not know."""
+    if not isinstance(d, dict):
+        raise ValueError(f"`{where}` must be an object, not {d!r}")
+    unknown = sorted(set(d) - set(allowed))
+    if unknown:
+        raise ValueError(f"`{where}` holds {', '.join(f'`{k}`' for k in unknown)}, which dcfeat does not write "
+                         f"(expected some of {', '.join(allowed)})")
+    return d
+
+
+def check_format(path: Path, found, current: int, fix: str) -> None:
+    """Refuse a run file whose `format` this dcfeat does not read: a newer one (upgrade), or not a format
+    number at all (`fix`: how to write the file anew). A file without `format` (None) is of format 1."""
+    if found is None or (isinstance(found, int) and not isinstance(found, bool) and 1 <= found <= current):
+        return
+    if isinstance(found, int) and not isinstance(found, bool) and found > current:
+        raise DamagedRun(f"{path}: written by a newer dcfeat (format {found}; this one reads format {current} and "
+                         "older). Upgrade dcfeat (`pip install -U dcfeat`) to read it")
+    raise DamagedRun(f"{path}: `format` is {found!r}, not a format number dcfeat writes (1 to {current}). {fix}")
+
+
 class IncompatibleFeatures(DcfeatError):
     exit_code = 5
 

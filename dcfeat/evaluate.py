@@ -44,6 +44,7 @@ from dcfeat.confidence import (
     LOWER_IS_SURER,
     PROBABILITY_SIGNALS,
     TOP_K,
+    Gate,
     answer_rule,
     calibration_for,
     disagreement_m,
@@ -193,7 +194,7 @@ def _unit_queries(run: Run, q, space: str, device: torch.device) -> torch.Tensor
     return F.normalize(q.float(), dim=1)
 
 
-def run_gate(run: Run) -> dict:
+def run_gate(run: Run) -> Gate:
     """The run's posterior-mass gate (fitted on val against a database), else DEFAULT_GATE."""
     return run.calibration.gate if run.calibration is not None and run.calibration.gate else DEFAULT_GATE
 
@@ -213,7 +214,8 @@ def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int | None, devic
     scores, rows = topk_in_cells(_unit_queries(run, q, space, device), d, index, top_classes, k)
     synchronize(device)
     candidates = index.counts_of(top_classes).sum(1)
-    return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells, gate=gate,
+    return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
+                      gate=gate and gate.to_dict(),
                       database_embedding_seconds=index_seconds, mean_candidates=float(candidates.double().mean()))
 
 
@@ -227,7 +229,7 @@ def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int | None, dev
     rule, gate = answer_rule(run.calibration), run_gate(run)
     conf = run.calibration.confidence(signals_of(scores_, run.classes, M=run.M, rule=rule).values)
     top = gate_cells(scores_, rule.temperature, gate)
-    fallback = conf < run.calibration.hybrid["fallback_below"]
+    fallback = conf < run.calibration.hybrid.fallback_below
     top[fallback] = -1
     unit = _unit_queries(run, q, space, device)
     scores, rows = topk_in_cells(unit, d, index, top, k)
@@ -239,7 +241,7 @@ def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int | None, dev
         scores[fallback, :found_s.shape[1]], rows[fallback, :found_r.shape[1]] = found_s, found_r
     synchronize(device)
     candidates = np.where(fallback, len(d), index.counts_of(top).sum(1).cpu().numpy())
-    return _db_method("adaptive", db, scores, rows, time.perf_counter() - t, space=space, gate=gate,
+    return _db_method("adaptive", db, scores, rows, time.perf_counter() - t, space=space, gate=gate.to_dict(),
                       database_embedding_seconds=index_seconds, mean_candidates=float(candidates.mean()),
                       fallback_share=float(fallback.mean()))
 
@@ -313,7 +315,7 @@ def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval
     ranked.update({n: -v if n in LOWER_IS_SURER else v for n, v in values.items()})
     section = {
         "threshold_m": threshold_m,  # right = top-1 within this many metres, what the confidence means
-        "calibrated": cal is not None, "fitted_on": cal.fitted_on if cal else None,
+        "calibrated": cal is not None, "fitted_on": cal.fitted_on.to_dict() if cal else None,
         "uses_database": cal is not None and cal is not base,
         "answer": f"classification's position ({_rule_words(answer_rule(run.calibration))})", "right": float(right.mean()) if len(right) else None,
         "signals": selective_report(ranked, right, probabilities),
@@ -399,7 +401,7 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
             run, queries, threshold_m=threshold_m, database_split=database.name if database is not None else None,
             retrieval_top1=None if retrieved is None else Places(retrieved.east[:, 0], retrieved.north[:, 0],
                                                                  retrieved.zone[:, 0], retrieved.letter[:, 0]))
-    fitted = run.calibration.fitted_on if run.calibration else {}
+    fitted = run.calibration.fitted_on.to_dict() if run.calibration else {}
     store = str(Path(store).resolve()) if store is not None else None
     if section is not None and same_plan(fitted.get("plan_id"), queries.attrs.get("plan_id"),
                  fitted.get("split") == queries.name and store is not None and fitted.get("store") == store):

@@ -143,7 +143,7 @@ def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool, licen
     """README.md of the exported folder: Hugging Face model card metadata, then what the run is and its limits.
     Names only, no path of this machine (`portable`)."""
     features, train, cal = run.feature_identity, run.config.train, run.calibration
-    backbone = portable(features.get("model") or "unknown")
+    backbone = portable(features.model or "unknown")
     hub_id = backbone if "/" in backbone and not Path(backbone).is_absolute() and not is_hub(backbone) else None
     threshold = reports[next(iter(reports))].get("threshold_m", THRESHOLD_M) if reports else THRESHOLD_M
     header = ["---", "library_name: dcfeat", "pipeline_tag: image-classification",
@@ -176,21 +176,22 @@ def model_card(run: Run, reports: dict[str, dict], *, with_backbone: bool, licen
         notices.append("**UNCALIBRATED**: answers carry no confidence and no 90 % radius "
                        "(`dcfeat calibrate --run RUN --split val` fits them).")
     def recorded(key: str) -> str:
-        return "not recorded" if features.get(key) is None else f"`{portable(str(features[key]))}`"
+        value = getattr(features, key)
+        return "not recorded" if value is None else f"`{portable(str(value))}`"
 
-    backbone_line = f"`{backbone}` (fingerprint `{features.get('model_fingerprint', 'not recorded')}`)"
+    backbone_line = f"`{backbone}` (fingerprint `{features.model_fingerprint or 'not recorded'}`)"
     made = (f"images of the folder {recorded('images_root')}, crop {recorded('crop')} at {recorded('image_size')} "
             f"px, backbone `{backbone}`, pooling {recorded('pooling')}, stored as {recorded('dtype')}")
     where = (f"copied into `{BACKBONE_DIR}/` (loaded from there)" if with_backbone else
-             f"not included: `Localizer`/`dcfeat serve` load `{portable(features.get('model_source') or backbone)}`; "
+             f"not included: `Localizer`/`dcfeat serve` load `{portable(features.model_source or backbone)}`; "
              "where that is not a hub id or a folder at hand, pass `model=`/`--model` a copy of the same weights (the "
              "fingerprint is checked)")
     box = extent(run.classes)
     area = (f"cell centres within latitude {box['lat_min']:.5f} to {box['lat_max']:.5f}, longitude "
             f"{box['lon_min']:.5f} to {box['lon_max']:.5f} (WGS 84), {run.classes.height:,} cells")
     calibration = ("none" if cal is None else
-                   f"fitted on split `{cal.fitted_on.get('split')}` ({cal.fitted_on.get('queries')} queries, "
-                   f"{cal.fitted_on.get('right')} right) at {cal.threshold_m:g} m: `confidence` is the probability that "
+                   f"fitted on split `{cal.fitted_on.split}` ({cal.fitted_on.queries} queries, "
+                   f"{cal.fitted_on.right} right) at {cal.threshold_m:g} m: `confidence` is the probability that "
                    f"an answer lies within {cal.threshold_m:g} m of where the photo was taken, `radius_m` holds the "
                    "true position with probability 0.9")
     lines = [
@@ -290,7 +291,7 @@ def export_run(run_dir: Path, out: Path, *, with_backbone: bool = False, license
     run = load_run(run_dir)  # refuses a damaged run, naming the file
     verify_checksums(run_dir)
     reports = _reports(run_dir)
-    backbone = _backbone_files(run.feature_identity.get("model_source") or "") if with_backbone else []
+    backbone = _backbone_files(run.feature_identity.model_source or "") if with_backbone else []
     files = []
     with writing(out.parent if out.parent.exists() else Path.cwd()):
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -221,18 +221,19 @@ class TokenTraining:
         """Back to blocks that `save` wrote (the kept epoch's)."""
         self.tail.load_state_dict(state, strict=False)
 
-    def config(self) -> dict:
+    def tokens(self) -> dict:
+        """How the cached tokens are read, for the run's record (`RunDetails.tokens`)."""
         tokens = {"cached": self.cached, "streamed": self.streamed}
         if self.streamed:
             tokens.update(chunk_rows=sampling.CHUNK_ROWS, buffer_chunks=sampling.BUFFER_CHUNKS)
-        return {"tokens": tokens}
+        return tokens
 
 
 def tuned_splits(run, store: Path, splits: list[Split], device: torch.device) -> list[Split]:
     """The splits with their features recomputed from cached tokens through the run's tuned blocks."""
     blocks = int(run.finetune_blocks)
     cached = [require_tokens(store, s.name, blocks) for s in splits]
-    tail = load_tail(run.feature_identity, max(cached), blocks)
+    tail = load_tail(run.feature_identity.attrs(), max(cached), blocks)
     load_blocks(tail, run, strict=False)
     tail.to(device)
     return [replace(s, embeddings=embed_tokens(tail, store, s.name, c, device)) for s, c in zip(splits, cached)]

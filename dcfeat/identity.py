@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 
-from dcfeat.choices import NO_POOLING
-from dcfeat.errors import IncompatibleFeatures
+from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, NO_POOLING, POOLINGS, UNKNOWN_CROP
+from dcfeat.errors import IncompatibleFeatures, OlderLayout, check_keys
 
 FINGERPRINT_VERSION = "v2"  # v1 hashed the path and 8 tensors; the prefix keeps v1 values from ever matching
 
@@ -92,6 +93,84 @@ def with_defaults(attrs: dict) -> dict:
     return {**ATTR_DEFAULTS, **attrs}
 
 
+@dataclass(frozen=True)
+class FeatureIdentity:
+    """What a run records of its training features (config.json's `features`): what features it is applied
+    to must match (IDENTITY_ATTRS), and what the backbone is loaded from again. A field that is None was not
+    recorded (a run trained from arrays, a store of another program) and is not compared."""
+
+    dim: int  # values per descriptor
+    model: str | None = None  # the backbone's name, for people
+    model_source: str | None = None  # what to load the backbone from again (`model_source`)
+    model_fingerprint: str | None = None
+    pooling: str | None = None
+    image_size: int | None = None
+    crop: str | None = ATTR_DEFAULTS["crop"]  # what features of a crop not recorded are read as
+    dtype: str | None = None  # how the store kept the embeddings (for the model card)
+    backbone_random_init: bool | None = None  # a randomly initialised backbone: numbers measure the pipeline
+    images_root: str | None = None  # where the training images were (for the model card)
+
+    @classmethod
+    def of_split(cls, attrs: dict) -> FeatureIdentity:
+        """The identity of a split's features, from its attributes (ATTR_DEFAULTS where it predates one)."""
+        attrs = with_defaults(attrs)
+        return cls(**{f.name: attrs.get(f.name) for f in fields(cls)})
+
+    def attrs(self) -> dict:
+        """The recorded fields as split attributes are (`check_features`, `identity_diff`, `model_source`)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def to_dict(self) -> dict:
+        """config.json's `features`: every field, null where not recorded."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> FeatureIdentity:
+        """From config.json's `features`; ValueError naming every field that is wrong, OlderLayout where
+        fields are missing (an older dcfeat's run)."""
+        names = tuple(f.name for f in fields(cls))
+        check_keys(d, names, "features")
+        missing = [k for k in names if k not in d]
+        if missing:
+            raise OlderLayout(f"`features` lacks {', '.join(f'`{k}`' for k in missing)}")
+        problems = feature_problems(d)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return cls(**d)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def feature_problems(features: dict) -> list[str]:
+    """What is wrong with a run's recorded `features`, field by field. A field that is absent or null was
+    not recorded and is not checked."""
+    pooling, size, crop = features.get("pooling"), features.get("image_size"), features.get("crop")
+    problems = []
+    if not (_whole(features.get("dim")) and features["dim"] > 0):
+        problems.append(f"`features.dim` is {features.get('dim')!r} (expected the features' width, a positive "
+                        "integer)")
+    if pooling is not None and pooling not in (*POOLINGS, DESCRIPTOR_POOLING, NO_POOLING):
+        problems.append(f"`features.pooling` is {pooling!r} (expected one of {', '.join(POOLINGS)}, "
+                        f"{DESCRIPTOR_POOLING} for a torch.hub model's descriptors, or {NO_POOLING} for features no "
+                        "backbone pooled)")
+    backbone = pooling != NO_POOLING
+    if size is not None and not (_whole(size) and (size > 0 if backbone else size >= 0)):
+        problems.append(f"`features.image_size` is {size!r} (expected the crop size in pixels, a positive integer"
+                        + (", or 0 for features no backbone pooled)" if not backbone else ")"))
+    crops = (*CROPS, UNKNOWN_CROP) if not backbone else tuple(CROPS)  # another tool's descriptors: maybe unknown
+    if crop is not None and crop not in crops:
+        problems.append(f"`features.crop` is {crop!r} (expected one of {', '.join(crops)})")
+    for key in ("model", "model_source", "model_fingerprint", "dtype", "images_root"):
+        if features.get(key) is not None and not isinstance(features[key], str):
+            problems.append(f"`features.{key}` is {features[key]!r} (expected a text, or null)")
+    if features.get("backbone_random_init") not in (None, True, False):
+        problems.append(f"`features.backbone_random_init` is {features['backbone_random_init']!r} (expected true, "
+                        "false or null)")
+    return problems
+
+
 def identity_diff(a: dict, b: dict) -> dict[str, tuple]:
     """Identity attributes whose values differ between `a` and `b`; one that either lacks is not compared.
     The model's name counts only where either side lacks the fingerprint."""
@@ -126,8 +205,9 @@ def check_compatible(existing: dict, new: dict, *, what: str, fix: str) -> None:
                                    f"{fix}")
 
 
-def check_features(run_features: dict, split_attrs: dict, *, what: str) -> None:
-    """Refuse to apply a run to features from other weights, pooling, size, crop or dim."""
+def check_features(run: FeatureIdentity, split_attrs: dict, *, what: str) -> None:
+    """Refuse to apply a run to features from other weights, pooling, crop or dim (fields it recorded)."""
+    run_features = run.attrs()
     diff = identity_diff(run_features, split_attrs)
     if not diff:
         return

@@ -326,16 +326,16 @@ class Localizer:
     # What the run is.
     @property
     def image_size(self) -> int:
-        return int(self.run.feature_identity["image_size"])
+        return int(self.run.feature_identity.image_size)
 
     @property
     def crop(self) -> str:
-        return self.run.feature_identity["crop"]
+        return self.run.feature_identity.crop
 
     @property
     def dim(self) -> int:
         """Values per descriptor that `locate_features` takes: the width of the run's training features."""
-        return int(self.run.feature_identity["dim"])
+        return self.run.feature_identity.dim
 
     @property
     def calibrated(self) -> bool:
@@ -368,19 +368,19 @@ class Localizer:
             return self.model
         if exported.is_dir():
             return str(exported)
-        return model_source(features)
+        return model_source(features.attrs())
 
     @property
     def embeds_images(self) -> bool:
         """Whether photos can be embedded for this run: its features came from a backbone dcfeat loads, not
         from another tool (`dcfeat import`) or a synthetic city. Without one it answers descriptors only."""
-        return self.run.feature_identity.get("pooling") != NO_POOLING
+        return self.run.feature_identity.pooling != NO_POOLING
 
     def check_images(self) -> None:
         """Refuse photos, naming what to send instead, where the run has no backbone to embed them."""
         if not self.embeds_images:
             raise BadInput(f"the run {self.run.directory} was trained on descriptors that no dcfeat backbone made "
-                           f"({self.run.feature_identity.get('model')}), so it cannot embed photos. Compute their "
+                           f"({self.run.feature_identity.model}), so it cannot embed photos. Compute their "
                            "descriptors with the tool that made the training ones, then `dcfeat import --unlabelled "
                            "--split SPLIT` them and `dcfeat predict --feats STORE --split SPLIT`, or send them to "
                            "`dcfeat serve` as JSON {\"descriptors\": [[...], ...]} (Localizer.locate_features)")
@@ -399,7 +399,7 @@ class Localizer:
         with self._lock:
             if self._backbone is None:
                 features, source = self.run.feature_identity, self.backbone_source
-                backbone = load_backbone(source, pooling=features["pooling"], device=str(self.device))
+                backbone = load_backbone(source, pooling=features.pooling, device=str(self.device))
                 try:
                     check_features(features, {"model_fingerprint": backbone.fingerprint, "pooling": backbone.pooling,
                                               "dim": backbone.dim}, what=f"backbone '{source}'")

@@ -22,7 +22,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from dcfeat.atomic import CHECKSUM_FILE, RECORDS_LOCK, exclusive, leftover_tmp_files, replace_symlink, write_text
-from dcfeat.errors import BadInput, DamagedRun, EnvironmentProblem, first_line, is_not_writable, not_writable
+from dcfeat.errors import (
+    BadInput,
+    DamagedRun,
+    EnvironmentProblem,
+    check_format,
+    first_line,
+    is_not_writable,
+    not_writable,
+)
 from dcfeat.finetune import TokenTraining
 from dcfeat.model import DCModel
 from dcfeat.presets import TrainConfig
@@ -49,6 +57,9 @@ from dcfeat.sampling import Streamed
 # Training's state after its last finished epoch (weights, optimiser, schedule, random generators),
 # what the same command resumes from; and the lock that keeps one `dcfeat train` per run folder.
 RESUME_FILE, LOCK_FILE = "resume.safetensors", ".lock"
+# The format of the resume state's JSON: a state without `format` is read as this one.
+RESUME_FORMAT = 1
+_RESTART = "Train the run again from its first epoch with the same command and --restart"
 # Everything `dcfeat train` writes in a run folder: what a restart into an unfinished run clears.
 TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE, RESUME_FILE, CHECKSUM_FILE,
                LAST_FILE)
@@ -56,7 +67,8 @@ TRAIN_FILES = (COMMAND_FILE, LOG_FILE, *RUN_FILES, BLOCKS_FILE, CALIBRATION_FILE
 
 def save_resume(directory: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
     """The state that resumes training after the epoch it records (RESUME_FILE)."""
-    save_tensors(Path(directory) / RESUME_FILE, tensors, {"dcfeat_resume": json.dumps(state)})
+    saved = json.dumps({"format": RESUME_FORMAT, **state})
+    save_tensors(Path(directory) / RESUME_FILE, tensors, {"dcfeat_resume": saved})
 
 
 def read_resume(directory: Path, *, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict] | None:
@@ -70,8 +82,14 @@ def read_resume(directory: Path, *, tensors: bool = True) -> tuple[dict[str, tor
             state = json.loads((f.metadata() or {})["dcfeat_resume"])
             found = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (SafetensorError, OSError, ValueError, KeyError) as e:
-        raise DamagedRun(f"{path}: cannot be read as the state training resumes from ({first_line(e)}). Train "
-                         "the run again from its first epoch with the same command and --restart") from None
+        raise DamagedRun(f"{path}: cannot be read as the state training resumes from ({first_line(e)}). "
+                         f"{_RESTART}") from None
+    if not isinstance(state, dict):
+        raise DamagedRun(f"{path}: its state is not a JSON object. {_RESTART}")
+    check_format(path, state.get("format"), RESUME_FORMAT, _RESTART)
+    if "streamed" not in state:
+        raise DamagedRun(f"{path}: written by an older dcfeat (no `streamed`: how the split was read), a state this "
+                         f"one no longer resumes from. {_RESTART}")
     return found, state
 
 
@@ -149,8 +167,8 @@ class TrainingState:
         differ = {k: (saved["config"].get(k), v) for k, v in self.config.items() if saved["config"].get(k) != v}
         differ.update({k: (saved["inputs"].get(k), v) for k, v in self.inputs.items()
                        if saved["inputs"].get(k) != v})
-        if "streamed" in saved and saved["streamed"] != self.reading:  # states saved before it was recorded
-            differ["streamed"] = (saved["streamed"], self.reading)  # lack it
+        if saved["streamed"] != self.reading:
+            differ["streamed"] = (saved["streamed"], self.reading)
         if differ:
             shown = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
             raise BadInput(f"{out} holds an unfinished run started with other settings or features ({shown}). "
@@ -198,10 +216,10 @@ class TrainingState:
 def resumed_reading(run: Path, feats: Path, streamed: Streamed | None) -> Streamed | None:
     """How the interrupted run in `run` read its split, saved with its resume state: in memory, or streamed
     in chunks of its size. Whether a split streams depends on the memory free at the start; a resumed run
-    reads it as before, or it would not end as the uninterrupted one (`streamed`: what this start chose,
-    kept for a state saved before the choice was recorded)."""
+    reads it as before, or it would not end as the uninterrupted one (`streamed`: what this start chose, kept
+    where there is no state to resume from)."""
     saved = read_resume(run, tensors=False)
-    if saved is None or "streamed" not in saved[1]:
+    if saved is None:
         return streamed
     reading = saved[1]["streamed"]
     if reading is None:
@@ -209,8 +227,7 @@ def resumed_reading(run: Path, feats: Path, streamed: Streamed | None) -> Stream
     if not (isinstance(reading, dict) and all(isinstance(reading.get(k), int) and not isinstance(reading[k], bool)
                                               and reading[k] > 0 for k in ("chunk_rows", "buffer_chunks"))):
         raise DamagedRun(f"{run / RESUME_FILE}: `streamed` is {reading!r}, not how a split was read (null, or "
-                         "positive `chunk_rows` and `buffer_chunks`). Train the run again from its first epoch "
-                         "with the same command and --restart")
+                         f"positive `chunk_rows` and `buffer_chunks`). {_RESTART}")
     return Streamed(Path(feats), reading["chunk_rows"], reading["buffer_chunks"])
 
 

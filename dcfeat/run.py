@@ -44,11 +44,11 @@ from dcfeat.atomic import (
     waiting,
     write_text,
 )
-from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
-from dcfeat.confidence import Calibrator
-from dcfeat.errors import BadInput, DamagedRun, first_line, is_not_writable, writing
+from dcfeat.choices import HEADS, TEST_PROTOTYPES
+from dcfeat.confidence import CALIBRATION_FORMAT, Calibrator
+from dcfeat.errors import BadInput, DamagedRun, OlderLayout, check_format, first_line, is_not_writable, writing
 from dcfeat.geo import UTM_LETTERS
-from dcfeat.identity import with_defaults
+from dcfeat.identity import FeatureIdentity, feature_problems
 from dcfeat.model import DCModel
 from dcfeat.partition import cell_centre, group_of, load_classes, save_classes
 from dcfeat.presets import TrainConfig
@@ -68,14 +68,22 @@ CHECKSUMMED = (CONFIG_FILE, CLASSES_FILE, MODEL_FILE, BLOCKS_FILE, CALIBRATION_F
 EVAL_DIR = "eval"
 
 
-def _fix(directory: Path) -> str:
+def _train_again(directory: Path) -> str:
     command = Path(directory) / COMMAND_FILE
-    again = f"the command in {command}" if command.is_file() else "`dcfeat train`"
-    return f"Restore the file from a copy of the run, or train the run again with {again}"
+    return f"the command in {command}" if command.is_file() else "`dcfeat train`"
+
+
+def _fix(directory: Path) -> str:
+    return f"Restore the file from a copy of the run, or train the run again with {_train_again(directory)}"
 
 
 def _damaged(path: Path, problem: str) -> DamagedRun:
     return DamagedRun(f"{path}: {problem}. The run folder was edited or damaged. {_fix(path.parent)}")
+
+
+def _older(path: Path, what: str) -> DamagedRun:
+    return DamagedRun(f"{path}: written by an older dcfeat ({what}), a layout this one no longer reads. Train the "
+                      f"run again with {_train_again(path.parent)}")
 
 
 def check_folder(directory: Path) -> None:
@@ -110,30 +118,8 @@ def _positive(v) -> bool:
 
 
 
-def _feature_problems(features: dict) -> list[str]:
-    """What is wrong with config.json's `features` (the training features' identity), field by field.
-    A field that is absent or null was not recorded (a run trained from arrays, a store of another
-    program) and is not checked."""
-    pooling, size, crop = features.get("pooling"), features.get("image_size"), features.get("crop")
-    problems = []
-    if not _positive_int(features.get("dim")):
-        problems.append(f"`features.dim` is {features.get('dim')!r} (expected the features' width, a positive "
-                        "integer)")
-    if pooling is not None and pooling not in (*POOLINGS, DESCRIPTOR_POOLING, NO_POOLING):
-        problems.append(f"`features.pooling` is {pooling!r} (expected one of {', '.join(POOLINGS)}, "
-                        f"{DESCRIPTOR_POOLING} for a torch.hub model's descriptors, or {NO_POOLING} for features no "
-                        "backbone pooled)")
-    backbone = pooling != NO_POOLING
-    if size is not None and not (isinstance(size, int) and not isinstance(size, bool)
-                                 and (size > 0 if backbone else size >= 0)):
-        problems.append(f"`features.image_size` is {size!r} (expected the crop size in pixels, a positive integer"
-                        + (", or 0 for features no backbone pooled)" if not backbone else ")"))
-    crops = (*CROPS, UNKNOWN_CROP) if not backbone else tuple(CROPS)  # another tool's descriptors: maybe unknown
-    if crop is not None and crop not in crops:
-        problems.append(f"`features.crop` is {crop!r} (expected one of {', '.join(crops)})")
-    return problems
-
-
+# config.json's format: a file without `format` is read as this one. Another dcfeat's newer format is refused.
+CONFIG_FORMAT = 1
 # config.json key → (check, what it must be); what load_run and the stages read.
 CONFIG_RULES = {
     "M": (_positive, "a cell side in metres > 0"),
@@ -146,32 +132,70 @@ CONFIG_RULES = {
         isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in v),
         "a list of class counts, one per group"),
     "features": (lambda v: isinstance(v, dict), "an object with the training features' `dim` and backbone"),
-}
-# Keys that runs written before they existed lack; checked where present.
-OPTIONAL_RULES = {
     "threshold_m": (_positive, "metres > 0"),
     "test_prototypes": (lambda v: v in tuple(TEST_PROTOTYPES), f"one of {', '.join(TEST_PROTOTYPES)}"),
     "easy_margin": (lambda v: isinstance(v, bool), "true or false"),
-}
-PROGRESS_RULES = {
     "complete": (lambda v: isinstance(v, bool), "true or false"),
     "epochs_done": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an epoch count"),
     "epochs": (_positive_int, "the epochs asked for"),
 }
+# Keys an older dcfeat's config.json lacks (it counted finished epochs in the log, and had no presets):
+# such a run is refused, to be trained again.
+NEWER_KEYS = ("complete", "epochs_done", "threshold_m", "test_prototypes", "easy_margin")
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
+_COUNT = (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0), "a count, or null")
+
+
+def _reading(v) -> bool:
+    return v is None or (isinstance(v, dict) and all(_positive_int(v.get(k)) for k in ("chunk_rows", "buffer_chunks")))
+
+
+@dataclass(frozen=True)
+class RunDetails:
+    """What config.json keeps for the record only (no stage reads it back to train or answer): where and how
+    training ran. `extra`: keys of the flat object this dcfeat does not know, kept as they were."""
+
+    device: str | None = None
+    memory_budget: int | None = None  # bytes: above it the split was streamed from disk
+    classes: int | None = None
+    images_used: int | None = None  # training images in a class
+    steps_per_epoch: int | None = None
+    streamed: dict | None = None  # how the split was streamed (`chunk_rows`, `buffer_chunks`); null: in memory
+    tokens: dict | None = None  # how tuned blocks read the cached tokens (dcfeat.finetune)
+    extra: dict = field(default_factory=dict)
+
+    # field → (check, what it must be)
+    RULES = {
+        "device": (lambda v: v is None or isinstance(v, str), "a device name, or null"),
+        "memory_budget": _COUNT, "classes": _COUNT, "images_used": _COUNT, "steps_per_epoch": _COUNT,
+        "streamed": (_reading, "null, or positive `chunk_rows` and `buffer_chunks`"),
+        "tokens": (lambda v: v is None or isinstance(v, dict), "an object, or null"),
+    }
+
+    def to_dict(self) -> dict:
+        own = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**self.extra, **own}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunDetails:
+        """From the keys of config.json that are neither TrainConfig's nor RunConfig's own; ValueError naming
+        the first field that is wrong."""
+        for key, (ok, what) in cls.RULES.items():
+            if not ok(d.get(key)):
+                raise ValueError(f"`{key}` is {d[key]!r} (expected {what})")
+        return cls(**{k: d.get(k) for k in cls.RULES}, extra={k: v for k, v in d.items() if k not in cls.RULES})
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """config.json, typed: the training settings, what the features were, the classes, how far training got.
 
-    The file stays one flat JSON object (TrainConfig's fields beside the run's own keys), so
-    tools that read it as JSON keep working; `details` keeps the keys that are for the record
-    only (device, memory budget, steps per epoch, how the split was streamed, …).
+    The file stays one flat JSON object (TrainConfig's fields beside the run's own keys and `details`'),
+    with its `format` (CONFIG_FORMAT), so tools that read it as JSON keep working.
     """
 
     train: TrainConfig
-    features: dict  # the training features' identity (dcfeat.identity) with `dim`, `model_source`, …
+    features: FeatureIdentity  # the training features' identity (dcfeat.identity)
     classes_per_group: list[int]
     complete: bool = False
     epochs_done: int | None = None
@@ -181,34 +205,37 @@ class RunConfig:
     train_split: str | None = None
     val_split: str | None = None
     store_fingerprint: str | None = None  # the training split's plan id
-    details: dict = field(default_factory=dict)
+    details: RunDetails = field(default_factory=RunDetails)
 
     @property
-    def feature_identity(self) -> dict:
-        """What the training features were made with (model, fingerprint, pooling, size, crop, dim, …):
-        features a run is applied to must match it. Runs trained before `crop` existed used centre crops."""
-        return with_defaults(self.features)
+    def feature_identity(self) -> FeatureIdentity:
+        """What the training features were made with: features a run is applied to must match it."""
+        return self.features
 
     @property
     def random_backbone(self) -> bool:
-        return bool(self.features.get("backbone_random_init"))
+        return bool(self.features.backbone_random_init)
+
+    def to_dict(self) -> dict:
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("train", "details", "features")}
+        return {"format": CONFIG_FORMAT, **self.details.to_dict(), **asdict(self.train), **own,
+                "features": self.features.to_dict()}
 
     def to_json(self) -> str:
-        own = {k: v for k, v in asdict(self).items() if k not in ("train", "details")}
-        return json.dumps({**self.details, **asdict(self.train), **own}, indent=1, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict, *, complete: bool, epochs_done: int | None) -> RunConfig:
-        """From config.json's object, checked by CONFIG_RULES (ValueError from TrainConfig's own checks)."""
-        own = {f.name for f in fields(cls)} - {"train", "details", "complete", "epochs_done"}
+    def from_dict(cls, d: dict) -> RunConfig:
+        """From config.json's object (its `format` checked by the reader); ValueError naming the field that
+        is wrong (TrainConfig's own checks included)."""
+        own = {f.name for f in fields(cls)} - {"train", "details", "features"}
         try:
             train = TrainConfig(**{k: v for k, v in d.items() if k in _TRAIN_FIELDS})
         except (BadInput, TypeError) as e:
             raise ValueError(str(e)) from None
-        return cls(train=train, complete=complete, epochs_done=epochs_done,
-                   **{k: d[k] for k in own if k in d},
-                   details={k: v for k, v in d.items() if k not in own and k not in _TRAIN_FIELDS
-                            and k not in ("complete", "epochs_done")})
+        rest = {k: v for k, v in d.items() if k not in {*own, *_TRAIN_FIELDS, "format", "features"}}
+        return cls(train=train, features=FeatureIdentity.from_dict(d.get("features")),
+                   **{k: d[k] for k in own if k in d}, details=RunDetails.from_dict(rest))
 
 
 def _config_object(directory: Path) -> dict:
@@ -219,8 +246,11 @@ def _config_object(directory: Path) -> dict:
         raise _damaged(path, f"not valid JSON ({first_line(e)})") from None
     if not isinstance(config, dict):
         raise _damaged(path, "not a JSON object")
-    rules = {**CONFIG_RULES, **(PROGRESS_RULES if "complete" in config else {}),
-             **{k: rule for k, rule in OPTIONAL_RULES.items() if k in config}}
+    check_format(path, config.get("format"), CONFIG_FORMAT, _fix(directory))
+    older = [k for k in NEWER_KEYS if k not in config]
+    if older:
+        raise _older(path, f"no {', '.join(f'`{k}`' for k in older)}")
+    rules = dict(CONFIG_RULES)
     if config.get("finetune_blocks"):
         rules["finetune_blocks"] = (_positive_int, "the number of tuned blocks")
     bad = [f"`{k}` {'missing' if k not in config else f'is {config[k]!r}'} (expected {what})"
@@ -229,28 +259,19 @@ def _config_object(directory: Path) -> dict:
         bad.append(f"`classes_per_group` holds {len(config['classes_per_group'])} groups but `N` is {config['N']} "
                    f"(N² = {config['N'] ** 2} groups)")
     if isinstance(config.get("features"), dict):
-        bad += _feature_problems(config["features"])
+        bad += feature_problems(config["features"])
     if bad:
         raise _damaged(path, "; ".join(bad))
     return config
 
 
-def _progress(directory: Path, config: dict) -> tuple[bool, int | None]:
-    """(complete, epochs done). Runs written before config.json recorded it: count the log's epochs."""
-    if "complete" in config:
-        return config["complete"], config["epochs_done"]
-    log = directory / LOG_FILE
-    done = len(log.read_text().splitlines()) if log.is_file() else config.get("epochs")
-    epochs = config.get("epochs")
-    return done is None or epochs is None or done >= epochs, done
-
-
 def read_config(directory: Path) -> RunConfig:
     """The run's config.json, checked, as a RunConfig."""
     config = _config_object(directory)
-    complete, epochs_done = _progress(directory, config)
     try:
-        return RunConfig.from_dict(config, complete=complete, epochs_done=epochs_done)
+        return RunConfig.from_dict(config)
+    except OlderLayout as e:
+        raise _older(directory / CONFIG_FILE, first_line(e)) from None
     except ValueError as e:
         raise _damaged(directory / CONFIG_FILE, first_line(e)) from None
 
@@ -306,7 +327,7 @@ def _class_problems(classes: pl.DataFrame, M: float, N: int) -> list[str]:
 def new_model(config: RunConfig) -> DCModel:
     """The (untrained) model a run config describes."""
     c = config.train
-    return DCModel(config.features["dim"], c.dim, config.classes_per_group, head=c.head, s=c.s, m=c.m,
+    return DCModel(config.features.dim, c.dim, config.classes_per_group, head=c.head, s=c.s, m=c.m,
                    easy_margin=c.easy_margin, test_prototypes=c.test_prototypes)
 
 
@@ -355,12 +376,18 @@ def read_calibration(directory: Path) -> Calibrator | None:
     path = directory / CALIBRATION_FILE
     if not path.is_file():
         return None
+    fit = (f"Fit it again with `dcfeat calibrate --run {directory} --split val`, or delete the file to use the run "
+           "uncalibrated")
     try:
-        return Calibrator.from_dict(json.loads(path.read_text()))
+        found = json.loads(path.read_text())
+        check_format(path, found.get("format") if isinstance(found, dict) else None, CALIBRATION_FORMAT, fit)
+        return Calibrator.from_dict(found)
+    except OlderLayout as e:
+        raise DamagedRun(f"{path}: written by an older dcfeat ({first_line(e)}), a layout this one no longer reads. "
+                         f"{fit}") from None
     except ValueError as e:  # not JSON, not UTF-8, or not a calibrator
         raise DamagedRun(f"{path}: not a calibration dcfeat wrote ({first_line(e)}). The run folder was edited "
-                         f"or damaged. Fit it again with `dcfeat calibrate --run {directory} --split val`, or "
-                         "delete the file to use the run uncalibrated") from None
+                         f"or damaged. {fit}") from None
 
 
 @dataclass
@@ -396,7 +423,7 @@ class Run:
         return self.config.random_backbone
 
     @property
-    def feature_identity(self) -> dict:
+    def feature_identity(self) -> FeatureIdentity:
         return self.config.feature_identity
 
     @property

@@ -28,7 +28,7 @@ from dcfeat.devices import autocast, is_cuda, reproducible, resolve_device
 from dcfeat.errors import BadInput, check_writable, human_bytes, writing
 from dcfeat.finetune import TokenTraining
 from dcfeat.heads import sample_negatives
-from dcfeat.identity import RECORDED_ATTRS, with_defaults
+from dcfeat.identity import FeatureIdentity, with_defaults
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import EMBED_CHUNK, DCModel, top_cells
 from dcfeat.partition import Partition, partition
@@ -48,6 +48,7 @@ from dcfeat.run import (
     COMMAND_FILE,
     LAST_FILE,
     RunConfig,
+    RunDetails,
     append_log,
     cpu_copy,
     new_model,
@@ -253,7 +254,7 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
         config = replace(config, dim=in_dim)
     recorded = dict(run_config or {})
     own = {k: recorded.pop(k) for k in ("store", "train_split", "val_split", "store_fingerprint") if k in recorded}
-    run = RunConfig(train=config, features={"dim": in_dim, **recorded.pop("features", {})},
+    run = RunConfig(train=config, features=recorded.pop("features", None) or FeatureIdentity(dim=in_dim),
                     classes_per_group=part.classes_per_group, **own)
     model = new_model(run).to(dev)
     sampler = BalancedSampler(part, dev, gen)
@@ -274,15 +275,15 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
                                   buffer_chunks=streamed.buffer_chunks)
     else:
         batches = InMemoryBatches(features, sampler, config.batch_size)
-    details = {**recorded, "classes": len(part.classes), "images_used": used, "steps_per_epoch": steps,
-               "streamed": None if streamed is None else {"chunk_rows": streamed.chunk_rows,
-                                                           "buffer_chunks": streamed.buffer_chunks}}
+    details = RunDetails(**recorded, classes=len(part.classes), images_used=used, steps_per_epoch=steps,
+                         streamed=None if streamed is None else {"chunk_rows": streamed.chunk_rows,
+                                                                 "buffer_chunks": streamed.buffer_chunks})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = TrainingState(model, opt, schedule, _generators(gen, tail.source if tail else batches), tail, config,
                    inputs={**own, "rows": len(part.group), "dim": in_dim,
-                           "model_fingerprint": run.features.get("model_fingerprint")},
-                   reading=details["streamed"])
+                           "model_fingerprint": run.features.model_fingerprint},
+                   reading=details.streamed)
     saved = read_resume(out) if resume else None
     if saved is not None:
         history = state.restore(out, *saved, part.classes)
@@ -296,7 +297,7 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
         # else the heads' own Xavier initialisation stays, as in D&C's code.
     resumed_from = state.epoch
     run = replace(run, best_epoch=state.best_epoch, epochs_done=state.epoch, stopped=state.stopped,
-                  details={**details, **(tail.config() if tail else {})})
+                  details=replace(details, tokens=tail.tokens() if tail else None))
     for epoch in range(state.epoch + 1, config.epochs + 1 if state.stopped is None else 0):
         t0 = time.perf_counter()
         turns = groups if config.group_rotation == "step" else [groups[(epoch - 1) % len(groups)]]
@@ -337,7 +338,7 @@ def _train(split: Split, config: TrainConfig, out: Path, *, val: Split | None, d
                     tail.save(out, epoch, state=current["tail"]) if tail else None)
         stderr.print(_epoch_line(record, config.epochs), highlight=False)  # --no-progress hides bars only
         run = replace(run, best_epoch=state.best_epoch, epochs_done=epoch, stopped=state.stopped,
-                      details={**details, **(tail.config() if tail else {})})
+                      details=replace(details, tokens=tail.tokens() if tail else None))
         # Last, so that a run killed at any point reads as stopped after the epochs it finished; the
         # last epoch's config says complete only once the confidence is fitted too.
         done = epoch == config.epochs or state.stopped is not None
@@ -401,7 +402,7 @@ def _calibrate(model: DCModel, tail: TokenTraining | None, kept: tuple, part: Pa
     model.eval()
     try:
         cal = fit_confidence(model, part.classes, config.M, tail.features_of(val) if tail else val,
-                             threshold_m=config.threshold_m, fitted_on={"store": store} if store else None)
+                             threshold_m=config.threshold_m, store=store or None)
     except BadInput as e:  # the run itself is sound: say why it has no confidence, do not fail
         return f"uncalibrated: {e}", []
     write_calibration(out, cal)
@@ -483,11 +484,9 @@ def train_files(feats: Path, split: str, config: TrainConfig, *, out: Path | Non
     check_writable(out or runs)
     with writing(out or runs):
         run = new_run_dir(out, runs)
-    features = {k: data.attrs.get(k) for k in (*RECORDED_ATTRS, "model_source", "backbone_random_init",
-                                               "images_root", "dtype")}  # the last two for the model card
-    run_config = {"features": features, "store": str(Path(feats).resolve()), "train_split": split,
-                  "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"), "device": str(dev),
-                  "memory_budget": budget}
+    run_config = {"features": FeatureIdentity.of_split(data.attrs), "store": str(Path(feats).resolve()),
+                  "train_split": split, "val_split": val_split, "store_fingerprint": data.attrs.get("plan_id"),
+                  "device": str(dev), "memory_budget": budget}
     with writing(run), run_lock(run):
         resume = resume_or_clear(run, restart=restart)
         if not resume:

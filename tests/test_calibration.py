@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 import torch
 
-from dcfeat.confidence import SIGNALS, Calibrator, base_radius, fit, query_signals
+from dcfeat.confidence import SIGNALS, AdaptiveRule, Calibrator, FittedOn, base_radius, fit, query_signals
+from dcfeat.positions import DEFAULT_RULE
 from dcfeat.model import DCModel
 from tests.conftest import FAST_TRAIN, invoke, refused
 
@@ -27,7 +28,7 @@ def test_separable_signals_rank_every_right_answer_above_every_wrong_one():
     rng = np.random.default_rng(0)
     right = rng.random(400) < 0.7
     values = _signals(400, rng, right)
-    cal = fit(values, right, np.full(400, 20.0), rng.uniform(0, 30, 400), threshold_m=25)
+    cal = fit(values, right, np.full(400, 20.0), rng.uniform(0, 30, 400), threshold_m=25, position=DEFAULT_RULE)
     test_right = rng.random(300) < 0.5
     conf = cal.confidence(_signals(300, rng, test_right))
     assert conf[test_right].min() > conf[~test_right].max()
@@ -39,11 +40,11 @@ def test_the_calibrator_survives_its_json_file_exactly():
     right = rng.random(200) < 0.6
     values = _signals(200, rng, right)
     cal = fit(values, right, rng.uniform(10, 50, 200), rng.uniform(0, 60, 200), threshold_m=25,
-              fitted_on={"split": "val"})
+              position=DEFAULT_RULE, fitted_on=FittedOn(0, 0, split="val"))
     back = Calibrator.from_dict(json.loads(cal.to_json()))
     np.testing.assert_array_equal(back.confidence(values), cal.confidence(values))
     assert back.radius_scale == cal.radius_scale and back.hybrid == cal.hybrid
-    assert back.fitted_on == {"split": "val", "queries": 200, "right": int(right.sum())}
+    assert back.fitted_on == FittedOn(200, int(right.sum()), split="val") and back == cal
 
 
 @pytest.mark.parametrize(("edit", "words"), [
@@ -57,7 +58,7 @@ def test_the_calibrator_survives_its_json_file_exactly():
 def test_a_calibration_that_dcfeat_did_not_write_is_refused(edit, words):
     rng = np.random.default_rng(2)
     right = rng.random(50) < 0.5
-    d = json.loads(fit(_signals(50, rng, right), right, np.ones(50), np.ones(50), threshold_m=25).to_json())
+    d = json.loads(fit(_signals(50, rng, right), right, np.ones(50), np.ones(50), threshold_m=25, position=DEFAULT_RULE).to_json())
     edit(d)
     with pytest.raises(ValueError, match=words):
         Calibrator.from_dict(d)
@@ -66,7 +67,7 @@ def test_a_calibration_that_dcfeat_did_not_write_is_refused(edit, words):
 def test_fit_needs_right_and_wrong_answers():
     values = _signals(30, np.random.default_rng(3), np.ones(30, bool))
     with pytest.raises(ValueError, match="right and wrong"):
-        fit(values, np.ones(30, bool), np.ones(30), np.ones(30), threshold_m=25)
+        fit(values, np.ones(30, bool), np.ones(30), np.ones(30), threshold_m=25, position=DEFAULT_RULE)
 
 
 def test_the_base_radius_reaches_90_percent_of_the_top_cells_mass():
@@ -80,7 +81,7 @@ def test_the_radius_scale_is_the_split_conformal_quantile():
     # 19 queries: the ceil(0.9 * 20) = 18th smallest ratio true distance / base radius, here 18 / 10.
     true = np.arange(1.0, 20.0)
     right = true <= 9
-    cal = fit(_signals(19, np.random.default_rng(4), right), right, np.full(19, 10.0), true, threshold_m=25)
+    cal = fit(_signals(19, np.random.default_rng(4), right), right, np.full(19, 10.0), true, threshold_m=25, position=DEFAULT_RULE)
     assert cal.radius_scale == pytest.approx(1.8)
 
 
@@ -200,10 +201,10 @@ def test_the_adaptive_hybrid_is_retrieval_or_the_hybrid_at_its_extremes(city_sto
     q, db = read_split(city_store, "test", dtype=np.float32), read_split(city_store, "test-db", dtype=np.float32)
     dev = torch.device("cpu")
     if rule == "everything falls back":
-        run.calibration.hybrid.update(fallback_below=2.0)
+        run.calibration.hybrid = AdaptiveRule(2.0)
         want = retrieve(run, q, db, 10, dev)
     else:
-        run.calibration.hybrid.update(fallback_below=-1.0)
+        run.calibration.hybrid = AdaptiveRule(-1.0)
         want = hybrid(run, q, db, 10, None, dev)  # the gated hybrid
     got = adaptive(run, q, db, 10, 5, dev)
     np.testing.assert_array_equal(got.ref, want.ref)

@@ -1,5 +1,8 @@
 """`--crop centre|full`: whole images in patch multiples, batched by shape, and crop as part of a split's identity."""
 
+import json
+import shutil
+
 import h5py
 import numpy as np
 import polars as pl
@@ -7,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dcfeat.errors import BadInput
+from dcfeat.errors import BadInput, DamagedRun
 from dcfeat.images import Crops, ImageDataset, collate, load_image, whole_size
 from dcfeat.run import load_run
 from dcfeat.shards import write_split
@@ -96,14 +99,15 @@ def test_the_crop_is_stored_with_the_split_and_the_run(stores):
     for crop, (store, run) in out.items():
         with h5py.File(store) as f:
             assert f["train"].attrs["crop"] == crop and f["val"].attrs["crop"] == crop
-        assert load_run(run, "cpu").config.features["crop"] == crop
+        assert load_run(run, "cpu").config.features.crop == crop
     centre, full = (read_split(out[c][0], "val").embeddings for c in ("centre", "full"))
     assert np.abs(centre - full).max() > 1e-2  # whole images really are other inputs
     r = invoke("info", out["full"][0])
     assert r.exit_code == 0 and "56 full" in r.output, r.output
 
 
-def test_a_store_without_crop_reads_as_centre(stores, tmp_path, tiny_model, city_store, city_run):
+def test_a_store_without_crop_reads_as_centre_and_a_run_without_it_is_refused(stores, tmp_path, tiny_model,
+                                                                              city_store, city_run):
     root, _ = stores
     store = tmp_path / "old.h5"
     assert extract(root / "val", store, tiny_model, "--split", "val").exit_code == 0
@@ -125,10 +129,15 @@ def test_a_store_without_crop_reads_as_centre(stores, tmp_path, tiny_model, city
         write_split(tmp_path / "w.h5", "val", data.embeddings, labels, {**before, "crop": "full"})
     # Stores written by other programs (the synthetic city) and runs trained on them: centre.
     assert split_info(city_store, "test").attrs["crop"] == "centre"
-    run = load_run(city_run, "cpu")
-    assert run.feature_identity["crop"] == "centre"
-    del run.config.features["crop"]  # a run trained before `crop` existed
-    assert run.feature_identity["crop"] == "centre"
+    assert load_run(city_run, "cpu").feature_identity.crop == "centre"
+    # A run of an older dcfeat, trained before `crop` existed, is refused: train it again.
+    old = tmp_path / "old-run"
+    shutil.copytree(city_run, old, ignore=shutil.ignore_patterns("eval"))
+    config = json.loads((old / "config.json").read_text())
+    del config["features"]["crop"]
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DamagedRun, match=r"written by an older dcfeat \(`features` lacks `crop`\).*Train the run"):
+        load_run(old)
 
 
 @pytest.mark.parametrize("trained,applied", [("centre", "full"), ("full", "centre")])

@@ -248,12 +248,44 @@ def test_a_finished_run_or_a_foreign_folder_is_never_overwritten(city_store, run
                   "--no-progress").exit_code == 0
 
 
-def test_a_run_written_before_completeness_was_recorded_loads(run_copy):
-    _edit_config(run_copy, complete=None, epochs_done=None)
-    run = load_run(run_copy)
-    assert run.complete and run.epochs_done == 6 and run.status_line() is None
-    (run_copy / "train_log.jsonl").write_text("{}\n{}\n")  # an old run killed after 2 of 6 epochs
-    assert load_run(run_copy).status_line().startswith("INCOMPLETE RUN: training stopped after epoch 2 of 6")
+OLDER_LAYOUTS = {  # what an older dcfeat wrote and this one refuses, naming the command that writes it anew
+    "config.json without completeness": ("config.json", lambda d: [d.pop("complete"), d.pop("epochs_done")],
+                                         "`complete`", "Train the run again"),
+    "config.json before presets": ("config.json", lambda d: d.pop("easy_margin"), "`easy_margin`",
+                                   "Train the run again"),
+    "calibration.json with the widening rule": (
+        "calibration.json", lambda d: d.update(hybrid={"fallback_below": 0.1, "widen_below": 0.2, "widen_factor": 4}),
+        "`widen_below`", "dcfeat calibrate --run"),
+    "calibration.json before positions": ("calibration.json", lambda d: d.pop("position"), "`position`",
+                                          "dcfeat calibrate --run"),
+    "calibration.json before scorings": ("calibration.json", lambda d: d.pop("scoring"), "`scoring`",
+                                         "dcfeat calibrate --run"),
+}
+
+
+@pytest.mark.parametrize("layout", list(OLDER_LAYOUTS))
+def test_a_run_file_in_a_layout_of_an_older_dcfeat_is_refused_naming_the_fix(run_copy, layout):
+    name, edit, field, fix = OLDER_LAYOUTS[layout]
+    _edit_json(run_copy, name, edit)
+    with pytest.raises(DamagedRun, match="written by an older dcfeat") as e:
+        load_run(run_copy)
+    assert str(run_copy / name) in str(e.value) and field in str(e.value) and fix in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["config.json", "calibration.json"])
+def test_a_run_file_of_a_newer_format_is_refused_and_one_without_format_read(run_copy, name):
+    assert json.loads((run_copy / name).read_text())["format"] == 1
+    before = load_run(run_copy)
+    _edit_json(run_copy, name, lambda d: d.pop("format"))  # read as format 1
+    again = load_run(run_copy)
+    assert again.config == before.config and again.calibration == before.calibration
+    _edit_json(run_copy, name, lambda d: d.update(format=2))
+    with pytest.raises(DamagedRun, match="written by a newer dcfeat .format 2.*Upgrade dcfeat") as e:
+        load_run(run_copy)
+    assert str(run_copy / name) in str(e.value)
+    _edit_json(run_copy, name, lambda d: d.update(format="one"))
+    with pytest.raises(DamagedRun, match="`format` is 'one'"):
+        load_run(run_copy)
 
 
 # --- devices --------------------------------------------------------------------------------------------------
@@ -329,18 +361,24 @@ def _edit_classes(run, **columns):
 
 VALUE_EDITS = {
     "hybrid: {}": ("calibration.json", lambda run: _edit_json(run, "calibration.json", lambda d: d.update(hybrid={})),
-                   "`hybrid`"),
-    # A calibration written before the gate held the widening rule: its values are checked too.
-    "no widen_factor": ("calibration.json", lambda run: _edit_json(
-        run, "calibration.json", lambda d: d.update(hybrid={"fallback_below": 0.1, "widen_below": 0.2})), "`hybrid`"),
-    "widen_factor 1e300": ("calibration.json", lambda run: _edit_json(run, "calibration.json", lambda d: d.update(
-        hybrid={"fallback_below": 0.1, "widen_below": 0.2, "widen_factor": 1e300})), "`hybrid.widen_factor`"),
-    "widen_factor -3": ("calibration.json", lambda run: _edit_json(run, "calibration.json", lambda d: d.update(
-        hybrid={"fallback_below": 0.1, "widen_below": 0.2, "widen_factor": -3})), "`hybrid.widen_factor`"),
+                   "`hybrid.fallback_below`"),
+    "hybrid: 1.5": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d.update(hybrid={"fallback_below": 1.5})), "`hybrid.fallback_below`"),
     "position radius -1": ("calibration.json", lambda run: _edit_json(
         run, "calibration.json", lambda d: d["position"].update(radius_m=-1)), "`position.radius_m`"),
     "gate mass 2": ("calibration.json", lambda run: _edit_json(
-        run, "calibration.json", lambda d: d.update(gate={"mass": 2, "cap": 20})), "`gate`"),
+        run, "calibration.json", lambda d: d.update(gate={"mass": 2, "cap": 20})), "`gate.mass`"),
+    "gate cap 0": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d.update(gate={"mass": 0.9, "cap": 0})), "`gate.cap`"),
+    "gate stray key": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d.update(gate={"mass": 0.9, "cap": 20, "q": 1})), "`q`"),
+    "fitted_on right > queries": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d["fitted_on"].update(right=10 ** 6)), "`fitted_on`"),
+    "fitted_on split 3": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d["fitted_on"].update(split=3)), "`fitted_on.split`"),
+    "fitted_on position_lr1 2": ("calibration.json", lambda run: _edit_json(
+        run, "calibration.json", lambda d: d["fitted_on"].update(position_lr1={"45 m, T 1": 2})),
+        "`fitted_on.position_lr1`"),
     "fitted_on: []": ("calibration.json", lambda run: _edit_json(run, "calibration.json",
                                                                  lambda d: d.update(fitted_on=[])), "`fitted_on`"),
     "database signal at top level": ("calibration.json", lambda run: _edit_json(
@@ -361,6 +399,15 @@ VALUE_EDITS = {
     "unknown pooling": ("config.json", lambda run: _edit_json(run, "config.json",
                                                               lambda d: d["features"].update(pooling="max")),
                         "`features.pooling`"),
+    "features model 3": ("config.json", lambda run: _edit_json(run, "config.json",
+                                                               lambda d: d["features"].update(model=3)),
+                         "`features.model`"),
+    "features stray key": ("config.json", lambda run: _edit_json(run, "config.json",
+                                                                 lambda d: d["features"].update(colour="red")),
+                           "`colour`"),
+    "steps_per_epoch -1": ("config.json", lambda run: _edit_config(run, steps_per_epoch=-1), "`steps_per_epoch`"),
+    "streamed 0 rows": ("config.json", lambda run: _edit_config(run, streamed={"chunk_rows": 0, "buffer_chunks": 2}),
+                        "`streamed`"),
 }
 
 

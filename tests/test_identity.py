@@ -6,7 +6,7 @@ import pytest
 
 from dcfeat.backbone import save_random_dinov2
 from dcfeat.errors import IncompatibleFeatures
-from dcfeat.identity import check_compatible, check_features, identity_diff
+from dcfeat.identity import FeatureIdentity, check_compatible, check_features, identity_diff
 from tests.conftest import extract_args, invoke, refused, write_images
 
 
@@ -43,4 +43,4 @@ def test_a_refusal_names_the_runs_checkpoint_as_the_fix():
     run = {"model": "facebook/dinov2-base", "model_source": "/models/dinov2-base", "model_fingerprint": "v2:abc",
            "pooling": "cls", "dim": 768}
     with pytest.raises(IncompatibleFeatures, match="extract it with the run's --model /models/dinov2-base$"):
-        check_features(run, {**run, "model_fingerprint": "v2:def"}, what="split 'test'")
+        check_features(FeatureIdentity(**run), {**run, "model_fingerprint": "v2:def"}, what="split 'test'")

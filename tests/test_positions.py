@@ -173,15 +173,15 @@ def test_evaluate_reports_the_position_beside_the_paper_cell_centre(city_run, ci
 
 
 def test_the_gate_keeps_the_fewest_top_cells_holding_its_share_of_the_probability():
-    from dcfeat.confidence import QueryScores, gate_cells
+    from dcfeat.confidence import Gate, QueryScores, gate_cells
 
     # Probabilities at s = 1, T = 1 from log-probabilities: 0.5, 0.3, 0.15, 0.05 (and 0.6/0.4 for the second).
     p = np.array([[0.5, 0.3, 0.15, 0.05], [0.6, 0.4, 1e-9, 1e-9]])
     scores = QueryScores(np.array([[7, 3, 9, 1], [2, 5, 8, 4]]), np.log(p), np.zeros(2), np.zeros(2), 1.0, np.zeros(2))
-    assert gate_cells(scores, 1.0, {"mass": 0.8, "cap": 20}).tolist() == [[7, 3, -1, -1], [2, 5, -1, -1]]
-    assert gate_cells(scores, 1.0, {"mass": 0.9, "cap": 20}).tolist() == [[7, 3, 9, -1], [2, 5, -1, -1]]
-    assert gate_cells(scores, 1.0, {"mass": 0.5, "cap": 20}).tolist() == [[7, -1, -1, -1], [2, -1, -1, -1]]
-    assert gate_cells(scores, 1.0, {"mass": 1.0, "cap": 2}).tolist() == [[7, 3, -1, -1], [2, 5, -1, -1]]  # the cap
+    assert gate_cells(scores, 1.0, Gate(0.8, 20)).tolist() == [[7, 3, -1, -1], [2, 5, -1, -1]]
+    assert gate_cells(scores, 1.0, Gate(0.9, 20)).tolist() == [[7, 3, 9, -1], [2, 5, -1, -1]]
+    assert gate_cells(scores, 1.0, Gate(0.5, 20)).tolist() == [[7, -1, -1, -1], [2, -1, -1, -1]]
+    assert gate_cells(scores, 1.0, Gate(1.0, 2)).tolist() == [[7, 3, -1, -1], [2, 5, -1, -1]]  # the cap
 
 
 def test_the_rule_and_gate_travel_with_the_calibration(city_run):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import dcfeat.train
-from dcfeat.errors import BadInput
+from dcfeat.errors import BadInput, DamagedRun
 from dcfeat.evaluate import evaluate
 from dcfeat.heads import AAMC, GroupHeads
 from dcfeat.model import top_cells
@@ -156,7 +156,7 @@ def test_raw_prototypes_are_saved_with_the_run_and_honoured_after_loading(city_s
     assert (report["preset"], report["test_prototypes"]) == ("dc-paper", "raw")
 
 
-def test_runs_from_before_the_presets_load_with_normalised_prototypes(city_run, tmp_path):
+def test_runs_from_before_the_presets_are_refused_naming_the_fix(city_run, tmp_path):
     folder = tmp_path / "old"
     folder.mkdir()
     for f in city_run.iterdir():
@@ -166,7 +166,8 @@ def test_runs_from_before_the_presets_load_with_normalised_prototypes(city_run, 
     for key in ("preset", "test_prototypes", "easy_margin", "optimizer", "keep", "group_rotation"):
         del config[key]
     (folder / "config.json").write_text(json.dumps(config))
-    assert load_run(folder).model.heads.test_prototypes == "normalised"
+    with pytest.raises(DamagedRun, match="older dcfeat .no `test_prototypes`, `easy_margin`.*Train the run"):
+        load_run(folder)
 
 
 def _prototypes(city_store, tmp_path, budget=None, **overrides) -> list[torch.Tensor]:

@@ -127,7 +127,17 @@ def test_a_resumed_run_reads_its_split_as_the_killed_one_did(city_store, tmp_pat
     assert_same_run(request.getfixturevalue(baseline), out)
 
 
-def test_a_resume_state_that_does_not_say_how_its_split_was_read_is_refused(city_store, tmp_path, monkeypatch):
+RESUME_EDITS = {  # how the resume state's JSON is edited → what the refusal names
+    "streamed -1 rows": (lambda state: {**state, "streamed": {"chunk_rows": -1}}, "`streamed`", "--restart"),
+    "no streamed (an older dcfeat's)": (lambda state: {k: v for k, v in state.items() if k != "streamed"},
+                                        "written by an older dcfeat", "--restart"),
+    "a newer format": (lambda state: {**state, "format": 2}, "written by a newer dcfeat", "Upgrade dcfeat"),
+    "format 'x'": (lambda state: {**state, "format": "x"}, "`format` is 'x'", "--restart"),
+}
+
+
+@pytest.mark.parametrize("edit", list(RESUME_EDITS))
+def test_a_resume_state_that_this_dcfeat_cannot_resume_from_is_refused(city_store, tmp_path, monkeypatch, edit):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -136,9 +146,10 @@ def test_a_resume_state_that_does_not_say_how_its_split_was_read_is_refused(city
     with safe_open(str(out / "resume.safetensors"), "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     state = json.loads(meta["dcfeat_resume"])
-    save_file(tensors, str(out / "resume.safetensors"),
-              metadata={"dcfeat_resume": json.dumps({**state, "streamed": {"chunk_rows": -1}})})
-    refused(invoke(*command(city_store, out)), "damaged run", "resume.safetensors", "`streamed`", "--restart")
+    assert state["format"] == 1
+    change, *words = RESUME_EDITS[edit]
+    save_file(tensors, str(out / "resume.safetensors"), metadata={"dcfeat_resume": json.dumps(change(state))})
+    refused(invoke(*command(city_store, out)), "damaged run", "resume.safetensors", *words)
 
 
 @pytest.mark.slow

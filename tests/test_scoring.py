@@ -121,14 +121,16 @@ def test_group_softmax_answers_carry_no_confidence_of_the_cosine_answer(city_sto
     assert report["confidence"] is None and any("fitted for cosine scoring" in w for w in report["warnings"])
 
 
-def test_a_calibration_records_its_scoring_and_one_written_before_reads_as_cosine(city_run):
+def test_a_calibration_records_its_scoring_and_one_written_before_is_refused(city_run):
     from dcfeat.confidence import Calibrator
+    from dcfeat.errors import OlderLayout
 
     written = json.loads((city_run / "calibration.json").read_text())
     assert written["scoring"] == "cosine"
+    assert Calibrator.from_dict(written).to_json() == json.dumps(written, indent=1)
     old = {k: v for k, v in written.items() if k != "scoring"}
-    assert Calibrator.from_dict(old).scoring == "cosine"
-    assert Calibrator.from_dict(old).to_dict() == written
+    with pytest.raises(OlderLayout, match="`scoring` missing"):
+        Calibrator.from_dict(old)
     with pytest.raises(ValueError, match="`scoring` must be one of cosine, group-softmax"):
         Calibrator.from_dict({**written, "scoring": "nope"})
 

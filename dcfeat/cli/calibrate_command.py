@@ -40,12 +40,12 @@ def calibrate(split, feats, run_dir, database_split, threshold, allow_test_split
                              database_split=database_split, allow_test_split=allow_test_split)
     cal = result.calibrator
     fitted = cal.fitted_on
-    stdout.print(f"calibrated on '{split}' ({fitted['queries']} queries, {fitted['right']} right at {threshold:g} m): "
+    stdout.print(f"calibrated on '{split}' ({fitted.queries} queries, {fitted.right} right at {threshold:g} m): "
                  f"answers weigh the top cells within {cal.rule.radius_m:g} m of the best (temperature "
                  f"{cal.rule.temperature:g}); 90 % radius = {cal.radius_scale:.2f} × the top cells' radius; the hybrid "
-                 f"searches the cells holding {100 * (cal.gate or DEFAULT_GATE)['mass']:g} % of the probability"
+                 f"searches the cells holding {100 * (cal.gate or DEFAULT_GATE).mass:g} % of the probability"
                  f"{'' if cal.gate else ' (default: no --database-split to fit it on)'}, the adaptive one the whole "
-                 f"database below confidence {cal.hybrid['fallback_below']:.2f}")
+                 f"database below confidence {cal.hybrid.fallback_below:.2f}")
     if cal.with_database is not None:
         stdout.print(f"and a confidence with retrieval's agreement against '{database_split}', used where "
                      "`dcfeat evaluate` retrieves from it")

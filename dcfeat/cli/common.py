@@ -44,9 +44,9 @@ def random_backbone_model(*, model_given: bool, run_dir: Path | None = None) -> 
 
         check_folder(Path(run_dir))
         features = read_config(Path(run_dir)).feature_identity
-        if not features.get("backbone_random_init"):
+        if not features.backbone_random_init:
             raise IncompatibleFeatures(
-                f"--random-backbone: the run {run_dir} was trained on features of `{features.get('model')}`, not of a "
+                f"--random-backbone: the run {run_dir} was trained on features of `{features.model}`, not of a "
                 "random backbone, and a backbone answers only for a run trained on its own features. Drop "
                 "--random-backbone (the run loads its own backbone), or train a run on features that `dcfeat extract "
                 "--random-backbone` made")

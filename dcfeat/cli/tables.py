@@ -117,9 +117,9 @@ def run_table(run) -> Table:
     cal = run.calibration
     rows = [
         ("preset", c.train.preset),
-        ("backbone", f"{f.get('model')} (fingerprint {f.get('model_fingerprint')})"
+        ("backbone", f"{f.model} (fingerprint {f.model_fingerprint})"
                      + (" — RANDOM BACKBONE" if run.random_backbone else "")),
-        ("features", f"pooling {f.get('pooling')}, {f.get('image_size')} px {f.get('crop')} crop, dim {f.get('dim')}"),
+        ("features", f"pooling {f.pooling}, {f.image_size} px {f.crop} crop, dim {f.dim}"),
         ("classes", f"{len(run.classes):,} cells of M = {c.train.M:g} m in N² = {c.train.N ** 2} groups "
                     f"(at least {c.train.min_images_per_class} images each)"),
         ("model", f"{c.train.head} head, s = {c.train.s:g}, m = {c.train.m:g}, projection to {c.train.dim}"),
@@ -130,9 +130,9 @@ def run_table(run) -> Table:
                        + (f", train loss {best['loss']:.4f}" if "loss" in best else "")
                        + ("; the last epoch's model beside it" if (run.directory / LAST_FILE).is_file() else "")),
         ("confidence", "UNCALIBRATED (`dcfeat calibrate --split val`)" if cal is None else
-         f"fitted on '{cal.fitted_on.get('split')}' ({cal.fitted_on.get('queries')} queries) at {cal.threshold_m:g} m; "
+         f"fitted on '{cal.fitted_on.split}' ({cal.fitted_on.queries} queries) at {cal.threshold_m:g} m; "
          f"answers weigh the cells within {cal.rule.radius_m:g} m (temperature {cal.rule.temperature:g})"
-         + (f"; hybrid gate {100 * cal.gate['mass']:g} % of the probability" if cal.gate else "")),
+         + (f"; hybrid gate {100 * cal.gate.mass:g} % of the probability" if cal.gate else "")),
     ]
     table = Table(title=str(run.directory), show_header=False)
     table.add_column("what", style="bold")

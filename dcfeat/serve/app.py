@@ -38,14 +38,15 @@ def run_info(localizer: Localizer, config: ServeConfig) -> dict:
     features, cal = run.feature_identity, run.calibration
     return {"dcfeat": __version__, "run": Path(run.directory).resolve().name, "status": localizer.status,
             "complete": run.complete, "epochs_done": run.epochs_done, "epochs": run.epochs,
-            "backbone": {"model": features.get("model"), "fingerprint": features.get("model_fingerprint"),
-                         "random": run.random_backbone, "pooling": features.get("pooling"),
-                         "image_size": features.get("image_size"), "crop": features.get("crop")},
+            "backbone": {"model": features.model, "fingerprint": features.model_fingerprint,
+                         "random": run.random_backbone, "pooling": features.pooling,
+                         "image_size": features.image_size, "crop": features.crop},
             "accepts": {"images": localizer.embeds_images, "descriptors": localizer.dim},
             "notice": RANDOM_NOTICE if run.random_backbone else None,
             "preset": run.config.train.preset, "M": run.M, "N": run.config.train.N, "classes": localizer.classes,
             "scoring": localizer.scoring,
-            "calibration": None if cal is None else {"threshold_m": cal.threshold_m, "fitted_on": cal.fitted_on},
+            "calibration": None if cal is None else {"threshold_m": cal.threshold_m,
+                                                     "fitted_on": cal.fitted_on.to_dict()},
             "limits": asdict(config)}
 
 
@@ -100,7 +101,7 @@ def create_app(localizer: Localizer, config: ServeConfig | None = None) -> FastA
                           "send them in several (dcfeat serve --max-images)")
         if not localizer.embeds_images:
             raise Problem(422, "no_backbone", f"this server's run was trained on descriptors that no dcfeat backbone "
-                          f"made ({localizer.run.feature_identity.get('model')}), so it cannot embed images: send "
+                          f"made ({localizer.run.feature_identity.model}), so it cannot embed images: send "
                           "the images' descriptors instead, as a JSON body (Content-Type application/json) "
                           f'{{"descriptors": [[...{localizer.dim} numbers], ...], "ids": [...], "k": 5}}')
         if not batcher.alive:

@@ -42,7 +42,8 @@ def measure() -> dict:
         (RESULTS / "confidence" / "predictions.parquet").unlink()  # 6 MB the figures do not need
         out["near_misses"] = near_misses(load_run(run.out), read_split(store, "test", dtype=np.float32))
     out["calibrator"] = {"weights": dict(zip(cal.signals, cal.weights)), "radius_scale": cal.radius_scale,
-                         "hybrid": cal.hybrid, "fitted_on": {k: v for k, v in cal.fitted_on.items() if k != "store"}}
+                         "hybrid": cal.hybrid.to_dict(),
+                         "fitted_on": {k: v for k, v in cal.fitted_on.to_dict().items() if k != "store"}}
     out["confidence"] = report["confidence"]
     out["methods"] = {m: {k: r[k] for k in ("recall", "median_error_m", "ms_per_query") if k in r}
                       | {k: r[k] for k in ("mean_candidates", "fallback_share", "widened_share") if k in r}

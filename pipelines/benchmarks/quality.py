@@ -17,7 +17,7 @@ import torch
 
 from dcfeat.confidence import answer_rule, errors_m, query_signals
 from dcfeat.evaluate import evaluate, score
-from dcfeat.identity import check_features
+from dcfeat.identity import FeatureIdentity, check_features
 from dcfeat.partition import places_of
 from dcfeat.reports import Ranking, write_outputs
 from dcfeat.run import load_run
@@ -65,7 +65,7 @@ def city_benchmark(city, config: TrainConfig, *, device: str = "cpu", ks=(1, 5, 
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         result = train(train_split, config, Path(tmp) / "run", val=val, device=device, progress=False,
-                       run_config={"features": train_split.attrs})
+                       run_config={"features": FeatureIdentity.of_split(train_split.attrs)})
         train_seconds = time.perf_counter() - t
         run = load_run(result.out)
     for split in (test, db):  # as `dcfeat evaluate` checks them

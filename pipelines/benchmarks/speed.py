@@ -25,6 +25,7 @@ from dcfeat.backbone import load_backbone, save_random_vit
 from dcfeat.devices import synchronize
 from dcfeat.evaluate import evaluate
 from dcfeat.extract import extract
+from dcfeat.identity import FeatureIdentity
 from dcfeat.images import load_image
 from dcfeat.labels import collect_images
 from dcfeat.model import DCModel
@@ -231,7 +232,8 @@ def bench_queries(*, db_rows: int, queries: int, in_dim: int, classes: int, devi
     lab = db.labels
     part = partition(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
                      lab["utm_letter"].to_numpy(), M=20.0, N=2, min_images_per_class=1)
-    config = RunConfig(train=TrainConfig(M=20.0, s=30.0, m=0.2, head="aamc", dim=512), features={"dim": in_dim},
+    config = RunConfig(train=TrainConfig(M=20.0, s=30.0, m=0.2, head="aamc", dim=512),
+                       features=FeatureIdentity(dim=in_dim),
                        classes_per_group=part.classes_per_group, complete=True)
     run = Run(directory=Path("."), model=new_model(config).to(dev).eval(), config=config, classes=part.classes)
     out = {"db_rows": db_rows, "queries": queries, "classes": len(part.classes), "device": str(dev)}

@@ -69,7 +69,8 @@ def world(name: str, *, queries: int, val_queries: int, device: str = "cpu") -> 
     return {
         "city": FAMILY[name], "train_rows": city.size("train"), "classes": report["classes"],
         "queries": report["queries"], "database_rows": report["database_rows"], "seconds": time.perf_counter() - t,
-        "position": cal.rule.to_dict(), "gate": cal.gate, "coverage": report["coverage"], "old_rule": old,
+        "position": cal.rule.to_dict(), "gate": cal.gate and cal.gate.to_dict(), "coverage": report["coverage"],
+        "old_rule": old,
         "methods": {m: {**{f"lr{k}": r["recall"][str(k)] for k in KS}, "median_error_m": r["median_error_m"],
                         "ms_per_query": r["ms_per_query"],
                         **({"candidate_share": r["mean_candidates"] / report["database_rows"]}
