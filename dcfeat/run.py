@@ -9,6 +9,9 @@ last backbone blocks. No pickles.
 `config.json` also says how far training got: `complete`, `epochs_done` of
 `epochs`. Training rewrites it after every epoch, so a run stopped half way
 is recognised as such (`Run.status_line`) instead of passing for a finished one.
+config.json and calibration.json carry their `format` (CONFIG_FORMAT, CALIBRATION_FORMAT): a newer one is
+refused (upgrade dcfeat), a file without one is read as format 1, and a layout of an older dcfeat (`OlderLayout`,
+NEWER_KEYS) is refused naming the command that writes the file anew.
 `load_run` checks every file against the others, values as well as types (a cell centre
 that is not its cell's, a zone past 60, a pooling no backbone has), and refuses a damaged run
 with one `DamagedRun` naming the file, the field and the fix. Every file dcfeat writes here also
