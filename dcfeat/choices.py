@@ -63,6 +63,8 @@ MODES = {
     "retrieve": "exact cosine k-NN against the database split (the NetVLAD/CosPlace way; with no run, over the "
                 "raw features)",
     "hybrid": "retrieval among the database images inside the top --cells cells (D&C)",
+    "fused": "the database photos of the candidate cells weighed by their cell's posterior and their similarity; "
+             "the answer is the weighted centroid of the best-supported neighbourhood (fitted on val)",
     "adaptive": "the gated hybrid, and exact retrieval for the least sure queries (a calibrated run)",
 }
 # The method `classify` also reports: the D&C paper's answer, the best cell's centre, beside the position.

@@ -50,13 +50,16 @@ import numpy as np
 import polars as pl
 import torch
 
-from dcfeat.choices import SCORINGS
+from dcfeat.choices import SCORINGS, THRESHOLD_M
 from dcfeat.errors import BadInput, OlderLayout, check_keys
 from dcfeat.geo import Places, metres_between
+from dcfeat.fusion import (FUSED_SIGNALS, Candidates, FusedRule, answers, fit_fused_rule, fused_signals,
+                           photo_distances, search, weights)
+from dcfeat.fusion import MASSES as FUSED_MASSES
 from dcfeat.model import SCORE_CHUNK, DCModel, Scores
-from dcfeat.partition import centres_of, class_keys, label_keys, places_of
+from dcfeat.partition import centres_of, class_keys, classes_of, label_keys, places_of
 from dcfeat.positions import DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
-from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
+from dcfeat.retrieval import CellIndex, MemoryDatabase, normalised, topk_cosine, topk_in_cells
 from dcfeat.store import Split
 
 SIGNALS = ("top1_cosine", "margin", "group_probability", "softmax_probability", "entropy", "spread", "offset_m",
@@ -193,6 +196,7 @@ class FittedOn:
     database_split: str | None = None  # the database of the `with_database` confidence
     position_lr1: dict[str, float] | None = None  # LR@1 per position rule of the grid ("45 m, T 1")
     gate_lr1: dict[str, dict[str, float]] | None = None  # per gate mass: its `lr1` and `mean_candidates`
+    fused_lr1: dict[str, float] | None = None  # LR@1 per fused rule of the grid (dcfeat.fusion.fit_fused_rule)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -209,9 +213,11 @@ class FittedOn:
             if d.get(key) is not None and not isinstance(d[key], str):
                 what = "store" if key == "store" else key.replace("_", " ")
                 raise ValueError(f"`fitted_on.{key}` must name a {what}, not {d[key]!r}")
-        grid = d.get("position_lr1")
-        if grid is not None and not (isinstance(grid, dict) and all(_share(v) for v in grid.values())):
-            raise ValueError(f"`fitted_on.position_lr1` must map position rules to an LR@1 from 0 to 1, not {grid!r}")
+        for key in ("position_lr1", "fused_lr1"):
+            grid = d.get(key)
+            if grid is not None and not (isinstance(grid, dict) and all(_share(v) for v in grid.values())):
+                raise ValueError(f"`fitted_on.{key}` must map {key.split('_')[0]} rules to an LR@1 from 0 to 1, not "
+                                 f"{grid!r}")
         gates = d.get("gate_lr1")
         if gates is not None and not (isinstance(gates, dict) and all(
                 isinstance(v, dict) and set(v) == {"lr1", "mean_candidates"} and _share(v["lr1"])
@@ -298,6 +304,8 @@ class Calibrator:
     gate: Gate | None = None
     # The ranking of the cells whose answers it was fitted for (dcfeat.choices.SCORINGS).
     scoring: str = "cosine"
+    # The fused hybrid's rule and confidence, fitted against the database split it names (dcfeat.fusion).
+    fused: FusedCalibration | None = None
 
     @property
     def rule(self) -> PositionRule:
@@ -317,9 +325,16 @@ class Calibrator:
     def to_dict(self) -> dict:
         records = {k: None if getattr(self, k) is None else getattr(self, k).to_dict() for k in RECORDS}
         nested = self.with_database.to_dict() if self.with_database is not None else None
+        fused = self.fused.to_dict() if self.fused is not None else None
         return {"signals": list(self.signals), "mean": list(self.mean), "std": list(self.std),
                 "weights": list(self.weights), "bias": self.bias, "radius_scale": self.radius_scale,
-                "threshold_m": self.threshold_m, **records, "with_database": nested, "scoring": self.scoring}
+                "threshold_m": self.threshold_m, **records, "with_database": nested, "scoring": self.scoring,
+                "fused": fused}
+
+    def fused_for(self, database_split: str | None) -> FusedCalibration | None:
+        """The fused hybrid's calibration where it was fitted against `database_split` (None elsewhere)."""
+        f = self.fused
+        return f if f is not None and database_split is not None and f.database_split == database_split else None
 
     def for_database(self, database_split: str | None) -> Calibrator:
         """The calibrator to use when `database_split` is searched (itself when none was fitted for it)."""
@@ -329,25 +344,26 @@ class Calibrator:
         return self
 
     @classmethod
-    def from_dict(cls, d: dict, *, nested: bool = False) -> Calibrator:
+    def from_dict(cls, d: dict, *, nested: bool = False, fused: bool = False) -> Calibrator:
         """Rebuilt from `to_dict`'s object (or calibration.json's, its `format` checked by the reader), every value
         checked; ValueError naming the field that is wrong, OlderLayout for a layout an older dcfeat wrote.
-        `nested`: the `with_database` calibrator, the only one that may use DATABASE_SIGNAL (and must)."""
-        where = "`with_database`: " if nested else ""
+        `nested`: the `with_database` calibrator, the only one that may use DATABASE_SIGNAL (and must);
+        `fused`: the fused hybrid's (`fused.confidence`), the only one that may use FUSED_SIGNALS."""
+        where = "`with_database`: " if nested else "`fused.confidence`: " if fused else ""
         try:
-            return cls._from_dict(d, nested)
+            return cls._from_dict(d, nested, fused)
         except ValueError as e:
             raise type(e)(f"{where}{e}") from None
 
     @classmethod
-    def _from_dict(cls, d: dict, nested: bool) -> Calibrator:
+    def _from_dict(cls, d: dict, nested: bool, fused: bool = False) -> Calibrator:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
         for key, what in (("position", "positions"), ("scoring", "its scoring")):
             if d.get(key) is None:
                 raise OlderLayout(f"`{key}` missing: a calibration written before {what} existed")
-        check_keys(d, (*_names(cls), "format") if not nested else _names(cls), "calibration")
-        allowed = (*SIGNALS, DATABASE_SIGNAL) if nested else SIGNALS
+        check_keys(d, (*_names(cls), "format") if not (nested or fused) else _names(cls), "calibration")
+        allowed = (*SIGNALS, DATABASE_SIGNAL) if nested else (*SIGNALS, *FUSED_SIGNALS) if fused else SIGNALS
         signals = d.get("signals")
         if not (isinstance(signals, list) and signals and all(isinstance(s, str) and s in allowed for s in signals)
                 and len(set(signals)) == len(signals) and (DATABASE_SIGNAL in signals) == nested):
@@ -371,13 +387,38 @@ class Calibrator:
         if nested and records["fitted_on"].database_split is None:
             raise ValueError("`fitted_on.database_split` must name a split (the database it was fitted with)")
         inner = d.get("with_database")
-        if inner is not None and nested:
-            raise ValueError("`with_database` cannot hold another `with_database`")
+        if inner is not None and (nested or fused):
+            raise ValueError("a nested calibration cannot hold a `with_database`")
+        fused_cal = FusedCalibration.from_dict(d["fused"]) if d.get("fused") is not None else None
+        if fused_cal is not None and (nested or fused):
+            raise ValueError("a nested calibration cannot hold `fused`")
         if d["scoring"] not in SCORINGS:
             raise ValueError(f"`scoring` must be one of {', '.join(SCORINGS)}, not {d['scoring']!r}")
         return cls(tuple(signals), d["mean"], d["std"], d["weights"], float(d["bias"]), float(d["radius_scale"]),
                    float(d["threshold_m"]), with_database=cls.from_dict(inner, nested=True) if inner is not None
-                   else None, scoring=d["scoring"], **records)
+                   else None, scoring=d["scoring"], fused=fused_cal, **records)
+
+
+@dataclass
+class FusedCalibration:
+    """The fused hybrid's rule (dcfeat.fusion) and the confidence of its answers, fitted on a held-out split
+    against the database split it names: used where that database is searched."""
+
+    rule: FusedRule
+    confidence: Calibrator
+    database_split: str
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule.to_dict(), "confidence": self.confidence.to_dict(),
+                "database_split": self.database_split}
+
+    @classmethod
+    def from_dict(cls, d) -> FusedCalibration:
+        if not (isinstance(d, dict) and set(d) == {"rule", "confidence", "database_split"}
+                and isinstance(d["database_split"], str)):
+            raise ValueError("`fused` must hold `rule`, `confidence` and `database_split` (a split name)")
+        return cls(FusedRule.from_dict(d["rule"]), Calibrator.from_dict(d["confidence"], fused=True),
+                   d["database_split"])
 
 
 def _names(record) -> tuple[str, ...]:
@@ -514,6 +555,10 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
                                     position=rule, signals=(*SIGNALS, DATABASE_SIGNAL),
                                     fitted_on=replace(fitted_on, database_split=database.name))
             cal.with_database.gate = cal.gate
+            memory = memory_database(model, classes, M, database, db)
+            fused, confidence = fit_fused(sig, cal, memory, torch.nn.functional.normalize(q.float(), dim=1), truth,
+                                          M=M, threshold_m=threshold_m)
+            cal.fused = FusedCalibration(fused, confidence, database.name)
         return cal
     except ValueError as e:
         raise BadInput(f"split '{split.name}': {e}. Calibrate on a larger held-out split") from None
@@ -538,3 +583,73 @@ def scoring_note(calibration: Calibrator | None, scoring: str) -> str | None:
 def answer_rule(calibration: Calibrator | None) -> PositionRule:
     """How a run answers: its calibration's rule, or DEFAULT_RULE for an uncalibrated run."""
     return calibration.rule if calibration is not None else DEFAULT_RULE
+
+
+def memory_database(model: DCModel, classes: pl.DataFrame, M: float, database: Split,
+                    db: torch.Tensor | None = None) -> MemoryDatabase:
+    """A database split's photos grouped by the class each belongs to, in the model's space (`db`: the
+    split embedded by the model where the caller has it)."""
+    db = model.embed(database.embeddings) if db is None else db
+    places = places_of(database.labels)
+    row_classes, _ = classes_of(classes, M, places, label_keys(database.labels, M))
+    return MemoryDatabase(normalised(db, model.device), row_classes, places, len(classes))
+
+
+@dataclass
+class FusedAnswers:
+    """The fused hybrid's ranked answers (n, ranks), each query's candidates and their weights, the candidate
+    each rank answers, its signals (classification's and FUSED_SIGNALS), its base radius, and which queries
+    searched the whole database."""
+
+    at: Places
+    candidates: Candidates
+    weights: np.ndarray
+    index: np.ndarray
+    values: dict[str, np.ndarray]
+    base_radius_m: np.ndarray
+    fallback: np.ndarray
+    cells: np.ndarray  # (n, c): the cells each query searched (-1 none), where it did not search everywhere
+
+    @property
+    def first(self) -> Places:
+        return Places(*(np.asarray(a)[:, 0] for a in self.at))
+
+
+def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_queries: torch.Tensor,
+                  rule: FusedRule, position: PositionRule, M: float, ranks: int = 1,
+                  threshold_m: float = THRESHOLD_M) -> FusedAnswers:
+    """The fused hybrid's answers for queries with classification signals `sig` (under `position`) and
+    `confidence` (the classification confidence, for the fallback), searching `database` (see dcfeat.fusion)."""
+    scores = sig.scores
+    p = probabilities(scores.cos_top, scores.logit_scale, position.temperature)
+    cells = gate_cells(scores, position.temperature, Gate(rule.mass, TOP_K))
+    fallback = np.asarray(confidence) < rule.fallback_below
+    cand = search(database, unit_queries, cells, fallback)
+    w = weights(cand, scores.top_classes, p, rule)
+    at, index, support = answers(cand, w, rule.radius_m, ranks, threshold_m)
+    first = Places(*(np.asarray(a)[:, 0] for a in at))
+    values = {**sig.values, **fused_signals(cand, w, first, support, sig.answer)}
+    base = base_radius(photo_distances(cand, first), w, M)
+    return FusedAnswers(at, cand, w, index, values, base, fallback, cells)
+
+
+def fit_fused(sig: QuerySignals, cal: Calibrator, database, unit_queries: torch.Tensor, truth: Places, *, M: float,
+              threshold_m: float) -> tuple[FusedRule, Calibrator]:
+    """The fused hybrid's rule (dcfeat.fusion.fit_fused_rule) and its confidence, fitted on held-out queries
+    against `database` (`cal`: the classification confidence fitted on them, whose rule answers)."""
+    scores, rule = sig.scores, cal.rule
+    confidence = cal.confidence(sig.values)
+    p = probabilities(scores.cos_top, scores.logit_scale, rule.temperature)
+    none = np.zeros(len(confidence), bool)
+    searched, counts = {}, {}
+    for mass in FUSED_MASSES:
+        cells = gate_cells(scores, rule.temperature, Gate(mass, TOP_K))
+        searched[mass], counts[mass] = search(database, unit_queries, cells, none), database.counts_of(cells)
+    everywhere = search(database, unit_queries, np.full((len(none), 1), -1), ~none)
+    fused, record = fit_fused_rule(searched, everywhere, confidence, scores.top_classes, p, truth,
+                                   threshold_m=threshold_m, database_rows=len(database), candidates_of=counts)
+    out = fused_answers(sig, confidence, database, unit_queries, fused, rule, M, threshold_m=threshold_m)
+    err = metres_between(truth, out.first)
+    fitted = fit(out.values, err <= threshold_m, out.base_radius_m, err, threshold_m=threshold_m, position=rule,
+                 signals=(*SIGNALS, *FUSED_SIGNALS), fitted_on=replace(cal.fitted_on, fused_lr1=record["grid_lr1"]))
+    return fused, fitted

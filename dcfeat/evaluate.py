@@ -42,6 +42,8 @@ from dcfeat.confidence import (
     DATABASE_SIGNAL,
     DEFAULT_GATE,
     LOWER_IS_SURER,
+    FusedAnswers,
+    fused_answers,
     PROBABILITY_SIGNALS,
     TOP_K,
     Gate,
@@ -55,10 +57,12 @@ from dcfeat.confidence import (
     scoring_note,
     signals_of,
 )
+from dcfeat.confidence import memory_database as confidence_memory_database
 from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures, check_writable, writing
 from dcfeat.finetune import tuned_splits
-from dcfeat.geo import Places
+from dcfeat.geo import Places, metres_between
+from dcfeat.fusion import DEFAULT_FUSED
 from dcfeat.identity import RECORDED_ATTRS, check_features
 from dcfeat.metrics import (
     DEFAULT_KS,
@@ -246,6 +250,59 @@ def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int | None, dev
                       fallback_share=float(fallback.mean()))
 
 
+def memory_database(run: Run, db: Split, space: str, device: torch.device, cache: dict | None = None):
+    """The database's photos grouped by the class each belongs to, in the chosen space (made once per
+    evaluation with `cache`), and the time that took."""
+    if cache is not None and ("memory", space) in cache:
+        return cache[("memory", space)]
+    _, d, index_seconds = _spaces(run, db, db, space, device, cache)
+    t = time.perf_counter()
+    made = (confidence_memory_database(run.model, run.classes, run.M, db, torch.as_tensor(d).to(device)),
+            index_seconds + time.perf_counter() - t)
+    if cache is not None:
+        cache[("memory", space)] = made
+    return made
+
+
+def fused(run: Run, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected",
+          cache: dict | None = None) -> Ranking:
+    """The fused hybrid (dcfeat.fusion): the candidate cells' photos weighed by their cell's posterior and
+    their similarity, answered with the weighted centroid of the best-supported neighbourhood, under the rule
+    the run's calibration fitted against this database split (DEFAULT_FUSED, with no fallback, elsewhere)."""
+    memory, index_seconds = memory_database(run, db, space, device, cache)
+    cal = run.calibration
+    fc = cal.fused_for(db.name) if cal is not None and space == "projected" else None
+    rule = answer_rule(cal)
+    t = time.perf_counter()
+    sig = signals_of(query_scores(run.model, queries.embeddings), run.classes, M=run.M, rule=rule)
+    conf = cal.confidence(sig.values) if cal is not None else np.ones(len(queries.embeddings))
+    out = fused_answers(sig, conf, memory, _unit_queries(run, queries.embeddings, space, device),
+                        fc.rule if fc else DEFAULT_FUSED, rule, run.M, ranks=k,
+                        threshold_m=cal.threshold_m if cal else THRESHOLD_M)
+    seconds = time.perf_counter() - t
+    if cache is not None:
+        cache["fused"] = (out, fc)
+    rows = np.take_along_axis(out.candidates.rows, out.index, 1)
+    weight = np.take_along_axis(out.weights, out.index, 1)
+    return Ranking("fused", out.at.east, out.at.north, out.at.zone, out.at.letter, weight,
+                   np.where(rows >= 0, memory.order[np.maximum(rows, 0)], -1), seconds,
+                   {"space": space, "rule": (fc.rule if fc else DEFAULT_FUSED).to_dict(),
+                    "fitted": fc is not None, "database_embedding_seconds": index_seconds,
+                    "fallback_share": float(out.fallback.mean()) if len(conf) else 0.0,
+                    "mean_candidates": float(np.where(out.fallback, len(memory),
+                                                      memory.counts_of(out.cells)).mean()) if len(conf) else 0.0})
+
+
+def fused_confidence(found: FusedAnswers, fc, queries: Split) -> dict:
+    """How true the fused answers' own confidence and 90 % radius are on these queries."""
+    err = metres_between(places_of(queries.labels), found.first)
+    conf = fc.confidence.confidence(found.values)
+    right = err <= fc.confidence.threshold_m
+    radius = fc.confidence.radius_m(found.base_radius_m)
+    return {"ece": ece(conf, right), "mean_confidence": float(conf.mean()), "right": float(right.mean()),
+            "radius_90_inside": float((err <= radius).mean()), "radius_90_median_m": float(np.median(radius))}
+
+
 def score(method: Ranking, queries: Split, *, ks: tuple[int, ...], threshold_m: float):
     lab = queries.labels
     return localisation_recall(lab["utm_east"].to_numpy(), lab["utm_north"].to_numpy(), lab["utm_zone"].to_numpy(),
@@ -286,7 +343,7 @@ def default_modes(database_split, run: Run) -> tuple[str, ...]:
     """Every mode the inputs allow: the adaptive hybrid only for a calibrated run."""
     if not database_split:
         return ("classify",)
-    return ("classify", "retrieve", "hybrid") + (("adaptive",) if run.calibration is not None else ())
+    return ("classify", "retrieve", "hybrid", "fused") + (("adaptive",) if run.calibration is not None else ())
 
 
 def assess_confidence(run: Run, queries: Split, *, threshold_m: float, retrieval_top1: Places | None = None,
@@ -388,12 +445,16 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
             return [retrieve(run, split, database, k, dev, space, cache)]
         if mode == "hybrid":
             return [hybrid(run, split, database, k, cells, dev, space, scoring, cache)]
+        if mode == "fused":
+            return [fused(run, split, database, k, dev, space, cache)]
         return [adaptive(run, split, database, k, cells, dev, space, cache)]
 
     for mode in modes:
         methods.extend(_timed(lambda split, mode=mode: run_mode(mode, split), queries, repeats))
     n = queries.embeddings.shape[0]
     results, report_methods = _recall(methods, queries, ks=ks, threshold_m=threshold_m)
+    if "fused" in cache and cache["fused"][1] is not None and len(queries.labels):
+        report_methods["fused"]["confidence"] = fused_confidence(cache["fused"][0], cache["fused"][1], queries)
     retrieved = next((m for m in methods if m.name == "retrieve"), None)
     section, plots = None, {}  # the confidence is fitted and measured for cosine answers only
     if scoring == "cosine":

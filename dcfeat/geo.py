@@ -50,6 +50,10 @@ class Places:
     zone: np.ndarray
     letter: np.ndarray
 
+    def __iter__(self):
+        """east, north, zone, letter: `Places(*(f(a) for a in places))` maps every array."""
+        return iter((self.east, self.north, self.zone, self.letter))
+
 
 def is_northern(letter) -> np.ndarray:
     """Per UTM band letter (upper or lower case): True north of the equator (N..X)."""

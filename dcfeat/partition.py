@@ -17,7 +17,7 @@ import polars as pl
 
 from dcfeat.choices import DEFAULT_M, DEFAULT_N, MIN_IMAGES_PER_CLASS
 from dcfeat.errors import BadInput
-from dcfeat.geo import UTM_LETTERS, Places, is_northern
+from dcfeat.geo import UTM_LETTERS, Places, is_northern, metres_between
 
 # Bits of p and of q in a cell key: ±2^27 cells reach past 10,000 km at M = 0.1 m.
 _CELL_BITS = 28
@@ -270,3 +270,34 @@ def label_keys(labels: pl.DataFrame, M: float) -> np.ndarray:
     return cell_keys(labels["utm_zone"].to_numpy(), labels["utm_letter"].to_numpy(),
                      labels["utm_east"].to_numpy(), labels["utm_north"].to_numpy(), M)
 
+
+
+def classes_of(classes: pl.DataFrame, M: float, places: Places, keys: np.ndarray | None = None,
+               chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The class each place belongs to (n,), and whether that is its own cell (n,): a place whose cell is a
+    class belongs to it; any other to the class whose centre is nearest, in its own UTM zone and hemisphere
+    (another zone's only where its own has none, compared on the place's plane). `keys`: the places'
+    `cell_keys` where the caller has them."""
+    zone, letter = np.asarray(places.zone), np.asarray(places.letter)
+    east, north = np.asarray(places.east, np.float64), np.asarray(places.north, np.float64)
+    if keys is None:
+        keys = cell_keys(zone, letter, east, north, M)
+    ckeys = class_keys(classes, M)
+    order = np.argsort(ckeys, kind="stable")
+    at = np.searchsorted(ckeys[order], keys).clip(max=max(len(ckeys) - 1, 0))
+    own = (ckeys[order][at] == keys) if len(ckeys) else np.zeros(len(keys), bool)
+    out = np.where(own, order[at] if len(ckeys) else 0, -1).astype(np.int64)
+    outside = np.flatnonzero(~own)
+    if len(outside) and len(ckeys):
+        centres = centres_of(classes, np.arange(len(classes)))
+        plane = zone.astype(np.int64) * 2 + is_northern(letter)
+        c_plane = np.asarray(centres.zone).astype(np.int64) * 2 + is_northern(centres.letter)
+        for lo in range(0, len(outside), chunk):
+            rows = outside[lo:lo + chunk]
+            # Metres on each place's own plane (geo's policy), centres of other planes re-expressed there.
+            d = metres_between(Places(east[rows], north[rows], zone[rows], letter[rows]),
+                               Places(*(np.broadcast_to(np.asarray(a), (len(rows), len(classes)))
+                                        for a in centres)))
+            d = d + np.where(c_plane[None, :] == plane[rows, None], 0.0, 1e12)  # its own plane first
+            out[rows] = d.argmin(1)
+    return out, own

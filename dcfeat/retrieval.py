@@ -241,3 +241,66 @@ def topk_in_cells(queries: torch.Tensor, database: torch.Tensor, index: CellInde
             out_s[qs:qs + block, :kk] = top_s
             out_i[qs:qs + block, :kk] = torch.where(torch.isneginf(top_s), -1, rows.gather(1, top_p))
     return out_s.cpu().numpy(), out_i.cpu().numpy()
+
+
+class MemoryDatabase:
+    """Database photos in memory, sorted by the class each belongs to (`row_classes`, from
+    dcfeat.partition.classes_of): unit rows, their places, and the search the hybrids make."""
+
+    def __init__(self, unit: torch.Tensor, row_classes: np.ndarray, places, classes: int):
+        order = np.argsort(row_classes, kind="stable")
+        counts = np.bincount(row_classes, minlength=classes)
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        self.counts = counts.astype(np.int64)
+        self.order = order  # sorted row → original row
+        self.unit = unit[torch.from_numpy(order).to(unit.device)]
+        self.row_classes = np.asarray(row_classes)[order]
+        self._places = type(places)(*(np.asarray(a)[order] for a in places))
+
+    def __len__(self) -> int:
+        return len(self.unit)
+
+    def search(self, queries: torch.Tensor, cells, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows (sorted order) by cosine for each query among the rows of its cells (n, c; -1 none):
+        each cell's rows, contiguous, scored once per block against every query that names it."""
+        cells = np.asarray(cells, np.int64)
+        n = len(cells)
+        out_s, out_i = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
+        with torch.inference_mode():
+            for lo in range(0, n, block):
+                c = cells[lo:lo + block]
+                cnt = np.where(c >= 0, self.counts[np.maximum(c, 0)], 0)
+                width = int(cnt.sum(1).max()) if len(c) else 0
+                if width == 0:
+                    continue
+                offset = np.cumsum(cnt, axis=1) - cnt
+                q_idx, slot = np.nonzero(cnt > 0)
+                cell = c[q_idx, slot]
+                order = np.argsort(cell, kind="stable")
+                q_idx, cell, off = q_idx[order], cell[order], offset[q_idx, slot][order]
+                bounds = np.flatnonzero(np.diff(cell)) + 1
+                buf = torch.full((len(c), width), -torch.inf)
+                rows = torch.full((len(c), width), -1, dtype=torch.int64)
+                qb = queries[lo:lo + block].float()
+                for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(cell)]])):
+                    cl, qs = cell[a], torch.from_numpy(q_idx[a:b])
+                    s0, m = int(self.starts[cl]), int(self.counts[cl])
+                    sims = qb[qs] @ self.unit[s0:s0 + m].float().T
+                    cols = torch.from_numpy(off[a:b])[:, None] + torch.arange(m)
+                    buf[qs[:, None], cols] = sims
+                    rows[qs[:, None], cols] = torch.arange(s0, s0 + m)
+                kk = min(k, width)
+                top_s, top_p = torch.topk(buf, kk, dim=1)
+                out_s[lo:lo + len(c), :kk] = top_s.numpy()
+                out_i[lo:lo + len(c), :kk] = torch.where(torch.isneginf(top_s), -1, rows.gather(1, top_p)).numpy()
+        return out_s, out_i
+
+    def search_all(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return topk_cosine(queries, self.unit, k, device=self.unit.device, normalize=False)
+
+    def counts_of(self, cells) -> np.ndarray:
+        cells = np.asarray(cells, np.int64)
+        return np.where(cells >= 0, self.counts[np.maximum(cells, 0)], 0).sum(1)
+
+    def places(self, rows: np.ndarray):
+        return type(self._places)(*(np.asarray(a)[rows] for a in self._places))

@@ -27,7 +27,7 @@ def test_all_modes_side_by_side(evaluated):
     for word in ("classify", "retrieve (projected)", "hybrid (projected)", "LR@1", "LR@20", "ms/query", "coverage"):
         assert word in output
     report = json.loads((out / "report.json").read_text())
-    assert set(report["methods"]) == {"classify", "classify-centre", "retrieve", "hybrid", "adaptive"}  # a calibrated run
+    assert set(report["methods"]) == {"classify", "classify-centre", "retrieve", "hybrid", "fused", "adaptive"}  # a calibrated run
     for m in report["methods"].values():
         assert set(m["recall"]) == {"1", "5", "10", "20"} and m["queries_per_s"] > 0
         assert m["recall"]["1"] <= m["recall"]["5"] <= m["recall"]["20"]

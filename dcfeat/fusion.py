@@ -1,0 +1,264 @@
+"""The fused hybrid: one answer from both signals, classification's cell posterior and the database photos' similarity.
+
+D&C's hybrid searches the database photos of the query's top cells and answers with the nearest one,
+throwing away what classification knew. Here each candidate photo (the `CANDIDATES` most similar in
+the candidate cells: the fewest top cells holding a share `mass` of the probability) is weighed by a
+softmax of its cosine at `temperature`, times its cell's posterior to the power `posterior`:
+
+    w_j ∝ exp(cos_j / temperature) · P(cell_j) ** posterior
+
+(a photo whose cell is not one of the query's top cells has the posterior floor FLOOR). The answer is
+the weighted centroid of the best-supported neighbourhood: of every candidate, the one whose
+`radius_m` disc holds the most weight; the centroid of the candidates in that disc. It is the position
+rule of dcfeat.positions with photos, whose places are exact, in place of cell centres. Ranked answers
+stay distinct the same way (`positions.ranked`): each next rank is the candidate photo that covers the
+most weight not yet within the threshold of an answer above it.
+
+Queries whose classification confidence is below `fallback_below` search every database photo instead
+of their cells' (classification cannot say where they are: a city with few class cells sends most of
+its queries there, a dense one few).
+
+The rule is fitted on a held-out split against a database (`fit_fused_rule`: the grid's best LR@1 at
+the threshold, then the fewest whole-database searches within FALLBACK_TOLERANCE of it), with its own
+confidence (`fused_signals`: classification's signals and the support of the answer's neighbourhood).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dcfeat.choices import THRESHOLD_M
+from dcfeat.geo import Places, best_zone, metres_between, on_plane
+
+# Candidate photos weighed per query: the most similar of its candidate cells (or of the database).
+CANDIDATES = 32
+# The posterior of a candidate photo whose cell is not among the query's top cells.
+FLOOR = 1e-6
+# Searched on the held-out split.
+TEMPERATURES = (0.03, 0.05, 0.1)
+POSTERIOR_WEIGHTS = (0.0, 0.5, 1.0)
+RADII_M = (25.0, 40.0, 60.0)
+MASSES = (0.7, 0.9, 0.99)
+# Shares of the held-out queries, least confident first, that search the whole database.
+FALLBACK_SHARES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+# LR@1 on the held-out split given up for fewer whole-database searches (they cost the database's size).
+FALLBACK_TOLERANCE = 0.005
+# Signals of the fused answer's confidence (besides classification's): the share of the weight in the
+# answer's neighbourhood, the best candidate's cosine, and metres from classification's position.
+FUSED_SIGNALS = ("fused_support", "fused_cosine", "fused_offset_m")
+
+
+@dataclass(frozen=True)
+class FusedRule:
+    """How the fused answer weighs candidate photos (see the module docstring)."""
+
+    temperature: float = 0.05
+    posterior: float = 0.5
+    radius_m: float = 40.0
+    mass: float = 0.9
+    # Confidence below which a query searches the whole database (0: never; above 1: always).
+    fallback_below: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FusedRule:
+        """From `to_dict`'s object; ValueError naming what is wrong."""
+        if not isinstance(d, dict) or set(d) != {f for f in asdict(cls())}:
+            raise ValueError(f"`fused.rule` must hold {', '.join(asdict(cls()))}, not {d!r}")
+        for name, v in d.items():
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ValueError(f"`fused.rule.{name}` must be a finite number, not {v!r}")
+        if d["temperature"] <= 0 or d["posterior"] < 0 or d["radius_m"] < 0 or not 0 < d["mass"] <= 1:
+            raise ValueError("`fused.rule` needs temperature > 0, posterior >= 0, radius_m >= 0 and 0 < mass <= 1")
+        return cls(**{k: float(v) for k, v in d.items()})
+
+
+DEFAULT_FUSED = FusedRule()
+
+
+@dataclass
+class Candidates:
+    """Each query's candidate photos (n, R), most similar first: their cosines (-inf past the candidates),
+    database rows (-1 there), the class their cell belongs to, and their places (NaN there)."""
+
+    cosine: np.ndarray
+    rows: np.ndarray
+    cells: np.ndarray
+    places: Places
+
+    def where(self, mask: np.ndarray, other: Candidates) -> Candidates:
+        """These candidates, and `other`'s for the queries of `mask` (both (n, R))."""
+        pick = lambda a, b: np.where(mask[:, None], b, a)  # noqa: E731
+        return Candidates(pick(self.cosine, other.cosine), pick(self.rows, other.rows), pick(self.cells, other.cells),
+                          Places(*(pick(a, b) for a, b in zip(self.places, other.places))))
+
+
+def weights(candidates: Candidates, top_classes: np.ndarray, p: np.ndarray, rule: FusedRule) -> np.ndarray:
+    """Each candidate photo's weight (n, R), summing to 1 per query (0 past the candidates): a softmax of its
+    cosine at the rule's temperature times its cell's posterior (p over the query's top cells) to the
+    rule's power."""
+    cells = candidates.cells
+    post = np.zeros(cells.shape)
+    for j in range(top_classes.shape[1]):  # k columns; (n, R, k) at once would be large
+        post += np.where(cells == top_classes[:, j:j + 1], p[:, j:j + 1], 0.0)
+    valid = candidates.rows >= 0
+    logw = np.where(valid, candidates.cosine.astype(np.float64) / rule.temperature
+                    + rule.posterior * np.log(np.maximum(post, FLOOR)), -np.inf)
+    top = np.max(logw, axis=1, keepdims=True) if logw.size else logw
+    w = np.where(valid, np.exp(logw - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    total = w.sum(1, keepdims=True)
+    return w / np.where(total > 0, total, 1.0)
+
+
+def _plane(candidates: Candidates) -> tuple[np.ndarray, np.ndarray, Places]:
+    """The candidates' east and north on the plane of each query's best candidate, and the candidates with
+    padding (NaN places) moved far away so that no disc reaches them."""
+    places = candidates.places
+    east, north = on_plane(places, *best_zone(places))
+    far = ~(np.isfinite(east) & np.isfinite(north))
+    east, north = np.where(far, 1e12, east), np.where(far, 1e12, north)
+    return east, north, Places(east, north, np.asarray(places.zone), np.asarray(places.letter))
+
+
+def answers(candidates: Candidates, w: np.ndarray, radius_m: float, ranks: int = 1,
+            threshold_m: float = THRESHOLD_M) -> tuple[Places, np.ndarray, np.ndarray]:
+    """The ranked answers (n, ranks), the candidate each answers (n, ranks: its column), and the weight of
+    rank 1's neighbourhood (n,). Rank 1 is the centroid of the best-supported `radius_m` disc; each next
+    rank the candidate photo whose `threshold_m` disc holds the most weight not yet within `threshold_m`
+    of an answer above it (a photo's place is exact: no spread, unlike cell centres). A query with no
+    candidate answers nothing (NaN); ranks past its distinct candidates repeat its last answer."""
+    n, r = w.shape
+    ranks = max(1, min(ranks, r))
+    east, north, places = _plane(candidates)
+    support = np.zeros(n)
+    index = np.zeros((n, ranks), np.int64)
+    at_e, at_n = np.full((n, ranks), np.nan), np.full((n, ranks), np.nan)
+    chunk = max(1, 1_000_000 // max(1, r * r))
+    for lo in range(0, n, chunk):
+        e, no, ww = east[lo:lo + chunk], north[lo:lo + chunk], w[lo:lo + chunk]
+        m, rows = len(e), np.arange(len(e))
+        d2 = (e[:, :, None] - e[:, None, :]) ** 2 + (no[:, :, None] - no[:, None, :]) ** 2
+        near = (d2 <= radius_m ** 2 + 1e-6).astype(np.float64)
+        held = np.matmul(near, ww[:, :, None])[:, :, 0]  # (m, R): the weight of each candidate's disc
+        b = held.argmax(1)
+        inside = near[rows, b] * ww
+        total = inside.sum(1)
+        ok = total > 0
+        fe = np.where(ok, (inside * e).sum(1) / np.where(ok, total, 1), np.nan)
+        fn = np.where(ok, (inside * no).sum(1) / np.where(ok, total, 1), np.nan)
+        support[lo:lo + m], index[lo:lo + m, 0] = held[rows, b], b
+        at_e[lo:lo + m, 0], at_n[lo:lo + m, 0] = fe, fn
+        if ranks == 1:
+            continue
+        reach = (d2 <= threshold_m ** 2 + 1e-6).astype(np.float64)
+        open_ = ((e - fe[:, None]) ** 2 + (no - fn[:, None]) ** 2 > threshold_m ** 2) & (ww > 0)
+        used = ~(ww > 0)
+        last = b
+        for k in range(1, ranks):
+            gain = np.matmul(reach, (ww * open_)[:, :, None])[:, :, 0]
+            pick = np.where(used, -np.inf, gain).argmax(1)
+            fresh = ~used[rows, pick]
+            last = np.where(fresh, pick, last)
+            used[rows, pick] = True
+            open_ &= ~(reach[rows, last] > 0)
+            index[lo:lo + m, k] = last
+            at_e[lo:lo + m, k] = np.where(fresh, e[rows, last], at_e[lo:lo + m, k - 1])
+            at_n[lo:lo + m, k] = np.where(fresh, no[rows, last], at_n[lo:lo + m, k - 1])
+    zone = np.broadcast_to(np.asarray(places.zone)[:, :1], (n, ranks))
+    letter = np.broadcast_to(np.asarray(places.letter)[:, :1], (n, ranks))
+    return Places(at_e, at_n, zone, letter), index, support
+
+
+def fused_signals(candidates: Candidates, w: np.ndarray, at: Places, support: np.ndarray,
+                  position: Places) -> dict[str, np.ndarray]:
+    """FUSED_SIGNALS of each query's fused answer `at` (its rank 1, (n,)); `position` is classification's."""
+    offset = metres_between(position, at) if len(support) else np.zeros(0)
+    best = candidates.cosine[:, 0] if candidates.cosine.shape[1] else np.full(len(support), -1.0)
+    return {"fused_support": support, "fused_cosine": np.where(np.isfinite(best), best, -1.0).astype(np.float64),
+            "fused_offset_m": np.nan_to_num(offset, nan=1e6, posinf=1e6)}
+
+
+def photo_distances(candidates: Candidates, at: Places) -> np.ndarray:
+    """Metres from each query's answer (n,) to each of its candidate photos (n, R); padding infinitely far."""
+    return metres_between(at, candidates.places) if len(at.east) else np.zeros(candidates.rows.shape)
+
+
+def fit_fused_rule(searched: dict[float, Candidates], everywhere: Candidates, confidence: np.ndarray,
+                   top_classes: np.ndarray, p: np.ndarray, truth: Places, *, threshold_m: float,
+                   database_rows: int, candidates_of: dict[float, np.ndarray]) -> tuple[FusedRule, dict]:
+    """The rule whose rank-1 answers are right (within `threshold_m`) most often on held-out queries, and then
+    the fewest whole-database searches within FALLBACK_TOLERANCE of that; with the grid's figures, for the
+    record. `searched[mass]`: the queries' candidates in the cells of that gate; `everywhere`: in the whole
+    database; `confidence`: classification's calibrated confidence; `p`: the top cells' probabilities at the
+    position rule's temperature; `candidates_of[mass]`: database rows each query's cells hold."""
+    n = len(confidence)
+    right = {}
+    for mass, temperature, posterior, radius in itertools.product(sorted(searched), TEMPERATURES, POSTERIOR_WEIGHTS,
+                                                                  RADII_M):
+        rule = FusedRule(temperature, posterior, radius, mass)
+        for where, cand in (("cells", searched[mass]), ("everywhere", everywhere)):
+            at = answers(cand, weights(cand, top_classes, p, rule), radius, 1)[0]
+            dist = metres_between(truth, Places(at.east[:, 0], at.north[:, 0], at.zone[:, 0], at.letter[:, 0]))
+            right[(mass, temperature, posterior, radius, where)] = dist <= threshold_m
+    order = np.argsort(confidence, kind="stable")
+    grid = {}
+    for (mass, temperature, posterior, radius, where), ok in right.items():
+        if where != "cells":
+            continue
+        wide = right[(mass, temperature, posterior, radius, "everywhere")]
+        for share in FALLBACK_SHARES:
+            fallback = np.zeros(n, bool)
+            fallback[order[:int(round(share * n))]] = True
+            lr1 = float(np.where(fallback, wide, ok).mean()) if n else 0.0
+            cost = float(np.where(fallback, database_rows, candidates_of[mass]).mean()) if n else 0.0
+            grid[(mass, temperature, posterior, radius, share)] = (lr1, cost)
+    top = max(v[0] for v in grid.values())
+    best = min((key for key, v in grid.items() if v[0] >= top - FALLBACK_TOLERANCE - 1e-12),
+               key=lambda key: (grid[key][1], -grid[key][0], key))
+    mass, temperature, posterior, radius, share = best
+    below = _fallback_threshold(confidence[order], share)
+    record = {"lr1": grid[best][0], "best_lr1": top, "mean_candidates": grid[best][1], "fallback_share": share,
+              "grid_lr1": {f"q {k[0]:g}, T {k[1]:g}, a {k[2]:g}, {k[3]:g} m, fallback {k[4]:g}": v[0]
+                           for k, v in grid.items() if k[4] in (0.0, share)}}
+    return FusedRule(temperature, posterior, radius, mass, below), record
+
+
+def _fallback_threshold(sorted_confidence: np.ndarray, share: float) -> float:
+    """The confidence below which `share` of these (ascending) confidences lie: midway between the last one in
+    and the first one out; 0 for none, above every confidence (2) for all."""
+    n = len(sorted_confidence)
+    m = int(round(share * n))
+    if m == 0:
+        return 0.0
+    if m >= n:
+        return 2.0
+    return float((sorted_confidence[m - 1] + sorted_confidence[m]) / 2)
+
+
+def search(database, queries, cells: np.ndarray, fallback: np.ndarray, k: int = CANDIDATES) -> Candidates:
+    """Each query's `k` most similar photos (unit `queries`, (n, D)) among the rows of its `cells` (n, c; -1
+    none), or of the whole database for the queries of `fallback` (n,)."""
+    cells = np.where(fallback[:, None], -1, cells)
+    cosine, rows = database.search(queries, cells, k)
+    if fallback.any():
+        import torch
+        wide_s, wide_r = database.search_all(queries[torch.as_tensor(fallback)], k)
+        cosine[fallback], rows[fallback] = -np.inf, -1
+        cosine[fallback, :wide_s.shape[1]], rows[fallback, :wide_r.shape[1]] = wide_s, wide_r
+    return candidates_of(database, cosine, rows)
+
+
+def candidates_of(database, cosine: np.ndarray, rows: np.ndarray) -> Candidates:
+    """Candidates from a search's cosines and rows (n, R; -1 none)."""
+    valid = rows >= 0
+    safe = np.where(valid, rows, 0)
+    places = database.places(safe)
+    pad = lambda a, fill: np.where(valid, a, fill)  # noqa: E731
+    return Candidates(np.where(valid, cosine, -np.inf), rows, np.where(valid, database.row_classes[safe], -1),
+                      Places(pad(places.east, np.nan), pad(places.north, np.nan), places.zone, places.letter))
