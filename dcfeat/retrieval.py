@@ -40,7 +40,10 @@ def _compute_dtype(source: Array, device: torch.device) -> torch.dtype:
 
 
 def _to_tensor(block: Array, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(block))
+    if not isinstance(block, torch.Tensor):
+        block = np.ascontiguousarray(block)
+        # A read-only memory map's slice is a view of the file: torch wants memory it may write.
+        block = torch.from_numpy(block if block.flags.writeable else block.copy())
     return block.to(device=device, dtype=dtype)
 
 
