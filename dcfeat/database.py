@@ -183,13 +183,17 @@ class CellDatabase:
 
     # --- in memory ----------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, embeddings: torch.Tensor | np.ndarray, rows: NewRows, *, num_classes: int, space: str,
-              built_for: dict) -> CellDatabase:
-        """A one-segment database in memory (on the embeddings' device) from unit rows in source order
-        (`rows.chunks` unused): sorted by class as a written one is, and searched the same way."""
-        embeddings = torch.as_tensor(embeddings)
+    def build(cls, rows: NewRows, *, num_classes: int, space: str, built_for: dict,
+              device: str | torch.device = "cpu") -> CellDatabase:
+        """A one-segment database in memory on `device`, from `rows` (their chunks of unit rows read whole):
+        sorted by class as a written one is, and searched the same way."""
+        chunks = [torch.as_tensor(np.asarray(c) if not isinstance(c, torch.Tensor) else c).to(device, torch.float16)
+                  for c in rows.chunks]
+        if not chunks:
+            raise ValueError("a database needs rows: the caller refuses an empty split")
+        embeddings = torch.cat(chunks)
         order = _sorted_order(rows.classes)
-        emb = embeddings[torch.as_tensor(order).to(embeddings.device)].to(torch.float16)
+        emb = embeddings[torch.as_tensor(order).to(embeddings.device)]
         table = _table(rows, order)
         starts, counts = _ranges(table["class"].to_numpy(), num_classes)
         header = _header(num_classes, space, built_for, emb.shape[1], [_entry("000000", rows, table)])

@@ -22,6 +22,7 @@ resuming, clearing, `runs/latest`) is dcfeat.resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -46,11 +47,12 @@ from dcfeat.atomic import (
 )
 from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
+from dcfeat.database import NewRows, unit_rows
 from dcfeat.errors import BadInput, DamagedRun, first_line, is_not_writable, writing
 from dcfeat.geo import UTM_LETTERS
-from dcfeat.identity import with_defaults
+from dcfeat.identity import IDENTITY_ATTRS, weights_fingerprint, with_defaults
 from dcfeat.model import DCModel
-from dcfeat.partition import cell_centre, group_of, load_classes, save_classes
+from dcfeat.partition import assign_classes, cell_centre, class_keys, group_of, load_classes, save_classes
 from dcfeat.presets import TrainConfig
 
 MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
@@ -550,3 +552,29 @@ def record_evaluation(directory: Path, split: str, plan_id: str | None, store: s
     except OSError as e:  # a run folder nobody can write: nobody can calibrate it there either
         if not is_not_writable(e):
             raise
+
+
+def database_identity(run: Run, space: str) -> dict:
+    """What a database searched with this run must have been built for (dcfeat.database's `built_for`): the
+    run's cells (M and every class's cell, in class order: the class ids rows are filed under), its features'
+    identity, the space, and in the projected space the projection's weights (the kept epoch's or the last's).
+    A copy of the run elsewhere is the same run: no path is part of it."""
+    keys = class_keys(run.classes, run.M)
+    digest = hashlib.sha256(f"M={run.M!r}\n".encode() + keys.astype("<i8").tobytes()).hexdigest()[:16]
+    features = run.feature_identity
+    projection = (weights_fingerprint("projection", run.model.projection.state_dict()) if space == "projected"
+                  else None)
+    return {"classes_digest": digest, "classes": len(run.classes), "M": run.M, "space": space,
+            "projection": projection, **{k: features.get(k) for k in IDENTITY_ATTRS}}
+
+
+def database_rows(run: Run, labels: pl.DataFrame, features, space: str, source: dict | None = None) -> NewRows:
+    """A split's rows as a database built with this run files them: each under its own cell's class, or the
+    nearest class's where its cell is none (`assign_classes`), with its unit embedding in `space` made chunk by
+    chunk from `features` (chunks of the split's features in row order), as `DCModel.embed` chunks them."""
+    classes, outside, metres = assign_classes(run.classes, labels, run.M)
+    chunks = (unit_rows(run.model.embed(x) if space == "projected" else torch.as_tensor(np.asarray(x)))
+              for x in features)
+    return NewRows(classes, outside, labels.select("row", "image_id", "utm_east", "utm_north", "utm_zone",
+                                                   "utm_letter"), chunks, source or {},
+                   float(metres.max()) if len(metres) else 0.0)
