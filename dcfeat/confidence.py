@@ -48,12 +48,13 @@ import polars as pl
 import torch
 
 from dcfeat.choices import SCORINGS
+from dcfeat.database import CellDatabase, unit_rows
 from dcfeat.errors import BadInput
 from dcfeat.geo import Places, metres_between
 from dcfeat.model import SCORE_CHUNK, DCModel, Scores
-from dcfeat.partition import centres_of, class_keys, label_keys, places_of
+from dcfeat.partition import centres_of, filed_rows, places_of
 from dcfeat.positions import CENTRE, DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
-from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
+from dcfeat.retrieval import topk_cosine
 from dcfeat.store import Split
 
 SIGNALS = ("top1_cosine", "margin", "group_probability", "softmax_probability", "entropy", "spread", "offset_m",
@@ -393,19 +394,18 @@ def fit_gate(model: DCModel, classes: pl.DataFrame, M: float, sig: QuerySignals,
     """The gate whose hybrid answers held-out queries best (LR@1 at the threshold; fewer database images
     searched on ties), and per mass its LR@1 and mean candidates, for the record. `q`, `db`: the queries
     and the database embedded by the model."""
-    device = model.device
-    unit_db = normalised(db, device)
-    index = CellIndex.build(class_keys(classes, M), label_keys(database.labels, M), device)
+    # Searched as the hybrid searches it: the database filed under the cells in memory (dcfeat.database).
+    searched = CellDatabase.build(filed_rows(classes, M, database.labels, [unit_rows(db)]), num_classes=len(classes),
+                                  space="projected", built_for={}, device=model.device)
     q = torch.nn.functional.normalize(q.float(), dim=1)
     truth = places_of(queries.labels)
     grid = {}
     for mass in GATE_MASSES:
         gate = {"mass": mass, "cap": TOP_K}
         cells = gate_cells(sig.scores, rule.temperature, gate)
-        rows = topk_in_cells(q, unit_db, index, cells, 1)[1][:, 0]
-        found = places_of(database.labels, np.where(rows >= 0, rows, 0))
-        right = np.where(rows >= 0, metres_between(truth, found) <= threshold_m, False)
-        grid[mass] = (float(right.mean()), float(index.counts_of(cells).sum(1).double().mean()))
+        rows = searched.search(q, cells, 1)[1][:, 0]
+        right = metres_between(truth, searched.places(rows)) <= threshold_m  # no row found: NaN, never right
+        grid[mass] = (float(right.mean()), float(searched.counts_of(cells).sum(1).mean()))
     best = max(grid, key=lambda m: (grid[m][0], -grid[m][1]))
     return {"mass": best, "cap": TOP_K}, {f"{m:g}": {"lr1": v[0], "mean_candidates": v[1]} for m, v in grid.items()}
 

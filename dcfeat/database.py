@@ -435,9 +435,12 @@ def _write_segment(folder: Path, rows: NewRows, dim: int) -> pl.DataFrame:
 
 
 def _clear_leftovers(final: Path) -> None:
-    """What killed writers left beside `final`: their temporary folders."""
+    """What killed writers left beside `final`: their temporary files and folders."""
     for tmp in leftover_tmp_files(final):
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def create(path: Path, rows: NewRows, *, num_classes: int, space: str, built_for: dict, dim: int) -> CellDatabase:
@@ -472,6 +475,7 @@ def append(path: Path, rows: NewRows, *, dim: int) -> CellDatabase:
             return CellDatabase.open(path)
         name = f"{len(header['segments']):06d}"
         folder = path / SEGMENTS
+        _clear_leftovers(path / MANIFEST)
         listed = {e["name"] for e in header["segments"]}
         for stale in folder.iterdir():  # a killed add's segment, renamed in but never listed
             if stale.name not in listed:

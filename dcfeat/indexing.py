@@ -13,14 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dcfeat.database import CellDatabase, create, read_manifest
+from dcfeat.database import CellDatabase, create, read_manifest, unit_rows
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, check_writable, writing
 from dcfeat.identity import check_features
 from dcfeat.model import EMBED_CHUNK
+from dcfeat.partition import filed_rows
 from dcfeat.progress import progress_bar
 from dcfeat.resume import run_lock
-from dcfeat.run import Run, database_identity, database_rows, load_run
+from dcfeat.run import Run, database_identity, load_run
 from dcfeat.sampling import check_finite, read_rows
 from dcfeat.store import read_split, split_info
 
@@ -66,7 +67,7 @@ def _rows(run: Run, store: Path, split: str, space: str, progress: bool):
                 yield x
                 advance(len(x))
 
-    return database_rows(run, data.labels, features(), space, source)
+    return filed_rows(run.classes, run.M, data.labels, (unit_rows(run.model.embedded(x, space)) for x in features()), source)
 
 
 def _open_run(run_dir: Path, device: str) -> Run:

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from dcfeat.choices import DEFAULT_M, DEFAULT_N, MIN_IMAGES_PER_CLASS
+from dcfeat.database import NewRows
 from dcfeat.errors import BadInput
 from dcfeat.geo import UTM_LETTERS, Places, is_northern, metres_between
 
@@ -346,3 +347,12 @@ def assign_classes(classes: pl.DataFrame, labels: pl.DataFrame, M: float) -> tup
             nearest[i], far[i] = int(np.argmin(d)), float(d.min())
     ids[outside], metres[outside] = nearest[inverse], far[inverse]
     return ids, outside, metres
+
+
+def filed_rows(classes: pl.DataFrame, M: float, labels: pl.DataFrame, chunks, source: dict | None = None) -> NewRows:
+    """A split's rows as a database files them under these classes (`assign_classes`): `labels` a split's
+    label table, `chunks` their unit embeddings in row order (dcfeat.database.unit_rows), read as the writer
+    asks for them."""
+    ids, outside, metres = assign_classes(classes, labels, M)
+    return NewRows(ids, outside, labels.select("row", "image_id", "utm_east", "utm_north", "utm_zone", "utm_letter"),
+                   chunks, source or {}, float(metres.max()) if len(metres) else 0.0)

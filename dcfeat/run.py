@@ -47,12 +47,11 @@ from dcfeat.atomic import (
 )
 from dcfeat.choices import CROPS, DESCRIPTOR_POOLING, HEADS, NO_POOLING, POOLINGS, TEST_PROTOTYPES, UNKNOWN_CROP
 from dcfeat.confidence import Calibrator
-from dcfeat.database import NewRows, unit_rows
 from dcfeat.errors import BadInput, DamagedRun, first_line, is_not_writable, writing
 from dcfeat.geo import UTM_LETTERS
 from dcfeat.identity import IDENTITY_ATTRS, weights_fingerprint, with_defaults
 from dcfeat.model import DCModel
-from dcfeat.partition import assign_classes, cell_centre, class_keys, group_of, load_classes, save_classes
+from dcfeat.partition import cell_centre, class_keys, group_of, load_classes, save_classes
 from dcfeat.presets import TrainConfig
 
 MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
@@ -567,14 +566,3 @@ def database_identity(run: Run, space: str) -> dict:
     return {"classes_digest": digest, "classes": len(run.classes), "M": run.M, "space": space,
             "projection": projection, **{k: features.get(k) for k in IDENTITY_ATTRS}}
 
-
-def database_rows(run: Run, labels: pl.DataFrame, features, space: str, source: dict | None = None) -> NewRows:
-    """A split's rows as a database built with this run files them: each under its own cell's class, or the
-    nearest class's where its cell is none (`assign_classes`), with its unit embedding in `space` made chunk by
-    chunk from `features` (chunks of the split's features in row order), as `DCModel.embed` chunks them."""
-    classes, outside, metres = assign_classes(run.classes, labels, run.M)
-    chunks = (unit_rows(run.model.embed(x) if space == "projected" else torch.as_tensor(np.asarray(x)))
-              for x in features)
-    return NewRows(classes, outside, labels.select("row", "image_id", "utm_east", "utm_north", "utm_zone",
-                                                   "utm_letter"), chunks, source or {},
-                   float(metres.max()) if len(metres) else 0.0)

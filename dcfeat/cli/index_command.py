@@ -44,5 +44,5 @@ def index(run_dir, feats, split, out, space, add, device, no_progress):
     stdout.print(f"{'added' if add else 'indexed'} {result.added:,} photos of '{split}' "
                  f"({result.outside:,} outside every class cell, filed under the nearest); database {out}: "
                  f"{db.rows:,} rows in {db.cells():,} cells, {len(db.segments)} segment(s), {db.space}, "
-                 f"{db.dim} dims", highlight=False)
+                 f"{db.dim} dims", highlight=False, soft_wrap=True)
     warn(result.warnings)

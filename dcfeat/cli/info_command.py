@@ -25,7 +25,7 @@ def info(store, show_failures, verify):
     from dcfeat.verify import verify_store
 
     if (store / MANIFEST).is_file():
-        stdout.print(database_lines(CellDatabase.open(store)), highlight=False)
+        stdout.print(database_lines(CellDatabase.open(store)), highlight=False, soft_wrap=True)
         return
     if store.is_dir():
         run, checked = verified_run(store)

@@ -45,7 +45,7 @@ def recall_table(report: dict, *, what: str = "") -> Table:
     if report.get("scoring", "cosine") != "cosine":
         title += f", cells ranked by {report['scoring']}"
     if report.get("database_rows"):
-        title += f", database {report['database_split']} ({report['database_rows']:,} rows)"
+        title += f", database {report.get('database') or report['database_split']} ({report['database_rows']:,} rows)"
     notes = [n for n in (report.get("run_status"), RANDOM_NOTICE if report["random_backbone"] else None) if n]
     table = Table(title=title, caption="\n".join(notes) or None)
     table.add_column("method")
