@@ -86,19 +86,6 @@ def test_search_is_brute_force_among_the_cells_rows_with_or_without_bias(two_seg
     assert (rows[:, 0] >= 0).sum() == len(q) - 1 and (rows >= 300).any()  # both segments answer
 
 
-def test_search_gives_the_top_k_of_the_in_memory_search_it_replaces():
-    from dcfeat.retrieval import CellIndex, topk_in_cells
-
-    db = CellDatabase.build(_rows(300, 1), num_classes=CLASSES, space="raw", built_for={})
-    q, cells, _ = _queries()
-    for max_elements in (16, 1 << 25):
-        s, rows, _ = db.search(q, cells, 9, max_elements=max_elements)
-        index = CellIndex.build(np.arange(CLASSES), db.table["class"].to_numpy())
-        s2, rows2 = topk_in_cells(q, db.segments[0].embeddings.float(), index, cells, 9, max_elements=max_elements)
-        np.testing.assert_array_equal(rows, rows2)
-        np.testing.assert_array_equal(s, s2)
-
-
 class Recorded:
     """A memory-mapped embeddings array that records the rows each read takes."""
 
