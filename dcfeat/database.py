@@ -10,11 +10,14 @@ A database is a folder:
 
 The database's own row order is the segments' rows one after the other. Each segment's class → (start,
 count) table follows from its sorted `class` column, so it is made on opening, never stored beside it
-to disagree. Embeddings are a plain `.npy`, opened with `np.load(mmap_mode="r")`: a slice of a memory
-map is a copy of those pages and nothing else, with no library call per read (h5py costs ~40 µs a
-call, and a block of queries reads one slice per candidate cell) and no chunk cache of its own; any
-tool reads the format. Only the rows of the candidate cells are ever read: query cost follows the
-candidates, and a database larger than memory is searched from disk.
+to disagree. Embeddings are a plain `.npy` (any tool reads it), opened with `np.load(mmap_mode="r")`
+for exact search over every row, and read for the hybrid with one `os.preadv` per run of adjacent
+candidate cells into the block's own buffer: no library call per read (h5py costs ~40 µs a call, and a
+block of queries reads one range per candidate cell), no chunk cache, and no page of the file counted
+in the process's memory (slices of the memory map were: the kernel maps 64 KB around each fault, and
+2,000 queries over 18 % of a 732 MB file left 592 MB of it in RSS; `pipelines/benchmarks/database.py`).
+Only the rows of the candidate cells are ever read: query cost follows the candidates, and a database
+larger than memory is searched from disk.
 
 Writing is atomic: a new database is filled under a temporary name and renamed into place; `add`
 writes its segment under a temporary name, renames it into `segments/`, then replaces the manifest,
@@ -90,10 +93,13 @@ class Segment:
     starts: np.ndarray  # int64 (classes,)
     counts: np.ndarray  # int64 (classes,)
     offset: int
+    file: object = None  # the embeddings file opened for reading (a database on disk)
 
     def read(self, starts: np.ndarray, counts: np.ndarray, device: torch.device) -> torch.Tensor:
-        """The rows of the ranges [start, start + count), one after the other, as float32 on `device`. From a
-        memory map, each run of adjacent ranges is one slice: only those pages are read."""
+        """The rows of the ranges [start, start + count), one after the other, as float32 on `device`. On
+        disk, each run of adjacent ranges is one read (os.preadv) into the block's own buffer: a slice of the
+        memory map would map the pages around it too (the kernel's fault-around: 64 KB per fault), so that
+        scattered cells left most of the file counted in the process's memory."""
         if isinstance(self.embeddings, torch.Tensor):
             index = range_index(starts, counts).to(self.embeddings.device)
             return self.embeddings[index].to(device, torch.float32)
@@ -101,8 +107,17 @@ class Segment:
         starts, ends = starts[keep], starts[keep] + counts[keep]
         new = np.concatenate([[True], starts[1:] != ends[:-1]]) if len(starts) else np.zeros(0, bool)
         first, last = starts[new], np.append(ends[np.flatnonzero(new)[1:] - 1], ends[-1:])
-        parts = [self.embeddings[a:b] for a, b in zip(first.tolist(), last.tolist())]
-        rows = np.concatenate(parts) if parts else np.zeros((0, self.embeddings.shape[1]), DTYPE)
+        rows = np.empty((int(counts.sum()), self.embeddings.shape[1]), DTYPE)
+        at, row_bytes = 0, rows.itemsize * rows.shape[1]
+        for a, b in zip(first.tolist(), last.tolist()):
+            if self.file is None:
+                rows[at:at + b - a] = self.embeddings[a:b]
+            else:
+                done = os.preadv(self.file.fileno(), [memoryview(rows[at:at + b - a]).cast("B")],
+                                 self.embeddings.offset + a * row_bytes)
+                if done != (b - a) * row_bytes:
+                    raise _damaged(Path(self.file.name), f"rows {a}..{b - 1} could not be read (file truncated?)")
+            at += b - a
         return torch.from_numpy(rows).to(device, torch.float32)
 
 
@@ -234,7 +249,8 @@ class CellDatabase:
             classes = table["class"].to_numpy()
             if len(classes) and (np.any(np.diff(classes) < 0) or classes[0] < 0 or classes[-1] >= header["classes"]):
                 raise _damaged(folder / ROWS, f"class column not sorted within 0..{header['classes'] - 1}")
-            segments.append(Segment(entry["name"], emb, *_ranges(classes, header["classes"]), offset))
+            segments.append(Segment(entry["name"], emb, *_ranges(classes, header["classes"]), offset,
+                                    open(folder / EMBEDDINGS, "rb", buffering=0)))
             tables.append(table)
             offset += entry["rows"]
         return cls(segments, pl.concat(tables), header, path)

@@ -86,40 +86,28 @@ def test_search_is_brute_force_among_the_cells_rows_with_or_without_bias(two_seg
     assert (rows[:, 0] >= 0).sum() == len(q) - 1 and (rows >= 300).any()  # both segments answer
 
 
-class Recorded:
-    """A memory-mapped embeddings array that records the rows each read takes."""
-
-    def __init__(self, array):
-        self.array, self.read = array, []
-
-    @property
-    def shape(self):
-        return self.array.shape
-
-    def __len__(self):
-        return len(self.array)
-
-    def __getitem__(self, key):
-        assert isinstance(key, slice), key  # slices only: never fancy indexing over the whole file
-        self.read.append((key.start, key.stop))
-        return self.array[key]
-
-
-def test_a_database_on_disk_reads_only_its_candidate_cells_rows_once_per_block(two_segments):
+def test_a_database_on_disk_reads_only_its_candidate_cells_rows_once_per_block(two_segments, monkeypatch):
     q, cells, _ = _queries()
     want = two_segments.search(q, cells, 9)
-    for seg in two_segments.segments:
-        assert isinstance(seg.embeddings, np.memmap)
-        seg.embeddings = Recorded(seg.embeddings)
+    read, preadv = [], os.preadv
+
+    def recorded(fd, buffers, offset):
+        read.append((fd, offset, sum(len(b) for b in buffers)))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(database_module.os, "preadv", recorded)
     got = two_segments.search(q, cells, 9)
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a, b)
     union = np.unique(cells[cells >= 0])
     for seg in two_segments.segments:
-        read = np.concatenate([np.arange(a, b) for a, b in seg.embeddings.read])
+        row_bytes = 2 * D
+        runs = [((o - seg.embeddings.offset) // row_bytes, n // row_bytes) for fd, o, n in read
+                if fd == seg.file.fileno()]
+        got_rows = np.concatenate([np.arange(a, a + n) for a, n in runs])
         expected = np.concatenate([np.arange(seg.starts[c], seg.starts[c] + seg.counts[c]) for c in union])
-        np.testing.assert_array_equal(np.sort(read), np.sort(expected))  # each candidate row once, no other row
-        assert len(seg.embeddings.read) < len(union)  # adjacent cells read as one slice
+        np.testing.assert_array_equal(np.sort(got_rows), np.sort(expected))  # each candidate row once, no other
+        assert len(runs) < len(union)  # adjacent cells read at once
 
 
 def test_a_saved_database_opens_as_it_was_built(tmp_path):
