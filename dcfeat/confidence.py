@@ -51,15 +51,16 @@ import polars as pl
 import torch
 
 from dcfeat.choices import SCORINGS, THRESHOLD_M
+from dcfeat.database import CellDatabase, unit_rows
 from dcfeat.errors import BadInput, OlderLayout, check_keys
 from dcfeat.geo import Places, metres_between
 from dcfeat.fusion import (FUSED_SIGNALS, Candidates, FusedRule, answers, fit_fused_rule, fused_signals,
                            photo_distances, search, weights)
 from dcfeat.fusion import MASSES as FUSED_MASSES
 from dcfeat.model import SCORE_CHUNK, DCModel, Scores
-from dcfeat.partition import centres_of, class_keys, classes_of, label_keys, places_of
+from dcfeat.partition import centres_of, filed_rows, places_of
 from dcfeat.positions import DEFAULT_RULE, PositionRule, fit_position_rule, positions, probabilities
-from dcfeat.retrieval import CellIndex, MemoryDatabase, normalised, topk_cosine, topk_in_cells
+from dcfeat.retrieval import topk_cosine
 from dcfeat.store import Split
 
 SIGNALS = ("top1_cosine", "margin", "group_probability", "softmax_probability", "entropy", "spread", "offset_m",
@@ -331,11 +332,6 @@ class Calibrator:
                 "threshold_m": self.threshold_m, **records, "with_database": nested, "scoring": self.scoring,
                 "fused": fused}
 
-    def fused_for(self, database_split: str | None) -> FusedCalibration | None:
-        """The fused hybrid's calibration where it was fitted against `database_split` (None elsewhere)."""
-        f = self.fused
-        return f if f is not None and database_split is not None and f.database_split == database_split else None
-
     def for_database(self, database_split: str | None) -> Calibrator:
         """The calibrator to use when `database_split` is searched (itself when none was fitted for it)."""
         nested = self.with_database
@@ -402,7 +398,7 @@ class Calibrator:
 @dataclass
 class FusedCalibration:
     """The fused hybrid's rule (dcfeat.fusion) and the confidence of its answers, fitted on a held-out split
-    against the database split it names: used where that database is searched."""
+    against the database split it names (and used with any database in the run's projected space)."""
 
     rule: FusedRule
     confidence: Calibrator
@@ -502,23 +498,25 @@ def gate_cells(scores: QueryScores, temperature: float, gate: Gate) -> np.ndarra
     return np.where(keep, scores.top_classes, -1)
 
 
-def fit_gate(model: DCModel, classes: pl.DataFrame, M: float, sig: QuerySignals, queries: Split, database: Split,
-             q: torch.Tensor, db: torch.Tensor, *, threshold_m: float, rule: PositionRule) -> tuple[Gate, dict]:
+def filed_database(model: DCModel, classes: pl.DataFrame, M: float, database: Split, db: torch.Tensor) -> CellDatabase:
+    """A database split (embedded by the model as `db`) filed under the cells in memory, as the hybrids search
+    it (dcfeat.database)."""
+    return CellDatabase.build(filed_rows(classes, M, database.labels, [unit_rows(db)]), num_classes=len(classes),
+                              space="projected", built_for={}, device=model.device)
+
+
+def fit_gate(sig: QuerySignals, queries: Split, searched: CellDatabase, q: torch.Tensor, *, threshold_m: float,
+             rule: PositionRule) -> tuple[Gate, dict]:
     """The gate whose hybrid answers held-out queries best (LR@1 at the threshold; fewer database images
-    searched on ties), and per mass its LR@1 and mean candidates, for the record. `q`, `db`: the queries
-    and the database embedded by the model."""
-    device = model.device
-    unit_db = normalised(db, device)
-    index = CellIndex.build(class_keys(classes, M), label_keys(database.labels, M), device)
-    q = torch.nn.functional.normalize(q.float(), dim=1)
+    searched on ties), and per mass its LR@1 and mean candidates, for the record. `q`: the queries embedded
+    by the model, unit rows; `searched`: the database filed under the cells (`filed_database`)."""
     truth = places_of(queries.labels)
     grid = {}
     for mass in GATE_MASSES:
         cells = gate_cells(sig.scores, rule.temperature, Gate(mass, TOP_K))
-        rows = topk_in_cells(q, unit_db, index, cells, 1)[1][:, 0]
-        found = places_of(database.labels, np.where(rows >= 0, rows, 0))
-        right = np.where(rows >= 0, metres_between(truth, found) <= threshold_m, False)
-        grid[mass] = (float(right.mean()), float(index.counts_of(cells).sum(1).double().mean()))
+        rows = searched.search(q, cells, 1)[1][:, 0]
+        right = metres_between(truth, searched.places(rows)) <= threshold_m  # no row found: NaN, never right
+        grid[mass] = (float(right.mean()), float(searched.counts_of(cells).sum(1).mean()))
     best = max(grid, key=lambda m: (grid[m][0], -grid[m][1]))
     return Gate(best, TOP_K), {f"{m:g}": {"lr1": v[0], "mean_candidates": v[1]} for m, v in grid.items()}
 
@@ -547,17 +545,15 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
                   fitted_on=fitted_on)
         if database is not None:
             db = model.embed(database.embeddings)
-            cal.gate, gates = fit_gate(model, classes, M, sig, split, database, q, db, threshold_m=threshold_m,
-                                       rule=rule)
+            searched, unit = filed_database(model, classes, M, database, db), torch.nn.functional.normalize(q.float(), dim=1)
+            cal.gate, gates = fit_gate(sig, split, searched, unit, threshold_m=threshold_m, rule=rule)
             cal.fitted_on = replace(cal.fitted_on, gate_lr1=gates)
             values = {**sig.values, DATABASE_SIGNAL: retrieval_disagreement_m(model, sig, q, db, database)}
             cal.with_database = fit(values, err <= threshold_m, sig.base_radius_m, err, threshold_m=threshold_m,
                                     position=rule, signals=(*SIGNALS, DATABASE_SIGNAL),
                                     fitted_on=replace(fitted_on, database_split=database.name))
             cal.with_database.gate = cal.gate
-            memory = memory_database(model, classes, M, database, db)
-            fused, confidence = fit_fused(sig, cal, memory, torch.nn.functional.normalize(q.float(), dim=1), truth,
-                                          M=M, threshold_m=threshold_m)
+            fused, confidence = fit_fused(sig, cal, searched, unit, truth, M=M, threshold_m=threshold_m)
             cal.fused = FusedCalibration(fused, confidence, database.name)
         return cal
     except ValueError as e:
@@ -583,16 +579,6 @@ def scoring_note(calibration: Calibrator | None, scoring: str) -> str | None:
 def answer_rule(calibration: Calibrator | None) -> PositionRule:
     """How a run answers: its calibration's rule, or DEFAULT_RULE for an uncalibrated run."""
     return calibration.rule if calibration is not None else DEFAULT_RULE
-
-
-def memory_database(model: DCModel, classes: pl.DataFrame, M: float, database: Split,
-                    db: torch.Tensor | None = None) -> MemoryDatabase:
-    """A database split's photos grouped by the class each belongs to, in the model's space (`db`: the
-    split embedded by the model where the caller has it)."""
-    db = model.embed(database.embeddings) if db is None else db
-    places = places_of(database.labels)
-    row_classes, _ = classes_of(classes, M, places, label_keys(database.labels, M))
-    return MemoryDatabase(normalised(db, model.device), row_classes, places, len(classes))
 
 
 @dataclass
@@ -644,10 +630,10 @@ def fit_fused(sig: QuerySignals, cal: Calibrator, database, unit_queries: torch.
     searched, counts = {}, {}
     for mass in FUSED_MASSES:
         cells = gate_cells(scores, rule.temperature, Gate(mass, TOP_K))
-        searched[mass], counts[mass] = search(database, unit_queries, cells, none), database.counts_of(cells)
+        searched[mass], counts[mass] = search(database, unit_queries, cells, none), database.counts_of(cells).sum(1)
     everywhere = search(database, unit_queries, np.full((len(none), 1), -1), ~none)
     fused, record = fit_fused_rule(searched, everywhere, confidence, scores.top_classes, p, truth,
-                                   threshold_m=threshold_m, database_rows=len(database), candidates_of=counts)
+                                   threshold_m=threshold_m, database_rows=database.rows, candidates_of=counts)
     out = fused_answers(sig, confidence, database, unit_queries, fused, rule, M, threshold_m=threshold_m)
     err = metres_between(truth, out.first)
     fitted = fit(out.values, err <= threshold_m, out.base_radius_m, err, threshold_m=threshold_m, position=rule,

@@ -57,7 +57,7 @@ from dcfeat.confidence import (
     scoring_note,
     signals_of,
 )
-from dcfeat.confidence import memory_database as confidence_memory_database
+from dcfeat.database import CellDatabase, unit_rows
 from dcfeat.devices import resolve_device, synchronize
 from dcfeat.errors import BadInput, IncompatibleFeatures, check_writable, writing
 from dcfeat.finetune import tuned_splits
@@ -74,20 +74,14 @@ from dcfeat.metrics import (
     risk_coverage,
     selective_report,
 )
-from dcfeat.model import top_cells
-from dcfeat.partition import class_keys, label_keys, places_of
+from dcfeat.model import EMBED_CHUNK, top_cells
+from dcfeat.partition import class_keys, filed_rows, label_keys, places_of
 from dcfeat.positions import answer as positions_answer
 from dcfeat.positions import weighing_scale
 from dcfeat.reports import Ranking, staged, training_photos, write_confidence_plots, write_grids, write_outputs
-from dcfeat.retrieval import (
-    CellIndex,
-    normalised,
-    retrieval_backend,
-    topk_cosine,
-    topk_in_cells,
-)
+from dcfeat.retrieval import retrieval_backend, topk_cosine
 from dcfeat.resume import run_lock
-from dcfeat.run import EVAL_DIR, Run, load_run, record_evaluation
+from dcfeat.run import EVAL_DIR, Run, database_identity, load_run, record_evaluation
 from dcfeat.store import Split, read_split, same_plan, same_split
 
 
@@ -132,16 +126,17 @@ def classify(run: Run, queries: Split, k: int, device: torch.device, scoring: st
                     p["score"][:, :k], p["class"][:, :k], centre_seconds)]
 
 
-def _db_method(name: str, db: Split, scores: np.ndarray, rows: np.ndarray, seconds: float, **extra) -> Ranking:
-    lab = db.labels
-    safe = np.where(rows >= 0, rows, 0)
-
-    def col(c, fill):
-        v = lab[c].to_numpy()[safe]
-        return np.where(rows >= 0, v, fill)
-
-    return Ranking(name, col("utm_east", np.nan), col("utm_north", np.nan), col("utm_zone", 0),
-                  col("utm_letter", ""), scores, rows, seconds, extra)
+def _db_method(name: str, db: Split | CellDatabase, scores: np.ndarray, rows: np.ndarray, seconds: float,
+               ref: np.ndarray | None = None, **extra) -> Ranking:
+    """A method's answers from database rows: rows of the split (`db` a Split), or of the database's own order;
+    `ref`: the rows the answers name (default `rows`)."""
+    if isinstance(db, CellDatabase):
+        at = db.places(rows)
+    else:
+        safe = np.where(rows >= 0, rows, 0)
+        at = Places(*(np.where(rows >= 0, db.labels[c].to_numpy()[safe], fill) for c, fill in
+                      (("utm_east", np.nan), ("utm_north", np.nan), ("utm_zone", 0), ("utm_letter", ""))))
+    return Ranking(name, at.east, at.north, at.zone, at.letter, scores, rows if ref is None else ref, seconds, extra)
 
 
 def _spaces(run: Run, queries: Split, db: Split, space: str, device: torch.device, cache: dict | None = None):
@@ -159,9 +154,21 @@ def _spaces(run: Run, queries: Split, db: Split, space: str, device: torch.devic
     return queries.embeddings, d, time.perf_counter() - t
 
 
-def retrieve(run: Run | None, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected",
-             cache: dict | None = None) -> Ranking:
-    """Exact cosine k-NN of the queries among the database rows; `run` None for the raw space."""
+def _unit_queries(run: Run, q, space: str, device: torch.device) -> torch.Tensor:
+    return F.normalize(run.model.embedded(q, space).to(device).float(), dim=1)
+
+
+def retrieve(run: Run | None, queries: Split, db: Split | CellDatabase, k: int, device: torch.device,
+             space: str = "projected", cache: dict | None = None) -> Ranking:
+    """Exact cosine k-NN of the queries among the database rows; `run` None for the raw space. A
+    CellDatabase is searched in its own space, every row of it."""
+    if isinstance(db, CellDatabase):
+        t = time.perf_counter()
+        q = _unit_queries(run, queries.embeddings, db.space, device)
+        scores, rows = db.search_all(q, k)
+        synchronize(device)
+        return _db_method("retrieve", db, scores, rows, time.perf_counter() - t, space=db.space,
+                          database_embedding_seconds=0.0, backend=retrieval_backend(device, len(q)))
     q, d, index_seconds = _spaces(run, queries, db, space, device, cache)
     t = time.perf_counter()
     if space == "projected":
@@ -172,30 +179,30 @@ def retrieve(run: Run | None, queries: Split, db: Split, k: int, device: torch.d
                       database_embedding_seconds=index_seconds, backend=retrieval_backend(device, len(q)))
 
 
-def cell_index(run: Run, db: Split, device: torch.device) -> CellIndex:
-    """The database's rows grouped by the run's class cells (built once per database and run)."""
-    return CellIndex.build(class_keys(run.classes, run.M), label_keys(db.labels, run.M), device)
-
-
-def _searchable(run: Run, queries: Split, db: Split, space: str, device: torch.device, cache: dict | None = None):
-    """Queries, unit database rows and the cell index in the chosen space; their preparation time
-    (made once per evaluation with `cache`)."""
-    if cache is not None and ("unit", space) in cache:
-        return (queries.embeddings, *cache[("unit", space)])
-    q, d, index_seconds = _spaces(run, queries, db, space, device, cache)
+def cell_database(run: Run, db: Split | CellDatabase, space: str, device: torch.device,
+                  cache: dict | None = None) -> tuple[CellDatabase, float]:
+    """The database the hybrid searches, and the seconds it took to make: a CellDatabase as it is; a split
+    embedded in `space` and filed under the run's cells in memory, as `dcfeat index` files it on disk (once
+    per evaluation with `cache`)."""
+    if isinstance(db, CellDatabase):
+        return db, 0.0
+    if cache is not None and ("cells", space) in cache:
+        return cache[("cells", space)]
     t = time.perf_counter()
-    # In place for the projected database: it is this evaluation's own (retrieval normalises again).
-    d, index = normalised(d, device, in_place=space == "projected"), cell_index(run, db, device)
+    chunks = (unit_rows(run.model.embedded(db.embeddings[i:i + EMBED_CHUNK], space))
+              for i in range(0, len(db.embeddings), EMBED_CHUNK))
+    built = CellDatabase.build(filed_rows(run.classes, run.M, db.labels, chunks), num_classes=len(run.classes),
+                               space=space, built_for=database_identity(run, space), device=device)
     synchronize(device)
-    prepared = (d, index, index_seconds + time.perf_counter() - t)
+    made = (built, time.perf_counter() - t)
     if cache is not None:
-        cache[("unit", space)] = prepared
-    return (q, *prepared)
+        cache[("cells", space)] = made
+    return made
 
 
-def _unit_queries(run: Run, q, space: str, device: torch.device) -> torch.Tensor:
-    q = run.model.embed(q).to(device) if space == "projected" else torch.as_tensor(q).to(device)
-    return F.normalize(q.float(), dim=1)
+def _hybrid_rows(searched: CellDatabase, db: Split | CellDatabase, rows: np.ndarray) -> np.ndarray:
+    """The hybrid's answers as rows of what the user passed: the split's rows, or the database's own."""
+    return rows if isinstance(db, CellDatabase) else searched.source_rows(rows)
 
 
 def run_gate(run: Run) -> Gate:
@@ -203,11 +210,11 @@ def run_gate(run: Run) -> Gate:
     return run.calibration.gate if run.calibration is not None and run.calibration.gate else DEFAULT_GATE
 
 
-def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int | None, device: torch.device,
+def hybrid(run: Run, queries: Split, db: Split | CellDatabase, k: int, cells: int | None, device: torch.device,
            space: str = "projected", scoring: str = "cosine", cache: dict | None = None) -> Ranking:
     """Retrieval restricted to database images inside each query's top cells: the fewest that hold the
     gate's share of the probability (`cells` None), or the top `cells`."""
-    q, d, index, index_seconds = _searchable(run, queries, db, space, device, cache)
+    searched, index_seconds = cell_database(run, db, space, device, cache)
     t = time.perf_counter()
     if cells is None:
         gate = run_gate(run)
@@ -215,19 +222,19 @@ def hybrid(run: Run, queries: Split, db: Split, k: int, cells: int | None, devic
                                  gate)
     else:
         gate, top_classes = None, run.model.topk(queries.embeddings, cells, scoring=scoring)[0]
-    scores, rows = topk_in_cells(_unit_queries(run, q, space, device), d, index, top_classes, k)
+    scores, rows, _ = searched.search(_unit_queries(run, queries.embeddings, searched.space, device), top_classes, k)
     synchronize(device)
-    candidates = index.counts_of(top_classes).sum(1)
-    return _db_method("hybrid", db, scores, rows, time.perf_counter() - t, space=space, cells=cells,
-                      gate=gate and gate.to_dict(),
-                      database_embedding_seconds=index_seconds, mean_candidates=float(candidates.double().mean()))
+    candidates = searched.counts_of(top_classes).sum(1)
+    return _db_method("hybrid", searched, scores, rows, time.perf_counter() - t, _hybrid_rows(searched, db, rows),
+                      space=searched.space, cells=cells, gate=gate and gate.to_dict(), database_embedding_seconds=index_seconds,
+                      mean_candidates=float(candidates.mean()))
 
 
-def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int | None, device: torch.device,
+def adaptive(run: Run, queries: Split, db: Split | CellDatabase, k: int, cells: int | None, device: torch.device,
              space: str = "projected", cache: dict | None = None) -> Ranking:
     """The gated hybrid, and exact retrieval for the least sure queries (below `fallback_below`, a val
     quantile of the confidence in calibration.json). `cells` is recorded, not used: the gate decides."""
-    q, d, index, index_seconds = _searchable(run, queries, db, space, device, cache)
+    searched, index_seconds = cell_database(run, db, space, device, cache)
     t = time.perf_counter()
     scores_ = query_scores(run.model, queries.embeddings)
     rule, gate = answer_rule(run.calibration), run_gate(run)
@@ -235,48 +242,34 @@ def adaptive(run: Run, queries: Split, db: Split, k: int, cells: int | None, dev
     top = gate_cells(scores_, rule.temperature, gate)
     fallback = conf < run.calibration.hybrid.fallback_below
     top[fallback] = -1
-    unit = _unit_queries(run, q, space, device)
-    scores, rows = topk_in_cells(unit, d, index, top, k)
+    unit = _unit_queries(run, queries.embeddings, searched.space, device)
+    scores, rows, _ = searched.search(unit, top, k)
     if fallback.any():
         # Exact retrieval gives min(k, database rows) columns: the rest stay "none" (-1, -inf), as the hybrid's.
-        found_s, found_r = topk_cosine(unit[torch.as_tensor(fallback).to(device)], d, k, device=device,
-                                       normalize=False)
+        found_s, found_r = searched.search_all(unit[torch.as_tensor(fallback).to(device)], k)
         scores[fallback], rows[fallback] = -np.inf, -1
         scores[fallback, :found_s.shape[1]], rows[fallback, :found_r.shape[1]] = found_s, found_r
     synchronize(device)
-    candidates = np.where(fallback, len(d), index.counts_of(top).sum(1).cpu().numpy())
-    return _db_method("adaptive", db, scores, rows, time.perf_counter() - t, space=space, gate=gate.to_dict(),
-                      database_embedding_seconds=index_seconds, mean_candidates=float(candidates.mean()),
-                      fallback_share=float(fallback.mean()))
+    candidates = np.where(fallback, searched.rows, searched.counts_of(top).sum(1))
+    return _db_method("adaptive", searched, scores, rows, time.perf_counter() - t, _hybrid_rows(searched, db, rows),
+                      space=searched.space, gate=gate.to_dict(), database_embedding_seconds=index_seconds,
+                      mean_candidates=float(candidates.mean()), fallback_share=float(fallback.mean()))
 
 
-def memory_database(run: Run, db: Split, space: str, device: torch.device, cache: dict | None = None):
-    """The database's photos grouped by the class each belongs to, in the chosen space (made once per
-    evaluation with `cache`), and the time that took."""
-    if cache is not None and ("memory", space) in cache:
-        return cache[("memory", space)]
-    _, d, index_seconds = _spaces(run, db, db, space, device, cache)
-    t = time.perf_counter()
-    made = (confidence_memory_database(run.model, run.classes, run.M, db, torch.as_tensor(d).to(device)),
-            index_seconds + time.perf_counter() - t)
-    if cache is not None:
-        cache[("memory", space)] = made
-    return made
-
-
-def fused(run: Run, queries: Split, db: Split, k: int, device: torch.device, space: str = "projected",
-          cache: dict | None = None) -> Ranking:
+def fused(run: Run, queries: Split, db: Split | CellDatabase, k: int, device: torch.device,
+          space: str = "projected", cache: dict | None = None) -> Ranking:
     """The fused hybrid (dcfeat.fusion): the candidate cells' photos weighed by their cell's posterior and
     their similarity, answered with the weighted centroid of the best-supported neighbourhood, under the rule
     the run's calibration fitted against this database split (DEFAULT_FUSED, with no fallback, elsewhere)."""
-    memory, index_seconds = memory_database(run, db, space, device, cache)
+    searched, index_seconds = cell_database(run, db, space, device, cache)
     cal = run.calibration
-    fc = cal.fused_for(db.name) if cal is not None and space == "projected" else None
+    # The rule fitted against the calibration's database split serves any database in that space.
+    fc = cal.fused if cal is not None and searched.space == "projected" else None
     rule = answer_rule(cal)
     t = time.perf_counter()
     sig = signals_of(query_scores(run.model, queries.embeddings), run.classes, M=run.M, rule=rule)
     conf = cal.confidence(sig.values) if cal is not None else np.ones(len(queries.embeddings))
-    out = fused_answers(sig, conf, memory, _unit_queries(run, queries.embeddings, space, device),
+    out = fused_answers(sig, conf, searched, _unit_queries(run, queries.embeddings, searched.space, device),
                         fc.rule if fc else DEFAULT_FUSED, rule, run.M, ranks=k,
                         threshold_m=cal.threshold_m if cal else THRESHOLD_M)
     seconds = time.perf_counter() - t
@@ -285,12 +278,12 @@ def fused(run: Run, queries: Split, db: Split, k: int, device: torch.device, spa
     rows = np.take_along_axis(out.candidates.rows, out.index, 1)
     weight = np.take_along_axis(out.weights, out.index, 1)
     return Ranking("fused", out.at.east, out.at.north, out.at.zone, out.at.letter, weight,
-                   np.where(rows >= 0, memory.order[np.maximum(rows, 0)], -1), seconds,
-                   {"space": space, "rule": (fc.rule if fc else DEFAULT_FUSED).to_dict(),
-                    "fitted": fc is not None, "database_embedding_seconds": index_seconds,
+                   _hybrid_rows(searched, db, rows), seconds,
+                   {"space": searched.space, "rule": (fc.rule if fc else DEFAULT_FUSED).to_dict(),
+                    "fitted_against": fc.database_split if fc else None, "database_embedding_seconds": index_seconds,
                     "fallback_share": float(out.fallback.mean()) if len(conf) else 0.0,
-                    "mean_candidates": float(np.where(out.fallback, len(memory),
-                                                      memory.counts_of(out.cells)).mean()) if len(conf) else 0.0})
+                    "mean_candidates": float(np.where(out.fallback, searched.rows,
+                                                      searched.counts_of(out.cells).sum(1)).mean()) if len(conf) else 0.0})
 
 
 def fused_confidence(found: FusedAnswers, fc, queries: Split) -> dict:
@@ -330,10 +323,11 @@ def check_zones(run: Run, queries: Split) -> None:
                                    "on a split of the same city, or train a run on this place")
 
 
-def check_modes(modes: tuple[str, ...], database_split, run: Run | None = None) -> None:
-    if any(m != "classify" for m in modes) and database_split is None:
+def check_modes(modes: tuple[str, ...], database, run: Run | None = None) -> None:
+    """`database`: the database's name (split or folder), None when none was given."""
+    if any(m != "classify" for m in modes) and database is None:
         raise BadInput(f"--mode {'/'.join(m for m in modes if m != 'classify')} needs --database-split (the "
-                       "database images' split, e.g. test-db)")
+                       "database images' split, e.g. test-db) or --database DB (a database `dcfeat index` wrote)")
     if "adaptive" in modes and run is not None and run.calibration is None:
         raise BadInput(f"--mode adaptive needs a calibrated run, and {run.directory} has no calibration.json: fit "
                        f"one with `dcfeat calibrate --run {run.directory} --split val`")
@@ -412,25 +406,29 @@ def _rule_words(rule) -> str:
             f"the top cells within {rule.radius_m:g} m of the best, weighed at temperature {rule.temperature:g}")
 
 
-def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: tuple[str, ...] = ("classify",),
+def evaluate(run: Run, queries: Split, *, database: Split | CellDatabase | None = None, modes: tuple[str, ...] = ("classify",),
              ks: tuple[int, ...] = DEFAULT_KS, threshold_m: float = THRESHOLD_M, cells: int | None = None,
              space: str = "projected", device: str = "cpu", scoring: str = "cosine",
              store: Path | None = None, repeats: int = TIMING_REPEATS) -> Evaluation:
     """Run each mode on `queries` and measure the confidence of classification's answers.
 
+    `database`: a split (retrieval searches it; the hybrid files it under the run's cells in memory), or a
+    CellDatabase `dcfeat index` wrote (searched from disk, in its own space).
     `store`: the feature store the splits come from, recorded in the report; the report then says
     when the run's confidence was fitted on these very queries (its figures are then optimistic).
     Each mode is timed after a warm-up on a few queries, as the median of `repeats` runs over them all.
     """
-    check_modes(modes, database.name if database is not None else None, run)
+    check_modes(modes, database_name(database), run)
     dev = torch.device(device)
     run.model.to(dev)
     check_zones(run, queries)
-    if database is not None:
+    if isinstance(database, Split):
         check_rows(database, "--database-split", store)
+    elif database is not None:
+        space = database.space
     warnings = evaluation_warnings(run, queries, database, space=space, threshold_m=threshold_m, scoring=scoring)
     # No method answers more than the run's classes or the database's rows: larger k and cells say nothing more.
-    most = max(len(run.classes), len(database.labels) if database is not None else 0)
+    most = max(len(run.classes), database_rows_of(database))
     asked_ks, asked_cells = ks, cells
     ks = tuple(sorted({min(k_, most) for k_ in ks}))
     cells = min(cells, len(run.classes)) if cells is not None else None
@@ -459,7 +457,8 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
     section, plots = None, {}  # the confidence is fitted and measured for cosine answers only
     if scoring == "cosine":
         section, plots = assess_confidence(
-            run, queries, threshold_m=threshold_m, database_split=database.name if database is not None else None,
+            run, queries, threshold_m=threshold_m,
+            database_split=database.name if isinstance(database, Split) else None,
             retrieval_top1=None if retrieved is None else Places(retrieved.east[:, 0], retrieved.north[:, 0],
                                                                  retrieved.zone[:, 0], retrieved.letter[:, 0]))
     fitted = run.calibration.fitted_on.to_dict() if run.calibration else {}
@@ -470,8 +469,9 @@ def evaluate(run: Run, queries: Split, *, database: Split | None = None, modes: 
                            "optimistic; calibrate on a held-out split (`dcfeat calibrate --split val`) and evaluate "
                            "on another")
     report = {"split": queries.name, "split_plan_id": queries.attrs.get("plan_id"), "queries": n,
-              "database_split": database.name if database else None,
-              "database_rows": int(database.embeddings.shape[0]) if database is not None else None,
+              "database_split": database.name if isinstance(database, Split) else None,
+              "database": str(database.path) if isinstance(database, CellDatabase) else None,
+              "database_rows": database_rows_of(database) if database is not None else None,
               "threshold_m": threshold_m, "ks": list(ks), "device": str(dev), "space": space, "cells": cells, "scoring": scoring,
               "preset": run.config.train.preset, "test_prototypes": run.model.heads.test_prototypes,
               "coverage": coverage(run, queries.labels), "classes": len(run.classes),
@@ -529,7 +529,14 @@ def evaluate_raw(queries: Split, database: Split, *, ks: tuple[int, ...] = DEFAU
     return Evaluation(report, methods, results, {}, warnings=warnings)
 
 
-def _database_warnings(queries: Split, database: Split) -> list[str]:
+def _database_warnings(queries: Split, database: Split | CellDatabase) -> list[str]:
+    if isinstance(database, CellDatabase):
+        plan = queries.attrs.get("plan_id")
+        if plan and any(e["source"].get("plan_id") == plan for e in database.header["segments"]):
+            return [f"--database {database.path} holds the query split '{queries.name}' itself: every query finds "
+                    "its own image, so retrieval and the hybrid score near 100 % and measure nothing. Index the "
+                    "database images' own split (e.g. test-db)"]
+        return []
     if same_split(queries, database):
         return [f"--database-split {database.name} is the query split '{queries.name}' itself: every query finds its "
                 "own image, so retrieval and the hybrid score near 100 % and measure nothing. Pass the database "
@@ -537,7 +544,20 @@ def _database_warnings(queries: Split, database: Split) -> list[str]:
     return []
 
 
-def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, space: str,
+def database_name(database: Split | CellDatabase | None) -> str | None:
+    """How the report and the messages name the database: the split's name, or the database's folder."""
+    if database is None:
+        return None
+    return database.name if isinstance(database, Split) else str(database.path)
+
+
+def database_rows_of(database: Split | CellDatabase | None) -> int:
+    if database is None:
+        return 0
+    return database.rows if isinstance(database, CellDatabase) else len(database.labels)
+
+
+def evaluation_warnings(run: Run, queries: Split, database: Split | CellDatabase | None, *, space: str,
                         threshold_m: float, scoring: str = "cosine") -> list[str]:
     """What an evaluation accepts but should say: a database that is the query split itself, a
     --space without a database, a --threshold other than the confidence's, a calibration fitted for
@@ -549,7 +569,7 @@ def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, spa
     if database is not None:
         warnings += _database_warnings(queries, database)
     elif space != "projected":
-        warnings.append(f"--space {space} has no effect without --database-split: only retrieval and the hybrid "
+        warnings.append(f"--space {space} has no effect without --database-split or --database: only retrieval and the hybrid "
                         "compare descriptors, and classification always uses the run's projection")
     cal = calibration_for(run.calibration, scoring)
     if cal is not None and cal.threshold_m != threshold_m:
@@ -560,13 +580,25 @@ def evaluation_warnings(run: Run, queries: Split, database: Split | None, *, spa
     return warnings
 
 
+def open_database(path: Path, run: Run, space: str | None) -> CellDatabase:
+    """`--database DB`: the database, refused where it was built for another run, projection or space."""
+    db = CellDatabase.open(path)
+    if space is not None and space != db.space:
+        raise BadInput(f"--space {space}: the database {path} holds {db.space} descriptors; leave --space out, or "
+                       f"build a database in that space with `dcfeat index --space {space}`")
+    db.check_built_for(database_identity(run, db.space),
+                       f"Build one for this run with `dcfeat index --run {run.directory} --out NEW_FOLDER`, or pass the "
+                       "--run (and --weights) the database was built with (`dcfeat info DB` names it)")
+    return db
+
+
 def raw_eval_dir(feats: Path, split: str) -> Path:
     """Where an evaluation without a run writes by default: STORE_FOLDER/eval/STORE_NAME/SPLIT."""
     return Path(feats).parent / EVAL_DIR / Path(feats).stem / split
 
 
 def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_split: str | None = None,
-                   modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
+                   database: Path | None = None, modes: tuple[str, ...] | None = None, ks: tuple[int, ...] = DEFAULT_KS,
                    threshold_m: float = THRESHOLD_M, cells: int | None = None, space: str | None = None,
                    repeats: int = TIMING_REPEATS, weights: str = "kept",
                    scoring: str = "cosine", device: str = "auto", out: Path | None = None,
@@ -577,7 +609,8 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
     run's lock: refused while the run is trained or calibrated; the run records the split it was measured on
     (`record_evaluation`), wherever `out` is. `run_dir` None: no run, `--mode retrieve` on the raw features
     only (`evaluate_raw`; default `out` STORE_FOLDER/eval/STORE_NAME/SPLIT). `space` None: projected with a
-    run, raw without."""
+    run, raw without. `database`: a database folder `dcfeat index` wrote for this run, searched in place of
+    `database_split` (in its own space)."""
     if grid < 0:
         raise BadInput(f"--grid {grid}: give a number of queries, 0 or more")
     if run_dir is None:
@@ -588,6 +621,11 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
         if space == "projected":
             raise BadInput("--space projected is the run's learned embedding, and no run is evaluated; leave --space "
                            "out (raw), or pass --run DIR")
+    if database is not None:
+        if database_split is not None:
+            raise BadInput("--database and --database-split both name a database: pass one of them")
+        if run_dir is None:
+            raise BadInput(f"--database {database} was filed under a run's cells: pass the --run it was built for")
     if not out:
         out = Path(run_dir) / EVAL_DIR / split if run_dir is not None else raw_eval_dir(feats, split)
     out = Path(out)
@@ -597,15 +635,16 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
     with run_lock(run_dir, "evaluate") if run_dir is not None else nullcontext():
         dev = resolve_device(device)
         run = load_run(run_dir, dev, weights=weights) if run_dir is not None else None
+        index = open_database(database, run, space) if database is not None else None
         if run is not None:
-            modes = default_modes(database_split, run) if modes is None else modes
-        check_modes(modes, database_split, run)
+            modes = default_modes(database_split or database, run) if modes is None else modes
+        check_modes(modes, database_split or database, run)
         check_writable(out)
         queries = read_split(feats, split, dtype=np.float32)
         if run is not None:
             check_features(run.feature_identity, queries.attrs, what=f"split '{split}' of {feats}")
         check_rows(queries, "--split", feats)
-        database = None
+        database = None  # from here: the database split, if any
         if database_split:
             database = read_split(feats, database_split)
             if run is not None:
@@ -618,7 +657,7 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
             if run.finetune_blocks:
                 queries, *rest = tuned_splits(run, feats, [queries] + ([database] if database else []), dev)
                 database = rest[0] if rest else None
-            result = evaluate(run, queries, database=database, modes=modes, ks=ks, scoring=scoring,
+            result = evaluate(run, queries, database=index or database, modes=modes, ks=ks, scoring=scoring,
                               threshold_m=threshold_m, repeats=repeats, cells=cells, space=space or "projected",
                               device=str(dev), store=feats)
             result.report["weights"] = weights  # the kept epoch's model, or the last one's
@@ -626,6 +665,8 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
         background = None
         if database is not None:
             background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
+        elif index is not None:
+            background = (index.table["utm_east"].to_numpy(), index.table["utm_north"].to_numpy())
         notice = f" — {RANDOM_NOTICE}" if result.report["random_backbone"] else ""
         with writing(out), staged(out) as folder:
             extra = (write_confidence_plots(folder, result.confidence_plots, split=split, notice=notice)

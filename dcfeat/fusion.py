@@ -30,8 +30,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from dcfeat.choices import THRESHOLD_M
+from dcfeat.database import CellDatabase
 from dcfeat.geo import Places, best_zone, metres_between, on_plane
 
 # Candidate photos weighed per query: the most similar of its candidate cells (or of the database).
@@ -163,7 +165,7 @@ def answers(candidates: Candidates, w: np.ndarray, radius_m: float, ranks: int =
         for k in range(1, ranks):
             gain = np.matmul(reach, (ww * open_)[:, :, None])[:, :, 0]
             pick = np.where(used, -np.inf, gain).argmax(1)
-            fresh = ~used[rows, pick]
+            fresh = ~used[rows, pick] & (gain[rows, pick] > 0)  # a photo whose place is answered already is not
             last = np.where(fresh, pick, last)
             used[rows, pick] = True
             open_ &= ~(reach[rows, last] > 0)
@@ -241,24 +243,17 @@ def _fallback_threshold(sorted_confidence: np.ndarray, share: float) -> float:
     return float((sorted_confidence[m - 1] + sorted_confidence[m]) / 2)
 
 
-def search(database, queries, cells: np.ndarray, fallback: np.ndarray, k: int = CANDIDATES) -> Candidates:
+def search(database: CellDatabase, queries, cells: np.ndarray, fallback: np.ndarray,
+           k: int = CANDIDATES) -> Candidates:
     """Each query's `k` most similar photos (unit `queries`, (n, D)) among the rows of its `cells` (n, c; -1
     none), or of the whole database for the queries of `fallback` (n,)."""
     cells = np.where(fallback[:, None], -1, cells)
-    cosine, rows = database.search(queries, cells, k)
+    _, rows, cosine = database.search(queries, cells, k)
     if fallback.any():
-        import torch
-        wide_s, wide_r = database.search_all(queries[torch.as_tensor(fallback)], k)
+        wide_s, wide_r = database.search_all(queries[torch.as_tensor(fallback).to(queries.device)], k)
         cosine[fallback], rows[fallback] = -np.inf, -1
         cosine[fallback, :wide_s.shape[1]], rows[fallback, :wide_r.shape[1]] = wide_s, wide_r
-    return candidates_of(database, cosine, rows)
-
-
-def candidates_of(database, cosine: np.ndarray, rows: np.ndarray) -> Candidates:
-    """Candidates from a search's cosines and rows (n, R; -1 none)."""
     valid = rows >= 0
-    safe = np.where(valid, rows, 0)
-    places = database.places(safe)
-    pad = lambda a, fill: np.where(valid, a, fill)  # noqa: E731
-    return Candidates(np.where(valid, cosine, -np.inf), rows, np.where(valid, database.row_classes[safe], -1),
-                      Places(pad(places.east, np.nan), pad(places.north, np.nan), places.zone, places.letter))
+    classes = database.table["class"].to_numpy()
+    return Candidates(np.where(valid, cosine, -np.inf), rows, np.where(valid, classes[np.where(valid, rows, 0)], -1),
+                      database.places(rows))

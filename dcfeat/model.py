@@ -84,6 +84,11 @@ class DCModel(nn.Module):
         return torch.cat([self.projection(self._on_device(features[i:i + chunk]))
                           for i in range(0, len(features), chunk)])
 
+    def embedded(self, features, space: str) -> torch.Tensor:
+        """Cached features as retrieval compares them, on the model's device: `embed`'s projection (space
+        "projected"), or the features themselves ("raw")."""
+        return self.embed(features) if space == "projected" else self._on_device(features)
+
     @torch.no_grad()
     def score(self, features: torch.Tensor | np.ndarray, k: int, *, scoring: str = "cosine",
               chunk: int = SCORE_CHUNK, softmax: bool = False, embedded: bool = False,

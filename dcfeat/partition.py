@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from dcfeat.choices import DEFAULT_M, DEFAULT_N, MIN_IMAGES_PER_CLASS
+from dcfeat.database import NewRows
 from dcfeat.errors import BadInput
 from dcfeat.geo import UTM_LETTERS, Places, is_northern, metres_between
 
@@ -272,32 +273,86 @@ def label_keys(labels: pl.DataFrame, M: float) -> np.ndarray:
 
 
 
-def classes_of(classes: pl.DataFrame, M: float, places: Places, keys: np.ndarray | None = None,
-               chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """The class each place belongs to (n,), and whether that is its own cell (n,): a place whose cell is a
-    class belongs to it; any other to the class whose centre is nearest, in its own UTM zone and hemisphere
-    (another zone's only where its own has none, compared on the place's plane). `keys`: the places'
-    `cell_keys` where the caller has them."""
-    zone, letter = np.asarray(places.zone), np.asarray(places.letter)
-    east, north = np.asarray(places.east, np.float64), np.asarray(places.north, np.float64)
-    if keys is None:
-        keys = cell_keys(zone, letter, east, north, M)
-    ckeys = class_keys(classes, M)
+# Rings of cells around a row's own cell searched for the nearest class before all the band's classes are.
+_NEAREST_RINGS = 8
+
+
+def _unpack(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(band, p, q) of cell keys (`_pack`'s inverse)."""
+    half, mask = 1 << (_CELL_BITS - 1), (1 << _CELL_BITS) - 1
+    return keys >> (2 * _CELL_BITS), ((keys >> _CELL_BITS) & mask) - half, (keys & mask) - half
+
+
+def _nearest_on_lattice(p: np.ndarray, q: np.ndarray, cp: np.ndarray, cq: np.ndarray) -> np.ndarray:
+    """Per cell (p, q): the index into (cp, cq) of the nearest of those cells of one band (squared distance
+    in cells, ties to the lower index). The rings around each cell are looked up first (in a city a class is
+    a few cells away); what they leave is compared with every cell of the band, a chunk of cells at a time."""
+    n_c = len(cp)
+    half = 1 << (_CELL_BITS - 1)
+    key = lambda a, b: ((a + half) << _CELL_BITS) + (b + half)  # noqa: E731
+    order = np.argsort(key(cp, cq))
+    sorted_keys = key(cp, cq)[order]
+    best = np.full(len(p), np.iinfo(np.int64).max)  # d2 · n_c + index: the lexicographic minimum in one number
+    todo = np.arange(len(p))
+    for r in range(1, _NEAREST_RINGS + 1):
+        side = np.arange(-r, r + 1)
+        dp = np.concatenate([side, side, np.full(2 * r - 1, -r), np.full(2 * r - 1, r)])
+        dq = np.concatenate([np.full(2 * r + 1, -r), np.full(2 * r + 1, r), side[1:-1], side[1:-1]])
+        wanted = key(p[todo, None] + dp, q[todo, None] + dq)
+        at = np.searchsorted(sorted_keys, wanted).clip(max=n_c - 1)
+        found = np.where(sorted_keys[at] == wanted, (dp * dp + dq * dq) * n_c + order[at], np.iinfo(np.int64).max)
+        best[todo] = np.minimum(best[todo], found.min(1))
+        todo = todo[best[todo] // n_c >= (r + 1) ** 2]  # a cell of the next ring could still be as near
+        if not todo.size:
+            break
+    for start in range(0, todo.size, max(1, (1 << 22) // n_c)):
+        rows = todo[start:start + max(1, (1 << 22) // n_c)]
+        d2 = (p[rows, None] - cp) ** 2 + (q[rows, None] - cq) ** 2
+        best[rows] = d2.argmin(1) + n_c * d2.min(1)
+    return best % n_c
+
+
+def assign_classes(classes: pl.DataFrame, labels: pl.DataFrame, M: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's class (row of the class table): its own cell's where that cell is a class, else the
+    class whose cell centre is nearest to its cell's centre, within the cell's UTM zone and hemisphere where
+    that holds a class (ties to the lower class id), across zones (dcfeat.geo) where it holds none. Returns
+    (class ids, `outside`: True where the own cell is no class, metres from the own cell's centre to the
+    class's centre: 0 inside)."""
+    if classes.height == 0:
+        raise ValueError("no classes to assign images to")
+    keys, ckeys = label_keys(labels, M), class_keys(classes, M)
     order = np.argsort(ckeys, kind="stable")
-    at = np.searchsorted(ckeys[order], keys).clip(max=max(len(ckeys) - 1, 0))
-    own = (ckeys[order][at] == keys) if len(ckeys) else np.zeros(len(keys), bool)
-    out = np.where(own, order[at] if len(ckeys) else 0, -1).astype(np.int64)
-    outside = np.flatnonzero(~own)
-    if len(outside) and len(ckeys):
-        centres = centres_of(classes, np.arange(len(classes)))
-        plane = zone.astype(np.int64) * 2 + is_northern(letter)
-        c_plane = np.asarray(centres.zone).astype(np.int64) * 2 + is_northern(centres.letter)
-        for lo in range(0, len(outside), chunk):
-            rows = outside[lo:lo + chunk]
-            # Metres on each place's own plane (geo's policy), centres of other planes re-expressed there.
-            d = metres_between(Places(east[rows], north[rows], zone[rows], letter[rows]),
-                               Places(*(np.broadcast_to(np.asarray(a), (len(rows), len(classes)))
-                                        for a in centres)))
-            d = d + np.where(c_plane[None, :] == plane[rows, None], 0.0, 1e12)  # its own plane first
-            out[rows] = d.argmin(1)
-    return out, own
+    at = np.searchsorted(ckeys[order], keys).clip(max=len(ckeys) - 1)
+    outside = ckeys[order][at] != keys
+    ids = np.where(outside, -1, order[at])
+    metres = np.zeros(len(keys))
+    if not outside.any():
+        return ids, outside, metres
+    cells, inverse = np.unique(keys[outside], return_inverse=True)
+    band, p, q = _unpack(cells)
+    cband, cp, cq = _unpack(ckeys)
+    nearest, far = np.empty(len(cells), np.int64), np.empty(len(cells))
+    for b in np.unique(band):
+        sel, mine = band == b, np.flatnonzero(cband == b)
+        if mine.size:
+            got = mine[_nearest_on_lattice(p[sel], q[sel], cp[mine], cq[mine])]
+            nearest[sel], far[sel] = got, M * np.hypot(p[sel] - cp[got], q[sel] - cq[got])
+            continue
+        centres = centres_of(classes, np.arange(classes.height))  # no class in this zone: measured across zones
+        every = Places(*(np.asarray(c)[None] for c in (centres.east, centres.north, centres.zone, centres.letter)))
+        east, north = cell_centre(p, q, M)
+        for i in np.flatnonzero(sel):  # rare (a zone without a class): one cell at a time, memory of one row
+            here = Places(east[i:i + 1], north[i:i + 1], np.array([b // 2]), np.array([bool(b % 2)]))
+            d = metres_between(here, every)[0]
+            nearest[i], far[i] = int(np.argmin(d)), float(d.min())
+    ids[outside], metres[outside] = nearest[inverse], far[inverse]
+    return ids, outside, metres
+
+
+def filed_rows(classes: pl.DataFrame, M: float, labels: pl.DataFrame, chunks, source: dict | None = None) -> NewRows:
+    """A split's rows as a database files them under these classes (`assign_classes`): `labels` a split's
+    label table, `chunks` their unit embeddings in row order (dcfeat.database.unit_rows), read as the writer
+    asks for them."""
+    ids, outside, metres = assign_classes(classes, labels, M)
+    return NewRows(ids, outside, labels.select("row", "image_id", "utm_east", "utm_north", "utm_zone", "utm_letter"),
+                   chunks, source or {}, float(metres.max()) if len(metres) else 0.0)

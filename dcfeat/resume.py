@@ -100,25 +100,27 @@ _BUSY = {
                  "writes into the run, so it runs alone; calibrate once that process has finished",
     "evaluate": "--run {run} is in use by {{holder}} ({{lock}}): a run being trained or calibrated is still "
                 "changing; evaluate it once that process has finished",
+    "index": "--run {run} is in use by {{holder}} ({{lock}}): a run being trained or calibrated is still "
+             "changing; index with it once that process has finished",
 }
 
 
 @contextmanager
 def run_lock(directory: Path, command: str = "train"):
     """The run folder's lock, taken by `command` (a key of _BUSY) for as long as it works on the run:
-    `train` and `calibrate` (they write the model or its confidence) alone, `evaluate` (it reads them)
-    beside other evaluations. Whoever cannot have it is refused at once, with a message naming the holder."""
+    `train` and `calibrate` (they write the model or its confidence) alone, `evaluate` and `index` (they
+    read them) beside other readers. Whoever cannot have it is refused at once, with a message naming the holder."""
     directory = Path(directory)
     if command != "train" and not directory.is_dir():
         check_folder(directory)  # the lock would make the folder: say there is none
     with ExitStack() as held:
         try:
             held.enter_context(exclusive(directory / LOCK_FILE, _BUSY[command].format(run=directory), remove=True,
-                                         shared=command == "evaluate", holder=f"`dcfeat {command}`"))
+                                         shared=command in ("evaluate", "index"), holder=f"`dcfeat {command}`"))
         except OSError as e:
             if not is_not_writable(e):
                 raise
-            if command != "evaluate":
+            if command not in ("evaluate", "index"):
                 raise not_writable(directory, e) from None
             # A run folder nobody can write is trained or calibrated by nobody: it is read unlocked.
         yield

@@ -1,5 +1,5 @@
-"""Exact cosine k-nearest-neighbour search in chunks: torch, or faiss-cpu's exact knn where installed;
-and the hybrid's search among the rows of given cells (`CellIndex`, `topk_in_cells`).
+"""Exact cosine k-nearest-neighbour search in chunks: torch, or faiss-cpu's exact knn where installed
+(the hybrid's search among the rows of given cells is dcfeat.database's).
 
 The database is streamed in row chunks and a running top-k per query is
 merged after each chunk, so memory stays at one chunk plus (nq, k) however
@@ -11,7 +11,6 @@ Any row-sliceable array works as the database, an h5py dataset included
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -40,7 +39,10 @@ def _compute_dtype(source: Array, device: torch.device) -> torch.dtype:
 
 
 def _to_tensor(block: Array, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    block = block if isinstance(block, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(block))
+    if not isinstance(block, torch.Tensor):
+        block = np.ascontiguousarray(block)
+        # A read-only memory map's slice is a view of the file: torch wants memory it may write.
+        block = torch.from_numpy(block if block.flags.writeable else block.copy())
     return block.to(device=device, dtype=dtype)
 
 
@@ -155,152 +157,3 @@ def _topk_faiss(queries: Array, database: Array, k: int, *, normalize: bool,
         s, i = faiss.knn(q, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
         best_s, best_i = _merge(best_s, best_i, torch.from_numpy(s), torch.from_numpy(i) + start, k)
     return best_s.numpy(), best_i.numpy()
-
-
-def normalised(database: Array, device: str | torch.device, *, db_chunk: int = DEFAULT_DB_CHUNK,
-               in_place: bool = False) -> torch.Tensor:
-    """Unit-length rows on `device`, in the search's compute type (fp16/bf16 kept on CUDA), chunk by chunk.
-
-    `in_place`: a tensor already on `device` in that type is overwritten rather than copied (a
-    projected database the caller owns: 1.25 M x 512 float32 is 2.6 GB).
-    """
-    device = torch.empty(0, device=device).device  # "cuda" → "cuda:0", as tensors report it
-    dtype = _compute_dtype(database, device)
-    reuse = in_place and isinstance(database, torch.Tensor) and database.device == device and database.dtype == dtype
-    out = database if reuse else torch.empty(database.shape, dtype=dtype, device=device)
-    for start in range(0, database.shape[0], db_chunk):
-        block = _to_tensor(database[start:start + db_chunk], device, torch.float32)
-        out[start:start + len(block)] = F.normalize(block, dim=1).to(dtype)
-    return out
-
-
-@dataclass
-class CellIndex:
-    """Database rows grouped by cell, built once per database: class c's rows are
-    ``rows[starts[c] : starts[c] + counts[c]]`` (ascending row order within a cell)."""
-
-    rows: torch.Tensor  # int64 (database rows that lie in some class cell,)
-    starts: torch.Tensor  # int64 (classes,)
-    counts: torch.Tensor  # int64 (classes,)
-
-    @classmethod
-    def build(cls, class_keys: np.ndarray, row_keys: np.ndarray, device: str | torch.device = "cpu") -> CellIndex:
-        """`class_keys`: one cell key per class (dcfeat.partition.cell_keys); `row_keys`: one per database row."""
-        order = np.argsort(row_keys, kind="stable")
-        sorted_keys = row_keys[order]
-        lo = np.searchsorted(sorted_keys, class_keys, side="left")
-        hi = np.searchsorted(sorted_keys, class_keys, side="right")
-        as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)  # noqa: E731
-        return cls(as_tensor(order), as_tensor(lo), as_tensor(hi - lo))
-
-    def counts_of(self, cells: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Rows per cell for class ids (any shape) on the index's device; class -1 stands for no cell: 0."""
-        cells = torch.as_tensor(cells, dtype=torch.int64).to(self.counts.device)
-        return torch.where(cells >= 0, self.counts[cells.clamp(min=0)], 0)
-
-
-def topk_in_cells(queries: torch.Tensor, database: torch.Tensor, index: CellIndex, cells: torch.Tensor | np.ndarray,
-                  k: int, *, max_elements: int = 1 << 25) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k database rows by inner product for query i among the rows of its classes ``cells[i]`` only
-    (a class id of -1 stands for no cell: queries may search different numbers of cells).
-
-    `queries` (nq, D) and `database` (nd, D) are unit rows on one device (see `normalised`), so the
-    inner product is the cosine. Queries go in blocks: each block's candidates are laid out as one
-    padded (block, L) index, gathered at once and scored with one batched matmul, where L is the
-    block's largest candidate count; no Python loop runs per query. Returns scores float32 (nq, k)
-    and global database rows int64 (nq, k); past a query's candidates, index -1 and score -inf.
-    """
-    device = database.device
-    cells = torch.as_tensor(cells, dtype=torch.int64).to(device)
-    nq = len(queries)
-    out_s = torch.full((nq, k), -torch.inf, device=device)
-    out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
-    counts = index.counts_of(cells)  # (nq, C)
-    cells = cells.clamp(min=0)
-    totals = counts.sum(1)
-    # A block of queries holds about `max_elements` gathered values (128 MiB as float32).
-    per_query = max(1, int(totals.max()) if nq else 1) * database.shape[1]
-    block = max(1, max_elements // per_query)
-    with torch.inference_mode():
-        for qs in range(0, nq, block):
-            c, n = counts[qs:qs + block], totals[qs:qs + block]
-            width = int(n.max())
-            if width == 0:
-                continue
-            ends = c.cumsum(1)  # (b, C): end of each cell's run in the query's candidate list
-            j = torch.arange(width, device=device).expand(len(c), width)
-            slot = torch.searchsorted(ends, j.contiguous(), right=True).clamp_(max=c.shape[1] - 1)
-            offset = j - (ends - c).gather(1, slot)
-            valid = j < n[:, None]
-            pos = (index.starts[cells[qs:qs + block]].gather(1, slot) + offset).masked_fill_(~valid, 0)
-            rows = index.rows[pos]  # (b, L) database rows
-            cand = database[rows].float()  # (b, L, D); float32 scores, as in topk_cosine
-            s = torch.bmm(cand, queries[qs:qs + block].float()[:, :, None])[:, :, 0].masked_fill_(~valid, -torch.inf)
-            kk = min(k, width)
-            top_s, top_p = torch.topk(s, kk, dim=1)
-            out_s[qs:qs + block, :kk] = top_s
-            out_i[qs:qs + block, :kk] = torch.where(torch.isneginf(top_s), -1, rows.gather(1, top_p))
-    return out_s.cpu().numpy(), out_i.cpu().numpy()
-
-
-class MemoryDatabase:
-    """Database photos in memory, sorted by the class each belongs to (`row_classes`, from
-    dcfeat.partition.classes_of): unit rows, their places, and the search the hybrids make."""
-
-    def __init__(self, unit: torch.Tensor, row_classes: np.ndarray, places, classes: int):
-        order = np.argsort(row_classes, kind="stable")
-        counts = np.bincount(row_classes, minlength=classes)
-        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        self.counts = counts.astype(np.int64)
-        self.order = order  # sorted row → original row
-        self.unit = unit[torch.from_numpy(order).to(unit.device)]
-        self.row_classes = np.asarray(row_classes)[order]
-        self._places = type(places)(*(np.asarray(a)[order] for a in places))
-
-    def __len__(self) -> int:
-        return len(self.unit)
-
-    def search(self, queries: torch.Tensor, cells, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows (sorted order) by cosine for each query among the rows of its cells (n, c; -1 none):
-        each cell's rows, contiguous, scored once per block against every query that names it."""
-        cells = np.asarray(cells, np.int64)
-        n = len(cells)
-        out_s, out_i = np.full((n, k), -np.inf, np.float32), np.full((n, k), -1, np.int64)
-        with torch.inference_mode():
-            for lo in range(0, n, block):
-                c = cells[lo:lo + block]
-                cnt = np.where(c >= 0, self.counts[np.maximum(c, 0)], 0)
-                width = int(cnt.sum(1).max()) if len(c) else 0
-                if width == 0:
-                    continue
-                offset = np.cumsum(cnt, axis=1) - cnt
-                q_idx, slot = np.nonzero(cnt > 0)
-                cell = c[q_idx, slot]
-                order = np.argsort(cell, kind="stable")
-                q_idx, cell, off = q_idx[order], cell[order], offset[q_idx, slot][order]
-                bounds = np.flatnonzero(np.diff(cell)) + 1
-                buf = torch.full((len(c), width), -torch.inf)
-                rows = torch.full((len(c), width), -1, dtype=torch.int64)
-                qb = queries[lo:lo + block].float()
-                for a, b in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(cell)]])):
-                    cl, qs = cell[a], torch.from_numpy(q_idx[a:b])
-                    s0, m = int(self.starts[cl]), int(self.counts[cl])
-                    sims = qb[qs] @ self.unit[s0:s0 + m].float().T
-                    cols = torch.from_numpy(off[a:b])[:, None] + torch.arange(m)
-                    buf[qs[:, None], cols] = sims
-                    rows[qs[:, None], cols] = torch.arange(s0, s0 + m)
-                kk = min(k, width)
-                top_s, top_p = torch.topk(buf, kk, dim=1)
-                out_s[lo:lo + len(c), :kk] = top_s.numpy()
-                out_i[lo:lo + len(c), :kk] = torch.where(torch.isneginf(top_s), -1, rows.gather(1, top_p)).numpy()
-        return out_s, out_i
-
-    def search_all(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return topk_cosine(queries, self.unit, k, device=self.unit.device, normalize=False)
-
-    def counts_of(self, cells) -> np.ndarray:
-        cells = np.asarray(cells, np.int64)
-        return np.where(cells >= 0, self.counts[np.maximum(cells, 0)], 0).sum(1)
-
-    def places(self, rows: np.ndarray):
-        return type(self._places)(*(np.asarray(a)[rows] for a in self._places))

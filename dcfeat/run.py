@@ -25,6 +25,7 @@ resuming, clearing, `runs/latest`) is dcfeat.resume.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -51,9 +52,9 @@ from dcfeat.choices import HEADS, TEST_PROTOTYPES
 from dcfeat.confidence import CALIBRATION_FORMAT, Calibrator
 from dcfeat.errors import BadInput, DamagedRun, OlderLayout, check_format, first_line, is_not_writable, writing
 from dcfeat.geo import UTM_LETTERS
-from dcfeat.identity import FeatureIdentity, feature_problems
+from dcfeat.identity import IDENTITY_ATTRS, FeatureIdentity, feature_problems, weights_fingerprint
 from dcfeat.model import DCModel
-from dcfeat.partition import cell_centre, group_of, load_classes, save_classes
+from dcfeat.partition import cell_centre, class_keys, group_of, load_classes, save_classes
 from dcfeat.presets import TrainConfig
 
 MODEL_FILE, CONFIG_FILE, CLASSES_FILE = "model.safetensors", "config.json", "classes.parquet"
@@ -580,3 +581,18 @@ def record_evaluation(directory: Path, split: str, plan_id: str | None, store: s
     except OSError as e:  # a run folder nobody can write: nobody can calibrate it there either
         if not is_not_writable(e):
             raise
+
+
+def database_identity(run: Run, space: str) -> dict:
+    """What a database searched with this run must have been built for (dcfeat.database's `built_for`): the
+    run's cells (M and every class's cell, in class order: the class ids rows are filed under), its features'
+    identity, the space, and in the projected space the projection's weights (the kept epoch's or the last's).
+    A copy of the run elsewhere is the same run: no path is part of it."""
+    keys = class_keys(run.classes, run.M)
+    digest = hashlib.sha256(f"M={run.M!r}\n".encode() + keys.astype("<i8").tobytes()).hexdigest()[:16]
+    features = run.feature_identity
+    projection = (weights_fingerprint("projection", run.model.projection.state_dict()) if space == "projected"
+                  else None)
+    return {"classes_digest": digest, "classes": len(run.classes), "M": run.M, "space": space,
+            "projection": projection, **{k: features.attrs().get(k) for k in IDENTITY_ATTRS}}
+

@@ -193,7 +193,7 @@ def test_predict_writes_confidence_radius_and_abstentions(city_store, city_run, 
 
 @pytest.mark.parametrize("rule", ["everything falls back", "nothing falls back"])
 def test_the_adaptive_hybrid_is_retrieval_or_the_hybrid_at_its_extremes(city_store, city_run, rule):
-    from dcfeat.evaluate import adaptive, hybrid, retrieve
+    from dcfeat.evaluate import adaptive, cell_database, hybrid, retrieve
     from dcfeat.run import load_run
     from dcfeat.store import read_split
 
@@ -202,7 +202,9 @@ def test_the_adaptive_hybrid_is_retrieval_or_the_hybrid_at_its_extremes(city_sto
     dev = torch.device("cpu")
     if rule == "everything falls back":
         run.calibration.hybrid = AdaptiveRule(2.0)
-        want = retrieve(run, q, db, 10, dev)
+        searched, _ = cell_database(run, db, "projected", dev)  # the database the adaptive hybrid searches
+        want = retrieve(run, q, searched, 10, dev)
+        want.ref = searched.source_rows(want.ref)  # the split's rows, as the adaptive hybrid names them
     else:
         run.calibration.hybrid = AdaptiveRule(-1.0)
         want = hybrid(run, q, db, 10, None, dev)  # the gated hybrid

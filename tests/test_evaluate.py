@@ -160,37 +160,34 @@ def test_more_bad_options_fail_clearly(city_store, city_run, images, tiny_model,
 
 @pytest.mark.parametrize("space", ["projected", "raw"])
 def test_the_hybrid_is_exact_retrieval_among_the_top_cells_images(city_store, city_run, space):
-    """Brute force: every query's top-5 classes, the database rows in those cells, cosine, top-k."""
+    """Brute force: every query's top-5 classes, the database rows filed under those cells (their own cell's
+    class, else the nearest class's), cosine with the float16 unit rows a database holds, top-k."""
     import torch
 
+    from dcfeat.database import unit_rows
     from dcfeat.evaluate import hybrid
-    from dcfeat.partition import cell_keys
+    from dcfeat.partition import assign_classes
     from dcfeat.run import load_run
 
     run = load_run(city_run, torch.device("cpu"))
     q, db = read_split(city_store, "test", dtype=np.float32), read_split(city_store, "test-db", dtype=np.float32)
     got = hybrid(run, q, db, 10, 5, torch.device("cpu"), space)
     with torch.no_grad():
-        embed = (lambda x: run.model.projection(torch.as_tensor(x)).double().numpy()) if space == "projected" \
-            else (lambda x: np.asarray(x, np.float64))
-        qe, de = embed(q.embeddings), embed(db.embeddings)
-    cos = (qe / np.linalg.norm(qe, axis=1, keepdims=True)) @ (de / np.linalg.norm(de, axis=1, keepdims=True)).T
-    c, lab = run.classes, db.labels
-    M = run.M
-    class_keys = cell_keys(c["utm_zone"].to_numpy(), c["utm_letter"].to_numpy(), c["cell_east"].to_numpy(),
-                           c["cell_north"].to_numpy(), M)
-    row_keys = cell_keys(lab["utm_zone"].to_numpy(), lab["utm_letter"].to_numpy(), lab["utm_east"].to_numpy(),
-                         lab["utm_north"].to_numpy(), M)
+        qe = run.model.embedded(q.embeddings, space).double().numpy()
+        de = unit_rows(run.model.embedded(db.embeddings, space)).double().numpy()
+    cos = (qe / np.linalg.norm(qe, axis=1, keepdims=True)) @ de.T
+    filed, outside, _ = assign_classes(run.classes, db.labels, run.M)
     top = run.model.topk(q.embeddings, 5)[0]
     filled = 0
     for qi in range(len(qe)):
-        cand = np.flatnonzero(np.isin(row_keys, class_keys[top[qi]]))
+        cand = np.concatenate([np.flatnonzero(filed == c) for c in top[qi]])
         want = cand[np.argsort(-cos[qi, cand], kind="stable")][:10]
         np.testing.assert_array_equal(got.ref[qi, :len(want)], want)
-        np.testing.assert_allclose(got.score[qi, :len(want)], cos[qi, want], atol=1e-4)
+        np.testing.assert_allclose(got.score[qi, :len(want)], cos[qi, want], atol=1e-5)
         assert (got.ref[qi, len(want):] == -1).all()
         filled += len(want) == 10
     assert filled > len(qe) // 2  # most queries have 10 candidates or more: the comparison is not vacuous
+    assert np.isin(np.flatnonzero(outside), got.ref).any()  # photos outside every class cell are found too
 
 
 # --- outputs that stay true, and inputs that are said ------------------------------------------------------------

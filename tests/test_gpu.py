@@ -69,3 +69,31 @@ def test_predict_images_on_cuda(images, tiny_model, tmp_path):
     # bf16 backbone vs float32: the same best cell for most photos
     top = [f.filter(pl.col("rank") == 1)["class"].to_list() for f in frames.values()]
     assert sum(a == b for a, b in zip(*top)) >= 2
+
+
+def test_the_database_search_on_the_gpu_finds_what_the_cpu_finds(tmp_path):
+    """CellDatabase.search with the rows on the GPU (evaluate --database-split --device cuda) and from a
+    memory map onto the GPU (evaluate --database --device cuda), against the CPU."""
+    import polars as pl
+
+    from dcfeat.database import CellDatabase, NewRows, unit_rows
+
+    rng = np.random.default_rng(0)
+    n, d, classes = 5000, 64, 300
+    labels = pl.DataFrame({"row": np.arange(n), "image_id": [str(i) for i in range(n)], "utm_east": np.zeros(n),
+                           "utm_north": np.zeros(n), "utm_zone": np.full(n, 10, np.int8), "utm_letter": ["S"] * n})
+    emb = unit_rows(torch.as_tensor(rng.standard_normal((n, d)), dtype=torch.float32))
+    cls = rng.integers(0, classes, n)
+    q = torch.nn.functional.normalize(torch.randn(200, d, generator=torch.Generator().manual_seed(1)), dim=1)
+    cells = rng.integers(0, classes, (200, 5))
+    bias = rng.normal(size=cells.shape).astype(np.float32)
+    found = {}
+    for device in ("cpu", "cuda"):
+        rows = NewRows(cls, np.zeros(n, bool), labels, [emb])
+        db = CellDatabase.build(rows, num_classes=classes, space="raw", built_for={}, device=device)
+        found[device] = db.search(q.to(device), cells, 10, bias)
+        if device == "cpu":
+            found["disk"] = db.save(tmp_path / "db").search(q.to("cuda"), cells, 10, bias)
+    for other in ("cuda", "disk"):
+        np.testing.assert_array_equal(found[other][1], found["cpu"][1])
+        np.testing.assert_allclose(found[other][0], found["cpu"][0], atol=1e-5)

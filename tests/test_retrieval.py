@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcfeat.retrieval import CellIndex, normalised, topk_cosine, topk_in_cells
+from dcfeat.retrieval import topk_cosine
 
 
 def _data(nq=13, nd=50, d=16, seed=0):
@@ -79,49 +79,6 @@ def test_dimension_mismatch_raises():
         topk_cosine(q, db[:, :8], 3)
 
 
-def _cells(nd=80, n_keys=30, n_classes=20, seed=1):
-    """Database rows in random cells; classes over a random subset of keys, one with no row at all."""
-    rng = np.random.default_rng(seed)
-    row_keys = rng.integers(0, n_keys, nd) * 7 + 3  # keys need not be dense
-    class_keys = rng.permutation(np.unique(row_keys))[:n_classes - 1]
-    return row_keys, np.append(class_keys, 10_000)  # the last class: a cell without database rows
-
-
-@pytest.mark.parametrize("max_elements", [16, 16 * 40, 1 << 25])  # one query per block, a few, all at once
-def test_search_in_cells_matches_masked_brute_force(max_elements):
-    q, db = _data(nq=17, nd=80)
-    row_keys, class_keys = _cells()
-    rng = np.random.default_rng(2)
-    cells = np.stack([rng.choice(len(class_keys), 3, replace=False) for _ in range(17)])
-    cells[4] = [len(class_keys) - 1, 0, 1]  # the empty cell beside two others
-    cells[5] = len(class_keys) - 1  # only the empty cell, thrice: no candidate
-    cells[6, 1:] = -1  # -1: no cell (queries searching fewer cells than others)
-    k = 6
-    index = CellIndex.build(class_keys, row_keys)
-    s, i = topk_in_cells(normalised(q, "cpu"), normalised(db.astype(np.float16), "cpu"), index, cells, k,
-                         max_elements=max_elements)
-    full = _brute(q, db.astype(np.float16).astype(np.float32))
-    assert s.shape == i.shape == (17, k)
-    for qi in range(17):
-        cand = np.flatnonzero(np.isin(row_keys, class_keys[np.unique(cells[qi][cells[qi] >= 0])]))
-        order = cand[np.argsort(-full[qi, cand], kind="stable")][:k]
-        n = len(order)
-        np.testing.assert_array_equal(i[qi, :n], order)
-        np.testing.assert_allclose(s[qi, :n], full[qi, order], atol=1e-5)
-        np.testing.assert_array_equal(i[qi, n:], -1)
-        assert np.isneginf(s[qi, n:]).all()
-    assert (i[5] == -1).all() and (i[:, 0] >= 0).sum() == 16
-
-
-def test_cell_index_lists_each_class_rows_in_order():
-    row_keys, class_keys = _cells()
-    index = CellIndex.build(class_keys, row_keys)
-    for c, key in enumerate(class_keys):
-        got = index.rows[index.starts[c]:index.starts[c] + index.counts[c]].numpy()
-        np.testing.assert_array_equal(got, np.flatnonzero(row_keys == key))
-    assert index.counts[-1] == 0
-
-
 def test_h5py_dataset_as_database(tmp_path):
     h5py = pytest.importorskip("h5py")
     q, db = _data()
@@ -129,4 +86,3 @@ def test_h5py_dataset_as_database(tmp_path):
         dset = f.create_dataset("embeddings", data=db.astype(np.float16), chunks=(8, 16))
         expected = _brute(q, db.astype(np.float16).astype(np.float32))
         np.testing.assert_array_equal(topk_cosine(q, dset, 4, db_chunk=9)[1], _expect(expected, 4)[1])
-        torch.testing.assert_close(normalised(dset, "cpu", db_chunk=9), normalised(db.astype(np.float16), "cpu"))

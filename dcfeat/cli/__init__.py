@@ -18,6 +18,7 @@ from dcfeat.cli.evaluate_command import evaluate
 from dcfeat.cli.export_command import export
 from dcfeat.cli.extract_command import extract
 from dcfeat.cli.import_command import import_command
+from dcfeat.cli.index_command import index
 from dcfeat.cli.info_command import info
 from dcfeat.cli.options import UserErrorsGroup
 from dcfeat.cli.predict_command import predict
@@ -31,7 +32,7 @@ def cli():
     """Visual place recognition by classification (Divide&Classify) on cached DINOv2 features."""
 
 
-for command in (extract, import_command, info, train, calibrate, evaluate, predict, serve, export, demo):
+for command in (extract, import_command, info, train, calibrate, index, evaluate, predict, serve, export, demo):
     cli.add_command(command)
 
 

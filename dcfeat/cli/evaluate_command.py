@@ -28,10 +28,13 @@ from dcfeat.errors import BadInput
               "retrieve only: exact k-NN over the raw features (also what --mode retrieve does when the default "
               "holds no run).")
 @click.option("--database-split", default=None, callback=split_name, help="Database split for retrieval and the hybrid "
-              "(e.g. test-db).")
+              "(e.g. test-db), embedded and filed under the run's cells in memory.")
+@click.option("--database", type=click.Path(path_type=Path), default=None,
+              help="A database `dcfeat index` wrote for the run, in place of --database-split: the hybrid reads only "
+              "its candidate cells' rows from disk (retrieval reads every row).")
 @click.option("--mode", type=click.Choice([*MODES, "all"]), default=None,
               help="; ".join(f"{name}: {what}" for name, what in MODES.items()) + "; all: every mode the inputs "
-              "allow. [default: all with --database-split (adaptive if calibrated), else classify]")
+              "allow. [default: all with --database-split or --database (adaptive if calibrated), else classify]")
 @click.option("--space", type=click.Choice(list(SPACES)), default=None,
               help="Retrieval descriptors: " + "; ".join(f"{name}: {what}" for name, what in SPACES.items())
               + ". [default: projected with a run, raw without]")
@@ -55,8 +58,8 @@ from dcfeat.errors import BadInput
               "--threshold, red beyond: grid_METHOD.png per method. Retrieval shows the photo it found, "
               "classification the database photo (else training photo) nearest to its answer; read from where "
               "`dcfeat extract` found them.")
-def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells, weights, repeats, threshold, ks, device,
-             out, grid):
+def evaluate(split, feats, run_dir, database_split, database, mode, space, scoring, cells, weights, repeats, threshold, ks,
+             device, out, grid):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots.
 
     With no run (`--run none`, or none trained at the default) `--mode retrieve` evaluates the raw
@@ -65,15 +68,15 @@ def evaluate(split, feats, run_dir, database_split, mode, space, scoring, cells,
     from dcfeat.cli.tables import confidence_table, recall_table
     from dcfeat.evaluate import evaluate_files
 
-    if mode == "all" and database_split is None:
-        raise BadInput("--mode all needs --database-split (the database images' split, e.g. test-db)")
+    if mode == "all" and database_split is None and database is None:
+        raise BadInput("--mode all needs --database-split (the database images' split, e.g. test-db) or --database DB")
     modes = None if mode in (None, "all") else (mode,)
     if run_dir is None:
         run_dir = DEFAULT_RUN if DEFAULT_RUN.exists() else None  # none trained here yet
     elif str(run_dir).lower() == "none":
         run_dir = None
-    result = evaluate_files(feats, run_dir, split, database_split=database_split, modes=modes, ks=ks,
-                            threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out,
+    result = evaluate_files(feats, run_dir, split, database_split=database_split, database=database, modes=modes,
+                            ks=ks, threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out,
                             repeats=repeats, weights=weights, grid=grid)
     report = result.report
     stdout.print(recall_table(report))

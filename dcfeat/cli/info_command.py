@@ -11,17 +11,22 @@ from dcfeat.errors import DamagedStore
 
 
 @click.command()
-@click.argument("store", metavar="STORE|RUN", type=click.Path(path_type=Path), default=DEFAULT_STORE)
+@click.argument("store", metavar="STORE|RUN|DB", type=click.Path(path_type=Path), default=DEFAULT_STORE)
 @click.option("--failures", "show_failures", is_flag=True, help="List every skipped image with its reason.")
 @click.option("--verify", is_flag=True, help="Open every shard and check its rows and checksum and the labels; "
               "list each problem with what to do (exit code 3 when the store is damaged).")
 def info(store, show_failures, verify):
-    """Show the splits of a feature store (rows, dim, model, completeness, size, failures), or check a run folder."""
-    from dcfeat.cli.tables import problems_table, run_table, splits_table
+    """Show the splits of a feature store (rows, dim, model, completeness, size, failures), check a run folder,
+    or describe a database `dcfeat index` wrote (rows, cells, segments, the run it belongs to)."""
+    from dcfeat.cli.tables import database_lines, problems_table, run_table, splits_table
+    from dcfeat.database import MANIFEST, CellDatabase
     from dcfeat.run import verified_run
     from dcfeat.store import list_splits, read_failures
     from dcfeat.verify import verify_store
 
+    if (store / MANIFEST).is_file():
+        stdout.print(database_lines(CellDatabase.open(store)), highlight=False, soft_wrap=True)
+        return
     if store.is_dir():
         run, checked = verified_run(store)
         stdout.print(run_table(run))

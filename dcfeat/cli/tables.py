@@ -45,7 +45,7 @@ def recall_table(report: dict, *, what: str = "") -> Table:
     if report.get("scoring", "cosine") != "cosine":
         title += f", cells ranked by {report['scoring']}"
     if report.get("database_rows"):
-        title += f", database {report['database_split']} ({report['database_rows']:,} rows)"
+        title += f", database {report.get('database') or report['database_split']} ({report['database_rows']:,} rows)"
     notes = [n for n in (report.get("run_status"), RANDOM_NOTICE if report["random_backbone"] else None) if n]
     table = Table(title=title, caption="\n".join(notes) or None)
     table.add_column("method")
@@ -140,3 +140,20 @@ def run_table(run) -> Table:
     for what, value in rows:
         table.add_row(what, value)
     return table
+
+
+def database_lines(db) -> str:
+    """What `dcfeat info DB` says of a database (dcfeat.database.CellDatabase)."""
+    built = db.built_for
+    lines = [f"database {db.path}: {db.rows:,} rows in {db.cells():,} of the run's {db.classes:,} cells, "
+             f"{db.outside:,} rows outside every class cell (filed under the nearest), {len(db.segments)} segment(s); "
+             f"{db.space} descriptors, {db.dim} dims float16, format {db.header['format']}",
+             f"built for run {built.get('run')} (classes {built.get('classes_digest')}, M = {built.get('M')} m"
+             + (f", projection {built.get('projection')}" if built.get("projection") else "")
+             + f"; features {built.get('model_fingerprint')}, {built.get('pooling')})"]
+    for e in db.header["segments"]:
+        src = e["source"]
+        lines.append(f"  segment {e['name']}: {e['rows']:,} rows ({e['outside']:,} outside, the farthest "
+                     f"{e.get('farthest_outside_m', 0.0):,.0f} m from its cell) from split '{src.get('split')}' of "
+                     f"{src.get('store')}")
+    return "\n".join(lines)

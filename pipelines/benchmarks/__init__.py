@@ -25,6 +25,7 @@ BENCHMARKS = {
     "confidence": "the calibrated confidence against its goals (~3 min)",
     "hybrid": "query speed at a 1.25 M-row database, and exact retrieval against faiss (~15 min)",
     "streamed": "streamed training against the same split in memory",
+    "database": "the hybrid's search of a database on disk: peak RSS against the file's size (1 M rows: a few min)",
     "cli": "how fast the command line answers (under a minute)",
     "worlds": "every quality claim on the synthetic family of cities (~20 min)",
     "serve": "`dcfeat serve` on loopback: throughput, soak and the hostile set (~10 min)",
