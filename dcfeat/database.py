@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from dcfeat.atomic import exclusive, fsync_dir, leftover_tmp_files, tmp_dir, write_text
+from dcfeat.devices import one_thread
 from dcfeat.errors import BadInput, DamagedStore, IncompatibleFeatures, first_line
 from dcfeat.geo import Places
 from dcfeat.retrieval import topk_cosine
@@ -356,26 +357,34 @@ class CellDatabase:
                 qi, slot, u = qi[order], slot[order], u[order]
                 bounds = torch.cat([torch.tensor([0]), torch.nonzero(u[1:] != u[:-1]).flatten() + 1,
                                     torch.tensor([len(u)])]).tolist()
-                for a, b in zip(bounds[:-1], bounds[1:]):
-                    cell, qq, ss = int(u[a]), qi[a:b], slot[a:b]
-                    for s_ in range(n_seg):
-                        m = int(self.segments[s_].counts[int(union[cell])])
-                        if m == 0:
-                            continue
-                        r0 = int(first[s_, cell])
-                        sims = q_block[qq] @ buffer[r0:r0 + m].T  # (queries naming the cell, its rows)
-                        cols = (col[qq, ss, s_][:, None] + torch.arange(m)).to(device)
-                        qd = qq.to(device)[:, None]
-                        cos[qd, cols] = sims
-                        if bias is not None:
-                            score[qd, cols] = sims + bias[qs:qe][qq, ss].to(device)[:, None]
-                        at[qd, cols] = torch.arange(r0, r0 + m, device=device)
+                with one_thread(device):
+                    self._score_cells(bounds, u, qi, slot, union, first, col, q_block, buffer, cos, score, at,
+                                      None if bias is None else bias[qs:qe], device)
                 kk = min(k, width)
                 top_s, top_p = torch.topk(score, kk, dim=1)
                 out_s[qs:qe, :kk] = top_s.cpu()
                 out_c[qs:qe, :kk] = cos.gather(1, top_p).cpu()
                 out_i[qs:qe, :kk] = torch.where(torch.isneginf(top_s), -1, rows[at.gather(1, top_p)]).cpu()
         return out_s.numpy(), out_i.numpy(), out_c.numpy()
+
+    def _score_cells(self, bounds, u, qi, slot, union, first, col, q_block, buffer, cos, score, at, bias,
+                     device) -> None:
+        """`search`'s inner loop: per cell of the block's union (its pairs bounds[i]..bounds[i + 1] of query
+        qi and slot), per segment, its rows scored against those queries into their candidate columns."""
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            cell, qq, ss = int(u[a]), qi[a:b], slot[a:b]
+            for s_ in range(len(self.segments)):
+                m = int(self.segments[s_].counts[int(union[cell])])
+                if m == 0:
+                    continue
+                r0 = int(first[s_, cell])
+                sims = q_block[qq] @ buffer[r0:r0 + m].T  # (queries naming the cell, its rows)
+                cols = (col[qq, ss, s_][:, None] + torch.arange(m)).to(device)
+                qd = qq.to(device)[:, None]
+                cos[qd, cols] = sims
+                if bias is not None:
+                    score[qd, cols] = sims + bias[qq, ss].to(device)[:, None]
+                at[qd, cols] = torch.arange(r0, r0 + m, device=device)
 
     def search_all(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k rows by cosine among every row (dcfeat.retrieval.topk_cosine per segment, merged):

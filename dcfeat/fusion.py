@@ -133,8 +133,9 @@ def answers(candidates: Candidates, w: np.ndarray, radius_m: float, ranks: int =
     """The ranked answers (n, ranks), the candidate each answers (n, ranks: its column), and the weight of
     rank 1's neighbourhood (n,). Rank 1 is the centroid of the best-supported `radius_m` disc; each next
     rank the candidate photo whose `threshold_m` disc holds the most weight not yet within `threshold_m`
-    of an answer above it (a photo's place is exact: no spread, unlike cell centres). A query with no
-    candidate answers nothing (NaN); ranks past its distinct candidates repeat its last answer."""
+    of an answer above it (a photo's place is exact: no spread, unlike cell centres); past the distinct
+    places, the unused photos in their order. A query with no candidate answers nothing (NaN); ranks past
+    its candidates repeat its last answer."""
     n, r = w.shape
     ranks = max(1, min(ranks, r))
     east, north, places = _plane(candidates)
@@ -161,17 +162,18 @@ def answers(candidates: Candidates, w: np.ndarray, radius_m: float, ranks: int =
         reach = (d2 <= threshold_m ** 2 + 1e-6).astype(np.float64)
         open_ = ((e - fe[:, None]) ** 2 + (no - fn[:, None]) ** 2 > threshold_m ** 2) & (ww > 0)
         used = ~(ww > 0)
-        last = b
         for k in range(1, ranks):
             gain = np.matmul(reach, (ww * open_)[:, :, None])[:, :, 0]
-            pick = np.where(used, -np.inf, gain).argmax(1)
-            fresh = ~used[rows, pick] & (gain[rows, pick] > 0)  # a photo whose place is answered already is not
-            last = np.where(fresh, pick, last)
+            # Past the distinct places: the unused photos in their order (most similar first), which may still
+            # be right where the answers above are not; past every candidate, the last answer again.
+            gain = np.where(used, -np.inf, np.where(gain > 0, gain, -1.0 - np.arange(r) / r))
+            pick = gain.argmax(1)
+            fresh = np.isfinite(gain[rows, pick])
             used[rows, pick] = True
-            open_ &= ~(reach[rows, last] > 0)
-            index[lo:lo + m, k] = last
-            at_e[lo:lo + m, k] = np.where(fresh, e[rows, last], at_e[lo:lo + m, k - 1])
-            at_n[lo:lo + m, k] = np.where(fresh, no[rows, last], at_n[lo:lo + m, k - 1])
+            open_ &= ~(reach[rows, pick] > 0)
+            index[lo:lo + m, k] = np.where(fresh, pick, index[lo:lo + m, k - 1])
+            at_e[lo:lo + m, k] = np.where(fresh, e[rows, pick], at_e[lo:lo + m, k - 1])
+            at_n[lo:lo + m, k] = np.where(fresh, no[rows, pick], at_n[lo:lo + m, k - 1])
     zone = np.broadcast_to(np.asarray(places.zone)[:, :1], (n, ranks))
     letter = np.broadcast_to(np.asarray(places.letter)[:, :1], (n, ranks))
     return Places(at_e, at_n, zone, letter), index, support

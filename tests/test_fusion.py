@@ -52,7 +52,9 @@ def test_ranked_answers_are_distinct_places_and_padding_answers_nothing():
     w = weights(cand, np.zeros((2, 1), np.int64), np.ones((2, 1)), FusedRule())
     at, index, _ = answers(cand, w, radius_m=25.0, ranks=3)
     assert abs(at.east[0, 0] - 3.0) < 1e-9 and at.east[0, 1] in (300.0, 303.0)
-    assert at.east[0, 2] == at.east[0, 1]  # no third place: the last answer again
+    assert at.east[0, 2] == 0.0  # no third place: the most similar photo not answered yet
+    at, _, _ = answers(cand, w, radius_m=25.0, ranks=7)  # as many ranks as candidates at most
+    assert at.east.shape == (2, 5) and np.isfinite(at.east[0]).all() and len(set(at.east[0, 1:])) == 4
     assert np.isnan(at.east[1]).all() and not w[1].any()
 
 
