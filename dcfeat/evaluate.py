@@ -81,7 +81,7 @@ from dcfeat.positions import weighing_scale
 from dcfeat.reports import Ranking, staged, training_photos, write_confidence_plots, write_grids, write_outputs
 from dcfeat.retrieval import retrieval_backend, topk_cosine
 from dcfeat.resume import run_lock
-from dcfeat.run import EVAL_DIR, Run, database_identity, load_run, record_evaluation
+from dcfeat.run import EVAL_DIR, Run, database_identity, load_run, open_database, record_evaluation
 from dcfeat.store import Split, read_split, same_plan, same_split
 
 
@@ -578,18 +578,6 @@ def evaluation_warnings(run: Run, queries: Split, database: Split | CellDatabase
                         f"{threshold_m:g} m, the confidence at {cal.threshold_m:g} m. Refit it with `dcfeat calibrate "
                         f"--threshold {threshold_m:g}` to have both at one threshold")
     return warnings
-
-
-def open_database(path: Path, run: Run, space: str | None) -> CellDatabase:
-    """`--database DB`: the database, refused where it was built for another run, projection or space."""
-    db = CellDatabase.open(path)
-    if space is not None and space != db.space:
-        raise BadInput(f"--space {space}: the database {path} holds {db.space} descriptors; leave --space out, or "
-                       f"build a database in that space with `dcfeat index --space {space}`")
-    db.check_built_for(database_identity(run, db.space),
-                       f"Build one for this run with `dcfeat index --run {run.directory} --out NEW_FOLDER`, or pass the "
-                       "--run (and --weights) the database was built with (`dcfeat info DB` names it)")
-    return db
 
 
 def raw_eval_dir(feats: Path, split: str) -> Path:

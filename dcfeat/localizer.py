@@ -40,10 +40,12 @@ from PIL import Image, ImageOps
 
 from dcfeat.backbone import FrozenBackbone, load_backbone
 from dcfeat.choices import NO_POOLING
-from dcfeat.confidence import TOP_K, answer_rule, calibration_for, scoring_note, signals_of
+from dcfeat.confidence import TOP_K, answer_rule, calibration_for, fused_answers, scoring_note, signals_of
+from dcfeat.database import CellDatabase
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import use_tuned_blocks
+from dcfeat.fusion import CANDIDATES, DEFAULT_FUSED
 from dcfeat.geo import Places, utm_to_latlon
 from dcfeat.identity import check_features, model_source
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
@@ -53,7 +55,7 @@ from dcfeat.model import Scores, top_cells
 from dcfeat.positions import answer as positions_answer
 from dcfeat.positions import positions_of, probabilities, ranked, weighing_scale
 from dcfeat.progress import progress_bar
-from dcfeat.run import Run, load_run
+from dcfeat.run import Run, load_run, open_database
 
 # What `locate` takes per image: a file path, the encoded bytes of an image file, a PIL image,
 # or an (H, W, 3) uint8 array.
@@ -182,6 +184,49 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
                     run_status=pl.lit(run_status(run, scoring)))
 
 
+def fused_predictions(run: Run, database: CellDatabase, image_ids: list[str], features: np.ndarray,
+                      k: int) -> pl.DataFrame:
+    """predictions()'s table from the fused hybrid (dcfeat.fusion) searching `database`: rank 1 the weighted
+    centroid of the best-supported neighbourhood of the candidate photos, ranks 2.. other photos' places; per
+    rank the class of the photo answered (its cell's centre), the photo's weight as `probability` and its id
+    (`database_image`); the confidence and 90 % radius of the fused answers where the run's calibration fitted
+    them (cosine scoring only: the fused rule weighs cosine posteriors)."""
+    cal = calibration_for(run.calibration, "cosine")
+    rule, fc = answer_rule(cal), (cal.fused if cal is not None and database.space == "projected" else None)
+    threshold_m = fc.confidence.threshold_m if fc else THRESHOLD_M
+    n = len(features)
+    sig = signals_of(run.model.score(features, TOP_K), run.classes, M=run.M, rule=rule)
+    unit = torch.nn.functional.normalize(run.model.embedded(features, database.space).float(), dim=1)
+    conf = cal.confidence(sig.values) if cal is not None else np.ones(n)
+    out = fused_answers(sig, conf, database, unit, fc.rule if fc else DEFAULT_FUSED, rule, run.M, ranks=k,
+                        threshold_m=threshold_m)
+    confidence, radius = ((fc.confidence.confidence(out.values), fc.confidence.radius_m(out.base_radius_m)) if fc
+                          and n else (np.full(n, np.nan), np.full(n, np.nan)))
+    take = lambda a: np.take_along_axis(a, out.index, 1)  # noqa: E731
+    rows, ids, probs = take(out.candidates.rows), take(out.candidates.cells), take(out.weights).astype(np.float32)
+    kk = ids.shape[1]
+    safe = np.maximum(ids, 0).reshape(-1)
+    cells = centres_of(run.classes, safe)
+    none = ids.reshape(-1) < 0
+    east, north = out.at.east.reshape(-1), out.at.north.reshape(-1)
+    zone, letter = np.asarray(out.at.zone).reshape(-1), np.asarray(out.at.letter).reshape(-1)
+    lat, lon = utm_to_latlon(east, north, zone, letter) if n else (east, north)
+    per_image = lambda v: np.repeat(v, kk)  # noqa: E731
+    status = run_status(run) + ("" if fc else "; FUSED ANSWERS UNCALIBRATED (calibrate with --database-split)")
+    return pl.DataFrame({
+        "image_id": np.repeat(np.asarray(image_ids, dtype=object), kk), "rank": np.tile(np.arange(1, kk + 1), n),
+        "class": np.where(none, -1, safe), "group": np.where(none, -1, run.classes["group"].to_numpy()[safe]),
+        "probability": probs.reshape(-1), "utm_east": east, "utm_north": north, "utm_zone": zone,
+        "utm_letter": letter, "lat": lat, "lon": lon, "cell_east": np.where(none, np.nan, cells.east),
+        "cell_north": np.where(none, np.nan, cells.north), "cell_zone": cells.zone, "cell_letter": cells.letter,
+        "database_image": database.ids(rows.reshape(-1)), "confidence": per_image(confidence),
+        "radius_m": per_image(radius),
+    }).with_columns(pl.col("confidence", "radius_m", "utm_east", "utm_north", "lat", "lon", "cell_east",
+                           "cell_north").fill_nan(None),
+                    threshold_m=pl.lit(fc.confidence.threshold_m if fc else None, pl.Float64),
+                    run_status=pl.lit(status))
+
+
 def abstain(frame: pl.DataFrame, min_confidence: float | None) -> pl.DataFrame:
     """Mark images whose confidence is below `min_confidence` (`abstained`); they stay in the table."""
     below = pl.col("confidence") < min_confidence if min_confidence is not None else pl.lit(False)
@@ -306,8 +351,15 @@ class Localizer:
     """
 
     def __init__(self, run: Run, *, device: str | torch.device | None = None, model: str | None = None,
-                 scoring: str = "cosine", k: int = 5, batch_size: int = 64, workers: int = 0):
+                 scoring: str = "cosine", k: int = 5, batch_size: int = 64, workers: int = 0,
+                 database: CellDatabase | str | os.PathLike | None = None):
         self.run = run
+        if database is not None and scoring != "cosine":
+            raise BadInput(f"--database with --scoring {scoring}: the fused hybrid weighs the cells' cosine "
+                           "posteriors; leave --scoring out")
+        # The fused hybrid's database (`dcfeat index`): answers come from its photos weighed with the cells.
+        self.database = (open_database(Path(database), run, None) if isinstance(database, (str, os.PathLike))
+                         else database)
         self.device = resolve_device(device) if device is not None else run.model.device
         self.model = model
         self.scoring = scoring
@@ -339,8 +391,10 @@ class Localizer:
 
     @property
     def calibrated(self) -> bool:
-        """Whether answers carry a confidence and a radius: the run has a calibration fitted for this scoring."""
-        return calibration_for(self.run.calibration, self.scoring) is not None
+        """Whether answers carry a confidence and a radius: the run has a calibration fitted for this scoring (and
+        for the fused answers, where a database is searched)."""
+        cal = calibration_for(self.run.calibration, self.scoring)
+        return cal is not None and (self.database is None or cal.fused is not None)
 
     @property
     def scoring_note(self) -> str | None:
@@ -482,7 +536,10 @@ class Localizer:
         if len(image_ids) != len(features):
             raise BadInput(f"{len(image_ids)} ids for {len(features)} feature rows: pass one id per row")
         with self._lock:
-            frame = predictions(self.run, list(image_ids), features, k, self.scoring, scores)
+            if self.database is not None:
+                frame = fused_predictions(self.run, self.database, list(image_ids), features, min(k, CANDIDATES))
+            else:
+                frame = predictions(self.run, list(image_ids), features, k, self.scoring, scores)
         return abstain(frame, min_confidence)
 
     def locate_features(self, features: np.ndarray, *, ids: list[str] | None = None, k: int | None = None,

@@ -225,11 +225,11 @@ def error_summary(frame: pl.DataFrame, threshold_m: float = THRESHOLD_M) -> dict
 
 def predict_images(run: Run, images: Path | Sequence[Path] | None, manifest: Path | None, *, model: str | None,
                    k: int, batch_size: int, workers: int, device: str, progress: bool, path_column: str = "path",
-                   scoring: str = "cosine") -> tuple[pl.DataFrame, list]:
+                   scoring: str = "cosine", database=None) -> tuple[pl.DataFrame, list]:
     """Embed image files with the run's backbone and classify them; (table, [(image id, reason)] skipped).
     Where an image's position is known (a manifest's, its SF-XL name's or its EXIF GPS'), `error_m` says how
     far its answer lies from it."""
-    localizer = Localizer(run, device=device, model=model, scoring=scoring)
+    localizer = Localizer(run, device=device, model=model, scoring=scoring, database=database)
     localizer.check_images()
     listed = _image_list(images, manifest, path_column)
     ids = listed.labels["image_id"].to_list()
@@ -247,7 +247,7 @@ def predict_images(run: Run, images: Path | Sequence[Path] | None, manifest: Pat
 
 
 def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "auto",
-                   scoring: str = "cosine") -> pl.DataFrame:
+                   scoring: str = "cosine", database=None) -> pl.DataFrame:
     """Predictions for a cached split (through the run's tuned blocks when it has them), with `error_m` where
     the split's labels know the position."""
 
@@ -255,7 +255,8 @@ def predict_cached(run: Run, feats: Path, split: str, *, k: int, device: str = "
     check_features(run.feature_identity, data.attrs, what=f"split '{split}' of {feats}")
     if run.finetune_blocks:
         [data] = tuned_splits(run, feats, [data], resolve_device(device))
-    frame = Localizer(run, scoring=scoring).table(data.embeddings, data.labels["image_id"].to_list(), k=k)
+    frame = Localizer(run, scoring=scoring, database=database).table(data.embeddings, data.labels["image_id"].to_list(),
+                                                                     k=k)
     return with_errors(frame, data.labels)
 
 
@@ -282,16 +283,18 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | Sequence[Path] | N
                   split: str | None = None, k: int = 5,
                   model: str | None = None, batch_size: int = 64, workers: int | None = None, device: str = "auto",
                   progress: bool = True, scoring: str = "cosine", min_confidence: float | None = None,
-                  geojson_radius: bool = False) -> Prediction:
+                  geojson_radius: bool = False, database: Path | None = None) -> Prediction:
     """`dcfeat predict`: check the options and output, load the run, predict, write `out`. `images`: image
-    files and folders (searched recursively), one or several."""
+    files and folders (searched recursively), one or several. `database`: a database `dcfeat index` wrote
+    for the run: the answers are the fused hybrid's (dcfeat.fusion)."""
 
     out = check_out(out)
     if feats is not None and not split:
         raise BadInput("--feats needs --split (the cached split to predict)")
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
-    Localizer(run, scoring=scoring).check_min_confidence(min_confidence)
+    database = Localizer(run, scoring=scoring, database=database).database  # opened and checked once
+    Localizer(run, scoring=scoring, database=database).check_min_confidence(min_confidence)
     skipped, warnings = [], []
     note = scoring_note(run.calibration, scoring)
     if note:
@@ -300,11 +303,11 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | Sequence[Path] | N
         if _as_tuple(images) or manifest is not None:
             warnings.append(f"--feats and {'--images' if _as_tuple(images) else '--manifest'} both given: predicting "
                             f"the cached split '{split}' of {feats}; the image files are not read")
-        frame = predict_cached(run, feats, split, k=k, device=str(dev), scoring=scoring)
+        frame = predict_cached(run, feats, split, k=k, device=str(dev), scoring=scoring, database=database)
     else:
         frame, skipped = predict_images(run, images, manifest, model=model, k=k, batch_size=batch_size,
                                         workers=workers, device=str(dev), progress=progress,
-                                        path_column=path_column, scoring=scoring)
+                                        path_column=path_column, scoring=scoring, database=database)
     frame = abstain(frame, min_confidence)
     path = write_predictions(frame, out, random_backbone=run.random_backbone, run=run, radius_polygons=geojson_radius,
                              scoring=scoring)

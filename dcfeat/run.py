@@ -50,6 +50,7 @@ from dcfeat.atomic import (
 )
 from dcfeat.choices import HEADS, TEST_PROTOTYPES
 from dcfeat.confidence import CALIBRATION_FORMAT, Calibrator
+from dcfeat.database import CellDatabase
 from dcfeat.errors import BadInput, DamagedRun, OlderLayout, check_format, first_line, is_not_writable, writing
 from dcfeat.geo import UTM_LETTERS
 from dcfeat.identity import IDENTITY_ATTRS, FeatureIdentity, feature_problems, weights_fingerprint
@@ -596,3 +597,14 @@ def database_identity(run: Run, space: str) -> dict:
     return {"classes_digest": digest, "classes": len(run.classes), "M": run.M, "space": space,
             "projection": projection, **{k: features.attrs().get(k) for k in IDENTITY_ATTRS}}
 
+
+def open_database(path: Path, run: Run, space: str | None) -> CellDatabase:
+    """`--database DB`: the database, refused where it was built for another run, projection or space."""
+    db = CellDatabase.open(path)
+    if space is not None and space != db.space:
+        raise BadInput(f"--space {space}: the database {path} holds {db.space} descriptors; leave --space out, or "
+                       f"build a database in that space with `dcfeat index --space {space}`")
+    db.check_built_for(database_identity(run, db.space),
+                       f"Build one for this run with `dcfeat index --run {run.directory} --out NEW_FOLDER`, or pass the "
+                       "--run (and --weights) the database was built with (`dcfeat info DB` names it)")
+    return db

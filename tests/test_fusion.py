@@ -87,3 +87,37 @@ def test_the_fused_calibration_round_trips_and_names_a_bad_field(fused_run):
     d["fused"]["rule"]["temperature"] = -1
     with pytest.raises(ValueError, match="fused.rule"):
         Calibrator.from_dict(d)
+
+
+def test_predict_and_the_localizer_answer_with_a_database_as_evaluate_does(fused_run, city_store, tmp_path):
+    import polars as pl
+
+    from dcfeat.localizer import Localizer
+    from dcfeat.store import read_split
+
+    db = tmp_path / "db"
+    assert invoke("index", "--run", fused_run, "--feats", city_store, "--split", "test-db", "--out", db).exit_code == 0
+    r = invoke("evaluate", "--feats", city_store, "--run", fused_run, "--split", "test", "--database", db, "--mode",
+               "fused", "--out", tmp_path / "eval")
+    assert r.exit_code == 0, r.output
+    lr1 = json.loads((tmp_path / "eval" / "report.json").read_text())["methods"]["fused"]["recall"]["1"]
+    out = tmp_path / "p.parquet"
+    r = invoke("predict", "--run", fused_run, "--feats", city_store, "--split", "test", "--database", db, "--out", out)
+    assert r.exit_code == 0, r.output
+    first = pl.read_parquet(out).filter(pl.col("rank") == 1)
+    assert (first["error_m"] <= 25).mean() == pytest.approx(lr1)
+    assert first["confidence"].is_not_null().all() and first["database_image"].is_not_null().all()
+    # The Localizer (serve's core) gives the same answers from the same features.
+    test = read_split(city_store, "test", dtype=np.float32)
+    answers_ = Localizer.from_run(fused_run, device="cpu", database=db).locate_features(test.embeddings[:5], k=3)
+    assert [a.utm_east for a in answers_] == pytest.approx(first["utm_east"][:5].to_list())
+    assert all(len(a.top_k) == 3 and a.top_k[0]["database_image"] for a in answers_)
+
+
+def test_a_database_under_group_softmax_scoring_is_refused_and_writes_nothing(fused_run, city_store, tmp_path):
+    db = tmp_path / "db"
+    assert invoke("index", "--run", fused_run, "--feats", city_store, "--split", "test-db", "--out", db).exit_code == 0
+    r = invoke("predict", "--run", fused_run, "--feats", city_store, "--split", "test", "--database", db, "--out",
+               tmp_path / "p.parquet", "--scoring", "group-softmax")
+    refused(r, "bad input", "--scoring group-softmax", "cosine")
+    assert not (tmp_path / "p.parquet").exists()

@@ -45,12 +45,15 @@ from dcfeat.cli.options import (
 @workers_option
 @click.option("--min-confidence", type=FRACTION, default=None, help="Abstain below this calibrated confidence: "
               "such images stay in the output with abstained = true (needs a calibrated run).")
+@click.option("--database", type=click.Path(path_type=Path), default=None,
+              help="A database `dcfeat index` wrote for the run: answer with the fused hybrid, its photos of the "
+              "candidate cells weighed with the cells (each answer names the photo it stands on).")
 @click.option("--geojson-radius", is_flag=True, help="GeoJSON: draw each answer as its 90 % circle (a polygon) "
               "instead of a point (needs a calibrated run).")
 @device_option
 @no_progress
 def predict(run_dir, images, manifest, path_column, feats, split, out, k, scoring, model, random_backbone, batch_size,
-            workers, min_confidence, geojson_radius, device, no_progress):
+            workers, min_confidence, database, geojson_radius, device, no_progress):
     """Predict where new photos were taken: top-k cells with probabilities, UTM and lat/lon, with the
     answer's calibrated confidence and the radius holding the true position with probability 0.9."""
     from dcfeat.backbone import RANDOM_NOTICE
@@ -63,7 +66,7 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
     result = predict_files(run_dir, out, images=images, manifest=manifest, path_column=path_column, feats=feats,
                            split=split, k=k, model=model, batch_size=batch_size, workers=workers, device=device,
                            progress=not no_progress, scoring=scoring, min_confidence=min_confidence,
-                           geojson_radius=geojson_radius)
+                           geojson_radius=geojson_radius, database=database)
     first = result.frame.filter(result.frame["rank"] == 1)
     cells = int(result.frame["rank"].max() or 0)
     stdout.print(answers_table(result.frame))

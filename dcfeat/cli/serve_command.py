@@ -23,6 +23,9 @@ from dcfeat.errors import EnvironmentProblem
                         "weights' fingerprint is checked).")
 @click.option("--scoring", type=click.Choice(list(SCORINGS)), default="cosine", show_default=True,
               help="How cells are ranked and given a probability, as `dcfeat predict --scoring`.")
+@click.option("--database", type=click.Path(path_type=Path), default=None,
+              help="A database `dcfeat index` wrote for the run: answer with the fused hybrid (as `dcfeat predict "
+              "--database`); each worker opens it (memory-mapped: the pages are shared).")
 @click.option("--workers", type=AT_LEAST_1, default=1, show_default=True,
               help="Processes on the port, each with its own copy of the model.")
 @click.option("--max-batch", type=AT_LEAST_1, default=32, show_default=True, help="Images per forward pass.")
@@ -55,7 +58,7 @@ from dcfeat.errors import EnvironmentProblem
                    "(--header-timeout bounds them).")
 @click.option("--threads", type=AT_LEAST_1, default=None,
               help="torch threads per process for the model [default: half the cores, the rest decode and answer].")
-def serve(run_dir, host, port, device, random_backbone, scoring, workers, max_batch, max_wait_ms, max_queue, max_images,
+def serve(run_dir, host, port, device, random_backbone, scoring, database, workers, max_batch, max_wait_ms, max_queue, max_images,
           max_body_mb, max_k, timeout_s, header_timeout_s, max_inflight_mb, max_decode_mb, min_confidence,
           max_connections, threads):
     """Serve a run over HTTP: POST /v1/locate (images → answers), POST /geopose and /scrs/geopose (OSCP GeoPose), a page
@@ -73,4 +76,4 @@ def serve(run_dir, host, port, device, random_backbone, scoring, workers, max_ba
                          header_timeout_s=header_timeout_s, max_inflight_bytes=int(max_inflight_mb * (1 << 20)),
                          max_decode_bytes=int(max_decode_mb * (1 << 20)))
     serve_run(run_dir, host=host, port=port, device=device, scoring=scoring, model=model, config=config,
-              workers=workers, threads=threads)
+              workers=workers, threads=threads, database=database)

@@ -37,22 +37,23 @@ def app_from_env() -> FastAPI:
     settings = json.loads(os.environ[CONFIG_ENV])
     _set_threads(settings.get("threads"))
     localizer = Localizer.from_run(settings["run"], device=settings["device"], scoring=settings["scoring"],
-                                   model=settings["model"])
+                                   model=settings["model"], database=settings.get("database"))
     localizer.load_backbone()  # load and check it before the first request
     return create_app(localizer, ServeConfig(**settings["config"]))
 
 
 def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
               scoring: str = "cosine", model: str | None = None, config: ServeConfig | None = None,
-              workers: int = 1, threads: int | None = None, log_level: str = "info") -> None:
+              workers: int = 1, threads: int | None = None, log_level: str = "info",
+              database: Path | None = None) -> None:
     """`dcfeat serve`: load the run and its backbone (refusing a damaged run before listening), then
     serve it with uvicorn until interrupted; `workers` > 1 runs that many processes on one port. `model`:
-    another copy of the run's backbone (the Localizer's)."""
+    another copy of the run's backbone (the Localizer's); `database`: the fused hybrid's (`dcfeat index`)."""
     import uvicorn
 
     config = config or ServeConfig()
     _set_threads(threads)
-    localizer = Localizer.from_run(run_dir, device=device, scoring=scoring, model=model)
+    localizer = Localizer.from_run(run_dir, device=device, scoring=scoring, model=model, database=database)
     localizer.load_backbone()
     if config.min_confidence is not None:
         localizer.check_min_confidence(config.min_confidence)
@@ -63,5 +64,6 @@ def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, devic
         return
     del localizer
     os.environ[CONFIG_ENV] = json.dumps({"run": str(Path(run_dir).resolve()), "device": device, "scoring": scoring,
-                                         "model": model, "threads": threads, "config": asdict(config)})
+                                         "model": model, "threads": threads, "config": asdict(config),
+                                         "database": str(Path(database).resolve()) if database else None})
     uvicorn.run("dcfeat.serve:app_from_env", factory=True, workers=workers, **options)
