@@ -27,6 +27,7 @@ BENCHMARKS = {
     "streamed": "streamed training against the same split in memory",
     "database": "the hybrid's search of a database on disk: peak RSS against the file's size (1 M rows: a few min)",
     "cli": "how fast the command line answers (under a minute)",
+    "fused": "what the fused hybrid costs beside classification, side by side in one process (~5 min)",
     "worlds": "every quality claim on the synthetic family of cities (~20 min)",
     "serve": "`dcfeat serve` on loopback: throughput, soak and the hostile set (~10 min)",
     "serve_hostile": "`dcfeat serve` under slow and maximal clients (~10 min; run it niced)",
