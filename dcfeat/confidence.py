@@ -605,7 +605,8 @@ def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_quer
                   rule: FusedRule, position: PositionRule, M: float, ranks: int = 1,
                   threshold_m: float = THRESHOLD_M) -> FusedAnswers:
     """The fused hybrid's answers for queries with classification signals `sig` (under `position`) and
-    `confidence` (the classification confidence, for the fallback), searching `database` (see dcfeat.fusion)."""
+    `confidence` (the classification confidence, for the fallback), searching `database` (see dcfeat.fusion);
+    a query whose cells hold no photo answers with classification's position."""
     scores = sig.scores
     p = probabilities(scores.cos_top, scores.logit_scale, position.temperature)
     cells = gate_cells(scores, position.temperature, Gate(rule.mass, TOP_K))
@@ -613,9 +614,14 @@ def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_quer
     cand = search(database, unit_queries, cells, fallback)
     w = weights(cand, scores.top_classes, p, rule)
     at, index, support = answers(cand, w, rule.radius_m, ranks, threshold_m)
+    # A query no database photo answers (its cells hold none) keeps classification's position, at every rank.
+    none = ~np.isfinite(np.asarray(at.east)[:, 0])
+    if none.any():
+        at = Places(*(np.where(none[:, None], np.asarray(b)[:, None], np.asarray(a))
+                      for a, b in zip(at, sig.answer)))
     first = Places(*(np.asarray(a)[:, 0] for a in at))
     values = {**sig.values, **fused_signals(cand, w, first, support, sig.answer)}
-    base = base_radius(photo_distances(cand, first), w, M)
+    base = np.where(none, sig.base_radius_m, base_radius(photo_distances(cand, first), w, M))
     return FusedAnswers(at, cand, w, index, values, base, fallback, cells)
 
 

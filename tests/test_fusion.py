@@ -121,3 +121,24 @@ def test_a_database_under_group_softmax_scoring_is_refused_and_writes_nothing(fu
                tmp_path / "p.parquet", "--scoring", "group-softmax")
     refused(r, "bad input", "--scoring group-softmax", "cosine")
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_answers_improve_where_photos_are_added_to_the_database(fused_run, city_store, tmp_path):
+    import polars as pl
+
+    db = tmp_path / "db"
+    # A thin database first (the 100 val photos), then the database split's 1,320 photos added to their cells.
+    assert invoke("index", "--run", fused_run, "--feats", city_store, "--split", "val", "--out", db).exit_code == 0
+
+    def right() -> float:
+        out = tmp_path / "p.parquet"
+        r = invoke("predict", "--run", fused_run, "--feats", city_store, "--split", "test", "--database", db, "--out",
+                   out)
+        assert r.exit_code == 0, r.output
+        return float((pl.read_parquet(out).filter(pl.col("rank") == 1)["error_m"] <= 25).mean())
+
+    thin = right()
+    r = invoke("index", "--run", fused_run, "--feats", city_store, "--split", "test-db", "--out", db, "--add")
+    assert r.exit_code == 0, r.output
+    # Measured: 0.46 with the val photos alone, 0.735 after the append.
+    assert right() >= thin + 0.2
