@@ -19,9 +19,10 @@ from dcfeat.cli.options import POSITIVE, device_option, split_name
               help="Feature store holding the split.")
 @click.option("--run", "run_dir", type=click.Path(path_type=Path), default=DATA / "runs" / "latest",
               show_default=True, help="Run folder written by `dcfeat train`.")
-@click.option("--database-split", default=None, callback=split_name, help="Also fit a confidence that uses "
-              "retrieval's agreement against this database split (e.g. test-db); `evaluate` uses it when it "
-              "retrieves from the same split.")
+@click.option("--database-split", default=None, callback=split_name, help="Also fit, against this database split "
+              "(e.g. test-db): the fused hybrid's rule and its confidence (used by `evaluate --mode fused` and "
+              "`predict`/`serve --database`), the hybrid's gate, and a confidence that uses retrieval's agreement "
+              "(`evaluate` uses it when it retrieves from the same split).")
 @click.option("--threshold", type=POSITIVE, default=THRESHOLD_M, show_default=True,
               help="Metres within which an answer counts as right.")
 @click.option("--allow-test-split", is_flag=True, help="Fit on a test split all the same (its figures in "
@@ -49,5 +50,11 @@ def calibrate(split, feats, run_dir, database_split, threshold, allow_test_split
     if cal.with_database is not None:
         stdout.print(f"and a confidence with retrieval's agreement against '{database_split}', used where "
                      "`dcfeat evaluate` retrieves from it")
+    if cal.fused is not None:
+        f = cal.fused.rule
+        stdout.print(f"the fused hybrid: the photos of the cells holding {100 * f.mass:g} % of the probability, weighed "
+                     f"at temperature {f.temperature:g} and posterior power {f.posterior:g}, answered from the best "
+                     f"{f.radius_m:g} m neighbourhood; the whole database below confidence {f.fallback_below:.2f} "
+                     f"(`dcfeat index` then `--database DB`)")
     stdout.print(f"calibration: {result.path}", highlight=False)
     warn(result.warnings)

@@ -28,7 +28,8 @@ from dcfeat.cli.options import device_option, split_name
 @device_option
 @no_progress
 def index(run_dir, feats, split, out, space, add, device, no_progress):
-    """Write a database of a split's photos sorted by the run's cells, for the hybrid (`evaluate --database`).
+    """Write a database of a split's photos sorted by the run's cells, for the hybrids (`evaluate --database`,
+    `predict --database`, `serve --database`: the fused hybrid's answers).
 
     Every photo is filed under its cell's class, or the nearest class's cell where its own cell is none;
     the hybrid then reads only the rows of its candidate cells, from disk.
