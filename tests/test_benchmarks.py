@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from pipelines.benchmarks import BENCHMARKS, records
@@ -54,3 +55,31 @@ def test_the_recorded_results_render_every_section():
 def test_unknown_cities_are_refused_naming_the_option():
     r = CliRunner().invoke(main, ["run", "worlds", "--cities", "grid,atlantis"])
     assert r.exit_code == 2 and "--cities" in r.output and "atlantis" in r.output
+
+
+@pytest.mark.slow
+def test_scale_records_each_size_the_memory_check_and_faiss_and_draws_its_figure(tmp_path):
+    path = record_run("scale", tmp_path, {"sizes": [2000, 5000], "queries": 50, "memory_check_at": 5000,
+                                          "faiss_at": 5000})
+    (record,) = records.records("scale", tmp_path)
+    small, large = record["sizes"]
+    assert [small["rows"], large["rows"]] == [2000, 5000] and large["classes"] == 5000 // 20
+    for s in (small, large):
+        assert 80 <= s["candidates_per_query"] <= 120  # 5 cells of ~20 rows
+        assert s["found_own_photo"] == 1.0  # each query's photo is its nearest candidate
+        assert all(s[f"{p}_{c}_ms"] > 0 for p in ("search", "fused_1", "fused_20") for c in ("warm", "cold"))
+        assert s["end"]["VmHWM"] >= s["after_open"]["VmHWM"] > 0
+    assert "memory" not in small and "faiss" not in small
+    assert large["memory"]["identical_rows"] and large["memory"]["identical_scores"]
+    f = large["faiss"]
+    assert f["recall_at_1"] >= large["cell_recall_at_1"] == 1.0 and f["nprobe"] == f["sweep"][-1]["nprobe"]
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from pipelines.benchmarks import scale
+
+    text = scale.render(records.records("scale", tmp_path))
+    assert "| 5,000 |" in text and "rows and scores identical" in text and f"nprobe {f['nprobe']}" in text
+
+
+def test_scale_refuses_a_check_at_a_size_it_does_not_build():
+    r = CliRunner().invoke(main, ["run", "scale", "--sizes", "2000", "--faiss-at", "3000"])
+    assert r.exit_code == 2 and "--faiss-at" in r.output and "3000" in r.output

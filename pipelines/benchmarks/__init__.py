@@ -6,7 +6,8 @@ BENCHMARKS.md from the recorded results in pipelines/results/, measuring nothing
 
 A benchmark module has `measure(**options) -> dict` (JSON-able; a module that reports row by row takes a
 `rows` callback too), `render(records) -> str` (its BENCHMARKS.md section, from its records oldest first; a
-dict of template placeholders where it fills several) and `OPTIONS`, the click options of `run NAME`.
+dict of template placeholders where it fills several) and `OPTIONS`, the click options of `run NAME`; a module with
+`figure(record, path)` also draws its record as a PNG beside it (the record's name, `.png`).
 `records` stores the results; `speed`, `quality` and `markdown` are measurement and table pieces the
 benchmarks share.
 """
@@ -26,6 +27,7 @@ BENCHMARKS = {
     "hybrid": "query speed at a 1.25 M-row database, and exact retrieval against faiss (~15 min)",
     "streamed": "streamed training against the same split in memory",
     "database": "the hybrid's search of a database on disk: peak RSS against the file's size (1 M rows: a few min)",
+    "scale": "the fused hybrid's query cost from 75 k to 10 M rows on disk, warm and cold; memory check; faiss IVF on disk",
     "cli": "how fast the command line answers (under a minute)",
     "fused": "what the fused hybrid costs beside classification, side by side in one process (~5 min)",
     "worlds": "every quality claim on the synthetic family of cities (~20 min)",

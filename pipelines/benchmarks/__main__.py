@@ -38,6 +38,8 @@ def record_run(name: str, results: Path, options: dict) -> Path:
     head["load"]["after"] = os.getloadavg()[0]
     path = records.new_path(results, name, head["date"], head["device"], ".json")
     records.write(path, {**head, **result})
+    if hasattr(mod, "figure"):  # drawn beside its record, named after it
+        mod.figure(records.read(path), path.with_suffix(".png"))
     return path
 
 

@@ -33,14 +33,14 @@ OPTIONS = [click.Option(["--rows", "size"], default=1_000_000, show_default=True
                         help="Candidate cells per query.")]
 
 
-def _status() -> dict[str, float]:
+def status() -> dict[str, float]:
     """VmHWM, VmRSS, RssAnon and RssFile of this process, in MB."""
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f)
     return {k: int(fields[k].split()[0]) / 1024 for k in ("VmHWM", "VmRSS", "RssAnon", "RssFile")}
 
 
-def _write(path: Path, rows: int, dim: int) -> float:
+def write_random(path: Path, rows: int, dim: int) -> float:
     """A random database at `path`, written chunk by chunk; seconds taken."""
     rng = np.random.default_rng(0)
     classes = rows // ROWS_PER_CELL
@@ -59,7 +59,7 @@ def _search(path: str, queries: int, cells: int, out) -> None:
     """In a fresh process: open the database, search, report time, rows read and memory."""
     torch.set_num_threads(2)
     db = CellDatabase.open(Path(path))
-    opened = _status()
+    opened = status()
     rng = np.random.default_rng(1)
     q = torch.nn.functional.normalize(torch.randn(queries, db.dim, generator=torch.Generator().manual_seed(1)), dim=1)
     top = rng.integers(0, db.classes, (queries, cells))
@@ -69,14 +69,14 @@ def _search(path: str, queries: int, cells: int, out) -> None:
     seconds = time.perf_counter() - t
     out.put({"seconds": seconds, "ms_per_query": 1000 * seconds / queries, "answered": float((found[:, 0] >= 0).mean()),
              "mean_candidates": float(db.counts_of(top).sum(1).mean()),
-             "distinct_rows_read": int(db.counts_of(np.unique(top)).sum()), "after_open": opened, "end": _status()})
+             "distinct_rows_read": int(db.counts_of(np.unique(top)).sum()), "after_open": opened, "end": status()})
 
 
 def measure(*, size: int = 1_000_000, dim: int = 384, queries: int = 2000, cells: int = 5) -> dict:
     rows = size
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "db"
-        write_s = _write(path, rows, dim)
+        write_s = write_random(path, rows, dim)
         size = (path / "segments" / "000000" / "embeddings.npy").stat().st_size
         context = multiprocessing.get_context("spawn")
         out = context.Queue()
