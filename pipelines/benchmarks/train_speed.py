@@ -1,7 +1,7 @@
 """Training epoch time of this checkout against an earlier commit (default 3d83f78), side by side in one run.
 
 Inputs: none (the city is generated, seeded); git, to check the earlier commit out. Run from the repository
-root: `python -m pipelines.benchmarks run train_speed` (about ten minutes on 2 cores). The earlier commit is
+root: `python -m pipelines.benchmarks run train_speed` (about ten minutes on 2 cores, one thread each). The earlier commit is
 checked out as a detached git worktree under the temporary folder (removed at the end); one feature store of
 a synthetic city with many classes is written once, and each code trains on it (`train_files`, default
 TrainConfig, --epochs epochs, no val split) in a fresh process whose PYTHONPATH is its own tree, alternating
@@ -9,7 +9,9 @@ TrainConfig, --epochs epochs, no val split) in a fresh process whose PYTHONPATH 
 steps only: no val, no saving); the first epoch of each process is left out (allocator, kernels and page cache
 warming). A naive reference trainer runs beside them (--naive): a plain projection and one cosine head per
 group (logits s·cos θ, no margin), AdamW, over the same class-balanced batches as this checkout draws, timed the
-same way; what a dcfeat epoch costs on top of the matrix products themselves.
+same way; what a dcfeat epoch costs on top of the matrix products themselves. --threads: each process's
+threads, one by default: on the 2 shared cores two-thread processes beside other work oversubscribe them (an
+epoch of the default city took 311 s instead of ~25 s at a load average of 6).
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ BASELINE = "3d83f78"  # issue 27: "no slower than 3d83f78"
 OPTIONS = [
     click.Option(["--streets"], default=26, show_default=True, type=click.IntRange(2),
                  help="Streets each way of the synthetic city (classes and train rows grow as its square)."),
-    click.Option(["--epochs"], default=3, show_default=True, type=click.IntRange(2),
+    click.Option(["--epochs"], default=2, show_default=True, type=click.IntRange(2),
                  help="Epochs per training process (the first is left out)."),
     click.Option(["--pairs"], default=3, show_default=True, type=click.IntRange(1),
                  help="Training processes of each code, alternating."),
+    click.Option(["--threads"], default=1, show_default=True, type=click.IntRange(1),
+                 help="Threads of each training process (OMP_NUM_THREADS)."),
     click.Option(["--baseline"], default=BASELINE, show_default=True, help="The earlier commit."),
     click.Option(["--naive/--no-naive"], default=True, show_default=True,
                  help="Also time the naive reference trainer."),
@@ -93,8 +97,8 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _train(script: str, tree: Path, store: Path, out: Path, epochs: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+def _train(script: str, tree: Path, store: Path, out: Path, epochs: int, threads: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     r = subprocess.run([sys.executable, "-c", script, str(store), str(out), str(epochs)], capture_output=True,
                        text=True, env=env, cwd=tree)
     if r.returncode:
@@ -102,13 +106,13 @@ def _train(script: str, tree: Path, store: Path, out: Path, epochs: int) -> dict
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure(*, streets: int = 26, epochs: int = 3, pairs: int = 3, baseline: str = BASELINE,
+def measure(*, streets: int = 26, epochs: int = 2, pairs: int = 3, threads: int = 1, baseline: str = BASELINE,
             naive: bool = True) -> dict:
     city = {"seed": 0, "streets": streets}
     codes = {"current": _git("rev-parse", "--short", "HEAD"), "baseline": _git("rev-parse", "--short", baseline)}
     out = {"city": f"make_city({', '.join(f'{k}={v}' for k, v in city.items())})", "epochs": epochs,
            "pairs": pairs, "codes": codes, "train": f"TrainConfig(epochs={epochs}), no val split",
-           "threads": os.cpu_count(), "seconds": {}}
+           "threads": threads, "seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store, earlier = tmp / "city.h5", tmp / f"dcfeat-{baseline}"
@@ -124,7 +128,7 @@ def measure(*, streets: int = 26, epochs: int = 3, pairs: int = 3, baseline: str
             for i in range(pairs):
                 for kind in kinds:
                     script, tree = (NAIVE, ROOT) if kind == "naive" else (TRAIN, trees[kind])
-                    got = _train(script, tree, store, tmp / f"run-{kind}-{i}", epochs)
+                    got = _train(script, tree, store, tmp / f"run-{kind}-{i}", epochs, threads)
                     runs[kind].append(got["seconds"])
                     out["classes"] = got["classes"]
                     print(json.dumps({kind: got["seconds"]}), flush=True)
@@ -152,7 +156,8 @@ def render(results: list[dict]) -> str:
     if "naive" in s:
         rows.append(["naive reference trainer", f"{s['naive']:.2f}", f"{s['naive'] / s['baseline']:.2f}", "1"])
     return (f"`{r['city']}` ({r['classes']:,} classes, {r['train_rows']:,} train rows), `{r['train']}`, on the "
-            f"CPU; each code in a fresh process with its own tree on PYTHONPATH, alternating, {r['pairs']} "
+            f"CPU, {r['threads']} thread{'s' * (r['threads'] > 1)}; each code in a fresh process with its own tree on "
+            f"PYTHONPATH, alternating, {r['pairs']} "
             f"processes each, the median over their epochs after the first{measured(r)}, load average "
             f"{r['load']['before']:.1f} before and {r['load']['after']:.1f} after ({command('train_speed')}). The "
             "naive reference: a plain projection and one cosine head per group, no margin, AdamW, over the same "
