@@ -149,12 +149,15 @@ def render(results: list[dict]) -> str:
         return not_measured("train_speed")
     r = results[-1]
     s = r["seconds"]
-    rows = [[f"this checkout ({r['codes']['current']})", f"**{s['current']:.2f}**",
+    spread = {kind: [e for run in runs for e in run[1:]] for kind, runs in r["runs"].items()}
+    span = lambda kind: f"{min(spread[kind]):.1f}–{max(spread[kind]):.1f}"  # noqa: E731
+    rows = [[f"this checkout ({r['codes']['current']})", f"**{s['current']:.2f}**", span("current"),
              f"**{r['current_over_baseline']:.2f}**", f"{r['current_over_naive']:.2f}" if "naive" in s else "—"],
-            [f"{r['codes']['baseline']}", f"{s['baseline']:.2f}", "1", f"{r['baseline_over_naive']:.2f}"
-             if "naive" in s else "—"]]
+            [f"{r['codes']['baseline']}", f"{s['baseline']:.2f}", span("baseline"), "1",
+             f"{r['baseline_over_naive']:.2f}" if "naive" in s else "—"]]
     if "naive" in s:
-        rows.append(["naive reference trainer", f"{s['naive']:.2f}", f"{s['naive'] / s['baseline']:.2f}", "1"])
+        rows.append(["naive reference trainer", f"{s['naive']:.2f}", span("naive"), f"{s['naive'] / s['baseline']:.2f}",
+                     "1"])
     return (f"`{r['city']}` ({r['classes']:,} classes, {r['train_rows']:,} train rows), `{r['train']}`, on the "
             f"CPU, {r['threads']} thread{'s' * (r['threads'] > 1)}; each code in a fresh process with its own tree on "
             f"PYTHONPATH, alternating, {r['pairs']} "
@@ -162,4 +165,5 @@ def render(results: list[dict]) -> str:
             f"{r['load']['before']:.1f} before and {r['load']['after']:.1f} after ({command('train_speed')}). The "
             "naive reference: a plain projection and one cosine head per group, no margin, AdamW, over the same "
             "batches. Goal (issue 27): no slower than 3d83f78.\n\n"
-            + table(["code", "seconds per epoch", "over 3d83f78", "over the naive trainer"], rows))
+            + table(["code", "seconds per epoch (median)", "range over the processes", "over 3d83f78",
+                     "over the naive trainer"], rows))
