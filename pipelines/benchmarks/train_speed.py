@@ -1,9 +1,9 @@
 """Training epoch time of this checkout against an earlier commit (default 3d83f78), side by side in one run.
 
 Inputs: none (the city is generated, seeded); git, to check the earlier commit out. Run from the repository
-root: `python -m pipelines.benchmarks run train_speed` (about ten minutes on 2 cores, one thread each). The earlier commit is
-checked out as a detached git worktree under the temporary folder (removed at the end); one feature store of
-a synthetic city with many classes is written once, and each code trains on it (`train_files`, default
+root: `python -m pipelines.benchmarks run train_speed` (about ten minutes on 2 cores, one thread each). The
+earlier commit is checked out as a detached git worktree under the temporary folder (removed at the end); one
+feature store of a synthetic city with many classes is written once, and each code trains on it (`train_files`, default
 TrainConfig, --epochs epochs, no val split) in a fresh process whose PYTHONPATH is its own tree, alternating
 (this, earlier, this, earlier, ...), --pairs times each. An epoch's time is what train records for it (the
 steps only: no val, no saving); the first epoch of each process is left out (allocator, kernels and page cache
