@@ -292,7 +292,9 @@ def _check_finite(net: nn.Module, source: str) -> None:
                if t.is_floating_point() and t.numel()]
     if not tensors:
         return
-    finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu().numpy()
+    # A tensor's smallest and largest values: NaN propagates into both and an infinity is one of them. One pass
+    # and no bool copy of the weights: ~30x faster than isfinite().all() on this CPU (BENCHMARKS.md, fingerprint).
+    finite = torch.stack([torch.isfinite(torch.stack(torch.aminmax(t))).all() for _, t in tensors]).cpu().numpy()
     bad = [n for (n, _), ok in zip(tensors, finite) if not ok]
     if bad:
         raise BadInput(f"--model {source}: the checkpoint's weights are not finite: {len(bad)} of "

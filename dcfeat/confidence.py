@@ -89,13 +89,16 @@ QueryScores = Scores
 @dataclass
 class QuerySignals:
     """Per query: the signals (name → (n,)), the top-k cells (n, k), the answer (a position, (n,))
-    and the 90 % base radius around it (n,)."""
+    and the 90 % base radius around it (n,); the top cells' centres (n, k) and their probabilities under the
+    rule (n, k) that weighed the answer."""
 
     values: dict[str, np.ndarray]
     top_classes: np.ndarray
     base_radius_m: np.ndarray
     answer: Places
     scores: QueryScores
+    centres: Places
+    weights: np.ndarray
 
 
 def query_scores(model: DCModel, features, *, k: int = TOP_K, chunk: int = SCORE_CHUNK) -> QueryScores:
@@ -135,7 +138,7 @@ def signals_of(scores: QueryScores, classes: pl.DataFrame, *, M: float, rule: Po
         "offset_m": from_answer[:, 0] if len(ids) else np.zeros(0),
         "neighbourhood_mass": np.where(dist <= rule.radius_m + 1e-9, p_rule, 0.0).sum(1),
     }
-    return QuerySignals(values, ids, base_radius(from_answer, p_rule, M), answer, scores)
+    return QuerySignals(values, ids, base_radius(from_answer, p_rule, M), answer, scores, top, p_rule)
 
 
 def base_radius(dist: np.ndarray, p: np.ndarray, M: float, coverage: float = RADIUS_COVERAGE) -> np.ndarray:

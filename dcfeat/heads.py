@@ -225,32 +225,40 @@ class GroupHeads(nn.ModuleDict):
             out.append((w, head.weight.float() if self.test_prototypes == "raw" else None))
         return out
 
-    def cell_scores(self, h: torch.Tensor, prototypes: list,
-                    normalisers: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def cell_scores(self, h: torch.Tensor, prototypes: list, normalisers: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """The queries against every prototype (`prototypes()`): the "cosine" scores (n, total classes) that
-        rank the cells, the cosines probabilities are made of (the same tensor but under raw prototypes)
-        and every group's log-sum-exp of s × cosine as (2, n, groups): its largest term and the log of the
-        sum of exp(s × cosine − largest). The log of a cell's probability within its group is
+        rank the cells, the cosines probabilities are made of (the same tensor but under raw prototypes),
+        every group's log-sum-exp of s × cosine as (2, n, groups): its largest term and the log of the
+        sum of exp(s × cosine − largest), and the log-sum-exp over every cell of s × the ranking scores (n,),
+        the softmax's normaliser. The log of a cell's probability within its group is
         (s × cosine − largest) − log sum, as log_softmax makes it (0 and 0 for a softmax head, whose scores
-        are already that; None without `normalisers`). One product per group (two under raw prototypes)."""
+        are already that); both normalisers None without `normalisers`. One product per group (two under raw
+        prototypes); s × scores is made once for both normalisers where the ranking is by cosine, and the
+        groups' exps are taken in place on it after the global one."""
         unit = F.normalize(h.float(), dim=1, eps=_EPS)
-        ranks, cosines, lse = [], [], []
+        ranks, cosines = [], []
         for g, (w, raw) in enumerate(prototypes):
-            head = self[str(g)]
-            if w is None:
-                cos = F.log_softmax(head(h), dim=1)
-                lse.append(torch.zeros((2, len(h)), device=cos.device))
-            else:
-                cos = inner_products(unit, w)
-            if w is not None and normalisers:
-                logits = head.s * cos
-                peak = logits.amax(dim=1, keepdim=True) if cos.shape[1] else torch.zeros((len(h), 1), device=cos.device)
-                lse.append(torch.stack([peak[:, 0], torch.log(torch.exp(logits - peak).sum(dim=1))]))
+            cos = F.log_softmax(self[str(g)](h), dim=1) if w is None else inner_products(unit, w)
             ranks.append(cos if raw is None else inner_products(unit, raw))
             cosines.append(cos)
         rank = torch.cat(ranks, dim=1)
         cosines = rank if self.test_prototypes != "raw" else torch.cat(cosines, dim=1)
-        return rank, cosines, torch.stack(lse, dim=2) if normalisers else None
+        if not normalisers:
+            return rank, cosines, None, None
+        s = self.logit_scale  # every margin head's s
+        logits = s * rank
+        norm = torch.logsumexp(logits, dim=1)
+        logits = logits if cosines is rank else s * cosines  # free to overwrite now
+        lse = []
+        for g, (w, _) in enumerate(prototypes):
+            if w is None:
+                lse.append(torch.zeros((2, len(h)), device=rank.device))
+                continue
+            part = logits[:, self.offsets[g]:self.offsets[g + 1]]
+            peak = part.amax(dim=1, keepdim=True) if part.shape[1] else torch.zeros((len(h), 1), device=rank.device)
+            lse.append(torch.stack([peak[:, 0], torch.log(part.sub_(peak).exp_().sum(dim=1))]))
+        return rank, cosines, torch.stack(lse, dim=2), norm
 
     def log_group_probabilities(self, cos: torch.Tensor) -> torch.Tensor:
         """Every cell's log probability within its group (n, total classes) from `cell_scores`' cosines:

@@ -53,7 +53,7 @@ from dcfeat.partition import centres_of
 from dcfeat.metrics import THRESHOLD_M
 from dcfeat.model import Scores, top_cells
 from dcfeat.positions import answer as positions_answer
-from dcfeat.positions import positions_of, probabilities, ranked, weighing_scale
+from dcfeat.positions import ranked, weighing_scale
 from dcfeat.progress import progress_bar
 from dcfeat.run import Run, load_run, open_database
 
@@ -143,18 +143,16 @@ def predictions(run: Run, image_ids: list[str], features: np.ndarray, k: int, sc
     if scoring == "cosine":
         wide = _wide(run, k) and n > 0
         sig = signals_of(scores.head(TOP_K), run.classes, M=run.M, rule=rule)
-        weights = p_rule = probabilities(sig.scores.cos_top, sig.scores.logit_scale, rule.temperature)
         if not wide:
             ids, probs = sig.top_classes, sig.scores.softmax_top(sig.top_classes.shape[1]).astype(np.float32)
+            cells, weights = sig.centres, sig.weights
         else:  # a softmax at scale s over every class of every group
             ids, probs = scores.top_classes[:, :k], scores.softmax[:, :k]
-            weights = probs
-        # Rank 1 is the best cell's position; ranks 2.. the cells dcfeat.positions.ranked orders (one row per answer).
-        candidates = centres_of(run.classes, sig.top_classes)
-        cells = candidates if ids is sig.top_classes else centres_of(run.classes, ids)
-        first = positions_of(Places(*(np.asarray(a)[:, :1] for a in (cells.east, cells.north, cells.zone,
-                                                                      cells.letter))),
-                             candidates, p_rule, rule.radius_m)
+            cells, weights = centres_of(run.classes, ids), probs
+        # Rank 1 is the signals' answer, the best cell's position (both rankings share their best cell); ranks
+        # 2.. the cells dcfeat.positions.ranked orders (one row per answer).
+        a = sig.answer
+        first = Places(*(np.asarray(v)[:, None] for v in (a.east, a.north, a.zone, a.letter)))
         at, index = ranked(first, cells, weights, k, threshold_m)
         if cal is not None and n:
             confidence, radius = cal.confidence(sig.values), cal.radius_m(sig.base_radius_m)

@@ -116,8 +116,8 @@ class DCModel(nn.Module):
         out = {name: [] for name in ("ids", "cos", "soft", "group", "norm", "rank", "softmax")}
         for start in range(0, len(features), chunk):
             rows = self._on_device(features[start:start + chunk])
-            cos, cosines, lse = heads.cell_scores(rows if embedded else self.projection(rows), prototypes,
-                                                  normalisers)
+            cos, cosines, lse, norm = heads.cell_scores(rows if embedded else self.projection(rows), prototypes,
+                                                        normalisers)
             log_group = lambda cols: ((scale[cols] * cosines.gather(1, cols) - lse[0].gather(1, group[cols]))  # noqa: E731
                                       - lse[1].gather(1, group[cols]))
             if scoring == "cosine":
@@ -131,7 +131,6 @@ class DCModel(nn.Module):
             out["ids"].append(ids.cpu().numpy())
             out["cos"].append(values.cpu().numpy())
             if normalisers:
-                norm = torch.logsumexp(s * cos, dim=1)
                 out["norm"].append(norm.cpu().numpy())
                 out["soft"].append(torch.exp(s * values[:, 0] - norm).cpu().numpy())
                 out["group"].append(torch.exp(first).cpu().numpy())

@@ -87,9 +87,10 @@ def test_features_beyond_float16_are_refused_naming_dtype_float32(tmp_path, tiny
     assert len(list(tmp_path.glob("f.shards/train/*"))) == 1  # the float16 attempt's plan is gone
 
 
-def test_a_checkpoint_with_a_nan_weight_is_refused_naming_it(tmp_path, tiny_model, images):
-    def nan(tensors):
-        tensors["layernorm.bias"][0] = np.nan
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_checkpoint_with_a_nan_weight_is_refused_naming_it(tmp_path, tiny_model, images, value):
+    def nan(tensors):  # NaN, or an infinity that is the tensor's largest or smallest value
+        tensors["layernorm.bias"][0] = value
 
     model = _scaled_model(tiny_model, tmp_path, "nan-model", nan)
     out = tmp_path / "out" / "f.h5"

@@ -23,6 +23,8 @@ BENCHMARKS = {
     "crop": "`extract --crop full` against the centre crop (~10 min)",
     "presets": "the two training presets, and dc-paper with one difference at a time set to dcfeat's (~30 min)",
     "negatives": "sampled negatives: step speed at many classes and learning quality",
+    "scorer": "`predict --feats` against `evaluate --mode classify`, ms per query side by side (~3 min)",
+    "train_speed": "training epoch time of this code against commit 3d83f78, side by side (~10 min)",
     "confidence": "the calibrated confidence against its goals (~3 min)",
     "hybrid": "query speed at a 1.25 M-row database, and exact retrieval against faiss (~15 min)",
     "streamed": "streamed training against the same split in memory",
