@@ -234,8 +234,9 @@ class GroupHeads(nn.ModuleDict):
         the softmax's normaliser. The log of a cell's probability within its group is
         (s × cosine − largest) − log sum, as log_softmax makes it (0 and 0 for a softmax head, whose scores
         are already that); both normalisers None without `normalisers`. One product per group (two under raw
-        prototypes); s × scores is made once for both normalisers where the ranking is by cosine, and the
-        groups' exps are taken in place on it after the global one."""
+        prototypes); s × scores is made once for both normalisers where the ranking is by cosine, the groups'
+        exps are taken in place on it, and the normaliser over every cell is then their log-sum-exp (equal to
+        the direct one within float32 rounding)."""
         unit = F.normalize(h.float(), dim=1, eps=_EPS)
         ranks, cosines = [], []
         for g, (w, raw) in enumerate(prototypes):
@@ -248,7 +249,10 @@ class GroupHeads(nn.ModuleDict):
             return rank, cosines, None, None
         s = self.logit_scale  # every margin head's s
         logits = s * rank
-        norm = torch.logsumexp(logits, dim=1)
+        # Where the groups' terms are the ranking's (normalised prototypes, margin heads), the normaliser over
+        # every cell is the log-sum-exp of the groups' own: no exp pass of its own over every cell.
+        from_groups = cosines is rank and all(w is not None for w, _ in prototypes)
+        norm = None if from_groups else torch.logsumexp(logits, dim=1)
         logits = logits if cosines is rank else s * cosines  # free to overwrite now
         lse = []
         for g, (w, _) in enumerate(prototypes):
@@ -258,7 +262,10 @@ class GroupHeads(nn.ModuleDict):
             part = logits[:, self.offsets[g]:self.offsets[g + 1]]
             peak = part.amax(dim=1, keepdim=True) if part.shape[1] else torch.zeros((len(h), 1), device=rank.device)
             lse.append(torch.stack([peak[:, 0], torch.log(part.sub_(peak).exp_().sum(dim=1))]))
-        return rank, cosines, torch.stack(lse, dim=2), norm
+        lse = torch.stack(lse, dim=2)
+        if from_groups:
+            norm = torch.logsumexp(lse[0] + lse[1], dim=1)
+        return rank, cosines, lse, norm
 
     def log_group_probabilities(self, cos: torch.Tensor) -> torch.Tensor:
         """Every cell's log probability within its group (n, total classes) from `cell_scores`' cosines:
