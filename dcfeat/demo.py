@@ -25,6 +25,7 @@ from huggingface_hub import snapshot_download
 from dcfeat.backbone import load_backbone, random_vit
 from dcfeat.checkpoints import cached_checkpoint, hub_unreachable
 from dcfeat.choices import RANDOM_VIT_DIR
+from dcfeat.calibrate import calibrate_files
 from dcfeat.evaluate import evaluate_files
 from dcfeat.extract import extract_files
 from dcfeat.progress import stderr
@@ -74,11 +75,13 @@ def demo_backbone(root: Path, *, prefer_pretrained: bool = True) -> str:
 
 def feature_city(root: Path, city: dict = FEATURE_CITY, *, device: str = "auto", progress: bool = True):
     """The feature city (`make_city(**city)`) as a store in `root` (written once), a new run trained on it with
-    the default TrainConfig (val split), evaluated on its test queries against its database: the evaluation."""
+    the default TrainConfig (val split), calibrated on val against its database (the fused hybrid's rule with
+    it), evaluated on its test queries against the database: the evaluation."""
     store = Path(root) / "feats.h5"
     write_city(make_city(**city), store)  # a complete split of the same city is kept as it is
     result = train_files(store, "train", TrainConfig(), val_split="val", device=device, progress=progress,
                          command="dcfeat demo (feature city)")
+    calibrate_files(store, result.out, "val", device=device, database_split="test-db")
     return evaluate_files(store, result.out, "test", database_split="test-db", device=device)
 
 

@@ -44,8 +44,9 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model, monkeypatch):
     city = result.city_report
     assert not city["random_backbone"] and city["queries"] == 100 and city["classes"] == 57
     assert city["methods"]["classify"]["recall"]["1"] >= 0.5  # learnt: ten times what chance gives
+    assert city["methods"]["fused"]["fitted_against"] == "test-db"  # the feature city ends calibrated, fused too
     report = result.report
-    assert set(report["methods"]) == {"classify", "classify-centre", "retrieve", "hybrid", "adaptive"} and report["random_backbone"]
+    assert set(report["methods"]) == {"classify", "classify-centre", "retrieve", "hybrid", "fused", "adaptive"} and report["random_backbone"]
     for m in report["methods"].values():
         assert set(m) >= {"recall", "median_error_m", "mean_error_m", "queries_per_s", "ms_per_query"}
         assert set(m["recall"]) == {"1", "5", "10", "20"}

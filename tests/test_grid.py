@@ -33,7 +33,7 @@ def test_a_grid_per_method_from_the_database_photos(calibrated_run, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     methods = list(report["methods"])
-    assert set(methods) == {"classify", "classify-centre", "retrieve", "hybrid", "adaptive"}
+    assert set(methods) == {"classify", "classify-centre", "retrieve", "hybrid", "fused", "adaptive"}
     errors, colours = pl.read_parquet(out / "predictions.parquet"), set()
     for method in methods:
         path = out / f"grid_{method}.png"
