@@ -205,13 +205,25 @@ def fit_fused_rule(searched: dict[float, Candidates], everywhere: Candidates, co
     position rule's temperature; `candidates_of[mass]`: database rows each query's cells hold."""
     n = len(confidence)
     right = {}
-    for mass, temperature, posterior, radius in itertools.product(sorted(searched), TEMPERATURES, POSTERIOR_WEIGHTS,
-                                                                  RADII_M):
-        rule = FusedRule(temperature, posterior, radius, mass)
-        for where, cand in (("cells", searched[mass]), ("everywhere", everywhere)):
-            at = answers(cand, weights(cand, top_classes, p, rule), radius, 1)[0]
-            dist = metres_between(truth, Places(at.east[:, 0], at.north[:, 0], at.zone[:, 0], at.letter[:, 0]))
-            right[(mass, temperature, posterior, radius, where)] = dist <= threshold_m
+    # Each candidate set's places and distances once; each radius's discs once; the weights per rule. The
+    # whole database's candidates do not depend on the gate's mass.
+    sets = {("cells", mass): cand for mass, cand in searched.items()} | {("everywhere", None): everywhere}
+    for (where, mass), cand in sets.items():
+        east, north, places = _plane(cand)
+        d2 = (east[:, :, None] - east[:, None, :]) ** 2 + (north[:, :, None] - north[:, None, :]) ** 2
+        for radius in RADII_M:
+            near = (d2 <= radius ** 2 + 1e-6).astype(np.float64)
+            for temperature, posterior in itertools.product(TEMPERATURES, POSTERIOR_WEIGHTS):
+                w = weights(cand, top_classes, p, FusedRule(temperature, posterior, radius))
+                b = np.matmul(near, w[:, :, None])[:, :, 0].argmax(1) if n else np.zeros(0, np.int64)
+                inside = near[np.arange(n), b] * w
+                total = np.where(inside.sum(1) > 0, inside.sum(1), np.nan)
+                at = Places((inside * east).sum(1) / total, (inside * north).sum(1) / total,
+                            np.asarray(places.zone)[:, 0], np.asarray(places.letter)[:, 0])
+                right[(mass, temperature, posterior, radius, where)] = metres_between(truth, at) <= threshold_m
+    for mass, temperature, posterior, radius in itertools.product(searched, TEMPERATURES, POSTERIOR_WEIGHTS, RADII_M):
+        right[(mass, temperature, posterior, radius, "everywhere")] = right[(None, temperature, posterior, radius,
+                                                                             "everywhere")]
     order = np.argsort(confidence, kind="stable")
     grid = {}
     for (mass, temperature, posterior, radius, where), ok in right.items():
