@@ -47,7 +47,11 @@ def calibrate(run: Run, split: Split, *, threshold_m: float = THRESHOLD_M, store
     split's store, recorded in the calibration's `fitted_on`."""
     cal = fit_confidence(run.model, run.classes, run.M, split, threshold_m=threshold_m, store=store,
                          database=database)
-    return Calibration(cal, warnings=[w for w in (few_queries_warning(cal),) if w])
+    unfused = (f"the fused hybrid's answers to the {cal.fitted_on.queries} queries of '{split.name}' against "
+               f"'{database.name}' were all right or all wrong, so no confidence of theirs could be fitted: the fused "
+               "hybrid answers by its default rule, uncalibrated. Calibrate on a larger held-out split"
+               if database is not None and cal.fused is None else None)
+    return Calibration(cal, warnings=[w for w in (few_queries_warning(cal), unfused) if w])
 
 
 def evaluated_on(run_dir: Path, split: str, plan_id: str | None) -> str | None:

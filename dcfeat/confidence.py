@@ -556,8 +556,11 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
                                     position=rule, signals=(*SIGNALS, DATABASE_SIGNAL),
                                     fitted_on=replace(fitted_on, database_split=database.name))
             cal.with_database.gate = cal.gate
-            fused, confidence = fit_fused(sig, cal, searched, unit, truth, M=M, threshold_m=threshold_m)
-            cal.fused = FusedCalibration(fused, confidence, database.name)
+            try:
+                fused, confidence = fit_fused(sig, cal, searched, unit, truth, M=M, threshold_m=threshold_m)
+                cal.fused = FusedCalibration(fused, confidence, database.name)
+            except ValueError:  # its answers all right (or all wrong) on these queries: no confidence to fit
+                cal.fused = None  # the fused hybrid answers by DEFAULT_FUSED, uncalibrated (calibrate says so)
         return cal
     except ValueError as e:
         raise BadInput(f"split '{split.name}': {e}. Calibrate on a larger held-out split") from None

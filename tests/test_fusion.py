@@ -112,6 +112,22 @@ def test_predict_and_the_localizer_answer_with_a_database_as_evaluate_does(fused
     answers_ = Localizer.from_run(fused_run, device="cpu", database=db).locate_features(test.embeddings[:5], k=3)
     assert [a.utm_east for a in answers_] == pytest.approx(first["utm_east"][:5].to_list())
     assert all(len(a.top_k) == 3 and a.top_k[0]["database_image"] for a in answers_)
+    # More answers than candidate photos: as many as there are, and predict says why.
+    r = invoke("predict", "--run", fused_run, "--feats", city_store, "--split", "test", "--database", db, "--out", out,
+               "--k", "100")
+    assert r.exit_code == 0 and "32 fused-hybrid answers each (it weighs 32 candidate photos at most)" in r.output
+    # The service answers descriptors with the same answers, each rank naming its database photo.
+    from fastapi.testclient import TestClient
+
+    from dcfeat.serve import ServeConfig, create_app
+
+    localizer = Localizer.from_run(fused_run, device="cpu", database=db)
+    with TestClient(create_app(localizer, ServeConfig(max_wait_ms=1))) as client:
+        got = client.post("/v1/locate", json={"descriptors": test.embeddings[:2].tolist(), "k": 2})
+    assert got.status_code == 200, got.text
+    served = got.json()["answers"]
+    assert [a["utm"]["east"] for a in served] == pytest.approx(first["utm_east"][:2].to_list())
+    assert all(len(a["top_k"]) == 2 and a["top_k"][0]["database_image"] for a in served)
 
 
 def test_a_database_under_group_softmax_scoring_is_refused_and_writes_nothing(fused_run, city_store, tmp_path):
@@ -142,3 +158,19 @@ def test_answers_improve_where_photos_are_added_to_the_database(fused_run, city_
     assert r.exit_code == 0, r.output
     # Measured: 0.46 with the val photos alone, 0.735 after the append.
     assert right() >= thin + 0.2
+
+
+def test_a_fused_confidence_that_cannot_be_fitted_leaves_the_rest_calibrated_and_says_so(city_run, city_store,
+                                                                                          tmp_path, monkeypatch):
+    import dcfeat.confidence
+    from dcfeat.calibrate import calibrate_files
+
+    def all_right(*args, **kwargs):  # what fit raises when every held-out answer is right
+        raise ValueError("calibration needs at least 10 held-out queries with right and wrong answers")
+
+    run = tmp_path / "run"
+    shutil.copytree(city_run, run)
+    monkeypatch.setattr(dcfeat.confidence, "fit_fused", all_right)
+    result = calibrate_files(city_store, run, "val", device="cpu", database_split="test-db")
+    assert result.calibrator.fused is None and result.calibrator.with_database is not None
+    assert any("fused hybrid" in w and "uncalibrated" in w for w in result.warnings)

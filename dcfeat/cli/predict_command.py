@@ -72,8 +72,13 @@ def predict(run_dir, images, manifest, path_column, feats, split, out, k, scorin
     stdout.print(answers_table(result.frame))
     abstained = f", {int(first['abstained'].sum())} abstained (confidence < {min_confidence:g})" \
         if min_confidence is not None else ""
-    fewer = f" (the run has {cells} classes)" if cells < k else ""
-    stdout.print(f"{first.height} images, top-{cells} cells each{fewer}{abstained} → {result.path}", highlight=False)
+    if database is not None:
+        fewer = f" (it weighs {cells} candidate photos at most)" if cells < k else ""
+        what = f"{cells} fused-hybrid answers"
+    else:
+        fewer = f" (the run has {cells} classes)" if cells < k else ""
+        what = f"top-{cells} cells"
+    stdout.print(f"{first.height} images, {what} each{fewer}{abstained} → {result.path}", highlight=False)
     errors = result.errors
     if errors is not None:
         stdout.print(f"{errors['known']} of {first.height} images have a known position (manifest, SF-XL name, EXIF "
