@@ -213,7 +213,9 @@ class CellDatabase:
             raise ValueError("a database needs rows: the caller refuses an empty split")
         embeddings = torch.cat(chunks)
         order = _sorted_order(rows.classes)
-        emb = embeddings[torch.as_tensor(order).to(embeddings.device)]
+        # Held as float32 (of the float16 values a file holds, so that both search alike): the search scores
+        # each cell's rows in place, with no float32 copy per block.
+        emb = embeddings[torch.as_tensor(order).to(embeddings.device)].float()
         table = _table(rows, order)
         starts, counts = _ranges(table["class"].to_numpy(), num_classes)
         header = _header(num_classes, space, built_for, emb.shape[1], [_entry("000000", rows, table)])
@@ -325,6 +327,9 @@ class CellDatabase:
         counts = torch.where(there[:, :, None], self._counts.T[cells.clamp(min=0)], 0)
         totals = counts.sum((1, 2))
         block = max(1, max_elements // (max(1, int(totals.max()) if nq else 1) * min(self.dim, SCORED_PER_ROW)))
+        first_seg = self.segments[0].embeddings
+        in_place = (n_seg == 1 and isinstance(first_seg, torch.Tensor) and first_seg.dtype == torch.float32
+                    and first_seg.device == device)
         with torch.inference_mode():
             for qs in range(0, nq, block):
                 qe = min(qs + block, nq)
@@ -333,15 +338,20 @@ class CellDatabase:
                     continue
                 c = cells[qs:qe]
                 union = torch.unique(c[c >= 0])  # sorted: each segment's ranges come in file order
-                buffer, rows, first = [], [], torch.zeros(n_seg, len(union), dtype=torch.int64)
-                held = 0
-                for s, seg in enumerate(self.segments):
-                    st, n = seg.starts[union.numpy()], seg.counts[union.numpy()]
-                    first[s] = held + torch.as_tensor(np.cumsum(n) - n)
-                    buffer.append(seg.read(st, n, device))
-                    rows.append(seg.offset + range_index(st, n))
-                    held += int(n.sum())
-                buffer, rows = torch.cat(buffer), torch.cat(rows).to(device)
+                if in_place:  # one segment in memory, float32 on this device: its cells scored where they are
+                    seg = self.segments[0]
+                    buffer, rows = seg.embeddings, None
+                    first = torch.as_tensor(seg.starts[union.numpy()])[None]
+                else:
+                    buffer, rows, first = [], [], torch.zeros(n_seg, len(union), dtype=torch.int64)
+                    held = 0
+                    for s, seg in enumerate(self.segments):
+                        st, n = seg.starts[union.numpy()], seg.counts[union.numpy()]
+                        first[s] = held + torch.as_tensor(np.cumsum(n) - n)
+                        buffer.append(seg.read(st, n, device))
+                        rows.append(seg.offset + range_index(st, n))
+                        held += int(n.sum())
+                    buffer, rows = torch.cat(buffer), torch.cat(rows).to(device)
                 # Each (slot, segment) of a query owns the columns [col, col + n) of its candidate list.
                 n = counts[qs:qe].reshape(len(c), -1)
                 col = (n.cumsum(1) - n).reshape(len(c), n_slots, n_seg)
@@ -364,7 +374,9 @@ class CellDatabase:
                 top_s, top_p = torch.topk(score, kk, dim=1)
                 out_s[qs:qe, :kk] = top_s.cpu()
                 out_c[qs:qe, :kk] = cos.gather(1, top_p).cpu()
-                out_i[qs:qe, :kk] = torch.where(torch.isneginf(top_s), -1, rows[at.gather(1, top_p)]).cpu()
+                found = at.gather(1, top_p)
+                out_i[qs:qe, :kk] = torch.where(torch.isneginf(top_s), -1,
+                                                found if rows is None else rows[found]).cpu()
         return out_s.numpy(), out_i.numpy(), out_c.numpy()
 
     def _score_cells(self, bounds, u, qi, slot, union, first, col, q_block, buffer, cos, score, at, bias,
