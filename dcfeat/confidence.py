@@ -54,7 +54,7 @@ from dcfeat.choices import SCORINGS, THRESHOLD_M
 from dcfeat.database import CellDatabase, unit_rows
 from dcfeat.errors import BadInput, OlderLayout, check_keys
 from dcfeat.geo import Places, metres_between
-from dcfeat.fusion import (FUSED_SIGNALS, Candidates, FusedRule, answers, fit_fused_rule, fused_signals,
+from dcfeat.fusion import (DEFAULT_FUSED, FUSED_SIGNALS, Candidates, FusedRule, answers, fit_fused_rule, fused_signals,
                            photo_distances, search, weights)
 from dcfeat.fusion import MASSES as FUSED_MASSES
 from dcfeat.model import SCORE_CHUNK, DCModel, Scores
@@ -629,6 +629,22 @@ def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_quer
     values = {**sig.values, **fused_signals(cand, w, first, support, sig.answer)}
     base = np.where(none, sig.base_radius_m, base_radius(photo_distances(cand, first), w, M))
     return FusedAnswers(at, cand, w, index, values, base, fallback, cells)
+
+
+def fused_for_features(model: DCModel, classes: pl.DataFrame, M: float, calibration: Calibrator | None,
+                       database: CellDatabase, features, k: int) -> tuple[FusedAnswers, FusedCalibration | None]:
+    """The fused hybrid's k ranked answers for cached features searching `database`, and the calibration they
+    are answered by (None: DEFAULT_FUSED, no confidence of their own): what `evaluate --mode fused`, `predict`
+    and `serve --database` answer. `calibration`: the run's, fitted for cosine scoring (or None). The rule
+    fitted against the calibration's database split serves any database in the projected space."""
+    rule = answer_rule(calibration)
+    fc = calibration.fused if calibration is not None and database.space == "projected" else None
+    sig = signals_of(model.score(features, TOP_K), classes, M=M, rule=rule)
+    unit = torch.nn.functional.normalize(model.embedded(features, database.space).float(), dim=1)
+    conf = calibration.confidence(sig.values) if calibration is not None else np.ones(len(features))
+    out = fused_answers(sig, conf, database, unit, fc.rule if fc else DEFAULT_FUSED, rule, M, ranks=k,
+                        threshold_m=calibration.threshold_m if calibration is not None else THRESHOLD_M)
+    return out, fc
 
 
 def fit_fused(sig: QuerySignals, cal: Calibrator, database, unit_queries: torch.Tensor, truth: Places, *, M: float,

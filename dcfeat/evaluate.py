@@ -43,7 +43,7 @@ from dcfeat.confidence import (
     DEFAULT_GATE,
     LOWER_IS_SURER,
     FusedAnswers,
-    fused_answers,
+    fused_for_features,
     PROBABILITY_SIGNALS,
     TOP_K,
     Gate,
@@ -262,16 +262,8 @@ def fused(run: Run, queries: Split, db: Split | CellDatabase, k: int, device: to
     their similarity, answered with the weighted centroid of the best-supported neighbourhood, under the rule
     the run's calibration fitted against this database split (DEFAULT_FUSED, with no fallback, elsewhere)."""
     searched, index_seconds = cell_database(run, db, space, device, cache)
-    cal = run.calibration
-    # The rule fitted against the calibration's database split serves any database in that space.
-    fc = cal.fused if cal is not None and searched.space == "projected" else None
-    rule = answer_rule(cal)
     t = time.perf_counter()
-    sig = signals_of(query_scores(run.model, queries.embeddings), run.classes, M=run.M, rule=rule)
-    conf = cal.confidence(sig.values) if cal is not None else np.ones(len(queries.embeddings))
-    out = fused_answers(sig, conf, searched, _unit_queries(run, queries.embeddings, searched.space, device),
-                        fc.rule if fc else DEFAULT_FUSED, rule, run.M, ranks=k,
-                        threshold_m=cal.threshold_m if cal else THRESHOLD_M)
+    out, fc = fused_for_features(run.model, run.classes, run.M, run.calibration, searched, queries.embeddings, k)
     seconds = time.perf_counter() - t
     if cache is not None:
         cache["fused"] = (out, fc)
@@ -281,9 +273,9 @@ def fused(run: Run, queries: Split, db: Split | CellDatabase, k: int, device: to
                    _hybrid_rows(searched, db, rows), seconds,
                    {"space": searched.space, "rule": (fc.rule if fc else DEFAULT_FUSED).to_dict(),
                     "fitted_against": fc.database_split if fc else None, "database_embedding_seconds": index_seconds,
-                    "fallback_share": float(out.fallback.mean()) if len(conf) else 0.0,
+                    "fallback_share": float(out.fallback.mean()) if len(rows) else 0.0,
                     "mean_candidates": float(np.where(out.fallback, searched.rows,
-                                                      searched.counts_of(out.cells).sum(1)).mean()) if len(conf) else 0.0})
+                                                      searched.counts_of(out.cells).sum(1)).mean()) if len(rows) else 0.0})
 
 
 def fused_confidence(found: FusedAnswers, fc, queries: Split) -> dict:

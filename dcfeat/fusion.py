@@ -96,12 +96,6 @@ class Candidates:
     cells: np.ndarray
     places: Places
 
-    def where(self, mask: np.ndarray, other: Candidates) -> Candidates:
-        """These candidates, and `other`'s for the queries of `mask` (both (n, R))."""
-        pick = lambda a, b: np.where(mask[:, None], b, a)  # noqa: E731
-        return Candidates(pick(self.cosine, other.cosine), pick(self.rows, other.rows), pick(self.cells, other.cells),
-                          Places(*(pick(a, b) for a, b in zip(self.places, other.places))))
-
 
 def weights(candidates: Candidates, top_classes: np.ndarray, p: np.ndarray, rule: FusedRule) -> np.ndarray:
     """Each candidate photo's weight (n, R), summing to 1 per query (0 past the candidates): a softmax of its
@@ -130,6 +124,20 @@ def _plane(candidates: Candidates) -> tuple[np.ndarray, np.ndarray, Places]:
     return east, north, Places(east, north, np.asarray(places.zone), np.asarray(places.letter))
 
 
+def _best_disc(east: np.ndarray, north: np.ndarray, near: np.ndarray, w: np.ndarray):
+    """Rank 1 of queries whose candidates (m, R) lie at (east, north), `near` (m, R, R) saying which lie within
+    the disc of which: the candidate whose disc holds the most weight, that weight, and the weighted centroid
+    of the candidates in it (NaN where no candidate has weight)."""
+    held = np.matmul(near, w[:, :, None])[:, :, 0]  # (m, R): the weight of each candidate's disc
+    best = held.argmax(1) if held.size else np.zeros(len(w), np.int64)
+    rows = np.arange(len(w))
+    inside = near[rows, best] * w
+    total = inside.sum(1)
+    ok = total > 0
+    centre = lambda x: np.where(ok, (inside * x).sum(1) / np.where(ok, total, 1), np.nan)  # noqa: E731
+    return best, (held[rows, best] if held.size else np.zeros(len(w))), centre(east), centre(north)
+
+
 def answers(candidates: Candidates, w: np.ndarray, radius_m: float, ranks: int = 1,
             threshold_m: float = THRESHOLD_M) -> tuple[Places, np.ndarray, np.ndarray]:
     """The ranked answers (n, ranks), the candidate each answers (n, ranks: its column), and the weight of
@@ -149,15 +157,8 @@ def answers(candidates: Candidates, w: np.ndarray, radius_m: float, ranks: int =
         e, no, ww = east[lo:lo + chunk], north[lo:lo + chunk], w[lo:lo + chunk]
         m, rows = len(e), np.arange(len(e))
         d2 = (e[:, :, None] - e[:, None, :]) ** 2 + (no[:, :, None] - no[:, None, :]) ** 2
-        near = (d2 <= radius_m ** 2 + 1e-6).astype(np.float64)
-        held = np.matmul(near, ww[:, :, None])[:, :, 0]  # (m, R): the weight of each candidate's disc
-        b = held.argmax(1)
-        inside = near[rows, b] * ww
-        total = inside.sum(1)
-        ok = total > 0
-        fe = np.where(ok, (inside * e).sum(1) / np.where(ok, total, 1), np.nan)
-        fn = np.where(ok, (inside * no).sum(1) / np.where(ok, total, 1), np.nan)
-        support[lo:lo + m], index[lo:lo + m, 0] = held[rows, b], b
+        b, held, fe, fn = _best_disc(e, no, (d2 <= radius_m ** 2 + 1e-6).astype(np.float64), ww)
+        support[lo:lo + m], index[lo:lo + m, 0] = held, b
         at_e[lo:lo + m, 0], at_n[lo:lo + m, 0] = fe, fn
         if ranks == 1:
             continue
@@ -215,11 +216,8 @@ def fit_fused_rule(searched: dict[float, Candidates], everywhere: Candidates, co
             near = (d2 <= radius ** 2 + 1e-6).astype(np.float64)
             for temperature, posterior in itertools.product(TEMPERATURES, POSTERIOR_WEIGHTS):
                 w = weights(cand, top_classes, p, FusedRule(temperature, posterior, radius))
-                b = np.matmul(near, w[:, :, None])[:, :, 0].argmax(1) if n else np.zeros(0, np.int64)
-                inside = near[np.arange(n), b] * w
-                total = np.where(inside.sum(1) > 0, inside.sum(1), np.nan)
-                at = Places((inside * east).sum(1) / total, (inside * north).sum(1) / total,
-                            np.asarray(places.zone)[:, 0], np.asarray(places.letter)[:, 0])
+                _, _, fe, fn = _best_disc(east, north, near, w)
+                at = Places(fe, fn, np.asarray(places.zone)[:, 0], np.asarray(places.letter)[:, 0])
                 right[(mass, temperature, posterior, radius, where)] = metres_between(truth, at) <= threshold_m
     for mass, temperature, posterior, radius in itertools.product(searched, TEMPERATURES, POSTERIOR_WEIGHTS, RADII_M):
         right[(mass, temperature, posterior, radius, "everywhere")] = right[(None, temperature, posterior, radius,

@@ -40,12 +40,12 @@ from PIL import Image, ImageOps
 
 from dcfeat.backbone import FrozenBackbone, load_backbone
 from dcfeat.choices import NO_POOLING
-from dcfeat.confidence import TOP_K, answer_rule, calibration_for, fused_answers, scoring_note, signals_of
+from dcfeat.confidence import TOP_K, answer_rule, calibration_for, fused_for_features, scoring_note, signals_of
 from dcfeat.database import CellDatabase
 from dcfeat.devices import resolve_device
 from dcfeat.errors import BadInput, IncompatibleFeatures
 from dcfeat.finetune import use_tuned_blocks
-from dcfeat.fusion import CANDIDATES, DEFAULT_FUSED
+from dcfeat.fusion import CANDIDATES
 from dcfeat.geo import Places, utm_to_latlon
 from dcfeat.identity import check_features, model_source
 from dcfeat.images import MAX_PIXELS, Crops, ImageDataset, ImageProblem, collate, decoding_workers, load_image
@@ -189,15 +189,9 @@ def fused_predictions(run: Run, database: CellDatabase, image_ids: list[str], fe
     rank the class of the photo answered (its cell's centre), the photo's weight as `probability` and its id
     (`database_image`); the confidence and 90 % radius of the fused answers where the run's calibration fitted
     them (cosine scoring only: the fused rule weighs cosine posteriors)."""
-    cal = calibration_for(run.calibration, "cosine")
-    rule, fc = answer_rule(cal), (cal.fused if cal is not None and database.space == "projected" else None)
-    threshold_m = fc.confidence.threshold_m if fc else THRESHOLD_M
     n = len(features)
-    sig = signals_of(run.model.score(features, TOP_K), run.classes, M=run.M, rule=rule)
-    unit = torch.nn.functional.normalize(run.model.embedded(features, database.space).float(), dim=1)
-    conf = cal.confidence(sig.values) if cal is not None else np.ones(n)
-    out = fused_answers(sig, conf, database, unit, fc.rule if fc else DEFAULT_FUSED, rule, run.M, ranks=k,
-                        threshold_m=threshold_m)
+    out, fc = fused_for_features(run.model, run.classes, run.M, calibration_for(run.calibration, "cosine"), database,
+                                 features, k)
     confidence, radius = ((fc.confidence.confidence(out.values), fc.confidence.radius_m(out.base_radius_m)) if fc
                           and n else (np.full(n, np.nan), np.full(n, np.nan)))
     take = lambda a: np.take_along_axis(a, out.index, 1)  # noqa: E731

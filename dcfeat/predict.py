@@ -293,8 +293,9 @@ def predict_files(run_dir: Path, out: Path, *, images: Path | Sequence[Path] | N
         raise BadInput("--feats needs --split (the cached split to predict)")
     dev = resolve_device(device)
     run = load_run(run_dir, dev)
-    database = Localizer(run, scoring=scoring, database=database).database  # opened and checked once
-    Localizer(run, scoring=scoring, database=database).check_min_confidence(min_confidence)
+    localizer = Localizer(run, scoring=scoring, database=database)  # the database opened and checked once
+    database = localizer.database
+    localizer.check_min_confidence(min_confidence)
     skipped, warnings = [], []
     note = scoring_note(run.calibration, scoring)
     if note:
