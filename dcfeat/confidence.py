@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -54,8 +55,8 @@ from dcfeat.choices import SCORINGS, THRESHOLD_M
 from dcfeat.database import CellDatabase, unit_rows
 from dcfeat.errors import BadInput, OlderLayout, check_keys
 from dcfeat.geo import Places, metres_between
-from dcfeat.fusion import (DEFAULT_FUSED, FUSED_SIGNALS, Candidates, FusedRule, answers, fit_fused_rule, fused_signals,
-                           photo_distances, search, weights)
+from dcfeat.fusion import (DEFAULT_FUSED, FALLBACK_CELLS, FUSED_SIGNALS, Candidates, FusedRule, answers, fit_fused_rule,
+                           fused_signals, photo_distances, search, weights)
 from dcfeat.fusion import MASSES as FUSED_MASSES
 from dcfeat.model import SCORE_CHUNK, DCModel, Scores
 from dcfeat.partition import centres_of, filed_rows, places_of
@@ -72,6 +73,8 @@ DISTANCE_SIGNALS = ("spread", "offset_m", DATABASE_SIGNAL)
 # Lower is surer for these: a ranking by confidence takes their negation.
 LOWER_IS_SURER = ("entropy", "spread", "offset_m", DATABASE_SIGNAL)
 TOP_K = 20
+# The top cells (n, c) of the queries at an index, for the fused hybrid's fallback (`widen_by`).
+Widen = Callable[[np.ndarray, int], np.ndarray]
 RADIUS_COVERAGE = 0.9
 # The adaptive hybrid's rule, fitted with the confidence: the least sure HYBRID_FALLBACK of val
 # queries search the whole database (the others, the cells of the gate).
@@ -557,7 +560,8 @@ def fit_confidence(model: DCModel, classes: pl.DataFrame, M: float, split: Split
                                     fitted_on=replace(fitted_on, database_split=database.name))
             cal.with_database.gate = cal.gate
             try:
-                fused, confidence = fit_fused(sig, cal, searched, unit, truth, M=M, threshold_m=threshold_m)
+                fused, confidence = fit_fused(sig, cal, searched, unit, truth, widen_by(model, q), M=M,
+                                              threshold_m=threshold_m)
                 cal.fused = FusedCalibration(fused, confidence, database.name)
             except ValueError:  # its answers all right (or all wrong) on these queries: no confidence to fit
                 cal.fused = None  # the fused hybrid answers by DEFAULT_FUSED, uncalibrated (calibrate says so)
@@ -608,16 +612,18 @@ class FusedAnswers:
 
 
 def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_queries: torch.Tensor,
-                  rule: FusedRule, position: PositionRule, M: float, ranks: int = 1,
+                  rule: FusedRule, position: PositionRule, M: float, widen: Widen, ranks: int = 1,
                   threshold_m: float = THRESHOLD_M) -> FusedAnswers:
     """The fused hybrid's answers for queries with classification signals `sig` (under `position`) and
     `confidence` (the classification confidence, for the fallback), searching `database` (see dcfeat.fusion);
-    a query whose cells hold no photo answers with classification's position."""
+    `widen(index, c)`: the top c cells of the queries at `index` (n_index, c), for the fallback. A query whose
+    cells hold no photo answers with classification's position."""
     scores = sig.scores
     p = probabilities(scores.cos_top, scores.logit_scale, position.temperature)
     cells = gate_cells(scores, position.temperature, Gate(rule.mass, TOP_K))
     fallback = np.asarray(confidence) < rule.fallback_below
-    cand = search(database, unit_queries, cells, fallback)
+    wide = widen(np.flatnonzero(fallback), rule.fallback_cells) if rule.fallback_cells and fallback.any() else None
+    cand = search(database, unit_queries, cells, fallback, wide)
     w = weights(cand, scores.top_classes, p, rule)
     at, index, support = answers(cand, w, rule.radius_m, ranks, threshold_m)
     # A query no database photo answers (its cells hold none) keeps classification's position, at every rank.
@@ -639,30 +645,46 @@ def fused_for_features(model: DCModel, classes: pl.DataFrame, M: float, calibrat
     fitted against the calibration's database split serves any database in the projected space."""
     rule = answer_rule(calibration)
     fc = calibration.fused if calibration is not None and database.space == "projected" else None
-    sig = signals_of(model.score(features, TOP_K), classes, M=M, rule=rule)
-    unit = torch.nn.functional.normalize(model.embedded(features, database.space).float(), dim=1)
+    q = model.embed(features)  # once: for the scores, the fallback's wide cells and (projected) the search
+    sig = signals_of(model.score(q, TOP_K, embedded=True), classes, M=M, rule=rule)
+    unit = torch.nn.functional.normalize((q if database.space == "projected" else model.embedded(features, "raw"))
+                                         .float(), dim=1)
     conf = calibration.confidence(sig.values) if calibration is not None else np.ones(len(features))
-    out = fused_answers(sig, conf, database, unit, fc.rule if fc else DEFAULT_FUSED, rule, M, ranks=k,
-                        threshold_m=calibration.threshold_m if calibration is not None else THRESHOLD_M)
+    out = fused_answers(sig, conf, database, unit, fc.rule if fc else DEFAULT_FUSED, rule, M, widen_by(model, q),
+                        ranks=k, threshold_m=calibration.threshold_m if calibration is not None else THRESHOLD_M)
     return out, fc
 
 
-def fit_fused(sig: QuerySignals, cal: Calibrator, database, unit_queries: torch.Tensor, truth: Places, *, M: float,
-              threshold_m: float) -> tuple[FusedRule, Calibrator]:
+def widen_by(model: DCModel, embedded: torch.Tensor) -> Widen:
+    """`fused_answers`' `widen` for queries `model` embedded: their top cells by a ranking of every cell
+    (no normaliser: the ranking alone), for those that fall back only."""
+    def widen(index: np.ndarray, cells: int) -> np.ndarray:
+        rows = torch.as_tensor(index, dtype=torch.int64, device=embedded.device)
+        return model.score(embedded[rows], cells, embedded=True, normalisers=False).top_classes
+    return widen
+
+
+def fit_fused(sig: QuerySignals, cal: Calibrator, database, unit_queries: torch.Tensor, truth: Places, widen: Widen,
+              *, M: float, threshold_m: float) -> tuple[FusedRule, Calibrator]:
     """The fused hybrid's rule (dcfeat.fusion.fit_fused_rule) and its confidence, fitted on held-out queries
-    against `database` (`cal`: the classification confidence fitted on them, whose rule answers)."""
+    against `database` (`cal`: the classification confidence fitted on them, whose rule answers; `widen`: as
+    `fused_answers`')."""
     scores, rule = sig.scores, cal.rule
     confidence = cal.confidence(sig.values)
     p = probabilities(scores.cos_top, scores.logit_scale, rule.temperature)
-    none = np.zeros(len(confidence), bool)
+    none, every = np.zeros(len(confidence), bool), np.arange(len(confidence))
     searched, counts = {}, {}
     for mass in FUSED_MASSES:
         cells = gate_cells(scores, rule.temperature, Gate(mass, TOP_K))
         searched[mass], counts[mass] = search(database, unit_queries, cells, none), database.counts_of(cells).sum(1)
-    everywhere = search(database, unit_queries, np.full((len(none), 1), -1), ~none)
-    fused, record = fit_fused_rule(searched, everywhere, confidence, scores.top_classes, p, truth,
-                                   threshold_m=threshold_m, database_rows=database.rows, candidates_of=counts)
-    out = fused_answers(sig, confidence, database, unit_queries, fused, rule, M, threshold_m=threshold_m)
+    wide, wide_rows = {}, {}
+    for c in FALLBACK_CELLS:
+        cells = widen(every, c) if c else None
+        wide[c] = search(database, unit_queries, np.full((len(none), 1), -1), ~none, cells)
+        wide_rows[c] = database.counts_of(cells).sum(1) if c else np.full(len(none), database.rows)
+    fused, record = fit_fused_rule(searched, wide, confidence, scores.top_classes, p, truth,
+                                   threshold_m=threshold_m, candidates_of=counts, wide_rows=wide_rows)
+    out = fused_answers(sig, confidence, database, unit_queries, fused, rule, M, widen, threshold_m=threshold_m)
     err = metres_between(truth, out.first)
     fitted = fit(out.values, err <= threshold_m, out.base_radius_m, err, threshold_m=threshold_m, position=rule,
                  signals=(*SIGNALS, *FUSED_SIGNALS), fitted_on=replace(cal.fitted_on, fused_lr1=record["grid_lr1"]))

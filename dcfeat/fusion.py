@@ -14,13 +14,16 @@ rule of dcfeat.positions with photos, whose places are exact, in place of cell c
 stay distinct the same way (`positions.ranked`): each next rank is the candidate photo that covers the
 most weight not yet within the threshold of an answer above it.
 
-Queries whose classification confidence is below `fallback_below` search every database photo instead
-of their cells' (classification cannot say where they are: a city with few class cells sends most of
-its queries there, a dense one few).
+Queries whose classification confidence is below `fallback_below` search wider than their cells (classification
+cannot say where they are: a city with few class cells sends most of its queries there, a dense one
+few): the photos of their top `fallback_cells` cells by classification's score, or (0) every photo.
+On a dense database the wide cells are the cheaper of the two by far (a query of a 1.25 M-photo city
+reads ~25 k rows of its 256 top cells instead of every row), and where there are few classes they are
+every photo anyway.
 
 The rule is fitted on a held-out split against a database (`fit_fused_rule`: the grid's best LR@1 at
-the threshold, then the fewest whole-database searches within FALLBACK_TOLERANCE of it), with its own
-confidence (`fused_signals`: classification's signals and the support of the answer's neighbourhood).
+the threshold, then the fewest rows searched within FALLBACK_TOLERANCE of it), with its own confidence
+(`fused_signals`: classification's signals and the support of the answer's neighbourhood).
 """
 
 from __future__ import annotations
@@ -45,9 +48,11 @@ TEMPERATURES = (0.03, 0.05, 0.1)
 POSTERIOR_WEIGHTS = (0.0, 0.5, 1.0)
 RADII_M = (25.0, 40.0, 60.0)
 MASSES = (0.7, 0.9, 0.99)
-# Shares of the held-out queries, least confident first, that search the whole database.
-FALLBACK_SHARES = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
-# LR@1 on the held-out split given up for fewer whole-database searches (they cost the database's size).
+# Shares of the held-out queries, least confident first, that search wider than their cells.
+FALLBACK_SHARES = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+# Where they search: their top cells by classification's score, so many; or (0) every photo.
+FALLBACK_CELLS = (256, 0)
+# LR@1 on the held-out split given up for fewer rows searched (a whole-database search costs its size).
 FALLBACK_TOLERANCE = 0.005
 # Signals of the fused answer's confidence (besides classification's): the share of the weight in the
 # answer's neighbourhood, the best candidate's cosine, and metres from classification's position.
@@ -62,8 +67,10 @@ class FusedRule:
     posterior: float = 0.0
     radius_m: float = 40.0
     mass: float = 0.99
-    # Confidence below which a query searches the whole database (0: never; above 1: always).
+    # Confidence below which a query searches wider than its cells (0: never; above 1: always) ...
     fallback_below: float = 0.0
+    # ... among the photos of its top `fallback_cells` cells by classification's score, or (0) every photo.
+    fallback_cells: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +85,9 @@ class FusedRule:
                 raise ValueError(f"`fused.rule.{name}` must be a finite number, not {v!r}")
         if d["temperature"] <= 0 or d["posterior"] < 0 or d["radius_m"] < 0 or not 0 < d["mass"] <= 1:
             raise ValueError("`fused.rule` needs temperature > 0, posterior >= 0, radius_m >= 0 and 0 < mass <= 1")
-        return cls(**{k: float(v) for k, v in d.items()})
+        if d["fallback_cells"] < 0 or d["fallback_cells"] != int(d["fallback_cells"]):
+            raise ValueError(f"`fused.rule.fallback_cells` must be a whole number of cells >= 0, not {d['fallback_cells']!r}")
+        return cls(**{k: int(v) if k == "fallback_cells" else float(v) for k, v in d.items()})
 
 
 # The rule of a run calibrated without a database: what most of the synthetic cities' val splits chose
@@ -196,20 +205,21 @@ def photo_distances(candidates: Candidates, at: Places) -> np.ndarray:
     return metres_between(at, candidates.places) if len(at.east) else np.zeros(candidates.rows.shape)
 
 
-def fit_fused_rule(searched: dict[float, Candidates], everywhere: Candidates, confidence: np.ndarray,
+def fit_fused_rule(searched: dict[float, Candidates], wide: dict[int, Candidates], confidence: np.ndarray,
                    top_classes: np.ndarray, p: np.ndarray, truth: Places, *, threshold_m: float,
-                   database_rows: int, candidates_of: dict[float, np.ndarray]) -> tuple[FusedRule, dict]:
+                   candidates_of: dict[float, np.ndarray], wide_rows: dict[int, np.ndarray]) -> tuple[FusedRule, dict]:
     """The rule whose rank-1 answers are right (within `threshold_m`) most often on held-out queries, and then
-    the fewest whole-database searches within FALLBACK_TOLERANCE of that; with the grid's figures, for the
-    record. `searched[mass]`: the queries' candidates in the cells of that gate; `everywhere`: in the whole
-    database; `confidence`: classification's calibrated confidence; `p`: the top cells' probabilities at the
-    position rule's temperature; `candidates_of[mass]`: database rows each query's cells hold."""
+    the fewest rows searched within FALLBACK_TOLERANCE of that; with the grid's figures, for the record.
+    `searched[mass]`: the queries' candidates in the cells of that gate; `wide[cells]`: in their top `cells`
+    cells (0: the whole database); `confidence`: classification's calibrated confidence; `p`: the top cells'
+    probabilities at the position rule's temperature; `candidates_of[mass]`, `wide_rows[cells]`: database
+    rows each query searches there."""
     n = len(confidence)
     right = {}
     # Each candidate set's places and distances once; each radius's discs once; the weights per rule. The
-    # whole database's candidates do not depend on the gate's mass.
-    sets = {("cells", mass): cand for mass, cand in searched.items()} | {("everywhere", None): everywhere}
-    for (where, mass), cand in sets.items():
+    # wide candidates do not depend on the gate's mass.
+    sets = {("cells", mass): cand for mass, cand in searched.items()} | {("wide", c): cand for c, cand in wide.items()}
+    for (where, scope), cand in sets.items():
         east, north, places = _plane(cand)
         d2 = (east[:, :, None] - east[:, None, :]) ** 2 + (north[:, :, None] - north[:, None, :]) ** 2
         for radius in RADII_M:
@@ -218,31 +228,29 @@ def fit_fused_rule(searched: dict[float, Candidates], everywhere: Candidates, co
                 w = weights(cand, top_classes, p, FusedRule(temperature, posterior, radius))
                 _, _, fe, fn = _best_disc(east, north, near, w)
                 at = Places(fe, fn, np.asarray(places.zone)[:, 0], np.asarray(places.letter)[:, 0])
-                right[(mass, temperature, posterior, radius, where)] = metres_between(truth, at) <= threshold_m
-    for mass, temperature, posterior, radius in itertools.product(searched, TEMPERATURES, POSTERIOR_WEIGHTS, RADII_M):
-        right[(mass, temperature, posterior, radius, "everywhere")] = right[(None, temperature, posterior, radius,
-                                                                             "everywhere")]
+                right[(where, scope, temperature, posterior, radius)] = metres_between(truth, at) <= threshold_m
     order = np.argsort(confidence, kind="stable")
     grid = {}
-    for (mass, temperature, posterior, radius, where), ok in right.items():
-        if where != "cells":
-            continue
-        wide = right[(mass, temperature, posterior, radius, "everywhere")]
-        for share in FALLBACK_SHARES:
+    for mass, temperature, posterior, radius in itertools.product(searched, TEMPERATURES, POSTERIOR_WEIGHTS, RADII_M):
+        ok = right[("cells", mass, temperature, posterior, radius)]
+        for cells, share in itertools.product(wide, FALLBACK_SHARES):
+            if share == 0 and cells != next(iter(wide)):
+                continue  # no query searches wide: one rule, whatever the scope
             fallback = np.zeros(n, bool)
             fallback[order[:int(round(share * n))]] = True
-            lr1 = float(np.where(fallback, wide, ok).mean()) if n else 0.0
-            cost = float(np.where(fallback, database_rows, candidates_of[mass]).mean()) if n else 0.0
-            grid[(mass, temperature, posterior, radius, share)] = (lr1, cost)
+            lr1 = float(np.where(fallback, right[("wide", cells, temperature, posterior, radius)], ok).mean()) if n else 0.0
+            cost = float(np.where(fallback, wide_rows[cells], candidates_of[mass]).mean()) if n else 0.0
+            grid[(mass, temperature, posterior, radius, share, cells)] = (lr1, cost)
     top = max(v[0] for v in grid.values())
     best = min((key for key, v in grid.items() if v[0] >= top - FALLBACK_TOLERANCE - 1e-12),
                key=lambda key: (grid[key][1], -grid[key][0], key))
-    mass, temperature, posterior, radius, share = best
+    mass, temperature, posterior, radius, share, cells = best
     below = _fallback_threshold(confidence[order], share)
+    scope = lambda c: f"{c} cells" if c else "everywhere"  # noqa: E731
     record = {"lr1": grid[best][0], "best_lr1": top, "mean_candidates": grid[best][1], "fallback_share": share,
-              "grid_lr1": {f"q {k[0]:g}, T {k[1]:g}, a {k[2]:g}, {k[3]:g} m, fallback {k[4]:g}": v[0]
+              "grid_lr1": {f"q {k[0]:g}, T {k[1]:g}, a {k[2]:g}, {k[3]:g} m, fallback {k[4]:g} {scope(k[5])}": v[0]
                            for k, v in grid.items() if k[4] in (0.0, share)}}
-    return FusedRule(temperature, posterior, radius, mass, below), record
+    return FusedRule(temperature, posterior, radius, mass, below, cells if share else 0), record
 
 
 def _fallback_threshold(sorted_confidence: np.ndarray, share: float) -> float:
@@ -257,14 +265,19 @@ def _fallback_threshold(sorted_confidence: np.ndarray, share: float) -> float:
     return float((sorted_confidence[m - 1] + sorted_confidence[m]) / 2)
 
 
-def search(database: CellDatabase, queries, cells: np.ndarray, fallback: np.ndarray,
+def search(database: CellDatabase, queries, cells: np.ndarray, fallback: np.ndarray, wide: np.ndarray | None = None,
            k: int = CANDIDATES) -> Candidates:
     """Each query's `k` most similar photos (unit `queries`, (n, D)) among the rows of its `cells` (n, c; -1
-    none), or of the whole database for the queries of `fallback` (n,)."""
+    none), or for the queries of `fallback` (n,) among the rows of their `wide` cells (fallback.sum(), w; -1
+    none), or of the whole database where `wide` is None."""
     cells = np.where(fallback[:, None], -1, cells)
     _, rows, cosine = database.search(queries, cells, k)
     if fallback.any():
-        wide_s, wide_r = database.search_all(queries[torch.as_tensor(fallback).to(queries.device)], k)
+        asked = queries[torch.as_tensor(fallback).to(queries.device)]
+        if wide is None:
+            wide_s, wide_r = database.search_all(asked, k)
+        else:
+            _, wide_r, wide_s = database.search(asked, wide, k)
         cosine[fallback], rows[fallback] = -np.inf, -1
         cosine[fallback, :wide_s.shape[1]], rows[fallback, :wide_r.shape[1]] = wide_s, wide_r
     valid = rows >= 0

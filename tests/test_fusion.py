@@ -8,7 +8,7 @@ import pytest
 
 from conftest import invoke, refused
 from dcfeat.confidence import Calibrator
-from dcfeat.fusion import Candidates, FusedRule, answers, weights
+from dcfeat.fusion import Candidates, FusedRule, answers, fit_fused_rule, weights
 from dcfeat.geo import Places
 
 
@@ -57,6 +57,28 @@ def test_ranked_answers_are_distinct_places_and_padding_answers_nothing():
     assert at.east.shape == (2, 5) and np.isfinite(at.east[0]).all() and len(set(at.east[0, 1:])) == 4
     assert np.isnan(at.east[1]).all() and not w[1].any()
 
+
+
+@pytest.mark.parametrize("wide_right", [True, False])
+def test_the_fit_falls_back_to_the_cheapest_scope_that_is_as_right(wide_right):
+    # Ten queries; their cells' photos stand 500 m from the truth for the three least confident. Their top 256
+    # cells (1,000 rows) hold a right photo or not; every photo (a million rows) does.
+    n, truth = 10, Places(np.zeros(10), np.zeros(10), np.full(10, 10), np.full(10, "S"))
+    confidence = np.linspace(0.1, 0.9, n)
+    wrong = np.arange(n) < 3
+    cells = candidates(np.where(wrong, 500.0, 0.0)[:, None], np.zeros((n, 1)), np.full((n, 1), 0.9))
+    near = candidates(np.where(wrong & ~wide_right, 500.0, 0.0)[:, None], np.zeros((n, 1)), np.full((n, 1), 0.9))
+    everywhere = candidates(np.zeros((n, 1)), np.zeros((n, 1)), np.full((n, 1), 0.9))
+    top, p = np.zeros((n, 1), np.int64), np.ones((n, 1))
+    rule, record = fit_fused_rule({0.9: cells}, {256: near, 0: everywhere}, confidence, top, p, truth, threshold_m=25.0,
+                                  candidates_of={0.9: np.full(n, 100)},
+                                  wide_rows={256: np.full(n, 1000), 0: np.full(n, 1_000_000)})
+    assert record["lr1"] == 1.0 and record["fallback_share"] == 0.3
+    assert rule.fallback_cells == (256 if wide_right else 0)
+    assert confidence[2] < rule.fallback_below < confidence[3]
+    assert FusedRule.from_dict(rule.to_dict()) == rule
+    with pytest.raises(ValueError, match="fallback_cells"):
+        FusedRule.from_dict({**rule.to_dict(), "fallback_cells": 2.5})
 
 @pytest.fixture(scope="module")
 def fused_run(city_run, city_store, tmp_path_factory):
