@@ -594,8 +594,8 @@ def answer_rule(calibration: Calibrator | None) -> PositionRule:
 @dataclass
 class FusedAnswers:
     """The fused hybrid's ranked answers (n, ranks), each query's candidates and their weights, the candidate
-    each rank answers, its signals (classification's and FUSED_SIGNALS), its base radius, and which queries
-    searched the whole database."""
+    each rank answers, its signals (classification's and FUSED_SIGNALS), its base radius, which queries
+    searched wider than their cells, and how many database rows each searched."""
 
     at: Places
     candidates: Candidates
@@ -604,7 +604,7 @@ class FusedAnswers:
     values: dict[str, np.ndarray]
     base_radius_m: np.ndarray
     fallback: np.ndarray
-    cells: np.ndarray  # (n, c): the cells each query searched (-1 none), where it did not search everywhere
+    rows_searched: np.ndarray
 
     @property
     def first(self) -> Places:
@@ -624,6 +624,8 @@ def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_quer
     fallback = np.asarray(confidence) < rule.fallback_below
     wide = widen(np.flatnonzero(fallback), rule.fallback_cells) if rule.fallback_cells and fallback.any() else None
     cand = search(database, unit_queries, cells, fallback, wide)
+    searched = database.counts_of(cells).sum(1)
+    searched[fallback] = database.rows if wide is None else database.counts_of(wide).sum(1)
     w = weights(cand, scores.top_classes, p, rule)
     at, index, support = answers(cand, w, rule.radius_m, ranks, threshold_m)
     # A query no database photo answers (its cells hold none) keeps classification's position, at every rank.
@@ -634,7 +636,7 @@ def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_quer
     first = Places(*(np.asarray(a)[:, 0] for a in at))
     values = {**sig.values, **fused_signals(cand, w, first, support, sig.answer)}
     base = np.where(none, sig.base_radius_m, base_radius(photo_distances(cand, first), w, M))
-    return FusedAnswers(at, cand, w, index, values, base, fallback, cells)
+    return FusedAnswers(at, cand, w, index, values, base, fallback, searched)
 
 
 def fused_for_features(model: DCModel, classes: pl.DataFrame, M: float, calibration: Calibrator | None,

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from dcfeat.atomic import exclusive, fsync_dir, leftover_tmp_files, tmp_dir, write_text
-from dcfeat.devices import one_thread, sampled_products
+from dcfeat.devices import sampled_products
 from dcfeat.errors import BadInput, DamagedStore, IncompatibleFeatures, first_line
 from dcfeat.geo import Places
 from dcfeat.retrieval import topk_cosine
@@ -370,8 +370,7 @@ class CellDatabase:
                 query_of = torch.repeat_interleave(torch.arange(len(c)), per_query)
                 column = torch.arange(pairs) - torch.repeat_interleave(per_query.cumsum(0) - per_query, per_query)
                 q_block = queries[qs:qe].float()
-                with one_thread(device):
-                    sims = sampled_products(q_block, buffer, per_query.to(device), where.to(device))
+                sims = sampled_products(q_block, buffer, per_query.to(device), where.to(device))
                 cos = torch.full((len(c), width), -torch.inf, device=device)
                 at = torch.zeros((len(c), width), dtype=torch.int64, device=device)
                 qd, cd = query_of.to(device), column.to(device)

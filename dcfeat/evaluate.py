@@ -274,8 +274,7 @@ def fused(run: Run, queries: Split, db: Split | CellDatabase, k: int, device: to
                    {"space": searched.space, "rule": (fc.rule if fc else DEFAULT_FUSED).to_dict(),
                     "fitted_against": fc.database_split if fc else None, "database_embedding_seconds": index_seconds,
                     "fallback_share": float(out.fallback.mean()) if len(rows) else 0.0,
-                    "mean_candidates": float(np.where(out.fallback, searched.rows,
-                                                      searched.counts_of(out.cells).sum(1)).mean()) if len(rows) else 0.0})
+                    "mean_candidates": float(out.rows_searched.mean()) if len(rows) else 0.0})
 
 
 def fused_confidence(found: FusedAnswers, fc, queries: Split) -> dict:
