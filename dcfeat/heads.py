@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcfeat.choices import SCORINGS, TEST_PROTOTYPES
-from dcfeat.devices import inner_products
+from dcfeat.devices import inner_products, is_cuda
 
 _EPS = 1e-6  # keeps sin θ = sqrt(1 - cos² θ) and its gradient finite at cos θ = ±1
 
@@ -155,6 +155,23 @@ def sample_negatives(labels: torch.Tensor, classes: int, fraction: float,
 HEAD_CLASSES: dict[str, type[nn.Module]] = {"aamc": AAMC, "lmcc": LMCC, "softmax": SoftmaxHead}
 
 
+# Queries whose s × cosines `_group_lse` exponentiates at once on a CPU: such a block of one group's cells stays
+# in the cache between its passes (0.009 ms per query for the normalisers against 0.011 with a whole chunk at
+# once: 3,146 cells in 4 groups, one thread). A GPU takes the chunk at once (a block is a kernel launch).
+LSE_ROWS = 256
+
+
+def _group_lse(cos: torch.Tensor, s: float) -> torch.Tensor:
+    """(2, n): each query's largest s × cosine over one group's cells (n, cells) and the log of the sum of
+    exp(s × cosine − largest), as `cell_scores` gives them; `LSE_ROWS` queries at a time."""
+    # s × the largest cosine is the largest of s × cosine, bit for bit (rounding is monotone).
+    peak = s * cos.amax(dim=1) if cos.shape[1] else torch.zeros(len(cos), device=cos.device)
+    total, rows = torch.empty_like(peak), max(1, len(cos) if is_cuda(cos.device) else LSE_ROWS)
+    for lo in range(0, len(cos), rows):
+        total[lo:lo + rows] = (s * cos[lo:lo + rows]).sub_(peak[lo:lo + rows, None]).exp_().sum(dim=1)
+    return torch.stack([peak, torch.log(total)])
+
+
 class GroupHeads(nn.ModuleDict):
     """One head per group, keys "0", "1", ...; one flat state dict for the checkpoint.
 
@@ -234,38 +251,28 @@ class GroupHeads(nn.ModuleDict):
         the softmax's normaliser. The log of a cell's probability within its group is
         (s × cosine − largest) − log sum, as log_softmax makes it (0 and 0 for a softmax head, whose scores
         are already that); both normalisers None without `normalisers`. One product per group (two under raw
-        prototypes); s × scores is made once for both normalisers where the ranking is by cosine, the groups'
-        exps are taken in place on it, and the normaliser over every cell is then their log-sum-exp (equal to
-        the direct one within float32 rounding)."""
+        prototypes); each group's exps are taken on its own product as it is made (`_group_lse`), and where
+        the ranking is by cosine the normaliser over every cell is then their log-sum-exp (equal to the
+        direct one within float32 rounding): no exp pass of its own over every cell."""
         unit = F.normalize(h.float(), dim=1, eps=_EPS)
-        ranks, cosines = [], []
+        s = self.logit_scale  # every margin head's s
+        ranks, cosines, lse = [], [], []
         for g, (w, raw) in enumerate(prototypes):
             cos = F.log_softmax(self[str(g)](h), dim=1) if w is None else inner_products(unit, w)
             ranks.append(cos if raw is None else inner_products(unit, raw))
             cosines.append(cos)
+            if normalisers:
+                lse.append(torch.zeros((2, len(h)), device=cos.device) if w is None else _group_lse(cos, s))
         rank = torch.cat(ranks, dim=1)
         cosines = rank if self.test_prototypes != "raw" else torch.cat(cosines, dim=1)
         if not normalisers:
             return rank, cosines, None, None
-        s = self.logit_scale  # every margin head's s
-        logits = s * rank
-        # Where the groups' terms are the ranking's (normalised prototypes, margin heads), the normaliser over
-        # every cell is the log-sum-exp of the groups' own: no exp pass of its own over every cell.
-        from_groups = cosines is rank and all(w is not None for w, _ in prototypes)
-        norm = None if from_groups else torch.logsumexp(logits, dim=1)
-        logits = logits if cosines is rank else s * cosines  # free to overwrite now
-        lse = []
-        for g, (w, _) in enumerate(prototypes):
-            if w is None:
-                lse.append(torch.zeros((2, len(h)), device=rank.device))
-                continue
-            part = logits[:, self.offsets[g]:self.offsets[g + 1]]
-            peak = part.amax(dim=1, keepdim=True) if part.shape[1] else torch.zeros((len(h), 1), device=rank.device)
-            lse.append(torch.stack([peak[:, 0], torch.log(part.sub_(peak).exp_().sum(dim=1))]))
         lse = torch.stack(lse, dim=2)
-        if from_groups:
-            norm = torch.logsumexp(lse[0] + lse[1], dim=1)
-        return rank, cosines, lse, norm
+        # Where the groups' terms are the ranking's (normalised prototypes, margin heads), the normaliser over
+        # every cell is the log-sum-exp of the groups' own.
+        if cosines is rank and all(w is not None for w, _ in prototypes):
+            return rank, cosines, lse, torch.logsumexp(lse[0] + lse[1], dim=1)
+        return rank, cosines, lse, torch.logsumexp(s * rank, dim=1)
 
     def log_group_probabilities(self, cos: torch.Tensor) -> torch.Tensor:
         """Every cell's log probability within its group (n, total classes) from `cell_scores`' cosines:

@@ -248,10 +248,12 @@ def load_classes(path: str | Path) -> pl.DataFrame:
 
 
 def centres_of(classes: pl.DataFrame, ids: np.ndarray) -> Places:
-    """The cell centres of class ids (rows of the class table), in the shape of `ids`."""
+    """The cell centres of class ids (rows of the class table), in the shape of `ids`. The band letters come
+    as a unicode array, not polars' objects: `geo` reads a letter's hemisphere off its code point, and
+    converting (n, k) objects first was ~1 µs per query and top-20 list each time (a few times per answer)."""
     ids = np.asarray(ids)
     return Places(classes["cell_east"].to_numpy()[ids], classes["cell_north"].to_numpy()[ids],
-                  classes["utm_zone"].to_numpy()[ids], classes["utm_letter"].to_numpy()[ids])
+                  classes["utm_zone"].to_numpy()[ids], classes["utm_letter"].to_numpy().astype(str)[ids])
 
 
 def places_of(labels: pl.DataFrame, rows: np.ndarray | None = None) -> Places:

@@ -136,11 +136,13 @@ def test_a_calibration_records_its_scoring_and_one_written_before_is_refused(cit
 
 
 @pytest.mark.parametrize("prototypes", ["normalised", "raw"])
-def test_one_scoring_pass_gives_what_each_scoring_of_every_cell_gives(city_store, city_run, prototypes):
+def test_one_scoring_pass_gives_what_each_scoring_of_every_cell_gives(city_store, city_run, prototypes, monkeypatch):
     """DCModel.score's one product per chunk: its top cells under either scoring, their cosines and the top
     cell's group and global softmax probabilities are those of GroupHeads.scores' full matrices."""
     from dcfeat.run import load_run
     from dcfeat.store import read_split
+
+    monkeypatch.setattr("dcfeat.heads.LSE_ROWS", 5)  # each chunk's normalisers in blocks of 5, 5, 5 and 1 queries
 
     model = load_run(city_run, "cpu").model
     model.heads.test_prototypes = prototypes
