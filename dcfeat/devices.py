@@ -78,23 +78,6 @@ def reproducible(device: torch.device):
         torch.use_deterministic_algorithms(before)
 
 
-@contextmanager
-def one_thread(device: torch.device):
-    """Torch's CPU ops on one thread inside (CUDA untouched): for loops of many small products, which
-    threads only slow down, by ~100x where another process keeps the cores busy (measured on 2 shared
-    cores: 13-50 ms per query against 0.04 for the hybrid's cell-by-cell search). The setting is
-    the process's: other threads run on one thread meanwhile."""
-    if is_cuda(device):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def inner_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T as float32. On CUDA from float16 operands on the tensor cores, with float32 output
     (torch >= 2.8; else a float32 product): half-precision outputs only resolve cosines to ~5e-4,
