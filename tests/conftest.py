@@ -92,6 +92,24 @@ def write_images(folder: Path, n: int, *, seed: int = 0, size: int = 96, subdirs
     return paths
 
 
+@pytest.fixture(autouse=True)
+def threads_as_they_were():
+    """torch's and faiss' thread counts as they were before each test: a test that runs a benchmark in-process
+    (scale's measure sets 2) left every later test on two OpenMP threads, which spin against each other and
+    other processes on 2 busy cores (the suite's CPU time 750 s → ~200 s on a loaded machine)."""
+    import sys
+
+    import torch
+
+    threads = torch.get_num_threads()
+    faiss = sys.modules.get("faiss")
+    faiss_threads = faiss.omp_get_max_threads() if faiss is not None else 1  # OMP_NUM_THREADS's, once imported
+    yield
+    torch.set_num_threads(threads)
+    if (faiss := sys.modules.get("faiss")) is not None:
+        faiss.omp_set_num_threads(faiss_threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random DINOv2 saved with save_pretrained, loaded through the real path."""

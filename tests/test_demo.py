@@ -2,6 +2,8 @@
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -34,11 +36,22 @@ def test_readme_cli_reference_is_current():
 TINY_CITY = {"streets": 4, "block_m": 60.0, "dim": 64, "place_dim": 32, "queries": 100, "val_queries": 50}
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> tuple[Path, dict]:
+    """The demo's photos at --streets 2, rendered once (~2 s of CPU): the folder and each split's paths. The
+    interrupted demo must render these same photos; the end-to-end demo starts from a copy of them."""
+    from dcfeat.synthetic.photos import render_city
+
+    folder = tmp_path_factory.mktemp("rendered") / "images"
+    return folder, render_city(folder, streets=2)
+
+
 @pytest.mark.slow
-def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model, monkeypatch):
+def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model, monkeypatch, rendered):
     import dcfeat.demo
     from dcfeat.demo import run_demo
 
+    shutil.copytree(rendered[0], tmp_path / "demo" / "images")  # rendering itself: the interrupted demo's test
     result = run_demo(tmp_path / "demo", streets=2, image_size=56, epochs=3, workers=0, progress=False,
                       model=str(tiny_model), city=TINY_CITY)
     city = result.city_report
@@ -103,7 +116,7 @@ def test_the_demo_backbone_says_which_case_applied(tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.slow
-def test_an_interrupted_demo_runs_again(tmp_path, tiny_model, monkeypatch):
+def test_an_interrupted_demo_runs_again(tmp_path, tiny_model, monkeypatch, rendered):
     """D19 of the second adversarial pass: Ctrl-C while rendering, then the same demo command."""
     import dcfeat.synthetic.photos as photos
     from dcfeat.demo import run_demo
@@ -122,7 +135,7 @@ def test_an_interrupted_demo_runs_again(tmp_path, tiny_model, monkeypatch):
         run_demo(tmp_path / "demo", **options)
     monkeypatch.setattr(photos, "_photo", real)
     result = run_demo(tmp_path / "demo", **options)
-    fresh = photos.render_city(tmp_path / "fresh", streets=2)
+    fresh = rendered[1]
     assert {p.name for p in (tmp_path / "demo").iterdir()} >= {"images", "feats.h5"}
     for split, paths in fresh.items():
         assert sorted(p.name for p in (tmp_path / "demo" / "images" / split).iterdir()) == sorted(p.name for p in paths)

@@ -66,4 +66,7 @@ def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, devic
     os.environ[CONFIG_ENV] = json.dumps({"run": str(Path(run_dir).resolve()), "device": device, "scoring": scoring,
                                          "model": model, "threads": threads, "config": asdict(config),
                                          "database": str(Path(database).resolve()) if database else None})
-    uvicorn.run("dcfeat.serve:app_from_env", factory=True, workers=workers, **options)
+    # A worker answers uvicorn's health pings only once it has unpickled its settings, which imports dcfeat.serve
+    # and torch: ~3 s of CPU, more than uvicorn's 5 s default on busy cores, where every worker was killed and
+    # started again, forever. A worker that hangs is still replaced, after a minute.
+    uvicorn.run("dcfeat.serve:app_from_env", factory=True, workers=workers, timeout_worker_healthcheck=60, **options)
