@@ -157,4 +157,4 @@ def render(results: list[dict]) -> str:
             f"{c['epochs']} epochs, default projection and head rates, one process per run{measured(ft)}{machine_load(ft)}:\n\n{runs}"
             f"\n\nDisk per image for the cached tokens: {c['token_bytes_per_image']:,} B at this crop (the tokens "
             "entering block L − K have the same shape for every K; ViT-B/14 at 224: 257 × 768 × 2 B = 394,752 B)."
-            f"\n\n{steps}\n\nViT-S/14 at 224, batch 32, CPU, median of 3 steps after a warm-up.")
+            f"\n\n{steps}\n\nViT-S/14 at 224, batch 32, CPU, median of 3 steps after a warm-up{machine_load(ft)}.")
