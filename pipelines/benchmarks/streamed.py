@@ -24,8 +24,8 @@ def train(store: Path, out: Path, budget: str) -> dict:
            "--no-progress", "--memory-budget", budget]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise subprocess.CalledProcessError(status, cmd)
+    if code := os.waitstatus_to_exitcode(status):
+        raise subprocess.CalledProcessError(code, cmd)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     config = json.loads((out / "config.json").read_text())
     seconds = sorted(e["seconds"] for e in log)[len(log) // 2]
