@@ -15,7 +15,7 @@ from dcfeat.backbone import save_random_vit
 from dcfeat.synthetic.features import make_city
 from dcfeat.train import TrainConfig
 from pipelines.benchmarks import speed
-from pipelines.benchmarks.markdown import not_measured, recall_cells, table
+from pipelines.benchmarks.markdown import machine_load, not_measured, recall_cells, table
 from pipelines.benchmarks.quality import city_benchmark
 from pipelines.benchmarks.records import RESULTS, software
 
@@ -58,7 +58,7 @@ def _versions(env: dict) -> str:
 
 def header(cpu: dict) -> str:
     cpu = {**FIRST_CPU_RUN, **cpu}
-    return (f"CPU figures measured {cpu['date']} with {_versions(cpu['env'])}. Every section is rendered by "
+    return (f"CPU figures measured {cpu['date']} with {_versions(cpu['env'])}{machine_load(cpu)}. Every section is rendered by "
             "`python -m pipelines.benchmarks render` from the results recorded in `pipelines/results/`, each with its own date "
             "where one was recorded.")
 

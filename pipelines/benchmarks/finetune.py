@@ -30,7 +30,7 @@ from dcfeat.model import DCModel
 from dcfeat.store import split_info
 from dcfeat.synthetic.photos import render_city
 from dcfeat.train import train_step
-from pipelines.benchmarks.markdown import measured, not_measured, table
+from pipelines.benchmarks.markdown import machine_load, measured, not_measured, table
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -154,7 +154,7 @@ def render(results: list[dict]) -> str:
     return (f"Rendered street city (`dcfeat.synthetic.streets`, {c['train_rows']:,} train images, 40 test queries at dusk), "
             f"crop {c['image_size']}, the demo's **randomly initialised** DINOv2-S/14 (no pretrained weights here: "
             f"these LR@1 measure whether tuning works through the pipeline, not what it gains on DINOv2), "
-            f"{c['epochs']} epochs, default projection and head rates, one process per run{measured(ft)}:\n\n{runs}"
+            f"{c['epochs']} epochs, default projection and head rates, one process per run{measured(ft)}{machine_load(ft)}:\n\n{runs}"
             f"\n\nDisk per image for the cached tokens: {c['token_bytes_per_image']:,} B at this crop (the tokens "
             "entering block L − K have the same shape for every K; ViT-B/14 at 224: 257 × 768 × 2 B = 394,752 B)."
-            f"\n\n{steps}\n\nViT-S/14 at 224, batch 32, CPU, median of 3 steps after a warm-up.")
+            f"\n\n{steps}\n\nViT-S/14 at 224, batch 32, CPU, median of 3 steps after a warm-up{machine_load(ft)}.")

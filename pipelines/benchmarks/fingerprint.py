@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from dcfeat.backbone import _fingerprint, load_backbone, save_random_vit
-from pipelines.benchmarks.markdown import command, measured, not_measured, table
+from pipelines.benchmarks.markdown import command, machine_load, measured, not_measured, table
 
 REPEATS = 3
 
@@ -48,7 +48,7 @@ def render(results: list[dict]) -> str:
     fp = results[-1]
     secs = fp["fingerprint_s"]
     return (f"{fp['model']}, {fp['tensor_bytes'] / 1e6:,.0f} MB of tensors, {fp['backbone_device']} ({fp['cpu']}), median "
-            f"of {fp['repeats']}{measured(fp)} ({command('fingerprint')}):\n\n"
+            f"of {fp['repeats']}{measured(fp)}{machine_load(fp)} ({command('fingerprint')}):\n\n"
             + table(["what", "measured"], [
                 ["fingerprint of every tensor + the architecture, sha256 (the hash used)", f"{secs['sha256']:.2f} s"],
                 ["the same with blake2b, for comparison", f"{secs['blake2b']:.2f} s"],

@@ -19,7 +19,7 @@ import torch
 from dcfeat.model import DCModel
 from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import TrainConfig, train_files, train_step
-from pipelines.benchmarks.markdown import command, measured, not_measured, table
+from pipelines.benchmarks.markdown import command, machine_load, measured, not_measured, table
 
 OPTIONS = [click.Option(["--classes"], default=1_000_000, show_default=True, type=click.IntRange(2),
                         help="Classes of the one group whose step is timed.")]
@@ -64,5 +64,5 @@ def render(results: list[dict]) -> str:
             *[[f"`make_city(seed=0)`, default `TrainConfig`, r = {r}", f"best val LR@1 {100 * c['best_val_lr1']:.1f}, "
                f"{c['seconds_per_epoch']:.2f} s/epoch", "r = 0.2 within 1 point of r = 1"]
               for r, c in ng["city"].items()]]
-    return (f"CPU, median of 3 steps after one that allocates AdamW's state{measured(ng)} "
+    return (f"CPU, median of 3 steps after one that allocates AdamW's state{measured(ng)}{machine_load(ng)} "
             f"({command('negatives')}, timing `train.train_step`):\n\n" + table(["what", "measured", "goal"], rows))

@@ -23,7 +23,7 @@ from dcfeat.evaluate import evaluate_files
 from dcfeat.presets import preset_config
 from dcfeat.synthetic.features import make_city, write_city
 from dcfeat.train import train_files
-from pipelines.benchmarks.markdown import command, measured, not_measured, table
+from pipelines.benchmarks.markdown import command, machine_load, measured, not_measured, table
 
 EPOCHS = 4
 SEEDS = (0, 1, 2)  # initialisation and sampling; one city. 500 queries alone leave ±2 points of noise per run
@@ -98,7 +98,7 @@ def render(results: list[dict]) -> str:
     effects = sorted(((float(np.mean(v)) - paper, name.split(", ", 1)[1].removesuffix(" as dcfeat"))
                       for name, v in test1.items() if name.startswith("dc-paper, ")), reverse=True)
     return (f"`{pr['city']}`, the same 500 test queries for every run (classify), each row trained with seeds "
-            f"{', '.join(map(str, pr['seeds']))}{measured(pr)} ({command('presets')}, one thread). Every "
+            f"{', '.join(map(str, pr['seeds']))}{measured(pr)}{machine_load(pr)} ({command('presets')}, one thread). Every "
             f"dc-paper row trains {pr['epochs']} epochs of its 2,000 steps at batch 64 (one epoch per group) "
             f"instead of the preset's up to 500, to keep this CPU benchmark short: {pr['epochs'] * 2000 * 64:,} "
             "samples, against at most 10 × 14,480 for dcfeat's 10 one-pass epochs. Within so few epochs the "

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dcfeat.store import split_info
 from dcfeat.synthetic.features import make_city, write_city
-from pipelines.benchmarks.markdown import command, measured, not_measured, table
+from pipelines.benchmarks.markdown import command, machine_load, measured, not_measured, table
 
 
 def train(store: Path, out: Path, budget: str) -> dict:
@@ -24,8 +24,8 @@ def train(store: Path, out: Path, budget: str) -> dict:
            "--no-progress", "--memory-budget", budget]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise subprocess.CalledProcessError(status, cmd)
+    if code := os.waitstatus_to_exitcode(status):
+        raise subprocess.CalledProcessError(code, cmd)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     config = json.loads((out / "config.json").read_text())
     seconds = sorted(e["seconds"] for e in log)[len(log) // 2]
@@ -55,6 +55,6 @@ def render(results: list[dict]) -> str:
              f"{r['peak_rss_mb']:,.0f} MB", f"{100 * r['best_val_lr1']:.1f}"]
             for name, r in (("in_memory", st["in_memory"]), ("streamed", st["streamed"]))]
     return (f"`{st['city']}`: {st['rows']:,} train rows, {st['split_mb']:.0f} MB of float16 features; default "
-            f"`TrainConfig`, each run its own `dcfeat train` process{measured(st)} ({command('streamed')}). "
+            f"`TrainConfig`, each run its own `dcfeat train` process{measured(st)}{machine_load(st)} ({command('streamed')}). "
             f"Streamed samples/s ÷ in-memory: **{st['samples_ratio']:.2f}** (goal ≥ 0.8); peak RSS within the "
             "budget + 1.5 GB (goal):\n\n" + table(["split", "samples/s", "peak RSS", "best val LR@1"], rows))
