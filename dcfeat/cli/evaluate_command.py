@@ -60,8 +60,8 @@ from dcfeat.errors import BadInput
               "`dcfeat extract` found them.")
 @click.option("--plots/--no-plots", default=True, show_default=True,
               help="Draw the PNG plots: error_cdf.png, map_METHOD.png per method, and with a confidence "
-              "risk_coverage.png and reliability.png. --no-plots writes report.json and predictions.parquet only "
-              "(the same figures, without matplotlib's seconds).")
+              "risk_coverage.png and reliability.png. --no-plots writes only report.json and predictions.parquet "
+              "(the same numbers) and loads no matplotlib.")
 def evaluate(split, feats, run_dir, database_split, database, mode, space, scoring, cells, weights, repeats, threshold, ks,
              device, out, grid, plots):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots.
