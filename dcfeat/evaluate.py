@@ -581,10 +581,10 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
                    threshold_m: float = THRESHOLD_M, cells: int | None = None, space: str | None = None,
                    repeats: int = TIMING_REPEATS, weights: str = "kept",
                    scoring: str = "cosine", device: str = "auto", out: Path | None = None,
-                   grid: int = 0) -> Evaluation:
+                   grid: int = 0, plots: bool = True) -> Evaluation:
     """`dcfeat evaluate`: read the splits and the run, check they belong together, evaluate, write the files
-    (report.json, predictions.parquet, the plots; with `grid`, that many queries beside their answers' photos
-    per method) into `out` (default RUN/eval/SPLIT), together: a failure leaves `out` as it was. Under the
+    (report.json, predictions.parquet, with `plots` the plots; with `grid`, that many queries beside their answers'
+    photos per method) into `out` (default RUN/eval/SPLIT), together: a failure leaves `out` as it was. Under the
     run's lock: refused while the run is trained or calibrated; the run records the split it was measured on
     (`record_evaluation`), wherever `out` is. `run_dir` None: no run, `--mode retrieve` on the raw features
     only (`evaluate_raw`; default `out` STORE_FOLDER/eval/STORE_NAME/SPLIT). `space` None: projected with a
@@ -592,6 +592,8 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
     `database_split` (in its own space)."""
     if grid < 0:
         raise BadInput(f"--grid {grid}: give a number of queries, 0 or more")
+    if grid and not plots:
+        raise BadInput(f"--grid {grid} draws figures and --no-plots draws none: leave one of them out")
     if run_dir is None:
         if tuple(modes or ()) != ("retrieve",):
             raise BadInput(f"--mode {'/'.join(modes) if modes else 'all'} needs a run: train one with `dcfeat train`, "
@@ -641,6 +643,7 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
                               device=str(dev), store=feats)
             result.report["weights"] = weights  # the kept epoch's model, or the last one's
         result.report["options"]["device"] = device
+        result.report["options"]["plots"] = plots
         background = None
         if database is not None:
             background = (database.labels["utm_east"].to_numpy(), database.labels["utm_north"].to_numpy())
@@ -649,7 +652,7 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
         notice = f" — {RANDOM_NOTICE}" if result.report["random_backbone"] else ""
         with writing(out), staged(out) as folder:
             extra = (write_confidence_plots(folder, result.confidence_plots, split=split, notice=notice)
-                     if result.confidence_plots else {})
+                     if result.confidence_plots and plots else {})
             if grid:
                 photos = database or (training_photos(run.config.store, run.config.train_split) if run else None)
                 grids, said = write_grids(folder, queries, result.methods, result.recall, rows=grid,
@@ -657,7 +660,8 @@ def evaluate_files(feats: Path, run_dir: Path | None, split: str, *, database_sp
                 extra.update(grids)
                 result.warnings.extend(said)  # the report's list too
             result.report, paths = write_outputs(folder, result.report, queries.labels, result.methods,
-                                                 result.recall, background=background, extra_files=extra)
+                                                 result.recall, background=background, extra_files=extra,
+                                                 plots=plots)
         result.paths = {name: out / path.name for name, path in paths.items()}
         if run is not None:
             record_evaluation(run_dir, split, queries.attrs.get("plan_id"), str(Path(feats).resolve()), out)

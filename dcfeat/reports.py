@@ -25,7 +25,6 @@ from dcfeat.choices import CENTRE_METHOD, MODES
 from dcfeat.errors import DcfeatError
 from dcfeat.geo import Places, metres_between
 from dcfeat.images import ImageProblem, load_image
-from dcfeat.plots import Tile, plot_error_cdf, plot_grid, plot_query_map, plot_reliability, plot_risk_coverage
 from dcfeat.store import Split, read_split
 
 REPORT, PREDICTIONS = "report.json", "predictions.parquet"
@@ -117,14 +116,30 @@ def recall_from_predictions(frame: pl.DataFrame, method: str, ks: list[int], thr
 
 def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[Ranking], results: dict,
                   *, background: tuple[np.ndarray, np.ndarray] | None = None,
-                  extra_files: dict[str, Path] | None = None) -> tuple[dict, dict[str, Path]]:
-
+                  extra_files: dict[str, Path] | None = None, plots: bool = True) -> tuple[dict, dict[str, Path]]:
+    """predictions.parquet, with `plots` error_cdf.png and map_METHOD.png per method, then report.json listing
+    them and `extra_files` under "files". Returns (the report, every path written)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     frame = predictions_frame(labels, methods, results)
     with atomic_write(out / "predictions.parquet") as tmp:
         frame.write_parquet(tmp)
     paths["predictions"] = out / "predictions.parquet"
+    if plots:
+        paths.update(_overview_plots(out, report, labels, methods, results, background))
+    paths.update(extra_files or {})
+    report = {**report, "files": {k: p.name for k, p in paths.items()}}
+    write_text(out / "report.json", json.dumps(report, indent=1))
+    paths["report"] = out / "report.json"
+    return report, paths
+
+
+def _overview_plots(out: Path, report: dict, labels: pl.DataFrame, methods: list[Ranking], results: dict,
+                    background: tuple[np.ndarray, np.ndarray] | None) -> dict[str, Path]:
+    """error_cdf.png of every method, map_METHOD.png of each."""
+    from dcfeat.plots import plot_error_cdf, plot_query_map  # matplotlib: only where a figure is drawn
+
+    paths = {}
     notice = f" — {RANDOM_NOTICE}" if report["random_backbone"] else ""
     paths["error_cdf"] = plot_error_cdf({m: r.distances_m[:, 0] for m, r in results.items()}, out / "error_cdf.png",
                                         threshold_m=report["threshold_m"],
@@ -135,15 +150,13 @@ def write_outputs(out: Path, report: dict, labels: pl.DataFrame, methods: list[R
             east, north, results[m.name].correct[:, 0], m.east[:, 0], m.north[:, 0], out / f"map_{m.name}.png",
             title=f"{m.name}: queries of '{report['split']}' correct (green) / wrong (red) at "
                   f"{report['threshold_m']:g} m{notice}", background=background)
-    paths.update(extra_files or {})
-    report = {**report, "files": {k: p.name for k, p in paths.items()}}
-    write_text(out / "report.json", json.dumps(report, indent=1))
-    paths["report"] = out / "report.json"
-    return report, paths
+    return paths
 
 
 def write_confidence_plots(out: Path, plots: dict, *, split: str, notice: str = "") -> dict[str, Path]:
     """risk_coverage.png and reliability.png in `out`."""
+    from dcfeat.plots import plot_reliability, plot_risk_coverage
+
     what = "calibrated confidence" if plots["best"] == "confidence" else "softmax probability (UNCALIBRATED)"
     return {
         "risk_coverage": plot_risk_coverage(plots["curves"], Path(out) / "risk_coverage.png",
@@ -211,6 +224,8 @@ def write_grids(out: Path, queries: Split, methods: list[Ranking], results: dict
     shows the database photo it retrieved; a classification answer the photo of `photos` (the database, or
     the run's training split) nearest to it. Images are read from each split's `images_root`; where a folder
     is gone, the grids that need it are skipped, with a warning naming it. Returns (paths, warnings)."""
+    from dcfeat.plots import Tile, plot_grid
+
     query_root = images_folder(queries)
     if query_root is None:
         return {}, [_gone(queries) + ", no grid drawn"]

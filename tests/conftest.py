@@ -28,14 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 EXIT = {"bad input": 2, "damaged store": 3, "damaged run": 4, "incompatible": 5, "environment": 6}
 
 
-def invoke(*args, catch_exceptions: bool = True) -> Result:
+def invoke(*args, catch_exceptions: bool = True, plots: bool = False) -> Result:
     """`dcfeat ARGS...` in-process through click's CliRunner, each argument as str().
 
     catch_exceptions=False lets an exception out of the command (click's default catches it into the result).
+    `dcfeat evaluate` runs with --no-plots unless `plots`: its figures cost ~70 % of an evaluation's CPU, and
+    only the tests that look at them ask for them.
     """
     from dcfeat.cli import cli
 
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=catch_exceptions)
+    args = [str(a) for a in args]
+    if args[:1] == ["evaluate"] and not plots:
+        args.insert(1, "--no-plots")
+    return CliRunner().invoke(cli, args, catch_exceptions=catch_exceptions)
 
 
 def refused(r: Result, kind: str, *words: str) -> None:

@@ -147,7 +147,7 @@ def test_a_damaged_calibration_is_refused_and_calibrate_replaces_it(city_store, 
 
 
 def test_evaluate_reports_the_confidence_and_writes_both_plots(city_store, city_run, uncalibrated, tmp_path):
-    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", tmp_path / "cal")
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", tmp_path / "cal", plots=True)
     assert r.exit_code == 0, r.output
     assert "AUC-PR" in r.output and "90 % radius" in r.output
     report = json.loads((tmp_path / "cal" / "report.json").read_text())

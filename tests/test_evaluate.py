@@ -17,7 +17,7 @@ from tests.conftest import invoke
 def evaluated(city_store, city_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--split", "test", "--database-split",
-               "test-db", "--out", out)
+               "test-db", "--out", out, plots=True)
     assert r.exit_code == 0, r.output
     return out, r.output
 
@@ -54,6 +54,40 @@ def test_recall_from_predictions_equals_the_report(evaluated):
     # The position answers the best cell; ranks 2.. are candidate cells in the order positions.ranked gives.
     cells = first["classify-centre_db_row"]  # the centre's class ids (reports name every non-classify ref db_row)
     assert first["classify_class"][0] == cells[0] and set(first["classify_class"]) <= set(cells)
+
+
+def test_no_plots_writes_the_same_report_without_a_figure_or_matplotlib(city_store, city_run, tmp_path, monkeypatch,
+                                                                        request):
+    import sys
+
+    drawn = "matplotlib" in sys.modules  # by an earlier test of this process: then no plot function may be called
+    if drawn:
+        import dcfeat.plots
+
+        for name in [n for n in vars(dcfeat.plots) if n.startswith("plot_")]:
+            monkeypatch.setattr(dcfeat.plots, name, lambda *a, **k: pytest.fail("a figure was drawn"))
+    out = tmp_path / "e"
+    r = invoke("evaluate", "--no-plots", "--feats", city_store, "--run", city_run, "--split", "test",
+               "--database-split", "test-db", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert drawn or "matplotlib" not in sys.modules
+    with_plots, _ = request.getfixturevalue("evaluated")  # drawn after: matplotlib is imported from here on
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.parquet", "report.json"]
+    report, plotted = (json.loads((o / "report.json").read_text()) for o in (out, with_plots))
+    assert report["files"] == {"predictions": "predictions.parquet"} and not report["options"]["plots"]
+    assert plotted["options"]["plots"] and {"error_cdf", "map_classify", "reliability"} <= set(plotted["files"])
+    def untimed(figures: dict) -> dict:
+        return {k: v for k, v in figures.items() if not k.endswith(("seconds", "_per_s", "ms_per_query"))}
+
+    assert {m: untimed(f) for m, f in report["methods"].items()} == \
+        {m: untimed(f) for m, f in plotted["methods"].items()}
+    assert report["confidence"] == plotted["confidence"]
+
+
+def test_a_grid_without_plots_is_refused(city_store, city_run, tmp_path):
+    r = invoke("evaluate", "--no-plots", "--feats", city_store, "--run", city_run, "--grid", 2, "--out", tmp_path / "e")
+    assert r.exit_code == 2 and "--grid 2" in r.output and "--no-plots" in r.output, r.output
+    assert not (tmp_path / "e").exists()
 
 
 def test_raw_space_and_classify_only(city_store, city_run, tmp_path):
@@ -231,10 +265,10 @@ def test_reevaluating_leaves_only_this_evaluations_files(city_store, city_run, t
     """D26: plots of the modes of an earlier evaluation stayed beside a report that no longer lists them."""
     out = tmp_path / "e"
     assert invoke("evaluate", "--feats", city_store, "--run", city_run, "--database-split", "test-db",
-                  "--out", out).exit_code == 0
+                  "--out", out, plots=True).exit_code == 0
     assert (out / "map_hybrid.png").is_file()
     (out / "notes.txt").write_text("mine")
-    assert invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out).exit_code == 0
+    assert invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out, plots=True).exit_code == 0
     report = json.loads((out / "report.json").read_text())
     assert sorted(p.name for p in out.iterdir()) == sorted([*report["files"].values(), "report.json", "notes.txt"])
     assert not (out / "map_hybrid.png").exists() and list(report["methods"]) == ["classify", "classify-centre"]
@@ -244,7 +278,7 @@ def test_a_full_disk_while_evaluating_leaves_the_folder_as_it_was(city_store, ci
     """D26: predictions.parquet was replaced, then the disk filled up: no report beside it, or an old one."""
     import errno
 
-    import dcfeat.reports as reports
+    import dcfeat.plots
 
     out = tmp_path / "e"
     assert invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", out).exit_code == 0
@@ -253,11 +287,12 @@ def test_a_full_disk_while_evaluating_leaves_the_folder_as_it_was(city_store, ci
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(reports, "plot_error_cdf", full)  # after predictions.parquet is written
-    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--database-split", "test-db", "--out", out)
+    monkeypatch.setattr(dcfeat.plots, "plot_error_cdf", full)  # after predictions.parquet is written
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--database-split", "test-db", "--out", out,
+               plots=True)
     assert r.exit_code == 6 and str(out) in r.output and "no space left" in r.output, r.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", tmp_path / "new")
+    r = invoke("evaluate", "--feats", city_store, "--run", city_run, "--out", tmp_path / "new", plots=True)
     assert r.exit_code == 6 and not (tmp_path / "new").exists()
 
 

@@ -29,7 +29,8 @@ def expected_size(rows: int, columns: int, title: str) -> tuple[int, int]:
 def test_a_grid_per_method_from_the_database_photos(calibrated_run, tmp_path):
     store, out = calibrated_run.parent / "f.h5", tmp_path / "eval"
     r = invoke("evaluate", "--feats", store, "--run", calibrated_run, "--split", "val", "--database-split", "train",
-               "--grid", 2, "--threshold", 150, "--repeats", 1, "--device", "cpu", "--out", out)
+               "--grid", 2, "--threshold", 150, "--repeats", 1, "--device", "cpu", "--out", out,
+               plots=True)
     assert r.exit_code == 0, r.output
     report = json.loads((out / "report.json").read_text())
     methods = list(report["methods"])

@@ -211,7 +211,7 @@ def test_unlabelled_descriptors_are_predicted_not_evaluated(imported, imported_r
 
 def test_evaluate_without_a_run_is_exact_retrieval_on_the_raw_features(imported, imported_run, tmp_path):
     r = invoke("evaluate", "--feats", imported, "--run", "none", "--mode", "retrieve", "--database-split", "test-db",
-               "--repeats", 1)
+               "--repeats", 1, plots=True)
     assert r.exit_code == 0 and "NO RUN" in r.output and "retrieve (raw)" in r.output, r.output
     out = imported.parent / "eval" / "feats" / "test"  # the default: STORE_FOLDER/eval/STORE_NAME/SPLIT
     report = json.loads((out / "report.json").read_text())

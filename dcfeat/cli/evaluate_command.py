@@ -58,8 +58,12 @@ from dcfeat.errors import BadInput
               "--threshold, red beyond: grid_METHOD.png per method. Retrieval shows the photo it found, "
               "classification the database photo (else training photo) nearest to its answer; read from where "
               "`dcfeat extract` found them.")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Draw the PNG plots: error_cdf.png, map_METHOD.png per method, and with a confidence "
+              "risk_coverage.png and reliability.png. --no-plots writes only report.json and predictions.parquet "
+              "(the same numbers) and loads no matplotlib.")
 def evaluate(split, feats, run_dir, database_split, database, mode, space, scoring, cells, weights, repeats, threshold, ks,
-             device, out, grid):
+             device, out, grid, plots):
     """Localisation recall LR@k of classification, retrieval and the hybrid, with plots.
 
     With no run (`--run none`, or none trained at the default) `--mode retrieve` evaluates the raw
@@ -77,7 +81,7 @@ def evaluate(split, feats, run_dir, database_split, database, mode, space, scori
         run_dir = None
     result = evaluate_files(feats, run_dir, split, database_split=database_split, database=database, modes=modes,
                             ks=ks, threshold_m=threshold, cells=cells, space=space, scoring=scoring, device=device, out=out,
-                            repeats=repeats, weights=weights, grid=grid)
+                            repeats=repeats, weights=weights, grid=grid, plots=plots)
     report = result.report
     stdout.print(recall_table(report))
     if report["confidence"] is not None:

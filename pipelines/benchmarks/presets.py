@@ -70,7 +70,7 @@ def measure() -> dict:
                                   out=folder / "run")
                 seconds = time.perf_counter() - t
                 report = evaluate_files(store, run.out, "test", modes=("classify",), device="cpu",
-                                           out=folder / "eval").report
+                                           out=folder / "eval", plots=False).report
                 kept = run.epochs[run.best_epoch - 1]
                 out["rows"][name]["runs"].append({
                     "seed": seed, "kept_epoch": run.best_epoch, "epochs": len(run.epochs), "val_lr1": kept["val_lr1"],

@@ -26,7 +26,7 @@ def measure() -> dict:
                           out=Path(tmp) / "run")
         for scoring in ("cosine", "group-softmax"):
             report = evaluate_files(store, run.out, "test", database_split="test-db", modes=("classify", "hybrid"),
-                                    scoring=scoring, device="cpu", out=Path(tmp) / scoring).report
+                                    scoring=scoring, device="cpu", out=Path(tmp) / scoring, plots=False).report
             out["scorings"][scoring] = {m: {"recall": r["recall"], "median_error_m": r["median_error_m"]}
                                         for m, r in report["methods"].items()}
     return out

@@ -62,7 +62,7 @@ def world(name: str, *, queries: int, val_queries: int, device: str = "cpu") -> 
                           out=Path(tmp) / "run")
         cal = calibrate_files(store, run.out, "val", device=device, database_split="test-db").calibrator
         report = evaluate_files(store, run.out, "test", database_split="test-db", device=device, ks=KS,
-                                out=Path(tmp) / "eval").report
+                                out=Path(tmp) / "eval", plots=False).report
         old = old_rule(store, run.out, cal.rule)
     conf = report["confidence"]
     signal = conf["signals"]["confidence"]
