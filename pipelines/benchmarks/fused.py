@@ -76,4 +76,4 @@ def render(results: list[dict]) -> str:
             f"interleaved in each of {r['rounds']} rounds of one process, median ms per query{measured(r)} "
             f"({command('fused')}); goal: the fused hybrid ≤ 2× classification's:\n\n"
             + table(["city", "database rows", "classify ms/query", "paper hybrid", "fused hybrid",
-                     "fused ÷ classify", "database rows scored per query (queries searching all of it)"], rows))
+                     "fused ÷ classify", "database rows scored per query (queries searching wider than their cells)"], rows))
