@@ -61,10 +61,9 @@ ROW_SCHEMA = {"row": pl.Int64, "image_id": pl.String, "utm_east": pl.Float64, "u
 HELD = [c for c in ROW_SCHEMA if c != "image_id"]
 # Candidate values gathered per block of queries (128 MiB as float32), as dcfeat.retrieval's blocks.
 MAX_ELEMENTS = 1 << 25
-# A block's union of candidate rows is read as float32 (block, L, D) values at most; scoring in place needs
-# no (block, L, D) copy, so blocks are larger: about max_elements / (L · SCORED_PER_ROW) queries (at L =
-# 400: 1,300 queries, whose candidate rows overlap), and a block read from disk holds at most
-# max_elements · D / SCORED_PER_ROW values.
+# A block's union of candidate rows is read as float32: at most max_elements values, (block · L · D) for L
+# candidate rows per query. Scoring rows held in memory as float32 in place reads no copy, so there blocks
+# are larger, about max_elements / (L · SCORED_PER_ROW) queries: what they hold is the (block, L) lists.
 SCORED_PER_ROW = 64
 # Rows written per step when a database held in memory is saved.
 WRITE_CHUNK = 65536
@@ -332,10 +331,11 @@ class CellDatabase:
         # (nq, C, segments): rows of each slot's cell in each segment, slot-major then segment.
         counts = torch.where(there[:, :, None], self._counts.T[cells.clamp(min=0)], 0)
         totals = counts.sum((1, 2))
-        block = max(1, max_elements // (max(1, int(totals.max()) if nq else 1) * min(self.dim, SCORED_PER_ROW)))
         first_seg = self.segments[0].embeddings
         in_place = (n_seg == 1 and isinstance(first_seg, torch.Tensor) and first_seg.dtype == torch.float32
                     and first_seg.device == device)
+        per_row = min(self.dim, SCORED_PER_ROW) if in_place else self.dim
+        block = max(1, max_elements // (max(1, int(totals.max()) if nq else 1) * per_row))
         with torch.inference_mode():
             for qs in range(0, nq, block):
                 qe = min(qs + block, nq)
