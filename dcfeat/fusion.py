@@ -37,6 +37,7 @@ import torch
 
 from dcfeat.choices import THRESHOLD_M
 from dcfeat.database import CellDatabase
+from dcfeat.errors import OlderLayout
 from dcfeat.geo import Places, best_zone, metres_between, on_plane
 
 # Candidate photos weighed per query: the most similar of its candidate cells (or of the database).
@@ -77,7 +78,10 @@ class FusedRule:
 
     @classmethod
     def from_dict(cls, d: dict) -> FusedRule:
-        """From `to_dict`'s object; ValueError naming what is wrong."""
+        """From `to_dict`'s object; ValueError naming what is wrong, OlderLayout for a rule an older dcfeat wrote."""
+        if isinstance(d, dict) and set(d) == {f for f in asdict(cls())} - {"fallback_cells"}:
+            raise OlderLayout("`fused.rule` has no `fallback_cells`: written before the fallback could search a "
+                              "query's top cells")
         if not isinstance(d, dict) or set(d) != {f for f in asdict(cls())}:
             raise ValueError(f"`fused.rule` must hold {', '.join(asdict(cls()))}, not {d!r}")
         for name, v in d.items():

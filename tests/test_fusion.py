@@ -8,6 +8,7 @@ import pytest
 
 from conftest import invoke, refused
 from dcfeat.confidence import Calibrator
+from dcfeat.errors import OlderLayout
 from dcfeat.fusion import Candidates, FusedRule, answers, fit_fused_rule, weights
 from dcfeat.geo import Places
 
@@ -108,6 +109,9 @@ def test_the_fused_calibration_round_trips_and_names_a_bad_field(fused_run):
     assert Calibrator.from_dict(json.loads(cal.to_json())) == cal
     d["fused"]["rule"]["temperature"] = -1
     with pytest.raises(ValueError, match="fused.rule"):
+        Calibrator.from_dict(d)
+    del d["fused"]["rule"]["fallback_cells"]  # a rule written before the fallback could search top cells
+    with pytest.raises(OlderLayout, match="fallback_cells"):
         Calibrator.from_dict(d)
 
 
