@@ -56,7 +56,7 @@ from dcfeat.database import CellDatabase, unit_rows
 from dcfeat.errors import BadInput, OlderLayout, check_keys
 from dcfeat.geo import Places, metres_between
 from dcfeat.fusion import (DEFAULT_FUSED, FALLBACK_CELLS, FUSED_SIGNALS, Candidates, FusedRule, answers, fit_fused_rule,
-                           fused_signals, photo_distances, search, weights)
+                           fused_signals, photo_distances, rows_searched, search, weights)
 from dcfeat.fusion import MASSES as FUSED_MASSES
 from dcfeat.model import SCORE_CHUNK, DCModel, Scores
 from dcfeat.partition import centres_of, filed_rows, places_of
@@ -624,8 +624,6 @@ def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_quer
     fallback = np.asarray(confidence) < rule.fallback_below
     wide = widen(np.flatnonzero(fallback), rule.fallback_cells) if rule.fallback_cells and fallback.any() else None
     cand = search(database, unit_queries, cells, fallback, wide)
-    searched = database.counts_of(cells).sum(1)
-    searched[fallback] = database.rows if wide is None else database.counts_of(wide).sum(1)
     w = weights(cand, scores.top_classes, p, rule)
     at, index, support = answers(cand, w, rule.radius_m, ranks, threshold_m)
     # A query no database photo answers (its cells hold none) keeps classification's position, at every rank.
@@ -636,7 +634,7 @@ def fused_answers(sig: QuerySignals, confidence: np.ndarray, database, unit_quer
     first = Places(*(np.asarray(a)[:, 0] for a in at))
     values = {**sig.values, **fused_signals(cand, w, first, support, sig.answer)}
     base = np.where(none, sig.base_radius_m, base_radius(photo_distances(cand, first), w, M))
-    return FusedAnswers(at, cand, w, index, values, base, fallback, searched)
+    return FusedAnswers(at, cand, w, index, values, base, fallback, rows_searched(database, cells, fallback, wide))
 
 
 def fused_for_features(model: DCModel, classes: pl.DataFrame, M: float, calibration: Calibrator | None,
@@ -678,12 +676,13 @@ def fit_fused(sig: QuerySignals, cal: Calibrator, database, unit_queries: torch.
     searched, counts = {}, {}
     for mass in FUSED_MASSES:
         cells = gate_cells(scores, rule.temperature, Gate(mass, TOP_K))
-        searched[mass], counts[mass] = search(database, unit_queries, cells, none), database.counts_of(cells).sum(1)
+        searched[mass], counts[mass] = search(database, unit_queries, cells, none), rows_searched(database, cells, none)
     wide, wide_rows = {}, {}
     for c in FALLBACK_CELLS:
         cells = widen(every, c) if c else None
-        wide[c] = search(database, unit_queries, np.full((len(none), 1), -1), ~none, cells)
-        wide_rows[c] = database.counts_of(cells).sum(1) if c else np.full(len(none), database.rows)
+        nowhere = np.full((len(none), 1), -1)
+        wide[c], wide_rows[c] = (search(database, unit_queries, nowhere, ~none, cells),
+                                 rows_searched(database, nowhere, ~none, cells))
     fused, record = fit_fused_rule(searched, wide, confidence, scores.top_classes, p, truth,
                                    threshold_m=threshold_m, candidates_of=counts, wide_rows=wide_rows)
     out = fused_answers(sig, confidence, database, unit_queries, fused, rule, M, widen, threshold_m=threshold_m)

@@ -363,7 +363,8 @@ class CellDatabase:
                 # every (query, candidate row) pair of the block where the rows lie (no row copied per query,
                 # no Python loop per cell or query).
                 n = counts[qs:qe]  # (block, C, segments)
-                start = first.T[torch.searchsorted(union, c.clamp(min=0)).clamp(max=len(union) - 1)]  # (block, C, segments)
+                slot_cell = torch.searchsorted(union, c.clamp(min=0)).clamp(max=len(union) - 1)  # n is 0 past -1
+                start = first.T[slot_cell]  # (block, C, segments)
                 per_query = n.sum((1, 2))
                 pairs = int(per_query.sum())
                 where = range_index(start.flatten(), n.flatten())  # buffer positions, query by query

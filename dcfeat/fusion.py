@@ -288,3 +288,11 @@ def search(database: CellDatabase, queries, cells: np.ndarray, fallback: np.ndar
     classes = database.table["class"].to_numpy()
     return Candidates(np.where(valid, cosine, -np.inf), rows, np.where(valid, classes[np.where(valid, rows, 0)], -1),
                       database.places(rows))
+
+
+def rows_searched(database: CellDatabase, cells: np.ndarray, fallback: np.ndarray,
+                  wide: np.ndarray | None = None) -> np.ndarray:
+    """The database rows each query searches (n,) under `search`'s arguments."""
+    out = database.counts_of(np.where(fallback[:, None], -1, cells)).sum(1)
+    out[fallback] = database.rows if wide is None else database.counts_of(wide).sum(1)
+    return out
