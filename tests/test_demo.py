@@ -52,12 +52,10 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model, monkeypatch, rende
     from dcfeat.demo import run_demo
 
     shutil.copytree(rendered[0], tmp_path / "demo" / "images")  # rendering itself: the interrupted demo's test
+    # The rendered photos here; the feature city once, in the command below.
     result = run_demo(tmp_path / "demo", streets=2, image_size=56, epochs=3, workers=0, progress=False,
-                      model=str(tiny_model), city=TINY_CITY)
-    city = result.city_report
-    assert not city["random_backbone"] and city["queries"] == 100 and city["classes"] == 57
-    assert city["methods"]["classify"]["recall"]["1"] >= 0.5  # learnt: ten times what chance gives
-    assert city["methods"]["fused"]["fitted_against"] == "test-db"  # the feature city ends calibrated, fused too
+                      model=str(tiny_model), city=None)
+    assert result.city_report is None and not (tmp_path / "demo" / "city").exists()
     report = result.report
     assert set(report["methods"]) == {"classify", "classify-centre", "retrieve", "hybrid", "fused", "adaptive"} and report["random_backbone"]
     for m in report["methods"].values():
@@ -82,6 +80,11 @@ def test_demo_end_to_end_at_a_tiny_size(tmp_path, tiny_model, monkeypatch, rende
         assert word in r.output, word
     photos, city_table = r.stdout.split("feature city: synthetic features")
     assert "RANDOM BACKBONE" in photos and "RANDOM BACKBONE" not in city_table
+    (city_report,) = (tmp_path / "demo" / "city" / "runs").glob("2*/eval/test/report.json")
+    city = json.loads(city_report.read_text())
+    assert not city["random_backbone"] and city["queries"] == 100 and city["classes"] == 57
+    assert city["methods"]["classify"]["recall"]["1"] >= 0.5  # learnt: ten times what chance gives
+    assert city["methods"]["fused"]["fitted_against"] == "test-db"  # the feature city ends calibrated, fused too
     reports = sorted((tmp_path / "demo" / "runs").glob("2*/eval/test/report.json"))
     assert len(reports) == 2 and result.paths["report"] in reports
     assert all(json.loads(p.read_text())["queries"] == report["queries"] for p in reports)
