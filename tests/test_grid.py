@@ -69,7 +69,7 @@ def test_without_a_database_classification_shows_training_photos(calibrated_run,
 def test_missing_images_skip_the_grid_naming_the_folder(calibrated_run, tmp_path):
     store = calibrated_run.parent / "f.h5"
     result = evaluate_files(store, calibrated_run, "val", database_split="train", repeats=1, device="cpu",
-                            out=tmp_path / "e")
+                            out=tmp_path / "e", plots=False)
     queries, database = read_split(store, "val"), read_split(store, "train")
     gone = tmp_path / "moved-away"
     args = dict(rows=2, threshold_m=25.0, photos=database)
