@@ -139,7 +139,8 @@ def signals_of(scores: QueryScores, classes: pl.DataFrame, *, M: float, rule: Po
         "entropy": -(p * np.log(np.clip(p, _TINY, None))).sum(1),
         "spread": np.sqrt((p * dist ** 2).sum(1)),
         "offset_m": from_answer[:, 0] if len(ids) else np.zeros(0),
-        "neighbourhood_mass": np.where(dist <= rule.radius_m + 1e-9, p_rule, 0.0).sum(1),
+        # A sum of probabilities that sum to 1 can round past 1 (1 + 2e-16), which no probability may.
+        "neighbourhood_mass": np.minimum(np.where(dist <= rule.radius_m + 1e-9, p_rule, 0.0).sum(1), 1.0),
     }
     return QuerySignals(values, ids, base_radius(from_answer, p_rule, M), answer, scores, top, p_rule)
 

@@ -10,8 +10,9 @@ import polars as pl
 import pytest
 import torch
 
-from dcfeat.confidence import SIGNALS, AdaptiveRule, Calibrator, FittedOn, base_radius, fit, query_signals
-from dcfeat.positions import DEFAULT_RULE
+from dcfeat.confidence import (SIGNALS, AdaptiveRule, Calibrator, FittedOn, QueryScores, base_radius, fit,
+                               query_signals, signals_of)
+from dcfeat.positions import DEFAULT_RULE, PositionRule, probabilities
 from dcfeat.model import DCModel
 from tests.conftest import FAST_TRAIN, invoke, refused
 
@@ -106,6 +107,20 @@ def test_the_margin_skips_the_neighbouring_cells():
     assert sig.values["entropy"][0] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-5)
     assert sig.values["spread"][0] == pytest.approx(math.sqrt(p[1] * 400 + p[2] * 1600), rel=1e-5)
 
+
+
+def test_the_neighbourhood_mass_stays_a_probability_where_its_sum_rounds_past_1():
+    """An evaluation of a dc-paper run stopped: 4 of its 500 queries had a neighbourhood mass of 1 + 2e-16 (the
+    sum of probabilities that sum to 1), which ECE refuses as no probability."""
+    rng = np.random.default_rng(0)
+    cos = -np.sort(-rng.uniform(0.5, 0.9, (2000, 4)), axis=1).astype(np.float32)
+    assert (probabilities(cos, 30.0).sum(1) > 1).any()  # rows whose probabilities add up past 1 in float64
+    n = len(cos)
+    scores = QueryScores(np.tile(np.arange(4), (n, 1)), cos, np.full(n, 0.5), np.full(n, 0.5), 30.0, np.ones(n))
+    classes = pl.DataFrame({"cell_east": [10.0, 30.0, 50.0, 70.0], "cell_north": [10.0] * 4, "utm_zone": [10] * 4,
+                            "utm_letter": ["S"] * 4})
+    mass = signals_of(scores, classes, M=20.0, rule=PositionRule(1000.0, 1.0)).values["neighbourhood_mass"]
+    assert mass.max() <= 1.0 and mass.min() > 1 - 1e-12  # every cell within 1 km: all of the probability
 
 @pytest.fixture
 def uncalibrated(city_run, tmp_path):
