@@ -108,7 +108,6 @@ def test_the_margin_skips_the_neighbouring_cells():
     assert sig.values["spread"][0] == pytest.approx(math.sqrt(p[1] * 400 + p[2] * 1600), rel=1e-5)
 
 
-
 def test_the_neighbourhood_mass_stays_a_probability_where_its_sum_rounds_past_1():
     """An evaluation of a dc-paper run stopped: 4 of its 500 queries had a neighbourhood mass of 1 + 2e-16 (the
     sum of probabilities that sum to 1), which ECE refuses as no probability."""
@@ -121,6 +120,7 @@ def test_the_neighbourhood_mass_stays_a_probability_where_its_sum_rounds_past_1(
                             "utm_letter": ["S"] * 4})
     mass = signals_of(scores, classes, M=20.0, rule=PositionRule(1000.0, 1.0)).values["neighbourhood_mass"]
     assert mass.max() <= 1.0 and mass.min() > 1 - 1e-12  # every cell within 1 km: all of the probability
+
 
 @pytest.fixture
 def uncalibrated(city_run, tmp_path):

@@ -306,19 +306,19 @@ def _batches(metrics: str) -> dict:
 
 def _throughput_words(t: dict) -> str:
     """What the two ratios say, the warm one either way round."""
-    words = (f"End to end, as a user waits for them, the server answers {t['ratio']:.2f}× `predict`'s rate. ")
+    words = f"End to end, as a user waits for them, the server answers {t['ratio']:.2f}× `predict`'s rate. "
     if t["ratio_after_start"] >= 1:
-        return words + ("After its start-up `predict` is slower still: it runs torch's default two threads against its "
-                        "decoding workers, and on a busy 2-core machine the two OpenMP threads spin against everything "
-                        "else (a batch of the tiny model: 15 ms with one thread, 58-680 ms with two), where the server "
-                        "runs the model with one (`--threads`, default half the cores).")
-    return words + (f"Once started, `predict`'s batch pass over a folder runs {1 / t['ratio_after_start']:.1f}× the "
-                    "server's rate: every request carries one photo through HTTP, a decode and a JSON answer (one request "
-                    f"per ~{1000 / t['serve_requests_per_s']:.1f} ms, the client on the same 2 cores), work that a "
-                    "folder read by decoding workers does not have. The goal (≥ 0.8, side by side) holds end to end; against "
-                    "`predict`'s warm pass it does not. Under load the order flips: on 12-01, at load 9, `predict`'s "
-                    "two OpenMP threads spun against everything else and the server, with one model thread, ran 1.89× "
-                    "its warm pass.")
+        return words + ("After its start-up `predict` is slower still: it runs torch's default two threads against "
+                        "its decoding workers, and on a busy 2-core machine the two OpenMP threads spin against "
+                        "everything else (a batch of the tiny model: 15 ms with one thread, 58-680 ms with two), "
+                        "where the server runs the model with one (`--threads`, default half the cores).")
+    return words + (f"Once started, `predict`'s batch pass over a folder runs {1 / t['ratio_after_start']:.1f}× "
+                    "the server's rate: every request carries one photo through HTTP, a decode and a JSON answer "
+                    f"(one request per ~{1000 / t['serve_requests_per_s']:.1f} ms, the client on the same 2 cores), "
+                    "work that a folder read by decoding workers does not have. The goal (≥ 0.8, side by side) "
+                    "holds end to end; against `predict`'s warm pass it does not. Under load the order flips: on "
+                    "12-01, at load 9, `predict`'s two OpenMP threads spun against everything else and the server, "
+                    "with one model thread, ran 1.89× its warm pass.")
 
 
 def render(results: list[dict]) -> str:
