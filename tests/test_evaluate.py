@@ -76,6 +76,7 @@ def test_no_plots_writes_the_same_report_without_a_figure_or_matplotlib(city_sto
     report, plotted = (json.loads((o / "report.json").read_text()) for o in (out, with_plots))
     assert report["files"] == {"predictions": "predictions.parquet"} and not report["options"]["plots"]
     assert plotted["options"]["plots"] and {"error_cdf", "map_classify", "reliability"} <= set(plotted["files"])
+
     def untimed(figures: dict) -> dict:
         return {k: v for k, v in figures.items() if not k.endswith(("seconds", "_per_s", "ms_per_query"))}
 

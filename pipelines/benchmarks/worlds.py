@@ -20,6 +20,7 @@ import numpy as np
 
 from dcfeat.calibrate import calibrate_files
 from dcfeat.evaluate import evaluate_files
+from dcfeat.fusion import FALLBACK_CELLS
 from dcfeat.geo import Places
 from dcfeat.metrics import localisation_recall
 from dcfeat.model import top_cells
@@ -197,8 +198,9 @@ def fused_section(w: dict) -> str:
     return ("\n\n### The fused hybrid\n\nThe database photos of the candidate cells (the fewest top cells holding a "
             "share q of the probability) weighed by a softmax of their cosine at temperature T times their cell's "
             "posterior to the power a, answered with the weighted centroid of the best-supported neighbourhood; the "
-            "least confident queries (a share fitted on val) search wider: their top 64 or 256 cells, or the whole database, "
-            "as fitted (`dcfeat/fusion.py`). Fitted on "
+            "least confident queries (a share fitted on val) search wider: their top "
+            f"{' or '.join(str(c) for c in FALLBACK_CELLS if c)} cells, or the whole database, as fitted "
+            "(`dcfeat/fusion.py`). Fitted on "
             "val with its own confidence; the same test queries and evaluation as above, times measured side by "
             "side in it:\n\n" + per_city + "\n\n" + goals)
 
