@@ -448,18 +448,37 @@ def test_serve_refuses_a_missing_run_or_a_bad_option_before_listening(tmp_path, 
     assert "POST /v1/locate" in invoke("serve", "--help").output
 
 
+def test_a_worker_process_builds_its_app_from_the_settings_serve_hands_it(calibrated_run, localizer, monkeypatch):
+    """What each process of `serve --workers N` runs (app_from_env), in this process: the run and its backbone
+    from the settings serve_run writes, answering a photo as the run's Localizer does."""
+    from dcfeat.serve import CONFIG_ENV, app_from_env, worker_settings
+
+    monkeypatch.setenv(CONFIG_ENV, worker_settings(calibrated_run, device="cpu", scoring="cosine", model=None, threads=1,
+                                                   config=ServeConfig(max_wait_ms=1, max_images=3), database=None))
+    with TestClient(app_from_env()) as c:
+        image = jpeg_bytes(6)
+        r = c.post("/v1/locate?k=3", content=image, headers={"content-type": "image/jpeg"})
+        assert r.status_code == 200, r.text
+        (want,) = localizer.locate([image], k=3)
+        assert [x["class"] for x in r.json()["answers"][0]["top_k"]] == [x["class"] for x in want.top_k]
+        assert c.get("/v1/run").json()["limits"]["max_images"] == 3  # the settings' ServeConfig, not the default
+
+
 @pytest.mark.slow
-def test_several_worker_processes_serve_one_run_on_one_port(calibrated_run):
+def test_several_worker_processes_serve_one_run_on_one_port(city_run, city_store):
+    """Two processes answer on one port. A run of descriptors (no backbone to load: each process starts in
+    ~1.5 s of CPU instead of ~5); how a worker builds its app from the settings is the test above."""
     import subprocess
     import sys
     import time
 
+    from dcfeat.store import read_split
     from tests.conftest import ROOT
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "dcfeat", "serve", "--run", str(calibrated_run), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "dcfeat", "serve", "--run", str(city_run), "--port", str(port),
                              "--device", "cpu", "--workers", "2"], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -478,10 +497,11 @@ def test_several_worker_processes_serve_one_run_on_one_port(calibrated_run):
                         break
             except httpx.TransportError:
                 pass
-            time.sleep(0.1)  # the other process may still be loading its model
+            time.sleep(0.1)  # the other process may still be loading its run
         assert len(pids) == 2 and proc.pid not in pids  # two worker processes answered, neither the supervisor
-        answers = [client.post(f"{url}/v1/locate", content=jpeg_bytes(6)).json()["answers"][0] for _ in range(6)]
-        assert all(a["top_k"] == answers[0]["top_k"] for a in answers)
+        query = {"descriptors": read_split(city_store, "test", dtype=np.float32).embeddings[:2].tolist(), "k": 3}
+        answers = [client.post(f"{url}/v1/locate", json=query).json()["answers"] for _ in range(6)]
+        assert all(len(a) == 2 and a == answers[0] for a in answers)
     finally:
         client.close()
         proc.terminate()

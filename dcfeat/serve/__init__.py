@@ -50,7 +50,7 @@ from dcfeat.serve.decoding import SMALL_DECODE_BYTES, DecodePool, decode_all
 from dcfeat.serve.geopose import (GEOPOSE_MEDIA, GEOPOSE_VERSION, IDENTITY_QUATERNION, RAW_FORMATS,
                                   UNKNOWN_ORIENTATION_DEG, encoded_image, geopose_image, geopose_response,
                                   geopose_version)
-from dcfeat.serve.launch import CONFIG_ENV, app_from_env, default_threads, serve_run
+from dcfeat.serve.launch import CONFIG_ENV, app_from_env, default_threads, serve_run, worker_settings
 from dcfeat.serve.limits import BodyBudget, ConnectionGuard, ServeConfig, read_body, uvicorn_options
 from dcfeat.serve.metrics import CLIENT_CLOSED, LATENCY_BUCKETS, Histogram, Metrics, MetricsMiddleware
 from dcfeat.serve.parsing import descriptor_request, multipart_images, parse_json, request_options
@@ -61,4 +61,4 @@ __all__ = ["CLIENT_CLOSED", "CONFIG_ENV", "GEOPOSE_MEDIA", "GEOPOSE_VERSION", "I
            "DecodePool", "ErrorMiddleware", "Histogram", "Job", "Metrics", "MetricsMiddleware", "Problem", "QueueFull",
            "ServeConfig", "app_from_env", "cells", "create_app", "decode_all", "default_threads", "descriptor_request",
            "encoded_image", "geopose_image", "geopose_response", "geopose_version", "multipart_images", "parse_json",
-           "read_body", "request_options", "run_info", "serve_run", "uvicorn_options"]
+           "read_body", "request_options", "run_info", "serve_run", "uvicorn_options", "worker_settings"]

@@ -1,6 +1,6 @@
 """Running `dcfeat serve`: `serve_run` (load the run and its backbone, then uvicorn: one process, or
 `workers` processes on one port, each building its app with `app_from_env` from the settings in
-DCFEAT_SERVE) and the model's torch threads."""
+DCFEAT_SERVE, which `worker_settings` writes) and the model's torch threads."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def _set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads or default_threads())
+
+
+def worker_settings(run_dir: Path, *, device: str, scoring: str, model: str | None, threads: int | None,
+                    config: ServeConfig, database: Path | None) -> str:
+    """What `serve_run` hands each worker process in CONFIG_ENV (JSON), read back by `app_from_env`."""
+    return json.dumps({"run": str(Path(run_dir).resolve()), "device": device, "scoring": scoring, "model": model,
+                       "threads": threads, "config": asdict(config),
+                       "database": str(Path(database).resolve()) if database else None})
 
 
 def app_from_env() -> FastAPI:
@@ -63,9 +71,8 @@ def serve_run(run_dir: Path, *, host: str = "127.0.0.1", port: int = 8000, devic
         uvicorn.run(create_app(localizer, config), **options)
         return
     del localizer
-    os.environ[CONFIG_ENV] = json.dumps({"run": str(Path(run_dir).resolve()), "device": device, "scoring": scoring,
-                                         "model": model, "threads": threads, "config": asdict(config),
-                                         "database": str(Path(database).resolve()) if database else None})
+    os.environ[CONFIG_ENV] = worker_settings(run_dir, device=device, scoring=scoring, model=model, threads=threads,
+                                             config=config, database=database)
     # A worker answers uvicorn's health pings only once it has unpickled its settings, which imports dcfeat.serve
     # and torch: ~3 s of CPU, more than uvicorn's 5 s default on busy cores, where every worker was killed and
     # started again, forever. A worker that hangs is still replaced, after a minute.
