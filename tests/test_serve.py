@@ -453,8 +453,9 @@ def test_a_worker_process_builds_its_app_from_the_settings_serve_hands_it(calibr
     from the settings serve_run writes, answering a photo as the run's Localizer does."""
     from dcfeat.serve import CONFIG_ENV, app_from_env, worker_settings
 
-    monkeypatch.setenv(CONFIG_ENV, worker_settings(calibrated_run, device="cpu", scoring="cosine", model=None, threads=1,
-                                                   config=ServeConfig(max_wait_ms=1, max_images=3), database=None))
+    settings = worker_settings(calibrated_run, device="cpu", scoring="cosine", model=None, threads=1,
+                               config=ServeConfig(max_wait_ms=1, max_images=3), database=None)
+    monkeypatch.setenv(CONFIG_ENV, settings)
     with TestClient(app_from_env()) as c:
         image = jpeg_bytes(6)
         r = c.post("/v1/locate?k=3", content=image, headers={"content-type": "image/jpeg"})
