@@ -82,3 +82,20 @@ def test_scale_records_each_size_the_memory_check_and_faiss_and_draws_its_figure
 def test_scale_refuses_a_check_at_a_size_it_does_not_build():
     r = CliRunner().invoke(main, ["run", "scale", "--sizes", "2000", "--faiss-at", "3000"])
     assert r.exit_code == 2 and "--faiss-at" in r.output and "3000" in r.output
+
+
+def test_the_suite_benchmark_counts_the_cpu_of_every_process_a_step_waits_for(tmp_path):
+    import os
+    import sys
+
+    from pipelines.benchmarks import suite
+
+    (tmp_path / "busy.py").write_text("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3:\n"
+                                      "    pass\n")
+    step = suite._cpu_of(["sh", "-c", f"{sys.executable} busy.py; echo done"], tmp_path, dict(os.environ))
+    assert step["cpu_s"] >= 0.3 and step["cpu_s"] == pytest.approx(step["user_s"] + step["sys_s"])
+    assert step["output"] == "done\n"  # the grandchild's CPU is the step's
+    with pytest.raises(SystemExit, match="(?s)exit 3.*oops"):
+        suite._cpu_of(["sh", "-c", "echo oops; exit 3"], tmp_path, dict(os.environ))
+    assert suite._outcome("...\n944 passed, 6 skipped in 100.36s (0:01:40)\n") == "944 passed, 6 skipped"
+    assert suite._outcome("===== 2 failed, 10 passed in 3.20s =====") == "2 failed, 10 passed"

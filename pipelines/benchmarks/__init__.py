@@ -25,6 +25,7 @@ BENCHMARKS = {
     "negatives": "sampled negatives: step speed at many classes and learning quality",
     "scorer": "`predict --feats` against `evaluate --mode classify`, ms per query side by side (~3 min)",
     "train_speed": "training epoch time of this code against commit 3d83f78, side by side (~10 min)",
+    "suite": "`make test` on fresh clones as CI runs it, install included, against commit b151a18 (~20 min)",
     "confidence": "the calibrated confidence against its goals (~3 min)",
     "hybrid": "query speed at a 1.25 M-row database, and exact retrieval against faiss (~15 min)",
     "streamed": "streamed training against the same split in memory",
