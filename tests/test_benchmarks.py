@@ -99,3 +99,8 @@ def test_the_suite_benchmark_counts_the_cpu_of_every_process_a_step_waits_for(tm
         suite._cpu_of(["sh", "-c", "echo oops; exit 3"], tmp_path, dict(os.environ))
     assert suite._outcome("...\n944 passed, 6 skipped in 100.36s (0:01:40)\n") == "944 passed, 6 skipped"
     assert suite._outcome("===== 2 failed, 10 passed in 3.20s =====") == "2 failed, 10 passed"
+
+
+def test_the_suite_benchmark_refuses_a_commit_it_cannot_find():
+    r = CliRunner().invoke(main, ["run", "suite", "--baseline", "no-such-commit", "--runs", "1"])
+    assert r.exit_code == 2 and "--baseline" in r.output and "'no-such-commit' is no commit" in r.output

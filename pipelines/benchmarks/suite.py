@@ -75,8 +75,12 @@ def _seed_venv(folder: Path, env: dict) -> None:
 def measure(*, runs: int = 3, commit: str = "HEAD", baseline: str = BASELINE, repo: Path = ROOT) -> dict:
     """`runs` fresh clones of `commit` and of `baseline` of `repo`, alternating, each in a fresh machine's venv:
     the install and the suite of each."""
-    revs = {"current": commit, "baseline": baseline}
-    codes = {code: _git(repo, "rev-parse", "--short", rev) for code, rev in revs.items()}
+    codes = {}
+    for code, rev, option in (("current", commit, "--commit"), ("baseline", baseline, "--baseline")):
+        try:
+            codes[code] = _git(repo, "rev-parse", "--short", "--verify", f"{rev}^{{commit}}")
+        except subprocess.CalledProcessError:
+            raise click.BadParameter(f"{rev!r} is no commit of {repo}", param_hint=option) from None
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     out = {"codes": codes, "runs": runs, "python": sys.version.split()[0],
