@@ -79,11 +79,12 @@ class FusedRule:
     @classmethod
     def from_dict(cls, d: dict) -> FusedRule:
         """From `to_dict`'s object; ValueError naming what is wrong, OlderLayout for a rule an older dcfeat wrote."""
-        if isinstance(d, dict) and set(d) == {f for f in asdict(cls())} - {"fallback_cells"}:
+        fields = list(asdict(cls()))
+        if isinstance(d, dict) and set(d) == set(fields) - {"fallback_cells"}:
             raise OlderLayout("`fused.rule` has no `fallback_cells`: written before the fallback could search a "
                               "query's top cells")
-        if not isinstance(d, dict) or set(d) != {f for f in asdict(cls())}:
-            raise ValueError(f"`fused.rule` must hold {', '.join(asdict(cls()))}, not {d!r}")
+        if not isinstance(d, dict) or set(d) != set(fields):
+            raise ValueError(f"`fused.rule` must hold {', '.join(fields)}, not {d!r}")
         for name, v in d.items():
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
                 raise ValueError(f"`fused.rule.{name}` must be a finite number, not {v!r}")

@@ -64,7 +64,6 @@ def measure(rows, *, images: int = 65536, unique: int = 2048, train_rows: int = 
                 result = {"error": f"{type(e).__name__}: {e}"}
         rows({"step": name, **result})
 
-    tmp = Path(tempfile.mkdtemp())
     workers = min(16, os.cpu_count() or 1)
     made = {}
 
@@ -119,6 +118,7 @@ def measure(rows, *, images: int = 65536, unique: int = 2048, train_rows: int = 
     unknown = [s for s in steps if s not in known]
     if unknown:
         raise click.BadParameter(f"unknown steps {unknown}; known: {','.join(known)}", param_hint="--steps")
+    tmp = Path(tempfile.mkdtemp())  # the steps' closures read it when they run
     try:
         for name in steps:  # in the order given: the most wanted first, so a timeout keeps them
             known[name]()

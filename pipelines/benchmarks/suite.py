@@ -49,9 +49,8 @@ def _cpu_of(args: list[str], cwd: Path, env: dict) -> dict:
     wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode:
         raise SystemExit(f"`{' '.join(args)}` in {cwd} failed (exit {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
-    return {"user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
-            "cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime, "wall_s": wall,
-            "output": r.stdout}
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"user_s": user, "sys_s": system, "cpu_s": user + system, "wall_s": wall, "output": r.stdout}
 
 
 def _outcome(output: str) -> str:
@@ -97,8 +96,9 @@ def measure(*, runs: int = 3, commit: str = "HEAD", baseline: str = BASELINE, re
                 _git(tree, "checkout", "--quiet", "--detach", rev)
                 install = _cpu_of(["make", f"PYTHON={python}", "install"], tree, env)
                 suite = _cpu_of([python, "-m", "pytest", "-q"], tree, env)
-                step = {"code": code, "run": i, "outcome": _outcome(suite.pop("output")),
-                        "install": {k: v for k, v in install.items() if k != "output"}, "suite": suite}
+                install.pop("output")
+                step = {"code": code, "run": i, "outcome": _outcome(suite.pop("output")), "install": install,
+                        "suite": suite}
                 out["steps"].append(step)
                 print(f"{code} {rev} run {i + 1}: install {install['cpu_s']:.1f} s, suite {suite['cpu_s']:.1f} s "
                       f"of CPU ({step['outcome']})", flush=True)
